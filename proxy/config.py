@@ -1,0 +1,257 @@
+"""The one YAML file: pydantic models, `${ENV_VAR}` interpolation, readable errors.
+
+The field names here are a public contract (README, deploy/, users' files): keep them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+DEFAULT_PORT = 8080
+ENV_VAR_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; `problems` are `path: message` lines."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listen(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
+
+
+class Store(_Strict):
+    redis_url: str | None = None
+    cluster: bool = False
+    on_redis_error: Literal["allow", "deny"] = "allow"
+    replicas: int = Field(1, gt=0)  # the fallback limiter divides limits by this
+    timeout_ms: int = Field(250, gt=0)
+    lease_ttl_s: int = Field(900, gt=0)  # a parallel slot outlives a dead replica this long
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.cluster or (self.redis_url or "").startswith("redis+cluster://")
+
+
+class Upstream(_Strict):
+    base_url: str
+    api_key: str | None = None
+    api_key_env: str | None = None
+    timeout_s: float = Field(120, gt=0)
+    connect_timeout_s: float = Field(5, gt=0)
+    max_connections: int = Field(200, gt=0)
+    max_retries: int = Field(2, ge=0, le=10)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    def resolve_api_key(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key
+        if self.api_key_env is not None:
+            return os.environ.get(self.api_key_env)
+        return None
+
+
+class Target(_Strict):
+    upstream: str
+    model: str
+
+
+class Price(_Strict):
+    input: Decimal = Field(Decimal(0), ge=0)
+    output: Decimal = Field(Decimal(0), ge=0)
+    cached_input: Decimal | None = Field(None, ge=0)
+
+
+class Model(_Strict):
+    targets: list[Target] = Field(min_length=1)
+    context_window: int | None = Field(None, gt=0)
+    default_max_tokens: int = Field(1024, gt=0)
+    price_per_mtok: Price = Price()
+    context_overflow: Literal["reject", "truncate"] = "reject"
+
+
+class Limits(_Strict):
+    rpm: int | None = Field(None, gt=0)
+    tpm: int | None = Field(None, gt=0)
+    max_parallel: int | None = Field(None, gt=0)
+    rpm_burst: int | None = Field(None, gt=0)
+    tpm_burst: int | None = Field(None, gt=0)
+
+    @property
+    def request_capacity(self) -> int | None:
+        return self.rpm_burst or self.rpm
+
+    @property
+    def token_capacity(self) -> int | None:
+        return self.tpm_burst or self.tpm
+
+
+class Team(_Strict):
+    daily_budget_usd: Decimal | None = Field(None, gt=0)
+    limits: Limits = Limits()
+
+
+class Key(_Strict):
+    team: str
+    key_sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+    key_env: str | None = None
+    key: str | None = None
+    limits: Limits = Limits()
+    daily_budget_usd: Decimal | None = Field(None, gt=0)
+    models: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "Key":
+        given = [f for f in ("key_sha256", "key_env", "key") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError("exactly one of key_sha256, key_env or key is required")
+        return self
+
+
+class Config(_Strict):
+    listen: Listen = Listen()
+    admin_key_sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+    admin_key_env: str | None = None
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
+    store: Store = Store()
+    budget_timezone: str = "UTC"
+    budget_alert_ratio: float = Field(0.8, gt=0, le=1)
+    alert_webhook_url: str | None = None
+    spend_retention_days: int = Field(35, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_bodies: bool = False
+    shutdown_grace_s: float = Field(30, ge=0)
+    upstreams: dict[str, Upstream] = Field(min_length=1)
+    models: dict[str, Model] = Field(min_length=1)
+    teams: dict[str, Team] = {}
+    keys: dict[str, Key] = {}
+
+    @field_validator("budget_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> "Config":
+        problems = []
+        for name, model in self.models.items():
+            for i, target in enumerate(model.targets):
+                if target.upstream not in self.upstreams:
+                    problems.append(f"models.{name}.targets.{i}.upstream: unknown upstream {target.upstream!r}")
+        for name, key in self.keys.items():
+            if key.team not in self.teams:
+                problems.append(f"keys.{name}.team: unknown team {key.team!r}")
+            for model in key.models or ():
+                if model not in self.models:
+                    problems.append(f"keys.{name}.models: unknown model {model!r}")
+        if self.admin_key_sha256 and self.admin_key_env:
+            problems.append("admin_key_sha256: give admin_key_sha256 or admin_key_env, not both")
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+
+def interpolate_env(text: str, environ: dict[str, str] | None = None) -> str:
+    """Replace `${NAME}` (or `${NAME:-default}`) with the environment's value."""
+    env = os.environ if environ is None else environ
+    missing = []
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        missing.append(name)
+        return ""
+
+    result = ENV_VAR_PATTERN.sub(replace, text)
+    if missing:
+        raise ConfigError([f"${{{name}}}: environment variable is not set" for name in missing])
+    return result
+
+
+def _message(error: dict[str, Any]) -> str:
+    kind, ctx = error["type"], error.get("ctx", {})
+    if kind == "greater_than":
+        return f"must be > {ctx['gt']}"
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx['ge']}"
+    if kind == "less_than_equal":
+        return f"must be <= {ctx['le']}"
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "required"
+    if kind == "string_pattern_mismatch":
+        return "must be 64 lowercase hex characters (sha256)"
+    if kind == "too_short":
+        return "must not be empty"
+    message = error["msg"]
+    return message.removeprefix("Value error, ")
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def parse_config(data: Any) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): must be a mapping"])
+    try:
+        return Config.model_validate(data)
+    except ConfigError:
+        raise
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            nested = error.get("ctx", {}).get("error")
+            if isinstance(nested, ConfigError):
+                problems.extend(nested.problems)
+            else:
+                problems.append(f"{_path(error['loc'])}: {_message(error)}")
+        raise ConfigError(problems) from None
+
+
+def load_config_text(text: str, environ: dict[str, str] | None = None) -> Config:
+    try:
+        data = yaml.safe_load(interpolate_env(text, environ))
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"(yaml): {exc}"]) from None
+    return parse_config(data)
+
+
+def load_config(path: str | os.PathLike[str], environ: dict[str, str] | None = None) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: {exc.strerror}"]) from None
+    return load_config_text(text, environ)

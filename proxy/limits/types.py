@@ -1,0 +1,132 @@
+"""Value objects crossing the store seam: what admit and settle take and return.
+
+A request touches two *scopes*, its key and its team. Each scope may carry any of:
+a request bucket (rpm, capacity rpm_burst), a token bucket (tpm, capacity tpm_burst), a
+parallel cap (max_parallel) and a daily budget in integer micro-dollars. Admission checks every
+one of them and, only if all admit, consumes from all at once (one Redis round trip, one Lua
+script). Settlement returns the token difference, swaps the budget reservation for the real
+cost, releases the parallel slot and writes the spend ledger (one round trip, idempotent per
+request id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Reason = Literal["rpm", "tpm", "parallel", "budget"]
+ScopeKind = Literal["key", "team"]
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeLimits:
+    """The limits of one scope. None means unlimited."""
+
+    kind: ScopeKind
+    name: str
+    rpm: int | None = None
+    rpm_burst: int | None = None  # capacity; defaults to rpm
+    tpm: int | None = None
+    tpm_burst: int | None = None  # capacity; defaults to tpm
+    max_parallel: int | None = None
+    budget_micros: int | None = None  # daily budget in micro-dollars
+
+    @property
+    def request_capacity(self) -> int | None:
+        return self.rpm_burst or self.rpm
+
+    @property
+    def token_capacity(self) -> int | None:
+        return self.tpm_burst or self.tpm
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetDay:
+    """The budget day containing "now", as day boundaries in epoch seconds.
+
+    The caller passes candidate days (yesterday, today, tomorrow in `budget_timezone`); the
+    store picks the one containing *its own* clock, so replicas' clocks never decide the day.
+    `starts` has one more entry than `labels`: day i spans [starts[i], starts[i+1]).
+    """
+
+    labels: tuple[str, ...]
+    starts: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    request_id: str
+    team: ScopeLimits
+    key: ScopeLimits
+    tokens: int  # reserved: estimated prompt + max_tokens
+    cost_micros: int  # reserved worst-case cost
+    days: BudgetDay
+    lease_ttl_ms: int = 900_000
+
+
+@dataclass(frozen=True, slots=True)
+class BucketState:
+    """One bucket as OpenAI's x-ratelimit-* headers describe it."""
+
+    limit: int
+    remaining: int
+    reset_ms: int  # time until the bucket is full again
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    admitted: bool
+    reason: Reason | None = None
+    scope: ScopeKind | None = None  # which scope refused
+    retry_after_ms: int = 0  # exact wait before the same request would be admitted
+    never_fits: bool = False  # the request exceeds a bucket's capacity: waiting won't help
+    requests: BucketState | None = None  # tightest request bucket of key and team
+    tokens: BucketState | None = None  # tightest token bucket of key and team
+    budget_spent_micros: int = 0  # of the refusing (or tightest) budget scope
+    budget_limit_micros: int = 0
+    day: str = ""  # the budget day the store chose
+    day_reset_s: int = 0  # seconds until that day ends
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    request_id: str
+    team: ScopeLimits
+    key: ScopeLimits
+    model: str
+    day: str  # the day admission chose (spend is booked on the day the request was admitted)
+    usage: Usage
+    cost_micros: int  # real cost
+    tags: tuple[tuple[str, str], ...] = field(default=())
+    succeeded: bool = True  # counts as a request in the ledger either way
+
+
+class StoreError(Exception):
+    """The store could not answer (Redis down, timeout). Raised by every store operation."""
+
+
+class Store(Protocol):
+    """The seam between the limiter and where the counters live (Redis, or this process)."""
+
+    async def admit(self, admission: Admission) -> Decision: ...
+
+    async def settle(self, settlement: Settlement) -> bool:
+        """Reconcile one admitted request; False if this request id was already settled."""
+
+    async def usage(self, day: str, teams: list[str]) -> dict:
+        """The day's ledger: see `proxy.limits.ledger` for its shape."""
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
