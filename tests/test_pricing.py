@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+from decimal import Decimal
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.config import Price
+from proxy.limits.types import Usage
+from proxy.pricing import (
+    cached_input_price,
+    cost_micros,
+    format_usd,
+    micros_to_usd,
+    reservation_micros,
+    usd_to_micros,
+)
+
+DEEPSEEK_CHAT = Price(input=Decimal("0.27"), output=Decimal("1.10"), cached_input=Decimal("0.07"))
+GPT_4O_MINI = Price(input=Decimal("0.15"), output=Decimal("0.60"), cached_input=Decimal("0.075"))
+NO_CACHE_PRICE = Price(input=Decimal("2.50"), output=Decimal("10.00"))
+FREE = Price()
+
+
+@pytest.mark.parametrize(
+    ("price", "usage", "expected"),
+    [
+        (DEEPSEEK_CHAT, Usage(0, 0, 0), 0),
+        (DEEPSEEK_CHAT, Usage(1_000_000, 0, 0), 270_000),
+        (DEEPSEEK_CHAT, Usage(0, 1_000_000, 0), 1_100_000),
+        (DEEPSEEK_CHAT, Usage(1_000_000, 0, 1_000_000), 70_000),
+        (DEEPSEEK_CHAT, Usage(1000, 500, 200), 780),  # 800 x 0.27 + 200 x 0.07 + 500 x 1.10
+        (DEEPSEEK_CHAT, Usage(1, 0, 0), 0),  # 0.27 rounds down
+        (DEEPSEEK_CHAT, Usage(2, 0, 0), 1),  # 0.54 rounds up
+        (GPT_4O_MINI, Usage(10, 0, 0), 2),  # exactly 1.5: half up
+        (GPT_4O_MINI, Usage(10, 0, 10), 1),  # 0.75
+        (GPT_4O_MINI, Usage(1, 1, 1), 1),  # 0.075 + 0.6 = 0.675: one rounding, not two
+        (NO_CACHE_PRICE, Usage(100, 0, 100), 250),  # cached_input None: cached at input price
+        (NO_CACHE_PRICE, Usage(3, 7, 0), 78),  # 7.5 + 70 = 77.5 -> 78
+        (FREE, Usage(10**9, 10**9, 5), 0),
+        (DEEPSEEK_CHAT, Usage(10, 0, 50), 1),  # cached > prompt: read as all cached (0.7)
+        (DEEPSEEK_CHAT, Usage(-5, -5, -5), 0),
+        (Price(input=Decimal("0.000001")), Usage(10**12, 0, 0), 1_000_000),
+        (Price(input=Decimal("1234.5")), Usage(10**15, 0, 0), 1_234_500_000_000_000_000),
+    ],
+)
+def test_cost_micros(price: Price, usage: Usage, expected: int) -> None:
+    assert cost_micros(price, usage) == expected
+    assert isinstance(cost_micros(price, usage), int)
+
+
+@pytest.mark.parametrize(
+    ("price", "prompt", "max_output", "expected"),
+    [
+        (DEEPSEEK_CHAT, 0, 0, 0),
+        (DEEPSEEK_CHAT, 1, 0, 1),  # 0.27 rounds up
+        (DEEPSEEK_CHAT, 1000, 500, 820),  # 270 + 550
+        (DEEPSEEK_CHAT, 3, 1, 2),  # 0.81 + 1.1 = 1.91
+        (GPT_4O_MINI, 10, 0, 2),
+        (NO_CACHE_PRICE, 1, 1, 13),  # 12.5
+        (FREE, 10**6, 10**6, 0),
+        (Price(input=Decimal("1"), cached_input=Decimal("3")), 10, 0, 30),  # the dearer prompt price
+        (DEEPSEEK_CHAT, -1, -1, 0),
+    ],
+)
+def test_reservation_micros(price: Price, prompt: int, max_output: int, expected: int) -> None:
+    assert reservation_micros(price, prompt, max_output) == expected
+
+
+@pytest.mark.parametrize(
+    ("usd", "micros"),
+    [
+        (Decimal("0"), 0),
+        (Decimal("1"), 1_000_000),
+        (Decimal("10.5"), 10_500_000),
+        (Decimal("0.000001"), 1),
+        (Decimal("0.0000005"), 1),  # half up
+        (Decimal("0.00000049"), 0),
+        (Decimal("12345678.123456"), 12_345_678_123_456),
+    ],
+)
+def test_usd_to_micros(usd: Decimal, micros: int) -> None:
+    assert usd_to_micros(usd) == micros
+
+
+@pytest.mark.parametrize(
+    ("micros", "usd", "text"),
+    [
+        (0, Decimal("0.000000"), "$0.000000"),
+        (1, Decimal("0.000001"), "$0.000001"),
+        (1_234_567, Decimal("1.234567"), "$1.234567"),
+        (10_500_000, Decimal("10.5"), "$10.500000"),
+        (-500_000, Decimal("-0.5"), "-$0.500000"),
+        (10**18, Decimal(10**12), "$1000000000000.000000"),
+    ],
+)
+def test_micros_to_usd_and_format(micros: int, usd: Decimal, text: str) -> None:
+    assert micros_to_usd(micros) == usd
+    assert format_usd(micros) == text
+    assert usd_to_micros(micros_to_usd(micros)) == micros
+
+
+# --- properties ---------------------------------------------------------------------------------
+
+price_values = st.decimals(min_value=0, max_value=1000, places=4, allow_nan=False, allow_infinity=False)
+prices = st.builds(Price, input=price_values, output=price_values, cached_input=st.none() | price_values)
+token_counts = st.integers(min_value=0, max_value=10**9)
+
+
+@st.composite
+def usages(draw: st.DrawFn) -> Usage:
+    prompt = draw(token_counts)
+    cached = draw(st.integers(min_value=0, max_value=prompt))
+    return Usage(prompt_tokens=prompt, completion_tokens=draw(token_counts), cached_tokens=cached)
+
+
+def _round_half_up(value: Fraction) -> int:
+    return int((value + Fraction(1, 2)) // 1)
+
+
+@given(prices, usages())
+def test_cost_matches_exact_rational_arithmetic(price: Price, usage: Usage) -> None:
+    exact = (
+        Fraction(price.input) * (usage.prompt_tokens - usage.cached_tokens)
+        + Fraction(cached_input_price(price)) * usage.cached_tokens
+        + Fraction(price.output) * usage.completion_tokens
+    )
+    assert cost_micros(price, usage) == _round_half_up(exact)
+
+
+@given(prices, usages())
+def test_cost_of_parts_sums_to_the_whole_within_one_rounding(price: Price, usage: Usage) -> None:
+    uncached = Usage(prompt_tokens=usage.prompt_tokens - usage.cached_tokens)
+    cached = Usage(prompt_tokens=usage.cached_tokens, cached_tokens=usage.cached_tokens)
+    output = Usage(completion_tokens=usage.completion_tokens)
+    parts = cost_micros(price, uncached) + cost_micros(price, cached) + cost_micros(price, output)
+    assert abs(cost_micros(price, usage) - parts) <= 1
+
+
+@given(prices, usages())
+def test_cost_is_non_negative(price: Price, usage: Usage) -> None:
+    assert cost_micros(price, usage) >= 0
+
+
+@given(prices, usages(), st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**6))
+def test_cost_is_monotone_in_tokens(price: Price, usage: Usage, more_prompt: int, more_output: int,
+                                    more_cached: int) -> None:
+    bigger = Usage(
+        prompt_tokens=usage.prompt_tokens + more_prompt + more_cached,
+        completion_tokens=usage.completion_tokens + more_output,
+        cached_tokens=usage.cached_tokens + more_cached,
+    )
+    assert cost_micros(price, bigger) >= cost_micros(price, usage)
+
+
+@given(prices, usages(), st.data())
+def test_reservation_covers_any_usage_within_its_tokens(price: Price, reserved: Usage,
+                                                        data: st.DataObject) -> None:
+    prompt = data.draw(st.integers(0, reserved.prompt_tokens))
+    actual = Usage(
+        prompt_tokens=prompt,
+        completion_tokens=data.draw(st.integers(0, reserved.completion_tokens)),
+        cached_tokens=data.draw(st.integers(0, prompt)),
+    )
+    reservation = reservation_micros(price, reserved.prompt_tokens, reserved.completion_tokens)
+    assert reservation >= cost_micros(price, actual)
+    assert reservation >= cost_micros(price, Usage(reserved.prompt_tokens, reserved.completion_tokens))
+
+
+@given(st.decimals(min_value=0, max_value=10**9, places=6, allow_nan=False, allow_infinity=False))
+def test_usd_round_trips_at_micro_precision(usd: Decimal) -> None:
+    assert micros_to_usd(usd_to_micros(usd)) == usd
+
+
+@settings(max_examples=10, deadline=None)
+@given(prices, st.lists(usages(), min_size=1, max_size=7))
+def test_a_million_request_costs_sum_exactly(price: Price, pattern: list[Usage]) -> None:
+    requests = 10**6
+    costs = [cost_micros(price, usage) for usage in pattern]
+    total = 0
+    for i in range(requests):
+        total += costs[i % len(costs)]
+    full_cycles, rest = divmod(requests, len(costs))
+    assert total == full_cycles * sum(costs) + sum(costs[:rest])
+    assert micros_to_usd(total) == full_cycles * sum(map(micros_to_usd, costs)) + sum(
+        map(micros_to_usd, costs[:rest]), Decimal(0)
+    )
