@@ -1,0 +1,131 @@
+"""The shipped files agree with each other: example configs load, the compose file's references
+exist, and the Dockerfile, compose file and console script name the same things.
+
+(The compose file's schema validation runs in .ci/run: the schema is not part of the repo.)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from proxy.config import ENV_VAR_PATTERN, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIRS = ("examples", "deploy/compose")
+CONFIG_FILES = sorted(
+    path.relative_to(ROOT).as_posix()
+    for folder in CONFIG_DIRS
+    for pattern in ("**/*.yaml", "**/*.yml")
+    for path in (ROOT / folder).glob(pattern)
+)
+# Values for environment references without a default; any other name gets a placeholder.
+EXAMPLE_ENV = {"LLM_PROXY_REDIS_URL": "redis://127.0.0.1:6379/0"}
+
+
+def _environ_for(text: str) -> dict[str, str]:
+    names = {m.group(1) for m in ENV_VAR_PATTERN.finditer(text) if m.group(2) is None}
+    return {name: EXAMPLE_ENV.get(name, "example-value") for name in names}
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    instructions = []
+    for line in joined.splitlines():
+        if line.strip():
+            keyword, _, rest = line.strip().partition(" ")
+            instructions.append((keyword.upper(), rest.strip()))
+    return instructions
+
+
+def _instruction(name: str) -> list[str]:
+    return [rest for keyword, rest in _dockerfile_instructions() if keyword == name]
+
+
+def test_the_shipped_configs_are_found() -> None:
+    for expected in ("examples/config.deepseek.yaml", "examples/config.openai.yaml", "deploy/compose/config.yaml"):
+        assert expected in CONFIG_FILES
+
+
+@pytest.mark.parametrize("relative", CONFIG_FILES)
+def test_config_file_loads(relative: str) -> None:
+    path = ROOT / relative
+    config = load_config(path, _environ_for(path.read_text(encoding="utf-8")))
+    hashes = [key.key_sha256 for key in config.keys.values() if key.key_sha256]
+    assert len(hashes) == len(set(hashes)), "two keys share one key_sha256: the second is unreachable"
+
+
+def test_compose_services() -> None:
+    services = _compose()["services"]
+    assert set(services) >= {"redis", "mock-upstream", "proxy"}
+    assert services["redis"]["image"].startswith("redis:7")
+    assert services["mock-upstream"]["entrypoint"][-2:] == ["-m", "proxy.mock_upstream"]
+    assert (ROOT / "proxy" / "mock_upstream.py").is_file()
+    depends = services["proxy"]["depends_on"]
+    assert depends["redis"]["condition"] == "service_healthy"
+    assert "mock-upstream" in depends
+
+
+def test_compose_references_exist() -> None:
+    for name, service in _compose()["services"].items():
+        build = service.get("build")
+        if build is not None:
+            spec = {"context": build} if isinstance(build, str) else build
+            context = ROOT / spec.get("context", ".")
+            assert context.is_dir(), f"{name}: build context {context} is missing"
+            assert (context / spec.get("dockerfile", "Dockerfile")).is_file(), f"{name}: Dockerfile missing"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source", "")
+            if source.startswith((".", "/")):
+                assert (ROOT / source).exists(), f"{name}: mounted {source} is missing"
+
+
+def test_proxy_command_serves_the_mounted_config() -> None:
+    proxy = _compose()["services"]["proxy"]
+    command = proxy["command"]
+    assert command[0] == "serve"
+    assert "--workers" in command
+    config_path = command[command.index("--config") + 1]
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in proxy["volumes"]}
+    assert config_path in mounts, "the --config path is not mounted into the container"
+    assert (ROOT / mounts[config_path]).resolve() == ROOT / "deploy" / "compose" / "config.yaml"
+    assert "8080:8080" in proxy["ports"]
+
+
+def test_dockerfile_healthcheck_probes_healthz_on_the_exposed_port() -> None:
+    (healthcheck,) = _instruction("HEALTHCHECK")
+    urls = re.findall(r"https?://[^'\"\s]+", healthcheck)
+    assert len(urls) == 1
+    url = urlsplit(urls[0])
+    assert url.path == "/healthz"
+    assert _instruction("EXPOSE") == [str(url.port)]
+
+
+def test_dockerfile_runs_the_console_script_as_a_non_root_user() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    assert scripts["llm-proxy"] == "proxy.cli:main"
+    assert [json.loads(entry) for entry in _instruction("ENTRYPOINT")] == [["llm-proxy"]]
+    (cmd,) = _instruction("CMD")
+    assert json.loads(cmd)[:3] == ["serve", "--config", "/etc/llm-proxy/config.yaml"]
+    users = _instruction("USER")
+    assert users and users[-1] not in ("root", "0")
+
+
+def test_dockerfile_copies_only_existing_package_files() -> None:
+    for copy in _instruction("COPY"):
+        *sources, _destination = copy.split()
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY {source}: missing (the image would not build)"
