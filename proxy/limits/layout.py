@@ -1,0 +1,121 @@
+"""Where each counter lives, and the argument and reply layout of the two scripts.
+
+Every key of a team and its keys shares the hash tag `{<team>}`, so one admit or settle touches
+one Redis Cluster slot:
+
+    llmrl:{T}:t:rq | llmrl:{T}:k:<key>:rq       request bucket   hash l (level, units), t (ms)
+    llmrl:{T}:t:tk | llmrl:{T}:k:<key>:tk       token bucket     hash l, t
+    llmrl:{T}:t:par | llmrl:{T}:k:<key>:par     parallel leases  zset request id -> expiry ms
+    llmrl:{T}:t:b:<day> | ...k:<key>:b:<day>    budget day       hash spent, held, h:<id> -> micros
+    ...:b:<day>:leases                          budget holds     zset request id -> expiry ms
+    llmrl:{T}:r:<request id>                    reservation      hash tokens, cost, day, exp, kt, tt
+    llmrl:{T}:d:<request id>                    settled marker   string
+    llmrl:{T}:ledger:<day>                      spend ledger     hash, see proxy.limits.ledger
+
+MemoryStore keeps the same names in its own keyspace, and returns the same reply array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .types import Admission, BucketState, Decision, ScopeLimits, Settlement
+
+DEFAULT_PREFIX = "llmrl"
+DAY_MARGIN_MS = 2 * 86_400_000  # a budget day's records outlive the day by this much
+DONE_TTL_S = 2 * 86_400  # a settled request id is remembered this long
+LATE_BUDGET_TTL_S = 3 * 86_400  # a budget day record first created by a late settlement
+PARALLEL_RETRY_MS = 1_000  # the retry hint when a parallel cap is full (mirrored in admit.lua)
+NONE = -1  # "no such limit" in script arguments and replies
+
+
+class Layout:
+    """The key names of one deployment (`prefix`)."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = prefix
+
+    def team(self, team: str) -> str:
+        return f"{self.prefix}:{{{team}}}"
+
+    def scope(self, team: str, s: ScopeLimits) -> str:
+        return f"{self.team(team)}:t" if s.kind == "team" else f"{self.team(team)}:k:{s.name}"
+
+    def budget(self, team: str, s: ScopeLimits, day: str) -> str:
+        return f"{self.scope(team, s)}:b:{day}"
+
+    def ledger(self, team: str, day: str) -> str:
+        return f"{self.team(team)}:ledger:{day}"
+
+    def admit_keys(self, a: Admission) -> list[str]:
+        t = a.team.name
+        key, team = self.scope(t, a.key), self.scope(t, a.team)
+        keys = [f"{key}:rq", f"{key}:tk", f"{key}:par", f"{team}:rq", f"{team}:tk", f"{team}:par",
+                f"{self.team(t)}:r:{a.request_id}"]
+        for day in a.days.labels:
+            kb, tb = self.budget(t, a.key, day), self.budget(t, a.team, day)
+            keys += [kb, f"{kb}:leases", tb, f"{tb}:leases"]
+        return keys
+
+    def settle_keys(self, s: Settlement) -> list[str]:
+        t = s.team.name
+        key, team = self.scope(t, s.key), self.scope(t, s.team)
+        kb, tb = self.budget(t, s.key, s.day), self.budget(t, s.team, s.day)
+        return [f"{self.team(t)}:d:{s.request_id}", f"{self.team(t)}:r:{s.request_id}",
+                f"{key}:tk", f"{team}:tk", f"{key}:par", f"{team}:par",
+                kb, f"{kb}:leases", tb, f"{tb}:leases", self.ledger(t, s.day)]
+
+
+def limit_args(s: ScopeLimits) -> list[int]:
+    """rpm, request capacity, tpm, token capacity, max parallel, budget; NONE where unlimited."""
+    rq = [s.rpm, s.request_capacity] if s.rpm and s.request_capacity else [NONE, NONE]
+    tk = [s.tpm, s.token_capacity] if s.tpm and s.token_capacity else [NONE, NONE]
+    par = NONE if s.max_parallel is None else s.max_parallel
+    budget = NONE if s.budget_micros is None else s.budget_micros
+    return [*rq, *tk, par, budget]
+
+
+def admit_args(a: Admission, now_us: int | None) -> list:
+    if len(a.days.starts) != len(a.days.labels) + 1 or not a.days.labels:
+        raise ValueError("BudgetDay needs one more start than labels, and at least one label")
+    return ["" if now_us is None else now_us, a.request_id, a.tokens, a.cost_micros,
+            a.lease_ttl_ms, DAY_MARGIN_MS, *limit_args(a.key), *limit_args(a.team),
+            len(a.days.labels), *a.days.labels, *a.days.starts]
+
+
+def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list:
+    key, team = limit_args(s.key), limit_args(s.team)
+    return ["" if now_us is None else now_us, s.request_id, DONE_TTL_S, ledger_ttl_s,
+            LATE_BUDGET_TTL_S, key[2], key[3], team[2], team[3], s.cost_micros,
+            s.usage.prompt_tokens, s.usage.completion_tokens, s.usage.cached_tokens,
+            s.key.name, s.model, *(f"{k}={v}" for k, v in s.tags)]
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _bucket(limit, left, reset) -> BucketState | None:
+    return None if int(limit) == NONE else BucketState(int(limit), int(left), int(reset))
+
+
+def decode_decision(reply: Sequence) -> Decision:
+    """The admit reply: [admitted, reason, scope, retry_after_ms, never_fits, request limit,
+    remaining, reset_ms, token limit, remaining, reset_ms, budget committed, budget limit, day,
+    day_reset_s]."""
+    admitted, reason, scope, retry, never, *rest = reply
+    rq, tk = rest[0:3], rest[3:6]
+    spent, limit, day, day_reset = rest[6:10]
+    return Decision(
+        admitted=bool(int(admitted)),
+        reason=_text(reason) or None,
+        scope=_text(scope) or None,
+        retry_after_ms=int(retry),
+        never_fits=bool(int(never)),
+        requests=_bucket(*rq),
+        tokens=_bucket(*tk),
+        budget_spent_micros=int(spent),
+        budget_limit_micros=int(limit),
+        day=_text(day),
+        day_reset_s=int(day_reset),
+    )

@@ -1,0 +1,54 @@
+"""The spend ledger: one hash per team and day, read back into the `usage()` report.
+
+Fields are `<kind> SEP <name>... SEP <metric>` with integer values (HINCRBY):
+
+    team SEP spend_micros                     the team
+    key SEP <key> SEP requests                one key of the team
+    model SEP <key> SEP <model> SEP ...       one model used by that key
+    tag SEP <name=value> SEP ...              one tag of the requests
+
+`usage(day, teams)` returns::
+
+    {"date": day, "teams": {team: {<metrics>,
+        "keys": {key: {<metrics>, "models": {model: {<metrics>}}}},
+        "tags": {"role=x": {<metrics>}}}}}
+
+where <metrics> are the integers spend_micros, requests, prompt_tokens, completion_tokens and
+cached_tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+SEP = "\x1f"
+METRICS = ("spend_micros", "requests", "prompt_tokens", "completion_tokens", "cached_tokens")
+
+
+def _zero() -> dict:
+    return dict.fromkeys(METRICS, 0)
+
+
+def team_usage(fields: Mapping[str, int]) -> dict:
+    """One team's report from its ledger hash (field -> integer)."""
+    team = {**_zero(), "keys": {}, "tags": {}}
+    for field, value in fields.items():
+        kind, *names, metric = field.split(SEP)
+        if metric not in METRICS:
+            continue
+        if kind == "team" and not names:
+            team[metric] += value
+        elif kind == "key" and len(names) == 1:
+            key = team["keys"].setdefault(names[0], {**_zero(), "models": {}})
+            key[metric] += value
+        elif kind == "model" and len(names) == 2:
+            key = team["keys"].setdefault(names[0], {**_zero(), "models": {}})
+            key["models"].setdefault(names[1], _zero())[metric] += value
+        elif kind == "tag" and names:
+            team["tags"].setdefault(SEP.join(names), _zero())[metric] += value
+    return team
+
+
+def usage_report(day: str, ledgers: Mapping[str, Mapping[str, int]]) -> dict:
+    """The `usage()` report of `day` from each team's ledger hash."""
+    return {"date": day, "teams": {team: team_usage(fields) for team, fields in ledgers.items()}}

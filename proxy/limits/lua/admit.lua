@@ -1,0 +1,198 @@
+-- admit: check every limit of a key and its team; consume from all of them only if all pass.
+-- KEYS and ARGV are laid out by proxy/limits/layout.py (admit_keys, admit_args); the reply is
+-- decoded by layout.decode_decision. The bucket arithmetic mirrors proxy/limits/bucket.py.
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+
+local UNITS = 60000
+local TTL_MARGIN_MS = 1000
+local PARALLEL_RETRY_MS = 1000
+
+local function int(x)
+  if x == 0 then return '0' end
+  return string.format('%.0f', x)
+end
+
+local now_ms
+if ARGV[1] ~= '' then
+  now_ms = math.floor(tonumber(ARGV[1]) / 1000)
+else
+  local t = redis.call('TIME')
+  now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function refill(level, ts, rate, capacity)
+  local cap = capacity * UNITS
+  if level == nil or ts == nil then return cap end
+  local elapsed = now_ms - ts
+  if elapsed < 0 then elapsed = 0 end
+  local l = level + elapsed * rate
+  if l > cap then l = cap end
+  return l
+end
+
+local function wait_ms(level, cost, rate)
+  local need = cost * UNITS
+  if level >= need then return 0 end
+  return math.ceil((need - level) / rate)
+end
+
+local function reset_ms(level, rate, capacity)
+  local missing = capacity * UNITS - level
+  if missing <= 0 then return 0 end
+  return math.ceil(missing / rate)
+end
+
+local function remaining(level)
+  local r = math.floor(level / UNITS)
+  if r < 0 then r = 0 end
+  return r
+end
+
+local function read_bucket(key, rate, capacity)
+  local v = redis.call('HMGET', key, 'l', 't')
+  return refill(tonumber(v[1]), tonumber(v[2]), rate, capacity)
+end
+
+local function write_bucket(key, level, rate, capacity)
+  redis.call('HSET', key, 'l', int(level), 't', int(now_ms))
+  redis.call('PEXPIRE', key, int(reset_ms(level, rate, capacity) + TTL_MARGIN_MS))
+end
+
+local function extend_ttl(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, int(ms)) end
+end
+
+local function purge_holds(budget, leases)
+  local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', int(now_ms))
+  for _, id in ipairs(expired) do
+    local held = tonumber(redis.call('HGET', budget, 'h:' .. id))
+    if held ~= nil then
+      redis.call('HINCRBY', budget, 'held', int(0 - held))
+      redis.call('HDEL', budget, 'h:' .. id)
+    end
+  end
+  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', leases, '-inf', int(now_ms)) end
+end
+
+local id = ARGV[2]
+local tokens = tonumber(ARGV[3])
+local cost = tonumber(ARGV[4])
+local lease_ttl = tonumber(ARGV[5])
+local day_margin = tonumber(ARGV[6])
+
+-- the budget day containing now: the last candidate that has started
+local n = tonumber(ARGV[19])
+local day = 1
+for i = 1, n do
+  if now_ms >= tonumber(ARGV[19 + n + i]) * 1000 then day = i end
+end
+local label = ARGV[19 + day]
+local day_left_ms = tonumber(ARGV[20 + n + day]) * 1000 - now_ms
+if day_left_ms < 0 then day_left_ms = 0 end
+
+local scopes = {
+  {kind = 'key', rq = KEYS[1], tk = KEYS[2], par = KEYS[3], b = KEYS[4 + 4 * day], bl = KEYS[5 + 4 * day], a = 7},
+  {kind = 'team', rq = KEYS[4], tk = KEYS[5], par = KEYS[6], b = KEYS[6 + 4 * day], bl = KEYS[7 + 4 * day], a = 13},
+}
+
+for _, sc in ipairs(scopes) do
+  sc.rpm, sc.rq_cap = tonumber(ARGV[sc.a]), tonumber(ARGV[sc.a + 1])
+  sc.tpm, sc.tk_cap = tonumber(ARGV[sc.a + 2]), tonumber(ARGV[sc.a + 3])
+  sc.max_par, sc.budget = tonumber(ARGV[sc.a + 4]), tonumber(ARGV[sc.a + 5])
+  if sc.rpm >= 0 then sc.rq_level = read_bucket(sc.rq, sc.rpm, sc.rq_cap) end
+  if sc.tpm >= 0 then sc.tk_level = read_bucket(sc.tk, sc.tpm, sc.tk_cap) end
+  if sc.max_par >= 0 then
+    redis.call('ZREMRANGEBYSCORE', sc.par, '-inf', int(now_ms))
+    sc.in_flight = redis.call('ZCARD', sc.par)
+  end
+  if sc.budget >= 0 then
+    purge_holds(sc.b, sc.bl)
+    local v = redis.call('HMGET', sc.b, 'spent', 'held')
+    sc.committed = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0)
+  end
+end
+
+-- refusal priority: budget, then a request that can never fit, then the longest wait
+local reason, scope, retry, never = nil, nil, 0, 0
+for _, sc in ipairs(scopes) do
+  if reason == nil and sc.budget >= 0 and sc.committed + cost > sc.budget then
+    reason, scope, retry = 'budget', sc, day_left_ms
+    if cost > sc.budget then never = 1 end
+  end
+end
+for _, sc in ipairs(scopes) do
+  if reason == nil and sc.tpm >= 0 and tokens > sc.tk_cap then
+    reason, scope, never = 'tpm', sc, 1
+  end
+end
+if reason == nil then
+  for _, sc in ipairs(scopes) do
+    local waits = {}
+    if sc.rpm >= 0 then waits[#waits + 1] = {'rpm', wait_ms(sc.rq_level, 1, sc.rpm)} end
+    if sc.tpm >= 0 then waits[#waits + 1] = {'tpm', wait_ms(sc.tk_level, tokens, sc.tpm)} end
+    if sc.max_par >= 0 and sc.in_flight >= sc.max_par then
+      waits[#waits + 1] = {'parallel', PARALLEL_RETRY_MS}
+    end
+    for _, w in ipairs(waits) do
+      if w[2] > retry then reason, scope, retry = w[1], sc, w[2] end
+    end
+  end
+end
+
+if reason == nil then
+  local expires = now_ms + lease_ttl
+  for _, sc in ipairs(scopes) do
+    if sc.rpm >= 0 then
+      sc.rq_level = sc.rq_level - UNITS
+      write_bucket(sc.rq, sc.rq_level, sc.rpm, sc.rq_cap)
+    end
+    if sc.tpm >= 0 then
+      sc.tk_level = sc.tk_level - tokens * UNITS
+      write_bucket(sc.tk, sc.tk_level, sc.tpm, sc.tk_cap)
+    end
+    if sc.max_par >= 0 then
+      redis.call('ZADD', sc.par, int(expires), id)
+      extend_ttl(sc.par, lease_ttl + TTL_MARGIN_MS)
+    end
+    if sc.budget >= 0 then
+      redis.call('HINCRBY', sc.b, 'held', int(cost))
+      redis.call('HSET', sc.b, 'h:' .. id, int(cost))
+      redis.call('ZADD', sc.bl, int(expires), id)
+      sc.committed = sc.committed + cost
+      extend_ttl(sc.b, day_left_ms + day_margin)
+      extend_ttl(sc.bl, day_left_ms + day_margin)
+    end
+  end
+  local kt, tt = '0', '0'
+  if scopes[1].tpm >= 0 then kt = '1' end
+  if scopes[2].tpm >= 0 then tt = '1' end
+  redis.call('HSET', KEYS[7], 'tokens', int(tokens), 'cost', int(cost), 'day', label,
+    'exp', int(expires), 'kt', kt, 'tt', tt)
+  redis.call('PEXPIRE', KEYS[7], int(lease_ttl))
+end
+
+-- the tightest bucket of each kind (lowest remaining, then longest reset) and budget scope
+local rq, tk, budget = nil, nil, nil
+local function tighter(best, capacity, level, rate)
+  local rem, reset = remaining(level), reset_ms(level, rate, capacity)
+  if best == nil or rem < best[2] or (rem == best[2] and reset > best[3]) then
+    return {capacity, rem, reset}
+  end
+  return best
+end
+for _, sc in ipairs(scopes) do
+  if sc.rpm >= 0 then rq = tighter(rq, sc.rq_cap, sc.rq_level, sc.rpm) end
+  if sc.tpm >= 0 then tk = tighter(tk, sc.tk_cap, sc.tk_level, sc.tpm) end
+  if sc.budget >= 0 and (budget == nil or sc.budget - sc.committed < budget[2] - budget[1]) then
+    budget = {sc.committed, sc.budget}
+  end
+end
+if reason == 'budget' then budget = {scope.committed, scope.budget} end
+rq = rq or {-1, 0, 0}
+tk = tk or {-1, 0, 0}
+budget = budget or {0, 0}
+
+local admitted, reason_s, scope_s = 1, '', ''
+if reason ~= nil then admitted, reason_s, scope_s = 0, reason, scope.kind end
+return {admitted, reason_s, scope_s, retry, never, rq[1], rq[2], rq[3], tk[1], tk[2], tk[3],
+  budget[1], budget[2], label, math.ceil(day_left_ms / 1000)}

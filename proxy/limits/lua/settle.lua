@@ -1,0 +1,96 @@
+-- settle: reconcile one admitted request, once per request id.
+-- KEYS and ARGV are laid out by proxy/limits/layout.py (settle_keys, settle_args). Returns 1, or
+-- 0 (and changes nothing) when this request id was already settled.
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+
+local UNITS = 60000
+local TTL_MARGIN_MS = 1000
+local SEP = '\031'
+
+local function int(x)
+  if x == 0 then return '0' end
+  return string.format('%.0f', x)
+end
+
+local now_ms
+if ARGV[1] ~= '' then
+  now_ms = math.floor(tonumber(ARGV[1]) / 1000)
+else
+  local t = redis.call('TIME')
+  now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function refill(level, ts, rate, capacity)
+  local cap = capacity * UNITS
+  if level == nil or ts == nil then return cap end
+  local elapsed = now_ms - ts
+  if elapsed < 0 then elapsed = 0 end
+  local l = level + elapsed * rate
+  if l > cap then l = cap end
+  return l
+end
+
+local function reset_ms(level, rate, capacity)
+  local missing = capacity * UNITS - level
+  if missing <= 0 then return 0 end
+  return math.ceil(missing / rate)
+end
+
+local function credit(level, amount, capacity)
+  local l = level + amount * UNITS
+  if l > capacity * UNITS then l = capacity * UNITS end
+  return l
+end
+
+local id = ARGV[2]
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then return 0 end
+
+local function refund(key, amount, rate, capacity)
+  local v = redis.call('HMGET', key, 'l', 't')
+  local level = credit(refill(tonumber(v[1]), tonumber(v[2]), rate, capacity), amount, capacity)
+  redis.call('HSET', key, 'l', int(level), 't', int(now_ms))
+  redis.call('PEXPIRE', key, int(reset_ms(level, rate, capacity) + TTL_MARGIN_MS))
+end
+
+local function release_hold(budget, leases)
+  local held = tonumber(redis.call('HGET', budget, 'h:' .. id))
+  if held ~= nil then
+    redis.call('HINCRBY', budget, 'held', int(0 - held))
+    redis.call('HDEL', budget, 'h:' .. id)
+  end
+  redis.call('ZREM', leases, id)
+end
+
+local prompt, completion = tonumber(ARGV[11]), tonumber(ARGV[12])
+local rec = redis.call('HMGET', KEYS[2], 'tokens', 'exp', 'kt', 'tt')
+local reserved, expires = tonumber(rec[1]), tonumber(rec[2])
+if reserved ~= nil and expires > now_ms then
+  local diff = reserved - prompt - completion
+  local key_tpm, team_tpm = tonumber(ARGV[6]), tonumber(ARGV[8])
+  if rec[3] == '1' and key_tpm >= 0 then refund(KEYS[3], diff, key_tpm, tonumber(ARGV[7])) end
+  if rec[4] == '1' and team_tpm >= 0 then refund(KEYS[4], diff, team_tpm, tonumber(ARGV[9])) end
+  redis.call('ZREM', KEYS[5], id)
+  redis.call('ZREM', KEYS[6], id)
+  release_hold(KEYS[7], KEYS[8])
+  release_hold(KEYS[9], KEYS[10])
+end
+redis.call('DEL', KEYS[2])
+
+for _, budget in ipairs({KEYS[7], KEYS[9]}) do
+  redis.call('HINCRBY', budget, 'spent', ARGV[10])
+  if redis.call('TTL', budget) < 0 then redis.call('EXPIRE', budget, ARGV[5]) end
+end
+
+local metrics = {
+  {'spend_micros', ARGV[10]}, {'requests', '1'}, {'prompt_tokens', ARGV[11]},
+  {'completion_tokens', ARGV[12]}, {'cached_tokens', ARGV[13]},
+}
+local function book(prefix)
+  for _, m in ipairs(metrics) do redis.call('HINCRBY', KEYS[11], prefix .. SEP .. m[1], m[2]) end
+end
+book('team')
+book('key' .. SEP .. ARGV[14])
+book('model' .. SEP .. ARGV[14] .. SEP .. ARGV[15])
+for i = 16, #ARGV do book('tag' .. SEP .. ARGV[i]) end
+redis.call('EXPIRE', KEYS[11], ARGV[4])
+return 1

@@ -1,0 +1,147 @@
+"""The store in Redis (standalone or Cluster): one EVALSHA per admit and per settle.
+
+Time comes from Redis (`TIME` inside the scripts), so every replica agrees on it; a store built
+with `clock_us` passes that clock's "now" instead (tests only). Every driver error is raised as
+`StoreError`; a NOSCRIPT (restart, failover, SCRIPT FLUSH) reloads the script and retries once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Mapping
+from importlib import resources
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from .layout import DEFAULT_PREFIX, Layout, admit_args, decode_decision, settle_args
+from .ledger import usage_report
+from .types import Admission, Decision, ScopeKind, ScopeLimits, Settlement, StoreError
+
+DEFAULT_TIMEOUT_MS = 250
+DEFAULT_RETENTION_DAYS = 35
+
+
+def _script(name: str) -> str:
+    return resources.files("proxy.limits").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class _Script:
+    """One Lua file, loaded with SCRIPT LOAD and run with EVALSHA (reloaded on NOSCRIPT)."""
+
+    def __init__(self, name: str) -> None:
+        self.source = _script(name)
+        self.sha: str | None = None
+
+    async def __call__(self, client, keys: list[str], args: list):
+        if self.sha is None:
+            self.sha = _text(await client.script_load(self.source))
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self.sha = _text(await client.script_load(self.source))
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+class RedisStore:
+    def __init__(
+        self,
+        client: aioredis.Redis | aioredis.RedisCluster,
+        *,
+        clock_us: Callable[[], int] | None = None,
+        retention_days: int = DEFAULT_RETENTION_DAYS,
+        prefix: str = DEFAULT_PREFIX,
+    ) -> None:
+        self.client = client
+        self.clock_us = clock_us
+        self.retention_days = retention_days
+        self.layout = Layout(prefix)
+        self._admit = _Script("admit.lua")
+        self._settle = _Script("settle.lua")
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout_ms: int = DEFAULT_TIMEOUT_MS,
+        cluster: bool = False,
+        clock_us: Callable[[], int] | None = None,
+        retention_days: int = DEFAULT_RETENTION_DAYS,
+        prefix: str = DEFAULT_PREFIX,
+    ) -> RedisStore:
+        """A store on a new client with short timeouts and no hidden retries.
+
+        `redis+cluster://` URLs (or `cluster=True`) build a RedisCluster client."""
+        timeout = timeout_ms / 1000
+        options = dict(socket_timeout=timeout, socket_connect_timeout=timeout,
+                       retry=Retry(NoBackoff(), 0))
+        if url.startswith("redis+cluster://"):
+            url, cluster = "redis://" + url.removeprefix("redis+cluster://"), True
+        if cluster:
+            client = aioredis.RedisCluster.from_url(url, **options)
+        else:
+            client = aioredis.Redis.from_url(url, retry_on_timeout=False, **options)
+        return cls(client, clock_us=clock_us, retention_days=retention_days, prefix=prefix)
+
+    def _now_us(self) -> int | None:
+        return None if self.clock_us is None else int(self.clock_us())
+
+    async def admit(self, admission: Admission) -> Decision:
+        keys = self.layout.admit_keys(admission)
+        args = admit_args(admission, self._now_us())
+        try:
+            reply = await self._admit(self.client, keys, args)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise StoreError(f"admit failed: {exc!r}") from exc
+        return decode_decision(reply)
+
+    async def settle(self, settlement: Settlement) -> bool:
+        keys = self.layout.settle_keys(settlement)
+        args = settle_args(settlement, self._now_us(), self.retention_days * 86_400)
+        try:
+            return bool(await self._settle(self.client, keys, args))
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise StoreError(f"settle failed: {exc!r}") from exc
+
+    async def usage(self, day: str, teams: list[str]) -> dict:
+        """The day's ledger of `teams` (see `proxy.limits.ledger` for the shape)."""
+        try:
+            hashes = [await self.client.hgetall(self.layout.ledger(t, day)) for t in teams]
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise StoreError(f"usage failed: {exc!r}") from exc
+        ledgers = {t: {_text(f): int(v) for f, v in h.items()} for t, h in zip(teams, hashes)}
+        return usage_report(day, ledgers)
+
+    async def budget_spent(
+        self, day: str, teams_and_keys: Mapping[str, Iterable[str]]
+    ) -> dict[tuple[ScopeKind, str], int]:
+        """Real spend (settled, without reservations) on `day` of each team and of its keys,
+        given as {team: [key, ...]}; keyed by ("team", name) and ("key", name)."""
+        scopes = []
+        for team, keys in teams_and_keys.items():
+            scopes.append((team, ScopeLimits("team", team)))
+            scopes += [(team, ScopeLimits("key", key)) for key in keys]
+        try:
+            values = [await self.client.hget(self.layout.budget(t, s, day), "spent") for t, s in scopes]
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise StoreError(f"budget_spent failed: {exc!r}") from exc
+        return {(s.kind, s.name): int(v or 0) for (_, s), v in zip(scopes, values)}
+
+    async def ping(self) -> None:
+        try:
+            await self.client.ping()
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise StoreError(f"ping failed: {exc!r}") from exc
+
+    async def close(self) -> None:
+        try:
+            await self.client.aclose()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"close failed: {exc!r}") from exc
