@@ -1,0 +1,568 @@
+"""A deterministic mock of the OpenAI API, with fault injection, for demos, tests and benchmarks.
+
+Replies are `chunks` words ("word0 word1 ..."), capped by the request's max_tokens. Every /v1
+request is logged and consumes one fault (the `x-mock-fault` header first, else the FIFO queue).
+The usage sums in `/_mock/stats` count only usage the mock actually reported in a response.
+
+Control endpoints: GET|DELETE /_mock/requests, GET|DELETE /_mock/stats, POST|DELETE /_mock/faults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import itertools
+import struct
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+DEFAULT_CHUNKS = 16
+EMBEDDING_DIMENSIONS = 8
+FAULT_HEADER = "x-mock-fault"
+MAX_LOGGED_REQUESTS = 100_000  # the oldest are dropped, so long benchmarks stay bounded
+MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-3.5-turbo-instruct", "text-embedding-3-small")
+
+FAULT_FIELDS = {
+    "status": int,
+    "retry_after": str,
+    "retry_after_ms": str,
+    "first_byte_delay_s": (int, float),
+    "cut_after_chunks": int,
+    "malformed_json": bool,
+    "bad_sse_line": bool,
+    "no_usage": bool,
+    "close_connection": bool,
+    "cached_tokens": int,
+    "usage_multiplier": (int, float),
+    "chunks": int,
+    "chunk_delay_s": (int, float),
+}
+
+ERROR_KINDS = {  # status -> (type, code), as OpenAI answers
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", None),
+    404: ("invalid_request_error", "not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+}
+
+
+def validate_fault(fault: Any) -> dict:
+    """Return `fault` if it is a fault object, else raise ValueError naming the problem."""
+    if not isinstance(fault, dict):
+        raise ValueError(f"a fault must be a JSON object, got {fault!r}")
+    for name, value in fault.items():
+        expected = FAULT_FIELDS.get(name)
+        if expected is None:
+            raise ValueError(f"unknown fault field {name!r}")
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+            raise ValueError(f"fault field {name!r} has the wrong type: {value!r}")
+    return fault
+
+
+def error_body(status: int, message: str) -> bytes:
+    kind, code = ERROR_KINDS.get(status, ("server_error", None))
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=error_body(status, message), content_type="application/json", headers=headers
+    )
+
+
+def text_tokens(value: Any) -> int:
+    """Characters of every string in `value` // 4, token-id lists counted one per id; at least 1."""
+    chars = 0
+    ids = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            chars += len(item)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            ids += 1
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item[key] for key in ("content", "text") if key in item)
+    return max(1, chars // 4 + ids)
+
+
+def embedding_vector(text: str, dimensions: int) -> list[float]:
+    digest = b""
+    counter = 0
+    while len(digest) < dimensions:
+        digest += hashlib.sha256(f"{counter}:{text}".encode()).digest()
+        counter += 1
+    return [round(byte / 127.5 - 1.0, 6) for byte in digest[:dimensions]]
+
+
+class MockState:
+    """Everything the mock remembers, guarded by one lock so other threads may read and reset it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: deque[dict] = deque()
+        self._requests: deque[dict] = deque(maxlen=MAX_LOGGED_REQUESTS)
+        self._ids = itertools.count(1)
+        self._stats = self._zero_stats()
+
+    @staticmethod
+    def _zero_stats() -> dict[str, int]:
+        return dict.fromkeys(
+            ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "streams_started",
+             "streams_completed", "streams_cancelled"),
+            0,
+        )
+
+    def add_faults(self, faults: list[dict]) -> None:
+        checked = [validate_fault(fault) for fault in faults]
+        with self._lock:
+            self._faults.extend(checked)
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def next_fault(self) -> dict:
+        with self._lock:
+            return self._faults.popleft() if self._faults else {}
+
+    def log_request(self, entry: dict) -> None:
+        with self._lock:
+            self._requests.append(entry)
+            self._stats["requests"] += 1
+
+    @property
+    def requests(self) -> list[dict]:
+        with self._lock:
+            return list(self._requests)
+
+    def clear_requests(self) -> None:
+        with self._lock:
+            self._requests.clear()
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._stats)
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._stats = self._zero_stats()
+
+    def count(self, name: str) -> None:
+        with self._lock:
+            self._stats[name] += 1
+
+    def reported(self, usage: dict) -> None:
+        with self._lock:
+            self._stats["prompt_tokens"] += usage.get("prompt_tokens", 0)
+            self._stats["completion_tokens"] += usage.get("completion_tokens", 0)
+            self._stats["cached_tokens"] += usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+
+    def next_id(self) -> int:
+        with self._lock:
+            return next(self._ids)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            self._requests.clear()
+            self._stats = self._zero_stats()
+
+
+STATE = web.AppKey("mock_state", MockState)
+SETTINGS = web.AppKey("mock_settings", dict)
+
+
+class Completion:
+    """One generation request, its fault applied: the words to emit and the usage to report."""
+
+    def __init__(self, kind: str, body: dict, fault: dict, settings: dict, ident: int):
+        self.chat = kind == "chat"
+        self.fault = fault
+        self.model = body.get("model", "")
+        self.stream = bool(body.get("stream"))
+        self.include_usage = self.stream and bool((body.get("stream_options") or {}).get("include_usage"))
+        self.chunk_delay_s = float(fault.get("chunk_delay_s", settings["chunk_delay_s"]))
+        self.n = max(1, int(body.get("n") or 1))
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-mock{ident:08d}"
+        self.object = "chat.completion" if self.chat else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if self.chat else "text_completion"
+        self.created = int(time.time())
+        available = int(fault.get("chunks", settings["chunks"]))
+        cap = body.get("max_completion_tokens") or body.get("max_tokens")
+        count = available if cap is None else max(0, min(available, int(cap)))
+        self.words = [f"word{i}" if i == 0 else f" word{i}" for i in range(count)]
+        self.finish_reason = "length" if count < available else "stop"
+        prompt_tokens = text_tokens(body.get("messages") if self.chat else body.get("prompt"))
+        completion_tokens = round(count * self.n * float(fault.get("usage_multiplier", 1.0)))
+        self.usage: dict[str, Any] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        if self.chat:
+            self.usage["prompt_tokens_details"] = {"cached_tokens": int(fault.get("cached_tokens", 0))}
+            self.usage["completion_tokens_details"] = {"reasoning_tokens": 0}
+        self.report_usage = not fault.get("no_usage")
+
+    def _base(self, object_name: str) -> dict:
+        base = {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
+        if self.chat:
+            base["system_fingerprint"] = "fp_mock"
+        return base
+
+    def body(self) -> dict:
+        text = "".join(self.words)
+        choices = []
+        for index in range(self.n):
+            choice: dict[str, Any] = {"index": index}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+            else:
+                choice["text"] = text
+            choice.update(logprobs=None, finish_reason=self.finish_reason)
+            choices.append(choice)
+        body = self._base(self.object) | {"choices": choices}
+        if self.report_usage:
+            body["usage"] = self.usage
+        return body
+
+    def chunk(self, index: int, word: str | None, finish_reason: str | None = None, first: bool = False) -> bytes:
+        choice: dict[str, Any] = {"index": index}
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if word is not None:
+                delta["content"] = word
+            choice["delta"] = delta
+        else:
+            choice["text"] = word or ""
+        choice.update(logprobs=None, finish_reason=finish_reason)
+        chunk = self._base(self.chunk_object) | {"choices": [choice]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return sse(chunk)
+
+    def usage_chunk(self) -> bytes:
+        return sse(self._base(self.chunk_object) | {"choices": [], "usage": self.usage})
+
+
+def sse(payload: dict) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def retry_headers(fault: dict) -> dict[str, str]:
+    headers = {}
+    if "retry_after" in fault:
+        headers["Retry-After"] = fault["retry_after"]
+    if "retry_after_ms" in fault:
+        headers["retry-after-ms"] = fault["retry_after_ms"]
+    return headers
+
+
+async def read_json(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw:
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+async def send_partial(request: web.Request, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
+    """Promise the whole body, send half of it, then close the connection."""
+    response = web.StreamResponse(headers=headers | {"Content-Type": "application/json"})
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(body[: len(body) // 2])
+    request.transport.close()
+    return response
+
+
+async def stream_completion(
+    request: web.Request, state: MockState, completion: Completion, headers: dict[str, str]
+) -> web.StreamResponse:
+    fault = completion.fault
+    cut_after = fault.get("cut_after_chunks")
+    bad_line_at = len(completion.words) // 2 if fault.get("bad_sse_line") else None
+    response = web.StreamResponse(
+        headers=headers | {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    state.count("streams_started")
+    try:
+        await response.prepare(request)
+        for position, word in enumerate(completion.words):
+            if position == bad_line_at:
+                await response.write(b"data: not-json\n\n")
+            if position == cut_after:
+                request.transport.close()
+                return response
+            if position and completion.chunk_delay_s:
+                await asyncio.sleep(completion.chunk_delay_s)
+            for index in range(completion.n):
+                await response.write(completion.chunk(index, word, first=position == 0))
+        if cut_after is not None:  # asked to cut after every word: still never finish
+            request.transport.close()
+            return response
+        if completion.chunk_delay_s and completion.words:
+            await asyncio.sleep(completion.chunk_delay_s)
+        for index in range(completion.n):
+            last = completion.chunk(index, None, completion.finish_reason, first=not completion.words)
+            await response.write(last)
+        if completion.include_usage and completion.report_usage:
+            await response.write(completion.usage_chunk())
+            state.reported(completion.usage)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except (ConnectionError, asyncio.CancelledError):
+        state.count("streams_cancelled")
+        raise
+    state.count("streams_completed")
+    return response
+
+
+async def generate(request: web.Request, kind: str, body: dict, fault: dict, headers: dict[str, str]):
+    state = request.app[STATE]
+    try:
+        completion = Completion(kind, body, fault, request.app[SETTINGS], state.next_id())
+    except (TypeError, ValueError) as exc:
+        return error_response(400, f"invalid request parameter: {exc}", headers)
+    if completion.stream:
+        try:
+            return await stream_completion(request, state, completion, headers)
+        except ConnectionError:  # the client went away; nothing more can be sent
+            return web.Response()
+    payload = orjson.dumps(completion.body())
+    if "cut_after_chunks" in fault:
+        return await send_partial(request, payload, headers)
+    if completion.report_usage:
+        state.reported(completion.usage)
+    return web.Response(body=payload, content_type="application/json", headers=headers)
+
+
+def embeddings(request: web.Request, body: dict, fault: dict, headers: dict[str, str]) -> web.Response:
+    inputs = body.get("input", "")
+    if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+        inputs = [inputs]
+    dimensions = int(body.get("dimensions") or EMBEDDING_DIMENSIONS)
+    as_base64 = body.get("encoding_format") == "base64"
+    data = []
+    for index, item in enumerate(inputs):
+        vector = embedding_vector(str(item), dimensions)
+        encoded: Any = vector
+        if as_base64:
+            encoded = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    tokens = text_tokens(inputs)
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    payload = {"object": "list", "data": data, "model": body.get("model", "")}
+    if not fault.get("no_usage"):
+        payload["usage"] = usage
+        request.app[STATE].reported(usage)
+    return web.Response(body=orjson.dumps(payload), content_type="application/json", headers=headers)
+
+
+def model_object(model_id: str) -> dict:
+    return {"id": model_id, "object": "model", "created": 1700000000, "owned_by": "mock"}
+
+
+async def handle_v1(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await read_json(request)
+    state.log_request({
+        "method": request.method,
+        "path": request.path,
+        "headers": {name.lower(): value for name, value in request.headers.items()},
+        "body": body,
+        "time": time.time(),
+    })
+    if FAULT_HEADER in request.headers:
+        try:
+            fault = validate_fault(orjson.loads(request.headers[FAULT_HEADER]))
+        except (orjson.JSONDecodeError, ValueError) as exc:
+            return error_response(400, f"bad {FAULT_HEADER} header: {exc}")
+    else:
+        fault = state.next_fault()
+    if fault.get("close_connection"):
+        request.transport.abort()
+        return web.Response()
+    if fault.get("first_byte_delay_s"):
+        await asyncio.sleep(fault["first_byte_delay_s"])
+    headers = retry_headers(fault)
+    if "status" in fault:
+        return error_response(fault["status"], f"mock fault: status {fault['status']}", headers)
+    if fault.get("malformed_json"):
+        return web.Response(body=b'{"id": "chatcmpl-mock", "choices": [', content_type="application/json",
+                            headers=headers)
+    return await route(request, body, fault, headers)
+
+
+async def route(request: web.Request, body: Any, fault: dict, headers: dict[str, str]) -> web.StreamResponse:
+    path, method = request.path, request.method
+    if method == "POST" and path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        if not isinstance(body, dict):
+            return error_response(400, "the request body must be a JSON object", headers)
+        if path == "/v1/embeddings":
+            return embeddings(request, body, fault, headers)
+        kind = "chat" if path == "/v1/chat/completions" else "completion"
+        return await generate(request, kind, body, fault, headers)
+    if method == "GET" and path == "/v1/models":
+        payload = {"object": "list", "data": [model_object(model) for model in MODELS]}
+        return web.Response(body=orjson.dumps(payload), content_type="application/json", headers=headers)
+    if method == "GET" and path.startswith("/v1/models/"):
+        payload = model_object(path.removeprefix("/v1/models/"))
+        return web.Response(body=orjson.dumps(payload), content_type="application/json", headers=headers)
+    return error_response(404, f"Unknown request URL: {method} {path}", headers)
+
+
+def json_response(value: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(value), content_type="application/json")
+
+
+async def get_requests(request: web.Request) -> web.Response:
+    return json_response(request.app[STATE].requests)
+
+
+async def delete_requests(request: web.Request) -> web.Response:
+    request.app[STATE].clear_requests()
+    return json_response({"ok": True})
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    return json_response(request.app[STATE].stats())
+
+
+async def delete_stats(request: web.Request) -> web.Response:
+    request.app[STATE].reset_stats()
+    return json_response({"ok": True})
+
+
+async def post_faults(request: web.Request) -> web.Response:
+    faults = await read_json(request)
+    if not isinstance(faults, list):
+        return error_response(400, "POST /_mock/faults takes a JSON list of fault objects")
+    try:
+        request.app[STATE].add_faults(faults)
+    except ValueError as exc:
+        return error_response(400, str(exc))
+    return json_response({"ok": True, "queued": len(faults)})
+
+
+async def delete_faults(request: web.Request) -> web.Response:
+    request.app[STATE].clear_faults()
+    return json_response({"ok": True})
+
+
+def create_mock_app(*, chunk_delay_s: float = 0.0, chunks: int = DEFAULT_CHUNKS) -> web.Application:
+    app = web.Application()
+    app[STATE] = MockState()
+    app[SETTINGS] = {"chunk_delay_s": chunk_delay_s, "chunks": chunks}
+    app.router.add_get("/_mock/requests", get_requests)
+    app.router.add_delete("/_mock/requests", delete_requests)
+    app.router.add_get("/_mock/stats", get_stats)
+    app.router.add_delete("/_mock/stats", delete_stats)
+    app.router.add_post("/_mock/faults", post_faults)
+    app.router.add_delete("/_mock/faults", delete_faults)
+    app.router.add_route("*", "/v1/{tail:.*}", handle_v1)
+    return app
+
+
+class MockUpstream:
+    """The mock app served on 127.0.0.1 from a background thread with its own event loop."""
+
+    def __init__(self, port: int = 0, chunk_delay_s: float = 0.0, chunks: int = DEFAULT_CHUNKS):
+        self.port = port
+        self.app = create_mock_app(chunk_delay_s=chunk_delay_s, chunks=chunks)
+        self._state = self.app[STATE]
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> MockUpstream:
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), name="mock-upstream", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True, shutdown_timeout=0.1)
+        try:
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", self.port)
+            await site.start()
+            self.port = runner.addresses[0][1]
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            await runner.cleanup()
+            return
+        self._ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            await runner.cleanup()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        self._thread.join()
+        self._thread = None
+
+    def __enter__(self) -> MockUpstream:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def add_faults(self, faults: list[dict]) -> None:
+        self._state.add_faults(faults)
+
+    def clear(self) -> None:
+        """Forget queued faults, logged requests and stats."""
+        self._state.clear()
+
+    @property
+    def requests(self) -> list[dict]:
+        return self._state.requests
+
+    def stats(self) -> dict[str, int]:
+        return self._state.stats()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m proxy.mock_upstream", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
+    parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, help="words per reply")
+    args = parser.parse_args(argv)
+    app = create_mock_app(chunk_delay_s=args.chunk_delay, chunks=args.chunks)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, handler_cancellation=True,
+                print=lambda _: print(f"mock upstream on http://{args.host}:{args.port}/v1", flush=True))
+
+
+if __name__ == "__main__":
+    main()
