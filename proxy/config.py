@@ -241,12 +241,23 @@ def parse_config(data: Any) -> Config:
         raise ConfigError(problems) from None
 
 
+def _interpolate_values(value: Any, environ: dict[str, str] | None) -> Any:
+    """`${VAR}` in string values only (so comments and keys are never expanded)."""
+    if isinstance(value, str):
+        return interpolate_env(value, environ) if "${" in value else value
+    if isinstance(value, dict):
+        return {key: _interpolate_values(item, environ) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_interpolate_values(item, environ) for item in value]
+    return value
+
+
 def load_config_text(text: str, environ: dict[str, str] | None = None) -> Config:
     try:
-        data = yaml.safe_load(interpolate_env(text, environ))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"(yaml): {exc}"]) from None
-    return parse_config(data)
+    return parse_config(_interpolate_values(data, environ))
 
 
 def load_config(path: str | os.PathLike[str], environ: dict[str, str] | None = None) -> Config:

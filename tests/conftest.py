@@ -19,3 +19,40 @@ def redis_url(redis_server: RedisServer) -> str:
     redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+@pytest.fixture
+def mock_upstream():
+    from proxy.mock_upstream import MockUpstream
+
+    with MockUpstream() as mock:
+        yield mock
+
+
+class Recorder:
+    """An observer keeping every request outcome, for assertions."""
+
+    def __init__(self):
+        self.outcomes = []
+
+    def finished(self, outcome):
+        self.outcomes.append(outcome)
+
+
+@pytest.fixture
+def start_proxy():
+    """start_proxy(config, store=None) -> (ProxyServer, Recorder); stopped after the test."""
+    from proxy.app import create_app
+    from tests.support.servers import ProxyServer
+
+    servers = []
+
+    def start(config, store=None):
+        recorder = Recorder()
+        server = ProxyServer(create_app(config, store=store, observer=recorder)).start()
+        servers.append(server)
+        return server, recorder
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,0 +1,124 @@
+"""`create_app(config, ...)`: the whole proxy as one ASGI app, with no module-level state.
+
+The `/v1/*` hot path is plain Starlette routes (FastAPI's per-route machinery costs ~0.35 ms a
+request here); FastAPI serves the admin and ops API, with validation and OpenAPI docs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .auth import KeyRing
+from .config import Config, load_config
+from .errors import InvalidRequest, MethodNotAllowed, NotFound, ProxyError
+from .forwarding.upstream import UpstreamClient
+from .gateway import Gateway, request_id_of
+from .http import models_api, ops_api
+from .limits.limiter import Limiter
+from .limits.memory_store import MemoryStore
+from .limits.types import Store
+from .observe import Observer, Observers, RequestLog
+
+log = logging.getLogger("proxy")
+
+
+def build_store(config: Config) -> Store:
+    if config.store.redis_url is None:
+        return MemoryStore(retention_days=config.spend_retention_days)
+    from .limits.redis_store import RedisStore
+
+    return RedisStore.from_url(config.store.redis_url, timeout_ms=config.store.timeout_ms,
+                               cluster=config.store.is_cluster, retention_days=config.spend_retention_days)
+
+
+def create_app(config: Config, *, store: Store | None = None, observer: Observer | None = None,
+               environ: dict[str, str] | None = None) -> FastAPI:
+    store = store if store is not None else build_store(config)
+    fallback = MemoryStore(retention_days=config.spend_retention_days)
+    limiter = Limiter(config, store, fallback=fallback)
+    upstreams = {name: UpstreamClient(name, upstream) for name, upstream in config.upstreams.items()}
+    observers = Observers(RequestLog(config.log_level), *([observer] if observer else []))
+    gateway = Gateway(config, KeyRing(config, environ), upstreams, limiter, observers)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for client in upstreams.values():
+            await client.start()
+        limiter.start()
+        try:
+            yield
+        finally:
+            await limiter.close()
+            for client in upstreams.values():
+                await client.close()
+            await store.close()
+
+    app = FastAPI(title="llm-ratelimit-proxy", version="0.1.0", lifespan=lifespan, docs_url="/admin/docs",
+                  openapi_url="/admin/openapi.json", redoc_url=None)
+    app.state.gateway = gateway
+    app.state.limiter = limiter
+    app.state.store = store
+
+    for path, endpoint in (("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
+                           ("/v1/embeddings", "embeddings")):
+        app.add_route(path, _call_route(gateway, endpoint), methods=["POST"])
+    models_api.add_routes(app, gateway)
+    app.include_router(ops_api.router(gateway, store))
+    _install_error_handlers(app)
+    return app
+
+
+def _call_route(gateway: Gateway, endpoint: str):
+    async def route(request: Request):
+        return await gateway.handle(request, endpoint)
+
+    route.__name__ = f"v1_{endpoint}"
+    return route
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def respond(request: Request, error: ProxyError) -> Response:
+        return Gateway.error_response(error, request_id_of(request))
+
+    async def proxy_error(request: Request, exc: ProxyError) -> Response:
+        return respond(request, exc)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return respond(request, NotFound(f"Unknown request URL: {request.method} {request.url.path}."))
+        if exc.status_code == 405:
+            return respond(request, MethodNotAllowed(
+                f"Method {request.method} is not allowed for {request.url.path}."))
+        error = ProxyError(str(exc.detail))
+        error.status = exc.status_code
+        error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return respond(request, error)
+
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+        return respond(request, InvalidRequest(f"Invalid request: {first.get('msg', 'invalid')}.", param=param))
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        error = ProxyError("The proxy had an internal error.")
+        return respond(request, error)
+
+    app.add_exception_handler(ProxyError, proxy_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def app_from_env() -> FastAPI:
+    """The uvicorn factory for `llm-proxy serve` (each worker builds its own app)."""
+    config = load_config(os.environ["LLM_PROXY_CONFIG"])
+    return create_app(config)

@@ -1,0 +1,102 @@
+"""Who is calling: proxy keys matched by their sha256 (a dict lookup, never a string compare)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+
+from .config import Config, Key, Limits, Team
+from .errors import InvalidApiKey
+
+KEY_PREFIX = "sk-proxy-"
+
+
+def sha256_hex(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated proxy key, by its config name (never by its secret)."""
+
+    name: str
+    team: str
+    key: Key
+    team_config: Team
+    allowed_models: frozenset[str] | None  # None: every model
+
+    @property
+    def limits(self) -> Limits:
+        return self.key.limits
+
+    def may_use(self, model: str) -> bool:
+        return self.allowed_models is None or model in self.allowed_models
+
+
+class KeyRing:
+    """sha256 hex → Caller, built once per config."""
+
+    def __init__(self, config: Config, environ: dict[str, str] | None = None):
+        env = os.environ if environ is None else environ
+        self._by_hash: dict[str, Caller] = {}
+        self.missing: list[str] = []  # key names whose key_env is unset
+        for name, key in config.keys.items():
+            digest = self._digest(key, env)
+            if digest is None:
+                self.missing.append(name)
+                continue
+            models = frozenset(key.models) if key.models is not None else None
+            self._by_hash[digest] = Caller(name, key.team, key, config.teams[key.team], models)
+        self.admin_hash = self._admin_digest(config, env)
+
+    @staticmethod
+    def _digest(key: Key, env) -> str | None:
+        if key.key_sha256 is not None:
+            return key.key_sha256
+        if key.key is not None:
+            return sha256_hex(key.key)
+        value = env.get(key.key_env or "")
+        return sha256_hex(value) if value else None
+
+    @staticmethod
+    def _admin_digest(config: Config, env) -> str | None:
+        if config.admin_key_sha256:
+            return config.admin_key_sha256
+        if config.admin_key_env and env.get(config.admin_key_env):
+            return sha256_hex(env[config.admin_key_env])
+        return None
+
+    def authenticate(self, presented: str | None) -> Caller:
+        if not presented:
+            raise InvalidApiKey(
+                "You didn't provide an API key. You need to provide your API key in an Authorization "
+                "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+            )
+        caller = self._by_hash.get(sha256_hex(presented))
+        if caller is None:
+            raise InvalidApiKey("Incorrect API key provided.")
+        return caller
+
+    def is_admin(self, presented: str | None) -> bool:
+        if not presented or self.admin_hash is None:
+            return False
+        return hmac.compare_digest(sha256_hex(presented), self.admin_hash)
+
+
+def presented_key(headers) -> str | None:
+    """The key from `Authorization: Bearer KEY` or `api-key: KEY` (Azure style)."""
+    authorization = headers.get("authorization")
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return None
+    api_key = headers.get("api-key")
+    return api_key.strip() if api_key else None

@@ -1,0 +1,160 @@
+"""`llm-proxy`: serve, demo, check-config, new-key, hash-key, usage."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .auth import new_key, sha256_hex
+from .config import DEFAULT_PORT, Config, ConfigError, load_config
+
+CONFIG_ENV = "LLM_PROXY_CONFIG"
+
+
+def _config_path(given: str | None) -> str:
+    path = given or os.environ.get(CONFIG_ENV)
+    if not path:
+        raise SystemExit(f"llm-proxy: no config: pass --config FILE or set {CONFIG_ENV}")
+    return str(Path(path).resolve())
+
+
+def _load_or_exit(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid configuration", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    path = _config_path(args.config)
+    config = _load_or_exit(path)
+    os.environ[CONFIG_ENV] = path
+    serve(config, host=args.host or config.listen.host, port=args.port or config.listen.port, workers=args.workers)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(host=args.host, port=args.port)
+    return 0
+
+
+def summary(config: Config) -> str:
+    lines = [f"listen: {config.listen.host}:{config.listen.port}",
+             f"store: {'redis ' + _redact_url(config.store.redis_url) if config.store.redis_url else 'in-process (one process only)'}"
+             f" (on_redis_error: {config.store.on_redis_error})",
+             f"upstreams ({len(config.upstreams)}):"]
+    for name, upstream in config.upstreams.items():
+        lines.append(f"  {name}: {upstream.base_url} (retries {upstream.max_retries}, timeout {upstream.timeout_s}s)")
+    lines.append(f"models ({len(config.models)}):")
+    for name, model in config.models.items():
+        targets = " -> ".join(f"{t.upstream}/{t.model}" for t in model.targets)
+        price = model.price_per_mtok
+        lines.append(f"  {name}: {targets}  ${price.input}/${price.output} per Mtok")
+    lines.append(f"teams ({len(config.teams)}):")
+    for name, team in config.teams.items():
+        budget = f"${team.daily_budget_usd}/day" if team.daily_budget_usd else "no budget"
+        lines.append(f"  {name}: {_limits(team.limits)}, {budget}")
+    lines.append(f"keys ({len(config.keys)}):")
+    for name, key in config.keys.items():
+        budget = f"${key.daily_budget_usd}/day" if key.daily_budget_usd else "no budget"
+        models = ", ".join(key.models) if key.models is not None else "all models"
+        lines.append(f"  {name} (team {key.team}): {_limits(key.limits)}, {budget}, {models}")
+    return "\n".join(lines)
+
+
+def _limits(limits) -> str:
+    parts = [f"{name} {value}" for name in ("rpm", "tpm", "max_parallel")
+             if (value := getattr(limits, name)) is not None]
+    return ", ".join(parts) or "no limits"
+
+
+def _redact_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load_or_exit(args.file)
+    print(f"{args.file}: ok")
+    print(summary(config))
+    return 0
+
+
+def cmd_new_key(args: argparse.Namespace) -> int:
+    key = new_key()
+    print(key)
+    print(f'key_sha256: "{sha256_hex(key)}"   # put this line in the config; the key above is shown once')
+    return 0
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("llm-proxy hash-key: no key on stdin (usage: llm-proxy hash-key < keyfile)", file=sys.stderr)
+        return 1
+    print(sha256_hex(key))
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from .usage_cli import run_usage
+
+    return run_usage(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-proxy", description="OpenAI-compatible rate-limiting proxy")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", help=f"config file (default: ${CONFIG_ENV})")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.set_defaults(func=cmd_serve)
+
+    demo = commands.add_parser("demo", help="run the proxy on built-in defaults with a mock upstream")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=DEFAULT_PORT)
+    demo.set_defaults(func=cmd_demo)
+
+    check = commands.add_parser("check-config", help="validate a config file and summarise it")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+
+    key = commands.add_parser("new-key", help="print a fresh proxy key and its sha256 config line")
+    key.set_defaults(func=cmd_new_key)
+
+    hashing = commands.add_parser("hash-key", help="read a key from stdin, print its sha256")
+    hashing.set_defaults(func=cmd_hash_key)
+
+    usage = commands.add_parser("usage", help="spend and tokens per team, key, model or tag")
+    usage.add_argument("--config", help=f"config file (default: ${CONFIG_ENV})")
+    usage.add_argument("--url", help="ask a running proxy's /admin/usage instead of reading the store")
+    usage.add_argument("--admin-key-env", default="LLM_PROXY_ADMIN_KEY",
+                       help="environment variable holding the admin key (with --url)")
+    usage.add_argument("--date", help="YYYY-MM-DD (default: today in budget_timezone)")
+    usage.add_argument("--by", choices=["team", "key", "model", "tag"], default="team")
+    usage.add_argument("--json", action="store_true")
+    usage.set_defaults(func=cmd_usage)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

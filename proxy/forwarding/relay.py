@@ -1,0 +1,81 @@
+"""Find an upstream that answers: retries with backoff, then the model's next target.
+
+Everything here happens before a byte reaches the client, so every failure is still retryable.
+Non-retryable answers (2xx, and 4xx other than 429) are returned as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import orjson
+
+from ..config import Model
+from ..errors import UpstreamError, UpstreamTimeout
+from .retry import RETRYABLE_STATUSES, backoff_delay, server_delay
+from .upstream import UpstreamBroken, UpstreamClient, UpstreamConnectError, UpstreamReadTimeout, UpstreamResponse
+
+
+@dataclass(slots=True)
+class Attempts:
+    """What it took to get an answer: for logs and metrics."""
+
+    retries: int = 0
+    reasons: list[tuple[str, str]] = field(default_factory=list)  # (upstream, reason) per retry
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (upstream, kind) per failed attempt
+    upstream: str = ""
+    target_model: str = ""
+    upstream_started: float = 0.0
+
+
+async def open_upstream(
+    path: str,
+    body: dict,
+    model: Model,
+    upstreams: dict[str, UpstreamClient],
+    headers: dict[str, str],
+    deadline: float,
+    attempts: Attempts,
+) -> UpstreamResponse:
+    """The first good (or non-retryable) upstream response; raises UpstreamError/UpstreamTimeout."""
+    last_failure = "no upstream was tried"
+    timed_out = False
+    for target in model.targets:
+        client = upstreams[target.upstream]
+        payload = orjson.dumps({**body, "model": target.model})
+        for attempt in range(client.config.max_retries + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamTimeout("The upstream did not answer before the request's deadline.")
+            attempts.upstream, attempts.target_model = target.upstream, target.model
+            attempts.upstream_started = time.monotonic()
+            wait: float | None = None
+            try:
+                response = await client.send("POST", path, payload, headers, read_timeout=remaining)
+            except UpstreamConnectError as exc:
+                kind, last_failure, timed_out = "connect", f"could not connect to upstream '{target.upstream}': {exc}", False
+            except UpstreamReadTimeout:
+                kind, last_failure, timed_out = "timeout", f"upstream '{target.upstream}' timed out", True
+            except UpstreamBroken as exc:
+                kind, last_failure, timed_out = "broken", f"upstream '{target.upstream}' broke the connection: {exc}", False
+            else:
+                if response.status not in RETRYABLE_STATUSES:
+                    return response
+                wait = server_delay(response.headers)
+                response.close()
+                kind, timed_out = f"http_{response.status}", False
+                last_failure = f"upstream '{target.upstream}' answered {response.status}"
+            attempts.errors.append((target.upstream, kind))
+            if attempt == client.config.max_retries:
+                break
+            delay = wait if wait is not None else backoff_delay(attempt)
+            if time.monotonic() + delay >= deadline:
+                break
+            attempts.retries += 1
+            attempts.reasons.append((target.upstream, kind))
+            await asyncio.sleep(delay)
+    if timed_out:
+        raise UpstreamTimeout(f"The upstream did not answer in time ({last_failure}).")
+    raise UpstreamError(f"The upstream failed: {last_failure}.")

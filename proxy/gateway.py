@@ -1,0 +1,262 @@
+"""One OpenAI call through the proxy: authenticate, read, admit, forward, relay, settle.
+
+Settlement always happens exactly once per admitted request, in a `finally` shielded from
+cancellation: after a full response, a failed upstream, a stream the client abandoned, or a
+stream the upstream cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .auth import Caller, KeyRing, presented_key
+from .config import Config
+from .errors import ModelNotAllowed, ModelNotFound, ProxyError, UpstreamError, UpstreamTimeout
+from .forwarding import sse
+from .forwarding.context import apply_context_policy
+from .forwarding.relay import Attempts, open_upstream
+from .forwarding.upstream import UpstreamBroken, UpstreamClient, UpstreamReadTimeout, UpstreamResponse
+from .http.body import parse_json_object, read_body
+from .http.calls import Call, parse_call
+from .http.sse_response import SSEResponse
+from .limits.limiter import Limiter, Ticket, reserved_tokens
+from .limits.types import Usage
+from .observe import Observer, Outcome
+from .pricing import cost_micros, reservation_micros
+from .tags import parse_tags
+from .tokens import estimate_text_tokens
+
+log = logging.getLogger("proxy.gateway")
+
+PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+DROP_REQUEST_HEADERS = frozenset({
+    "host", "content-length", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "transfer-encoding", "upgrade", "authorization", "api-key", "accept-encoding", "cookie",
+    "x-proxy-tags", "openai-organization", "openai-project", "x-forwarded-for", "x-real-ip",
+})
+PASS_RESPONSE_HEADERS = ("openai-processing-ms", "openai-version", "openai-model")
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
+DEFAULT_DEADLINE_S = 600.0
+
+
+def request_id_of(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    if 0 < len(given) <= 128 and given.isprintable():
+        return given
+    return "req_" + uuid.uuid4().hex
+
+
+class Gateway:
+    def __init__(self, config: Config, keyring: KeyRing, upstreams: dict[str, UpstreamClient], limiter: Limiter,
+                 observer: Observer):
+        self.config = config
+        self.keyring = keyring
+        self.upstreams = upstreams
+        self.limiter = limiter
+        self.observer = observer
+
+    # -- entry points -------------------------------------------------------------------------
+    async def handle(self, request: Request, endpoint: str) -> Response | SSEResponse:
+        started = time.monotonic()
+        outcome = Outcome(request_id=request_id_of(request), endpoint=endpoint, started=started)
+        try:
+            caller = self.keyring.authenticate(presented_key(request.headers))
+            outcome.caller = caller
+            call = await self._read_call(request, endpoint, caller)
+            outcome.model, outcome.stream = call.model, call.stream
+            return await self._forward(request, call, caller, outcome)
+        except ProxyError as error:
+            outcome.fail(error)
+            self.observer.finished(outcome)
+            return self.error_response(error, outcome.request_id, outcome.ticket)
+
+    def authenticate(self, request: Request) -> Caller:
+        return self.keyring.authenticate(presented_key(request.headers))
+
+    # -- steps --------------------------------------------------------------------------------
+    async def _read_call(self, request: Request, endpoint: str, caller: Caller) -> Call:
+        raw = await read_body(request, self.config.max_body_bytes)
+        body = parse_json_object(raw)
+        name = body.get("model")
+        model = self.config.models.get(name) if isinstance(name, str) else None
+        call = parse_call(endpoint, body, model.default_max_tokens if model else None)
+        if model is None:
+            raise ModelNotFound(f"The model `{call.model}` does not exist or you do not have access to it.",
+                                param="model")
+        if not caller.may_use(call.model):
+            raise ModelNotAllowed(f"This key is not allowed to use the model `{call.model}`.", param="model")
+        call.prompt_tokens = apply_context_policy(call.model, model, endpoint, body, call.prompt_tokens,
+                                                  call.max_output)
+        return call
+
+    async def _forward(self, request: Request, call: Call, caller: Caller, outcome: Outcome):
+        model = self.config.models[call.model]
+        price = model.price_per_mtok
+        tags = parse_tags(request.headers.get("x-proxy-tags"), call.body)
+        outcome.tags = tags
+        ticket = await self.limiter.admit(
+            outcome.request_id, caller, reserved_tokens(call.prompt_tokens, call.max_output),
+            reservation_micros(price, call.prompt_tokens, call.max_output),
+        )
+        outcome.ticket = ticket
+        body = call.body
+        if call.stream:
+            options = body.get("stream_options") or {}
+            body = {**body, "stream_options": {**options, "include_usage": True}}
+        headers = {k: v for k, v in request.headers.items() if k not in DROP_REQUEST_HEADERS}
+        headers["x-request-id"] = outcome.request_id
+        attempts = outcome.attempts
+        settle_here = True
+        try:
+            response = await open_upstream(PATHS[call.endpoint], body, model, self.upstreams, headers,
+                                           self._deadline(request), attempts)
+            outcome.upstream_headers_at = time.monotonic()
+            if call.stream and response.status == 200:
+                settle_here = False
+                return SSEResponse(self._relay_stream(response, call, ticket, outcome),
+                                   200, self._stream_headers(outcome.request_id, ticket))
+            payload = await response.read()
+            outcome.finished_upstream = time.monotonic()
+            usage = self._usage_of(response.status, payload, call)
+            outcome.status = response.status
+            await self._settle(ticket, call, usage, outcome)
+            settle_here = False
+            return self._passthrough(response, payload, outcome.request_id, ticket)
+        except UpstreamReadTimeout:  # while reading a non-streamed body
+            attempts.errors.append((attempts.upstream, "timeout"))
+            raise UpstreamTimeout("The upstream timed out while sending its response.") from None
+        except UpstreamBroken:
+            attempts.errors.append((attempts.upstream, "broken"))
+            raise UpstreamError("The upstream broke off its response.") from None
+        finally:
+            if settle_here:
+                await asyncio.shield(self._settle(ticket, call, Usage(), outcome, succeeded=False))
+
+    def _deadline(self, request: Request) -> float:
+        """The client's own timeout (the OpenAI SDKs send it) bounds our retries."""
+        budget = DEFAULT_DEADLINE_S
+        hint = request.headers.get("x-stainless-timeout")
+        if hint:
+            try:
+                budget = min(budget, max(1.0, float(hint)))
+            except ValueError:
+                pass
+        return time.monotonic() + budget
+
+    def _usage_of(self, status: int, payload: bytes, call: Call) -> Usage:
+        if status >= 300:
+            return Usage()
+        try:
+            parsed = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            parsed = None
+        usage = sse.usage_from(parsed) if isinstance(parsed, dict) else None
+        if usage is not None:
+            return usage
+        return Usage(call.prompt_tokens, self._estimate_completion(parsed), 0)
+
+    @staticmethod
+    def _estimate_completion(parsed) -> int:
+        """No usage from the upstream: count the characters of what it answered."""
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
+            return 0
+        text = []
+        for choice in parsed["choices"]:
+            if isinstance(choice, dict):
+                message = choice.get("message")
+                content = message.get("content") if isinstance(message, dict) else choice.get("text")
+                if isinstance(content, str):
+                    text.append(content)
+        return estimate_text_tokens("".join(text))
+
+    async def _settle(self, ticket: Ticket, call: Call, usage: Usage, outcome: Outcome, succeeded: bool = True):
+        if ticket.settled:
+            return
+        cost = cost_micros(self.config.models[call.model].price_per_mtok, usage)
+        outcome.usage, outcome.cost_micros = usage, cost
+        await self.limiter.settle(ticket, call.model, usage, cost, outcome.tags, succeeded)
+        outcome.done = time.monotonic()
+        self.observer.finished(outcome)
+
+    # -- streaming ----------------------------------------------------------------------------
+    async def _relay_stream(self, response: UpstreamResponse, call: Call, ticket: Ticket,
+                            outcome: Outcome) -> AsyncIterator[bytes]:
+        splitter = sse.EventSplitter()
+        usage: Usage | None = None
+        content_events = 0
+        keep_usage = call.client_wants_usage
+        completed = False
+        outcome.status = 200
+        try:
+            async for chunk in response.iter_chunks():
+                out = []
+                for event in splitter.feed(chunk):
+                    if sse.carries_usage(event):
+                        parsed = sse.parse_event(event)
+                        found = sse.usage_from(parsed) if parsed else None
+                        if found is not None:
+                            usage = found
+                            if not keep_usage and not parsed.get("choices"):
+                                continue  # the usage-only chunk the client did not ask for
+                    elif not keep_usage:
+                        event = sse.strip_null_usage(event)
+                    if sse.is_done(event):
+                        completed = True
+                    else:
+                        content_events += 1
+                    out.append(event)
+                if out:
+                    if outcome.first_byte_at == 0.0:
+                        outcome.first_byte_at = time.monotonic()
+                    yield b"".join(out)
+            if not completed:
+                raise UpstreamBroken("the stream ended without [DONE]")
+        except (UpstreamBroken, UpstreamReadTimeout) as exc:
+            kind = "timeout" if isinstance(exc, UpstreamReadTimeout) else "stream_cut"
+            outcome.attempts.errors.append((outcome.attempts.upstream, kind))
+            outcome.stream_error = kind
+            yield sse.error_event({"error": {
+                "message": "The upstream stream was interrupted before it finished.",
+                "type": "server_error", "param": None, "code": "upstream_error"}})
+        finally:
+            if completed:
+                response.release()
+            else:
+                response.close()  # cancels the upstream request
+            outcome.finished_upstream = time.monotonic()
+            if not completed and outcome.stream_error is None:
+                outcome.client_gone = True
+            if usage is None:  # cut short, or an upstream that reports none: estimate
+                usage = Usage(call.prompt_tokens, content_events, 0)
+            await asyncio.shield(self._settle(ticket, call, usage, outcome))
+
+    # -- responses ----------------------------------------------------------------------------
+    def _stream_headers(self, request_id: str, ticket: Ticket) -> list[tuple[bytes, bytes]]:
+        headers = list(SSE_HEADERS)
+        headers.append((b"x-request-id", request_id.encode()))
+        headers.extend((k.encode(), v.encode()) for k, v in ticket.headers.items())
+        return headers
+
+    def _passthrough(self, response: UpstreamResponse, payload: bytes, request_id: str, ticket: Ticket) -> Response:
+        headers = {name: response.headers[name] for name in PASS_RESPONSE_HEADERS if name in response.headers}
+        headers["x-request-id"] = request_id
+        headers.update(ticket.headers)
+        media_type = response.headers.get("content-type", "application/json")
+        return Response(payload, status_code=response.status, headers=headers, media_type=media_type)
+
+    @staticmethod
+    def error_response(error: ProxyError, request_id: str, ticket: Ticket | None = None) -> Response:
+        headers = dict(ticket.headers) if ticket is not None else {}
+        headers.update(error.headers)
+        headers["x-request-id"] = request_id
+        return Response(error.body_bytes(), status_code=error.status, headers=headers,
+                        media_type="application/json")

@@ -1,0 +1,143 @@
+"""The fields of an OpenAI call the proxy needs, checked with OpenAI's messages and `param`s.
+
+Only these fields are read; everything else in the body passes through untouched for the
+upstream to judge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InvalidRequest
+from ..tokens import estimate_prompt_tokens, max_output_tokens
+
+MAX_TOKENS_CEILING = 2**31 - 1
+MAX_N = 128
+REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+
+
+@dataclass(slots=True)
+class Call:
+    endpoint: str  # chat | completions | embeddings
+    body: dict
+    model: str
+    stream: bool
+    client_wants_usage: bool  # stream_options.include_usage set by the client
+    prompt_tokens: int
+    max_output: int  # reserved completion tokens (n × max_tokens)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _type_error(param: str, expected: str, value) -> InvalidRequest:
+    return InvalidRequest(
+        f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)} instead.", param=param,
+        code="invalid_type",
+    )
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _positive_int(body: dict, param: str, ceiling: int) -> int | None:
+    value = body.get(param)
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise _type_error(param, "an integer", value)
+    if value < 1:
+        raise InvalidRequest(
+            f"Invalid '{param}': integer below minimum value. Expected a value >= 1, but got {value} instead.",
+            param=param, code="integer_below_min_value",
+        )
+    if value > ceiling:
+        raise InvalidRequest(
+            f"Invalid '{param}': integer above maximum value. Expected a value <= {ceiling}, but got {value} instead.",
+            param=param, code="integer_above_max_value",
+        )
+    return value
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list):
+        raise _type_error("messages", "an array", messages)
+    if not messages:
+        raise InvalidRequest("Invalid 'messages': empty array. Expected an array with minimum length 1.",
+                             param="messages", code="empty_array")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _type_error(f"messages[{i}]", "an object", message)
+        if not isinstance(message.get("role"), str):
+            raise InvalidRequest(f"Missing required parameter: 'messages[{i}].role'.", param=f"messages[{i}].role",
+                                 code="missing_required_parameter")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise _type_error(f"messages[{i}].content", "one of a string or array of objects", content)
+
+
+def _check_text_input(param: str, value) -> None:
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and value and all(
+        isinstance(item, str) or _is_int(item) or (isinstance(item, list) and all(_is_int(x) for x in item))
+        for item in value
+    ):
+        return
+    raise _type_error(param, "a string or an array of strings or tokens", value)
+
+
+def parse_call(endpoint: str, body: dict, default_max_tokens: int | None = None) -> Call:
+    """Validates what the proxy reads; raises InvalidRequest with `param` on the first problem."""
+    model = body.get("model")
+    if model is None:
+        raise InvalidRequest("you must provide a model parameter", param="model", code="missing_required_parameter")
+    if not isinstance(model, str) or not model:
+        raise _type_error("model", "a string", model)
+    field = REQUIRED_FIELD[endpoint]
+    if field not in body:
+        raise InvalidRequest(f"Missing required parameter: '{field}'.", param=field, code="missing_required_parameter")
+    if endpoint == "chat":
+        _check_messages(body["messages"])
+    else:
+        _check_text_input(field, body[field])
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _type_error("stream", "a boolean", stream)
+    if endpoint == "embeddings":
+        stream = False
+    wants_usage = False
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _type_error("stream_options", "an object", options)
+        include = options.get("include_usage")
+        if include is not None and not isinstance(include, bool):
+            raise _type_error("stream_options.include_usage", "a boolean", include)
+        wants_usage = bool(include)
+    for param in ("max_tokens", "max_completion_tokens"):
+        _positive_int(body, param, MAX_TOKENS_CEILING)
+    _positive_int(body, "n", MAX_N)
+    return Call(
+        endpoint=endpoint,
+        body=body,
+        model=model,
+        stream=stream,
+        client_wants_usage=wants_usage,
+        prompt_tokens=estimate_prompt_tokens(endpoint, body),
+        max_output=0 if endpoint == "embeddings" else max_output_tokens(body, default_max_tokens or 0),
+    )

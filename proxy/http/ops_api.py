@@ -1,0 +1,29 @@
+"""Health, readiness and metrics: what orchestrators and Prometheus poll."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from ..gateway import Gateway
+from ..limits.types import Store, StoreError
+
+
+def router(gateway: Gateway, store: Store) -> APIRouter:
+    api = APIRouter(tags=["ops"])
+
+    @api.get("/healthz")
+    async def healthz() -> dict:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz() -> Response:
+        """Readiness: the rate-limit store answers."""
+        try:
+            await store.ping()
+        except StoreError as exc:
+            return JSONResponse({"status": "unavailable", "store": type(exc).__name__}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    return api

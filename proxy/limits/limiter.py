@@ -1,0 +1,223 @@
+"""Admit and settle one request against its key's and its team's limits and budgets.
+
+The store (Redis, or this process) holds the truth; this module turns config into the store's
+value objects, refusals into OpenAI's 429s, and store outages into the configured behaviour:
+`allow` admits through a per-process fallback store with limits divided by `store.replicas`,
+`deny` answers 503. Settlements that cannot reach the store wait in a bounded journal and are
+flushed when it returns (settle is idempotent per request id, so a retry never counts twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from zoneinfo import ZoneInfo
+
+from ..auth import Caller
+from ..config import Config, Limits
+from ..errors import BudgetExceeded, RateLimited, StoreUnavailable
+from ..pricing import format_usd, usd_to_micros
+from .days import candidate_days
+from .headers import openai_duration, rate_limit_headers, retry_headers
+from .types import Admission, BudgetDay, Decision, ScopeLimits, Settlement, Store, StoreError, Usage
+
+log = logging.getLogger("proxy.limits")
+
+JOURNAL_CAPACITY = 100_000
+FLUSH_INTERVAL_S = 1.0
+LIMIT_NAMES = {"rpm": "requests per minute", "tpm": "tokens per minute", "parallel": "parallel requests"}
+LIMIT_TYPES = {"rpm": "requests", "tpm": "tokens", "parallel": "parallel_requests"}
+
+
+def scope_limits(kind: str, name: str, limits: Limits, budget_usd, divisor: int = 1) -> ScopeLimits:
+    def part(value: int | None) -> int | None:
+        return None if value is None else max(1, value // divisor)
+
+    return ScopeLimits(
+        kind=kind,
+        name=name,
+        rpm=part(limits.rpm),
+        rpm_burst=part(limits.rpm_burst),
+        tpm=part(limits.tpm),
+        tpm_burst=part(limits.tpm_burst),
+        max_parallel=part(limits.max_parallel),
+        budget_micros=None if budget_usd is None else max(1, usd_to_micros(budget_usd) // divisor),
+    )
+
+
+@dataclass(slots=True)
+class Ticket:
+    """An admitted request: what it reserved and where, until it is settled."""
+
+    request_id: str
+    caller: Caller
+    decision: Decision
+    tokens: int
+    cost_micros: int
+    store: Store
+    key_scope: ScopeLimits
+    team_scope: ScopeLimits
+    degraded: bool = False  # admitted by the fallback store during an outage
+    settled: bool = field(default=False)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return rate_limit_headers(self.decision)
+
+
+class Limiter:
+    def __init__(self, config: Config, store: Store, *, fallback: Store | None = None):
+        self.config = config
+        self.store = store
+        self.fallback = fallback
+        self._zone = ZoneInfo(config.budget_timezone)
+        self._days: BudgetDay | None = None
+        self._outage_since: float | None = None
+        self.journal: deque[Settlement] = deque(maxlen=JOURNAL_CAPACITY)
+        self.journal_dropped = 0
+        self._flusher: asyncio.Task | None = None
+        self.lease_ttl_ms = config.store.lease_ttl_s * 1000
+        self.store_errors: dict[str, int] = {"admit": 0, "settle": 0}
+
+    # -- scopes -------------------------------------------------------------------------------
+    def scopes(self, caller: Caller, divisor: int = 1) -> tuple[ScopeLimits, ScopeLimits]:
+        key = scope_limits("key", caller.name, caller.key.limits, caller.key.daily_budget_usd, divisor)
+        team = scope_limits("team", caller.team, caller.team_config.limits, caller.team_config.daily_budget_usd, divisor)
+        return key, team
+
+    def days(self) -> BudgetDay:
+        days = self._days
+        if days is None or time.time() >= days.starts[2] - 3600:
+            days = self._days = candidate_days(self._zone)
+        return days
+
+    # -- admit --------------------------------------------------------------------------------
+    async def admit(self, request_id: str, caller: Caller, tokens: int, cost_micros: int) -> Ticket:
+        key, team = self.scopes(caller)
+        admission = Admission(request_id, team, key, tokens, cost_micros, self.days(), self.lease_ttl_ms)
+        store, degraded = self.store, False
+        try:
+            decision = await store.admit(admission)
+            self._recovered()
+        except StoreError as exc:
+            self.store_errors["admit"] += 1
+            self._outage(exc)
+            if self.config.store.on_redis_error == "deny" or self.fallback is None:
+                raise StoreUnavailable("The rate-limit store is unavailable; please retry shortly.",
+                                       headers={"retry-after": "1"}) from None
+            key, team = self.scopes(caller, self.config.store.replicas)
+            admission = replace(admission, key=key, team=team)
+            store, degraded = self.fallback, True
+            decision = await store.admit(admission)
+        if not decision.admitted:
+            raise self._refusal(decision, caller)
+        return Ticket(request_id, caller, decision, tokens, cost_micros, store, key, team, degraded)
+
+    def _refusal(self, decision: Decision, caller: Caller) -> Exception:
+        headers = rate_limit_headers(decision)
+        who = f"key '{caller.name}'" if decision.scope == "key" else f"team '{caller.team}'"
+        if decision.reason == "budget":
+            headers["x-should-retry"] = "false"
+            return BudgetExceeded(
+                f"Daily budget exceeded for {who}: spent {format_usd(decision.budget_spent_micros)} of "
+                f"{format_usd(decision.budget_limit_micros)} on {decision.day}; the budget resets in "
+                f"{openai_duration(decision.day_reset_s * 1000)}.",
+                headers=headers,
+            )
+        reason = decision.reason or "rpm"
+        limit_type = LIMIT_TYPES[reason]
+        if decision.never_fits:
+            headers["x-should-retry"] = "false"
+            return RateLimited(
+                f"Request too large for {who}: it needs more {LIMIT_NAMES[reason]} than the limit's capacity "
+                "allows, so it can never be admitted. Reduce the prompt or max_tokens.",
+                limit_type=limit_type, headers=headers,
+            )
+        headers.update(retry_headers(decision.retry_after_ms))
+        return RateLimited(
+            f"Rate limit reached for {who} on {LIMIT_NAMES[reason]}. Please try again in "
+            f"{openai_duration(decision.retry_after_ms)}.",
+            limit_type=limit_type, headers=headers,
+        )
+
+    # -- settle -------------------------------------------------------------------------------
+    async def settle(self, ticket: Ticket, model: str, usage: Usage, cost_micros: int,
+                     tags: tuple[tuple[str, str], ...] = (), succeeded: bool = True) -> None:
+        """Reconcile the ticket once; never raises for a store outage (the journal keeps it)."""
+        if ticket.settled:
+            return
+        ticket.settled = True
+        settlement = Settlement(ticket.request_id, ticket.team_scope, ticket.key_scope, model, ticket.decision.day,
+                                usage, cost_micros, tags, succeeded)
+        if ticket.degraded:
+            await ticket.store.settle(settlement)  # the fallback store never fails
+        try:
+            await self.store.settle(settlement)
+            self._recovered()
+        except StoreError as exc:
+            self.store_errors["settle"] += 1
+            self._outage(exc)
+            self._journal(settlement)
+
+    def _journal(self, settlement: Settlement) -> None:
+        if len(self.journal) == self.journal.maxlen:
+            self.journal_dropped += 1
+            log.error("spend journal full (%d entries): oldest settlement dropped", self.journal.maxlen)
+        self.journal.append(settlement)
+
+    async def flush_journal(self) -> int:
+        """Push journaled settlements to the store; returns how many were flushed."""
+        flushed = 0
+        while self.journal:
+            settlement = self.journal[0]
+            try:
+                await self.store.settle(settlement)
+            except StoreError:
+                return flushed
+            self.journal.popleft()
+            flushed += 1
+        if flushed:
+            log.warning("spend journal flushed: %d settlements", flushed)
+        return flushed
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            if self.journal:
+                await self.flush_journal()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except asyncio.CancelledError:
+                pass
+            self._flusher = None
+        await self.flush_journal()
+        if self.journal:
+            log.error("%d settlements could not be flushed at shutdown", len(self.journal))
+
+    def _outage(self, exc: Exception) -> None:
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.error("rate-limit store unavailable (%s); on_redis_error=%s", type(exc).__name__,
+                      self.config.store.on_redis_error)
+
+    def _recovered(self) -> None:
+        if self._outage_since is not None:
+            log.warning("rate-limit store recovered after %.1fs", time.monotonic() - self._outage_since)
+            self._outage_since = None
+
+
+def reserved_tokens(prompt_tokens: int, max_output: int) -> int:
+    return max(1, math.ceil(prompt_tokens + max_output))

@@ -1,0 +1,118 @@
+"""What happened to one request, and who gets told: the JSON request log (and metrics)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import orjson
+
+from .errors import (BodyTooLarge, BudgetExceeded, ContextLengthExceeded, InvalidApiKey, ModelNotAllowed,
+                     ModelNotFound, ProxyError, RateLimited)
+from .forwarding.relay import Attempts
+from .limits.types import Usage
+
+if TYPE_CHECKING:
+    from .auth import Caller
+    from .limits.limiter import Ticket
+
+RATE_LIMIT_REASONS = {"requests": "rpm", "tokens": "tpm", "parallel_requests": "parallel"}
+
+
+def rejection_reason(error: ProxyError) -> str | None:
+    if isinstance(error, RateLimited):
+        return RATE_LIMIT_REASONS.get(error.type, "rpm")
+    if isinstance(error, BudgetExceeded):
+        return "budget"
+    if isinstance(error, InvalidApiKey):
+        return "auth"
+    if isinstance(error, (ModelNotAllowed, ModelNotFound)):
+        return "model"
+    if isinstance(error, ContextLengthExceeded):
+        return "context"
+    if isinstance(error, BodyTooLarge):
+        return "body"
+    return None
+
+
+@dataclass(slots=True)
+class Outcome:
+    request_id: str
+    endpoint: str
+    started: float
+    caller: Caller | None = None
+    model: str = ""
+    stream: bool = False
+    tags: tuple[tuple[str, str], ...] = ()
+    ticket: Ticket | None = None
+    attempts: Attempts = field(default_factory=Attempts)
+    status: int = 0
+    error_code: str | None = None
+    rejection: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    cost_micros: int = 0
+    upstream_headers_at: float = 0.0
+    first_byte_at: float = 0.0
+    finished_upstream: float = 0.0
+    done: float = 0.0
+    stream_error: str | None = None
+    client_gone: bool = False
+
+    def fail(self, error: ProxyError) -> None:
+        self.status = error.status
+        self.error_code = error.code or error.type
+        self.rejection = rejection_reason(error)
+        if not self.done:
+            self.done = time.monotonic()
+
+
+class Observer(Protocol):
+    def finished(self, outcome: Outcome) -> None: ...
+
+
+class RequestLog:
+    """One JSON line per request on stdout: no secrets, no message content."""
+
+    def __init__(self, level: str = "info", stream=None):
+        self._stream = stream or sys.stdout
+        self.enabled = logging.getLevelName(level.upper()) <= logging.INFO
+
+    def finished(self, outcome: Outcome) -> None:
+        if not self.enabled:
+            return
+        caller = outcome.caller
+        line = {
+            "event": "request",
+            "request_id": outcome.request_id,
+            "endpoint": outcome.endpoint,
+            "team": caller.team if caller else None,
+            "key": caller.name if caller else None,
+            "model": outcome.model or None,
+            "upstream": outcome.attempts.upstream or None,
+            "status": outcome.status,
+            "stream": outcome.stream,
+            "prompt_tokens": outcome.usage.prompt_tokens,
+            "completion_tokens": outcome.usage.completion_tokens,
+            "cached_tokens": outcome.usage.cached_tokens,
+            "cost_usd": outcome.cost_micros / 1_000_000,
+            "duration_ms": round((outcome.done - outcome.started) * 1000, 2),
+            "ttft_ms": round((outcome.first_byte_at - outcome.started) * 1000, 2) if outcome.first_byte_at else None,
+            "retries": outcome.attempts.retries,
+            "rejection": outcome.rejection,
+            "error": outcome.error_code or outcome.stream_error,
+            "client_gone": outcome.client_gone or None,
+        }
+        self._stream.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode())
+        self._stream.flush()
+
+
+class Observers:
+    def __init__(self, *observers: Observer):
+        self.observers = observers
+
+    def finished(self, outcome: Outcome) -> None:
+        for observer in self.observers:
+            observer.finished(outcome)
