@@ -1,0 +1,405 @@
+"""One suite over every store: RedisStore on real Redis, MemoryStore, RedisStore on fakeredis.
+
+The stores run on a settable clock (`clock_us`), so no test sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import fakeredis
+import pytest
+from redis.crc import key_slot
+
+from proxy.limits.memory_store import MemoryStore
+from proxy.limits.redis_store import RedisStore
+from proxy.limits.types import (
+    Admission, BucketState, BudgetDay, ScopeLimits, Settlement, StoreError, Usage,
+)
+from tests.support.ports import free_port
+
+DAY_S = 86_400
+START = 19_675 * DAY_S  # 2023-11-14 00:00 UTC
+DAYS = BudgetDay(("2023-11-14", "2023-11-15", "2023-11-16"), (START, START + DAY_S, START + 2 * DAY_S, START + 3 * DAY_S))
+T0_US = (START + DAY_S + 3600) * 1_000_000  # 2023-11-15 01:00
+
+
+class Clock:
+    def __init__(self, us: int = T0_US) -> None:
+        self.us = us
+
+    def __call__(self) -> int:
+        return self.us
+
+    def advance(self, ms: int) -> None:
+        self.us += ms * 1000
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(params=["redis", "memory", "fakeredis"])
+async def store(request, clock):
+    if request.param == "redis":
+        store = RedisStore.from_url(request.getfixturevalue("redis_url"), timeout_ms=2000, clock_us=clock)
+    elif request.param == "memory":
+        store = MemoryStore(clock_us=clock)
+    else:
+        client = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer(), lua_modules=set())
+        store = RedisStore(client, clock_us=clock)
+    yield store
+    await store.close()
+
+
+redis_only = pytest.mark.parametrize("store", ["redis", "fakeredis"], indirect=True)
+real_and_memory = pytest.mark.parametrize("store", ["redis", "memory"], indirect=True)
+
+_ids = itertools.count()
+
+
+def key(name: str = "ci-bot", **limits) -> ScopeLimits:
+    return ScopeLimits("key", name, **limits)
+
+
+def team(name: str = "platform", **limits) -> ScopeLimits:
+    return ScopeLimits("team", name, **limits)
+
+
+def admission(k: ScopeLimits, t: ScopeLimits, tokens: int = 0, cost: int = 0, **kw) -> Admission:
+    return Admission(kw.pop("request_id", f"req-{next(_ids)}"), t, k, tokens, cost, DAYS, **kw)
+
+
+def settlement(a: Admission, prompt: int = 0, completion: int = 0, cost: int = 0, **kw) -> Settlement:
+    kw.setdefault("day", "2023-11-15")
+    kw.setdefault("model", "gpt-4o")
+    return Settlement(a.request_id, a.team, a.key, usage=Usage(prompt, completion, kw.pop("cached", 0)),
+                      cost_micros=cost, **kw)
+
+
+# -- request buckets ---------------------------------------------------------------------------
+
+# (advance ms, admitted, retry_after_ms, remaining): rpm 60 (one a second), burst 3
+BURST_STEPS = [
+    (0, True, 0, 2),
+    (0, True, 0, 1),
+    (0, True, 0, 0),
+    (0, False, 1000, 0),
+    (999, False, 1, 0),
+    (1, True, 0, 0),
+    (0, False, 1000, 0),
+    (2500, True, 0, 1),
+    (0, True, 0, 0),
+    (0, False, 500, 0),
+]
+
+
+async def test_burst_then_refusal_with_exact_retry(store, clock):
+    k, t = key(rpm=60, rpm_burst=3), team()
+    for step, (advance, admitted, retry, remaining) in enumerate(BURST_STEPS):
+        clock.advance(advance)
+        d = await store.admit(admission(k, t))
+        assert (d.admitted, d.retry_after_ms, d.requests.remaining) == (admitted, retry, remaining), step
+        assert d.requests.limit == 3
+        if not admitted:
+            assert (d.reason, d.scope, d.never_fits) == ("rpm", "key", False)
+
+
+async def test_continuous_refill(store, clock):
+    k, t = key(rpm=6), team()  # one request every 10 s, capacity 6
+    for _ in range(6):
+        assert (await store.admit(admission(k, t))).admitted
+    d = await store.admit(admission(k, t))
+    assert (d.admitted, d.retry_after_ms, d.requests) == (False, 10_000, BucketState(6, 0, 60_000))
+    clock.advance(35_000)  # 3.5 requests back
+    results = [(await store.admit(admission(k, t))) for _ in range(4)]
+    assert [d.admitted for d in results] == [True, True, True, False]
+    assert results[2].requests == BucketState(6, 0, 55_000)
+    assert results[3].retry_after_ms == 5_000
+
+
+async def test_key_and_team_both_apply(store):
+    t = team(rpm=3)
+    a, b = key("a", rpm=10), key("b", rpm=10)
+    assert [(await store.admit(admission(k, t))).admitted for k in (a, a, b)] == [True] * 3
+    for k in (a, b):
+        d = await store.admit(admission(k, t))
+        assert (d.admitted, d.reason, d.scope, d.retry_after_ms) == (False, "rpm", "team", 20_000)
+        assert d.requests == BucketState(3, 0, 60_000)  # the tightest: the team's
+    d = await store.admit(admission(key("c", rpm=1), team("other", rpm=3)))
+    assert d.admitted and d.requests == BucketState(1, 0, 60_000)  # the key is tighter here
+
+
+async def test_nothing_consumed_on_refusal(store):
+    k, t = key(rpm=10, tpm=1000), team(max_parallel=1, budget_micros=1000)
+    first = admission(k, t, tokens=100, cost=100)
+    assert (await store.admit(first)).admitted
+    d = await store.admit(admission(k, t, tokens=300, cost=300))
+    assert (d.admitted, d.reason, d.scope, d.retry_after_ms) == (False, "parallel", "team", 1000)
+    d = await store.admit(admission(k, t, tokens=300, cost=950))
+    assert (d.admitted, d.reason, d.scope) == (False, "budget", "team")
+    assert await store.settle(settlement(first, prompt=60, completion=40, cost=100))
+    d = await store.admit(admission(k, t, tokens=100, cost=100))
+    assert d.admitted
+    assert d.requests == BucketState(10, 8, 12_000)
+    assert d.tokens == BucketState(1000, 800, 12_000)
+    assert (d.budget_spent_micros, d.budget_limit_micros) == (200, 1000)
+
+
+# -- token buckets -----------------------------------------------------------------------------
+
+async def test_settle_returns_unused_tokens(store):
+    k, t = key(tpm=1000), team(tpm=5000)
+    a = admission(k, t, tokens=600)
+    d = await store.admit(a)
+    assert d.tokens == BucketState(1000, 400, 36_000)
+    assert await store.settle(settlement(a, prompt=100, completion=50))
+    d = await store.admit(admission(k, t, tokens=850))
+    assert d.admitted and d.tokens == BucketState(1000, 0, 60_000)  # 1000 - 150 - 850
+    d = await store.admit(admission(k, t, tokens=1))
+    assert (d.admitted, d.reason, d.scope, d.retry_after_ms) == (False, "tpm", "key", 60)
+
+
+async def test_debt_when_actual_exceeds_reserved(store, clock):
+    k, t = key(tpm=600), team()  # 10 tokens a second
+    a = admission(k, t, tokens=100)
+    assert (await store.admit(a)).admitted
+    assert await store.settle(settlement(a, prompt=300, completion=600))  # 800 more than reserved
+    d = await store.admit(admission(k, t, tokens=100))  # level -300: 400 tokens short
+    assert (d.admitted, d.reason, d.retry_after_ms) == (False, "tpm", 40_000)
+    assert d.tokens == BucketState(600, 0, 90_000)
+    clock.advance(39_999)
+    assert (await store.admit(admission(k, t, tokens=100))).retry_after_ms == 1
+    clock.advance(1)
+    d = await store.admit(admission(k, t, tokens=100))
+    assert d.admitted and d.tokens == BucketState(600, 0, 60_000)
+
+
+async def test_never_fits(store):
+    d = await store.admit(admission(key(tpm=1000), team(tpm=10_000), tokens=1001))
+    assert (d.admitted, d.reason, d.scope, d.never_fits, d.retry_after_ms) == (False, "tpm", "key", True, 0)
+    d = await store.admit(admission(key(tpm=1000, tpm_burst=5000), team(tpm=2000), tokens=3000))
+    assert (d.admitted, d.reason, d.scope, d.never_fits) == (False, "tpm", "team", True)
+    d = await store.admit(admission(key(tpm=1000, tpm_burst=5000), team(tpm=2000), tokens=2000))
+    assert d.admitted and d.tokens == BucketState(2000, 0, 60_000)
+
+
+# -- parallel caps -----------------------------------------------------------------------------
+
+async def test_parallel_cap_released_by_settle_and_lease_expiry(store, clock):
+    k, t = key(max_parallel=2), team()
+    r1, r2 = admission(k, t, lease_ttl_ms=5000), admission(k, t, lease_ttl_ms=5000)
+    assert (await store.admit(r1)).admitted and (await store.admit(r2)).admitted
+    d = await store.admit(admission(k, t))
+    assert (d.admitted, d.reason, d.scope, d.retry_after_ms) == (False, "parallel", "key", 1000)
+    assert await store.settle(settlement(r1))
+    assert (await store.admit(admission(k, t, lease_ttl_ms=5000))).admitted
+    assert not (await store.admit(admission(k, t))).admitted
+    clock.advance(4999)
+    assert not (await store.admit(admission(k, t))).admitted
+    clock.advance(1)  # r2 and r3 died with their replica: their leases end
+    assert (await store.admit(admission(k, t))).admitted
+    assert (await store.admit(admission(k, t))).admitted
+    assert not (await store.admit(admission(k, t))).admitted
+
+
+# -- budgets -----------------------------------------------------------------------------------
+
+async def test_budget_reservation_refusal_and_real_cost(store, clock):
+    k, t = key(budget_micros=1000), team(budget_micros=10_000)
+    first = admission(k, t, cost=600)
+    d = await store.admit(first)
+    assert (d.admitted, d.budget_spent_micros, d.budget_limit_micros) == (True, 600, 1000)
+    assert (d.day, d.day_reset_s) == ("2023-11-15", 23 * 3600)
+    d = await store.admit(admission(k, t, cost=500))
+    assert (d.admitted, d.reason, d.scope, d.never_fits) == (False, "budget", "key", False)
+    assert d.retry_after_ms == 23 * 3600 * 1000  # the day's end
+    assert (d.budget_spent_micros, d.budget_limit_micros) == (600, 1000)
+    assert await store.settle(settlement(first, cost=200))
+    assert await store.budget_spent("2023-11-15", {"platform": ["ci-bot"]}) == {
+        ("team", "platform"): 200, ("key", "ci-bot"): 200}
+    d = await store.admit(admission(k, t, cost=500))
+    assert (d.admitted, d.budget_spent_micros) == (True, 700)
+    d = await store.admit(admission(k, t, cost=1001))
+    assert (d.admitted, d.reason, d.never_fits) == (False, "budget", True)
+    # a reservation held by a dead replica ends with its lease
+    d = await store.admit(admission(k, t, cost=300, lease_ttl_ms=1000))
+    assert (d.admitted, d.budget_spent_micros) == (True, 1000)
+    assert not (await store.admit(admission(k, t, cost=1))).admitted
+    clock.advance(1000)
+    d = await store.admit(admission(k, t, cost=1))
+    assert (d.admitted, d.budget_spent_micros) == (True, 701)
+
+
+async def test_budget_day_rollover(store, clock):
+    clock.us = (START + 2 * DAY_S - 1) * 1_000_000  # 2023-11-15 23:59:59
+    k, t = key(budget_micros=1000), team()
+    first = admission(k, t, cost=1000)
+    d = await store.admit(first)
+    assert (d.admitted, d.day, d.day_reset_s) == (True, "2023-11-15", 1)
+    d = await store.admit(admission(k, t, cost=1))
+    assert (d.admitted, d.reason, d.retry_after_ms) == (False, "budget", 1000)
+    clock.advance(1000)
+    d = await store.admit(admission(k, t, cost=1))
+    assert (d.admitted, d.day, d.day_reset_s, d.budget_spent_micros) == (True, "2023-11-16", DAY_S, 1)
+    assert await store.settle(settlement(first, cost=900, day="2023-11-15"))
+    assert await store.budget_spent("2023-11-15", {"platform": ["ci-bot"]}) == {
+        ("team", "platform"): 900, ("key", "ci-bot"): 900}
+    assert await store.budget_spent("2023-11-16", {"platform": ["ci-bot"]}) == {
+        ("team", "platform"): 0, ("key", "ci-bot"): 0}
+
+
+# -- settlement --------------------------------------------------------------------------------
+
+async def test_settle_is_idempotent(store):
+    k, t = key(tpm=1000), team()
+    a = admission(k, t, tokens=500, cost=50)
+    assert (await store.admit(a)).admitted
+    assert await store.settle(settlement(a, prompt=100, cost=40))
+    before = await store.usage("2023-11-15", ["platform"])
+    assert not await store.settle(settlement(a, prompt=100, cost=40))
+    assert await store.usage("2023-11-15", ["platform"]) == before
+    d = await store.admit(admission(k, t, tokens=0))
+    assert d.tokens == BucketState(1000, 900, 6000)  # refunded once
+
+
+async def test_late_settle_after_reservation_expired(store, clock):
+    k, t = key(tpm=1000, max_parallel=1), team(budget_micros=1000)
+    a = admission(k, t, tokens=500, cost=500, lease_ttl_ms=1000)
+    assert (await store.admit(a)).admitted
+    clock.advance(2000)
+    assert await store.settle(settlement(a, prompt=10, completion=5, cost=123))
+    team_usage = (await store.usage("2023-11-15", ["platform"]))["teams"]["platform"]
+    assert (team_usage["spend_micros"], team_usage["requests"], team_usage["prompt_tokens"]) == (123, 1, 10)
+    assert await store.budget_spent("2023-11-15", {"platform": ["ci-bot"]}) == {
+        ("team", "platform"): 123, ("key", "ci-bot"): 123}
+    d = await store.admit(admission(k, t, tokens=0, cost=0))
+    assert d.admitted and d.tokens == BucketState(1000, 533, 28_000)  # 500 + 2 s of refill, no refund
+    assert d.budget_spent_micros == 123
+
+
+async def test_ledger(store):
+    t = team()
+    a, b = key("a"), key("b")
+    for k, model, tags, prompt, completion, cached, cost in [
+        (a, "gpt-4o", (("role", "x"), ("env", "ci")), 100, 20, 10, 1500),
+        (a, "gpt-4o", (("role", "x"),), 50, 5, 0, 700),
+        (a, "mini", (), 10, 1, 0, 3),
+        (b, "mini", (("role", "y"),), 7, 2, 1, 4),
+    ]:
+        adm = admission(k, t, tokens=500, cost=5000)
+        assert (await store.admit(adm)).admitted
+        assert await store.settle(settlement(adm, prompt, completion, cost, model=model, tags=tags, cached=cached))
+    failed = admission(b, t)
+    assert (await store.admit(failed)).admitted
+    assert await store.settle(settlement(failed, model="mini", succeeded=False))
+
+    def m(spend, requests, prompt, completion, cached):
+        return dict(spend_micros=spend, requests=requests, prompt_tokens=prompt,
+                    completion_tokens=completion, cached_tokens=cached)
+
+    assert await store.usage("2023-11-15", ["platform", "nobody"]) == {
+        "date": "2023-11-15",
+        "teams": {
+            "platform": {
+                **m(2207, 5, 167, 28, 11),
+                "keys": {
+                    "a": {**m(2203, 3, 160, 26, 10),
+                          "models": {"gpt-4o": m(2200, 2, 150, 25, 10), "mini": m(3, 1, 10, 1, 0)}},
+                    "b": {**m(4, 2, 7, 2, 1), "models": {"mini": m(4, 2, 7, 2, 1)}},
+                },
+                "tags": {"role=x": m(2200, 2, 150, 25, 10), "env=ci": m(1500, 1, 100, 20, 10),
+                         "role=y": m(4, 1, 7, 2, 1)},
+            },
+            "nobody": {**m(0, 0, 0, 0, 0), "keys": {}, "tags": {}},
+        },
+    }
+    assert (await store.usage("2023-11-16", ["platform"]))["teams"]["platform"]["requests"] == 0
+
+
+# -- Redis keys --------------------------------------------------------------------------------
+
+async def _ttls(store) -> dict[str, int]:
+    if isinstance(store, MemoryStore):
+        now_ms = store.clock_us() // 1000
+        return {name: store.keys.pttl(name, now_ms) for name in list(store.keys._values)}
+    return {name.decode(): await store.client.pttl(name) async for name in store.client.scan_iter(count=100)}
+
+
+async def test_every_key_expires_and_shares_the_team_hash_tag(store, clock):
+    t = team(rpm=100, tpm=10_000, max_parallel=10, budget_micros=10**9)
+    for name in ("a", "b"):
+        k = key(name, rpm=100, tpm=10_000, max_parallel=10, budget_micros=10**9)
+        settled, open_ = admission(k, t, tokens=100, cost=10), admission(k, t, tokens=100, cost=10)
+        assert (await store.admit(settled)).admitted and (await store.admit(open_)).admitted
+        assert await store.settle(settlement(settled, 300, 10, 5, tags=(("role", "x"),)))
+    late = admission(key("c"), team("other"))  # settled without its admission: created by settle
+    assert await store.settle(settlement(late, 1, 1, 1, day="2023-11-14"))
+    ttls = await _ttls(store)
+    assert len(ttls) >= 12
+    assert all(ttl > 0 for ttl in ttls.values()), ttls
+    platform = [name for name in ttls if "{platform}" in name]
+    assert {key_slot(name.encode()) for name in platform} == {key_slot(b"{platform}")}
+    assert all(name.startswith(("llmrl:{platform}:", "llmrl:{other}:")) for name in ttls)
+
+
+async def test_ledger_lives_for_the_retention(store):
+    a = admission(key(), team())
+    assert await store.settle(settlement(a, cost=1))
+    ttls = await _ttls(store)
+    ledger = ttls["llmrl:{platform}:ledger:2023-11-15"]
+    assert 35 * 86_400_000 - 5000 < ledger <= 35 * 86_400_000
+
+
+# -- atomicity, scripts, outages ---------------------------------------------------------------
+
+@real_and_memory
+async def test_concurrent_admits_are_atomic(store):
+    k, t = key(rpm=1, rpm_burst=37), team(rpm=1000)
+    decisions = await asyncio.gather(*(store.admit(admission(k, t)) for _ in range(100)))
+    assert sum(d.admitted for d in decisions) == 37
+
+
+@redis_only
+async def test_script_reloaded_after_flush(store):
+    assert (await store.admit(admission(key(rpm=10), team()))).admitted
+    await store.client.script_flush()
+    assert (await store.admit(admission(key(rpm=10), team()))).admitted
+    a = admission(key(), team())
+    await store.client.script_flush()
+    assert await store.settle(settlement(a))
+
+
+async def test_unreachable_redis_raises_store_error():
+    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_ms=200)
+    try:
+        with pytest.raises(StoreError):
+            await store.admit(admission(key(rpm=1), team()))
+        with pytest.raises(StoreError):
+            await store.settle(settlement(admission(key(), team())))
+        with pytest.raises(StoreError):
+            await store.ping()
+        with pytest.raises(StoreError):
+            await store.usage("2023-11-15", ["platform"])
+    finally:
+        await store.close()
+
+
+async def test_redis_outage_raises_store_error_then_recovers(redis_server, redis_url):
+    store = RedisStore.from_url(redis_url, timeout_ms=500)
+    try:
+        assert (await store.admit(admission(key(rpm=10), team()))).admitted
+        redis_server.kill()
+        try:
+            with pytest.raises(StoreError):
+                await store.admit(admission(key(rpm=10), team()))
+            with pytest.raises(StoreError):
+                await store.budget_spent("2023-11-15", {"platform": []})
+        finally:
+            redis_server.start()
+        await store.ping()
+        assert (await store.admit(admission(key(rpm=10), team()))).admitted
+    finally:
+        await store.close()
