@@ -1,0 +1,104 @@
+"""The CLI as a user runs it: subprocesses, exit codes, and what they print."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from proxy.cli import main
+from tests.support.ports import free_port
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).parent.parent
+
+
+def run_cli(*args, stdin: str | None = None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], input=stdin, capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("fixture, expected", [
+    ("rpm_zero.yaml", ["teams.platform.limits.rpm: must be > 0"]),
+    ("many.yaml", ["listen.port: must be <= 65535", "upstreams.mock.base_url: must start with http:// or https://",
+                   "upstreams.mock.timeout: unknown field", "models.m.price_per_mtok.input: must be >= 0",
+                   "teams.platform.daily_budget_usd: must be > 0",
+                   "keys.bot: exactly one of key_sha256, key_env or key is required"]),
+    ("refs.yaml", ["models.m.targets.0.upstream: unknown upstream 'ghost'", "keys.bot.team: unknown team 'nobody'",
+                   "keys.bot.models: unknown model 'unknown'"]),
+])
+def test_check_config_reports_each_bad_field(fixture, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check-config", str(FIXTURES / "bad" / fixture)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    for line in expected:
+        assert line in err, err
+
+
+def test_check_config_summary(tmp_path, capsys):
+    config = tmp_path / "ok.yaml"
+    config.write_text(
+        "upstreams:\n  ds: {base_url: 'https://api.deepseek.com/v1', api_key_env: DS_KEY}  # ${NOT_SET} in a comment\n"
+        "models:\n  deepseek-chat: {targets: [{upstream: ds, model: deepseek-chat}]}\n"
+        "teams:\n  platform: {daily_budget_usd: 100, limits: {rpm: 600, tpm: 1000000, max_parallel: 20}}\n"
+        "keys:\n  ci-bot: {team: platform, key_env: CI_BOT_KEY, limits: {rpm: '${RPM:-60}'}}\n")
+    assert main(["check-config", str(config)]) == 0
+    out = capsys.readouterr().out
+    for fragment in ("ds: https://api.deepseek.com/v1", "deepseek-chat: ds/deepseek-chat", "platform: rpm 600",
+                     "ci-bot (team platform): rpm 60"):
+        assert fragment in out, out
+
+
+def test_missing_env_var_is_reported(tmp_path, capsys):
+    config = tmp_path / "env.yaml"
+    config.write_text("upstreams:\n  u: {base_url: '${LLM_PROXY_TEST_UNSET_URL}'}\n"
+                      "models:\n  m: {targets: [{upstream: u, model: m}]}\n")
+    with pytest.raises(SystemExit):
+        main(["check-config", str(config)])
+    assert "${LLM_PROXY_TEST_UNSET_URL}: environment variable is not set" in capsys.readouterr().err
+
+
+def test_new_key_and_hash_key():
+    created = run_cli("new-key")
+    assert created.returncode == 0
+    key, config_line = created.stdout.splitlines()[:2]
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    assert digest in config_line and config_line.startswith("key_sha256:")
+    hashed = run_cli("hash-key", stdin=key + "\n")
+    assert hashed.returncode == 0 and hashed.stdout.strip() == digest
+    assert run_cli("hash-key", stdin="").returncode == 1
+
+
+def test_demo_answers_a_real_sdk_call():
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "proxy", "demo", "--port", str(port)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}/v1"
+        sdk = openai.OpenAI(base_url=base, api_key="sk-proxy-demo", max_retries=0, timeout=5)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                reply = sdk.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "Hi"}])
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline and process.poll() is None, "demo did not start"
+                time.sleep(0.2)
+        assert reply.choices[0].message.content
+        stream = sdk.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "Hi"}],
+                                             stream=True)
+        assert sum(1 for _ in stream) > 1
+        sdk.close()
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=15)
+    assert f"curl -s {base}/chat/completions" in output
+    assert 'OpenAI(base_url="' + base in output
