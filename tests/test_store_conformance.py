@@ -372,8 +372,9 @@ async def test_script_reloaded_after_flush(store):
     assert await store.settle(settlement(a))
 
 
-async def test_unreachable_redis_raises_store_error():
-    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_ms=200)
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+async def test_unreachable_redis_raises_store_error(scheme):
+    store = RedisStore.from_url(f"{scheme}://127.0.0.1:{free_port()}/0", timeout_ms=200)
     try:
         with pytest.raises(StoreError):
             await store.admit(admission(key(rpm=1), team()))
@@ -383,6 +384,8 @@ async def test_unreachable_redis_raises_store_error():
             await store.ping()
         with pytest.raises(StoreError):
             await store.usage("2023-11-15", ["platform"])
+        with pytest.raises(StoreError):
+            await store.budget_spent("2023-11-15", {"platform": ["ci-bot"]})
     finally:
         await store.close()
 

@@ -14,7 +14,7 @@ from importlib import resources
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from .layout import DEFAULT_PREFIX, Layout, admit_args, decode_decision, settle_args
 from .ledger import usage_report
@@ -22,6 +22,8 @@ from .types import Admission, Decision, ScopeKind, ScopeLimits, Settlement, Stor
 
 DEFAULT_TIMEOUT_MS = 250
 DEFAULT_RETENTION_DAYS = 35
+# what the driver raises when Redis cannot answer (RedisClusterException is no RedisError)
+DRIVER_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 
 def _script(name: str) -> str:
@@ -98,7 +100,7 @@ class RedisStore:
         args = admit_args(admission, self._now_us())
         try:
             reply = await self._admit(self.client, keys, args)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except DRIVER_ERRORS as exc:
             raise StoreError(f"admit failed: {exc!r}") from exc
         return decode_decision(reply)
 
@@ -107,15 +109,12 @@ class RedisStore:
         args = settle_args(settlement, self._now_us(), self.retention_days * 86_400)
         try:
             return bool(await self._settle(self.client, keys, args))
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except DRIVER_ERRORS as exc:
             raise StoreError(f"settle failed: {exc!r}") from exc
 
     async def usage(self, day: str, teams: list[str]) -> dict:
         """The day's ledger of `teams` (see `proxy.limits.ledger` for the shape)."""
-        try:
-            hashes = [await self.client.hgetall(self.layout.ledger(t, day)) for t in teams]
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            raise StoreError(f"usage failed: {exc!r}") from exc
+        hashes = await self._read("usage", [("hgetall", self.layout.ledger(t, day)) for t in teams])
         ledgers = {t: {_text(f): int(v) for f, v in h.items()} for t, h in zip(teams, hashes)}
         return usage_report(day, ledgers)
 
@@ -128,20 +127,30 @@ class RedisStore:
         for team, keys in teams_and_keys.items():
             scopes.append((team, ScopeLimits("team", team)))
             scopes += [(team, ScopeLimits("key", key)) for key in keys]
-        try:
-            values = [await self.client.hget(self.layout.budget(t, s, day), "spent") for t, s in scopes]
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            raise StoreError(f"budget_spent failed: {exc!r}") from exc
+        values = await self._read("budget_spent",
+                                  [("hget", self.layout.budget(t, s, day), "spent") for t, s in scopes])
         return {(s.kind, s.name): int(v or 0) for (_, s), v in zip(scopes, values)}
+
+    async def _read(self, op: str, commands: list[tuple]) -> list:
+        """Several reads in one non-transactional pipeline (split by slot on a cluster)."""
+        if not commands:
+            return []
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for name, *args in commands:
+                    getattr(pipe, name)(*args)
+                return await pipe.execute()
+        except DRIVER_ERRORS as exc:
+            raise StoreError(f"{op} failed: {exc!r}") from exc
 
     async def ping(self) -> None:
         try:
             await self.client.ping()
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except DRIVER_ERRORS as exc:
             raise StoreError(f"ping failed: {exc!r}") from exc
 
     async def close(self) -> None:
         try:
             await self.client.aclose()
-        except (RedisError, OSError) as exc:
+        except DRIVER_ERRORS as exc:
             raise StoreError(f"close failed: {exc!r}") from exc

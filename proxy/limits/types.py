@@ -127,6 +127,9 @@ class Store(Protocol):
     async def usage(self, day: str, teams: list[str]) -> dict:
         """The day's ledger: see `proxy.limits.ledger` for its shape."""
 
+    async def budget_spent(self, day: str, teams_and_keys: dict[str, list[str]]) -> dict:
+        """Settled spend in micros on `day`, {(kind, name): micros}, for {team: [keys]}."""
+
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
