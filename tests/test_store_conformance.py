@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 
 import fakeredis
 import pytest
@@ -15,7 +16,7 @@ from redis.crc import key_slot
 from proxy.limits.memory_store import MemoryStore
 from proxy.limits.redis_store import RedisStore
 from proxy.limits.types import (
-    Admission, BucketState, BudgetDay, ScopeLimits, Settlement, StoreError, Usage,
+    Admission, BucketState, BudgetDay, Decision, ScopeLimits, Settlement, StoreError, Usage,
 )
 from tests.support.ports import free_port
 
@@ -406,3 +407,41 @@ async def test_redis_outage_raises_store_error_then_recovers(redis_server, redis
         assert (await store.admit(admission(key(rpm=10), team()))).admitted
     finally:
         await store.close()
+
+
+async def test_stores_agree_on_a_random_workload(redis_url):
+    """The same random admits, settles and clock steps give the same replies and ledger everywhere."""
+    clock = Clock()
+    fake = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer(), lua_modules=set())
+    stores = [RedisStore.from_url(redis_url, timeout_ms=2000, clock_us=clock), MemoryStore(clock_us=clock),
+              RedisStore(fake, clock_us=clock)]
+    rng = random.Random(7)
+    t = team(rpm=40, rpm_burst=50, tpm=20_000, max_parallel=6, budget_micros=400_000)
+    keys = [key("a", rpm=20, tpm=9_000, tpm_burst=12_000, max_parallel=3, budget_micros=250_000),
+            key("b", rpm=12, rpm_burst=3)]
+    open_, history = [], []
+    try:
+        for _ in range(300):
+            roll = rng.random()
+            if roll < 0.5:
+                a = admission(rng.choice(keys), t, tokens=rng.randrange(0, 4000), cost=rng.randrange(0, 30_000),
+                              lease_ttl_ms=rng.choice([2_000, 60_000]))
+                decisions = [await s.admit(a) for s in stores]
+                if decisions[0].admitted:
+                    open_.append(a)
+            elif roll < 0.8 and open_:
+                a = open_.pop(rng.randrange(len(open_)))
+                st = settlement(a, rng.randrange(0, 3000), rng.randrange(0, 2000), rng.randrange(0, 30_000),
+                                tags=(("role", rng.choice("xy")),))
+                decisions = [await s.settle(st) for s in stores]
+            else:
+                clock.advance(rng.randrange(0, 5000))
+                continue
+            assert decisions[1:] == decisions[:-1], decisions
+            history.append(decisions[0])
+        reports = [await s.usage("2023-11-15", ["platform"]) for s in stores]
+        assert reports[1:] == reports[:-1]
+        assert {d.reason for d in history if isinstance(d, Decision)} == {None, "rpm", "tpm", "parallel", "budget"}
+    finally:
+        for s in stores:
+            await s.close()
