@@ -6,9 +6,12 @@ request here); FastAPI serves the admin and ops API, with validation and OpenAPI
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import signal
+import threading
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +29,7 @@ from .limits.limiter import Limiter
 from .limits.memory_store import MemoryStore
 from .limits.types import Store
 from .observe import Observer, Observers, RequestLog
+from .reload import Reloader
 
 log = logging.getLogger("proxy")
 
@@ -40,24 +44,28 @@ def build_store(config: Config) -> Store:
 
 
 def create_app(config: Config, *, store: Store | None = None, observer: Observer | None = None,
-               environ: dict[str, str] | None = None) -> FastAPI:
+               environ: dict[str, str] | None = None, config_path: str | None = None) -> FastAPI:
     store = store if store is not None else build_store(config)
     fallback = MemoryStore(retention_days=config.spend_retention_days)
     limiter = Limiter(config, store, fallback=fallback)
     upstreams = {name: UpstreamClient(name, upstream) for name, upstream in config.upstreams.items()}
     observers = Observers(RequestLog(config.log_level), *([observer] if observer else []))
     gateway = Gateway(config, KeyRing(config, environ), upstreams, limiter, observers)
+    reloader = Reloader(gateway, config_path, environ)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         for client in upstreams.values():
             await client.start()
         limiter.start()
+        hangup = _on_sighup(reloader)
         try:
             yield
         finally:
+            hangup()
+            await reloader.close()
             await limiter.close()
-            for client in upstreams.values():
+            for client in gateway.upstreams.values():
                 await client.close()
             await store.close()
 
@@ -66,6 +74,7 @@ def create_app(config: Config, *, store: Store | None = None, observer: Observer
     app.state.gateway = gateway
     app.state.limiter = limiter
     app.state.store = store
+    app.state.reloader = reloader
 
     for path, endpoint in (("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
                            ("/v1/embeddings", "embeddings")):
@@ -74,6 +83,18 @@ def create_app(config: Config, *, store: Store | None = None, observer: Observer
     app.include_router(ops_api.router(gateway, store))
     _install_error_handlers(app)
     return app
+
+
+def _on_sighup(reloader: Reloader):
+    """Reload on SIGHUP when serving from the main thread; returns the undo."""
+    if threading.current_thread() is not threading.main_thread() or reloader.path is None:
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reloader.reload()))
+    except (NotImplementedError, RuntimeError):
+        return lambda: None
+    return lambda: loop.remove_signal_handler(signal.SIGHUP)
 
 
 def _call_route(gateway: Gateway, endpoint: str):
@@ -120,5 +141,5 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def app_from_env() -> FastAPI:
     """The uvicorn factory for `llm-proxy serve` (each worker builds its own app)."""
-    config = load_config(os.environ["LLM_PROXY_CONFIG"])
-    return create_app(config)
+    path = os.environ["LLM_PROXY_CONFIG"]
+    return create_app(load_config(path), config_path=path)

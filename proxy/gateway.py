@@ -64,6 +64,11 @@ class Gateway:
         self.limiter = limiter
         self.observer = observer
 
+    def apply(self, config: Config, keyring: KeyRing, upstreams: dict[str, UpstreamClient]) -> None:
+        """Swap in a reloaded config: the next request sees all of it."""
+        self.config, self.keyring, self.upstreams = config, keyring, upstreams
+        self.limiter.config = config
+
     # -- entry points -------------------------------------------------------------------------
     async def handle(self, request: Request, endpoint: str) -> Response | SSEResponse:
         started = time.monotonic()

@@ -1,0 +1,74 @@
+"""Config reload without a restart (`SIGHUP`): keys, limits, budgets, models and upstreams.
+
+A file that does not load is refused with its problems logged, and the running config stays.
+Store settings (`store.*`) need a restart. Under `--workers N`, uvicorn's supervisor handles
+SIGHUP by a rolling restart that keeps an old worker whenever its replacement cannot start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .auth import KeyRing
+from .config import Config, ConfigError, load_config
+from .forwarding.upstream import UpstreamClient
+from .gateway import Gateway
+
+log = logging.getLogger("proxy.reload")
+RETIRE_AFTER_S = 120.0  # in-flight requests on a replaced upstream client finish first
+
+
+class Reloader:
+    def __init__(self, gateway: Gateway, path: str | None, environ: dict[str, str] | None = None):
+        self.gateway = gateway
+        self.path = path
+        self.environ = environ
+        self._retiring: set[asyncio.Task] = set()
+
+    async def reload(self) -> bool:
+        if self.path is None:
+            log.warning("reload asked, but the app was not started from a config file")
+            return False
+        try:
+            config = load_config(self.path, self.environ)
+        except ConfigError as exc:
+            log.error("config reload refused, keeping the running config: %s", "; ".join(exc.problems))
+            return False
+        await self.apply(config)
+        return True
+
+    async def apply(self, config: Config) -> None:
+        gateway = self.gateway
+        if config.store != gateway.config.store:
+            log.warning("store settings changed: they take effect at the next restart")
+            config = config.model_copy(update={"store": gateway.config.store})
+        upstreams = dict(gateway.upstreams)
+        retired = []
+        for name, upstream in config.upstreams.items():
+            current = upstreams.get(name)
+            if current is not None and current.config == upstream:
+                continue
+            client = UpstreamClient(name, upstream)
+            await client.start()
+            upstreams[name] = client
+            if current is not None:
+                retired.append(current)
+        retired += [client for name, client in upstreams.items() if name not in config.upstreams]
+        upstreams = {name: client for name, client in upstreams.items() if name in config.upstreams}
+        gateway.apply(config, KeyRing(config, self.environ), upstreams)
+        for client in retired:
+            task = asyncio.get_running_loop().create_task(self._retire(client))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        log.warning("config reloaded: %d upstreams, %d models, %d teams, %d keys", len(config.upstreams),
+                    len(config.models), len(config.teams), len(config.keys))
+
+    @staticmethod
+    async def _retire(client: UpstreamClient) -> None:
+        await asyncio.sleep(RETIRE_AFTER_S)
+        await client.close()
+
+    async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
