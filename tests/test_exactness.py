@@ -1,0 +1,305 @@
+"""The exactness contract across replicas: three real `llm-proxy serve` processes on one real Redis,
+hammered by many concurrent clients.
+
+Over any run of length T starting from full buckets, across all replicas together:
+admitted requests <= rpm_burst + rpm*T/60, tokens charged <= tpm_burst + tpm*T/60, and never more
+than max_parallel requests in flight. T is measured by the client from just before the first
+request is sent to just after the last response arrives, which contains the servers' window, so
+the bounds are asserted with no slack. A lower bound (80% of the allowance) proves the limiter
+does not pass by refusing everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from tests.support.configs import KEYS, config_dict
+from tests.support.processes import MockProcess, start_proxies, stop_all, write_config
+
+REPLICAS = 3
+CLIENTS = 100
+HAMMER_S = 3.0
+MIN_UTILISATION = 0.8
+CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+STREAM_CLIENTS = 30
+STREAM_S = 2.5
+STREAM_CHUNKS, CHUNK_DELAY_S = 10, 0.05
+REFUSED_PAUSE_S = 0.01  # a refused stream client's pause, so 30 of them don't starve the event loop
+
+
+@pytest.fixture(scope="module")
+def mock(tmp_path_factory):
+    process = MockProcess(workdir=tmp_path_factory.mktemp("mock")).start().wait_ready()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def slow_mock(tmp_path):
+    process = MockProcess(chunk_delay_s=CHUNK_DELAY_S, chunks=STREAM_CHUNKS, workdir=tmp_path).start().wait_ready()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def replicas(tmp_path, redis_url):
+    """replicas(upstream, patch) -> the URLs of REPLICAS proxy processes sharing `redis_url`."""
+    started = []
+
+    def start(upstream: MockProcess, patch) -> list[str]:
+        data = config_dict(upstream.base_url, redis_url=redis_url)
+        data["shutdown_grace_s"] = 1
+        patch(data)
+        processes = start_proxies(write_config(tmp_path / "config.yaml", data), REPLICAS)
+        started.extend(processes)
+        return [p.url for p in processes]
+
+    yield start
+    stop_all(started)
+    for process in started:
+        assert "Traceback" not in process.output(), process.output()
+
+
+@dataclass
+class Run:
+    elapsed_s: float = 0.0
+    statuses: Counter = field(default_factory=Counter)
+    refusals: Counter = field(default_factory=Counter)  # (type, code) of each 429
+    tokens: int = 0  # usage.total_tokens summed over the 200s
+
+    @property
+    def admitted(self) -> int:
+        return self.statuses[200]
+
+
+def allowance(capacity: int, per_minute: int, elapsed_s: float) -> int:
+    """What a full bucket may give out over `elapsed_s`: capacity + rate * T, floored."""
+    return capacity + math.floor(per_minute * elapsed_s / 60)
+
+
+def pools(urls: list[str]) -> list[httpx.AsyncClient]:
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+    return [httpx.AsyncClient(base_url=url, limits=limits, timeout=10) for url in urls]
+
+
+async def timed(clients: list[httpx.AsyncClient], worker, count: int) -> float:
+    """Run `count` workers, worker(i, client, go), after each has warmed its connection;
+    returns the wall time from the start signal to the last worker's end."""
+    go = asyncio.Event()
+    ready = 0
+
+    async def warm_then_work(i: int) -> None:
+        nonlocal ready
+        client = clients[i % len(clients)]
+        (await client.get("/healthz")).raise_for_status()
+        ready += 1
+        await go.wait()
+        await worker(i, client)
+
+    tasks = [asyncio.create_task(warm_then_work(i)) for i in range(count)]
+    while ready < count:
+        await asyncio.sleep(0.01)
+        for task in tasks:
+            if task.done():
+                task.result()  # a warm-up failure surfaces here
+    started = time.perf_counter()
+    go.set()
+    await asyncio.gather(*tasks)
+    return time.perf_counter() - started
+
+
+async def hammer(urls: list[str], keys: list[str], body: dict, seconds: float = HAMMER_S) -> Run:
+    """CLIENTS clients, round-robin over the replicas (and `keys`), each sending back to back."""
+    run = Run()
+    clients = pools(urls)
+
+    async def worker(i: int, client: httpx.AsyncClient) -> None:
+        headers = {"Authorization": f"Bearer {KEYS[keys[i % len(keys)]]}"}
+        stop_at = time.perf_counter() + seconds
+        while time.perf_counter() < stop_at:
+            response = await client.post("/v1/chat/completions", json=body, headers=headers)
+            run.statuses[response.status_code] += 1
+            if response.status_code == 200:
+                run.tokens += response.json()["usage"]["total_tokens"]
+            elif response.status_code == 429:
+                error = response.json()["error"]
+                run.refusals[(error["type"], error["code"])] += 1
+
+    try:
+        run.elapsed_s = await timed(clients, worker, CLIENTS)
+    finally:
+        for client in clients:
+            await client.aclose()
+    return run
+
+
+def assert_only_refusals_of(run: Run, limit_type: str) -> None:
+    assert set(run.statuses) <= {200, 429}, run.statuses
+    assert set(run.refusals) == {(limit_type, "rate_limit_exceeded")}, run.refusals
+    assert run.refusals[(limit_type, "rate_limit_exceeded")] == run.statuses[429]
+
+
+def report(name: str, measured: int, bound: int, run: Run) -> None:
+    print(f"\n{name}: {measured} of {bound} allowed over T={run.elapsed_s:.3f}s "
+          f"({measured / bound:.1%}); statuses {dict(run.statuses)}")
+
+
+def test_rpm_is_exact_across_replicas(mock, replicas):
+    rpm, burst = 600, 20
+
+    def patch(data):
+        data["keys"]["alice"]["limits"] = {"rpm": rpm, "rpm_burst": burst}
+
+    urls = replicas(mock, patch)
+    run = asyncio.run(hammer(urls, ["alice"], CHAT))
+    bound = allowance(burst, rpm, run.elapsed_s)
+    report("rpm", run.admitted, bound, run)
+    assert run.admitted <= bound
+    assert run.admitted >= MIN_UTILISATION * bound
+    assert_only_refusals_of(run, "requests")
+
+
+def test_tpm_is_exact_across_replicas(mock, replicas):
+    tpm, burst = 60_000, 2_000
+
+    def patch(data):
+        data["keys"]["alice"]["limits"] = {"tpm": tpm, "tpm_burst": burst}
+
+    urls = replicas(mock, patch)
+    mock.clear()
+    run = asyncio.run(hammer(urls, ["alice"], {**CHAT, "max_tokens": 50}))
+    stats = mock.stats()
+    charged = stats["prompt_tokens"] + stats["completion_tokens"]
+    assert charged == run.tokens, "the upstream reported usage the clients did not see"
+    assert stats["requests"] == run.admitted
+    bound = allowance(burst, tpm, run.elapsed_s)
+    report("tpm (tokens charged)", charged, bound, run)
+    assert charged <= bound
+    assert charged >= MIN_UTILISATION * bound
+    assert_only_refusals_of(run, "tokens")
+
+
+def test_team_rpm_is_shared_by_its_keys_across_replicas(mock, replicas):
+    rpm, burst = 600, 20
+
+    def patch(data):
+        data["teams"]["platform"]["limits"] = {"rpm": rpm, "rpm_burst": burst}
+
+    urls = replicas(mock, patch)
+    run = asyncio.run(hammer(urls, ["alice", "bob"], CHAT))  # 100 clients: all 6 (replica, key) pairs
+    bound = allowance(burst, rpm, run.elapsed_s)
+    report("team rpm", run.admitted, bound, run)
+    assert run.admitted <= bound
+    assert run.admitted >= MIN_UTILISATION * bound
+    assert_only_refusals_of(run, "requests")
+
+
+@dataclass
+class StreamRun:
+    elapsed_s: float = 0.0
+    windows: list[tuple[float, float]] = field(default_factory=list)
+    statuses: Counter = field(default_factory=Counter)
+    refusals: Counter = field(default_factory=Counter)
+    max_leases: int = 0
+    lease_polls: int = 0
+
+
+def most_overlapping(windows: list[tuple[float, float]]) -> int:
+    """The largest number of [start, end] windows open at one instant (touching ends don't overlap)."""
+    events = sorted([(start, 1) for start, _ in windows] + [(end, -1) for _, end in windows])
+    open_now = peak = 0
+    for _, delta in events:
+        open_now += delta
+        peak = max(peak, open_now)
+    return peak
+
+
+async def stream_once(client: httpx.AsyncClient, headers: dict, run: StreamRun) -> None:
+    """One streamed chat; an admitted stream's window runs from its headers to its last word.
+
+    The proxy admits before it sends headers and releases the slot after the last byte, so
+    [headers received, last word received] lies inside [admit, release]: the last word is sent one
+    chunk delay before the stream's end, which covers the way back to this client."""
+    async with client.stream("POST", "/v1/chat/completions", json={**CHAT, "max_tokens": 50, "stream": True},
+                             headers=headers) as response:
+        start = time.perf_counter()
+        run.statuses[response.status_code] += 1
+        if response.status_code != 200:
+            body = await response.aread()
+            if response.status_code == 429:
+                error = orjson.loads(body)["error"]
+                run.refusals[(error["type"], error["code"])] += 1
+            await asyncio.sleep(REFUSED_PAUSE_S)
+            return
+        last_word = None
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                choices = orjson.loads(line[6:])["choices"]
+                if choices and choices[0]["delta"].get("content"):
+                    last_word = time.perf_counter()
+        assert last_word is not None, "an admitted stream carried no content"
+        run.windows.append((start, last_word))
+
+
+async def stream_hammer(urls: list[str], lease_key: str, redis_url: str) -> StreamRun:
+    run = StreamRun()
+    clients = pools(urls)
+    store = aioredis.Redis.from_url(redis_url, socket_timeout=2)
+    polling = True
+
+    async def poll_leases() -> None:
+        while polling:
+            run.max_leases = max(run.max_leases, await store.zcard(lease_key))
+            run.lease_polls += 1
+            await asyncio.sleep(0.002)
+
+    async def worker(i: int, client: httpx.AsyncClient) -> None:
+        headers = {"Authorization": f"Bearer {KEYS['alice']}"}
+        stop_at = time.perf_counter() + STREAM_S
+        while time.perf_counter() < stop_at:
+            await stream_once(client, headers, run)
+
+    poller = asyncio.create_task(poll_leases())
+    try:
+        run.elapsed_s = await timed(clients, worker, STREAM_CLIENTS)
+    finally:
+        polling = False
+        await poller
+        for client in clients:
+            await client.aclose()
+    deadline = time.monotonic() + 3
+    while await store.zcard(lease_key):  # every slot is released once the streams have ended
+        assert time.monotonic() < deadline, "parallel slots leaked after every stream ended"
+        await asyncio.sleep(0.02)
+    await store.aclose()
+    return run
+
+
+def test_max_parallel_holds_for_slow_streams_across_replicas(slow_mock, replicas, redis_url):
+    cap = 5
+
+    def patch(data):
+        data["keys"]["alice"]["limits"] = {"max_parallel": cap}
+
+    urls = replicas(slow_mock, patch)
+    run = asyncio.run(stream_hammer(urls, "llmrl:{platform}:k:alice:par", redis_url))
+    overlap = most_overlapping(run.windows)
+    print(f"\nmax_parallel: {len(run.windows)} streams over T={run.elapsed_s:.3f}s, at most {overlap} "
+          f"overlapping at the client, at most {run.max_leases} leases in Redis ({run.lease_polls} polls); "
+          f"statuses {dict(run.statuses)}")
+    assert overlap <= cap
+    assert run.max_leases <= cap
+    assert run.max_leases == cap, "the cap was never reached: the test did not load the limiter"
+    stream_s = STREAM_CHUNKS * CHUNK_DELAY_S
+    assert len(run.windows) >= MIN_UTILISATION * cap * run.elapsed_s / stream_s
+    assert set(run.statuses) <= {200, 429}, run.statuses
+    assert set(run.refusals) == {("parallel_requests", "rate_limit_exceeded")}, run.refusals
