@@ -24,10 +24,12 @@ from .config import Config, load_config
 from .errors import InvalidRequest, MethodNotAllowed, NotFound, ProxyError
 from .forwarding.upstream import UpstreamClient
 from .gateway import Gateway, request_id_of
-from .http import models_api, ops_api
+from .budgets import BudgetWatch
+from .http import admin_api, models_api, ops_api
 from .limits.limiter import Limiter
 from .limits.memory_store import MemoryStore
 from .limits.types import Store
+from .metrics import Metrics
 from .observe import Observer, Observers, RequestLog
 from .reload import Reloader
 
@@ -49,8 +51,12 @@ def create_app(config: Config, *, store: Store | None = None, observer: Observer
     fallback = MemoryStore(retention_days=config.spend_retention_days)
     limiter = Limiter(config, store, fallback=fallback)
     upstreams = {name: UpstreamClient(name, upstream) for name, upstream in config.upstreams.items()}
-    observers = Observers(RequestLog(config.log_level), *([observer] if observer else []))
-    gateway = Gateway(config, KeyRing(config, environ), upstreams, limiter, observers)
+    metrics = Metrics()
+    limiter.on_store_error = metrics.store_error
+    budgets = BudgetWatch(config, store, metrics)
+    observers = Observers(RequestLog(config.log_level), metrics, *([observer] if observer else []))
+    gateway = Gateway(config, KeyRing(config, environ), upstreams, limiter, observers, budgets)
+    gateway.metrics = metrics
     reloader = Reloader(gateway, config_path, environ)
 
     @contextlib.asynccontextmanager
@@ -58,12 +64,14 @@ def create_app(config: Config, *, store: Store | None = None, observer: Observer
         for client in upstreams.values():
             await client.start()
         limiter.start()
+        budgets.start()
         hangup = _on_sighup(reloader)
         try:
             yield
         finally:
             hangup()
             await reloader.close()
+            await budgets.close()
             await limiter.close()
             for client in gateway.upstreams.values():
                 await client.close()
@@ -81,6 +89,7 @@ def create_app(config: Config, *, store: Store | None = None, observer: Observer
         app.add_route(path, _call_route(gateway, endpoint), methods=["POST"])
     models_api.add_routes(app, gateway)
     app.include_router(ops_api.router(gateway, store))
+    app.include_router(admin_api.router(gateway))
     _install_error_handlers(app)
     return app
 

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .auth import Caller, KeyRing, presented_key
+from .budgets import BudgetWatch
 from .config import Config
 from .errors import ModelNotAllowed, ModelNotFound, ProxyError, UpstreamError, UpstreamTimeout
 from .forwarding import sse
@@ -57,7 +58,8 @@ def request_id_of(request: Request) -> str:
 
 class Gateway:
     def __init__(self, config: Config, keyring: KeyRing, upstreams: dict[str, UpstreamClient], limiter: Limiter,
-                 observer: Observer):
+                 observer: Observer, budgets: BudgetWatch):
+        self.budgets = budgets
         self.config = config
         self.keyring = keyring
         self.upstreams = upstreams
@@ -113,6 +115,7 @@ class Gateway:
             reservation_micros(price, call.prompt_tokens, call.max_output),
         )
         outcome.ticket = ticket
+        self.observer.admitted(outcome)
         body = call.body
         if call.stream:
             options = body.get("stream_options") or {}
@@ -188,9 +191,11 @@ class Gateway:
             return
         cost = cost_micros(self.config.models[call.model].price_per_mtok, usage)
         outcome.usage, outcome.cost_micros = usage, cost
-        await self.limiter.settle(ticket, call.model, usage, cost, outcome.tags, succeeded)
+        settled = await self.limiter.settle(ticket, call.model, usage, cost, outcome.tags, succeeded)
         outcome.done = time.monotonic()
         self.observer.finished(outcome)
+        if settled:
+            self.budgets.on_settled(ticket, settled)
 
     # -- streaming ----------------------------------------------------------------------------
     async def _relay_stream(self, response: UpstreamResponse, call: Call, ticket: Ticket,

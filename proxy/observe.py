@@ -70,6 +70,8 @@ class Outcome:
 
 
 class Observer(Protocol):
+    def admitted(self, outcome: Outcome) -> None: ...
+
     def finished(self, outcome: Outcome) -> None: ...
 
 
@@ -79,6 +81,9 @@ class RequestLog:
     def __init__(self, level: str = "info", stream=None):
         self._stream = stream or sys.stdout
         self.enabled = logging.getLevelName(level.upper()) <= logging.INFO
+
+    def admitted(self, outcome: Outcome) -> None:
+        pass
 
     def finished(self, outcome: Outcome) -> None:
         if not self.enabled:
@@ -112,6 +117,11 @@ class RequestLog:
 class Observers:
     def __init__(self, *observers: Observer):
         self.observers = observers
+
+    def admitted(self, outcome: Outcome) -> None:
+        for observer in self.observers:
+            if hasattr(observer, "admitted"):
+                observer.admitted(outcome)
 
     def finished(self, outcome: Outcome) -> None:
         for observer in self.observers:

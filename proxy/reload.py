@@ -57,6 +57,7 @@ class Reloader:
         retired += [client for name, client in upstreams.items() if name not in config.upstreams]
         upstreams = {name: client for name, client in upstreams.items() if name in config.upstreams}
         gateway.apply(config, KeyRing(config, self.environ), upstreams)
+        gateway.budgets.config = config
         for client in retired:
             task = asyncio.get_running_loop().create_task(self._retire(client))
             self._retiring.add(task)

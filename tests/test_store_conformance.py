@@ -445,3 +445,26 @@ async def test_stores_agree_on_a_random_workload(redis_url):
     finally:
         for s in stores:
             await s.close()
+
+
+# -- budget alert threshold ----------------------------------------------------------------------
+
+async def test_alert_threshold_is_crossed_once_per_scope_and_day(store, clock):
+    k = key(budget_micros=5000, alert_micros=800)
+    t = team(budget_micros=10_000, alert_micros=1500)
+    results = []
+    for cost in (500, 299, 1, 400, 600, 5):
+        a = admission(k, t, cost=0)
+        assert (await store.admit(a)).admitted
+        results.append(await store.settle(settlement(a, cost=cost)))
+    assert [r.key_spent_micros for r in results] == [500, 799, 800, 1200, 1800, 1805]
+    assert [r.key_crossed for r in results] == [False, False, True, False, False, False]
+    assert [r.team_crossed for r in results] == [False, False, False, False, True, False]
+    duplicate = await store.settle(settlement(a, cost=5))
+    assert not duplicate and not duplicate.key_crossed
+    # the next day starts below the threshold again
+    clock.advance(DAY_S * 1000)
+    late = admission(k, t)
+    assert (await store.admit(late)).admitted
+    result = await store.settle(settlement(late, cost=900, day="2023-11-16"))
+    assert (result.key_spent_micros, result.key_crossed) == (900, True)

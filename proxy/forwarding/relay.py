@@ -27,7 +27,8 @@ class Attempts:
     errors: list[tuple[str, str]] = field(default_factory=list)  # (upstream, kind) per failed attempt
     upstream: str = ""
     target_model: str = ""
-    upstream_started: float = 0.0
+    upstream_started: float = 0.0  # the last attempt's start
+    first_attempt_at: float = 0.0
 
 
 async def open_upstream(
@@ -51,6 +52,8 @@ async def open_upstream(
                 raise UpstreamTimeout("The upstream did not answer before the request's deadline.")
             attempts.upstream, attempts.target_model = target.upstream, target.model
             attempts.upstream_started = time.monotonic()
+            if not attempts.first_attempt_at:
+                attempts.first_attempt_at = attempts.upstream_started
             wait: float | None = None
             try:
                 response = await client.send("POST", path, payload, headers, read_timeout=remaining)

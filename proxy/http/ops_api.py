@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..gateway import Gateway
 from ..limits.types import Store, StoreError
+from ..metrics import CONTENT_TYPE
 
 
 def router(gateway: Gateway, store: Store) -> APIRouter:
@@ -25,5 +26,10 @@ def router(gateway: Gateway, store: Store) -> APIRouter:
         except StoreError as exc:
             return JSONResponse({"status": "unavailable", "store": type(exc).__name__}, status_code=503)
         return JSONResponse({"status": "ready"})
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus exposition (aggregated over workers under --workers N)."""
+        return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE)
 
     return api

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .types import Admission, BucketState, Decision, ScopeLimits, Settlement
+from .types import Admission, BucketState, Decision, ScopeLimits, Settled, Settlement
 
 DEFAULT_PREFIX = "llmrl"
 DAY_MARGIN_MS = 2 * 86_400_000  # a budget day's records outlive the day by this much
@@ -88,7 +88,20 @@ def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list:
     return ["" if now_us is None else now_us, s.request_id, DONE_TTL_S, ledger_ttl_s,
             LATE_BUDGET_TTL_S, key[2], key[3], team[2], team[3], s.cost_micros,
             s.usage.prompt_tokens, s.usage.completion_tokens, s.usage.cached_tokens,
-            s.key.name, s.model, *(f"{k}={v}" for k, v in s.tags)]
+            s.key.name, s.model, _or_none(s.key.alert_micros), _or_none(s.team.alert_micros),
+            *(f"{k}={v}" for k, v in s.tags)]
+
+
+def _or_none(value: int | None) -> int:
+    return NONE if value is None else value
+
+
+def decode_settled(reply) -> Settled:
+    """The settle reply: 0 for a duplicate, else [1, key spent, team spent, key crossed, team crossed]."""
+    if not isinstance(reply, (list, tuple)):
+        return Settled(False)
+    applied, key_spent, team_spent, key_crossed, team_crossed = (int(x) for x in reply)
+    return Settled(bool(applied), key_spent, team_spent, bool(key_crossed), bool(team_crossed))
 
 
 def _text(value) -> str:

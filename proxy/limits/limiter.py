@@ -15,6 +15,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from ..auth import Caller
@@ -23,7 +24,7 @@ from ..errors import BudgetExceeded, RateLimited, StoreUnavailable
 from ..pricing import format_usd, usd_to_micros
 from .days import candidate_days
 from .headers import openai_duration, rate_limit_headers, retry_headers
-from .types import Admission, BudgetDay, Decision, ScopeLimits, Settlement, Store, StoreError, Usage
+from .types import Admission, BudgetDay, Decision, ScopeLimits, Settled, Settlement, Store, StoreError, Usage
 
 log = logging.getLogger("proxy.limits")
 
@@ -33,9 +34,12 @@ LIMIT_NAMES = {"rpm": "requests per minute", "tpm": "tokens per minute", "parall
 LIMIT_TYPES = {"rpm": "requests", "tpm": "tokens", "parallel": "parallel_requests"}
 
 
-def scope_limits(kind: str, name: str, limits: Limits, budget_usd, divisor: int = 1) -> ScopeLimits:
+def scope_limits(kind: str, name: str, limits: Limits, budget_usd, divisor: int = 1,
+                 alert_ratio: float = 1.0) -> ScopeLimits:
     def part(value: int | None) -> int | None:
         return None if value is None else max(1, value // divisor)
+
+    budget = None if budget_usd is None else max(1, usd_to_micros(budget_usd) // divisor)
 
     return ScopeLimits(
         kind=kind,
@@ -45,7 +49,8 @@ def scope_limits(kind: str, name: str, limits: Limits, budget_usd, divisor: int 
         tpm=part(limits.tpm),
         tpm_burst=part(limits.tpm_burst),
         max_parallel=part(limits.max_parallel),
-        budget_micros=None if budget_usd is None else max(1, usd_to_micros(budget_usd) // divisor),
+        budget_micros=budget,
+        alert_micros=None if budget is None else math.ceil(budget * alert_ratio),
     )
 
 
@@ -81,18 +86,23 @@ class Limiter:
         self.journal_dropped = 0
         self._flusher: asyncio.Task | None = None
         self.lease_ttl_ms = config.store.lease_ttl_s * 1000
-        self.store_errors: dict[str, int] = {"admit": 0, "settle": 0}
+        self.on_store_error = None  # callable(op): metrics hook
 
     # -- scopes -------------------------------------------------------------------------------
     def scopes(self, caller: Caller, divisor: int = 1) -> tuple[ScopeLimits, ScopeLimits]:
-        key = scope_limits("key", caller.name, caller.key.limits, caller.key.daily_budget_usd, divisor)
-        team = scope_limits("team", caller.team, caller.team_config.limits, caller.team_config.daily_budget_usd, divisor)
+        ratio = self.config.budget_alert_ratio
+        key = scope_limits("key", caller.name, caller.key.limits, caller.key.daily_budget_usd, divisor, ratio)
+        team = scope_limits("team", caller.team, caller.team_config.limits, caller.team_config.daily_budget_usd,
+                            divisor, ratio)
         return key, team
 
     def days(self) -> BudgetDay:
+        """Yesterday, today and tomorrow; the store picks the one its own clock is in."""
+        clock_us = getattr(self.store, "clock_us", None)  # a store pinned to a test clock
+        now = clock_us() / 1e6 if clock_us is not None else time.time()
         days = self._days
-        if days is None or time.time() >= days.starts[2] - 3600:
-            days = self._days = candidate_days(self._zone)
+        if days is None or not days.starts[1] <= now < days.starts[2]:
+            days = self._days = candidate_days(self._zone, datetime.fromtimestamp(now, self._zone))
         return days
 
     # -- admit --------------------------------------------------------------------------------
@@ -104,7 +114,7 @@ class Limiter:
             decision = await store.admit(admission)
             self._recovered()
         except StoreError as exc:
-            self.store_errors["admit"] += 1
+            self._store_error("admit")
             self._outage(exc)
             if self.config.store.on_redis_error == "deny" or self.fallback is None:
                 raise StoreUnavailable("The rate-limit store is unavailable; please retry shortly.",
@@ -146,22 +156,28 @@ class Limiter:
 
     # -- settle -------------------------------------------------------------------------------
     async def settle(self, ticket: Ticket, model: str, usage: Usage, cost_micros: int,
-                     tags: tuple[tuple[str, str], ...] = (), succeeded: bool = True) -> None:
+                     tags: tuple[tuple[str, str], ...] = (), succeeded: bool = True) -> Settled | None:
         """Reconcile the ticket once; never raises for a store outage (the journal keeps it)."""
         if ticket.settled:
-            return
+            return None
         ticket.settled = True
         settlement = Settlement(ticket.request_id, ticket.team_scope, ticket.key_scope, model, ticket.decision.day,
                                 usage, cost_micros, tags, succeeded)
         if ticket.degraded:
             await ticket.store.settle(settlement)  # the fallback store never fails
         try:
-            await self.store.settle(settlement)
+            settled = await self.store.settle(settlement)
             self._recovered()
+            return settled
         except StoreError as exc:
-            self.store_errors["settle"] += 1
+            self._store_error("settle")
             self._outage(exc)
             self._journal(settlement)
+            return None
+
+    def _store_error(self, op: str) -> None:
+        if self.on_store_error is not None:
+            self.on_store_error(op)
 
     def _journal(self, settlement: Settlement) -> None:
         if len(self.journal) == self.journal.maxlen:
@@ -177,6 +193,7 @@ class Limiter:
             try:
                 await self.store.settle(settlement)
             except StoreError:
+                self._store_error("flush")
                 return flushed
             self.journal.popleft()
             flushed += 1

@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterable, Mapping
 from . import bucket
 from .bucket import UNITS
 from .layout import (
+    decode_settled,
     DAY_MARGIN_MS, DEFAULT_PREFIX, DONE_TTL_S, LATE_BUDGET_TTL_S, NONE, PARALLEL_RETRY_MS, Layout,
     decode_decision, limit_args,
 )
 from .ledger import METRICS, SEP, usage_report
-from .types import Admission, Decision, ScopeKind, ScopeLimits, Settlement
+from .types import Admission, Decision, ScopeKind, ScopeLimits, Settled, Settlement
 
 SWEEP_EVERY = 1_000  # operations between sweeps of expired keys
 
@@ -93,8 +94,8 @@ class MemoryStore:
     async def admit(self, admission: Admission) -> Decision:
         return decode_decision(self._admit(admission, self._now_ms()))
 
-    async def settle(self, settlement: Settlement) -> bool:
-        return self._settle(settlement, self._now_ms())
+    async def settle(self, settlement: Settlement) -> Settled:
+        return decode_settled(self._settle(settlement, self._now_ms()))
 
     async def usage(self, day: str, teams: list[str]) -> dict:
         now_ms = self._now_ms()
@@ -253,11 +254,11 @@ class MemoryStore:
         level = bucket.credit(self._read_bucket(name, rate, capacity, now_ms), amount, capacity)
         self._write_bucket(name, level, rate, capacity, now_ms)
 
-    def _settle(self, s: Settlement, now_ms: int) -> bool:
+    def _settle(self, s: Settlement, now_ms: int) -> list | int:
         done, record_key, key_tk, team_tk, key_par, team_par, kb, kbl, tb, tbl, ledger = (
             self.layout.settle_keys(s))
         if self.keys.get(done, now_ms) is not None:
-            return False
+            return 0
         self.keys.put(done, now_ms)["done"] = 1
         self.keys.pexpire(done, DONE_TTL_S * 1000, now_ms)
 
@@ -279,11 +280,16 @@ class MemoryStore:
                 self.keys.drop_empty(leases)
         self.keys.delete(record_key)
 
-        for budget in (kb, tb):
-            spent = self.keys.put(budget, now_ms)
-            spent["spent"] = spent.get("spent", 0) + s.cost_micros
+        reply = [1, 0, 0, 0, 0]
+        for i, (budget, alert) in enumerate(((kb, s.key.alert_micros), (tb, s.team.alert_micros)), start=1):
+            record = self.keys.put(budget, now_ms)
+            record["spent"] = record.get("spent", 0) + s.cost_micros
             if self.keys.pttl(budget, now_ms) < 0:
                 self.keys.pexpire(budget, LATE_BUDGET_TTL_S * 1000, now_ms)
+            reply[i] = record["spent"]
+            if alert is not None and record["spent"] >= alert and "alerted" not in record:
+                record["alerted"] = 1
+                reply[2 + i] = 1
 
         values = (s.cost_micros, 1, s.usage.prompt_tokens, s.usage.completion_tokens,
                   s.usage.cached_tokens)
@@ -294,4 +300,4 @@ class MemoryStore:
             for metric, value in zip(METRICS, values):
                 fields[f"{prefix}{SEP}{metric}"] = fields.get(f"{prefix}{SEP}{metric}", 0) + value
         self.keys.pexpire(ledger, self.retention_days * 86_400_000, now_ms)
-        return True
+        return reply

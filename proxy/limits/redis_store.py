@@ -16,9 +16,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from .layout import DEFAULT_PREFIX, Layout, admit_args, decode_decision, settle_args
+from .layout import DEFAULT_PREFIX, Layout, admit_args, decode_decision, decode_settled, settle_args
 from .ledger import usage_report
-from .types import Admission, Decision, ScopeKind, ScopeLimits, Settlement, StoreError
+from .types import Admission, Decision, ScopeKind, ScopeLimits, Settled, Settlement, StoreError
 
 DEFAULT_TIMEOUT_MS = 250
 DEFAULT_RETENTION_DAYS = 35
@@ -104,11 +104,11 @@ class RedisStore:
             raise StoreError(f"admit failed: {exc!r}") from exc
         return decode_decision(reply)
 
-    async def settle(self, settlement: Settlement) -> bool:
+    async def settle(self, settlement: Settlement) -> Settled:
         keys = self.layout.settle_keys(settlement)
         args = settle_args(settlement, self._now_us(), self.retention_days * 86_400)
         try:
-            return bool(await self._settle(self.client, keys, args))
+            return decode_settled(await self._settle(self.client, keys, args))
         except DRIVER_ERRORS as exc:
             raise StoreError(f"settle failed: {exc!r}") from exc
 

@@ -30,6 +30,7 @@ class ScopeLimits:
     tpm_burst: int | None = None  # capacity; defaults to tpm
     max_parallel: int | None = None
     budget_micros: int | None = None  # daily budget in micro-dollars
+    alert_micros: int | None = None  # spend at which the budget alert fires (budget × alert ratio)
 
     @property
     def request_capacity(self) -> int | None:
@@ -112,6 +113,20 @@ class Settlement:
     succeeded: bool = True  # counts as a request in the ledger either way
 
 
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What a settle did: falsy when this request id had already been settled."""
+
+    applied: bool
+    key_spent_micros: int = 0  # the day's settled spend after this request
+    team_spent_micros: int = 0
+    key_crossed: bool = False  # this settlement pushed the key past its alert threshold (once a day)
+    team_crossed: bool = False
+
+    def __bool__(self) -> bool:
+        return self.applied
+
+
 class StoreError(Exception):
     """The store could not answer (Redis down, timeout). Raised by every store operation."""
 
@@ -121,8 +136,8 @@ class Store(Protocol):
 
     async def admit(self, admission: Admission) -> Decision: ...
 
-    async def settle(self, settlement: Settlement) -> bool:
-        """Reconcile one admitted request; False if this request id was already settled."""
+    async def settle(self, settlement: Settlement) -> Settled:
+        """Reconcile one admitted request; falsy if this request id was already settled."""
 
     async def usage(self, day: str, teams: list[str]) -> dict:
         """The day's ledger: see `proxy.limits.ledger` for its shape."""

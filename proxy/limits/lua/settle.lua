@@ -1,6 +1,8 @@
 -- settle: reconcile one admitted request, once per request id.
--- KEYS and ARGV are laid out by proxy/limits/layout.py (settle_keys, settle_args). Returns 1, or
--- 0 (and changes nothing) when this request id was already settled.
+-- KEYS and ARGV are laid out by proxy/limits/layout.py (settle_keys, settle_args). Returns
+-- {1, key spent, team spent, key crossed, team crossed}, or 0 (and changes nothing) when this
+-- request id was already settled. "Crossed" is 1 for exactly one settlement per scope and day: the
+-- one that pushed the day's spend to the alert threshold (HSETNX, so one alert across replicas).
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 
 local UNITS = 60000
@@ -76,9 +78,15 @@ if reserved ~= nil and expires > now_ms then
 end
 redis.call('DEL', KEYS[2])
 
-for _, budget in ipairs({KEYS[7], KEYS[9]}) do
-  redis.call('HINCRBY', budget, 'spent', ARGV[10])
+local reply = {1, 0, 0, 0, 0}
+for i, budget in ipairs({KEYS[7], KEYS[9]}) do
+  local spent = redis.call('HINCRBY', budget, 'spent', ARGV[10])
   if redis.call('TTL', budget) < 0 then redis.call('EXPIRE', budget, ARGV[5]) end
+  local alert = tonumber(ARGV[15 + i])
+  reply[1 + i] = spent
+  if alert >= 0 and spent >= alert and redis.call('HSETNX', budget, 'alerted', '1') == 1 then
+    reply[3 + i] = 1
+  end
 end
 
 local metrics = {
@@ -91,6 +99,6 @@ end
 book('team')
 book('key' .. SEP .. ARGV[14])
 book('model' .. SEP .. ARGV[14] .. SEP .. ARGV[15])
-for i = 16, #ARGV do book('tag' .. SEP .. ARGV[i]) end
+for i = 18, #ARGV do book('tag' .. SEP .. ARGV[i]) end
 redis.call('EXPIRE', KEYS[11], ARGV[4])
-return 1
+return reply

@@ -1,0 +1,50 @@
+"""`/admin/*`: spend and keys for operators, behind the admin key (never key material out)."""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from ..auth import presented_key
+from ..errors import AdminRequired, InvalidApiKey, InvalidRequest, StoreUnavailable
+from ..gateway import Gateway
+from ..limits.types import StoreError
+from ..usage_report import keys_overview, usage_overview
+
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def router(gateway: Gateway) -> APIRouter:
+    def require_admin(request: Request) -> None:
+        presented = presented_key(request.headers)
+        if not presented:
+            raise InvalidApiKey("The admin API needs the admin key as `Authorization: Bearer ...`.")
+        if not gateway.keyring.is_admin(presented):
+            raise AdminRequired("This key may not use the admin API.")
+
+    api = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+    @api.get("/usage")
+    async def usage(date_: str | None = Query(None, alias="date", description="YYYY-MM-DD, default today")) -> dict:
+        """Spend, budget, remaining, requests and tokens per team and key, per model and per tag."""
+        day = date_ or gateway.budgets.today()
+        if not DATE.match(day):
+            raise InvalidRequest("`date` must be YYYY-MM-DD.", param="date")
+        try:
+            date.fromisoformat(day)
+        except ValueError:
+            raise InvalidRequest("`date` is not a calendar date.", param="date") from None
+        try:
+            report = await gateway.limiter.store.usage(day, list(gateway.config.teams))
+        except StoreError:
+            raise StoreUnavailable("The usage ledger is unavailable; please retry shortly.") from None
+        return usage_overview(gateway.config, report)
+
+    @api.get("/keys")
+    async def keys() -> dict:
+        """Keys by name with their team, limits, budget and models; teams likewise. No key material."""
+        return keys_overview(gateway.config)
+
+    return api

@@ -1,0 +1,122 @@
+"""Prometheus metrics: names and labels are a public contract (dashboards and alerts use them).
+
+Labels are config names (team, key, model, upstream), so cardinality is bounded by the config;
+never a key, a hash or a request id. Under `--workers N` every worker writes its samples to
+$PROMETHEUS_MULTIPROC_DIR and `/metrics` aggregates them (prometheus-client multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+from .observe import Outcome
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MICROS = 1_000_000
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+class Metrics:
+    """Every metric of one app, registered in the app's own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("llm_proxy_requests", "Requests answered, by final status.",
+                                ["team", "key", "model", "status"], registry=r)
+        self.duration = Histogram("llm_proxy_request_duration_seconds", "Request to last byte.",
+                                  ["team", "model", "stream"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("llm_proxy_time_to_first_token_seconds", "Request to first streamed byte.",
+                              ["team", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_duration = Histogram("llm_proxy_upstream_duration_seconds",
+                                           "From sending to the upstream to its last byte.",
+                                           ["upstream", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram("llm_proxy_overhead_seconds",
+                                  "Time spent in the proxy itself, excluding the upstream and retry waits.",
+                                  buckets=OVERHEAD_BUCKETS, registry=r)
+        self.tokens = Counter("llm_proxy_tokens", "Tokens used, as the upstream reported them.",
+                              ["team", "key", "model", "kind"], registry=r)
+        self.spend = Counter("llm_proxy_spend_usd", "Spend at the configured prices.",
+                             ["team", "key", "model"], registry=r)
+        self.rejections = Counter("llm_proxy_rejections", "Requests refused by the proxy.",
+                                  ["team", "key", "reason"], registry=r)
+        self.budget_spent = Gauge("llm_proxy_budget_spent_usd", "Today's spend, from the shared ledger.",
+                                  ["scope", "name"], registry=r, multiprocess_mode="mostrecent")
+        self.budget_limit = Gauge("llm_proxy_budget_limit_usd", "Daily budget.", ["scope", "name"],
+                                  registry=r, multiprocess_mode="mostrecent")
+        self.budget_alert = Gauge("llm_proxy_budget_alert", "1 once today's spend passed budget_alert_ratio.",
+                                  ["scope", "name"], registry=r, multiprocess_mode="mostrecent")
+        self.inflight = Gauge("llm_proxy_inflight_requests", "Admitted requests not yet settled.", ["team"],
+                              registry=r, multiprocess_mode="livesum")
+        self.retries = Counter("llm_proxy_upstream_retries", "Upstream attempts retried.",
+                               ["upstream", "reason"], registry=r)
+        self.upstream_errors = Counter("llm_proxy_upstream_errors", "Failed upstream attempts.",
+                                       ["upstream", "kind"], registry=r)
+        self.store_errors = Counter("llm_proxy_store_errors", "Rate-limit store calls that failed.", ["op"],
+                                    registry=r)
+
+    # -- observer -----------------------------------------------------------------------------
+    def admitted(self, outcome: Outcome) -> None:
+        self.inflight.labels(outcome.caller.team).inc()
+
+    def finished(self, outcome: Outcome) -> None:
+        caller = outcome.caller
+        team, key = (caller.team, caller.name) if caller else ("", "")
+        model = outcome.model
+        if outcome.ticket is not None:
+            self.inflight.labels(team).dec()
+        self.requests.labels(team, key, model, str(outcome.status)).inc()
+        if outcome.rejection:
+            self.rejections.labels(team, key, outcome.rejection).inc()
+        attempts = outcome.attempts
+        for upstream, reason in attempts.reasons:
+            self.retries.labels(upstream, reason).inc()
+        for upstream, kind in attempts.errors:
+            self.upstream_errors.labels(upstream, kind).inc()
+        if outcome.ticket is None:
+            return
+        usage = outcome.usage
+        for kind, value in (("prompt", usage.prompt_tokens), ("completion", usage.completion_tokens),
+                            ("cached", usage.cached_tokens)):
+            if value:
+                self.tokens.labels(team, key, model, kind).inc(value)
+        if outcome.cost_micros:
+            self.spend.labels(team, key, model).inc(outcome.cost_micros / MICROS)
+        self.duration.labels(team, model, "true" if outcome.stream else "false").observe(outcome.done - outcome.started)
+        if outcome.first_byte_at:
+            self.ttft.labels(team, model).observe(outcome.first_byte_at - outcome.started)
+        if attempts.first_attempt_at and outcome.finished_upstream:
+            upstream_time = outcome.finished_upstream - attempts.first_attempt_at
+            self.upstream_duration.labels(attempts.upstream, attempts.target_model).observe(
+                outcome.finished_upstream - attempts.upstream_started)
+            self.overhead.observe(max(0.0, outcome.done - outcome.started - upstream_time))
+
+    def store_error(self, op: str) -> None:
+        self.store_errors.labels(op).inc()
+
+    # -- budgets ------------------------------------------------------------------------------
+    def set_budget(self, scope: str, name: str, limit_micros: int | None, spent_micros: int | None = None) -> None:
+        if limit_micros is not None:
+            self.budget_limit.labels(scope, name).set(limit_micros / MICROS)
+        if spent_micros is not None:
+            self.budget_spent.labels(scope, name).set(spent_micros / MICROS)
+
+    def set_alert(self, scope: str, name: str, active: bool) -> None:
+        self.budget_alert.labels(scope, name).set(1 if active else 0)
+
+    # -- exposition ---------------------------------------------------------------------------
+    def exposition(self) -> bytes:
+        if multiprocess_dir():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

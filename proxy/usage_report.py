@@ -1,0 +1,81 @@
+"""The usage report (admin API, `llm-proxy usage`): the ledger joined with the config's budgets."""
+
+from __future__ import annotations
+
+from .config import Config
+from .pricing import micros_to_usd, usd_to_micros
+
+COUNTS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens")
+
+
+def _usd(micros: int) -> float:
+    return float(micros_to_usd(micros))
+
+
+def _line(metrics: dict | None, budget_usd=None) -> dict:
+    metrics = metrics or {}
+    spend = metrics.get("spend_micros", 0)
+    line = {"spend_usd": _usd(spend), "spend_micros": spend, **{name: metrics.get(name, 0) for name in COUNTS}}
+    if budget_usd is not None:
+        budget = usd_to_micros(budget_usd)
+        line.update(budget_usd=_usd(budget), remaining_usd=_usd(max(0, budget - spend)))
+    else:
+        line.update(budget_usd=None, remaining_usd=None)
+    return line
+
+
+def usage_overview(config: Config, report: dict) -> dict:
+    """Every configured team and key (zero where unused), with models and tags as the ledger has them."""
+    teams = {}
+    total = {"spend_micros": 0, **dict.fromkeys(COUNTS, 0)}
+    for team_name, team in config.teams.items():
+        ledger = report["teams"].get(team_name, {})
+        line = _line(ledger, team.daily_budget_usd)
+        keys = {}
+        for key_name, key in config.keys.items():
+            if key.team != team_name:
+                continue
+            key_ledger = ledger.get("keys", {}).get(key_name, {})
+            keys[key_name] = {**_line(key_ledger, key.daily_budget_usd),
+                              "models": {m: _line(v) for m, v in key_ledger.get("models", {}).items()}}
+        line["keys"] = keys
+        line["tags"] = {tag: _line(v) for tag, v in ledger.get("tags", {}).items()}
+        teams[team_name] = line
+        for name in total:
+            total[name] += ledger.get(name, 0)
+    return {"date": report["date"], "currency": "USD", "total": _line(total), "teams": teams}
+
+
+def keys_overview(config: Config) -> dict:
+    def limits(value) -> dict:
+        return value.model_dump(exclude_none=True)
+
+    return {
+        "teams": {name: {"limits": limits(team.limits),
+                         "daily_budget_usd": float(team.daily_budget_usd) if team.daily_budget_usd else None}
+                  for name, team in config.teams.items()},
+        "keys": {name: {"team": key.team, "limits": limits(key.limits),
+                        "daily_budget_usd": float(key.daily_budget_usd) if key.daily_budget_usd else None,
+                        "models": key.models}
+                 for name, key in config.keys.items()},
+    }
+
+
+def rows(overview: dict, by: str) -> list[dict]:
+    """Flat rows for a table: by team, key, model or tag."""
+    out = []
+    for team_name, team in overview["teams"].items():
+        if by == "team":
+            out.append({"team": team_name, **_flat(team)})
+        elif by == "key":
+            out += [{"team": team_name, "key": k, **_flat(v)} for k, v in team["keys"].items()]
+        elif by == "model":
+            out += [{"team": team_name, "key": k, "model": m, **_flat(mv)}
+                    for k, v in team["keys"].items() for m, mv in v["models"].items()]
+        elif by == "tag":
+            out += [{"team": team_name, "tag": t, **_flat(v)} for t, v in team["tags"].items()]
+    return out
+
+
+def _flat(line: dict) -> dict:
+    return {k: v for k, v in line.items() if k not in ("keys", "models", "tags", "spend_micros")}
