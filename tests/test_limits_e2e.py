@@ -12,22 +12,10 @@ import orjson
 import pytest
 
 from proxy.limits.redis_store import RedisStore
+from tests.support.clock import Clock
 from tests.support.configs import KEYS, make_config
 
 CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
-
-
-class Clock:
-    """A settable clock in microseconds, handed to the store instead of Redis' TIME."""
-
-    def __init__(self):
-        self.now_us = 1_800_000_000_000_000
-
-    def __call__(self) -> int:
-        return self.now_us
-
-    def advance(self, seconds: float) -> None:
-        self.now_us += int(seconds * 1_000_000)
 
 
 def with_limits(key_limits=None, team_limits=None, **extra):

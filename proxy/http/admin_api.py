@@ -21,8 +21,10 @@ def router(gateway: Gateway) -> APIRouter:
         presented = presented_key(request.headers)
         if not presented:
             raise InvalidApiKey("The admin API needs the admin key as `Authorization: Bearer ...`.")
-        if not gateway.keyring.is_admin(presented):
-            raise AdminRequired("This key may not use the admin API.")
+        if gateway.keyring.is_admin(presented):
+            return
+        gateway.keyring.authenticate(presented)  # 401 for a key nobody knows
+        raise AdminRequired("This key may not use the admin API.")
 
     api = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 

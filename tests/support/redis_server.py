@@ -26,7 +26,8 @@ def redis_required() -> bool:
 class RedisServer:
     """One Redis on 127.0.0.1:`port` that tests may kill and restart."""
 
-    def __init__(self) -> None:
+    def __init__(self, persistent: bool = False) -> None:
+        self.persistent = persistent  # data survives kill() + start() (AOF, fsync always)
         self.real = shutil.which("redis-server") is not None
         if not self.real and redis_required():
             raise RuntimeError("LLM_PROXY_REQUIRE_REDIS is set but redis-server is not installed")
@@ -35,6 +36,7 @@ class RedisServer:
         self.workdir = tempfile.mkdtemp(prefix="llm-proxy-redis-")
         self._process: subprocess.Popen | None = None
         self._fake = None
+        self._fake_data = None
         self.start()
 
     @property
@@ -47,9 +49,11 @@ class RedisServer:
         if self.running:
             return
         if self.real:
+            durability = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else [
+                "--appendonly", "no"]
             self._process = subprocess.Popen(
                 ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", self.workdir, "--protected-mode", "no"],
+                 *durability, "--dir", self.workdir, "--protected-mode", "no"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
         else:
@@ -57,6 +61,9 @@ class RedisServer:
 
             TcpFakeServer.allow_reuse_address = True
             self._fake = TcpFakeServer(("127.0.0.1", self.port), server_type="redis")
+            if self.persistent and self._fake_data is not None:
+                self._fake.fake_server = self._fake_data
+            self._fake_data = self._fake.fake_server
             threading.Thread(target=self._fake.serve_forever, daemon=True).start()
         self._wait_ready()
 

@@ -1,0 +1,78 @@
+"""`llm-proxy usage`: the day's spend as a table or JSON, from the store or a running proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import httpx
+import orjson
+
+from .usage_report import rows, usage_overview
+
+COLUMNS = {"team": ["team"], "key": ["team", "key"], "model": ["team", "key", "model"], "tag": ["team", "tag"]}
+NUMBERS = ["spend_usd", "budget_usd", "remaining_usd", "requests", "prompt_tokens", "completion_tokens",
+           "cached_tokens"]
+
+
+async def _from_store(config, day: str | None) -> dict:
+    from .app import build_store
+    from .budgets import BudgetWatch
+    from .metrics import Metrics
+
+    store = build_store(config)
+    try:
+        day = day or BudgetWatch(config, store, Metrics()).today()
+        return usage_overview(config, await store.usage(day, list(config.teams)))
+    finally:
+        await store.close()
+
+
+def _from_url(url: str, admin_key: str, day: str | None) -> dict:
+    params = {"date": day} if day else {}
+    response = httpx.get(url.rstrip("/") + "/admin/usage", params=params,
+                         headers={"Authorization": f"Bearer {admin_key}"}, timeout=10)
+    if response.status_code != 200:
+        raise SystemExit(f"llm-proxy usage: {response.status_code}: {response.json()['error']['message']}")
+    return response.json()
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    return str(value)
+
+
+def table(overview: dict, by: str) -> str:
+    columns = COLUMNS[by] + [n for n in NUMBERS if by in ("team", "key") or not n.startswith(("budget", "remaining"))]
+    body = [[_cell(row.get(c)) for c in columns] for row in rows(overview, by)]
+    widths = [max(len(c), *(len(r[i]) for r in body)) if body else len(c) for i, c in enumerate(columns)]
+    lines = [f"usage on {overview['date']} (USD), by {by}",
+             "  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in body]
+    total = overview["total"]
+    lines.append(f"total: ${total['spend_usd']:.6f}, {total['requests']} requests, "
+                 f"{total['prompt_tokens']} prompt + {total['completion_tokens']} completion tokens")
+    return "\n".join(lines)
+
+
+def run_usage(args) -> int:
+    if args.url:
+        admin_key = os.environ.get(args.admin_key_env)
+        if not admin_key:
+            print(f"llm-proxy usage: set {args.admin_key_env} to the admin key", file=sys.stderr)
+            return 1
+        overview = _from_url(args.url, admin_key, args.date)
+    else:
+        from .cli import _config_path, _load_or_exit
+
+        config = _load_or_exit(_config_path(args.config))
+        overview = asyncio.run(_from_store(config, args.date))
+    if args.json:
+        sys.stdout.write(orjson.dumps(overview, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(table(overview, args.by))
+    return 0

@@ -1,0 +1,261 @@
+"""Budgets through the whole proxy: real Redis, uvicorn on a port, the mock upstream, the SDK."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from zoneinfo import ZoneInfo
+
+import httpx
+import openai
+import pytest
+
+from proxy.limits.redis_store import RedisStore
+from tests.support.clock import Clock
+from tests.support.configs import ADMIN_KEY, KEYS, UPSTREAM_KEY, config_dict, make_config
+from tests.support.redis_server import RedisServer
+
+CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+# the proxy estimates "hi" as 8 prompt tokens (chars/4 + message overhead); the mock reports 1 prompt
+# token and min(16, max_tokens) completion tokens. At $0.27 in and $1.10 out per Mtok, max_tokens=10
+# reserves ceil(8 × 0.27 + 10 × 1.10) = 14 µ$ and costs round(0.27 + 11) = 11 µ$.
+RESERVED, COST = 14, 11
+
+
+def post(server, body=CHAT, key="alice", headers=None, endpoint="/chat/completions"):
+    return httpx.post(server.base_url + endpoint, json=body,
+                      headers={"Authorization": f"Bearer {KEYS[key]}", **(headers or {})}, timeout=10)
+
+
+def admin_get(server, path, key=ADMIN_KEY, **params):
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    return httpx.get(server.url + path, params=params, headers=headers, timeout=10)
+
+
+def budget(key_usd=None, team_usd=None, **extra):
+    def patch(data):
+        if key_usd is not None:
+            data["keys"]["alice"]["daily_budget_usd"] = key_usd
+        if team_usd is not None:
+            data["teams"]["platform"]["daily_budget_usd"] = team_usd
+        data.update(extra)
+    return patch
+
+
+@pytest.fixture
+def on_redis(mock_upstream, start_proxy, redis_url):
+    def start(patch, clock=None):
+        config = make_config(mock_upstream.url, redis_url=redis_url, patch=patch)
+        store = RedisStore.from_url(redis_url, clock_us=clock) if clock else None
+        server, recorder = start_proxy(config, store=store)
+        server.recorder = recorder
+        return server
+    return start
+
+
+def test_budget_cut_off_is_exact_and_not_retried(on_redis):
+    server = on_redis(budget(key_usd="0.0001"))  # 100 µ$
+    statuses = [post(server).status_code for _ in range(12)]
+    assert statuses == [200] * 8 + [429] * 4  # 8 × 11 µ$ = 88 spent; 88 + 14 reserved > 100
+    refused = post(server)
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
+    assert "spent $0.000088 of $0.000100" in error["message"] and "key 'alice'" in error["message"]
+    assert "resets in" in error["message"]
+    assert refused.headers["x-should-retry"] == "false"
+    before = len(server.recorder.outcomes)
+    with openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=3) as sdk:
+        with pytest.raises(openai.RateLimitError) as caught:
+            sdk.chat.completions.create(**CHAT)
+    assert caught.value.code == "insufficient_quota"
+    assert len(server.recorder.outcomes) == before + 1, "the SDK retried a budget refusal"
+    usage = admin_get(server, "/admin/usage").json()
+    assert usage["teams"]["platform"]["keys"]["alice"]["spend_micros"] == 8 * COST
+    assert usage["teams"]["platform"]["keys"]["alice"]["remaining_usd"] == pytest.approx(0.000012)
+
+
+def test_failed_upstream_call_costs_nothing(on_redis, mock_upstream):
+    server = on_redis(budget(key_usd="0.0001"))
+    mock_upstream.add_faults([{"status": 500, "retry_after_ms": "1"}] * 3)
+    assert post(server).status_code == 502
+    usage = admin_get(server, "/admin/usage").json()["teams"]["platform"]
+    assert usage["spend_micros"] == 0 and usage["requests"] == 1
+    assert [post(server).status_code for _ in range(9)] == [200] * 8 + [429]  # the reservation came back
+
+
+class WebhookReceiver:
+    """Collects POSTed JSON; answers 500 to the first `fail_first` posts."""
+
+    def __init__(self, fail_first=0):
+        self.events, self.attempts, self.fail_first = [], 0, fail_first
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.attempts += 1
+                if receiver.attempts <= receiver.fail_first:
+                    self.send_response(500)
+                else:
+                    receiver.events.append(json.loads(body))
+                    self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_alert_threshold_logs_once_sets_gauge_and_posts_webhook(on_redis, caplog):
+    receiver = WebhookReceiver(fail_first=1)
+    try:
+        server = on_redis(budget(key_usd="0.0001", budget_alert_ratio=0.5, alert_webhook_url=receiver.url))
+        with caplog.at_level("WARNING", logger="proxy.budgets"):
+            for _ in range(8):
+                assert post(server).status_code == 200
+            deadline = time.monotonic() + 5
+            while not receiver.events:
+                assert time.monotonic() < deadline, "webhook never delivered"
+                time.sleep(0.02)
+        time.sleep(0.3)
+        assert receiver.attempts == 2  # one failure, retried once
+        assert len(receiver.events) == 1
+        event = receiver.events[0]
+        assert (event["scope"], event["name"], event["budget_usd"]) == ("key", "alice", "0.000100")
+        assert event["spent_usd"] == "0.000055"  # the 5th request (5 × 11 µ$) crossed 50 µ$
+        assert not any(secret in json.dumps(event) for secret in (*KEYS.values(), UPSTREAM_KEY, ADMIN_KEY))
+        alerts = [r for r in caplog.records if "budget alert" in r.getMessage()]
+        assert len(alerts) == 1 and "key 'alice'" in alerts[0].getMessage()
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'llm_proxy_budget_alert{name="alice",scope="key"} 1.0' in metrics
+        assert 'llm_proxy_budget_spent_usd{name="alice",scope="key"} 8.8e-05' in metrics
+        assert 'llm_proxy_budget_limit_usd{name="alice",scope="key"} 0.0001' in metrics
+    finally:
+        receiver.close()
+
+
+def test_admin_api_auth_and_content(on_redis):
+    server = on_redis(budget(key_usd="1", team_usd="10"))
+    post(server, headers={"x-proxy-tags": "role=security_auditor,workflow=nightly"})
+    assert post(server, {**CHAT, "metadata": {"role": "data_analyst"}}, key="bob").status_code == 200
+    assert post(server, {"model": "text-model", "prompt": "hello there", "max_tokens": 4, "user": "u-42"},
+                endpoint="/completions").status_code == 200
+    post(server, {**CHAT, "model": "no-such"})  # refused: costs nothing, books nothing
+    assert admin_get(server, "/admin/usage", key=None).status_code == 401
+    for key, status in ((None, 401), ("sk-unknown", 401), (KEYS["alice"], 403)):
+        response = admin_get(server, "/admin/usage", key=key)
+        assert response.status_code == status
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert admin_get(server, "/admin/usage", date="2024-13-45").status_code == 400
+    usage = admin_get(server, "/admin/usage").json()
+    platform = usage["teams"]["platform"]
+    costs = [o.cost_micros for o in server.recorder.outcomes if o.ticket]
+    assert platform["spend_micros"] == sum(costs) == usage["total"]["spend_micros"]
+    assert platform["requests"] == 3 and platform["budget_usd"] == 10.0
+    alice = platform["keys"]["alice"]
+    assert set(alice["models"]) == {"chat-model", "text-model"}
+    assert alice["models"]["text-model"]["completion_tokens"] == 4
+    assert set(platform["tags"]) == {"role=security_auditor", "workflow=nightly", "role=data_analyst", "user=u-42"}
+    assert platform["tags"]["role=security_auditor"]["requests"] == 1
+    assert usage["teams"]["research"]["keys"]["carol"]["requests"] == 0
+    keys = admin_get(server, "/admin/keys")
+    assert keys.status_code == 200 and keys.json()["keys"]["bob"]["models"] == ["chat-model"]
+    text = keys.text + json.dumps(usage)
+    for secret in KEYS.values():
+        assert secret not in text and hashlib.sha256(secret.encode()).hexdigest() not in text
+
+
+def test_usage_cli_table_and_json(on_redis, tmp_path, redis_url):
+    server = on_redis(budget(key_usd="1"))
+    post(server, headers={"x-proxy-tags": "role=security_auditor"})
+    env = {**os.environ, "LLM_PROXY_ADMIN_KEY": ADMIN_KEY}
+    by_tag = subprocess.run([sys.executable, "-m", "proxy", "usage", "--url", server.url, "--by", "tag"],
+                            capture_output=True, text=True, env=env, timeout=30)
+    assert by_tag.returncode == 0, by_tag.stderr
+    assert "role=security_auditor" in by_tag.stdout and "0.000011" in by_tag.stdout
+    config_path = tmp_path / "config.json"  # JSON is YAML
+    data = config_dict("http://127.0.0.1:9/v1", redis_url=redis_url)
+    budget(key_usd="1")(data)
+    config_path.write_text(json.dumps(data))
+    from_store = subprocess.run([sys.executable, "-m", "proxy", "usage", "--config", str(config_path), "--json",
+                                 "--by", "key"], capture_output=True, text=True, timeout=30)
+    assert from_store.returncode == 0, from_store.stderr
+    report = json.loads(from_store.stdout)
+    assert report["teams"]["platform"]["keys"]["alice"]["spend_micros"] == COST
+    by_key = subprocess.run([sys.executable, "-m", "proxy", "usage", "--config", str(config_path), "--by", "key"],
+                            capture_output=True, text=True, timeout=30)
+    assert "alice" in by_key.stdout and "1.000000" in by_key.stdout  # the key's budget column
+
+
+def test_day_rollover_in_the_budget_timezone(on_redis):
+    zone = ZoneInfo("America/New_York")
+    almost_midnight = datetime(2026, 3, 7, 23, 59, 50, tzinfo=zone)  # the night before DST starts
+    clock = Clock(int(almost_midnight.timestamp() * 1_000_000))
+    server = on_redis(budget(key_usd="0.00003", budget_timezone="America/New_York"), clock=clock)
+    assert [post(server).status_code for _ in range(3)] == [200, 200, 429]
+    clock.advance(9)
+    assert post(server).status_code == 429
+    clock.advance(1)  # 2026-03-08 00:00 in New York
+    assert [post(server).status_code for _ in range(3)] == [200, 200, 429]
+    before = admin_get(server, "/admin/usage", date="2026-03-07").json()["teams"]["platform"]["keys"]["alice"]
+    after = admin_get(server, "/admin/usage", date="2026-03-08").json()["teams"]["platform"]["keys"]["alice"]
+    assert before["spend_micros"] == after["spend_micros"] == 2 * COST
+    assert admin_get(server, "/admin/usage").json()["date"] == "2026-03-08"
+
+
+def test_nothing_is_lost_when_redis_dies_mid_load(mock_upstream, start_proxy):
+    redis = RedisServer(persistent=True)
+    try:
+        def patch(data):
+            data["store"] = {"redis_url": redis.url, "on_redis_error": "allow", "timeout_ms": 100}
+        server, recorder = start_proxy(make_config(mock_upstream.url, patch=patch))
+        stop = threading.Event()
+        statuses = []
+
+        def load(key):
+            with httpx.Client(timeout=10) as http:
+                while not stop.is_set():
+                    body = {**CHAT, "stream": len(statuses) % 2 == 0}
+                    response = http.post(server.base_url + "/chat/completions", json=body,
+                                         headers={"Authorization": f"Bearer {KEYS[key]}"})
+                    statuses.append(response.status_code)
+
+        threads = [threading.Thread(target=load, args=(key,)) for key in ("alice", "bob", "carol")]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.7)
+        redis.kill()
+        time.sleep(1.0)
+        redis.start()
+        time.sleep(0.7)
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        limiter = server.app.state.limiter
+        deadline = time.monotonic() + 10
+        while limiter.journal:
+            assert time.monotonic() < deadline, f"journal not flushed: {len(limiter.journal)} left"
+            time.sleep(0.05)
+        assert set(statuses) == {200}, "allow mode: every request is served through the outage"
+        reported = mock_upstream.stats()
+        usage = admin_get(server, "/admin/usage").json()["total"]
+        assert usage["requests"] == len(statuses)
+        assert usage["prompt_tokens"] == reported["prompt_tokens"]
+        assert usage["completion_tokens"] == reported["completion_tokens"]
+        assert usage["spend_micros"] == sum(o.cost_micros for o in recorder.outcomes)
+    finally:
+        redis.stop()
