@@ -76,6 +76,7 @@ def create_app(config: Config, *, store: Store | None = None, observer: Observer
             for client in gateway.upstreams.values():
                 await client.close()
             await store.close()
+            metrics.worker_exited()
 
     app = FastAPI(title="llm-ratelimit-proxy", version="0.1.0", lifespan=lifespan, docs_url="/admin/docs",
                   openapi_url="/admin/openapi.json", redoc_url=None)

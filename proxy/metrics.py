@@ -113,6 +113,12 @@ class Metrics:
     def set_alert(self, scope: str, name: str, active: bool) -> None:
         self.budget_alert.labels(scope, name).set(1 if active else 0)
 
+    @staticmethod
+    def worker_exited() -> None:
+        """Drop this worker's live gauges (in-flight) from the aggregate."""
+        if multiprocess_dir():
+            multiprocess.mark_process_dead(os.getpid())
+
     # -- exposition ---------------------------------------------------------------------------
     def exposition(self) -> bytes:
         if multiprocess_dir():

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import tempfile
 
 import uvicorn
 
 from .config import Config
+from .metrics import MULTIPROC_ENV
 
 FACTORY = "proxy.app:app_from_env"
 
@@ -21,9 +24,23 @@ def configure_logging(level: str) -> None:
                         '"logger": "%(name)s", "message": "%(message)s"}')
 
 
+def prepare_multiprocess_metrics(workers: int) -> str | None:
+    """Under --workers N, every worker writes metrics to one fresh directory that /metrics reads."""
+    if workers <= 1 and not os.environ.get(MULTIPROC_ENV):
+        return None
+    path = os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="llm-proxy-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for stale in os.listdir(path):  # samples of an earlier run would be added to ours
+        if stale.endswith(".db"):
+            os.remove(os.path.join(path, stale))
+    os.environ[MULTIPROC_ENV] = path
+    return path
+
+
 def serve(config: Config, *, host: str, port: int, workers: int = 1) -> None:
     """Serve the config in $LLM_PROXY_CONFIG (each worker loads it through the factory)."""
     configure_logging(config.log_level)
+    prepare_multiprocess_metrics(workers)
     uvicorn.run(
         FACTORY,
         factory=True,

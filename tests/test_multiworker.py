@@ -1,0 +1,52 @@
+"""`llm-proxy serve --workers N`: workers share Redis limits and one aggregated /metrics."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+
+from tests.support.configs import KEYS, config_dict
+from tests.support.processes import MockProcess, Process, start_all, stop_all, write_config
+from tests.support.ports import free_port
+
+import sys
+
+
+def counter(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_two_workers_aggregate_metrics_and_share_limits(tmp_path: Path, redis_url):
+    mock = start_all([MockProcess(workdir=tmp_path)])[0]
+    data = config_dict(mock.base_url, redis_url=redis_url)
+    data["keys"]["alice"]["limits"] = {"rpm": 60, "rpm_burst": 30}
+    config = write_config(tmp_path / "config.yaml", data)
+    port = free_port()
+    metrics_dir = tmp_path / "metrics"
+    server = Process([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port),
+                      "--workers", "2"], port, "/healthz", name="proxy", workdir=tmp_path,
+                     env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    try:
+        start_all([server])
+        statuses = []
+        for _ in range(40):  # new connections, so both workers take requests
+            response = httpx.post(server.url + "/v1/chat/completions", headers={
+                "Authorization": f"Bearer {KEYS['alice']}", "Connection": "close"},
+                json={"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+            statuses.append(response.status_code)
+        assert statuses.count(200) == 30 and statuses.count(429) == 10  # one shared bucket of 30
+        pids = {m.group(1) for f in metrics_dir.iterdir() if (m := re.search(r"_(\d+)\.db$", f.name))}
+        assert len(pids) >= 2, f"only one worker wrote metrics: {sorted(f.name for f in metrics_dir.iterdir())}"
+        for _ in range(6):  # whichever worker answers, the totals are the aggregate
+            text = httpx.get(server.url + "/metrics", headers={"Connection": "close"}).text
+            assert counter(text, "llm_proxy_requests_total", status="200") == 30
+            assert counter(text, "llm_proxy_rejections_total", reason="rpm") == 10
+            assert counter(text, "llm_proxy_tokens_total", kind="completion") == 30 * 5
+    finally:
+        stop_all([server, mock])
