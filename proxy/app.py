@@ -72,7 +72,7 @@ def create_app(config: Config, *, store: Store | None = None, observer: Observer
             hangup()
             await reloader.close()
             await budgets.close()
-            await limiter.close()
+            await limiter.close(flush_for_s=max(1.0, config.shutdown_grace_s))
             for client in gateway.upstreams.values():
                 await client.close()
             await store.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
+import sys
 import tempfile
 
 import uvicorn
@@ -41,6 +43,9 @@ def serve(config: Config, *, host: str, port: int, workers: int = 1) -> None:
     """Serve the config in $LLM_PROXY_CONFIG (each worker loads it through the factory)."""
     configure_logging(config.log_level)
     prepare_multiprocess_metrics(workers)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it; by then everything is settled
+    # and flushed, so the re-raised signal ends the process with status 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.run(
         FACTORY,
         factory=True,

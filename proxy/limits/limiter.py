@@ -212,7 +212,8 @@ class Limiter:
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
 
-    async def close(self) -> None:
+    async def close(self, flush_for_s: float = 10.0) -> None:
+        """Stop the flusher, then keep flushing the journal for up to `flush_for_s`."""
         if self._flusher is not None:
             self._flusher.cancel()
             try:
@@ -220,9 +221,14 @@ class Limiter:
             except asyncio.CancelledError:
                 pass
             self._flusher = None
-        await self.flush_journal()
+        deadline = time.monotonic() + flush_for_s
+        while True:
+            await self.flush_journal()
+            if not self.journal or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(FLUSH_INTERVAL_S / 4)
         if self.journal:
-            log.error("%d settlements could not be flushed at shutdown", len(self.journal))
+            log.error("%d settlements could not be flushed at shutdown: their spend is lost", len(self.journal))
 
     def _outage(self, exc: Exception) -> None:
         if self._outage_since is None:
