@@ -80,6 +80,8 @@ class Gateway:
             outcome.caller = caller
             call = await self._read_call(request, endpoint, caller)
             outcome.model, outcome.stream = call.model, call.stream
+            if self.config.log_bodies:
+                outcome.request_body = call.body
             return await self._forward(request, call, caller, outcome)
         except ProxyError as error:
             outcome.fail(error)
@@ -136,6 +138,8 @@ class Gateway:
             outcome.finished_upstream = time.monotonic()
             usage = self._usage_of(response.status, payload, call)
             outcome.status = response.status
+            if self.config.log_bodies:
+                outcome.response_body = payload
             await self._settle(ticket, call, usage, outcome)
             settle_here = False
             return self._passthrough(response, payload, outcome.request_id, ticket)

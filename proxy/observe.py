@@ -60,6 +60,8 @@ class Outcome:
     done: float = 0.0
     stream_error: str | None = None
     client_gone: bool = False
+    request_body: dict | None = None  # only with log_bodies: true
+    response_body: bytes | None = None
 
     def fail(self, error: ProxyError) -> None:
         self.status = error.status
@@ -81,6 +83,7 @@ class RequestLog:
     def __init__(self, level: str = "info", stream=None):
         self._stream = stream or sys.stdout
         self.enabled = logging.getLevelName(level.upper()) <= logging.INFO
+        self._default = lambda value: repr(value)
 
     def admitted(self, outcome: Outcome) -> None:
         pass
@@ -110,7 +113,11 @@ class RequestLog:
             "error": outcome.error_code or outcome.stream_error,
             "client_gone": outcome.client_gone or None,
         }
-        self._stream.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode())
+        if outcome.request_body is not None:
+            line["request_body"] = outcome.request_body
+        if outcome.response_body is not None:
+            line["response_body"] = outcome.response_body.decode("utf-8", "replace")
+        self._stream.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE, default=self._default).decode())
         self._stream.flush()
 
 
