@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -43,6 +44,26 @@ def build_store(config: Config) -> Store:
 
     return RedisStore.from_url(config.store.redis_url, timeout_ms=config.store.timeout_ms,
                                cluster=config.store.is_cluster, retention_days=config.spend_retention_days)
+
+
+class ProxyApp(FastAPI):
+    """FastAPI for the admin and ops API; `/v1/*` calls go straight to the gateway.
+
+    The call routes skip FastAPI's and Starlette's middleware stack (six layers, ~18% of the CPU
+    of a proxied request in a profile here) and answer every error themselves, OpenAI-shaped.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.call_routes: dict[str, Callable] = {}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            route = self.call_routes.get(scope["path"])
+            if route is not None:
+                await route(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(config: Config, *, store: Store | None = None, observer: Observer | None = None,
@@ -78,7 +99,7 @@ def create_app(config: Config, *, store: Store | None = None, observer: Observer
             await store.close()
             metrics.worker_exited()
 
-    app = FastAPI(title="llm-ratelimit-proxy", version="0.1.0", lifespan=lifespan, docs_url="/admin/docs",
+    app = ProxyApp(title="llm-ratelimit-proxy", version="0.1.0", lifespan=lifespan, docs_url="/admin/docs",
                   openapi_url="/admin/openapi.json", redoc_url=None)
     app.state.gateway = gateway
     app.state.limiter = limiter
@@ -87,7 +108,8 @@ def create_app(config: Config, *, store: Store | None = None, observer: Observer
 
     for path, endpoint in (("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
                            ("/v1/embeddings", "embeddings")):
-        app.add_route(path, _call_route(gateway, endpoint), methods=["POST"])
+        app.call_routes[path] = _call_route(gateway, endpoint)
+        app.add_route(path, _method_not_allowed, methods=["GET", "PUT", "PATCH", "DELETE"])
     models_api.add_routes(app, gateway)
     app.include_router(ops_api.router(gateway, store))
     app.include_router(admin_api.router(gateway))
@@ -108,11 +130,24 @@ def _on_sighup(reloader: Reloader):
 
 
 def _call_route(gateway: Gateway, endpoint: str):
-    async def route(request: Request):
-        return await gateway.handle(request, endpoint)
+    """A bare ASGI handler for one OpenAI call endpoint."""
+
+    async def route(scope, receive, send) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await gateway.handle(request, endpoint)
+        except Exception:
+            log.exception("unexpected error on POST %s", scope["path"])
+            response = Gateway.error_response(ProxyError("The proxy had an internal error."), request_id_of(request))
+        await response(scope, receive, send)
 
     route.__name__ = f"v1_{endpoint}"
     return route
+
+
+async def _method_not_allowed(request: Request) -> Response:
+    return Gateway.error_response(MethodNotAllowed(
+        f"Method {request.method} is not allowed for {request.url.path}."), request_id_of(request))
 
 
 def _install_error_handlers(app: FastAPI) -> None:

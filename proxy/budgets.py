@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
 import httpx
 
 from .config import Config
-from .limits.days import day_label
+from .limits.days import candidate_days
 from .limits.limiter import Ticket
 from .limits.types import Settled, Store, StoreError
 from .metrics import Metrics
@@ -38,6 +39,7 @@ class BudgetWatch:
         self.metrics = metrics
         self._queue: asyncio.Queue[dict] | None = None
         self._tasks: list[asyncio.Task] = []
+        self._today, self._today_from, self._today_until = "", 0.0, 0.0
         self.webhook_sent = 0
         self.webhook_failed = 0
 
@@ -55,8 +57,12 @@ class BudgetWatch:
 
     def today(self) -> str:
         clock_us = getattr(self.store, "clock_us", None)  # a store pinned to a test clock
-        now = datetime.fromtimestamp(clock_us() / 1e6, timezone.utc) if clock_us is not None else None
-        return day_label(ZoneInfo(self.config.budget_timezone), now)
+        now = clock_us() / 1e6 if clock_us is not None else time.time()
+        if not self._today_until > now >= self._today_from:
+            zone = ZoneInfo(self.config.budget_timezone)
+            days = candidate_days(zone, datetime.fromtimestamp(now, zone))
+            self._today, self._today_from, self._today_until = days.labels[1], days.starts[1], days.starts[2]
+        return self._today
 
     # -- after each settlement --------------------------------------------------------------------
     def on_settled(self, ticket: Ticket, settled: Settled) -> None:

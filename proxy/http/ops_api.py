@@ -20,11 +20,14 @@ def router(gateway: Gateway, store: Store) -> APIRouter:
 
     @api.get("/readyz")
     async def readyz() -> Response:
-        """Readiness: the rate-limit store answers."""
+        """Readiness: the rate-limit store answers. While it does not, `on_redis_error: allow`
+        still serves through the fallback limiter (200, degraded); `deny` is not ready (503)."""
         try:
             await store.ping()
-        except StoreError as exc:
-            return JSONResponse({"status": "unavailable", "store": type(exc).__name__}, status_code=503)
+        except StoreError:
+            if gateway.config.store.on_redis_error == "allow":
+                return JSONResponse({"status": "degraded", "store": "unavailable"})
+            return JSONResponse({"status": "unavailable", "store": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     @api.get("/metrics")
