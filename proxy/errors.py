@@ -8,6 +8,7 @@
     ├── ModelNotAllowed     403     model_not_allowed
     ├── NotFound            404     model_not_found / unknown route
     ├── BodyTooLarge        413
+    ├── ClientClosedRequest 499     the client left mid-body (nginx's code; nobody reads the answer)
     ├── RateLimited         429     type requests | tokens | parallel_requests
     ├── BudgetExceeded      429     insufficient_quota, never retried
     ├── UpstreamError       502     upstream_error
@@ -94,6 +95,12 @@ class BodyTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class ClientClosedRequest(ProxyError):
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
 
 
 class RateLimited(ProxyError):
