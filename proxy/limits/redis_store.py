@@ -16,6 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from .resp import RespClient, RespConnectionError, RespReplyError
 from .layout import DEFAULT_PREFIX, Layout, admit_args, decode_decision, decode_settled, settle_args
 from .ledger import usage_report
 from .types import Admission, Decision, ScopeKind, ScopeLimits, Settled, Settlement, StoreError
@@ -23,7 +24,8 @@ from .types import Admission, Decision, ScopeKind, ScopeLimits, Settled, Settlem
 DEFAULT_TIMEOUT_MS = 250
 DEFAULT_RETENTION_DAYS = 35
 # what the driver raises when Redis cannot answer (RedisClusterException is no RedisError)
-DRIVER_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+DRIVER_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError, RespConnectionError,
+                 RespReplyError)
 
 
 def _script(name: str) -> str:
@@ -35,13 +37,18 @@ def _text(value) -> str:
 
 
 class _Script:
-    """One Lua file, loaded with SCRIPT LOAD and run with EVALSHA (reloaded on NOSCRIPT)."""
+    """One Lua file, loaded with SCRIPT LOAD and run with EVALSHA (reloaded on NOSCRIPT).
+
+    Runs on the lean pipelined connection when the store has one (standalone Redis), else on
+    redis-py (Redis Cluster, or a client handed in by a test)."""
 
     def __init__(self, name: str) -> None:
         self.source = _script(name)
         self.sha: str | None = None
 
-    async def __call__(self, client, keys: list[str], args: list):
+    async def __call__(self, client, keys: list[str], args: list, fast: RespClient | None = None):
+        if fast is not None:
+            return await self._fast(fast, keys, args)
         if self.sha is None:
             self.sha = _text(await client.script_load(self.source))
         try:
@@ -49,6 +56,17 @@ class _Script:
         except NoScriptError:
             self.sha = _text(await client.script_load(self.source))
             return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+    async def _fast(self, fast: RespClient, keys: list[str], args: list):
+        if self.sha is None:
+            self.sha = _text(await fast.call("SCRIPT", "LOAD", self.source))
+        try:
+            return await fast.call("EVALSHA", self.sha, len(keys), *keys, *args)
+        except RespReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            self.sha = _text(await fast.call("SCRIPT", "LOAD", self.source))
+            return await fast.call("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 class RedisStore:
@@ -59,8 +77,10 @@ class RedisStore:
         clock_us: Callable[[], int] | None = None,
         retention_days: int = DEFAULT_RETENTION_DAYS,
         prefix: str = DEFAULT_PREFIX,
+        fast: RespClient | None = None,
     ) -> None:
         self.client = client
+        self.fast = fast  # the admit and settle scripts' own connection (standalone Redis)
         self.clock_us = clock_us
         self.retention_days = retention_days
         self.layout = Layout(prefix)
@@ -86,11 +106,15 @@ class RedisStore:
                        retry=Retry(NoBackoff(), 0))
         if url.startswith("redis+cluster://"):
             url, cluster = "redis://" + url.removeprefix("redis+cluster://"), True
+        fast = None
         if cluster:
             client = aioredis.RedisCluster.from_url(url, **options)
         else:
-            client = aioredis.Redis.from_url(url, retry_on_timeout=False, **options)
-        return cls(client, clock_us=clock_us, retention_days=retention_days, prefix=prefix)
+            # redis-py only reads here (reports, gauges, ping): one retry lets a pooled connection
+            # that died with a Redis restart reconnect instead of failing the next read
+            client = aioredis.Redis.from_url(url, retry_on_timeout=False, **{**options, "retry": Retry(NoBackoff(), 1)})
+            fast = RespClient(url, timeout)
+        return cls(client, clock_us=clock_us, retention_days=retention_days, prefix=prefix, fast=fast)
 
     def _now_us(self) -> int | None:
         return None if self.clock_us is None else int(self.clock_us())
@@ -99,7 +123,7 @@ class RedisStore:
         keys = self.layout.admit_keys(admission)
         args = admit_args(admission, self._now_us())
         try:
-            reply = await self._admit(self.client, keys, args)
+            reply = await self._admit(self.client, keys, args, self.fast)
         except DRIVER_ERRORS as exc:
             raise StoreError(f"admit failed: {exc!r}") from exc
         return decode_decision(reply)
@@ -108,7 +132,7 @@ class RedisStore:
         keys = self.layout.settle_keys(settlement)
         args = settle_args(settlement, self._now_us(), self.retention_days * 86_400)
         try:
-            return decode_settled(await self._settle(self.client, keys, args))
+            return decode_settled(await self._settle(self.client, keys, args, self.fast))
         except DRIVER_ERRORS as exc:
             raise StoreError(f"settle failed: {exc!r}") from exc
 
@@ -150,6 +174,8 @@ class RedisStore:
             raise StoreError(f"ping failed: {exc!r}") from exc
 
     async def close(self) -> None:
+        if self.fast is not None:
+            await self.fast.close()
         try:
             await self.client.aclose()
         except DRIVER_ERRORS as exc:

@@ -1,0 +1,102 @@
+"""The lean hot-path Redis connection: replies in order, errors, timeouts, reconnects, AUTH, SELECT."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis
+
+from proxy.limits.resp import RespClient, RespConnectionError, RespReplyError
+
+
+async def test_pipelined_replies_arrive_in_order(redis_url):
+    client = RespClient(redis_url, timeout_s=2)
+    try:
+        replies = await asyncio.gather(*(client.call("ECHO", str(i)) for i in range(500)))
+        assert replies == [str(i).encode() for i in range(500)]
+        assert await client.call("INCRBY", "counter", 5) == 5
+        with pytest.raises(RespReplyError, match="NOSCRIPT"):
+            await client.call("EVALSHA", "0" * 40, 0)
+        assert await client.call("PING") == b"PONG"  # an error reply leaves the connection usable
+    finally:
+        await client.close()
+
+
+async def test_selects_the_database_of_the_url(redis_url):
+    client = RespClient(redis_url.rsplit("/", 1)[0] + "/3", timeout_s=2)
+    try:
+        await client.call("SET", "in-db-3", "yes")
+    finally:
+        await client.close()
+    check = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/3")
+    assert check.get("in-db-3") == b"yes"
+    assert redis.Redis.from_url(redis_url).get("in-db-3") is None
+    check.close()
+
+
+async def test_auth_with_password(redis_server, redis_url):
+    admin = redis.Redis.from_url(redis_url)
+    admin.config_set("requirepass", "s3cret")
+    try:
+        host = redis_url.split("//")[1]
+        good = RespClient(f"redis://:s3cret@{host}", timeout_s=2)
+        assert await good.call("PING") == b"PONG"
+        await good.close()
+        bad = RespClient(f"redis://:wrong@{host}", timeout_s=2)
+        with pytest.raises(RespReplyError):
+            await bad.call("PING")
+        await bad.close()
+    finally:
+        authed = redis.Redis.from_url(redis_url, password="s3cret")
+        authed.config_set("requirepass", "")
+        authed.close()
+        admin.close()
+
+
+async def test_a_silent_server_times_out_and_the_next_call_reconnects():
+    accepted = []
+
+    async def silent(reader, writer):
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = RespClient(f"redis://127.0.0.1:{port}/0", timeout_s=0.2)
+    try:
+        started = time.monotonic()
+        results = await asyncio.gather(client.call("PING"), client.call("PING"), return_exceptions=True)
+        assert all(isinstance(r, RespConnectionError) for r in results)
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(RespConnectionError):
+            await client.call("PING")
+        assert len(accepted) == 2, "a timed-out connection is dropped and a new one made"
+    finally:
+        await client.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_connection_refused_is_a_connection_error():
+    from tests.support.ports import free_port
+
+    client = RespClient(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
+    with pytest.raises(RespConnectionError):
+        await client.call("PING")
+    await client.close()
+
+
+async def test_server_restart_is_survived(redis_server, redis_url):
+    client = RespClient(redis_url, timeout_s=0.5)
+    try:
+        assert await client.call("PING") == b"PONG"
+        redis_server.kill()
+        with pytest.raises(RespConnectionError):
+            await client.call("PING")
+        redis_server.start()
+        assert await client.call("PING") == b"PONG"
+    finally:
+        await client.close()
