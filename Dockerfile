@@ -9,7 +9,9 @@ WORKDIR /src
 # Only what the package needs: a change to tests or docs does not rebuild this layer.
 COPY pyproject.toml README.md ./
 COPY proxy/ ./proxy/
-RUN pip install --no-cache-dir . \
+# EXTRAS="[examples]" adds the openai SDK for examples/ (the compose traffic generator)
+ARG EXTRAS=""
+RUN pip install --no-cache-dir ".${EXTRAS}" \
     && rm -rf /src/build /src/*.egg-info
 
 RUN useradd --system --uid 10001 --create-home --shell /usr/sbin/nologin llmproxy

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client import multiprocess
 
 from .observe import Outcome
@@ -19,6 +19,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60,
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MICROS = 1_000_000
+STORE_OPS = ("admit", "settle", "flush")
 
 
 def multiprocess_dir() -> str | None:
@@ -29,6 +30,7 @@ class Metrics:
     """Every metric of one app, registered in the app's own registry."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # *_created series double the exposition for nothing we use
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("llm_proxy_requests", "Requests answered, by final status.",
@@ -63,6 +65,8 @@ class Metrics:
                                        ["upstream", "kind"], registry=r)
         self.store_errors = Counter("llm_proxy_store_errors", "Rate-limit store calls that failed.", ["op"],
                                     registry=r)
+        for op in STORE_OPS:  # present from the start, so increase() sees the very first error
+            self.store_errors.labels(op)
 
     # -- observer -----------------------------------------------------------------------------
     def admitted(self, outcome: Outcome) -> None:
