@@ -261,7 +261,7 @@ class Gateway:
     # -- responses ----------------------------------------------------------------------------
     def _stream_headers(self, request_id: str, ticket: Ticket) -> list[tuple[bytes, bytes]]:
         headers = list(SSE_HEADERS)
-        headers.append((b"x-request-id", request_id.encode()))
+        headers.append((b"x-request-id", request_id.encode("latin-1")))
         headers.extend((k.encode(), v.encode()) for k, v in ticket.headers.items())
         return headers
 

@@ -6,6 +6,7 @@ import re
 from datetime import date
 
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel
 
 from ..auth import presented_key
 from ..errors import AdminRequired, InvalidApiKey, InvalidRequest, StoreUnavailable
@@ -14,6 +15,25 @@ from ..limits.types import StoreError
 from ..usage_report import keys_overview, usage_overview
 
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error, shaped as OpenAI shapes its own."""
+
+    error: ErrorDetail
+
+
+ERRORS = {  # "4XX" also keeps FastAPI from documenting a 422 the proxy never sends (bad input is a 400)
+    "4XX": {"model": ErrorBody, "description": "Bad request (400), no or unknown key (401), not the admin key (403)"},
+    503: {"model": ErrorBody, "description": "The usage ledger's store is unavailable"},
+}
 
 
 def router(gateway: Gateway) -> APIRouter:
@@ -26,7 +46,7 @@ def router(gateway: Gateway) -> APIRouter:
         gateway.keyring.authenticate(presented)  # 401 for a key nobody knows
         raise AdminRequired("This key may not use the admin API.")
 
-    api = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+    api = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)], responses=ERRORS)
 
     @api.get("/usage")
     async def usage(date_: str | None = Query(None, alias="date", description="YYYY-MM-DD, default today")) -> dict:
