@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 import time
 
 import httpx
+import pytest
+import redis
 
 from proxy.limits.redis_store import RedisStore
 from tests.support.configs import KEYS, config_dict
@@ -49,3 +52,66 @@ def test_sigterm_flushes_the_journal_once_redis_returns(mock_upstream, tmp_path)
     finally:
         time.sleep(1.6)
         redis.stop()
+
+
+def stream_in_thread(url: str, fault: dict, events: list, first_chunk: threading.Event) -> threading.Thread:
+    def run():
+        try:
+            with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
+                              json={**CHAT, "max_tokens": 100, "stream": True},
+                              headers={"Authorization": f"Bearer {KEYS['alice']}",
+                                       "x-mock-fault": json.dumps(fault)}) as response:
+                for chunk in response.iter_bytes():
+                    events.append(chunk)
+                    first_chunk.set()
+        except httpx.HTTPError as exc:
+            events.append(exc)
+        first_chunk.set()
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def parallel_slots(redis_url: str) -> int:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return sum(client.zcard(key) for key in client.scan_iter("llmrl:*:par"))
+    finally:
+        client.close()
+
+
+def test_sigterm_lets_inflight_streams_finish_then_exits_0(mock_upstream, tmp_path, redis_url):
+    data = config_dict(mock_upstream.url, redis_url=redis_url)
+    data["shutdown_grace_s"] = 10
+    proxy = start_all([proxy_process(write_config(tmp_path / "config.yaml", data))])[0]
+    events, first = [], threading.Event()
+    thread = stream_in_thread(proxy.url, {"chunk_delay_s": 0.1, "chunks": 15}, events, first)
+    assert first.wait(10)
+    proxy.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(httpx.TransportError):  # no longer accepting
+        httpx.get(proxy.url + "/healthz", timeout=1)
+    thread.join(20)
+    assert proxy.popen.wait(20) == 0
+    body = b"".join(e for e in events if isinstance(e, bytes))
+    assert body.endswith(b"data: [DONE]\n\n"), "the in-flight stream was cut by the shutdown"
+    assert ledger_total(redis_url) == {"requests": 1, "completion_tokens": 15}
+    assert parallel_slots(redis_url) == 0
+
+
+def test_a_stream_longer_than_the_grace_period_is_cut_and_settled(mock_upstream, tmp_path, redis_url):
+    data = config_dict(mock_upstream.url, redis_url=redis_url)
+    data["shutdown_grace_s"] = 1
+    proxy = start_all([proxy_process(write_config(tmp_path / "config.yaml", data))])[0]
+    events, first = [], threading.Event()
+    thread = stream_in_thread(proxy.url, {"chunk_delay_s": 0.2, "chunks": 60}, events, first)
+    assert first.wait(10)
+    proxy.signal(signal.SIGTERM)
+    assert proxy.popen.wait(20) == 0
+    thread.join(20)
+    body = b"".join(e for e in events if isinstance(e, bytes))
+    assert b"data: [DONE]" not in body
+    settled = ledger_total(redis_url)
+    assert settled["requests"] == 1 and 0 < settled["completion_tokens"] < 60  # what was produced
+    assert parallel_slots(redis_url) == 0
+    assert "unsettled at shutdown" not in proxy.output()

@@ -88,6 +88,9 @@ class Limiter:
         self._flusher: asyncio.Task | None = None
         self.lease_ttl_ms = config.store.lease_ttl_s * 1000
         self.on_store_error = None  # callable(op): metrics hook
+        self.unsettled = 0  # admitted requests not yet settled (shutdown waits for them)
+        self._all_settled = asyncio.Event()
+        self._all_settled.set()
 
     # -- scopes -------------------------------------------------------------------------------
     def scopes(self, caller: Caller, divisor: int = 1) -> tuple[ScopeLimits, ScopeLimits]:
@@ -133,6 +136,8 @@ class Limiter:
             decision = await store.admit(admission)
         if not decision.admitted:
             raise self._refusal(decision, caller)
+        self.unsettled += 1
+        self._all_settled.clear()
         return Ticket(request_id, caller, decision, tokens, cost_micros, store, key, team, degraded)
 
     def _refusal(self, decision: Decision, caller: Caller) -> Exception:
@@ -169,6 +174,15 @@ class Limiter:
         if ticket.settled:
             return None
         ticket.settled = True
+        try:
+            return await self._settle(ticket, model, usage, cost_micros, tags, succeeded)
+        finally:
+            self.unsettled -= 1
+            if self.unsettled == 0:
+                self._all_settled.set()
+
+    async def _settle(self, ticket: Ticket, model: str, usage: Usage, cost_micros: int,
+                      tags: tuple[tuple[str, str], ...], succeeded: bool) -> Settled | None:
         settlement = Settlement(ticket.request_id, ticket.team_scope, ticket.key_scope, model, ticket.decision.day,
                                 usage, cost_micros, tags, succeeded)
         if ticket.degraded:
@@ -221,7 +235,14 @@ class Limiter:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
 
     async def close(self, flush_for_s: float = 10.0) -> None:
-        """Stop the flusher, then keep flushing the journal for up to `flush_for_s`."""
+        """Wait for admitted requests to settle, stop the flusher, then keep flushing the journal
+        for up to `flush_for_s`."""
+        deadline = time.monotonic() + flush_for_s
+        if self.unsettled:
+            try:
+                await asyncio.wait_for(self._all_settled.wait(), flush_for_s)
+            except asyncio.TimeoutError:
+                log.error("%d admitted requests were still unsettled at shutdown", self.unsettled)
         if self._flusher is not None:
             self._flusher.cancel()
             try:
@@ -229,7 +250,6 @@ class Limiter:
             except asyncio.CancelledError:
                 pass
             self._flusher = None
-        deadline = time.monotonic() + flush_for_s
         while True:
             await self.flush_journal()
             if not self.journal or time.monotonic() >= deadline:
