@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.redis_cluster import RedisCluster, cluster_available, cluster_required
 from tests.support.redis_server import RedisServer
 
 
@@ -19,6 +20,26 @@ def redis_url(redis_server: RedisServer) -> str:
     redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """The session's private 3-master Redis Cluster; skipped without redis-server and redis-cli,
+    unless LLM_PROXY_REQUIRE_CLUSTER=1 (set by .ci/run), which makes that a failure."""
+    if not cluster_available():
+        if cluster_required():
+            pytest.fail("LLM_PROXY_REQUIRE_CLUSTER is set but redis-server or redis-cli is not installed")
+        pytest.skip("Redis Cluster tests need redis-server and redis-cli")
+    cluster = RedisCluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: RedisCluster) -> str:
+    """The `redis+cluster://` URL of the flushed cluster."""
+    redis_cluster.flush()
+    return redis_cluster.url
 
 
 @pytest.fixture

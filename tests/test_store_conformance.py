@@ -1,4 +1,5 @@
-"""One suite over every store: RedisStore on real Redis, MemoryStore, RedisStore on fakeredis.
+"""One suite over every store: RedisStore on real Redis, on a real 3-master Redis Cluster,
+MemoryStore, RedisStore on fakeredis.
 
 The stores run on a settable clock (`clock_us`), so no test sleeps.
 """
@@ -11,10 +12,11 @@ import random
 
 import fakeredis
 import pytest
+from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
 from proxy.limits.memory_store import MemoryStore
-from proxy.limits.redis_store import RedisStore
+from proxy.limits.redis_store import CLUSTER_MAX_CONNECTIONS, RedisStore
 from proxy.limits.types import (
     Admission, BucketState, BudgetDay, Decision, ScopeLimits, Settlement, StoreError, Usage,
 )
@@ -42,10 +44,11 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture(params=["redis", "memory", "fakeredis"])
+@pytest.fixture(params=["redis", "cluster", "memory", "fakeredis"])
 async def store(request, clock):
-    if request.param == "redis":
-        store = RedisStore.from_url(request.getfixturevalue("redis_url"), timeout_ms=2000, clock_us=clock)
+    if request.param in ("redis", "cluster"):
+        url = request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
+        store = RedisStore.from_url(url, timeout_ms=2000, clock_us=clock)
     elif request.param == "memory":
         store = MemoryStore(clock_us=clock)
     else:
@@ -55,8 +58,8 @@ async def store(request, clock):
     await store.close()
 
 
-redis_only = pytest.mark.parametrize("store", ["redis", "fakeredis"], indirect=True)
-real_and_memory = pytest.mark.parametrize("store", ["redis", "memory"], indirect=True)
+redis_only = pytest.mark.parametrize("store", ["redis", "cluster", "fakeredis"], indirect=True)
+real_and_memory = pytest.mark.parametrize("store", ["redis", "cluster", "memory"], indirect=True)
 
 _ids = itertools.count()
 
@@ -344,6 +347,12 @@ async def test_every_key_expires_and_shares_the_team_hash_tag(store, clock):
     platform = [name for name in ttls if "{platform}" in name]
     assert {key_slot(name.encode()) for name in platform} == {key_slot(b"{platform}")}
     assert all(name.startswith(("llmrl:{platform}:", "llmrl:{other}:")) for name in ttls)
+    if isinstance(getattr(store, "client", None), RedisCluster):  # the cluster itself agrees: one slot, one master a team
+        slots = {team: {await store.client.cluster_keyslot(n) for n in ttls if f"{{{team}}}" in n}
+                 for team in ("platform", "other")}
+        assert slots == {"platform": {key_slot(b"{platform}")}, "other": {key_slot(b"{other}")}}
+        masters = {team: store.client.get_node_from_key(f"{{{team}}}").name for team in slots}
+        assert masters["platform"] != masters["other"]  # so the scan above read more than one master
 
 
 async def test_ledger_lives_for_the_retention(store):
@@ -358,9 +367,10 @@ async def test_ledger_lives_for_the_retention(store):
 
 @real_and_memory
 async def test_concurrent_admits_are_atomic(store):
-    k, t = key(rpm=1, rpm_burst=37), team(rpm=1000)
-    decisions = await asyncio.gather(*(store.admit(admission(k, t)) for _ in range(100)))
-    assert sum(d.admitted for d in decisions) == 37
+    # more calls at once than the cluster client's connections per node (it raises past them)
+    k, t = key(rpm=1, rpm_burst=137), team(rpm=1000)
+    decisions = await asyncio.gather(*(store.admit(admission(k, t)) for _ in range(2 * CLUSTER_MAX_CONNECTIONS + 50)))
+    assert sum(d.admitted for d in decisions) == 137
 
 
 @redis_only
@@ -409,12 +419,16 @@ async def test_redis_outage_raises_store_error_then_recovers(redis_server, redis
         await store.close()
 
 
-async def test_stores_agree_on_a_random_workload(redis_url):
+async def test_stores_agree_on_a_random_workload(request, redis_url):
     """The same random admits, settles and clock steps give the same replies and ledger everywhere."""
     clock = Clock()
     fake = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer(), lua_modules=set())
     stores = [RedisStore.from_url(redis_url, timeout_ms=2000, clock_us=clock), MemoryStore(clock_us=clock),
               RedisStore(fake, clock_us=clock)]
+    try:  # and the cluster, where there is one
+        stores.append(RedisStore.from_url(request.getfixturevalue("cluster_url"), timeout_ms=2000, clock_us=clock))
+    except pytest.skip.Exception:
+        pass
     rng = random.Random(7)
     t = team(rpm=40, rpm_burst=50, tpm=20_000, max_parallel=6, budget_micros=400_000)
     keys = [key("a", rpm=20, tpm=9_000, tpm_burst=12_000, max_parallel=3, budget_micros=250_000),

@@ -3,12 +3,19 @@
 Time comes from Redis (`TIME` inside the scripts), so every replica agrees on it; a store built
 with `clock_us` passes that clock's "now" instead (tests only). Every driver error is raised as
 `StoreError`; a NOSCRIPT (restart, failover, SCRIPT FLUSH) reloads the script and retries once.
+
+On a Redis Cluster (redis-py's `RedisCluster`) an EVALSHA goes to the master of its keys' slot
+(all of one team's keys share the hash tag `{team}`), SCRIPT LOAD goes to every master, reads are
+a pipeline split by slot, PING asks every master. MOVED and ASK are followed inside the driver;
+a node that fails makes the call fail (no retries: the caller falls back) and the next call
+re-reads the slot map. The cluster client opens one connection per command in flight and raises
+rather than waits past its per-node cap, so calls beyond `CLUSTER_MAX_CONNECTIONS` queue here.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import resources
 
 import redis.asyncio as aioredis
@@ -23,6 +30,7 @@ from .types import Admission, Decision, ScopeKind, ScopeLimits, Settled, Settlem
 
 DEFAULT_TIMEOUT_MS = 250
 DEFAULT_RETENTION_DAYS = 35
+CLUSTER_MAX_CONNECTIONS = 100  # per master, and the store's calls in flight on a cluster
 # what the driver raises when Redis cannot answer (RedisClusterException is no RedisError)
 DRIVER_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError, RespConnectionError,
                  RespReplyError)
@@ -86,6 +94,11 @@ class RedisStore:
         self.layout = Layout(prefix)
         self._admit = _Script("admit.lua")
         self._settle = _Script("settle.lua")
+        self._in_flight: asyncio.Semaphore | None = None  # cluster calls holding a connection
+        if isinstance(client, aioredis.RedisCluster):
+            # RedisCluster raises MaxConnectionsError past its per-node cap instead of waiting
+            self._in_flight = asyncio.Semaphore(client.connection_kwargs["max_connections"])
+            self._queue_timeout_s = client.connection_kwargs.get("socket_timeout") or DEFAULT_TIMEOUT_MS / 1000
 
     @classmethod
     def from_url(
@@ -108,7 +121,7 @@ class RedisStore:
             url, cluster = "redis://" + url.removeprefix("redis+cluster://"), True
         fast = None
         if cluster:
-            client = aioredis.RedisCluster.from_url(url, **options)
+            client = aioredis.RedisCluster.from_url(url, max_connections=CLUSTER_MAX_CONNECTIONS, **options)
         else:
             # redis-py only reads here (reports, gauges, ping): one retry lets a pooled connection
             # that died with a Redis restart reconnect instead of failing the next read
@@ -119,11 +132,26 @@ class RedisStore:
     def _now_us(self) -> int | None:
         return None if self.clock_us is None else int(self.clock_us())
 
+    async def _run(self, call: Callable[[], Awaitable]):
+        """await call(); on a cluster, once one of the client's connections is free (waiting up to
+        the timeout). Standalone calls go straight through: the lean connection multiplexes."""
+        if self._in_flight is None:
+            return await call()
+        try:
+            async with asyncio.timeout(self._queue_timeout_s):
+                await self._in_flight.acquire()
+        except TimeoutError:
+            raise StoreError(f"every Redis Cluster connection stayed busy for {self._queue_timeout_s}s") from None
+        try:
+            return await call()
+        finally:
+            self._in_flight.release()
+
     async def admit(self, admission: Admission) -> Decision:
         keys = self.layout.admit_keys(admission)
         args = admit_args(admission, self._now_us())
         try:
-            reply = await self._admit(self.client, keys, args, self.fast)
+            reply = await self._run(lambda: self._admit(self.client, keys, args, self.fast))
         except DRIVER_ERRORS as exc:
             raise StoreError(f"admit failed: {exc!r}") from exc
         return decode_decision(reply)
@@ -132,9 +160,10 @@ class RedisStore:
         keys = self.layout.settle_keys(settlement)
         args = settle_args(settlement, self._now_us(), self.retention_days * 86_400)
         try:
-            return decode_settled(await self._settle(self.client, keys, args, self.fast))
+            reply = await self._run(lambda: self._settle(self.client, keys, args, self.fast))
         except DRIVER_ERRORS as exc:
             raise StoreError(f"settle failed: {exc!r}") from exc
+        return decode_settled(reply)
 
     async def usage(self, day: str, teams: list[str]) -> dict:
         """The day's ledger of `teams` (see `proxy.limits.ledger` for the shape)."""
@@ -159,17 +188,23 @@ class RedisStore:
         """Several reads in one non-transactional pipeline (split by slot on a cluster)."""
         if not commands:
             return []
-        try:
+
+        async def run() -> list:
             async with self.client.pipeline(transaction=False) as pipe:
                 for name, *args in commands:
                     getattr(pipe, name)(*args)
                 return await pipe.execute()
+
+        try:
+            return await self._run(run)
         except DRIVER_ERRORS as exc:
             raise StoreError(f"{op} failed: {exc!r}") from exc
 
     async def ping(self) -> None:
+        """Every master answers (on a cluster any of them may hold a team's limits)."""
+        options = {} if self._in_flight is None else {"target_nodes": aioredis.RedisCluster.PRIMARIES}
         try:
-            await self.client.ping()
+            await self._run(lambda: self.client.ping(**options))
         except DRIVER_ERRORS as exc:
             raise StoreError(f"ping failed: {exc!r}") from exc
 
