@@ -127,6 +127,16 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
+def open_fds(pid: int) -> int:
+    total = 0
+    for p in process_tree(pid):
+        try:
+            total += sum(1 for _ in Path(f"/proc/{p}/fd").iterdir())
+        except OSError:
+            pass
+    return total
+
+
 # -- load -------------------------------------------------------------------------------------------
 
 WRK_SCRIPT = """
@@ -230,19 +240,29 @@ class Stack:
         return process
 
     def start(self) -> None:
+        self.start_upstream([sys.executable, str(HERE / "fake_upstream.py")])
+        self.start_proxy(proxy_config(self.upstream_port, self.start_redis(), self.args.log_level))
+
+    def start_upstream(self, argv: list[str]) -> None:
+        """`argv --port P`: the fake upstream, or any server that takes --port."""
         self.upstream_port = free_port()
-        self.spawn([sys.executable, str(HERE / "fake_upstream.py"), "--port", str(self.upstream_port)],
-                   self.upstream_port, "upstream.log")
-        redis_url = self.args.redis_url
-        if redis_url is None:
+        self.upstream = self.spawn([*argv, "--port", str(self.upstream_port)], self.upstream_port, "upstream.log")
+
+    def start_redis(self) -> str:
+        """--redis-url when given, else a fresh redis-server on a free port; returns its URL."""
+        self.redis_url = self.args.redis_url
+        if self.redis_url is None:
             port = free_port()
             self.spawn(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir",
                         str(self.workdir)], port, "redis.log")
-            redis_url = f"redis://127.0.0.1:{port}/0"
-        config = self.workdir / "config.yaml"
-        config.write_text(yaml.safe_dump(proxy_config(self.upstream_port, redis_url, self.args.log_level)))
+            self.redis_url = f"redis://127.0.0.1:{port}/0"
+        return self.redis_url
+
+    def start_proxy(self, config: dict) -> None:
+        path = self.workdir / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
         self.proxy_port = free_port()
-        self.proxy = self.spawn([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port",
+        self.proxy = self.spawn([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port",
                                  str(self.proxy_port), "--workers", str(self.args.workers)], self.proxy_port,
                                 "proxy.log", env={"PROMETHEUS_MULTIPROC_DIR": str(self.workdir / "metrics")}
                                 if self.args.workers > 1 else None)
