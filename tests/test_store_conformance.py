@@ -419,6 +419,27 @@ async def test_redis_outage_raises_store_error_then_recovers(redis_server, redis
         await store.close()
 
 
+async def test_cluster_master_outage_fails_its_teams_only_then_recovers(redis_cluster, cluster_url):
+    store = RedisStore.from_url(cluster_url, timeout_ms=500)
+    try:
+        assert (await store.admit(admission(key(rpm=10), team()))).admitted
+        down = store.client.get_node_from_key("{platform}").port
+        assert store.client.get_node_from_key("{other}").port != down
+        redis_cluster.kill(down)
+        try:
+            with pytest.raises(StoreError):
+                await store.admit(admission(key(rpm=10), team()))
+            with pytest.raises(StoreError):
+                await store.ping()  # every master must answer
+            assert (await store.admit(admission(key("c", rpm=10), team("other")))).admitted
+        finally:
+            redis_cluster.restart(down)
+        await store.ping()
+        assert (await store.admit(admission(key(rpm=10), team()))).admitted
+    finally:
+        await store.close()
+
+
 async def test_stores_agree_on_a_random_workload(request, redis_url):
     """The same random admits, settles and clock steps give the same replies and ledger everywhere."""
     clock = Clock()

@@ -72,8 +72,8 @@ class RedisCluster:
 
     def _start_node(self, port: int) -> subprocess.Popen:
         node_dir = os.path.join(self.workdir, str(port))
-        os.mkdir(node_dir)
-        log = open(os.path.join(node_dir, "redis.log"), "wb")
+        os.makedirs(node_dir, exist_ok=True)  # a restarted node rejoins from its nodes.conf
+        log = open(os.path.join(node_dir, "redis.log"), "ab")
         with log:
             return subprocess.Popen(
                 ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "no",
@@ -136,6 +136,18 @@ class RedisCluster:
                 return f.read()
         except FileNotFoundError:
             return ""
+
+    def kill(self, port: int) -> None:
+        """Stop one master abruptly (outage tests); `restart(port)` brings it back, empty."""
+        process = self._processes[self.ports.index(port)]
+        process.kill()
+        process.wait(10)
+
+    def restart(self, port: int) -> None:
+        """Start a killed master again and wait until every node says cluster_state:ok."""
+        self._processes[self.ports.index(port)] = self._start_node(port)
+        self._wait_ping(port)
+        self._wait_state_ok()
 
     def flush(self) -> None:
         """FLUSHALL and SCRIPT FLUSH on every master."""
