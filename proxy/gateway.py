@@ -21,14 +21,14 @@ from starlette.responses import Response
 from .auth import Caller, KeyRing, presented_key
 from .budgets import BudgetWatch
 from .config import Config
-from .errors import ModelNotAllowed, ModelNotFound, ProxyError, UpstreamError, UpstreamTimeout
+from .errors import ClientClosedRequest, ModelNotAllowed, ModelNotFound, ProxyError, UpstreamError, UpstreamTimeout
 from .forwarding import sse
 from .forwarding.context import apply_context_policy
 from .forwarding.relay import Attempts, open_upstream
 from .forwarding.upstream import UpstreamBroken, UpstreamClient, UpstreamReadTimeout, UpstreamResponse
 from .http.body import parse_json_object, read_body
 from .http.calls import Call, parse_call
-from .http.sse_response import SSEResponse
+from .http.sse_response import SettlingResponse, SSEResponse
 from .limits.limiter import Limiter, Ticket, reserved_tokens
 from .limits.types import Usage
 from .observe import Observer, Outcome
@@ -59,6 +59,21 @@ def request_id_of(request: Request) -> str:
     if 0 < len(given) <= 128 and given.isprintable():
         return given
     return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+
+
+async def _client_leaves(receive) -> None:
+    """Returns when the client disconnects (the request body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class StreamUsage:
+    """What a relayed stream produced, filled in when it ends."""
+
+    __slots__ = ("usage",)
+
+    def __init__(self) -> None:
+        self.usage = Usage()
 
 
 class Gateway:
@@ -130,33 +145,58 @@ class Gateway:
         headers = {k: v for k, v in request.headers.items() if k not in DROP_REQUEST_HEADERS}
         headers["x-request-id"] = outcome.request_id
         attempts = outcome.attempts
-        settle_here = True
+        settle_failed = True
+        # the body is read: from now on the client can only say that it left; if it does before
+        # the response starts, stop waiting on (or retrying) the upstream at once
+        watcher = asyncio.ensure_future(_client_leaves(request.receive))
+        fetch = asyncio.ensure_future(self._fetch(call, model, body, headers, self._deadline(request), attempts))
         try:
-            response = await open_upstream(PATHS[call.endpoint], body, model, self.upstreams, headers,
-                                           self._deadline(request), attempts)
+            await asyncio.wait((fetch, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if not fetch.done():
+                outcome.client_gone = True
+                raise ClientClosedRequest("The client closed the connection before the response started.")
+            response, payload = fetch.result()
             outcome.upstream_headers_at = time.monotonic()
-            if call.stream and response.status == 200:
-                settle_here = False
-                return SSEResponse(self._relay_stream(response, call, ticket, outcome),
-                                   200, self._stream_headers(outcome.request_id, ticket))
-            payload = await response.read()
+            if payload is None:  # a stream
+                settle_failed = False
+                produced = StreamUsage()
+                return SSEResponse(self._relay_stream(response, call, outcome, produced), 200,
+                                   self._stream_headers(outcome.request_id, ticket),
+                                   settle=lambda: self._settle(ticket, call, produced.usage, outcome))
             outcome.finished_upstream = time.monotonic()
             usage = self._usage_of(response.status, payload, call)
             outcome.status = response.status
             if self.config.log_bodies:
                 outcome.response_body = payload
-            await self._settle(ticket, call, usage, outcome)
-            settle_here = False
-            return self._passthrough(response, payload, outcome.request_id, ticket)
-        except UpstreamReadTimeout:  # while reading a non-streamed body
+            settle_failed = False
+            return self._passthrough(response, payload, outcome.request_id, ticket,
+                                     settle=lambda: self._settle(ticket, call, usage, outcome))
+        finally:
+            watcher.cancel()
+            if not fetch.done():
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
+            if settle_failed:  # nothing was produced for the client: nothing is charged
+                await asyncio.shield(self._settle(ticket, call, Usage(), outcome, succeeded=False, notify=False))
+
+    async def _fetch(self, call: Call, model, body: dict, headers: dict, deadline: float,
+                     attempts) -> tuple[UpstreamResponse, bytes | None]:
+        """The upstream's answer: its whole body, or (payload None) a stream ready to relay."""
+        response = await open_upstream(PATHS[call.endpoint], body, model, self.upstreams, headers, deadline,
+                                       attempts)
+        if call.stream and response.status == 200:
+            return response, None
+        try:
+            return response, await response.read()
+        except UpstreamReadTimeout:
             attempts.errors.append((attempts.upstream, "timeout"))
             raise UpstreamTimeout("The upstream timed out while sending its response.") from None
         except UpstreamBroken:
             attempts.errors.append((attempts.upstream, "broken"))
             raise UpstreamError("The upstream broke off its response.") from None
-        finally:
-            if settle_here:
-                await asyncio.shield(self._settle(ticket, call, Usage(), outcome, succeeded=False))
+        except asyncio.CancelledError:
+            response.close()
+            raise
 
     def _deadline(self, request: Request) -> float:
         """The client's own timeout (the OpenAI SDKs send it) bounds our retries."""
@@ -195,23 +235,28 @@ class Gateway:
                     text.append(content)
         return estimate_text_tokens("".join(text))
 
-    async def _settle(self, ticket: Ticket, call: Call, usage: Usage, outcome: Outcome, succeeded: bool = True):
+    async def _settle(self, ticket: Ticket, call: Call, usage: Usage, outcome: Outcome, succeeded: bool = True,
+                      notify: bool = True):
+        """Settle once; `notify=False` when the caller reports the outcome itself (a failed call)."""
         if ticket.settled:
             return
         cost = cost_micros(self.config.models[call.model].price_per_mtok, usage)
         outcome.usage, outcome.cost_micros = usage, cost
         settled = await self.limiter.settle(ticket, call.model, usage, cost, outcome.tags, succeeded)
         outcome.done = time.monotonic()
-        self.observer.finished(outcome)
+        if notify:
+            self.observer.finished(outcome)
         if settled:
             self.budgets.on_settled(ticket, settled)
 
     # -- streaming ----------------------------------------------------------------------------
-    async def _relay_stream(self, response: UpstreamResponse, call: Call, ticket: Ticket,
-                            outcome: Outcome) -> AsyncIterator[bytes]:
+    async def _relay_stream(self, response: UpstreamResponse, call: Call, outcome: Outcome,
+                            produced: StreamUsage) -> AsyncIterator[bytes]:
+        """The upstream's events as they arrive; `produced` gets the usage once the stream ends
+        (reported, or estimated when cut short) for the response to settle after its last byte."""
         splitter = sse.EventSplitter()
         usage: Usage | None = None
-        content_events = 0
+        text_chars = 0  # for an estimate when the upstream reports no usage
         keep_usage = call.client_wants_usage
         completed = False
         outcome.status = 200
@@ -231,7 +276,7 @@ class Gateway:
                     if sse.is_done(event):
                         completed = True
                     else:
-                        content_events += 1
+                        text_chars += sse.text_length(event)
                     out.append(event)
                 if out:
                     if outcome.first_byte_at == 0.0:
@@ -254,9 +299,9 @@ class Gateway:
             outcome.finished_upstream = time.monotonic()
             if not completed and outcome.stream_error is None:
                 outcome.client_gone = True
-            if usage is None:  # cut short, or an upstream that reports none: estimate
-                usage = Usage(call.prompt_tokens, content_events, 0)
-            await asyncio.shield(self._settle(ticket, call, usage, outcome))
+            if usage is None:  # cut short, or an upstream that reports none: characters / 4
+                usage = Usage(call.prompt_tokens, -(-text_chars // 4), 0)
+            produced.usage = usage
 
     # -- responses ----------------------------------------------------------------------------
     def _stream_headers(self, request_id: str, ticket: Ticket) -> list[tuple[bytes, bytes]]:
@@ -265,12 +310,14 @@ class Gateway:
         headers.extend((k.encode(), v.encode()) for k, v in ticket.headers.items())
         return headers
 
-    def _passthrough(self, response: UpstreamResponse, payload: bytes, request_id: str, ticket: Ticket) -> Response:
+    def _passthrough(self, response: UpstreamResponse, payload: bytes, request_id: str, ticket: Ticket,
+                     settle) -> SettlingResponse:
         headers = {name: response.headers[name] for name in PASS_RESPONSE_HEADERS if name in response.headers}
         headers["x-request-id"] = request_id
         headers.update(ticket.headers)
         media_type = response.headers.get("content-type", "application/json")
-        return Response(payload, status_code=response.status, headers=headers, media_type=media_type)
+        return SettlingResponse(payload, status_code=response.status, headers=headers, media_type=media_type,
+                                settle=settle)
 
     @staticmethod
     def error_response(error: ProxyError, request_id: str, ticket: Ticket | None = None) -> Response:

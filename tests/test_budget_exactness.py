@@ -47,8 +47,14 @@ async def hammer(urls: list[str], keys: list[str], headers: dict) -> list:
     return outcomes
 
 
-def ledger(url: str, team: str = "platform") -> dict:
-    return httpx.get(url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["teams"][team]
+def ledger(url: str, team: str = "platform", requests: int | None = None) -> dict:
+    """The team's ledger; with `requests`, once it holds that many (settlement follows the last byte)."""
+    deadline = time.monotonic() + 5
+    while True:
+        report = httpx.get(url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+        team_report = report["teams"][team]
+        if requests is None or team_report["requests"] >= requests or time.monotonic() > deadline:
+            return team_report
 
 
 @pytest.mark.parametrize("scope", ["key", "team"])
@@ -64,8 +70,8 @@ def test_concurrent_streams_never_overshoot_the_budget(scope, mock, tmp_path, re
     replicas = start_proxies(write_config(tmp_path / "config.yaml", data), 3)
     try:
         outcomes = asyncio.run(hammer([r.url for r in replicas], keys, {}))
-        spent = ledger(replicas[0].url)["spend_micros"]
         statuses = [status for status, _ in outcomes]
+        spent = ledger(replicas[0].url, requests=statuses.count(200))["spend_micros"]
         assert set(statuses) <= {200, 429}
         refusals = [orjson.loads(body)["error"]["code"] for status, body in outcomes if status == 429]
         assert set(refusals) == {"insufficient_quota"}
@@ -90,8 +96,8 @@ def test_excess_only_where_the_upstream_reports_more_than_reserved(mock, tmp_pat
     try:
         fault = orjson.dumps({"usage_multiplier": 3.0}).decode()
         outcomes = asyncio.run(hammer([r.url for r in replicas], ["alice"], {"x-mock-fault": fault}))
-        spent = ledger(replicas[0].url)["spend_micros"]
         admitted = sum(1 for status, _ in outcomes if status == 200)
+        spent = ledger(replicas[0].url, requests=admitted)["spend_micros"]
         cost = 0.27 + 30 * 1.10  # 1 prompt token, 30 completion tokens reported
         per_request_excess = round(cost) - RESERVED_MICROS
         print(f"upstream over-reporting: {admitted} admitted, spend {spent} µ$ of {BUDGET_MICROS}, "

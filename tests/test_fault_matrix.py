@@ -11,8 +11,8 @@ Each case runs uvicorn on a port with the RedisStore on real Redis (frozen clock
   proxy's own estimate where the mock reported none;
 - /metrics counted the request once, its upstream errors and retries, and in-flight is back to 0.
 
-Known proxy bugs are strict xfails that expect one specific failure class (`raises=`), so any other
-broken promise in those cases still fails the run.
+Each broken promise raises its own failure class (MetricsMiscount, SlotHeld, EstimateOff, ...), so a
+case marked xfail for a known bug would still fail on anything else; none is marked today.
 """
 
 from __future__ import annotations
@@ -63,12 +63,6 @@ class EstimateOff(AssertionError):
     """The proxy's own usage estimate is not chars / 4 of the text the client got."""
 
 
-FAILED_CALL_FINISHED_TWICE = pytest.mark.xfail(strict=True, raises=MetricsMiscount, reason=(
-    "a failed upstream call is reported to the observers twice: gateway._forward's `finally` runs "
-    "_settle(..., succeeded=False), which calls observer.finished(outcome) while outcome.status is "
-    "still 0; then handle()'s `except ProxyError` calls outcome.fail() and observer.finished() again. "
-    "/metrics counts the request under status \"0\" and its real status, counts each upstream error "
-    "and retry twice, and llm_proxy_inflight_requests ends at -1 (the request log writes two lines)"))
 
 
 @dataclass(frozen=True)
@@ -101,8 +95,7 @@ def http_cases() -> list[Case]:
                  errors={kind: 1}, retries={kind: 1}, min_duration_s=0.2),
             Case(f"{status}_backoff_then_ok", ({"status": status},), errors={kind: 1}, retries={kind: 1}),
             Case(f"{status}_exhausted", ({"status": status, "retry_after_ms": "10"},) * 3, status=502,
-                 error="upstream_error", spend=ZERO, errors={kind: 3}, retries={kind: 2},
-                 marks=(FAILED_CALL_FINISHED_TWICE,)),
+                 error="upstream_error", spend=ZERO, errors={kind: 3}, retries={kind: 2}),
         ]
     return cases
 
@@ -118,13 +111,11 @@ CASES = [
     Case("503_then_ok_stream", ({"status": 503, "retry_after_ms": "10"},), stream=True, errors={"http_503": 1},
          retries={"http_503": 1}),
     Case("503_exhausted_stream", ({"status": 503, "retry_after_ms": "10"},) * 3, stream=True, status=502,
-         error="upstream_error", spend=ZERO, errors={"http_503": 3}, retries={"http_503": 2},
-         marks=(FAILED_CALL_FINISHED_TWICE,)),
+         error="upstream_error", spend=ZERO, errors={"http_503": 3}, retries={"http_503": 2}),
     Case("reset_before_answer_then_ok", ({"close_connection": True},), errors={"broken": 1},
          retries={"broken": 1}),
     Case("connection_refused", upstream="refused", status=502, error="upstream_error", spend=ZERO,
-         errors={"connect": 3}, retries={"connect": 2},
-         marks=(FAILED_CALL_FINISHED_TWICE,)),
+         errors={"connect": 3}, retries={"connect": 2}),
     Case("connection_refused_to_backup", upstream="refused+backup", errors={"connect": 3},
          retries={"connect": 2}),
     Case("connection_refused_to_backup_stream", upstream="refused+backup", stream=True, errors={"connect": 3},
@@ -132,14 +123,11 @@ CASES = [
     # A connect timeout surfaces as UpstreamConnectError (proxy/forwarding/upstream.py): 502, kind connect.
     Case("connect_timeout", upstream="unaccepting", upstream_config={"connect_timeout_s": 0.2}, status=502,
          min_duration_s=0.6,  # three attempts of 0.2 s each: not refused at once
-         error="upstream_error", spend=ZERO, errors={"connect": 3}, retries={"connect": 2},
-         marks=(FAILED_CALL_FINISHED_TWICE,)),
+         error="upstream_error", spend=ZERO, errors={"connect": 3}, retries={"connect": 2}),
     Case("read_timeout", ({"first_byte_delay_s": 1.0},) * 3, upstream_config={"timeout_s": 0.4}, status=504,
-         error="upstream_timeout", spend=ZERO, errors={"timeout": 3}, retries={"timeout": 2},
-         marks=(FAILED_CALL_FINISHED_TWICE,)),
+         error="upstream_timeout", spend=ZERO, errors={"timeout": 3}, retries={"timeout": 2}),
     Case("read_timeout_stream", ({"first_byte_delay_s": 1.0},) * 3, stream=True, upstream_config={"timeout_s": 0.4},
-         status=504, error="upstream_timeout", spend=ZERO, errors={"timeout": 3}, retries={"timeout": 2},
-         marks=(FAILED_CALL_FINISHED_TWICE,)),
+         status=504, error="upstream_timeout", spend=ZERO, errors={"timeout": 3}, retries={"timeout": 2}),
     Case("slow_first_byte", ({"first_byte_delay_s": 0.3},), upstream_config={"timeout_s": 1}, min_duration_s=0.3),
     Case("slow_first_byte_stream", ({"first_byte_delay_s": 0.3},), stream=True, upstream_config={"timeout_s": 1},
          min_duration_s=0.3),
@@ -149,8 +137,7 @@ CASES = [
          upstream_config={"timeout_s": 0.4}, error="upstream_error", spend=ESTIMATED, errors={"timeout": 1},
          cancelled_stream=True),
     Case("plain_body_cut", ({"cut_after_chunks": 3},), status=502, error="upstream_error", spend=ZERO,
-         errors={"broken": 1},
-         marks=(FAILED_CALL_FINISHED_TWICE,)),
+         errors={"broken": 1}),
     # A 200 whose body is not JSON is passed through as it came (the proxy does not judge upstream bodies),
     # charged the prompt estimate and no completion.
     Case("malformed_json", ({"malformed_json": True},), spend=ESTIMATED),
@@ -159,31 +146,15 @@ CASES = [
     Case("bad_sse_line_stream", ({"bad_sse_line": True},), stream=True),
     Case("no_usage", ({"no_usage": True},), spend=ESTIMATED, text_estimate=True),
     Case("no_usage_stream", ({"no_usage": True},), stream=True, spend=ESTIMATED),
-    Case("no_usage_stream_text_estimate", ({"no_usage": True},), stream=True, spend=ESTIMATED, text_estimate=True,
-         marks=(pytest.mark.xfail(strict=True, raises=EstimateOff, reason=(
-             "a streamed answer without usage is charged one completion token per relayed SSE event "
-             "(gateway._relay_stream: Usage(call.prompt_tokens, content_events, 0), the finish_reason "
-             "chunk included: 11 for 'word0 ... word9'), not chars/4 of its text (15) as README "
-             "'Usage' says and the plain path (_estimate_completion) does")),)),
+    Case("no_usage_stream_text_estimate", ({"no_usage": True},), stream=True, spend=ESTIMATED, text_estimate=True),
     Case("client_gone_after_first_chunk", (SLOW_STREAM,), stream=True, client="first_chunk", spend=ESTIMATED,
          cancelled_stream=True, body={"max_tokens": 30}),
     Case("client_gone_before_answer", ({"first_byte_delay_s": 2.0},), client="gives_up", spend=ZERO,
-         metric_status=499, marks=(pytest.mark.xfail(strict=True, raises=SlotHeld, reason=(
-             "no disconnect watch before the response starts: gateway._forward awaits open_upstream "
-             "and response.read() for a client that left after 0.3 s, so the slot is held until the "
-             "upstream answers (~1.7 s later), the upstream call is never cancelled, its whole answer "
-             "(1 + 10 tokens, 11 µ$) is charged and counted as status 200")),)),
+         metric_status=499),
     Case("client_gone_before_answer_stream", ({"first_byte_delay_s": 2.0},), stream=True, client="gives_up",
-         spend=ZERO, metric_status=499, marks=(pytest.mark.xfail(strict=True, raises=SlotHeld, reason=(
-             "SSEResponse's disconnect listener starts only after open_upstream returned: the slot is "
-             "held until the upstream's headers arrive (~1.7 s after the client left), then the upstream "
-             "stream is opened for nobody and cancelled, and 8 + 2 estimated tokens are charged")),)),
+         spend=ZERO, metric_status=499),
     Case("client_gone_during_backoff", ({"status": 503, "retry_after_ms": "2000"},), client="gives_up",
-         spend=ZERO, errors={"http_503": 1}, metric_status=499,
-         marks=(pytest.mark.xfail(strict=True, raises=SlotHeld, reason=(
-             "relay.open_upstream sleeps out the 2 s Retry-After and retries for a client that left "
-             "after 0.3 s: the slot is held ~1.7 s too long, a second upstream call is made for nobody, "
-             "and its whole answer (11 µ$) is charged and counted as status 200")),)),
+         spend=ZERO, errors={"http_503": 1}, metric_status=499),
 ]
 
 

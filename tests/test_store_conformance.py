@@ -503,3 +503,17 @@ async def test_alert_threshold_is_crossed_once_per_scope_and_day(store, clock):
     assert (await store.admit(late)).admitted
     result = await store.settle(settlement(late, cost=900, day="2023-11-16"))
     assert (result.key_spent_micros, result.key_crossed) == (900, True)
+
+
+async def test_settled_markers_live_minutes_not_days(store, clock):
+    """One marker per settled request: it must not outlive the dedup window (soak: 2-day markers
+    grew Redis by one key per request for two days)."""
+    from proxy.limits.layout import DONE_TTL_S
+
+    a = admission(key(), team())
+    assert (await store.admit(a)).admitted
+    assert await store.settle(settlement(a))
+    markers = {name: ttl for name, ttl in (await _ttls(store)).items() if ":d:" in name}
+    assert len(markers) == 1 and 0 < next(iter(markers.values())) <= DONE_TTL_S * 1000
+    clock.advance(DONE_TTL_S * 1000 - 1)
+    assert not await store.settle(settlement(a))  # still remembered within the window

@@ -76,9 +76,9 @@ async def open_upstream(
             delay = wait if wait is not None else backoff_delay(attempt)
             if time.monotonic() + delay >= deadline:
                 break
-            attempts.retries += 1
-            attempts.reasons.append((target.upstream, kind))
             await asyncio.sleep(delay)
+            attempts.retries += 1  # counted once it happens: a client may leave during the wait
+            attempts.reasons.append((target.upstream, kind))
     if timed_out:
         raise UpstreamTimeout(f"The upstream did not answer in time ({last_failure}).")
     raise UpstreamError(f"The upstream failed: {last_failure}.")

@@ -10,6 +10,7 @@ from ..limits.types import Usage
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 DONE = b"data: [DONE]\n\n"
+_TEXT = re.compile(rb'"(?:content|text|reasoning_content)": ?"((?:[^"\\]|\\.)*)"')
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _NULL_USAGE = (b',"usage":null', b', "usage": null')
 
@@ -41,6 +42,11 @@ def event_data(event: bytes) -> bytes:
     """The joined `data:` field of one event (without the prefix)."""
     lines = [line[5:].lstrip(b" ") if line.startswith(b"data:") else None for line in event.splitlines()]
     return b"\n".join(line for line in lines if line is not None)
+
+
+def text_length(event: bytes) -> int:
+    """Characters of generated text in one chunk (as JSON-escaped bytes: close enough to estimate)."""
+    return sum(len(match.group(1)) for match in _TEXT.finditer(event))
 
 
 def carries_usage(event: bytes) -> bool:

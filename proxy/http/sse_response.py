@@ -1,21 +1,41 @@
-"""An ASGI streaming response that notices a client leaving while the upstream is silent.
+"""Responses that settle their request after the last byte, off the client's critical path.
 
-Starlette's StreamingResponse (ASGI 2.4) only learns of a disconnect on its next write; an LLM
-may think for a minute between chunks. Here a listener waits for `http.disconnect` beside the
-pump and cancels it at once, which closes the upstream request and settles in its `finally`.
+`SSEResponse`: Starlette's StreamingResponse (ASGI 2.4) only learns of a disconnect on its next
+write; an LLM may think for a minute between chunks. Here a listener waits for `http.disconnect`
+beside the pump and cancels it at once, which closes the upstream request (the stream's own
+`finally`). `SettlingResponse`: a complete body. Both run `settle` once the response is sent, or
+failed, or was cancelled: in their `finally`, shielded, so settlement is never skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from starlette.responses import Response
+
+Settle = Callable[[], Awaitable[object]]
+
+
+class SettlingResponse(Response):
+    def __init__(self, content: bytes, *, settle: Settle, **kwargs):
+        super().__init__(content, **kwargs)
+        self.settle = settle
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await asyncio.shield(self.settle())
 
 
 class SSEResponse:
-    def __init__(self, chunks: AsyncIterator[bytes], status: int, headers: list[tuple[bytes, bytes]]):
+    def __init__(self, chunks: AsyncIterator[bytes], status: int, headers: list[tuple[bytes, bytes]],
+                 settle: Settle):
         self.chunks = chunks
         self.status = status
         self.headers = headers
+        self.settle = settle
 
     async def __call__(self, scope, receive, send) -> None:
         pump = asyncio.ensure_future(self._pump(send))
@@ -27,6 +47,7 @@ class SSEResponse:
                 if not task.done():
                     task.cancel()
             await asyncio.gather(pump, listener, return_exceptions=True)
+            await asyncio.shield(self.settle())
 
     async def _pump(self, send) -> None:
         try:

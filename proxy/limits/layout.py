@@ -23,7 +23,11 @@ from .types import Admission, BucketState, Decision, ScopeLimits, Settled, Settl
 
 DEFAULT_PREFIX = "llmrl"
 DAY_MARGIN_MS = 2 * 86_400_000  # a budget day's records outlive the day by this much
-DONE_TTL_S = 2 * 86_400  # a settled request id is remembered this long
+# A settled request id is remembered this long, so a journal flush that is retried after a lost
+# reply never counts twice. One key per request: 15 minutes of traffic, not days of it (at a steady
+# 100 req/s about 90k keys, ~12 MB). A retry later than this (an outage longer than 15 minutes that
+# began by losing a reply whose settlement Redis had applied) could count that one request twice.
+DONE_TTL_S = 15 * 60
 LATE_BUDGET_TTL_S = 3 * 86_400  # a budget day record first created by a late settlement
 PARALLEL_RETRY_MS = 1_000  # the retry hint when a parallel cap is full (mirrored in admit.lua)
 NONE = -1  # "no such limit" in script arguments and replies
