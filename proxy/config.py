@@ -98,16 +98,8 @@ class Limits(_Strict):
     rpm: int | None = Field(None, gt=0)
     tpm: int | None = Field(None, gt=0)
     max_parallel: int | None = Field(None, gt=0)
-    rpm_burst: int | None = Field(None, gt=0)
+    rpm_burst: int | None = Field(None, gt=0)  # bucket capacities (default: one minute's worth)
     tpm_burst: int | None = Field(None, gt=0)
-
-    @property
-    def request_capacity(self) -> int | None:
-        return self.rpm_burst or self.rpm
-
-    @property
-    def token_capacity(self) -> int | None:
-        return self.tpm_burst or self.tpm
 
 
 class Team(_Strict):

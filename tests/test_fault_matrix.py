@@ -27,7 +27,6 @@ import httpx
 import orjson
 import pytest
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.limits.redis_store import RedisStore
 from proxy.limits.types import Usage
@@ -35,6 +34,7 @@ from proxy.pricing import cost_micros
 from proxy.tokens import estimate_text_tokens
 from tests.support.clock import Clock
 from tests.support.configs import ADMIN_KEY, KEYS, make_config
+from tests.support.metrics import samples
 from tests.support.ports import free_port
 
 TEAM, KEY, MODEL = "platform", "alice", "chat-model"
@@ -317,12 +317,6 @@ def wait_settled(r: redis.Redis, recorder, request_id: str, within_s: float) -> 
         time.sleep(0.01)
 
 
-def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    found = defaultdict(list)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[sample.name].append((sample.labels, sample.value))
-    return found
 
 
 def by_label(found, name: str, label: str) -> dict[str, float]:

@@ -14,15 +14,14 @@ import re
 import shutil
 import subprocess
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.configs import ADMIN_KEY, KEYS, make_config
+from tests.support.metrics import samples
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
 
@@ -86,13 +85,6 @@ def stream(server, key="alice"):
     return response
 
 
-def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Sample name -> [(labels, value)], from the exposition text."""
-    found = defaultdict(list)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[sample.name].append((sample.labels, sample.value))
-    return found
 
 
 def total(found, sample: str, /, **labels: str) -> float:
