@@ -40,6 +40,9 @@ class BudgetWatch:
         self._queue: asyncio.Queue[dict] | None = None
         self._tasks: list[asyncio.Task] = []
         self._today, self._today_from, self._today_until = "", 0.0, 0.0
+        self._today_zone = config.budget_timezone
+        self._budgets: dict[tuple[str, str], int] = {}
+        self._budgets_for: Config | None = None
         self.webhook_sent = 0
         self.webhook_failed = 0
 
@@ -58,7 +61,8 @@ class BudgetWatch:
     def today(self) -> str:
         clock_us = getattr(self.store, "clock_us", None)  # a store pinned to a test clock
         now = clock_us() / 1e6 if clock_us is not None else time.time()
-        if not self._today_until > now >= self._today_from:
+        if not self._today_until > now >= self._today_from or self._today_zone != self.config.budget_timezone:
+            self._today_zone = self.config.budget_timezone
             zone = ZoneInfo(self.config.budget_timezone)
             days = candidate_days(zone, datetime.fromtimestamp(now, zone))
             self._today, self._today_from, self._today_until = days.labels[1], days.starts[1], days.starts[2]
@@ -67,16 +71,23 @@ class BudgetWatch:
     # -- after each settlement --------------------------------------------------------------------
     def on_settled(self, ticket: Ticket, settled: Settled) -> None:
         day = ticket.decision.day
-        for scope, limits, spent, crossed in (
-            ("key", ticket.key_scope, settled.key_spent_micros, settled.key_crossed),
-            ("team", ticket.team_scope, settled.team_spent_micros, settled.team_crossed),
+        budgets = self._budgets_of_config()
+        for scope, name, spent, crossed in (
+            ("key", ticket.caller.name, settled.key_spent_micros, settled.key_crossed),
+            ("team", ticket.caller.team, settled.team_spent_micros, settled.team_crossed),
         ):
-            if limits.budget_micros is None:
+            budget = budgets.get((scope, name))  # the configured budget (a fallback ticket carries a share)
+            if budget is None:
                 continue
             if day == self.today():
-                self.metrics.set_budget(scope, limits.name, limits.budget_micros, spent)
+                self.metrics.set_budget(scope, name, budget, spent)
             if crossed:
-                self.alert(scope, limits.name, spent, limits.budget_micros, day)
+                self.alert(scope, name, spent, budget, day)
+
+    def _budgets_of_config(self) -> dict[tuple[str, str], int]:
+        if self._budgets_for is not self.config:
+            self._budgets, self._budgets_for = self.budgets(), self.config
+        return self._budgets
 
     def alert(self, scope: str, name: str, spent: int, budget: int, day: str) -> None:
         ratio = self.config.budget_alert_ratio

@@ -54,11 +54,22 @@ _ID_PREFIX = "req_" + os.urandom(8).hex()  # unique per process; the counter mak
 _ID_COUNTER = itertools.count(1)
 
 
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+
+
 def request_id_of(request: Request) -> str:
+    """The id echoed to the client, logged and sent upstream: the client's own when it gave one.
+    Never a store key: a client could reuse it (see `new_request_id` for the limiter's)."""
     given = request.headers.get("x-request-id", "")
     if 0 < len(given) <= 128 and given.isprintable():
         return given
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+    return new_request_id()
+
+
+def _header_safe(value: str) -> bool:
+    """A value we can send on: printable latin-1 (aiohttp hands odd bytes over surrogate-escaped)."""
+    return value.isprintable() and all(ord(c) < 256 for c in value)
 
 
 async def _client_leaves(receive) -> None:
@@ -89,7 +100,7 @@ class Gateway:
     def apply(self, config: Config, keyring: KeyRing, upstreams: dict[str, UpstreamClient]) -> None:
         """Swap in a reloaded config: the next request sees all of it."""
         self.config, self.keyring, self.upstreams = config, keyring, upstreams
-        self.limiter.config = config
+        self.limiter.reconfigure(config)
 
     # -- entry points -------------------------------------------------------------------------
     async def handle(self, request: Request, endpoint: str) -> Response | SSEResponse:
@@ -129,11 +140,11 @@ class Gateway:
 
     async def _forward(self, request: Request, call: Call, caller: Caller, outcome: Outcome):
         model = self.config.models[call.model]
-        price = model.price_per_mtok
+        price = call.price = model.price_per_mtok
         tags = parse_tags(request.headers.get("x-proxy-tags"), call.body)
         outcome.tags = tags
         ticket = await self.limiter.admit(
-            outcome.request_id, caller, reserved_tokens(call.prompt_tokens, call.max_output),
+            new_request_id(), caller, reserved_tokens(call.prompt_tokens, call.max_output),
             reservation_micros(price, call.prompt_tokens, call.max_output),
         )
         outcome.ticket = ticket
@@ -158,19 +169,21 @@ class Gateway:
             response, payload = fetch.result()
             outcome.upstream_headers_at = time.monotonic()
             if payload is None:  # a stream
-                settle_failed = False
                 produced = StreamUsage()
-                return SSEResponse(self._relay_stream(response, call, outcome, produced), 200,
-                                   self._stream_headers(outcome.request_id, ticket),
-                                   settle=lambda: self._settle(ticket, call, produced.usage, outcome))
+                reply = SSEResponse(self._relay_stream(response, call, outcome, produced), 200,
+                                    self._stream_headers(outcome.request_id, ticket),
+                                    settle=lambda: self._settle(ticket, call, produced.usage, outcome))
+                settle_failed = False
+                return reply
             outcome.finished_upstream = time.monotonic()
             usage = self._usage_of(response.status, payload, call)
             outcome.status = response.status
             if self.config.log_bodies:
                 outcome.response_body = payload
+            reply = self._passthrough(response, payload, outcome.request_id, ticket,
+                                      settle=lambda: self._settle(ticket, call, usage, outcome))
             settle_failed = False
-            return self._passthrough(response, payload, outcome.request_id, ticket,
-                                     settle=lambda: self._settle(ticket, call, usage, outcome))
+            return reply
         finally:
             watcher.cancel()
             if not fetch.done():
@@ -240,7 +253,7 @@ class Gateway:
         """Settle once; `notify=False` when the caller reports the outcome itself (a failed call)."""
         if ticket.settled:
             return
-        cost = cost_micros(self.config.models[call.model].price_per_mtok, usage)
+        cost = cost_micros(call.price, usage)  # the price at admission: a reload may drop the model
         outcome.usage, outcome.cost_micros = usage, cost
         settled = await self.limiter.settle(ticket, call.model, usage, cost, outcome.tags, succeeded)
         outcome.done = time.monotonic()
@@ -312,10 +325,13 @@ class Gateway:
 
     def _passthrough(self, response: UpstreamResponse, payload: bytes, request_id: str, ticket: Ticket,
                      settle) -> SettlingResponse:
-        headers = {name: response.headers[name] for name in PASS_RESPONSE_HEADERS if name in response.headers}
+        headers = {name: value for name in PASS_RESPONSE_HEADERS
+                   if (value := response.headers.get(name)) is not None and _header_safe(value)}
         headers["x-request-id"] = request_id
         headers.update(ticket.headers)
         media_type = response.headers.get("content-type", "application/json")
+        if not _header_safe(media_type):
+            media_type = "application/json"
         return SettlingResponse(payload, status_code=response.status, headers=headers, media_type=media_type,
                                 settle=settle)
 

@@ -7,7 +7,6 @@ SIGHUP by a rolling restart that keeps an old worker whenever its replacement ca
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from .auth import KeyRing
@@ -16,7 +15,6 @@ from .forwarding.upstream import UpstreamClient
 from .gateway import Gateway
 
 log = logging.getLogger("proxy.reload")
-RETIRE_AFTER_S = 120.0  # in-flight requests on a replaced upstream client finish first
 
 
 class Reloader:
@@ -24,7 +22,7 @@ class Reloader:
         self.gateway = gateway
         self.path = path
         self.environ = environ
-        self._retiring: set[asyncio.Task] = set()
+        self._retired: list[UpstreamClient] = []  # replaced clients: requests in flight keep them
 
     async def reload(self) -> bool:
         if self.path is None:
@@ -58,18 +56,13 @@ class Reloader:
         upstreams = {name: client for name, client in upstreams.items() if name in config.upstreams}
         gateway.apply(config, KeyRing(config, self.environ), upstreams)
         gateway.budgets.config = config
-        for client in retired:
-            task = asyncio.get_running_loop().create_task(self._retire(client))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+        # a replaced client may still carry streams and retries of requests admitted before the
+        # reload: it stays open (its idle pooled connections time out on their own) until shutdown
+        self._retired += retired
         log.warning("config reloaded: %d upstreams, %d models, %d teams, %d keys", len(config.upstreams),
                     len(config.models), len(config.teams), len(config.keys))
 
-    @staticmethod
-    async def _retire(client: UpstreamClient) -> None:
-        await asyncio.sleep(RETIRE_AFTER_S)
-        await client.close()
-
     async def close(self) -> None:
-        for task in list(self._retiring):
-            task.cancel()
+        for client in self._retired:
+            await client.close()
+        self._retired.clear()

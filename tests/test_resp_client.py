@@ -100,3 +100,43 @@ async def test_server_restart_is_survived(redis_server, redis_url):
         assert await client.call("PING") == b"PONG"
     finally:
         await client.close()
+
+
+async def test_db_in_the_query_string_as_redis_py_reads_it(redis_url):
+    base = redis_url.rsplit("/", 1)[0]
+    client = RespClient(base + "/?db=5", timeout_s=2)
+    try:
+        await client.call("SET", "via-query", "1")
+    finally:
+        await client.close()
+    check = redis.Redis.from_url(base + "/?db=5")
+    assert check.get("via-query") == b"1"
+    check.close()
+
+
+async def test_a_refused_auth_closes_its_socket():
+    """A server that refuses every AUTH: each attempt's socket must be closed by the client."""
+    opened, closed = [], []
+
+    async def refuse(reader, writer):
+        opened.append(writer)
+        await reader.read(1024)
+        writer.write(b"-WRONGPASS invalid username-password pair\r\n")
+        await writer.drain()
+        if not await reader.read(1024):  # EOF: the client hung up
+            closed.append(writer)
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = RespClient(f"redis://:wrong@127.0.0.1:{port}/0", timeout_s=2)
+    try:
+        for _ in range(5):
+            with pytest.raises(RespReplyError):
+                await client.call("PING")
+        await asyncio.sleep(0.1)
+        assert len(opened) == 5 and len(closed) == 5
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()

@@ -90,7 +90,8 @@ class UpstreamClient:
         self, method: str, path: str, body: bytes | None, headers: dict[str, str], *, read_timeout: float | None = None
     ) -> UpstreamResponse:
         """Send one request; returns once the status line and headers have arrived."""
-        assert self._session is not None, "UpstreamClient.start() was not awaited"
+        if self._session is None:
+            raise UpstreamConnectError("the upstream client is closed")
         timeout = self._timeout
         if read_timeout is not None and read_timeout < self.config.timeout_s:
             timeout = aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s, sock_read=read_timeout)

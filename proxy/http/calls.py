@@ -25,6 +25,7 @@ class Call:
     client_wants_usage: bool  # stream_options.include_usage set by the client
     prompt_tokens: int
     max_output: int  # reserved completion tokens (n × max_tokens)
+    price: object = None  # the model's Price when admitted (set by the gateway)
 
 
 def _is_int(value) -> bool:

@@ -92,6 +92,12 @@ class Limiter:
         self._all_settled = asyncio.Event()
         self._all_settled.set()
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config: limits apply from the next request, a new budget_timezone too."""
+        self.config = config
+        if ZoneInfo(config.budget_timezone) != self._zone:
+            self._zone, self._days = ZoneInfo(config.budget_timezone), None
+
     # -- scopes -------------------------------------------------------------------------------
     def scopes(self, caller: Caller, divisor: int = 1) -> tuple[ScopeLimits, ScopeLimits]:
         ratio = self.config.budget_alert_ratio
@@ -186,7 +192,9 @@ class Limiter:
         settlement = Settlement(ticket.request_id, ticket.team_scope, ticket.key_scope, model, ticket.decision.day,
                                 usage, cost_micros, tags, succeeded)
         if ticket.degraded:
-            await ticket.store.settle(settlement)  # the fallback store never fails
+            await ticket.store.settle(settlement)  # the fallback store (limits / replicas) never fails
+            key, team = self.scopes(ticket.caller)  # Redis gets the real limits, alert thresholds too
+            settlement = replace(settlement, key=key, team=team)
         try:
             settled = await self.store.settle(settlement)
             self._recovered()
@@ -217,7 +225,15 @@ class Limiter:
             except StoreError:
                 self._store_error("flush")
                 return flushed
-            self.journal.popleft()
+            # settlements may have joined (and a full journal dropped its oldest) meanwhile:
+            # remove exactly the one that was flushed
+            if self.journal and self.journal[0] is settlement:
+                self.journal.popleft()
+            else:
+                try:
+                    self.journal.remove(settlement)
+                except ValueError:
+                    pass
             flushed += 1
         if flushed:
             log.warning("spend journal flushed: %d settlements", flushed)

@@ -15,9 +15,22 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from urllib.parse import unquote, urlparse
 
 import hiredis
+from redis.connection import parse_url
+
+CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def _ssl_context(options: dict) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    if options.get("ssl_certfile"):
+        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    requirement = CERT_REQS.get(str(options.get("ssl_cert_reqs", "required")).lower(), ssl.CERT_REQUIRED)
+    if requirement != ssl.CERT_REQUIRED:
+        context.check_hostname = False
+        context.verify_mode = requirement
+    return context
 
 
 class RespConnectionError(Exception):
@@ -61,18 +74,16 @@ class _Protocol(asyncio.Protocol):
 
 class RespClient:
     def __init__(self, url: str, timeout_s: float):
-        parts = urlparse(url)
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r}")
+        # the URL means here exactly what it means to redis-py, which serves every other call
+        options = parse_url(url)
         self.timeout_s = timeout_s
-        self._unix_path = parts.path if parts.scheme == "unix" else None
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or 6379
-        self._ssl = ssl.create_default_context() if parts.scheme == "rediss" else None
-        self._username = unquote(parts.username) if parts.username else None
-        self._password = unquote(parts.password) if parts.password else None
-        path = parts.path.strip("/") if parts.scheme != "unix" else ""
-        self._db = int(path) if path.isdigit() else 0
+        self._unix_path = options.get("path")
+        self._host = options.get("host") or "127.0.0.1"
+        self._port = int(options.get("port") or 6379)
+        self._ssl = _ssl_context(options) if url.startswith("rediss://") else None
+        self._username = options.get("username")
+        self._password = options.get("password")
+        self._db = int(options.get("db") or 0)
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
 
@@ -117,11 +128,15 @@ class RespClient:
                 _, protocol = await asyncio.wait_for(connecting, self.timeout_s)
             except (OSError, asyncio.TimeoutError) as exc:
                 raise RespConnectionError(f"cannot connect: {exc!r}") from None
-            if self._password is not None:
-                credentials = (self._username, self._password) if self._username else (self._password,)
-                await self._send(protocol, ("AUTH", *credentials))
-            if self._db:
-                await self._send(protocol, ("SELECT", self._db))
+            try:
+                if self._password is not None:
+                    credentials = (self._username, self._password) if self._username else (self._password,)
+                    await self._send(protocol, ("AUTH", *credentials))
+                if self._db:
+                    await self._send(protocol, ("SELECT", self._db))
+            except BaseException:
+                protocol.abort()  # a refused AUTH or SELECT must not leave the socket open
+                raise
             self._protocol = protocol
             return protocol
 
