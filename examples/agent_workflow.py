@@ -233,6 +233,20 @@ async def fetch_usage(admin_url: str, admin_key: str, timeout_s: float = 10.0) -
     return response.json()
 
 
+async def fetch_settled_usage(admin_url: str, admin_key: str, tag: str, settle_s: float = 2.0) -> dict:
+    """The usage once the last requests' spend has landed: the proxy settles a request just after
+    its last byte, so read until the tag's request count stops moving."""
+    usage = await fetch_usage(admin_url, admin_key)
+    deadline = time.perf_counter() + settle_s
+    while time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+        again = await fetch_usage(admin_url, admin_key)
+        if _tag_usage(again, tag)["requests"] == _tag_usage(usage, tag)["requests"]:
+            return again
+        usage = again
+    return usage
+
+
 def _tag_usage(usage: dict, tag: str) -> dict:
     """One tag's integers summed over every team, plus spend_usd."""
     line = dict.fromkeys(USAGE_FIELDS, 0)
@@ -279,7 +293,7 @@ async def run_workflow(*, base_url: str, admin_url: str, api_key: str, admin_key
         run = WorkflowRun(client, model, workflow, concurrency)
         records = await run.run(tasks)
     duration_s = time.perf_counter() - started
-    usage = await fetch_usage(admin_url, admin_key)
+    usage = await fetch_settled_usage(admin_url, admin_key, f"workflow={workflow}")
     return build_report(usage, records, run.stopped, workflow=workflow, model=model, duration_s=duration_s)
 
 

@@ -35,6 +35,7 @@ def post(server, body=CHAT, key="alice", headers=None, endpoint="/chat/completio
 
 
 def admin_get(server, path, key=ADMIN_KEY, **params):
+    server.wait_settled()
     headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
     return httpx.get(server.url + path, params=params, headers=headers, timeout=10)
 

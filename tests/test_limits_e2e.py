@@ -33,6 +33,13 @@ def post(server, body=CHAT, key="alice", headers=None):
                       headers={"Authorization": f"Bearer {KEYS[key]}", **(headers or {})}, timeout=10)
 
 
+def wait_settled(server, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while len(server.recorder.outcomes) < count:
+        assert time.monotonic() < deadline, "not settled"
+        time.sleep(0.005)
+
+
 @pytest.fixture
 def clock():
     return Clock()
@@ -173,7 +180,9 @@ def test_streamed_and_plain_requests_are_reconciled_to_actual_usage(limited):
         with httpx.stream("POST", server.base_url + "/chat/completions", json=body,
                           headers={"Authorization": f"Bearer {KEYS['alice']}"}) as r:
             r.read()
+    wait_settled(server, 2)  # settlement follows the last byte
     probe = post(server, {**CHAT, "max_tokens": 1})
+    wait_settled(server, 3)
     used = sum(o.usage.total_tokens for o in server.recorder.outcomes[:2])
     assert used == 2 * (16 + 1)  # 16 completion words + 1 prompt token, as the mock reported
     remaining = int(probe.headers["x-ratelimit-remaining-tokens"])

@@ -138,6 +138,7 @@ def traffic(own_redis, mock_upstream, start_proxy):
     statuses["model"] = post(server, {**CHAT, "model": "no-such-model"}).status_code
     assert statuses == {"plain": 200, "stream": 200, "cached": 200, "retried": 200, "bob": [200, 200, 429],
                         "carol": [200, 429], "auth": 401, "model": 404}
+    server.wait_settled()
     before_outage = {
         "metrics": httpx.get(server.url + "/metrics", timeout=10).text,
         "usage": httpx.get(server.url + "/admin/usage", timeout=10,

@@ -32,6 +32,15 @@ class ProxyServer:
             time.sleep(0.01)
         return self
 
+    def wait_settled(self, timeout: float = 5.0) -> None:
+        """Until every admitted request has settled (settlement follows a response's last byte)."""
+        limiter = self.app.state.limiter
+        deadline = time.monotonic() + timeout
+        while limiter.unsettled:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{limiter.unsettled} requests still unsettled after {timeout}s")
+            time.sleep(0.005)
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(15)
