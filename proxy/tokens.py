@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 CHARS_PER_TOKEN = 4
 IMAGE_PART_TOKENS = 85  # a fixed charge per image part; the image itself is not inspected
 MESSAGE_OVERHEAD_TOKENS = 4  # role and separators around each chat message
 REPLY_PRIMING_TOKENS = 3  # the assistant header every chat reply starts with
+# sent to the model as prompt text too: tool and function definitions, a JSON response schema
+STRUCTURED_PROMPT_FIELDS = ("tools", "functions", "response_format")
 ENDPOINTS = frozenset({"chat", "completions", "embeddings"})
 
 
@@ -49,7 +53,7 @@ def _function_call_tokens(call: Any) -> int:
     return estimate_text_tokens(call.get("name")) + estimate_text_tokens(call.get("arguments"))
 
 
-def _message_tokens(message: Any) -> int:
+def message_tokens(message: Any) -> int:
     if not isinstance(message, dict):
         return 0
     total = MESSAGE_OVERHEAD_TOKENS
@@ -64,11 +68,22 @@ def _message_tokens(message: Any) -> int:
     return total
 
 
+def _json_tokens(value: Any) -> int:
+    """Structured prompt parts (tool definitions, a response schema): their JSON text / 4."""
+    if value is None:
+        return 0
+    try:
+        return estimate_text_tokens(orjson.dumps(value).decode())
+    except (orjson.JSONEncodeError, TypeError):
+        return 0
+
+
 def _chat_tokens(body: dict) -> int:
     messages = body.get("messages")
+    structured = sum(_json_tokens(body.get(field)) for field in STRUCTURED_PROMPT_FIELDS)
     if not isinstance(messages, list):
-        return 0
-    return sum(_message_tokens(message) for message in messages) + REPLY_PRIMING_TOKENS
+        return structured
+    return sum(message_tokens(message) for message in messages) + REPLY_PRIMING_TOKENS + structured
 
 
 def _prompt_tokens(value: Any) -> int:

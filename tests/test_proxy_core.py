@@ -342,3 +342,31 @@ async def test_client_disconnect_cancels_upstream(proxy, mock_upstream):
 def test_health_and_ready(proxy):
     assert httpx.get(proxy.url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(proxy.url + "/readyz").status_code == 200
+
+
+def test_truncation_keeps_the_estimate_consistent_over_many_messages(mock_upstream, start_proxy):
+    """Dropping old messages one by one: the prompt estimate after truncation is the estimate of
+    what is sent (computed incrementally, not by re-estimating the whole body per message)."""
+    from proxy.tokens import estimate_prompt_tokens
+
+    server, recorder = start_proxy(make_config(mock_upstream.url, patch=lambda d: d["models"]["small-model"].update(
+        context_window=2000)))
+    messages = [{"role": "system", "content": "be brief"}]
+    messages += [{"role": "user" if i % 2 else "assistant", "content": f"message {i} " * 3} for i in range(20_000)]
+    messages.append({"role": "user", "content": "the latest question"})
+    response = post(server, {"model": "small-model", "messages": messages})
+    assert response.status_code == 200, response.text
+    sent = mock_upstream.requests[-1]["body"]
+    assert sent["messages"][0]["content"] == "be brief" and sent["messages"][-1]["content"] == "the latest question"
+    assert estimate_prompt_tokens("chat", sent) + 16 <= 2000  # 16: the model's default_max_tokens
+    assert len(sent["messages"]) > 50
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_upstream_refusing_the_proxys_credentials_is_a_502(proxy, mock_upstream, status):
+    mock_upstream.add_faults([{"status": status}])
+    response = post(proxy, CHAT)
+    assert response.status_code == 502
+    error = error_of(response)
+    assert error["code"] == "upstream_error" and "credentials" in error["message"]
+    assert len(mock_upstream.requests) == 1  # not retried: the same key would be refused again

@@ -517,3 +517,21 @@ async def test_settled_markers_live_minutes_not_days(store, clock):
     assert len(markers) == 1 and 0 < next(iter(markers.values())) <= DONE_TTL_S * 1000
     clock.advance(DONE_TTL_S * 1000 - 1)
     assert not await store.settle(settlement(a))  # still remembered within the window
+
+
+async def test_tags_past_the_ledger_cap_fold_into_overflow(store, monkeypatch):
+    from proxy.limits import layout
+
+    monkeypatch.setattr(layout, "LEDGER_MAX_FIELDS", 40)  # the team, key, model and 5 tags of 5 fields each
+    k, t = key(), team()
+    for n in range(12):
+        a = admission(k, t)
+        assert (await store.admit(a)).admitted
+        assert await store.settle(settlement(a, cost=1, tags=(("user", f"u{n}"),)))
+    a = admission(k, t)
+    assert (await store.admit(a)).admitted
+    assert await store.settle(settlement(a, cost=1, tags=(("user", "u0"),)))  # an existing tag still books
+    tags = (await store.usage("2023-11-15", ["platform"]))["teams"]["platform"]["tags"]
+    assert set(tags) == {"user=u0", "user=u1", "user=u2", "user=u3", "user=u4", "other=overflow"}
+    assert tags["user=u0"]["requests"] == 2 and tags["other=overflow"]["requests"] == 7
+    assert sum(line["spend_micros"] for line in tags.values()) == 13

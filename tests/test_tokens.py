@@ -169,3 +169,14 @@ def test_arbitrary_json_never_raises(body: Any, default: int) -> None:
     for endpoint in ("chat", "completions", "embeddings"):
         assert estimate_prompt_tokens(endpoint, body) >= 0
     assert max_output_tokens(body, default) >= 0
+
+
+def test_tool_definitions_and_response_schemas_count_as_prompt():
+    from proxy.tokens import estimate_prompt_tokens
+
+    plain = {"messages": [{"role": "user", "content": "hi"}]}
+    description = "x" * 4000
+    tools = [{"type": "function", "function": {"name": "f", "description": description, "parameters": {}}}]
+    assert estimate_prompt_tokens("chat", {**plain, "tools": tools}) >= estimate_prompt_tokens("chat", plain) + 1000
+    schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"description": description}}}
+    assert estimate_prompt_tokens("chat", {**plain, "response_format": schema}) >= 1000

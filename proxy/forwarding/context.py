@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import Model
 from ..errors import ContextLengthExceeded
-from ..tokens import estimate_prompt_tokens
+from ..tokens import message_tokens
 
 
 def _exceeded(model_name: str, window: int, prompt: int, output: int) -> ContextLengthExceeded:
@@ -27,11 +27,10 @@ def apply_context_policy(model_name: str, model: Model, endpoint: str, body: dic
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=len(messages) - 1)
     always_kept = {i for i, m in enumerate(messages) if m.get("role") in ("system", "developer")} | {last_user}
     dropped: set[int] = set()
-    for index in (i for i in range(len(messages)) if i not in always_kept):
+    for index in (i for i in range(len(messages)) if i not in always_kept):  # oldest first
         dropped.add(index)
-        messages_left = [m for i, m in enumerate(messages) if i not in dropped]
-        prompt = estimate_prompt_tokens("chat", {**body, "messages": messages_left})
+        prompt -= message_tokens(messages[index])  # each message is estimated once: linear, not quadratic
         if prompt + output <= window:
-            body["messages"] = messages_left
+            body["messages"] = [m for i, m in enumerate(messages) if i not in dropped]
             return prompt
     raise _exceeded(model_name, window, prompt, output)

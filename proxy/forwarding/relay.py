@@ -7,6 +7,7 @@ Non-retryable answers (2xx, and 4xx other than 429) are returned as they are.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +16,9 @@ import orjson
 from ..config import Model
 from ..errors import UpstreamError, UpstreamTimeout
 from .retry import RETRYABLE_STATUSES, backoff_delay, server_delay
+
+log = logging.getLogger("proxy.upstream")
+CREDENTIALS_REFUSED = frozenset({401, 403})
 from .upstream import UpstreamBroken, UpstreamClient, UpstreamConnectError, UpstreamReadTimeout, UpstreamResponse
 
 
@@ -58,12 +62,22 @@ async def open_upstream(
             try:
                 response = await client.send("POST", path, payload, headers, read_timeout=remaining)
             except UpstreamConnectError as exc:
-                kind, last_failure, timed_out = "connect", f"could not connect to upstream '{target.upstream}': {exc}", False
+                log.warning("upstream %s: connect failed: %s", target.upstream, exc)
+                kind, last_failure, timed_out = "connect", f"could not connect to upstream '{target.upstream}'", False
             except UpstreamReadTimeout:
                 kind, last_failure, timed_out = "timeout", f"upstream '{target.upstream}' timed out", True
             except UpstreamBroken as exc:
-                kind, last_failure, timed_out = "broken", f"upstream '{target.upstream}' broke the connection: {exc}", False
+                log.warning("upstream %s: connection broke: %s", target.upstream, exc)
+                kind, last_failure, timed_out = "broken", f"upstream '{target.upstream}' broke the connection", False
             else:
+                if response.status in CREDENTIALS_REFUSED:
+                    # the proxy's own upstream key was refused: not the client's to see (the body
+                    # may quote part of that key) nor to blame on the client's key (401)
+                    log.error("upstream %s refused the proxy's credentials (%d)", target.upstream, response.status)
+                    response.close()
+                    attempts.errors.append((target.upstream, f"http_{response.status}"))
+                    last_failure, timed_out = f"upstream '{target.upstream}' refused the proxy's credentials", False
+                    break  # the same key would be refused again: on to the next target
                 if response.status not in RETRYABLE_STATUSES:
                     return response
                 wait = server_delay(response.headers)

@@ -31,6 +31,8 @@ DONE_TTL_S = 15 * 60
 LATE_BUDGET_TTL_S = 3 * 86_400  # a budget day record first created by a late settlement
 PARALLEL_RETRY_MS = 1_000  # the retry hint when a parallel cap is full (mirrored in admit.lua)
 NONE = -1  # "no such limit" in script arguments and replies
+LEDGER_MAX_FIELDS = 20_000  # a team-day's ledger books new tags as other=overflow past this (~4k tags)
+OVERFLOW_TAG = "other=overflow"
 
 
 class Layout:
@@ -93,7 +95,7 @@ def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list:
             LATE_BUDGET_TTL_S, key[2], key[3], team[2], team[3], s.cost_micros,
             s.usage.prompt_tokens, s.usage.completion_tokens, s.usage.cached_tokens,
             s.key.name, s.model, _or_none(s.key.alert_micros), _or_none(s.team.alert_micros),
-            *(f"{k}={v}" for k, v in s.tags)]
+            LEDGER_MAX_FIELDS, *(f"{k}={v}" for k, v in s.tags)]
 
 
 def _or_none(value: int | None) -> int:

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from . import bucket
+from . import bucket, layout
 from .bucket import UNITS
 from .layout import (
     decode_settled,
@@ -294,8 +294,10 @@ class MemoryStore:
         values = (s.cost_micros, 1, s.usage.prompt_tokens, s.usage.completion_tokens,
                   s.usage.cached_tokens)
         fields = self.keys.put(ledger, now_ms)
-        prefixes = ["team", f"key{SEP}{s.key.name}", f"model{SEP}{s.key.name}{SEP}{s.model}",
-                    *(f"tag{SEP}{k}={v}" for k, v in s.tags)]
+        tags_fit = len(fields) < layout.LEDGER_MAX_FIELDS
+        tags = [f"tag{SEP}{k}={v}" for k, v in s.tags]
+        tags = [t if tags_fit or f"{t}{SEP}requests" in fields else f"tag{SEP}{layout.OVERFLOW_TAG}" for t in tags]
+        prefixes = ["team", f"key{SEP}{s.key.name}", f"model{SEP}{s.key.name}{SEP}{s.model}", *tags]
         for prefix in prefixes:
             for metric, value in zip(METRICS, values):
                 fields[f"{prefix}{SEP}{metric}"] = fields.get(f"{prefix}{SEP}{metric}", 0) + value

@@ -99,6 +99,16 @@ end
 book('team')
 book('key' .. SEP .. ARGV[14])
 book('model' .. SEP .. ARGV[14] .. SEP .. ARGV[15])
-for i = 18, #ARGV do book('tag' .. SEP .. ARGV[i]) end
+-- tags come from clients: past ARGV[18] fields, a team-day's ledger books new tags as one
+-- 'other=overflow' tag, so a unique `user` per request cannot grow the hash without bound
+local tags_fit = redis.call('HLEN', KEYS[11]) < tonumber(ARGV[18])
+for i = 19, #ARGV do
+  local tag = 'tag' .. SEP .. ARGV[i]
+  if tags_fit or redis.call('HEXISTS', KEYS[11], tag .. SEP .. 'requests') == 1 then
+    book(tag)
+  else
+    book('tag' .. SEP .. 'other=overflow')
+  end
+end
 redis.call('EXPIRE', KEYS[11], ARGV[4])
 return reply
