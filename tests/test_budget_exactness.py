@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.support.configs import ADMIN_KEY, KEYS, config_dict
+from tests.support.configs import ADMIN_KEY, KEYS, config_dict, exact_store
 from tests.support.processes import MockProcess, start_proxies, stop_all, write_config
 
 CLIENTS = 50
@@ -59,7 +59,7 @@ def ledger(url: str, team: str = "platform", requests: int | None = None) -> dic
 
 @pytest.mark.parametrize("scope", ["key", "team"])
 def test_concurrent_streams_never_overshoot_the_budget(scope, mock, tmp_path, redis_url):
-    data = config_dict(mock.base_url, redis_url=redis_url)
+    data = exact_store(config_dict(mock.base_url, redis_url=redis_url))
     data.update(log_level="warning", shutdown_grace_s=1)
     if scope == "key":
         data["keys"]["alice"]["daily_budget_usd"] = "0.001"
@@ -88,7 +88,7 @@ def test_concurrent_streams_never_overshoot_the_budget(scope, mock, tmp_path, re
 def test_excess_only_where_the_upstream_reports_more_than_reserved(mock, tmp_path, redis_url):
     """An upstream that reports 3× the completion tokens it was allowed: the overshoot is bounded
     by the requests in flight when the budget ran out, each over by its unreserved usage."""
-    data = config_dict(mock.base_url, redis_url=redis_url)
+    data = exact_store(config_dict(mock.base_url, redis_url=redis_url))
     data.update(log_level="warning", shutdown_grace_s=1)
     data["keys"]["alice"]["daily_budget_usd"] = "0.001"
     data["keys"]["alice"]["limits"] = {"max_parallel": 10}

@@ -22,7 +22,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from tests.support.configs import KEYS, config_dict
+from tests.support.configs import KEYS, config_dict, exact_store
 from tests.support.processes import MockProcess, start_proxies, stop_all, write_config
 
 REPLICAS = 3
@@ -68,7 +68,7 @@ def replicas(tmp_path, store_url):
     started = []
 
     def start(upstream: MockProcess, patch) -> list[str]:
-        data = config_dict(upstream.base_url, redis_url=store_url)
+        data = exact_store(config_dict(upstream.base_url, redis_url=store_url))
         data["shutdown_grace_s"] = 1
         patch(data)
         processes = start_proxies(write_config(tmp_path / "config.yaml", data), REPLICAS)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import httpx
 
-from tests.support.configs import KEYS, config_dict
-from tests.support.processes import MockProcess, Process, start_all, stop_all, write_config
+from tests.support.configs import KEYS, config_dict, exact_store
 from tests.support.ports import free_port
-
-import sys
+from tests.support.processes import MockProcess, Process, start_all, stop_all, write_config
 
 
 def counter(text: str, name: str, **labels) -> float:
@@ -24,8 +23,8 @@ def counter(text: str, name: str, **labels) -> float:
 
 def test_two_workers_aggregate_metrics_and_share_limits(tmp_path: Path, redis_url):
     mock = start_all([MockProcess(workdir=tmp_path)])[0]
-    data = config_dict(mock.base_url, redis_url=redis_url)
-    data["keys"]["alice"]["limits"] = {"rpm": 60, "rpm_burst": 30}
+    data = exact_store(config_dict(mock.base_url, redis_url=redis_url))
+    data["keys"]["alice"]["limits"] = {"rpm": 1, "rpm_burst": 30}  # refills one a minute: exact over the run
     config = write_config(tmp_path / "config.yaml", data)
     port = free_port()
     metrics_dir = tmp_path / "metrics"

@@ -46,6 +46,14 @@ def config_dict(upstream_url: str, *, redis_url: str | None = None, second_upstr
     }
 
 
+def exact_store(data: dict) -> dict:
+    """For exactness tests: the Redis path only. `deny` turns a slow store into a visible 503
+    instead of fallback admissions (whose limits are per process by design), and a generous
+    timeout keeps a loaded store (fakeredis, where redis-server is missing) from timing out."""
+    data["store"] = {**data["store"], "on_redis_error": "deny", "timeout_ms": 5000}
+    return data
+
+
 def make_config(upstream_url: str, *, redis_url: str | None = None, second_upstream: str | None = None,
                 patch=None) -> Config:
     data = config_dict(upstream_url, redis_url=redis_url, second_upstream=second_upstream)
