@@ -107,8 +107,8 @@ def test_sdk_retry_honours_our_headers(mock_upstream, start_proxy, redis_url):
     deadline = time.monotonic() + 3
     while len(recorder.outcomes) < 3 and time.monotonic() < deadline:  # settled just after the reply
         time.sleep(0.01)
-    statuses = [o.status for o in recorder.outcomes]
-    assert statuses == [200, 429, 200], "the SDK's first retry should have been admitted"
+    statuses = sorted(o.status for o in recorder.outcomes)  # a 200 is recorded once it has settled
+    assert statuses == [200, 200, 429], "the SDK's first retry should have been admitted"
     assert 0.3 < waited < 2.0
 
 

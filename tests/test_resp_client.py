@@ -140,3 +140,28 @@ async def test_a_refused_auth_closes_its_socket():
         await client.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_peer_that_closes_between_calls_is_a_connection_error():
+    """The server closes the socket right after a reply: the next call must raise
+    RespConnectionError (uvloop raised RuntimeError writing to the closed transport)."""
+    async def reply_then_close(reader, writer):
+        await reader.read(1024)
+        writer.write(b"+PONG\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(reply_then_close, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = RespClient(f"redis://127.0.0.1:{port}/0", timeout_s=1)
+    try:
+        assert await client.call("PING") == b"PONG"
+        for _ in range(20):  # whether or not connection_lost has run yet, never anything else
+            try:
+                assert await client.call("PING") == b"PONG"
+            except RespConnectionError:
+                pass
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()

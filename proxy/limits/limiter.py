@@ -130,7 +130,9 @@ class Limiter:
         try:
             decision = await store.admit(admission)
             self._recovered()
-        except StoreError as exc:
+        except Exception as exc:  # StoreError, or anything unforeseen from a driver: an outage either way
+            if not isinstance(exc, StoreError):
+                log.exception("unexpected error from the rate-limit store on admit")
             self._store_error("admit")
             self._outage(exc)
             if self.config.store.on_redis_error == "deny" or self.fallback is None:
@@ -199,7 +201,9 @@ class Limiter:
             settled = await self.store.settle(settlement)
             self._recovered()
             return settled
-        except StoreError as exc:
+        except Exception as exc:  # whatever failed, the spend waits in the journal
+            if not isinstance(exc, StoreError):
+                log.exception("unexpected error from the rate-limit store on settle")
             self._store_error("settle")
             self._outage(exc)
             self._journal(settlement)
@@ -222,7 +226,9 @@ class Limiter:
             settlement = self.journal[0]
             try:
                 await self.store.settle(settlement)
-            except StoreError:
+            except Exception as exc:
+                if not isinstance(exc, StoreError):
+                    log.exception("unexpected error from the rate-limit store on flush")
                 self._store_error("flush")
                 return flushed
             # settlements may have joined (and a full journal dropped its oldest) meanwhile:

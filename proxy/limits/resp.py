@@ -69,7 +69,10 @@ class _Protocol(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
             self.closed = True  # no new call may queue behind the aborted ones
-            self.transport.abort()
+            try:
+                self.transport.abort()
+            except RuntimeError:  # uvloop: already closed
+                pass
 
 
 class RespClient:
@@ -96,9 +99,15 @@ class RespClient:
 
     async def _send(self, protocol: _Protocol, args):
         loop = asyncio.get_running_loop()
+        if protocol.closed or protocol.transport.is_closing():
+            raise RespConnectionError("connection closed")
+        try:
+            protocol.transport.write(hiredis.pack_command(args))
+        except (RuntimeError, OSError) as exc:  # uvloop: the peer closed it before connection_lost ran
+            protocol.abort()
+            raise RespConnectionError(f"write failed: {exc!r}") from None
         future = loop.create_future()
-        protocol.pending.append(future)
-        protocol.transport.write(hiredis.pack_command(args))
+        protocol.pending.append(future)  # after the write: no reply can arrive in between (no await)
         timer = loop.call_later(self.timeout_s, self._timed_out, protocol, future)
         try:
             reply = await future
