@@ -135,7 +135,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, kind: Kind, key:
             if kind.stream:
                 return classify_stream(payload)
             return "200" if b'"choices"' in payload else "200 without choices"
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return f"client error {type(exc).__name__}"
 
 

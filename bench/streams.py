@@ -121,7 +121,7 @@ async def run_streams(url: str, count: int, delay_ms: int, on_open, on_close) ->
                 opened = True
                 payload = await response.read()
                 return time.monotonic() - began, check_stream(payload)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return time.monotonic() - began, f"client error {type(exc).__name__}"
         finally:
             if opened:

@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from .auth import Caller, KeyRing, presented_key
 from .budgets import BudgetWatch
-from .config import Config
+from .config import Config, Model
 from .errors import ClientClosedRequest, ModelNotAllowed, ModelNotFound, ProxyError, UpstreamError, UpstreamTimeout
 from .forwarding import sse
 from .forwarding.context import apply_context_policy
@@ -107,8 +107,7 @@ class Gateway:
         started = time.monotonic()
         outcome = Outcome(request_id=request_id_of(request), endpoint=endpoint, started=started)
         try:
-            caller = self.keyring.authenticate(presented_key(request.headers))
-            outcome.caller = caller
+            caller = outcome.caller = self.authenticate(request)
             call = await self._read_call(request, endpoint, caller)
             outcome.model, outcome.stream = call.model, call.stream
             if self.config.log_bodies:
@@ -192,8 +191,8 @@ class Gateway:
             if settle_failed:  # nothing was produced for the client: nothing is charged
                 await asyncio.shield(self._settle(ticket, call, Usage(), outcome, succeeded=False, notify=False))
 
-    async def _fetch(self, call: Call, model, body: dict, headers: dict, deadline: float,
-                     attempts) -> tuple[UpstreamResponse, bytes | None]:
+    async def _fetch(self, call: Call, model: Model, body: dict, headers: dict, deadline: float,
+                     attempts: Attempts) -> tuple[UpstreamResponse, bytes | None]:
         """The upstream's answer: its whole body, or (payload None) a stream ready to relay."""
         response = await open_upstream(PATHS[call.endpoint], body, model, self.upstreams, headers, deadline,
                                        attempts)

@@ -174,7 +174,7 @@ def unaccepting_listener():
             filler.settimeout(0.2)
             try:
                 filler.connect(address)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 filler.close()
                 break
             fillers.append(filler)

@@ -80,13 +80,20 @@ def parallel_slots(redis_url: str) -> int:
         client.close()
 
 
-def test_sigterm_lets_inflight_streams_finish_then_exits_0(mock_upstream, tmp_path, redis_url):
+def streaming_proxy(mock_upstream, tmp_path, redis_url, grace_s: float, fault: dict):
+    """A real `llm-proxy serve` with one stream in flight (its first chunk received)."""
     data = config_dict(mock_upstream.url, redis_url=redis_url)
-    data["shutdown_grace_s"] = 10
+    data["shutdown_grace_s"] = grace_s
     proxy = start_all([proxy_process(write_config(tmp_path / "config.yaml", data))])[0]
     events, first = [], threading.Event()
-    thread = stream_in_thread(proxy.url, {"chunk_delay_s": 0.1, "chunks": 15}, events, first)
+    thread = stream_in_thread(proxy.url, fault, events, first)
     assert first.wait(10)
+    return proxy, thread, events
+
+
+def test_sigterm_lets_inflight_streams_finish_then_exits_0(mock_upstream, tmp_path, redis_url):
+    proxy, thread, events = streaming_proxy(mock_upstream, tmp_path, redis_url, 10,
+                                            {"chunk_delay_s": 0.1, "chunks": 15})
     proxy.signal(signal.SIGTERM)
     time.sleep(0.3)
     with pytest.raises(httpx.TransportError):  # no longer accepting
@@ -100,12 +107,8 @@ def test_sigterm_lets_inflight_streams_finish_then_exits_0(mock_upstream, tmp_pa
 
 
 def test_a_stream_longer_than_the_grace_period_is_cut_and_settled(mock_upstream, tmp_path, redis_url):
-    data = config_dict(mock_upstream.url, redis_url=redis_url)
-    data["shutdown_grace_s"] = 1
-    proxy = start_all([proxy_process(write_config(tmp_path / "config.yaml", data))])[0]
-    events, first = [], threading.Event()
-    thread = stream_in_thread(proxy.url, {"chunk_delay_s": 0.2, "chunks": 60}, events, first)
-    assert first.wait(10)
+    proxy, thread, events = streaming_proxy(mock_upstream, tmp_path, redis_url, 1,
+                                            {"chunk_delay_s": 0.2, "chunks": 60})
     proxy.signal(signal.SIGTERM)
     assert proxy.popen.wait(20) == 0
     thread.join(20)

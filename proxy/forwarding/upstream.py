@@ -7,7 +7,6 @@ Callers see only `UpstreamClient.send` and `UpstreamResponse`; no aiohttp type l
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
@@ -36,7 +35,7 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         try:
             return await self._response.read()
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamReadTimeout() from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamBroken(str(exc)) from exc
@@ -48,7 +47,7 @@ class UpstreamResponse:
         try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamReadTimeout() from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamBroken(str(exc)) from exc
@@ -104,7 +103,7 @@ class UpstreamClient:
             if isinstance(exc, aiohttp.ConnectionTimeoutError):
                 raise UpstreamConnectError(f"connect timeout after {self.config.connect_timeout_s}s") from exc
             raise UpstreamReadTimeout() from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamReadTimeout() from exc
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamConnectError(str(exc.os_error) or "connection failed") from exc

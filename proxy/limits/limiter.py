@@ -263,7 +263,7 @@ class Limiter:
         if self.unsettled:
             try:
                 await asyncio.wait_for(self._all_settled.wait(), flush_for_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.error("%d admitted requests were still unsettled at shutdown", self.unsettled)
         if self._flusher is not None:
             self._flusher.cancel()

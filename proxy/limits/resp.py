@@ -135,7 +135,7 @@ class RespClient:
                 else:
                     connecting = loop.create_connection(_Protocol, self._host, self._port, ssl=self._ssl)
                 _, protocol = await asyncio.wait_for(connecting, self.timeout_s)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 raise RespConnectionError(f"cannot connect: {exc!r}") from None
             try:
                 if self._password is not None:
