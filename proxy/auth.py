@@ -48,30 +48,13 @@ class KeyRing:
         self._by_hash: dict[str, Caller] = {}
         self.missing: list[str] = []  # key names whose key_env is unset
         for name, key in config.keys.items():
-            digest = self._digest(key, env)
+            digest = key.sha256(env)
             if digest is None:
                 self.missing.append(name)
                 continue
             models = frozenset(key.models) if key.models is not None else None
             self._by_hash[digest] = Caller(name, key.team, key, config.teams[key.team], models)
-        self.admin_hash = self._admin_digest(config, env)
-
-    @staticmethod
-    def _digest(key: Key, env) -> str | None:
-        if key.key_sha256 is not None:
-            return key.key_sha256
-        if key.key is not None:
-            return sha256_hex(key.key)
-        value = env.get(key.key_env or "")
-        return sha256_hex(value) if value else None
-
-    @staticmethod
-    def _admin_digest(config: Config, env) -> str | None:
-        if config.admin_key_sha256:
-            return config.admin_key_sha256
-        if config.admin_key_env and env.get(config.admin_key_env):
-            return sha256_hex(env[config.admin_key_env])
-        return None
+        self.admin_hash = config.admin_sha256(env)
 
     def authenticate(self, presented: str | None) -> Caller:
         if not presented:

@@ -5,15 +5,28 @@ The field names here are a public contract (README, deploy/, users' files): keep
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .config_yaml import load_yaml
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_PORT = 8080
@@ -29,22 +42,65 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
 
 
+class EnvText(str):
+    """A value that came from `${VAR}`: the environment has only strings, so integer and number
+    fields parse it (anywhere else in the file, `"10"` is text and `true` is not a number)."""
+
+
+def _integer(value: object) -> object:
+    if isinstance(value, EnvText):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    elif isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError("must be an integer")
+
+
+def _number(value: object) -> object:
+    if isinstance(value, EnvText):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    raise ValueError("must be a number")
+
+
+Integer = Annotated[int, BeforeValidator(_integer)]
+Number = Annotated[float, BeforeValidator(_number)]
+
+
+def _env_is_set(name: str | None, info: ValidationInfo) -> str | None:
+    """A `*_env` field must name a variable with a value, when validating against an environment."""
+    environ = (info.context or {}).get("environ")
+    if name is None or environ is None:
+        return name
+    if name not in environ:
+        raise ValueError(f"environment variable {name} is not set")
+    if not environ[name]:
+        raise ValueError(f"environment variable {name} is empty")
+    return name
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Listen(_Strict):
     host: str = "127.0.0.1"
-    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
+    port: Integer = Field(DEFAULT_PORT, ge=1, le=65535)
 
 
 class Store(_Strict):
     redis_url: str | None = None
     cluster: bool = False
     on_redis_error: Literal["allow", "deny"] = "allow"
-    replicas: int = Field(1, gt=0)  # the fallback limiter divides limits by this
-    timeout_ms: int = Field(250, gt=0)
-    lease_ttl_s: int = Field(900, gt=0)  # a parallel slot outlives a dead replica this long
+    replicas: Integer = Field(1, gt=0)  # the fallback limiter divides limits by this
+    timeout_ms: Integer = Field(250, gt=0)
+    lease_ttl_s: Integer = Field(900, gt=0)  # a parallel slot outlives a dead replica this long
 
     @property
     def is_cluster(self) -> bool:
@@ -55,10 +111,10 @@ class Upstream(_Strict):
     base_url: str
     api_key: str | None = None
     api_key_env: str | None = None
-    timeout_s: float = Field(120, gt=0)
-    connect_timeout_s: float = Field(5, gt=0)
-    max_connections: int = Field(200, gt=0)
-    max_retries: int = Field(2, ge=0, le=10)
+    timeout_s: Number = Field(120, gt=0)
+    connect_timeout_s: Number = Field(5, gt=0)
+    max_connections: Integer = Field(200, gt=0)
+    max_retries: Integer = Field(2, ge=0, le=10)
 
     @field_validator("base_url")
     @classmethod
@@ -66,6 +122,13 @@ class Upstream(_Strict):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _one_api_key_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("api_key") is not None:
+            raise ValueError("give api_key or api_key_env, not both")
+        return _env_is_set(value, info)
 
     def resolve_api_key(self) -> str | None:
         if self.api_key is not None:
@@ -88,18 +151,26 @@ class Price(_Strict):
 
 class Model(_Strict):
     targets: list[Target] = Field(min_length=1)
-    context_window: int | None = Field(None, gt=0)
-    default_max_tokens: int = Field(1024, gt=0)
+    context_window: Integer | None = Field(None, gt=0)
+    default_max_tokens: Integer = Field(1024, gt=0)
     price_per_mtok: Price = Price()
     context_overflow: Literal["reject", "truncate"] = "reject"
 
 
 class Limits(_Strict):
-    rpm: int | None = Field(None, gt=0)
-    tpm: int | None = Field(None, gt=0)
-    max_parallel: int | None = Field(None, gt=0)
-    rpm_burst: int | None = Field(None, gt=0)  # bucket capacities (default: one minute's worth)
-    tpm_burst: int | None = Field(None, gt=0)
+    rpm: Integer | None = Field(None, gt=0)
+    tpm: Integer | None = Field(None, gt=0)
+    max_parallel: Integer | None = Field(None, gt=0)
+    rpm_burst: Integer | None = Field(None, gt=0)  # bucket capacities (default: one minute's worth)
+    tpm_burst: Integer | None = Field(None, gt=0)
+
+    @field_validator("rpm_burst", "tpm_burst")
+    @classmethod
+    def _burst_has_rate(cls, value: int | None, info: ValidationInfo) -> int | None:
+        rate = (info.field_name or "").removesuffix("_burst")
+        if value is not None and rate in info.data and info.data[rate] is None:  # (absent: already refused)
+            raise ValueError(f"needs {rate} (a burst alone limits nothing)")
+        return value
 
 
 class Team(_Strict):
@@ -123,20 +194,32 @@ class Key(_Strict):
             raise ValueError("exactly one of key_sha256, key_env or key is required")
         return self
 
+    @field_validator("key_env")
+    @classmethod
+    def _key_env_set(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _env_is_set(value, info)
+
+    def sha256(self, environ: Mapping[str, str]) -> str | None:
+        """The key's sha256 hex, or None when its `key_env` has no value."""
+        if self.key_sha256 is not None:
+            return self.key_sha256
+        secret = self.key if self.key is not None else environ.get(self.key_env or "")
+        return hashlib.sha256(secret.encode("utf-8")).hexdigest() if secret else None
+
 
 class Config(_Strict):
     listen: Listen = Listen()
     admin_key_sha256: str | None = Field(None, pattern=SHA256_PATTERN)
     admin_key_env: str | None = None
-    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
+    max_body_bytes: Integer = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
     store: Store = Store()
     budget_timezone: str = "UTC"
-    budget_alert_ratio: float = Field(0.8, gt=0, le=1)
+    budget_alert_ratio: Number = Field(0.8, gt=0, le=1)
     alert_webhook_url: str | None = None
-    spend_retention_days: int = Field(35, gt=0)
+    spend_retention_days: Integer = Field(35, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_bodies: bool = False
-    shutdown_grace_s: float = Field(30, ge=0)
+    shutdown_grace_s: Number = Field(30, ge=0)
     upstreams: dict[str, Upstream] = Field(min_length=1)
     models: dict[str, Model] = Field(min_length=1)
     teams: dict[str, Team] = {}
@@ -151,8 +234,29 @@ class Config(_Strict):
             raise ValueError(f"unknown time zone {value!r}") from None
         return value
 
+    @field_validator("admin_key_env")
+    @classmethod
+    def _admin_key_env_set(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _env_is_set(value, info)
+
+    def admin_sha256(self, environ: Mapping[str, str]) -> str | None:
+        """The admin key's sha256 hex, or None when there is none."""
+        if self.admin_key_sha256:
+            return self.admin_key_sha256
+        secret = environ.get(self.admin_key_env or "")
+        return hashlib.sha256(secret.encode("utf-8")).hexdigest() if secret else None
+
     @model_validator(mode="after")
-    def _references_exist(self) -> "Config":
+    def _consistent(self, info: ValidationInfo) -> Config:
+        problems = self._reference_problems()
+        if self.admin_key_sha256 and self.admin_key_env:
+            problems.append("admin_key_sha256: give admin_key_sha256 or admin_key_env, not both")
+        problems += self._shared_key_problems((info.context or {}).get("environ") or {})
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    def _reference_problems(self) -> list[str]:
         problems = []
         for name, model in self.models.items():
             for i, target in enumerate(model.targets):
@@ -164,14 +268,29 @@ class Config(_Strict):
             for model in key.models or ():
                 if model not in self.models:
                     problems.append(f"keys.{name}.models: unknown model {model!r}")
-        if self.admin_key_sha256 and self.admin_key_env:
-            problems.append("admin_key_sha256: give admin_key_sha256 or admin_key_env, not both")
-        if problems:
-            raise ConfigError(problems)
-        return self
+        return problems
+
+    def _shared_key_problems(self, environ: Mapping[str, str]) -> list[str]:
+        """One key in two entries: the second would authenticate as the first (never printed)."""
+        owners: dict[str, str] = {}
+        admin = self.admin_sha256(environ)
+        if admin is not None:
+            owners[admin] = "admin_key_sha256" if self.admin_key_sha256 else "admin_key_env"
+        problems = []
+        for name, key in self.keys.items():
+            digest = key.sha256(environ)
+            if digest is None:
+                continue
+            source = next(f for f in ("key_sha256", "key_env", "key") if getattr(key, f) is not None)
+            where = f"keys.{name}.{source}"
+            if digest in owners:
+                problems.append(f"{where}: same key as {owners[digest]}")
+            else:
+                owners[digest] = where
+        return problems
 
 
-def interpolate_env(text: str, environ: dict[str, str] | None = None) -> str:
+def interpolate_env(text: str, environ: Mapping[str, str] | None = None) -> str:
     """Replace `${NAME}` (or `${NAME:-default}`) with the environment's value."""
     env = os.environ if environ is None else environ
     missing = []
@@ -215,11 +334,13 @@ def _path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
-def parse_config(data: Any) -> Config:
+def parse_config(data: Any, environ: Mapping[str, str] | None = None) -> Config:
+    """The config in `data`; given `environ`, also what it must supply: a value for every
+    `key_env` / `admin_key_env` / `api_key_env`, and no key that is also another entry's."""
     if not isinstance(data, dict):
         raise ConfigError(["(top level): must be a mapping"])
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={"environ": environ})
     except ConfigError:
         raise
     except ValidationError as exc:
@@ -233,10 +354,10 @@ def parse_config(data: Any) -> Config:
         raise ConfigError(problems) from None
 
 
-def _interpolate_values(value: Any, environ: dict[str, str] | None) -> Any:
+def _interpolate_values(value: Any, environ: Mapping[str, str]) -> Any:
     """`${VAR}` in string values only (so comments and keys are never expanded)."""
     if isinstance(value, str):
-        return interpolate_env(value, environ) if "${" in value else value
+        return EnvText(interpolate_env(value, environ)) if "${" in value else value
     if isinstance(value, dict):
         return {key: _interpolate_values(item, environ) for key, item in value.items()}
     if isinstance(value, list):
@@ -244,15 +365,23 @@ def _interpolate_values(value: Any, environ: dict[str, str] | None) -> Any:
     return value
 
 
-def load_config_text(text: str, environ: dict[str, str] | None = None) -> Config:
+def load_config_text(text: str, environ: Mapping[str, str] | None = None) -> Config:
+    """The config in `text`, checked against `environ` (default: this process's environment)."""
+    env = os.environ if environ is None else environ
     try:
-        data = yaml.safe_load(text)
+        data, repeated = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"(yaml): {exc}"]) from None
-    return parse_config(_interpolate_values(data, environ))
+    try:
+        config = parse_config(_interpolate_values(data, env), env)
+    except ConfigError as exc:
+        raise ConfigError(repeated + exc.problems) from None
+    if repeated:
+        raise ConfigError(repeated)
+    return config
 
 
-def load_config(path: str | os.PathLike[str], environ: dict[str, str] | None = None) -> Config:
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:

@@ -16,34 +16,17 @@ import pytest
 from proxy.cli import main
 from tests.support.ports import free_port
 
-FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent
 
 
 def run_cli(*args, stdin: str | None = None, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "proxy", *args], input=stdin, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "proxy", *args], check=False, input=stdin, capture_output=True, text=True,
                           timeout=60, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("fixture, expected", [
-    ("rpm_zero.yaml", ["teams.platform.limits.rpm: must be > 0"]),
-    ("many.yaml", ["listen.port: must be <= 65535", "upstreams.mock.base_url: must start with http:// or https://",
-                   "upstreams.mock.timeout: unknown field", "models.m.price_per_mtok.input: must be >= 0",
-                   "teams.platform.daily_budget_usd: must be > 0",
-                   "keys.bot: exactly one of key_sha256, key_env or key is required"]),
-    ("refs.yaml", ["models.m.targets.0.upstream: unknown upstream 'ghost'", "keys.bot.team: unknown team 'nobody'",
-                   "keys.bot.models: unknown model 'unknown'"]),
-])
-def test_check_config_reports_each_bad_field(fixture, expected, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["check-config", str(FIXTURES / "bad" / fixture)])
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    for line in expected:
-        assert line in err, err
-
-
-def test_check_config_summary(tmp_path, capsys):
+def test_check_config_summary(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DS_KEY", "sk-upstream")
+    monkeypatch.setenv("CI_BOT_KEY", "sk-proxy-ci-bot")
     config = tmp_path / "ok.yaml"
     config.write_text(
         "upstreams:\n  ds: {base_url: 'https://api.deepseek.com/v1', api_key_env: DS_KEY}  # ${NOT_SET} in a comment\n"
@@ -102,3 +85,4 @@ def test_demo_answers_a_real_sdk_call():
         output, _ = process.communicate(timeout=15)
     assert f"curl -s {base}/chat/completions" in output
     assert 'OpenAI(base_url="' + base in output
+

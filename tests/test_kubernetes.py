@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from proxy.cli import build_parser
-from proxy.config import ENV_VAR_PATTERN, Config, load_config_text
+from proxy.config import Config, load_config_text
+from tests.support.configs import example_environ
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
@@ -90,10 +91,9 @@ def _config_text() -> str:
 
 
 def _config() -> Config:
-    """The ConfigMap's config, with a value for each `${VAR}` that has no default."""
+    """The ConfigMap's config, with a value for each variable it names."""
     text = _config_text()
-    environ = {m.group(1): "example-value" for m in ENV_VAR_PATTERN.finditer(text) if m.group(2) is None}
-    return load_config_text(text, environ=environ)
+    return load_config_text(text, environ=example_environ(text))
 
 
 def _secret() -> dict[str, Any]:

@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from proxy.config import ENV_VAR_PATTERN, load_config
+from proxy.config import load_config
+from tests.support.configs import example_environ
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIRS = ("examples", "deploy/compose")
@@ -25,13 +26,12 @@ CONFIG_FILES = sorted(
     for pattern in ("**/*.yaml", "**/*.yml")
     for path in (ROOT / folder).glob(pattern)
 )
-# Values for environment references without a default; any other name gets a placeholder.
+# Values for some variables the configs name; any other name gets a placeholder.
 EXAMPLE_ENV = {"LLM_PROXY_REDIS_URL": "redis://127.0.0.1:6379/0"}
 
 
 def _environ_for(text: str) -> dict[str, str]:
-    names = {m.group(1) for m in ENV_VAR_PATTERN.finditer(text) if m.group(2) is None}
-    return {name: EXAMPLE_ENV.get(name, "example-value") for name in names}
+    return example_environ(text, EXAMPLE_ENV)
 
 
 def _compose() -> dict:

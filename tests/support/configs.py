@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 
-from proxy.config import Config, parse_config
+import yaml
+
+from proxy.config import ENV_VAR_PATTERN, Config, parse_config
 
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
 ADMIN_KEY = "sk-admin-secret-abcdef"
@@ -61,3 +63,16 @@ def make_config(upstream_url: str, *, redis_url: str | None = None, second_upstr
         data = copy.deepcopy(data)
         patch(data)
     return parse_config(data)
+
+
+def example_environ(text: str, values: dict[str, str] | None = None) -> dict[str, str]:
+    """A value for every variable a config file names: each `${VAR}` without a default, and each
+    `admin_key_env` / `api_key_env` / `key_env` (a different value each: no two keys collide).
+    `values` gives chosen values for some names."""
+    names = {m.group(1) for m in ENV_VAR_PATTERN.finditer(text) if m.group(2) is None}
+    data = yaml.safe_load(text)
+    names.add(data.get("admin_key_env"))
+    names |= {upstream.get("api_key_env") for upstream in data.get("upstreams", {}).values()}
+    names |= {key.get("key_env") for key in (data.get("keys") or {}).values()}
+    names.discard(None)
+    return {name: (values or {}).get(name, f"example-{name.lower()}") for name in names}

@@ -1,0 +1,121 @@
+"""Config that would silently misbehave is refused, by `check-config` and by `serve` alike, with
+every problem's dotted path in our own words. Each bad config is a fixture in tests/fixtures/bad/,
+its exact stderr asserted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.ports import free_port
+
+ROOT = Path(__file__).parent.parent
+BAD = Path(__file__).parent / "fixtures" / "bad"
+TIMEOUT_S = 20
+
+# fixture -> (environment, exact problems in order)
+REFUSED: dict[str, tuple[dict[str, str], list[str]]] = {
+    "rpm_zero.yaml": ({}, ["teams.platform.limits.rpm: must be > 0"]),
+    "many.yaml": ({}, [
+        "listen.port: must be <= 65535",
+        "upstreams.mock.base_url: must start with http:// or https://",
+        "upstreams.mock.timeout: unknown field",
+        "models.m.price_per_mtok.input: must be >= 0",
+        "teams.platform.daily_budget_usd: must be > 0",
+        "keys.bot: exactly one of key_sha256, key_env or key is required",
+    ]),
+    "refs.yaml": ({}, [
+        "models.m.targets.0.upstream: unknown upstream 'ghost'",
+        "keys.bot.team: unknown team 'nobody'",
+        "keys.bot.models: unknown model 'unknown'",
+    ]),
+    "same_key_value.yaml": ({}, ["keys.bob.key: same key as keys.alice.key"]),
+    "same_key_hash.yaml": ({"LLMP_TEST_CAROL_KEY": "sk-proxy-same", "LLMP_TEST_ADMIN_KEY": "sk-admin-too"}, [
+        "keys.bob.key: same key as keys.alice.key_sha256",
+        "keys.carol.key_env: same key as keys.alice.key_sha256",
+        "keys.dave.key: same key as admin_key_env",
+    ]),
+    "repeated_mapping_key.yaml": ({}, [
+        "models.m.targets.0.model: repeated key (line 8)",
+        "keys.alice.limits.rpm: repeated key (line 15)",
+        "teams: repeated key (line 16)",
+        "keys.alice.team: unknown team 't'",  # the last `teams` is the one that would count
+    ]),
+    "unset_env.yaml": ({"LLMP_TEST_EMPTY": "", "LLMP_TEST_SET": "sk-upstream-2"}, [
+        "admin_key_env: environment variable LLMP_TEST_UNSET_ADMIN is not set",
+        "upstreams.mock.api_key_env: environment variable LLMP_TEST_UNSET_UPSTREAM is not set",
+        "upstreams.empty.api_key_env: environment variable LLMP_TEST_EMPTY is empty",
+        "upstreams.both.api_key_env: give api_key or api_key_env, not both",
+        "keys.alice.key_env: environment variable LLMP_TEST_UNSET_ALICE is not set",
+    ]),
+    "not_integers.yaml": ({"LLMP_TEST_RPM": "1.5"}, [
+        "listen.port: must be an integer",
+        "store.timeout_ms: must be an integer",
+        "upstreams.mock.timeout_s: must be a number",
+        "upstreams.mock.max_retries: must be an integer",
+        "models.m.default_max_tokens: must be an integer",
+        "teams.t.limits.rpm: must be an integer",
+        "teams.t.limits.tpm: must be an integer",
+        "teams.t.limits.max_parallel: must be an integer",
+        "keys.alice.limits.rpm: must be an integer",
+    ]),
+    "burst_without_rate.yaml": ({}, [
+        "teams.t.limits.rpm_burst: needs rpm (a burst alone limits nothing)",
+        "keys.alice.limits.tpm_burst: needs tpm (a burst alone limits nothing)",
+    ]),
+    "everything_at_once.yaml": ({}, [
+        "teams.t.limits: repeated key (line 8)",
+        "upstreams.mock.api_key_env: environment variable LLMP_TEST_UNSET_UPSTREAM is not set",
+        "teams.t.limits.rpm: must be an integer",
+        "teams.t.limits.tpm_burst: needs tpm (a burst alone limits nothing)",
+        "keys.alice.limits.max_parallel: must be an integer",
+    ]),
+}
+
+
+def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without any LLMP_TEST_* variable, plus `extra`."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("LLMP_TEST_")}
+    return {**env, **(extra or {})}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], check=False, capture_output=True, text=True,
+                          timeout=TIMEOUT_S, cwd=ROOT, env=environment(env))
+
+
+def refusal(path: Path, problems: list[str]) -> list[str]:
+    return [f"{path}: invalid configuration", *(f"  {problem}" for problem in problems)]
+
+
+@pytest.mark.parametrize("fixture", sorted(REFUSED))
+def test_check_config_refuses_with_every_problem(fixture: str) -> None:
+    env, problems = REFUSED[fixture]
+    path = BAD / fixture
+    result = run_cli("check-config", str(path), env=env)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == refusal(path, problems)
+
+
+@pytest.mark.parametrize("fixture", sorted(REFUSED))
+def test_serve_refuses_to_start_with_the_same_problems(fixture: str) -> None:
+    env, problems = REFUSED[fixture]
+    path = BAD / fixture
+    result = run_cli("serve", "--config", str(path), "--port", str(free_port()), env=env)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == refusal(path, problems)
+
+
+
+def test_an_integer_from_the_environment_is_still_an_integer(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text("upstreams:\n  mock: {base_url: 'http://127.0.0.1:9/v1'}\n"
+                    "models:\n  m: {targets: [{upstream: mock, model: m}]}\n"
+                    "teams:\n  t: {limits: {rpm: '${LLMP_TEST_RPM}'}}\n", encoding="utf-8")
+    result = run_cli("check-config", str(path), env={"LLMP_TEST_RPM": "60"})
+    assert result.returncode == 0, result.stderr
+    assert "  t: rpm 60, no budget" in result.stdout.splitlines()
