@@ -31,11 +31,16 @@ def _load_or_exit(path: str) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
-
     path = _config_path(args.config)
     config = _load_or_exit(path)
+    if args.workers < 1:
+        raise SystemExit("llm-proxy serve: --workers must be at least 1")
+    if args.workers > 1 and config.store.redis_url is None:
+        raise SystemExit(f"llm-proxy serve: --workers {args.workers} needs store.redis_url: with the in-process "
+                         "store each worker would keep its own limits, budgets and spend")
     os.environ[CONFIG_ENV] = path
+    from .server import serve
+
     serve(config, host=args.host or config.listen.host, port=args.port or config.listen.port, workers=args.workers)
     return 0
 
@@ -153,7 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        status: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `llm-proxy new-key | head -1`: the reader has what it wanted
+        _silence_stdout()
+        return 1
+    return status
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not fail once more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

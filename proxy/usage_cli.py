@@ -9,6 +9,7 @@ import sys
 import httpx
 import orjson
 
+from .limits.types import StoreError
 from .usage_report import rows, usage_overview
 
 COLUMNS = {"team": ["team"], "key": ["team", "key"], "model": ["team", "key", "model"], "tag": ["team", "tag"]}
@@ -31,11 +32,20 @@ async def _from_store(config, day: str | None) -> dict:
 
 def _from_url(url: str, admin_key: str, day: str | None) -> dict:
     params = {"date": day} if day else {}
-    response = httpx.get(url.rstrip("/") + "/admin/usage", params=params,
-                         headers={"Authorization": f"Bearer {admin_key}"}, timeout=10)
-    if response.status_code != 200:
-        raise SystemExit(f"llm-proxy usage: {response.status_code}: {response.json()['error']['message']}")
-    return response.json()
+    try:
+        response = httpx.get(url.rstrip("/") + "/admin/usage", params=params,
+                             headers={"Authorization": f"Bearer {admin_key}"}, timeout=10)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"llm-proxy usage: cannot reach {url}: {exc}") from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code != 200 or not isinstance(body, dict):
+        error = body.get("error") if isinstance(body, dict) else None
+        detail = error.get("message") if isinstance(error, dict) else "not an llm-proxy usage answer"
+        raise SystemExit(f"llm-proxy usage: {url} answered {response.status_code}: {detail}")
+    return body
 
 
 def _cell(value) -> str:
@@ -70,7 +80,15 @@ def run_usage(args) -> int:
         from .cli import _config_path, _load_or_exit
 
         config = _load_or_exit(_config_path(args.config))
-        overview = asyncio.run(_from_store(config, args.date))
+        if config.store.redis_url is None:
+            print("llm-proxy usage: no shared ledger: the config has no store.redis_url, and the in-process "
+                  "store keeps usage inside the serving process (ask it with --url)", file=sys.stderr)
+            return 1
+        try:
+            overview = asyncio.run(_from_store(config, args.date))
+        except StoreError as exc:
+            print(f"llm-proxy usage: Redis did not answer: {exc}", file=sys.stderr)
+            return 1
     if args.json:
         sys.stdout.write(orjson.dumps(overview, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

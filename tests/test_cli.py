@@ -86,3 +86,59 @@ def test_demo_answers_a_real_sdk_call():
     assert f"curl -s {base}/chat/completions" in output
     assert 'OpenAI(base_url="' + base in output
 
+
+IN_PROCESS = ("upstreams:\n  mock: {base_url: 'http://127.0.0.1:9/v1'}\n"
+              "models:\n  m: {targets: [{upstream: mock, model: m}]}\n"
+              "teams:\n  t: {}\n"
+              "keys:\n  alice: {team: t, key: sk-proxy-alice}\n")
+
+
+@pytest.fixture
+def in_process_config(tmp_path) -> Path:
+    path = tmp_path / "in_process.yaml"
+    path.write_text(IN_PROCESS, encoding="utf-8")
+    return path
+
+
+def test_serve_with_workers_needs_redis(in_process_config):
+    result = run_cli("serve", "--config", str(in_process_config), "--port", str(free_port()), "--workers", "2")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [
+        ("llm-proxy serve: --workers 2 needs store.redis_url: with the in-process store each worker would "
+         "keep its own limits, budgets and spend")]
+
+
+def test_usage_without_redis_says_there_is_no_shared_ledger(in_process_config):
+    result = run_cli("usage", "--config", str(in_process_config))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [
+        ("llm-proxy usage: no shared ledger: the config has no store.redis_url, and the in-process store "
+         "keeps usage inside the serving process (ask it with --url)")]
+
+
+def test_usage_with_redis_down_is_one_line(tmp_path):
+    path = tmp_path / "redis.yaml"
+    path.write_text(f"store: {{redis_url: 'redis://:sk-redis-pw@127.0.0.1:{free_port()}/0', timeout_ms: 200}}\n"
+                    + IN_PROCESS, encoding="utf-8")
+    result = run_cli("usage", "--config", str(path))
+    assert (result.returncode, result.stdout) == (1, "")
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("llm-proxy usage: Redis did not answer: ") and "sk-redis-pw" not in line
+
+
+def test_usage_url_of_a_proxy_that_is_down_is_one_line():
+    url = f"http://127.0.0.1:{free_port()}"
+    result = run_cli("usage", "--url", url, env={"LLM_PROXY_ADMIN_KEY": "sk-admin-x"})
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [f"llm-proxy usage: cannot reach {url}: [Errno 111] Connection refused"]
+
+
+@pytest.mark.parametrize("reader", ["head -1", "true"])
+def test_new_key_into_a_closed_pipe_prints_no_traceback(reader):
+    """A real shell pipe: `true` exits before the key is written, `head -1` after the first line.
+    Unbuffered, as in the Docker image, so every line is its own write."""
+    command = f"{sys.executable} -m proxy new-key | {reader}"
+    result = subprocess.run(["sh", "-c", command], check=False, capture_output=True, text=True, timeout=60,
+                            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.stderr == ""
+    assert len(result.stdout.splitlines()) == (1 if reader == "head -1" else 0)
