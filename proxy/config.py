@@ -43,8 +43,8 @@ class ConfigError(Exception):
 
 
 class EnvText(str):
-    """A value that came from `${VAR}`: the environment has only strings, so integer and number
-    fields parse it (anywhere else in the file, `"10"` is text and `true` is not a number)."""
+    """A string value that came from `${VAR}`. The environment holds only strings, so integer and
+    number fields parse these; a string written in the file (`rpm: "10"`) is refused there."""
 
 
 def _integer(value: object) -> object:
@@ -182,13 +182,13 @@ class Key(_Strict):
     team: str
     key_sha256: str | None = Field(None, pattern=SHA256_PATTERN)
     key_env: str | None = None
-    key: str | None = None
+    key: str | None = Field(None, min_length=1)
     limits: Limits = Limits()
     daily_budget_usd: Decimal | None = Field(None, gt=0)
     models: list[str] | None = None
 
     @model_validator(mode="after")
-    def _one_key_source(self) -> "Key":
+    def _one_key_source(self) -> Key:
         given = [f for f in ("key_sha256", "key_env", "key") if getattr(self, f) is not None]
         if len(given) != 1:
             raise ValueError("exactly one of key_sha256, key_env or key is required")
@@ -324,7 +324,7 @@ def _message(error: dict[str, Any]) -> str:
         return "required"
     if kind == "string_pattern_mismatch":
         return "must be 64 lowercase hex characters (sha256)"
-    if kind == "too_short":
+    if kind in ("too_short", "string_too_short"):
         return "must not be empty"
     message = error["msg"]
     return message.removeprefix("Value error, ")

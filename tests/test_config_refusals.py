@@ -51,6 +51,7 @@ REFUSED: dict[str, tuple[dict[str, str], list[str]]] = {
         "upstreams.empty.api_key_env: environment variable LLMP_TEST_EMPTY is empty",
         "upstreams.both.api_key_env: give api_key or api_key_env, not both",
         "keys.alice.key_env: environment variable LLMP_TEST_UNSET_ALICE is not set",
+        "keys.bob.key: must not be empty",
     ]),
     "not_integers.yaml": ({"LLMP_TEST_RPM": "1.5"}, [
         "listen.port: must be an integer",
