@@ -328,7 +328,7 @@ async def test_ledger(store):
 async def _ttls(store) -> dict[str, int]:
     if isinstance(store, MemoryStore):
         now_ms = store.clock_us() // 1000
-        return {name: store.keys.pttl(name, now_ms) for name in list(store.keys._values)}
+        return {name: store.keys.pttl(name, now_ms) for name in store.keys.names(now_ms)}
     return {name.decode(): await store.client.pttl(name) async for name in store.client.scan_iter(count=100)}
 
 

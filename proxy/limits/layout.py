@@ -29,7 +29,6 @@ DAY_MARGIN_MS = 2 * 86_400_000  # a budget day's records outlive the day by this
 # began by losing a reply whose settlement Redis had applied) could count that one request twice.
 DONE_TTL_S = 15 * 60
 LATE_BUDGET_TTL_S = 3 * 86_400  # a budget day record first created by a late settlement
-PARALLEL_RETRY_MS = 1_000  # the retry hint when a parallel cap is full (mirrored in admit.lua)
 NONE = -1  # "no such limit" in script arguments and replies
 LEDGER_MAX_FIELDS = 20_000  # a team-day's ledger books new tags as other=overflow past this (~4k tags)
 OVERFLOW_TAG = "other=overflow"

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from importlib import resources
-
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from . import scripts
 from .resp import RespClient, RespConnectionError, RespReplyError
 from .layout import DEFAULT_PREFIX, Layout, admit_args, decode_decision, decode_settled, settle_args
 from .ledger import usage_report
@@ -36,10 +35,6 @@ DRIVER_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutErro
                  RespReplyError)
 
 
-def _script(name: str) -> str:
-    return resources.files("proxy.limits").joinpath("lua", name).read_text(encoding="utf-8")
-
-
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -51,7 +46,7 @@ class _Script:
     redis-py (Redis Cluster, or a client handed in by a test)."""
 
     def __init__(self, name: str) -> None:
-        self.source = _script(name)
+        self.source = scripts.source(name)
         self.sha: str | None = None
 
     async def __call__(self, client, keys: list[str], args: list, fast: RespClient | None = None):
@@ -92,8 +87,8 @@ class RedisStore:
         self.clock_us = clock_us
         self.retention_days = retention_days
         self.layout = Layout(prefix)
-        self._admit = _Script("admit.lua")
-        self._settle = _Script("settle.lua")
+        self._admit = _Script(scripts.ADMIT)
+        self._settle = _Script(scripts.SETTLE)
         self._in_flight: asyncio.Semaphore | None = None  # cluster calls holding a connection
         if isinstance(client, aioredis.RedisCluster):
             # RedisCluster raises MaxConnectionsError past its per-node cap instead of waiting
