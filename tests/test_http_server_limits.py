@@ -18,7 +18,8 @@ import pytest
 
 from proxy.app import create_app
 from proxy.mock_upstream import MockUpstream
-from tests.support.configs import KEYS, make_config
+from tests.support.configs import KEYS, config_dict, make_config
+from tests.support.processes import proxy_process, start_all, stop_all, write_config
 from tests.support.servers import ProxyServer
 
 KEY = KEYS["alice"]
@@ -146,6 +147,21 @@ def test_a_48mib_header_line_is_refused_after_reading_little(proxy):
     if raw:  # the 431 arrives unless the reset overtook it
         assert_openai_error(raw, 431, "request_header_fields_too_large")
     assert authorised_request(proxy.port).status_code == 200
+
+
+def test_llm_proxy_serve_uses_the_same_limits(mock, tmp_path):
+    data = {**config_dict(mock.url), "server": {"max_header_bytes": 4096, "header_timeout_s": 1}}
+    processes = start_all([proxy_process(write_config(tmp_path / "config.yaml", data))])
+    try:
+        port = processes[0].port
+        with connect(port) as sock:
+            sock.sendall(HEAD + b"x-big: " + b"a" * 5000 + b"\r\n\r\n")
+            assert_openai_error(read_all(sock), 431, "request_header_fields_too_large")
+        with connect(port) as sock:
+            assert_openai_error(read_all(sock), 408, "request_timeout")
+        assert authorised_request(port).status_code == 200
+    finally:
+        stop_all(processes)
 
 
 # -- timeouts ---------------------------------------------------------------------------------
