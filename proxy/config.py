@@ -94,6 +94,15 @@ class Listen(_Strict):
     port: Integer = Field(DEFAULT_PORT, ge=1, le=65535)
 
 
+class Server(_Strict):
+    """The HTTP server's defences against hostile connections (per process)."""
+
+    max_header_bytes: int = Field(64 * 1024, ge=1024)  # request line + headers; beyond: 431
+    header_timeout_s: float = Field(10, gt=0)  # connection (or next request) start to headers complete
+    body_timeout_s: float = Field(30, gt=0)  # headers complete to body complete; beyond: 408
+    max_connections: int = Field(1000, gt=0)  # beyond: the oldest still sending headers is dropped
+
+
 class Store(_Strict):
     redis_url: str | None = None
     cluster: bool = False
@@ -209,6 +218,7 @@ class Key(_Strict):
 
 class Config(_Strict):
     listen: Listen = Listen()
+    server: Server = Server()
     admin_key_sha256: str | None = Field(None, pattern=SHA256_PATTERN)
     admin_key_env: str | None = None
     max_body_bytes: Integer = Field(DEFAULT_MAX_BODY_BYTES, gt=0)

@@ -24,6 +24,7 @@ from .config import Config, Model
 from .errors import ClientClosedRequest, ModelNotAllowed, ModelNotFound, ProxyError, UpstreamError, UpstreamTimeout
 from .forwarding import sse
 from .forwarding.context import apply_context_policy
+from .forwarding.hop_by_hop import forwarded_headers
 from .forwarding.relay import Attempts, open_upstream
 from .forwarding.upstream import UpstreamBroken, UpstreamClient, UpstreamReadTimeout, UpstreamResponse
 from .http.body import parse_json_object, read_body
@@ -152,7 +153,7 @@ class Gateway:
         if call.stream:
             options = body.get("stream_options") or {}
             body = {**body, "stream_options": {**options, "include_usage": True}}
-        headers = {k: v for k, v in request.headers.items() if k not in DROP_REQUEST_HEADERS}
+        headers = forwarded_headers(request.headers.items(), DROP_REQUEST_HEADERS)
         headers["x-request-id"] = outcome.request_id
         attempts = outcome.attempts
         settle_failed = True

@@ -478,9 +478,11 @@ def create_mock_app(*, chunk_delay_s: float = 0.0, chunks: int = DEFAULT_CHUNKS)
 
 
 class MockUpstream:
-    """The mock app served on 127.0.0.1 from a background thread with its own event loop."""
+    """The mock app served on `host` (127.0.0.1) from a background thread with its own event loop."""
 
-    def __init__(self, port: int = 0, chunk_delay_s: float = 0.0, chunks: int = DEFAULT_CHUNKS):
+    def __init__(self, port: int = 0, chunk_delay_s: float = 0.0, chunks: int = DEFAULT_CHUNKS,
+                 host: str = "127.0.0.1"):
+        self.host = host
         self.port = port
         self.app = create_mock_app(chunk_delay_s=chunk_delay_s, chunks=chunks)
         self._state = self.app[STATE]
@@ -492,7 +494,7 @@ class MockUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     def start(self) -> MockUpstream:
         self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), name="mock-upstream", daemon=True)
@@ -509,7 +511,7 @@ class MockUpstream:
         runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True, shutdown_timeout=0.1)
         try:
             await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", self.port)
+            site = web.TCPSite(runner, self.host, self.port)
             await site.start()
             self.port = runner.addresses[0][1]
         except BaseException as exc:

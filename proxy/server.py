@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import resource
 import signal
 import sys
 import tempfile
@@ -12,6 +13,7 @@ import tempfile
 import uvicorn
 
 from .config import Config
+from .http.connections import ConnectionGuard
 from .metrics import MULTIPROC_ENV
 
 FACTORY = "proxy.app:app_from_env"
@@ -39,10 +41,22 @@ def prepare_multiprocess_metrics(workers: int) -> str | None:
     return path
 
 
+def raise_open_files_limit() -> None:
+    """Lift the soft descriptor limit to the hard one (as Go's runtime does): the default soft
+    1,024 is below `server.max_connections` plus the upstream pools."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def serve(config: Config, *, host: str, port: int, workers: int = 1) -> None:
     """Serve the config in $LLM_PROXY_CONFIG (each worker loads it through the factory)."""
     configure_logging(config.log_level)
     prepare_multiprocess_metrics(workers)
+    raise_open_files_limit()
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; by then everything is settled
     # and flushed, so the re-raised signal ends the process with status 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
@@ -53,7 +67,7 @@ def serve(config: Config, *, host: str, port: int, workers: int = 1) -> None:
         port=port,
         workers=workers,
         loop=_fastest("uvloop", "uvloop", "asyncio"),
-        http=_fastest("httptools", "httptools", "h11"),
+        http=ConnectionGuard(config.server).protocol(),  # httptools, with header limits and timeouts
         log_level=config.log_level,
         access_log=False,
         timeout_graceful_shutdown=config.shutdown_grace_s,

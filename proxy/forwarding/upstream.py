@@ -10,8 +10,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
+from yarl import URL
 
 from ..config import Upstream
+
+# How long a resolved address is reused; a connect error forgets it at once (the upstream moved).
+DNS_CACHE_TTL_S = 300
 
 
 class UpstreamConnectError(Exception):
@@ -61,18 +66,24 @@ class UpstreamResponse:
 
 
 class UpstreamClient:
-    def __init__(self, name: str, config: Upstream):
+    def __init__(self, name: str, config: Upstream, *, resolver: AbstractResolver | None = None):
         self.name = name
         self.config = config
         self.base_url = config.base_url
         self._api_key = config.resolve_api_key()
         self._session: aiohttp.ClientSession | None = None
+        self._connector: aiohttp.TCPConnector | None = None
+        self._resolver = resolver  # None: aiohttp's default (the system's resolver)
+        url = URL(config.base_url)
+        self._dns_key = (url.raw_host or "", url.port or 0)
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout_s, sock_read=config.timeout_s
         )
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=DNS_CACHE_TTL_S,
+                                         resolver=self._resolver)
+        self._connector = connector
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, auto_decompress=True, skip_auto_headers=("User-Agent",)
         )
@@ -81,6 +92,11 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def _forget_address(self) -> None:
+        """After a connect error, resolve the host again next time: it may have moved."""
+        if self._connector is not None:
+            self._connector.clear_dns_cache(*self._dns_key)
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
@@ -101,11 +117,13 @@ class UpstreamClient:
             )
         except aiohttp.ServerTimeoutError as exc:
             if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                self._forget_address()
                 raise UpstreamConnectError(f"connect timeout after {self.config.connect_timeout_s}s") from exc
             raise UpstreamReadTimeout() from exc
         except TimeoutError as exc:
             raise UpstreamReadTimeout() from exc
         except aiohttp.ClientConnectorError as exc:
+            self._forget_address()
             raise UpstreamConnectError(str(exc.os_error) or "connection failed") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamBroken(str(exc) or type(exc).__name__) from exc

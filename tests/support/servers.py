@@ -7,6 +7,8 @@ import time
 
 import uvicorn
 
+from proxy.http.connections import ConnectionGuard
+
 from .ports import free_port
 
 
@@ -18,8 +20,10 @@ class ProxyServer:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
+        # the protocol `llm-proxy serve` uses, with the app's `server:` settings
+        self.guard = ConnectionGuard(app.state.gateway.config.server)
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
-                                lifespan="on", timeout_graceful_shutdown=5)
+                                lifespan="on", timeout_graceful_shutdown=5, http=self.guard.protocol())
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
