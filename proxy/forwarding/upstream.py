@@ -92,6 +92,10 @@ class UpstreamClient:
             connector=connector, timeout=self._timeout, auto_decompress=True, skip_auto_headers=("User-Agent",)
         )
 
+    @property
+    def closed(self) -> bool:
+        return self._session is None
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
