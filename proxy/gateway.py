@@ -208,10 +208,10 @@ class Gateway:
             outcome.upstream_headers_at = time.monotonic()
             if payload is None:  # a stream
                 produced = StreamUsage()
-                reply = SSEResponse(self._relay_stream(response, call, outcome, produced), 200,
-                                    self._stream_headers(outcome.request_id, ticket),
-                                    settle=lambda: _leaving(snapshot, self._settle(ticket, call, produced.usage,
-                                                                                   outcome)))
+                reply: Response | SSEResponse = SSEResponse(
+                    self._relay_stream(response, call, outcome, produced), 200,
+                    self._stream_headers(outcome.request_id, ticket),
+                    settle=lambda: _leaving(snapshot, self._settle(ticket, call, produced.usage, outcome)))
                 settle_failed = False
                 return reply
             outcome.finished_upstream = time.monotonic()
