@@ -123,8 +123,15 @@ def _on_sighup(reloader: Reloader):
     if threading.current_thread() is not threading.main_thread() or reloader.path is None:
         return lambda: None
     loop = asyncio.get_running_loop()
+    running: set[asyncio.Task[bool]] = set()  # the loop keeps only weak references to tasks
+
+    def reload() -> None:
+        task = loop.create_task(reloader.reload())
+        running.add(task)
+        task.add_done_callback(running.discard)
+
     try:
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reloader.reload()))
+        loop.add_signal_handler(signal.SIGHUP, reload)
     except (NotImplementedError, RuntimeError):
         return lambda: None
     return lambda: loop.remove_signal_handler(signal.SIGHUP)

@@ -55,7 +55,11 @@ class Reloader:
         except ConfigError as exc:
             log.error("config reload refused, keeping the running config: %s", "; ".join(exc.problems))
             return False
-        await self.apply(config)
+        try:
+            await self.apply(config)
+        except Exception:  # a bug: the signal handler's task must not die silently
+            log.exception("config reload failed")
+            return False
         return True
 
     async def apply(self, config: Config) -> None:
@@ -67,6 +71,7 @@ class Reloader:
                 config = config.model_copy(update={"store": running.store})
             if config.listen != running.listen:
                 log.warning("listen changed: it takes effect at the next restart")
+            keyring = KeyRing(config, self.environ)
             upstreams = {}
             for name, upstream in config.upstreams.items():
                 current = gateway.upstreams.get(name)
@@ -74,7 +79,7 @@ class Reloader:
                     current = UpstreamClient(name, upstream)
                     await current.start()
                 upstreams[name] = current
-            replaced = gateway.apply(Snapshot(config, KeyRing(config, self.environ), upstreams))
+            replaced = gateway.apply(Snapshot(config, keyring, upstreams))
             self._follow_settings(config, running)
             replaced.on_idle = self._drained
             self._draining.append(replaced)
