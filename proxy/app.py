@@ -75,10 +75,11 @@ def create_app(config: Config, *, store: Store | None = None, observer: Observer
     metrics = Metrics()
     limiter.on_store_error = metrics.store_error
     budgets = BudgetWatch(config, store, metrics)
-    observers = Observers(RequestLog(config.log_level), metrics, *([observer] if observer else []))
+    request_log = RequestLog(config.log_level)
+    observers = Observers(request_log, metrics, *([observer] if observer else []))
     gateway = Gateway(config, KeyRing(config, environ), upstreams, limiter, observers, budgets)
     gateway.metrics = metrics
-    reloader = Reloader(gateway, config_path, environ)
+    reloader = Reloader(gateway, config_path, environ, request_log)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -91,9 +92,9 @@ def create_app(config: Config, *, store: Store | None = None, observer: Observer
             yield
         finally:
             hangup()
-            await reloader.close()
             await budgets.close()
-            await limiter.close(flush_for_s=max(1.0, config.shutdown_grace_s))
+            await limiter.close(flush_for_s=max(1.0, gateway.config.shutdown_grace_s))  # a reload may change it
+            await reloader.close()  # after the last settlement: a request may still use a replaced client
             for client in gateway.upstreams.values():
                 await client.close()
             await store.close()
@@ -122,8 +123,15 @@ def _on_sighup(reloader: Reloader):
     if threading.current_thread() is not threading.main_thread() or reloader.path is None:
         return lambda: None
     loop = asyncio.get_running_loop()
+    running: set[asyncio.Task[bool]] = set()  # the loop keeps only weak references to tasks
+
+    def reload() -> None:
+        task = loop.create_task(reloader.reload())
+        running.add(task)
+        task.add_done_callback(running.discard)
+
     try:
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reloader.reload()))
+        loop.add_signal_handler(signal.SIGHUP, reload)
     except (NotImplementedError, RuntimeError):
         return lambda: None
     return lambda: loop.remove_signal_handler(signal.SIGHUP)

@@ -3,7 +3,9 @@
 The settle script reports, exactly once per scope and day across all replicas, the settlement
 that pushed spend past `budget_alert_ratio` × budget. That one settlement logs a warning, sets
 the alert gauge and (with `alert_webhook_url`) queues one webhook event. The webhook is retried
-with backoff off the request path, never blocks a request, and carries names, never keys.
+with backoff off the request path, never blocks a request, and carries names, never keys. It
+goes to the `alert_webhook_url` of the running config: a reload that sets, changes or removes
+the URL applies to the next event.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ class BudgetWatch:
         log.warning("budget alert: %s '%s' has spent %s of its %s budget on %s (alert ratio %.0f%%)",
                     scope, name, format_usd(spent), format_usd(budget), day, ratio * 100)
         self.metrics.set_alert(scope, name, True)
-        if self._queue is not None:
+        if self._queue is not None and self.config.alert_webhook_url:
             event = {"event": "budget_alert", "scope": scope, "name": name, "date": day,
                      "spent_usd": str(micros_to_usd(spent)), "budget_usd": str(micros_to_usd(budget)),
                      "ratio": round(spent / budget, 6), "alert_ratio": ratio,
@@ -128,12 +130,15 @@ class BudgetWatch:
             await asyncio.sleep(REFRESH_INTERVAL_S)
 
     # -- webhook --------------------------------------------------------------------------------
-    async def _send_webhooks(self, url: str) -> None:
+    async def _send_webhooks(self) -> None:
         assert self._queue is not None
         async with httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT_S) as client:
             while True:
                 event = await self._queue.get()
                 for attempt in range(WEBHOOK_ATTEMPTS):
+                    url = self.config.alert_webhook_url  # the running config's: a reload may change it
+                    if not url:
+                        break
                     try:
                         response = await client.post(url, json=event)
                         if response.status_code < 300:
@@ -149,12 +154,15 @@ class BudgetWatch:
                         await asyncio.sleep(random.uniform(0, min(30.0, 0.5 * 2**attempt)))
 
     # -- lifecycle ------------------------------------------------------------------------------
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config: budgets, alert ratio, time zone and webhook URL from now on."""
+        self.config = config
+
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._refresh_forever()))
-        if self.config.alert_webhook_url:
-            self._queue = asyncio.Queue(WEBHOOK_QUEUE)
-            self._tasks.append(loop.create_task(self._send_webhooks(self.config.alert_webhook_url)))
+        self._queue = asyncio.Queue(WEBHOOK_QUEUE)
+        self._tasks.append(loop.create_task(self._send_webhooks()))
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -1,8 +1,9 @@
 """One OpenAI call through the proxy: authenticate, read, admit, forward, relay, settle.
 
 Settlement always happens exactly once per admitted request, in a `finally` shielded from
-cancellation: after a full response, a failed upstream, a stream the client abandoned, or a
-stream the upstream cut.
+cancellation: after a full response, a failed upstream, a stream the client abandoned, a
+stream the upstream cut, or a bug (which is also logged with its traceback and counted).
+A request runs on the one `Snapshot` (config, keyring, upstream clients) it started with.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import time
 import itertools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import orjson
 from starlette.requests import Request
@@ -34,6 +35,7 @@ from .limits.limiter import Limiter, Ticket, reserved_tokens
 from .limits.types import Usage
 from .observe import Observer, Outcome
 from .pricing import cost_micros, reservation_micros
+from .snapshot import Snapshot
 from .tags import parse_tags
 from .tokens import estimate_text_tokens
 
@@ -79,6 +81,14 @@ async def _client_leaves(receive) -> None:
         pass
 
 
+async def _leaving(snapshot: Snapshot, settling: Awaitable[None]) -> None:
+    """Settle, then let go of the snapshot the request ran on."""
+    try:
+        await settling
+    finally:
+        snapshot.leave()
+
+
 class StreamUsage:
     """What a relayed stream produced, filled in when it ends."""
 
@@ -92,42 +102,69 @@ class Gateway:
     def __init__(self, config: Config, keyring: KeyRing, upstreams: dict[str, UpstreamClient], limiter: Limiter,
                  observer: Observer, budgets: BudgetWatch):
         self.budgets = budgets
-        self.config = config
-        self.keyring = keyring
-        self.upstreams = upstreams
+        self.snapshot = Snapshot(config, keyring, upstreams)
         self.limiter = limiter
         self.observer = observer
 
-    def apply(self, config: Config, keyring: KeyRing, upstreams: dict[str, UpstreamClient]) -> None:
-        """Swap in a reloaded config: the next request sees all of it."""
-        self.config, self.keyring, self.upstreams = config, keyring, upstreams
-        self.limiter.reconfigure(config)
+    # the running setup, for the admin and ops API; a request reads its own snapshot instead
+    @property
+    def config(self) -> Config:
+        return self.snapshot.config
+
+    @property
+    def keyring(self) -> KeyRing:
+        return self.snapshot.keyring
+
+    @property
+    def upstreams(self) -> dict[str, UpstreamClient]:
+        return self.snapshot.upstreams
+
+    def apply(self, snapshot: Snapshot) -> Snapshot:
+        """Swap in a reloaded setup for the next request; returns the replaced one, which the
+        requests already running keep until they finish."""
+        replaced, self.snapshot = self.snapshot, snapshot
+        self.limiter.reconfigure(snapshot.config)
+        return replaced
 
     # -- entry points -------------------------------------------------------------------------
     async def handle(self, request: Request, endpoint: str) -> Response | SSEResponse:
-        started = time.monotonic()
-        outcome = Outcome(request_id=request_id_of(request), endpoint=endpoint, started=started)
+        snapshot = self.snapshot
+        snapshot.enter()
+        outcome = Outcome(request_id=request_id_of(request), endpoint=endpoint, started=time.monotonic())
+        handed_over = False
         try:
-            caller = outcome.caller = self.authenticate(request)
-            call = await self._read_call(request, endpoint, caller)
+            caller = outcome.caller = snapshot.keyring.authenticate(presented_key(request.headers))
+            call = await self._read_call(request, endpoint, caller, snapshot.config)
             outcome.model, outcome.stream = call.model, call.stream
-            if self.config.log_bodies:
+            if snapshot.config.log_bodies:
                 outcome.request_body = call.body
-            return await self._forward(request, call, caller, outcome)
+            reply = await self._forward(request, call, caller, outcome, snapshot)
+            handed_over = True  # the reply leaves the snapshot once it has settled
+            return reply
         except ProxyError as error:
-            outcome.fail(error)
-            self.observer.finished(outcome)
-            return self.error_response(error, outcome.request_id, outcome.ticket)
+            return self._failed(outcome, error)
+        except Exception:
+            # a bug; if it came after admission, `_forward` has settled the request already
+            log.exception("unexpected error in request %s to %s", outcome.request_id, endpoint)
+            return self._failed(outcome, ProxyError("The proxy had an internal error."))
+        finally:
+            if not handed_over:
+                snapshot.leave()
 
     def authenticate(self, request: Request) -> Caller:
         return self.keyring.authenticate(presented_key(request.headers))
 
+    def _failed(self, outcome: Outcome, error: ProxyError) -> Response:
+        outcome.fail(error)
+        self.observer.finished(outcome)
+        return self.error_response(error, outcome.request_id, outcome.ticket)
+
     # -- steps --------------------------------------------------------------------------------
-    async def _read_call(self, request: Request, endpoint: str, caller: Caller) -> Call:
-        raw = await read_body(request, self.config.max_body_bytes)
+    async def _read_call(self, request: Request, endpoint: str, caller: Caller, config: Config) -> Call:
+        raw = await read_body(request, config.max_body_bytes)
         body = parse_json_object(raw)
         name = body.get("model")
-        model = self.config.models.get(name) if isinstance(name, str) else None
+        model = config.models.get(name) if isinstance(name, str) else None
         call = parse_call(endpoint, body, model.default_max_tokens if model else None)
         if model is None:
             raise ModelNotFound(f"The model `{call.model}` does not exist or you do not have access to it.",
@@ -138,8 +175,9 @@ class Gateway:
                                                   call.max_output)
         return call
 
-    async def _forward(self, request: Request, call: Call, caller: Caller, outcome: Outcome):
-        model = self.config.models[call.model]
+    async def _forward(self, request: Request, call: Call, caller: Caller, outcome: Outcome,
+                       snapshot: Snapshot) -> Response | SSEResponse:
+        model = snapshot.config.models[call.model]
         price = call.price = model.price_per_mtok
         tags = parse_tags(request.headers.get("x-proxy-tags"), call.body)
         outcome.tags = tags
@@ -160,7 +198,8 @@ class Gateway:
         # the body is read: from now on the client can only say that it left; if it does before
         # the response starts, stop waiting on (or retrying) the upstream at once
         watcher = asyncio.ensure_future(_client_leaves(request.receive))
-        fetch = asyncio.ensure_future(self._fetch(call, model, body, headers, self._deadline(request), attempts))
+        fetch = asyncio.ensure_future(self._fetch(call, model, body, headers, self._deadline(request), attempts,
+                                                  snapshot.upstreams))
         try:
             await asyncio.wait((fetch, watcher), return_when=asyncio.FIRST_COMPLETED)
             if not fetch.done():
@@ -170,18 +209,19 @@ class Gateway:
             outcome.upstream_headers_at = time.monotonic()
             if payload is None:  # a stream
                 produced = StreamUsage()
-                reply = SSEResponse(self._relay_stream(response, call, outcome, produced), 200,
-                                    self._stream_headers(outcome.request_id, ticket),
-                                    settle=lambda: self._settle(ticket, call, produced.usage, outcome))
+                reply: Response | SSEResponse = SSEResponse(
+                    self._relay_stream(response, call, outcome, produced), 200,
+                    self._stream_headers(outcome.request_id, ticket),
+                    settle=lambda: _leaving(snapshot, self._settle(ticket, call, produced.usage, outcome)))
                 settle_failed = False
                 return reply
             outcome.finished_upstream = time.monotonic()
             usage = self._usage_of(response.status, payload, call)
             outcome.status = response.status
-            if self.config.log_bodies:
+            if snapshot.config.log_bodies:
                 outcome.response_body = payload
             reply = self._passthrough(response, payload, outcome.request_id, ticket,
-                                      settle=lambda: self._settle(ticket, call, usage, outcome))
+                                      settle=lambda: _leaving(snapshot, self._settle(ticket, call, usage, outcome)))
             settle_failed = False
             return reply
         finally:
@@ -193,10 +233,9 @@ class Gateway:
                 await asyncio.shield(self._settle(ticket, call, Usage(), outcome, succeeded=False, notify=False))
 
     async def _fetch(self, call: Call, model: Model, body: dict, headers: dict, deadline: float,
-                     attempts: Attempts) -> tuple[UpstreamResponse, bytes | None]:
+                     attempts: Attempts, upstreams: dict[str, UpstreamClient]) -> tuple[UpstreamResponse, bytes | None]:
         """The upstream's answer: its whole body, or (payload None) a stream ready to relay."""
-        response = await open_upstream(PATHS[call.endpoint], body, model, self.upstreams, headers, deadline,
-                                       attempts)
+        response = await open_upstream(PATHS[call.endpoint], body, model, upstreams, headers, deadline, attempts)
         if call.stream and response.status == 200:
             return response, None
         try:
@@ -255,7 +294,11 @@ class Gateway:
             return
         cost = cost_micros(call.price, usage)  # the price at admission: a reload may drop the model
         outcome.usage, outcome.cost_micros = usage, cost
-        settled = await self.limiter.settle(ticket, call.model, usage, cost, outcome.tags, succeeded)
+        try:
+            settled = await self.limiter.settle(ticket, call.model, usage, cost, outcome.tags, succeeded)
+        except Exception:  # a bug: still counted, and the in-flight gauge still comes down
+            log.exception("settling request %s failed", outcome.request_id)
+            settled = None
         outcome.done = time.monotonic()
         if notify:
             self.observer.finished(outcome)
@@ -273,6 +316,7 @@ class Gateway:
         keep_usage = call.client_wants_usage
         completed = False
         outcome.status = 200
+        out: list[bytes] = []
         try:
             async for chunk in response.iter_chunks():
                 out = []
@@ -294,7 +338,8 @@ class Gateway:
                 if out:
                     if outcome.first_byte_at == 0.0:
                         outcome.first_byte_at = time.monotonic()
-                    yield b"".join(out)
+                    relayed, out = b"".join(out), []
+                    yield relayed
             if not completed:
                 raise UpstreamBroken("the stream ended without [DONE]")
         except (UpstreamBroken, UpstreamReadTimeout) as exc:
@@ -304,6 +349,14 @@ class Gateway:
             yield sse.error_event({"error": {
                 "message": "The upstream stream was interrupted before it finished.",
                 "type": "server_error", "param": None, "code": "upstream_error"}})
+        except Exception:  # a bug: logged once, told to the client, settled like a cut stream
+            log.exception("unexpected error relaying the stream of request %s", outcome.request_id)
+            outcome.stream_error = "internal_error"
+            if out:  # the events before the failing one, counted in text_chars already
+                yield b"".join(out)
+            yield sse.error_event({"error": {
+                "message": "The proxy had an internal error.", "type": "server_error", "param": None,
+                "code": None}})
         finally:
             if completed:
                 response.release()

@@ -35,6 +35,7 @@ FAULT_FIELDS = {
     "retry_after_ms": str,
     "first_byte_delay_s": (int, float),
     "cut_after_chunks": int,
+    "cut_in_one_write": bool,  # with cut_after_chunks: those chunks and the close in one write
     "malformed_json": bool,
     "bad_sse_line": bool,
     "no_usage": bool,
@@ -301,6 +302,12 @@ async def stream_completion(
     state.count("streams_started")
     try:
         await response.prepare(request)
+        if cut_after is not None and fault.get("cut_in_one_write"):
+            sent = completion.words[:cut_after]
+            await response.write(b"".join(completion.chunk(index, word, first=position == 0)
+                                          for position, word in enumerate(sent) for index in range(completion.n)))
+            request.transport.close()
+            return response
         for position, word in enumerate(completion.words):
             if position == bad_line_at:
                 await response.write(b"data: not-json\n\n")

@@ -82,8 +82,12 @@ class RequestLog:
 
     def __init__(self, level: str = "info", stream=None):
         self._stream = stream or sys.stdout
-        self.enabled = logging.getLevelName(level.upper()) <= logging.INFO
+        self.set_level(level)
         self._default = lambda value: repr(value)
+
+    def set_level(self, level: str) -> None:
+        """Request lines are info: written at `info` and `debug`, not at `warning` or `error`."""
+        self.enabled = logging.getLevelName(level.upper()) <= logging.INFO
 
     def admitted(self, outcome: Outcome) -> None:
         pass

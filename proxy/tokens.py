@@ -122,17 +122,15 @@ def estimate_prompt_tokens(endpoint: str, body: dict) -> int:
 def max_output_tokens(body: dict, default: int) -> int:
     """The most output tokens the request may produce: its cap (or `default`) times `n`.
 
-    `max_completion_tokens` wins over `max_tokens`; a cap that is missing, null, negative or not
-    an integer is ignored. `n` counts only when it is an integer above 1.
+    With both `max_completion_tokens` and `max_tokens`, the larger: an upstream may honour either,
+    so the reservation must cover the one that lets it write more. A cap that is missing, null,
+    negative or not an integer is ignored. `n` counts only when it is an integer above 1.
     """
     if not isinstance(body, dict):
         return default
-    cap = default
-    for field in ("max_completion_tokens", "max_tokens"):
-        value = body.get(field)
-        if _is_int(value) and value >= 0:
-            cap = value
-            break
+    caps = [value for field in ("max_completion_tokens", "max_tokens")
+            if _is_int(value := body.get(field)) and value >= 0]
+    cap = max(caps) if caps else default
     n = body.get("n")
     if _is_int(n) and n > 1:
         cap *= n

@@ -260,3 +260,17 @@ def test_nothing_is_lost_when_redis_dies_mid_load(mock_upstream, start_proxy):
         assert usage["spend_micros"] == sum(o.cost_micros for o in recorder.outcomes)
     finally:
         redis.stop()
+
+
+def test_reservation_covers_the_larger_of_max_tokens_and_max_completion_tokens(on_redis, mock_upstream):
+    """An upstream may honour `max_tokens` over `max_completion_tokens`: a request whose
+    max_tokens=1000 cannot fit the budget is refused, however small its max_completion_tokens."""
+    server = on_redis(budget(key_usd="0.0001"))  # 100 µ$; max_tokens=1000 reserves ~1,102 µ$
+    both = {**CHAT, "max_tokens": 1000, "max_completion_tokens": 1}
+    refused = post(server, both)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    assert mock_upstream.stats()["requests"] == 0, "the upstream was called for a request the budget cannot cover"
+    swapped = {**CHAT, "max_tokens": 1, "max_completion_tokens": 1000}
+    assert post(server, swapped).json()["error"]["code"] == "insufficient_quota"
+    assert post(server, {**CHAT, "max_tokens": 1, "max_completion_tokens": 1}).status_code == 200

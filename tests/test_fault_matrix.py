@@ -133,6 +133,9 @@ CASES = [
          min_duration_s=0.3),
     Case("stream_cut", ({"cut_after_chunks": 3},), stream=True, error="upstream_error", spend=ESTIMATED,
          errors={"stream_cut": 1}),
+    # content and the dropped connection in one read: what arrived is relayed and charged (chars / 4)
+    Case("stream_cut_in_one_write", ({"cut_after_chunks": 3, "cut_in_one_write": True},), stream=True,
+         error="upstream_error", spend=ESTIMATED, text_estimate=True, errors={"stream_cut": 1}),
     Case("stream_stalls_past_read_timeout", ({"chunk_delay_s": 1.0, "chunks": 5},), stream=True,
          upstream_config={"timeout_s": 0.4}, error="upstream_error", spend=ESTIMATED, errors={"timeout": 1},
          cancelled_stream=True),

@@ -107,7 +107,11 @@ def test_unknown_endpoint_is_a_programming_error() -> None:
         ({}, 1024, 1024),
         ({"max_tokens": 100}, 1024, 100),
         ({"max_completion_tokens": 50}, 1024, 50),
-        ({"max_completion_tokens": 50, "max_tokens": 100}, 1024, 50),
+        ({"max_completion_tokens": 50, "max_tokens": 100}, 1024, 100),  # the larger: either may be honoured
+        ({"max_completion_tokens": 1, "max_tokens": 1000}, 1024, 1000),
+        ({"max_completion_tokens": 1000, "max_tokens": 1}, 1024, 1000),
+        ({"max_completion_tokens": 0, "max_tokens": 7}, 1024, 7),
+        ({"max_completion_tokens": 5, "max_tokens": 7, "n": 2}, 1024, 14),
         ({"max_tokens": 0}, 1024, 0),
         ({"max_tokens": 100, "n": 3}, 1024, 300),
         ({"n": 2}, 1024, 2048),

@@ -48,13 +48,18 @@ class UpstreamResponse:
             self._response.release()
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """Bytes as they arrive from the network (no re-chunking)."""
+        """Bytes as they arrive from the network (no re-chunking). When the connection breaks, the
+        bytes that arrived before the break come first, then the error."""
+        content = self._response.content
         try:
-            async for chunk in self._response.content.iter_any():
+            async for chunk in content.iter_any():
                 yield chunk
-        except TimeoutError as exc:
-            raise UpstreamReadTimeout() from exc
-        except (aiohttp.ClientError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            rest = _buffered(content)
+            if rest:
+                yield rest
+            if isinstance(exc, TimeoutError):
+                raise UpstreamReadTimeout() from exc
             raise UpstreamBroken(str(exc)) from exc
 
     def close(self) -> None:
@@ -63,6 +68,16 @@ class UpstreamResponse:
 
     def release(self) -> None:
         self._response.release()
+
+
+def _buffered(content: aiohttp.StreamReader) -> bytes:
+    """What the reader holds after it failed. aiohttp's readany() raises a payload error before
+    returning data it already buffered (content and a dropped connection in the same read), and
+    its public read_nowait() raises too; `_read_nowait` is the one way to those bytes."""
+    try:
+        return content._read_nowait(-1)
+    except Exception:  # noqa: BLE001 - a private method: anything it raises means "nothing more"
+        return b""
 
 
 class UpstreamClient:
@@ -87,6 +102,10 @@ class UpstreamClient:
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, auto_decompress=True, skip_auto_headers=("User-Agent",)
         )
+
+    @property
+    def closed(self) -> bool:
+        return self._session is None
 
     async def close(self) -> None:
         if self._session is not None:

@@ -10,11 +10,13 @@ failed, or was cancelled: in their `finally`, shielded, so settlement is never s
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.responses import Response
 
 Settle = Callable[[], Awaitable[object]]
+log = logging.getLogger("proxy.gateway")
 
 
 class SettlingResponse(Response):
@@ -46,7 +48,9 @@ class SSEResponse:
             for task in (listener, pump):
                 if not task.done():
                     task.cancel()
-            await asyncio.gather(pump, listener, return_exceptions=True)
+            failed, _ = await asyncio.gather(pump, listener, return_exceptions=True)
+            if isinstance(failed, Exception):  # never swallowed: the relay handles its own, this is a bug
+                log.error("the stream failed", exc_info=failed)
             await asyncio.shield(self.settle())
 
     async def _pump(self, send) -> None:

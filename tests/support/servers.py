@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -44,6 +45,11 @@ class ProxyServer:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{limiter.unsettled} requests still unsettled after {timeout}s")
             time.sleep(0.005)
+
+    def run(self, coroutine, timeout: float = 10.0):
+        """Run a coroutine on the server's own event loop (a reload, say); returns its result."""
+        loop = self.server.servers[0].get_loop()
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout)
 
     def stop(self) -> None:
         self.server.should_exit = True
