@@ -66,15 +66,16 @@ class _Script:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
     async def _fast(self, fast: RespClient, keys: list[str], args: list):
+        deadline = fast.deadline()  # one timeout for the script, loading it included
         if self.sha is None:
-            self.sha = _text(await fast.call("SCRIPT", "LOAD", self.source))
+            self.sha = _text(await fast.call("SCRIPT", "LOAD", self.source, deadline=deadline))
         try:
-            return await fast.call("EVALSHA", self.sha, len(keys), *keys, *args)
+            return await fast.call("EVALSHA", self.sha, len(keys), *keys, *args, deadline=deadline)
         except RespReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            self.sha = _text(await fast.call("SCRIPT", "LOAD", self.source))
-            return await fast.call("EVALSHA", self.sha, len(keys), *keys, *args)
+            self.sha = _text(await fast.call("SCRIPT", "LOAD", self.source, deadline=deadline))
+            return await fast.call("EVALSHA", self.sha, len(keys), *keys, *args, deadline=deadline)
 
 
 class RedisStore:
