@@ -151,8 +151,10 @@ class MemoryStore:
 
     # -- admit -----------------------------------------------------------------------------------
 
-    def _admit(self, a: Admission, now_ms: int) -> list:
+    def _admit(self, a: Admission, now_ms: int) -> list | int:
         keys = self.layout.admit_keys(a)
+        if self.keys.get(keys[-1], now_ms) is not None:  # already settled or abandoned
+            return 0
         labels, starts = a.days.labels, a.days.starts
         day = 0
         for i, start in enumerate(starts[: len(labels)]):
@@ -279,6 +281,8 @@ class MemoryStore:
                 (self.keys.get(leases, now_ms) or {}).pop(s.request_id, None)
                 self.keys.drop_empty(leases)
         self.keys.delete(record_key)
+        if s.abandoned:
+            return [1, *((self.keys.get(b, now_ms) or {}).get("spent", 0) for b in (kb, tb)), 0, 0]
 
         reply = [1, 0, 0, 0, 0]
         for i, (budget, alert) in enumerate(((kb, s.key.alert_micros), (tb, s.team.alert_micros)), start=1):

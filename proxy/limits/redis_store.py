@@ -2,7 +2,8 @@
 
 Time comes from Redis (`TIME` inside the scripts), so every replica agrees on it; a store built
 with `clock_us` passes that clock's "now" instead (tests only). Every driver error is raised as
-`StoreError`; a NOSCRIPT (restart, failover, SCRIPT FLUSH) reloads the script and retries once.
+`StoreError` (`StoreUnreachable` for an admit that was certainly not sent); a NOSCRIPT (restart,
+failover, SCRIPT FLUSH) reloads the script and retries once.
 
 On a Redis Cluster (redis-py's `RedisCluster`) an EVALSHA goes to the master of its keys' slot
 (all of one team's keys share the hash tag `{team}`), SCRIPT LOAD goes to every master, reads are
@@ -23,10 +24,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from .resp import RespClient, RespConnectionError, RespReplyError
+from .resp import RespClient, RespConnectionError, RespReplyError, RespUnreachable
 from .layout import DEFAULT_PREFIX, Layout, admit_args, decode_decision, decode_settled, settle_args
 from .ledger import usage_report
-from .types import Admission, Decision, ScopeKind, ScopeLimits, Settled, Settlement, StoreError
+from .types import Admission, Decision, ScopeKind, ScopeLimits, Settled, Settlement, StoreError, StoreUnreachable
 
 DEFAULT_TIMEOUT_MS = 250
 DEFAULT_RETENTION_DAYS = 35
@@ -153,6 +154,8 @@ class RedisStore:
         args = admit_args(admission, self._now_us())
         try:
             reply = await self._run(lambda: self._admit(self.client, keys, args, self.fast))
+        except RespUnreachable as exc:
+            raise StoreUnreachable(f"admit not sent: {exc!r}") from exc
         except DRIVER_ERRORS as exc:
             raise StoreError(f"admit failed: {exc!r}") from exc
         return decode_decision(reply)

@@ -42,7 +42,11 @@ def _ssl_context(options: dict[str, Any]) -> ssl.SSLContext:
 
 
 class RespConnectionError(Exception):
-    """The connection failed, broke or timed out."""
+    """The connection failed, broke or timed out (the command may have reached Redis)."""
+
+
+class RespUnreachable(RespConnectionError):
+    """No connection to send on (none could be made in time, or backing off): not sent."""
 
 
 class RespReplyError(Exception):
@@ -116,19 +120,19 @@ class RespClient:
         if protocol is None or protocol.closed:
             protocol = await self._connected(deadline)
             if loop.time() >= deadline:  # connected too late: don't abort a fresh connection for it
-                raise RespConnectionError(f"no connection within {self.timeout_s}s")
+                raise RespUnreachable(f"no connection within {self.timeout_s}s")
         return await self._send(protocol, args, deadline)
 
     async def _send(self, protocol: _Protocol, args: tuple[Any, ...], deadline: float) -> Any:
         loop = asyncio.get_running_loop()
         transport = protocol.transport
         if protocol.closed or transport is None or transport.is_closing():
-            raise RespConnectionError("connection closed")
+            raise RespUnreachable("connection closed")
         try:
             transport.write(hiredis.pack_command(args))
         except (RuntimeError, OSError) as exc:  # uvloop: the peer closed it before connection_lost ran
             protocol.abort()
-            raise RespConnectionError(f"write failed: {exc!r}") from None
+            raise RespUnreachable(f"write failed: {exc!r}") from None
         future = loop.create_future()
         protocol.pending.append(future)  # after the write: no reply can arrive in between (no await)
         timer = loop.call_at(deadline, self._timed_out, protocol, future)
@@ -151,15 +155,17 @@ class RespClient:
         attempt = self._connecting
         if attempt is None:
             if loop.time() < self._retry_at:
-                raise RespConnectionError(f"Redis unreachable; next connect attempt in "
-                                          f"{self._retry_at - loop.time():.2f}s")
+                raise RespUnreachable(f"Redis unreachable; next connect attempt in "
+                                      f"{self._retry_at - loop.time():.2f}s")
             attempt = self._connecting = loop.create_task(self._connect())
             attempt.add_done_callback(_retrieve)
         try:
             async with asyncio.timeout_at(deadline):
                 return await asyncio.shield(attempt)  # a caller that gives up leaves it to the others
         except TimeoutError:
-            raise RespConnectionError(f"no connection within {self.timeout_s}s") from None
+            raise RespUnreachable(f"no connection within {self.timeout_s}s") from None
+        except RespConnectionError as exc:
+            raise RespUnreachable(str(exc)) from None
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()

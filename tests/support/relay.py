@@ -3,7 +3,11 @@
 `partition()` makes it behave like a firewall that drops every packet: open connections stop
 forwarding (what the client sends is swallowed, nothing comes back) and a new connection hangs in
 connect (the port's listen backlog is kept full, so the kernel drops its SYN). `heal()` closes the
-partitioned connections and forwards again. The relay runs its own event loop in a thread.
+partitioned connections and forwards again. `stall(seconds)` holds what the connections open
+now send to Redis and delivers it that much later (even after the client has closed them, as a
+server reads what reached its socket before the close), while new connections pass at once: a
+command that timed out on a stuck connection then reaches Redis after those sent on the next one.
+The relay runs its own event loop in a thread.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Relay:
         self._thread.start()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._links: set[_Link] = set()
         self._held: socket.socket | None = None  # the partitioned port: listening, never accepting
         self._fillers: list[socket.socket] = []
         self._run(self._listen())
@@ -50,17 +55,47 @@ class Relay:
         except OSError:
             writer.close()
             return
+        link = _Link()
         self._writers |= {writer, up_writer}
-        pipes = [asyncio.ensure_future(self._pipe(reader, up_writer)),
+        self._links.add(link)
+        pipes = [asyncio.ensure_future(self._to_server(reader, up_writer, link)),
                  asyncio.ensure_future(self._pipe(up_reader, writer))]
         try:
             await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for pipe in pipes:
                 pipe.cancel()
+            self._links.discard(link)
             for w in (writer, up_writer):
                 self._writers.discard(w)
                 w.close()
+
+    async def _to_server(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link) -> None:
+        """Client to server: read at once, delivered in order once the link's stall is over."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while (data := await queue.get()) is not None:
+                if (delay := link.stalled_until - loop.time()) > 0:
+                    await asyncio.sleep(delay)
+                writer.write(data)
+                await writer.drain()
+
+        delivering = asyncio.ensure_future(deliver())
+        try:
+            try:
+                while data := await reader.read(CHUNK):
+                    if not self.partitioned:
+                        queue.put_nowait(data)
+            except OSError:
+                pass
+            queue.put_nowait(None)
+            await delivering
+        except OSError:
+            pass
+        finally:
+            delivering.cancel()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -70,6 +105,14 @@ class Relay:
                     await writer.drain()
         except OSError:
             pass
+
+    def stall(self, seconds: float) -> None:
+        self._run(self._stall(seconds))
+
+    async def _stall(self, seconds: float) -> None:
+        until = asyncio.get_running_loop().time() + seconds
+        for link in self._links:
+            link.stalled_until = until
 
     def partition(self) -> None:
         self.partitioned = True
@@ -124,3 +167,10 @@ class Relay:
         await self._stop_listening()
         for writer in list(self._writers):
             writer.close()
+
+
+class _Link:
+    """One relayed connection."""
+
+    def __init__(self) -> None:
+        self.stalled_until = 0.0  # loop time before which what the client sends is held
