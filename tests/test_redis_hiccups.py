@@ -140,7 +140,6 @@ def test_unreachable_redis_answers_every_request_within_the_timeout(mode, fault,
             relay.close()
     assert {status for status, _ in healthy} == {200}
     assert {status for status, _ in during} == {expected}
-    assert len(during) >= 4 * CONCURRENCY  # the waves kept coming through the whole outage
     healthy_s = [seconds for _, seconds in healthy]
     cpu_allowance = 2 * max(healthy_s)
     latencies = [seconds for _, seconds in during]
@@ -148,6 +147,7 @@ def test_unreachable_redis_answers_every_request_within_the_timeout(mode, fault,
           f"{quantile(latencies, 0.5) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms; healthy: p50 "
           f"{quantile(healthy_s, 0.5) * 1000:.0f} ms, max {max(healthy_s) * 1000:.0f} ms")
     assert max(latencies) <= ANSWER_BOUND_S + cpu_allowance, f"slowest answer {max(latencies):.3f} s"
+    assert len(during) >= 4 * CONCURRENCY  # the waves kept coming through the whole outage
 
 
 # -- item 1: no phantom leases, reservations or holds after a pause --------------------------------
