@@ -165,3 +165,82 @@ async def test_a_peer_that_closes_between_calls_is_a_connection_error():
         await client.close()
         server.close()
         await server.wait_closed()
+
+
+CONCURRENT = 30
+TIMEOUT_S = 0.25
+BOUND_S = TIMEOUT_S + 0.1
+
+
+async def _timed_calls(client: RespClient, count: int) -> list[tuple[object, float]]:
+    async def one() -> tuple[object, float]:
+        started = time.monotonic()
+        try:
+            result: object = await client.call("PING")
+        except RespConnectionError as exc:
+            result = exc
+        return result, time.monotonic() - started
+
+    return await asyncio.gather(*(one() for _ in range(count)))
+
+
+async def test_waiting_callers_share_one_connect_then_back_off():
+    """A server that accepts and never answers AUTH: 30 callers at once make one connection and
+    all fail within their timeout (they used to reconnect one after the other, a timeout each);
+    right after, calls fail at once without connecting, until the back-off ends."""
+    accepted = []
+
+    async def silent(reader, writer):
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = RespClient(f"redis://:secret@127.0.0.1:{port}/0", timeout_s=TIMEOUT_S)
+    try:
+        results = await _timed_calls(client, CONCURRENT)
+        assert all(isinstance(result, RespConnectionError) for result, _ in results)
+        assert max(seconds for _, seconds in results) <= BOUND_S, sorted(s for _, s in results)[-3:]
+        assert len(accepted) == 1, "the callers did not share one connect attempt"
+        started = time.monotonic()
+        with pytest.raises(RespConnectionError, match="next connect attempt"):
+            await client.call("PING")
+        assert time.monotonic() - started < 0.05 and len(accepted) == 1, "no back-off"
+        await asyncio.sleep(0.15)  # past the first back-off (0.1 s): one new attempt
+        await _timed_calls(client, CONCURRENT)
+        assert len(accepted) == 2
+    finally:
+        await client.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("fault", ["partition", "refused"])
+async def test_an_unreachable_redis_fails_each_caller_within_its_timeout(fault, redis_server, redis_url):
+    """30 callers at a time, for 2 s of outage: each fails within its timeout + 0.1 s; then Redis
+    returns and calls succeed again."""
+    from tests.support.relay import Relay
+
+    relay = Relay(redis_server.port) if fault == "partition" else None
+    client = RespClient(relay.url() if relay else redis_url, timeout_s=TIMEOUT_S)
+    try:
+        assert await client.call("PING") == b"PONG"
+        relay.partition() if relay else redis_server.kill()
+        try:
+            results = []
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                results += await _timed_calls(client, CONCURRENT)
+        finally:
+            relay.heal() if relay else redis_server.start()
+        assert all(isinstance(result, RespConnectionError) for result, _ in results)
+        assert max(seconds for _, seconds in results) <= BOUND_S, sorted(s for _, s in results)[-3:]
+        deadline = time.monotonic() + 1.5  # at most one back-off (0.5 s) and one timeout away
+        while (await _timed_calls(client, 1))[0][0] != b"PONG":
+            assert time.monotonic() < deadline, "no reconnect after the outage"
+            await asyncio.sleep(0.02)
+    finally:
+        await client.close()
+        if relay:
+            relay.close()

@@ -18,7 +18,7 @@ from redis.crc import key_slot
 from proxy.limits.memory_store import MemoryStore
 from proxy.limits.redis_store import CLUSTER_MAX_CONNECTIONS, RedisStore
 from proxy.limits.types import (
-    Admission, BucketState, BudgetDay, Decision, ScopeLimits, Settlement, StoreError, Usage,
+    Admission, BucketState, BudgetDay, Decision, ScopeLimits, Settled, Settlement, StoreError, Usage,
 )
 from tests.support.ports import free_port
 
@@ -269,6 +269,51 @@ async def test_settle_is_idempotent(store):
     assert d.tokens == BucketState(1000, 900, 6000)  # refunded once
 
 
+def abandonment(a: Admission) -> Settlement:
+    """What the limiter journals for an admit whose reply was lost and that went nowhere."""
+    return settlement(a, succeeded=False, abandoned=True)
+
+
+async def _held(store) -> list[str]:
+    """Reservation records, parallel leases and budget holds still in the store."""
+    return [name for name in await _ttls(store) if ":r:" in name or name.endswith((":par", ":leases"))]
+
+
+async def test_abandon_releases_what_the_admit_reserved_and_books_nothing(store):
+    k, t = key(tpm=1000, max_parallel=1, budget_micros=1000), team(max_parallel=1, budget_micros=5000)
+    a = admission(k, t, tokens=500, cost=600)
+    assert (await store.admit(a)).admitted
+    abandoned = await store.settle(abandonment(a))
+    assert abandoned == Settled(True, 0, 0, False, False)
+    assert await _held(store) == []
+    d = await store.admit(admission(k, t, tokens=100, cost=1000))  # slot, tokens and budget all back
+    assert d.admitted and d.tokens == BucketState(1000, 900, 6000) and d.budget_spent_micros == 1000
+    assert not await store.settle(abandonment(a)) and not await store.settle(settlement(a, cost=5))
+    usage = (await store.usage("2023-11-15", ["platform"]))["teams"]["platform"]
+    assert (usage["requests"], usage["spend_micros"]) == (0, 0)
+    assert await store.budget_spent("2023-11-15", {"platform": ["ci-bot"]}) == {
+        ("team", "platform"): 0, ("key", "ci-bot"): 0}
+
+
+@pytest.mark.parametrize("ended_by", ["settle", "abandon"])
+async def test_an_admit_after_its_settle_or_abandon_changes_nothing(store, ended_by):
+    """An admit that reaches the store after its request was settled (served by the fallback
+    during an outage) or abandoned (its reply was lost) holds nothing: no slot, no request or
+    token, no budget, no reservation record."""
+    k, t = key(rpm=10, tpm=1000, max_parallel=1, budget_micros=2000), team(max_parallel=1)
+    late = admission(k, t, tokens=500, cost=600)
+    ended = settlement(late, prompt=3, completion=2, cost=7) if ended_by == "settle" else abandonment(late)
+    assert await store.settle(ended)
+    d = await store.admit(late)
+    assert d.stale and not d.admitted
+    assert await _held(store) == []
+    d = await store.admit(admission(k, t, tokens=100, cost=1000))
+    assert d.admitted and (d.requests.remaining, d.tokens.remaining) == (9, 900)
+    assert d.budget_spent_micros == 1000 + ended.cost_micros
+    d = await store.admit(admission(k, t))
+    assert (d.admitted, d.reason) == (False, "parallel")  # the one slot is the new request's
+
+
 async def test_late_settle_after_reservation_expired(store, clock):
     k, t = key(tpm=1000, max_parallel=1), team(budget_micros=1000)
     a = admission(k, t, tokens=500, cost=500, lease_ttl_ms=1000)
@@ -454,7 +499,7 @@ async def test_stores_agree_on_a_random_workload(request, redis_url):
     t = team(rpm=40, rpm_burst=50, tpm=20_000, max_parallel=6, budget_micros=400_000)
     keys = [key("a", rpm=20, tpm=9_000, tpm_burst=12_000, max_parallel=3, budget_micros=250_000),
             key("b", rpm=12, rpm_burst=3)]
-    open_, history = [], []
+    open_, ended, history = [], [], []
     try:
         for _ in range(300):
             roll = rng.random()
@@ -469,6 +514,15 @@ async def test_stores_agree_on_a_random_workload(request, redis_url):
                 st = settlement(a, rng.randrange(0, 3000), rng.randrange(0, 2000), rng.randrange(0, 30_000),
                                 tags=(("role", rng.choice("xy")),))
                 decisions = [await s.settle(st) for s in stores]
+                ended.append(a)
+            elif roll < 0.85 and open_:
+                a = open_.pop(rng.randrange(len(open_)))
+                decisions = [await s.settle(abandonment(a)) for s in stores]
+                ended.append(a)
+            elif roll < 0.88 and ended:  # an admit arriving after its settle or abandon
+                a = rng.choice(ended)
+                decisions = [await s.admit(a) for s in stores]
+                assert decisions[0].stale
             else:
                 clock.advance(rng.randrange(0, 5000))
                 continue

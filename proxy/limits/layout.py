@@ -9,7 +9,8 @@ one Redis Cluster slot:
     llmrl:{T}:t:b:<day> | ...k:<key>:b:<day>    budget day       hash spent, held, h:<id> -> micros
     ...:b:<day>:leases                          budget holds     zset request id -> expiry ms
     llmrl:{T}:r:<request id>                    reservation      hash tokens, cost, day, exp, kt, tt
-    llmrl:{T}:d:<request id>                    settled marker   string
+    llmrl:{T}:d:<request id>                    settled marker   string (settled or abandoned:
+                                                                 a later admit of the id is a no-op)
     llmrl:{T}:ledger:<day>                      spend ledger     hash, see proxy.limits.ledger
 
 MemoryStore keeps the same names in its own keyspace, and returns the same reply array.
@@ -60,6 +61,7 @@ class Layout:
         for day in a.days.labels:
             kb, tb = self.budget(t, a.key, day), self.budget(t, a.team, day)
             keys += [kb, f"{kb}:leases", tb, f"{tb}:leases"]
+        keys.append(f"{self.team(t)}:d:{a.request_id}")  # last: the settled marker
         return keys
 
     def settle_keys(self, s: Settlement) -> list[str]:
@@ -94,7 +96,7 @@ def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list:
             LATE_BUDGET_TTL_S, key[2], key[3], team[2], team[3], s.cost_micros,
             s.usage.prompt_tokens, s.usage.completion_tokens, s.usage.cached_tokens,
             s.key.name, s.model, _or_none(s.key.alert_micros), _or_none(s.team.alert_micros),
-            LEDGER_MAX_FIELDS, *(f"{k}={v}" for k, v in s.tags)]
+            LEDGER_MAX_FIELDS, 1 if s.abandoned else 0, *(f"{k}={v}" for k, v in s.tags)]
 
 
 def _or_none(value: int | None) -> int:
@@ -117,10 +119,15 @@ def _bucket(limit, left, reset) -> BucketState | None:
     return None if int(limit) == NONE else BucketState(int(limit), int(left), int(reset))
 
 
-def decode_decision(reply: Sequence) -> Decision:
-    """The admit reply: [admitted, reason, scope, retry_after_ms, never_fits, request limit,
-    remaining, reset_ms, token limit, remaining, reset_ms, budget committed, budget limit, day,
-    day_reset_s]."""
+STALE = Decision(admitted=False, stale=True)
+
+
+def decode_decision(reply: Sequence | int) -> Decision:
+    """The admit reply: 0 when the request id was already settled or abandoned (nothing changed),
+    else [admitted, reason, scope, retry_after_ms, never_fits, request limit, remaining, reset_ms,
+    token limit, remaining, reset_ms, budget committed, budget limit, day, day_reset_s]."""
+    if not isinstance(reply, (list, tuple)):
+        return STALE
     admitted, reason, scope, retry, never, *rest = reply
     rq, tk = rest[0:3], rest[3:6]
     spent, limit, day, day_reset = rest[6:10]

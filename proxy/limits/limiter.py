@@ -5,6 +5,12 @@ value objects, refusals into OpenAI's 429s, and store outages into the configure
 `allow` admits through a per-process fallback store with limits divided by `store.replicas`,
 `deny` answers 503. Settlements that cannot reach the store wait in a bounded journal and are
 flushed when it returns (settle is idempotent per request id, so a retry never counts twice).
+
+An admit whose reply was lost may still run in Redis later (a pause, a partition). A request the
+store then holds nothing for is *abandoned*: a settlement that releases whatever that admit
+reserved and books nothing waits in the journal like any other, and its marker makes the admit a
+no-op should it arrive after it. A request served by the fallback needs none: its own settlement
+reaches Redis the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from ..errors import BudgetExceeded, RateLimited, StoreUnavailable
 from ..pricing import format_usd, usd_to_micros
 from .days import candidate_days
 from .headers import openai_duration, rate_limit_headers, retry_headers
-from .types import Admission, BudgetDay, Decision, ScopeLimits, Settled, Settlement, Store, StoreError, Usage
+from .types import (Admission, BudgetDay, Decision, ScopeLimits, Settled, Settlement, Store, StoreError,
+                    StoreUnreachable, Usage)
 
 log = logging.getLogger("proxy.limits")
 
@@ -112,8 +119,7 @@ class Limiter:
         Within an hour of midnight: yesterday, today and tomorrow, so a replica whose clock is a
         little off still lets the store choose. Otherwise today alone, which spares the admit
         script eight keys."""
-        clock_us = getattr(self.store, "clock_us", None)  # a store pinned to a test clock
-        now = clock_us() / 1e6 if clock_us is not None else time.time()
+        now = self._now_s()
         days = self._days
         if days is None or not days.starts[1] <= now < days.starts[2]:
             days = self._days = candidate_days(self._zone, datetime.fromtimestamp(now, self._zone))
@@ -121,6 +127,10 @@ class Limiter:
         if days.starts[1] + DAY_EDGE_S <= now < days.starts[2] - DAY_EDGE_S:
             return self._today_only
         return days
+
+    def _now_s(self) -> float:
+        clock_us = getattr(self.store, "clock_us", None)  # a store pinned to a test clock
+        return clock_us() / 1e6 if clock_us is not None else time.time()
 
     # -- admit --------------------------------------------------------------------------------
     async def admit(self, request_id: str, caller: Caller, tokens: int, cost_micros: int) -> Ticket:
@@ -130,18 +140,25 @@ class Limiter:
         try:
             decision = await store.admit(admission)
             self._recovered()
+        except asyncio.CancelledError:
+            self._abandon(admission)
+            raise
         except Exception as exc:  # StoreError, or anything unforeseen from a driver: an outage either way
             if not isinstance(exc, StoreError):
                 log.exception("unexpected error from the rate-limit store on admit")
             self._store_error("admit")
             self._outage(exc)
+            sent = not isinstance(exc, StoreUnreachable)
             if self.config.store.on_redis_error == "deny" or self.fallback is None:
+                if sent:
+                    self._abandon(admission)
                 raise StoreUnavailable("The rate-limit store is unavailable; please retry shortly.",
                                        headers={"retry-after": "1"}) from None
             key, team = self.scopes(caller, self.config.store.replicas)
-            admission = replace(admission, key=key, team=team)
+            decision = await self.fallback.admit(replace(admission, key=key, team=team))
+            if sent and not decision.admitted:
+                self._abandon(admission)
             store, degraded = self.fallback, True
-            decision = await store.admit(admission)
         if not decision.admitted:
             raise self._refusal(decision, caller)
         self.unsettled += 1
@@ -208,6 +225,12 @@ class Limiter:
             self._outage(exc)
             self._journal(settlement)
             return None
+
+    def _abandon(self, admission: Admission) -> None:
+        """Journal the release of an admission whose reply was lost (see the module docstring)."""
+        self._journal(Settlement(admission.request_id, admission.team, admission.key, "",
+                                 admission.days.label_at(self._now_s()), Usage(), 0, succeeded=False,
+                                 abandoned=True))
 
     def _store_error(self, op: str) -> None:
         if self.on_store_error is not None:

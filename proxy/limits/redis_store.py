@@ -2,7 +2,8 @@
 
 Time comes from Redis (`TIME` inside the scripts), so every replica agrees on it; a store built
 with `clock_us` passes that clock's "now" instead (tests only). Every driver error is raised as
-`StoreError`; a NOSCRIPT (restart, failover, SCRIPT FLUSH) reloads the script and retries once.
+`StoreError` (`StoreUnreachable` for an admit that was certainly not sent); a NOSCRIPT (restart,
+failover, SCRIPT FLUSH) reloads the script and retries once.
 
 On a Redis Cluster (redis-py's `RedisCluster`) an EVALSHA goes to the master of its keys' slot
 (all of one team's keys share the hash tag `{team}`), SCRIPT LOAD goes to every master, reads are
@@ -25,7 +26,8 @@ from . import scripts
 from .resp import RespClient, RespConnectionError, RespReplyError
 from .layout import DEFAULT_PREFIX, Layout, admit_args, decode_decision, decode_settled, settle_args
 from .ledger import usage_report
-from .types import Admission, Decision, ScopeKind, ScopeLimits, Settled, Settlement, StoreError
+from .types import Admission, Decision, ScopeKind, ScopeLimits, Settled, Settlement, StoreError, StoreUnreachable
+from .resp import RespUnreachable
 
 DEFAULT_TIMEOUT_MS = 250
 DEFAULT_RETENTION_DAYS = 35
@@ -61,15 +63,16 @@ class _Script:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
     async def _fast(self, fast: RespClient, keys: list[str], args: list):
+        deadline = fast.deadline()  # one timeout for the script, loading it included
         if self.sha is None:
-            self.sha = _text(await fast.call("SCRIPT", "LOAD", self.source))
+            self.sha = _text(await fast.call("SCRIPT", "LOAD", self.source, deadline=deadline))
         try:
-            return await fast.call("EVALSHA", self.sha, len(keys), *keys, *args)
+            return await fast.call("EVALSHA", self.sha, len(keys), *keys, *args, deadline=deadline)
         except RespReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            self.sha = _text(await fast.call("SCRIPT", "LOAD", self.source))
-            return await fast.call("EVALSHA", self.sha, len(keys), *keys, *args)
+            self.sha = _text(await fast.call("SCRIPT", "LOAD", self.source, deadline=deadline))
+            return await fast.call("EVALSHA", self.sha, len(keys), *keys, *args, deadline=deadline)
 
 
 class RedisStore:
@@ -147,6 +150,8 @@ class RedisStore:
         args = admit_args(admission, self._now_us())
         try:
             reply = await self._run(lambda: self._admit(self.client, keys, args, self.fast))
+        except RespUnreachable as exc:
+            raise StoreUnreachable(f"admit not sent: {exc!r}") from exc
         except DRIVER_ERRORS as exc:
             raise StoreError(f"admit failed: {exc!r}") from exc
         return decode_decision(reply)

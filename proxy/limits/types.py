@@ -53,6 +53,14 @@ class BudgetDay:
     labels: tuple[str, ...]
     starts: tuple[int, ...]
 
+    def label_at(self, now_s: float) -> str:
+        """The candidate containing `now_s` (the last one that has started), as the store chooses."""
+        label = self.labels[0]
+        for name, start in zip(self.labels, self.starts):
+            if now_s >= start:
+                label = name
+        return label
+
 
 @dataclass(frozen=True, slots=True)
 class Admission:
@@ -87,6 +95,9 @@ class Decision:
     budget_limit_micros: int = 0
     day: str = ""  # the budget day the store chose
     day_reset_s: int = 0  # seconds until that day ends
+    # the request id was already settled or abandoned, so the admission changed nothing: only an
+    # admit that reached the store after its caller gave up on it sees this
+    stale: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +122,9 @@ class Settlement:
     cost_micros: int  # real cost
     tags: tuple[tuple[str, str], ...] = field(default=())
     succeeded: bool = True  # counts as a request in the ledger either way
+    # the admit's reply was lost and the request went nowhere: release whatever that admit may
+    # have reserved, mark the id settled (so the admit, if it arrives later, is a no-op), book nothing
+    abandoned: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +143,10 @@ class Settled:
 
 class StoreError(Exception):
     """The store could not answer (Redis down, timeout). Raised by every store operation."""
+
+
+class StoreUnreachable(StoreError):
+    """The store was not reached at all: the operation was never sent, so it did not apply."""
 
 
 class Store(Protocol):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -77,6 +78,16 @@ class RedisServer:
             self._fake.shutdown()
             self._fake.server_close()
             self._fake = None
+
+    def pause(self) -> None:
+        """SIGSTOP: connections are still accepted by the kernel, nothing is answered."""
+        if self._process is None:
+            raise RuntimeError("only a real redis-server can be paused")
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)
 
     def flush(self) -> None:
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)

@@ -3,6 +3,10 @@
 -- decoded by layout.decode_decision. Redis runs it, and so does MemoryStore (embedded Lua 5.1).
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 
+-- 0, and nothing changes, when the request id was already settled or abandoned (its marker, the
+-- last key, exists): an admit that reached Redis after its caller gave up on it
+if redis.call('EXISTS', KEYS[#KEYS]) == 1 then return 0 end
+
 local UNITS = 60000
 local TTL_MARGIN_MS = 1000
 local PARALLEL_RETRY_MS = 1000

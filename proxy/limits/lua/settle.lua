@@ -3,6 +3,8 @@
 -- {1, key spent, team spent, key crossed, team crossed}, or 0 (and changes nothing) when this
 -- request id was already settled. "Crossed" is 1 for exactly one settlement per scope and day: the
 -- one that pushed the day's spend to the alert threshold (HSETNX, so one alert across replicas).
+-- ARGV[19] = 1 abandons the request instead (its admit's reply was lost): the marker is set and
+-- whatever the admit reserved is released, but nothing is booked.
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 
 local UNITS = 60000
@@ -77,6 +79,11 @@ if reserved ~= nil and expires > now_ms then
   release_hold(KEYS[9], KEYS[10])
 end
 redis.call('DEL', KEYS[2])
+if ARGV[19] == '1' then
+  local key_spent = tonumber(redis.call('HGET', KEYS[7], 'spent')) or 0
+  local team_spent = tonumber(redis.call('HGET', KEYS[9], 'spent')) or 0
+  return {1, key_spent, team_spent, 0, 0}
+end
 
 local reply = {1, 0, 0, 0, 0}
 for i, budget in ipairs({KEYS[7], KEYS[9]}) do
@@ -102,7 +109,7 @@ book('model' .. SEP .. ARGV[14] .. SEP .. ARGV[15])
 -- tags come from clients: past ARGV[18] fields, a team-day's ledger books new tags as one
 -- 'other=overflow' tag, so a unique `user` per request cannot grow the hash without bound
 local tags_fit = redis.call('HLEN', KEYS[11]) < tonumber(ARGV[18])
-for i = 19, #ARGV do
+for i = 20, #ARGV do
   local tag = 'tag' .. SEP .. ARGV[i]
   if tags_fit or redis.call('HEXISTS', KEYS[11], tag .. SEP .. 'requests') == 1 then
     book(tag)
