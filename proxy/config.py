@@ -216,11 +216,65 @@ class Key(_Strict):
         return hashlib.sha256(secret.encode("utf-8")).hexdigest() if secret else None
 
 
+class JwtAuth(_Strict):
+    """`auth.jwt`: tokens from the organisation's identity provider (RS256 / ES256 only)."""
+
+    issuer: str = Field(min_length=1)
+    audience: str = Field(min_length=1)
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    team_claim: str = Field(min_length=1)
+    user_claim: str = Field("sub", min_length=1)
+
+    @model_validator(mode="after")
+    def _one_jwks_source(self) -> JwtAuth:
+        if (self.jwks_url is None) == (self.jwks_file is None):
+            raise ValueError("exactly one of jwks_url or jwks_file is required")
+        if self.jwks_url is not None and not self.jwks_url.startswith(("http://", "https://")):
+            raise ValueError("jwks_url must start with http:// or https://")
+        return self
+
+
+class Auth(_Strict):
+    jwt: JwtAuth | None = None
+
+
+class AdminScope(_Strict):
+    team: str = Field(min_length=1)
+
+
+class AdminKey(_Strict):
+    """A named admin key; with `scope` it manages one team's keys and reads only its usage."""
+
+    key_sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+    key_env: str | None = None
+    scope: AdminScope | None = None
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> AdminKey:
+        if (self.key_sha256 is None) == (self.key_env is None):
+            raise ValueError("exactly one of key_sha256 or key_env is required")
+        return self
+
+    @field_validator("key_env")
+    @classmethod
+    def _key_env_set(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _env_is_set(value, info)
+
+    def sha256(self, environ: Mapping[str, str]) -> str | None:
+        if self.key_sha256 is not None:
+            return self.key_sha256
+        secret = environ.get(self.key_env or "")
+        return hashlib.sha256(secret.encode("utf-8")).hexdigest() if secret else None
+
+
 class Config(_Strict):
     listen: Listen = Listen()
     server: Server = Server()
     admin_key_sha256: str | None = Field(None, pattern=SHA256_PATTERN)
     admin_key_env: str | None = None
+    admin_keys: dict[str, AdminKey] = {}
+    auth: Auth = Auth()
     max_body_bytes: Integer = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
     store: Store = Store()
     budget_timezone: str = "UTC"
@@ -287,6 +341,13 @@ class Config(_Strict):
         if admin is not None:
             owners[admin] = "admin_key_sha256" if self.admin_key_sha256 else "admin_key_env"
         problems = []
+        for name, admin_key in self.admin_keys.items():
+            digest = admin_key.sha256(environ)
+            where = f"admin_keys.{name}"
+            if digest is not None and digest in owners:
+                problems.append(f"{where}: same key as {owners[digest]}")
+            elif digest is not None:
+                owners[digest] = where
         for name, key in self.keys.items():
             digest = key.sha256(environ)
             if digest is None:
