@@ -356,6 +356,9 @@ async def test_a_refresh_fetches_only_what_changed(redis_url: str) -> None:
         assert cache.keys["k7"].metadata == {"x": "y"}
         assert await cache.refresh() is False  # same version: one GET, nothing else
         assert fetched == [["k7"], []]
+        await reg.revoke_key("k8", admin=ADMIN)
+        assert await cache.refresh() is True
+        assert fetched[-2:] == [["k8"], []] and "k8" not in cache.keys and len(cache.keys) == 49
     finally:
         await backend.close()
 

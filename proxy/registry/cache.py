@@ -1,7 +1,7 @@
 """Each replica's copy of the registry: sha256 -> key, name -> team, answered from memory.
 
 A background task reads the registry version every `POLL_INTERVAL_S` (one GET); when it moved,
-it reads the entries' revisions and fetches only the entries that changed, so a change reaches
+it asks which names were written since (the changelog zset) and fetches only those, so a change reaches
 every replica within about `POLL_INTERVAL_S` plus one read, and a request never waits on the
 store for a lookup. A key past its expiry, or a credential past its rotation grace, is absent
 (by this replica's clock; the fence in the admit script makes revocation exact by the store's).
@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from .entries import Credential, KeyEntry, TeamEntry
 from .errors import StoreFailed
 from .layout import Kind
+from .snapshot import decode
 from .store import RegistryBackend
 
 POLL_INTERVAL_S = 0.3
@@ -86,29 +87,47 @@ class RegistryCache:
 
     # -- refreshing ------------------------------------------------------------------------------
     async def refresh(self) -> bool:
-        """Catch up with the store if its version moved; True when something was reloaded."""
+        """Catch up with the store if its version moved; True when something was reloaded.
+        Every read happens before any change here, so a lookup never sees half a refresh."""
         async with self._lock:
             version = await self.backend.version()
             if version == self.version:
                 return False
-            keys = await self._catch_up("keys", self._keys, KeyEntry)
-            teams = await self._catch_up("teams", self._teams, TeamEntry)
-            self._keys, self._teams = keys, teams
-            self._by_hash = _index(keys.values())
+            if self.version < 0:
+                snapshot = decode(await self.backend.load())
+                self._keys, self._teams = snapshot.keys, snapshot.teams
+                self._by_hash = {c.sha256: _cached(k, c) for k in self._keys.values() for c in k.credentials}
+                self.version = snapshot.version
+                return True
+            keys = await self._changed("keys", KeyEntry)
+            teams = await self._changed("teams", TeamEntry)
+            for name, key in keys.items():
+                self._replace_key(name, key)
+            for name, team in teams.items():
+                _put(self._teams, name, team)
             self.version = version
             return True
 
-    async def _catch_up(self, kind: Kind, known: dict[str, Entry], model: type[Entry]) -> dict[str, Entry]:
-        revisions = await self.backend.revisions(kind)
-        changed = [name for name, rev in revisions.items() if name not in known or known[name].rev != rev]
-        fetched = await self.backend.entries(kind, changed)
-        result: dict[str, Entry] = {name: entry for name, entry in known.items() if revisions.get(name) == entry.rev}
-        for name, text in fetched.items():
+    async def _changed(self, kind: Kind, model: type[Entry]) -> dict[str, Entry | None]:
+        """The entries written since our version, None for the deleted ones."""
+        names = await self.backend.changed_since(kind, self.version)
+        stored = await self.backend.entries(kind, names)
+        result: dict[str, Entry | None] = dict.fromkeys(names)
+        for name, (text, rev) in stored.items():
             try:
-                result[name] = model.model_validate_json(text).model_copy(update={"rev": revisions[name]})
+                result[name] = model.model_validate_json(text).model_copy(update={"rev": rev})
             except ValidationError:
                 log.warning("registry %s %r is unreadable; ignored", kind[:-1], name)
         return result
+
+    def _replace_key(self, name: str, entry: KeyEntry | None) -> None:
+        old = self._keys.get(name)
+        for credential in old.credentials if old is not None else ():
+            self._by_hash.pop(credential.sha256, None)
+        _put(self._keys, name, entry)
+        if entry is not None:
+            for credential in entry.credentials:
+                self._by_hash[credential.sha256] = _cached(entry, credential)
 
     def start(self) -> None:
         if self._task is None:
@@ -135,12 +154,11 @@ class RegistryCache:
             await asyncio.sleep(self.poll_interval_s)
 
 
-def _index(keys: Iterable[KeyEntry]) -> dict[str, CachedKey]:
-    by_hash: dict[str, CachedKey] = {}
-    for entry in keys:
-        for credential in entry.credentials:
-            by_hash[credential.sha256] = _cached(entry, credential)
-    return by_hash
+def _put(entries: dict[str, Entry], name: str, entry: Entry | None) -> None:
+    if entry is None:
+        entries.pop(name, None)
+    else:
+        entries[name] = entry
 
 
 def _cached(entry: KeyEntry, credential: Credential) -> CachedKey:

@@ -2,6 +2,8 @@
 
     llmrl:{_registry}:keys | :teams            hash name -> entry JSON (digests only)
     llmrl:{_registry}:keys:rev | :teams:rev    hash name -> registry version of its last write
+    llmrl:{_registry}:keys:changed | ...       zset name -> version of its last write (deleted
+                                               names too): what a cache fetches to catch up
     llmrl:{_registry}:version                  string, +1 on every change (what replicas poll)
     llmrl:{_registry}:audit                    zset "<version> <record JSON>" scored by ms, 90 days
     llmrl:{<team>}:x:<credential id>           revocation fence: string "ms from which this
@@ -34,8 +36,11 @@ class RegistryLayout:
     def revs(self, kind: Kind) -> str:
         return f"{self.base}:{kind}:rev"
 
+    def changed(self, kind: Kind) -> str:
+        return f"{self.base}:{kind}:changed"
+
     def write_keys(self, kind: Kind) -> list[str]:
-        return [self.entries(kind), self.revs(kind), self.version, self.audit]
+        return [self.entries(kind), self.revs(kind), self.version, self.audit, self.changed(kind)]
 
     def fence(self, team: str, credential_id: str) -> str:
         return f"{self.prefix}:{{{team}}}:x:{credential_id}"

@@ -45,8 +45,8 @@ class RegistryBackend(Protocol):
     async def now_ms(self) -> int: ...
     async def version(self) -> int: ...
     async def load(self) -> RawSnapshot: ...
-    async def revisions(self, kind: Kind) -> dict[str, int]: ...
-    async def entries(self, kind: Kind, names: Sequence[str]) -> dict[str, str]: ...
+    async def changed_since(self, kind: Kind, version: int) -> list[str]: ...
+    async def entries(self, kind: Kind, names: Sequence[str]) -> dict[str, tuple[str, int]]: ...
     async def write(self, kind: Kind, name: str, expected_rev: int | None, entry_json: str | None,
                     audit_json: str, now_ms: int) -> int: ...
     async def audit(self, limit: int) -> list[str]: ...
@@ -108,21 +108,25 @@ class RedisRegistryBackend:
             raise StoreFailed(f"the store did not answer ({type(exc).__name__})") from None
         return RawSnapshot(version, _entries(keys, key_revs), _entries(teams, team_revs))
 
-    async def revisions(self, kind: Kind) -> dict[str, int]:
+    async def changed_since(self, kind: Kind, version: int) -> list[str]:
+        """Names written (or deleted) after `version`."""
         try:
-            revs = await self.client.hgetall(self.layout.revs(kind))
+            names = await self.client.zrangebyscore(self.layout.changed(kind), f"({version}", "+inf")
         except DRIVER_ERRORS as exc:
             raise StoreFailed(f"the store did not answer ({type(exc).__name__})") from None
-        return {_text(k): int(v) for k, v in revs.items()}
+        return [_text(n) for n in names]
 
-    async def entries(self, kind: Kind, names: Sequence[str]) -> dict[str, str]:
+    async def entries(self, kind: Kind, names: Sequence[str]) -> dict[str, tuple[str, int]]:
+        """name -> (JSON, rev) for those of `names` that exist."""
         if not names:
             return {}
         try:
             values = await self.client.hmget(self.layout.entries(kind), list(names))
+            revs = await self.client.hmget(self.layout.revs(kind), list(names))
         except DRIVER_ERRORS as exc:
             raise StoreFailed(f"the store did not answer ({type(exc).__name__})") from None
-        return {name: _text(v) for name, v in zip(names, values, strict=True) if v is not None}
+        return {name: (_text(v), int(r or 0)) for name, v, r in zip(names, values, revs, strict=True)
+                if v is not None}
 
     async def write(self, kind: Kind, name: str, expected_rev: int | None, entry_json: str | None,
                     audit_json: str, now_ms: int) -> int:
@@ -170,6 +174,7 @@ class MemoryRegistryBackend:
         self._fences = fences
         self._version = 0
         self._entries: dict[Kind, dict[str, tuple[str, int]]] = {"keys": {}, "teams": {}}
+        self._changed: dict[Kind, dict[str, int]] = {"keys": {}, "teams": {}}
         self._audit: list[tuple[int, str]] = []  # (ms, json), oldest first
 
     async def now_ms(self) -> int:
@@ -181,12 +186,12 @@ class MemoryRegistryBackend:
     async def load(self) -> RawSnapshot:
         return RawSnapshot(self._version, dict(self._entries["keys"]), dict(self._entries["teams"]))
 
-    async def revisions(self, kind: Kind) -> dict[str, int]:
-        return {name: rev for name, (_, rev) in self._entries[kind].items()}
+    async def changed_since(self, kind: Kind, version: int) -> list[str]:
+        return [name for name, at in self._changed[kind].items() if at > version]
 
-    async def entries(self, kind: Kind, names: Sequence[str]) -> dict[str, str]:
+    async def entries(self, kind: Kind, names: Sequence[str]) -> dict[str, tuple[str, int]]:
         stored = self._entries[kind]
-        return {name: stored[name][0] for name in names if name in stored}
+        return {name: stored[name] for name in names if name in stored}
 
     async def write(self, kind: Kind, name: str, expected_rev: int | None, entry_json: str | None,
                     audit_json: str, now_ms: int) -> int:
@@ -199,6 +204,7 @@ class MemoryRegistryBackend:
             entries.pop(name, None)
         else:
             entries[name] = (entry_json, self._version)
+        self._changed[kind][name] = self._version
         self._audit.append((now_ms, audit_json))
         self._audit = [(at, record) for at, record in self._audit if at >= now_ms - AUDIT_RETENTION_MS]
         return self._version

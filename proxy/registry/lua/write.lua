@@ -1,6 +1,6 @@
 -- write: create, replace or delete one registry entry if it is as the caller last read it, bump
 -- the registry version and append the audit record, all at once.
--- KEYS: entries hash, revs hash, version, audit zset (proxy/registry/layout.py)
+-- KEYS: entries hash, revs hash, version, audit zset, changed zset (proxy/registry/layout.py)
 -- ARGV: name, expected rev ('' = must not exist), entry json ('' = delete), audit json, now ms,
 --       audit retention ms
 -- Reply: {1, new version}, or {0, current rev (-1: absent)} when the entry is not as expected.
@@ -18,6 +18,7 @@ else
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
   redis.call('HSET', KEYS[2], ARGV[1], version)
 end
+redis.call('ZADD', KEYS[5], version, ARGV[1])
 local now = tonumber(ARGV[5])
 redis.call('ZADD', KEYS[4], now, string.format('%012d', version) .. ' ' .. ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. string.format('%.0f', now - tonumber(ARGV[6])))
