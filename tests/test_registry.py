@@ -412,3 +412,24 @@ async def test_an_unreachable_store_keeps_the_last_copy(redis_url: str) -> None:
         await cache.refresh()
     assert cache.lookup(sha(created.key)) is not None
     await dead.close()
+
+
+async def test_on_a_redis_cluster(cluster_url: str) -> None:
+    """The registry's keys share one slot (the write script is atomic); fences go to each team's."""
+    backend = RedisRegistryBackend.from_url(cluster_url)
+    other = RedisRegistryBackend.from_url(cluster_url)
+    try:
+        reg = Registry(backend, config_teams=CONFIG_TEAMS)
+        await reg.create_team(TeamSpec(name="research"), admin=ADMIN)
+        created = [await reg.create_key(KeySpec(name=f"k{i}", team=team), admin=ADMIN)
+                   for i, team in enumerate(["platform", "research"])]
+        cache = RegistryCache(other)
+        await cache.refresh()
+        assert all(cache.lookup(sha(c.key)) is not None for c in created)
+        await reg.revoke_key("k1", admin=ADMIN)
+        await cache.refresh()
+        assert cache.lookup(sha(created[1].key)) is None and cache.lookup(sha(created[0].key)) is not None
+        assert [r.action for r in await reg.audit(10)] == ["revoke", "create", "create", "create"]
+    finally:
+        await backend.close()
+        await other.close()

@@ -72,15 +72,19 @@ class RedisRegistryBackend:
         self._write = client.register_script(source)
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_ms: int = DEFAULT_TIMEOUT_MS,
+    def from_url(cls, url: str, *, timeout_ms: int = DEFAULT_TIMEOUT_MS, cluster: bool = False,
                  layout: RegistryLayout | None = None) -> RedisRegistryBackend:
+        """A backend on its own client: short timeouts, no retry after a timeout (a write is not
+        repeated blind); `redis+cluster://` (or `cluster=True`) builds a RedisCluster client."""
         timeout = timeout_ms / 1000
         options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
                                    "retry": Retry(NoBackoff(), 0)}
         if url.startswith("redis+cluster://"):
-            client: Any = aioredis.RedisCluster.from_url(url.replace("redis+cluster://", "redis://", 1), **options)
-        else:
-            client = aioredis.Redis.from_url(url, retry_on_timeout=False, **options)
+            url, cluster = "redis://" + url.removeprefix("redis+cluster://"), True
+        if cluster:
+            client: Any = aioredis.RedisCluster.from_url(url, **options)
+        else:  # one retry on a connection error: a pooled connection that died with a restart
+            client = aioredis.Redis.from_url(url, retry_on_timeout=False, **{**options, "retry": Retry(NoBackoff(), 1)})
         return cls(client, layout=layout)
 
     async def now_ms(self) -> int:
