@@ -288,3 +288,22 @@ def test_auth_jwt_config_needs_one_jwks_source():
     with pytest.raises(ConfigError) as caught:
         parse_config({**base, "auth": {"jwt": {**jwt_block, "jwks_file": "/b", "secret": "x"}}})
     assert caught.value.problems == ["auth.jwt.secret: unknown field"]
+
+
+async def test_a_verified_token_is_remembered_until_it_expires(jwks_server, rsa_signer, monkeypatch):
+    jwks_server.keys = [rsa_signer.jwk]
+    cache = JwksCache(config(jwks_server.url))
+    await cache.start()
+    clock = FakeClock()
+    clock.now = time.time()
+    verifier = JwtVerifier(config(jwks_server.url), cache, clock=clock)
+    token = rsa_signer.sign(exp=int(clock.now) + 60)
+    await verifier.verify(token)
+    decoded: list[str] = []
+    original = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: decoded.append("x") or original(*a, **k))
+    for _ in range(5):
+        assert (await verifier.verify(token)).team == "platform"
+    assert decoded == []  # no signature check again
+    clock.now += 60 + LEEWAY_S + 1
+    assert (await rejected(verifier, token)).reason == "expired"
