@@ -8,7 +8,7 @@ characters, backticks removed. Never pass a key or its hash as a name.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 from .budget_windows import ADJECTIVES, Window
@@ -32,7 +32,7 @@ def _safe_name(name: str) -> str:
 
 
 def reset_text(reset_epoch_s: int) -> str:
-    return datetime.fromtimestamp(reset_epoch_s, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(reset_epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def budget_refusal(kind: ScopeKind, name: str, spent_micros: int, budget_micros: int, window: Window,

@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from decimal import Decimal
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -180,7 +181,7 @@ class Price(_Strict):
     @classmethod
     def _ascending(cls, tiers: list[PriceTier]) -> list[PriceTier]:
         thresholds = [tier.above_input_tokens for tier in tiers]
-        if any(a >= b for a, b in zip(thresholds, thresholds[1:])):
+        if any(a >= b for a, b in pairwise(thresholds)):
             raise ValueError("above_input_tokens must increase from one tier to the next")
         return tiers
 
@@ -330,7 +331,7 @@ class Alerts(_Strict):
     def _fractions_ascending(cls, thresholds: list[float]) -> list[float]:
         if any(not 0 < threshold <= 1 for threshold in thresholds):
             raise ValueError("each threshold must be > 0 and <= 1 (a fraction of the budget)")
-        if any(a >= b for a, b in zip(thresholds, thresholds[1:])):
+        if any(a >= b for a, b in pairwise(thresholds)):
             raise ValueError("thresholds must increase")
         return thresholds
 

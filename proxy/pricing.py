@@ -26,7 +26,15 @@ A tier (`price.tiers`, "above_input_tokens") applies to the whole request when i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, ROUND_CEILING, ROUND_HALF_UP, Context, Decimal
+from decimal import (
+    MAX_EMAX,
+    MAX_PREC,
+    MIN_EMIN,
+    ROUND_CEILING,
+    ROUND_HALF_UP,
+    Context,
+    Decimal,
+)
 
 from proxy.config import Price
 from proxy.limits.types import Usage

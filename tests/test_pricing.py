@@ -61,7 +61,7 @@ def test_cost_micros(price: Price, usage: Usage, expected: int) -> None:
         (GPT_4O_MINI, 10, 0, 2),
         (NO_CACHE_PRICE, 1, 1, 13),  # 12.5
         (FREE, 10**6, 10**6, 0),
-        (Price(input=Decimal("1"), cached_input=Decimal("3")), 10, 0, 30),  # the dearer prompt price
+        (Price(input=Decimal(1), cached_input=Decimal(3)), 10, 0, 30),  # the dearer prompt price
         (DEEPSEEK_CHAT, -1, -1, 0),
     ],
 )
@@ -72,8 +72,8 @@ def test_reservation_micros(price: Price, prompt: int, max_output: int, expected
 @pytest.mark.parametrize(
     ("usd", "micros"),
     [
-        (Decimal("0"), 0),
-        (Decimal("1"), 1_000_000),
+        (Decimal(0), 0),
+        (Decimal(1), 1_000_000),
         (Decimal("10.5"), 10_500_000),
         (Decimal("0.000001"), 1),
         (Decimal("0.0000005"), 1),  # half up
@@ -191,17 +191,17 @@ def test_a_million_request_costs_sum_exactly(price: Price, pattern: list[Usage])
 
 # --- every priced token class, long-context tiers (issue 13) --------------------------------------
 
-from proxy.config import PriceTier  # noqa: E402
-from proxy.pricing import PricedUsage, rates_for  # noqa: E402
+from proxy.config import PriceTier
+from proxy.pricing import PricedUsage, rates_for
 
-SONNET = Price(input=Decimal("3"), output=Decimal("15"), cached_input=Decimal("0.30"), cache_write=Decimal("3.75"),
-               tiers=[PriceTier(above_input_tokens=200_000, input=Decimal("6"), output=Decimal("22.50"),
+SONNET = Price(input=Decimal(3), output=Decimal(15), cached_input=Decimal("0.30"), cache_write=Decimal("3.75"),
+               tiers=[PriceTier(above_input_tokens=200_000, input=Decimal(6), output=Decimal("22.50"),
                                 cached_input=Decimal("0.60"), cache_write=Decimal("7.50"))])
-O3 = Price(input=Decimal("2"), output=Decimal("8"), cached_input=Decimal("0.50"))
-REASONING_PRICED = Price(input=Decimal("1"), output=Decimal("2"), reasoning=Decimal("5"))
-TWO_TIERS = Price(input=Decimal("1"), output=Decimal("2"), tiers=[
-    PriceTier(above_input_tokens=100, input=Decimal("10")),
-    PriceTier(above_input_tokens=1000, output=Decimal("40")),
+O3 = Price(input=Decimal(2), output=Decimal(8), cached_input=Decimal("0.50"))
+REASONING_PRICED = Price(input=Decimal(1), output=Decimal(2), reasoning=Decimal(5))
+TWO_TIERS = Price(input=Decimal(1), output=Decimal(2), tiers=[
+    PriceTier(above_input_tokens=100, input=Decimal(10)),
+    PriceTier(above_input_tokens=1000, output=Decimal(40)),
 ])
 
 
@@ -272,7 +272,7 @@ def test_reservation_is_the_worst_case_of_the_estimate(price: Price, prompt: int
 def test_default_prices_follow_the_tier_not_the_base() -> None:
     rates = rates_for(TWO_TIERS, 101)
     assert (rates.input, rates.cached_input, rates.cache_write, rates.output, rates.reasoning) == (
-        Decimal("10"), Decimal("10"), Decimal("10"), Decimal("2"), Decimal("2"))
+        Decimal(10), Decimal(10), Decimal(10), Decimal(2), Decimal(2))
 
 
 tier_prices = st.builds(
