@@ -1,4 +1,4 @@
-"""`llm-proxy`: serve, demo, check-config, new-key, hash-key, usage."""
+"""`llm-proxy`: serve, demo, check-config, prices, new-key, hash-key, usage."""
 
 from __future__ import annotations
 
@@ -93,7 +93,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load_or_exit(args.file)
     print(f"{args.file}: ok")
     print(summary(config))
+    for name, model in config.models.items():
+        if not model.has_price:
+            print(f"warning: models.{name}: no price (price_per_mtok or price: catalog): its spend would read $0",
+                  file=sys.stderr)
     return 0
+
+
+def cmd_prices(args: argparse.Namespace) -> int:
+    from .price_catalog import catalog_listing, catalog_table
+
+    print(orjson_dumps(catalog_listing()) if args.json else catalog_table())
+    return 0
+
+
+def orjson_dumps(value: object) -> str:
+    import orjson
+
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
 
 
 def cmd_new_key(args: argparse.Namespace) -> int:
@@ -137,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and summarise it")
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)
+
+    prices = commands.add_parser("prices", help="list the price catalog (public list prices, USD per Mtok)")
+    prices.add_argument("--json", action="store_true")
+    prices.set_defaults(func=cmd_prices)
 
     key = commands.add_parser("new-key", help="print a fresh proxy key and its sha256 config line")
     key.set_defaults(func=cmd_new_key)

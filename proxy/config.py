@@ -254,12 +254,12 @@ def _catalog_name(price: Any, targets: Any) -> str:
 
 
 class Limits(_Strict):
-    enforce: bool = True  # false: shadow mode (would-be refusals are counted and logged, never made)
     rpm: Integer | None = Field(None, gt=0)
     tpm: Integer | None = Field(None, gt=0)
     max_parallel: Integer | None = Field(None, gt=0)
     rpm_burst: Integer | None = Field(None, gt=0)  # bucket capacities (default: one minute's worth)
     tpm_burst: Integer | None = Field(None, gt=0)
+    enforce: bool = True  # false: shadow mode (would-be refusals are counted and logged, never made)
 
     @field_validator("rpm_burst", "tpm_burst")
     @classmethod
@@ -332,7 +332,7 @@ class Alerts(_Strict):
         if any(not 0 < threshold <= 1 for threshold in thresholds):
             raise ValueError("each threshold must be > 0 and <= 1 (a fraction of the budget)")
         if any(a >= b for a, b in pairwise(thresholds)):
-            raise ValueError("thresholds must increase")
+            raise ValueError("must increase")
         return thresholds
 
     @field_validator("webhook_url")
@@ -401,8 +401,9 @@ class Config(_Strict):
     @field_validator("end_user_identity")
     @classmethod
     def _sources_once(cls, sources: list[str]) -> list[str]:
-        if len(set(sources)) != len(sources):
-            raise ValueError("each source at most once")
+        repeated = sorted({source for source in sources if sources.count(source) > 1}, key=sources.index)
+        if repeated:
+            raise ValueError("each source at most once: " + ", ".join(repeated) + " repeated")
         return sources
 
     @field_validator("budget_timezone")
@@ -509,6 +510,10 @@ def _message(error: dict[str, Any]) -> str:
         return "must be 64 lowercase hex characters (sha256)"
     if kind in ("too_short", "string_too_short"):
         return "must not be empty"
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}"
+    if kind == "bool_parsing":
+        return "must be true or false"
     message = error["msg"]
     return message.removeprefix("Value error, ")
 
