@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--date", help="YYYY-MM-DD (default: today in budget_timezone)")
     usage.add_argument("--by", choices=["team", "key", "model", "tag"], default="team")
     usage.add_argument("--json", action="store_true")
+    usage.add_argument("--what-if", metavar="PRICES.yaml", help="re-price the month's tokens at these prices")
+    usage.add_argument("--month", help="YYYY-MM for --what-if (default: this month in budget_timezone)")
     usage.set_defaults(func=cmd_usage)
     return parser
 
