@@ -562,6 +562,7 @@ async def handle_v1(request: web.Request) -> web.StreamResponse:
     state.log_request({
         "method": request.method,
         "path": request.path,
+        "query": request.query_string,
         "headers": {name.lower(): value for name, value in request.headers.items()},
         "body": body,
         "time": time.time(),

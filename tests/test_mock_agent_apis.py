@@ -213,14 +213,16 @@ def test_message_plain(claude, mock):
     assert (usage.input_tokens, usage.output_tokens) == (11, 16)
     assert (usage.cache_creation_input_tokens, usage.cache_read_input_tokens) == (0, 0)
     entry = mock.requests[-1]
+    assert entry["query"] == ""
     # this SDK sends its api_key as a bearer token, and its own anthropic-version
     assert (entry["path"], entry["headers"]["authorization"]) == ("/v1/messages", "Bearer k")
     assert entry["headers"]["anthropic-version"] == anthropic._constants.ANTHROPIC_API_VERSION
 
 
-def test_message_records_x_api_key_and_version(http, mock):
+def test_message_records_x_api_key_version_and_query(http, mock):
     body = {"model": "m", "max_tokens": 2, "messages": MESSAGES}
-    assert http.post("/v1/messages", json=body, headers=ANTHROPIC_HEADERS).status_code == 200
+    assert http.post("/v1/messages?beta=true", json=body, headers=ANTHROPIC_HEADERS).status_code == 200
+    assert mock.requests[-1]["query"] == "beta=true"  # as Claude Code sends it
     headers = mock.requests[-1]["headers"]
     assert (headers["x-api-key"], headers["anthropic-version"]) == ("k", "2023-06-01")
 
