@@ -18,6 +18,7 @@ from .usage import ApiUsage, count, estimated_output
 MAX_OUTPUT_TOKENS_CEILING = 2**31 - 1
 FINAL_EVENTS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
 _DELTA = re.compile(rb'"delta": ?"((?:[^"\\]|\\.)*)"')
+_SEQUENCE = re.compile(rb'"sequence_number": ?(\d+)')
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,13 +151,13 @@ class ResponsesStreamMeter:
     Events without an `event:` line are read by their data's `type`.
     """
 
-    __slots__ = ("_chars", "_prompt_tokens", "_reported", "_sequence")
+    __slots__ = ("_chars", "_last", "_prompt_tokens", "_reported")
 
     def __init__(self, prompt_tokens: int) -> None:
         self._prompt_tokens = prompt_tokens
         self._chars = 0
         self._reported: ApiUsage | None = None
-        self._sequence = -1
+        self._last = b""  # the last event, read for its sequence_number only if an error event follows
 
     def feed(self, event: bytes) -> None:
         name = event_name(event)
@@ -172,15 +173,7 @@ class ResponsesStreamMeter:
             payload = event_payload(event)
             if payload is not None:
                 self._reported = usage_from_response(payload.get("response")) or self._reported
-        self._note_sequence(event)
-
-    def _note_sequence(self, event: bytes) -> None:
-        position = event.find(b'"sequence_number":')
-        if position < 0:
-            return
-        digits = re.match(rb" ?(\d+)", event[position + 18:position + 40])
-        if digits:
-            self._sequence = int(digits.group(1))
+        self._last = event
 
     @property
     def finished(self) -> bool:
@@ -194,6 +187,7 @@ class ResponsesStreamMeter:
 
     def error_event(self, message: str, code: str = "upstream_error") -> bytes:
         """The `error` event that ends a stream the upstream broke, numbered after the last event seen."""
+        last = _SEQUENCE.search(self._last)
         payload = {"type": "error", "code": code, "message": message, "param": None,
-                   "sequence_number": self._sequence + 1}
+                   "sequence_number": int(last.group(1)) + 1 if last else 0}
         return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
