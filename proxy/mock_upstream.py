@@ -189,6 +189,8 @@ class MockState:
     def store_response(self, response: dict, items: list[dict]) -> None:
         with self._lock:
             self._responses[response["id"]] = {"response": response, "input_items": items}
+            if len(self._responses) > MAX_LOGGED_REQUESTS:  # the oldest go, as logged requests do
+                del self._responses[next(iter(self._responses))]
 
     def stored_response(self, response_id: str) -> dict | None:
         with self._lock:
@@ -448,13 +450,14 @@ async def create_response(request: web.Request, body: dict, fault: dict, headers
                              "type": "invalid_request_error", "param": "previous_response_id",
                              "code": "previous_response_not_found"}}
         return web.Response(status=400, body=orjson.dumps(payload), content_type="application/json", headers=headers)
+    ident = state.next_id()
     try:
-        call = responses_api.ResponseCall(body, fault, request.app[SETTINGS]["chunks"], state.next_id())
+        call = responses_api.ResponseCall(body, fault, request.app[SETTINGS]["chunks"], ident)
     except (TypeError, ValueError) as exc:
         return error_response(400, f"invalid request parameter: {exc}", headers)
     final = call.response()
     if final["store"]:
-        state.store_response(final, responses_api.input_items(body, int(call.id.removeprefix("resp_mock"))))
+        state.store_response(final, responses_api.input_items(body, ident))
     return await send_script_or_body(request, body.get("stream") is True, call.script(), final, call.tally(),
                                      fault, headers)
 

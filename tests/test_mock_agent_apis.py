@@ -335,3 +335,30 @@ def test_message_stats_count_the_whole_prompt(claude, mock):
     claude.messages.create(model="m", max_tokens=4, messages=MESSAGES, extra_headers=fault(cached_tokens=6))
     stats = mock.stats()
     assert (stats["prompt_tokens"], stats["cached_tokens"], stats["completion_tokens"]) == (10, 6, 4)
+
+
+@pytest.mark.parametrize("api", ["responses", "messages"])
+@pytest.mark.parametrize(
+    "asked",
+    [{"cut_after_chunks": 1}, {"close_connection": True}],  # a plain reply cut halfway; no reply at all
+)
+def test_plain_replies_broken_by_faults(oai, claude, mock, api, asked):
+    with pytest.raises((openai.APIConnectionError, anthropic.APIConnectionError, httpx2.TransportError)):
+        if api == "responses":
+            oai.responses.create(model="m", input=PROMPT, extra_headers=fault(**asked))
+        else:
+            claude.messages.create(model="m", max_tokens=10, messages=MESSAGES, extra_headers=fault(**asked))
+    assert mock.stats()["prompt_tokens"] == 0
+
+
+def test_bad_sse_line_and_malformed_json_on_the_new_routes(http, mock):
+    events_with_bad_line = []
+    body = {"model": "m", "input": PROMPT, "stream": True}
+    with http.stream("POST", "/v1/responses", json=body, headers=fault(bad_sse_line=True, chunks=4)) as response:
+        events_with_bad_line = [line for line in response.iter_lines() if line.startswith("data:")]
+    assert "data: not-json" in events_with_bad_line
+    mock.add_faults([{"malformed_json": True}])
+    response = http.post("/v1/messages", json={"model": "m", "max_tokens": 5, "messages": MESSAGES},
+                         headers=ANTHROPIC_HEADERS)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(response.content)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -96,4 +96,3 @@ class Script:
     tail: list[bytes]
     tally: Tally | None
     error_frame: Callable[[int], bytes]
-    headers: dict[str, str] = field(default_factory=dict)
