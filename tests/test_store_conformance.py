@@ -18,7 +18,7 @@ from redis.crc import key_slot
 from proxy.limits.memory_store import MemoryStore
 from proxy.limits.redis_store import CLUSTER_MAX_CONNECTIONS, RedisStore
 from proxy.limits.types import (
-    Admission, BucketState, BudgetDay, Decision, ScopeLimits, Settlement, StoreError, Usage,
+    Admission, BucketState, BudgetDay, Decision, Renewal, ScopeLimits, Settlement, StoreError, Usage,
 )
 from tests.support.ports import free_port
 
@@ -207,6 +207,40 @@ async def test_parallel_cap_released_by_settle_and_lease_expiry(store, clock):
     assert (await store.admit(admission(k, t))).admitted
     assert (await store.admit(admission(k, t))).admitted
     assert not (await store.admit(admission(k, t))).admitted
+
+
+def renewal(a: Admission, lease_ttl_ms: int = 5000) -> Renewal:
+    return Renewal(a.request_id, a.team, a.key, "2023-11-15", lease_ttl_ms)
+
+
+async def test_renewed_leases_outlive_the_ttl_until_settled(store, clock):
+    k, t = key(max_parallel=1), team(max_parallel=5, budget_micros=1000)
+    long = admission(k, t, tokens=10, cost=600, lease_ttl_ms=5000)
+    assert (await store.admit(long)).admitted
+    for _ in range(4):  # 16 s: three times the TTL
+        clock.advance(4000)
+        assert await store.renew(renewal(long))
+        d = await store.admit(admission(k, t))
+        assert (d.admitted, d.reason, d.scope) == (False, "parallel", "key")
+        d = await store.admit(admission(key("other"), t, cost=401))
+        assert (d.admitted, d.reason, d.budget_spent_micros) == (False, "budget", 600)  # the hold stays
+    clock.advance(4999)  # the last renewal still holds...
+    assert not (await store.admit(admission(k, t))).admitted
+    assert await store.settle(settlement(long, cost=100))
+    assert not await store.renew(renewal(long))  # ...until the settle: nothing left to renew
+    d = await store.admit(admission(k, t, cost=900))
+    assert (d.admitted, d.budget_spent_micros) == (True, 1000)
+
+
+async def test_a_lease_that_ran_out_is_not_renewed(store, clock):
+    k, t = key(max_parallel=1), team(budget_micros=1000)
+    dead = admission(k, t, cost=600, lease_ttl_ms=5000)
+    assert (await store.admit(dead)).admitted
+    clock.advance(5000)  # its replica died: nothing renewed it in time
+    assert not await store.renew(renewal(dead))
+    d = await store.admit(admission(k, t, cost=1000))
+    assert (d.admitted, d.budget_spent_micros) == (True, 1000)
+    assert not await store.renew(renewal(admission(k, t)))  # never admitted
 
 
 # -- budgets -----------------------------------------------------------------------------------

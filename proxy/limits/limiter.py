@@ -5,6 +5,9 @@ value objects, refusals into OpenAI's 429s, and store outages into the configure
 `allow` admits through a per-process fallback store with limits divided by `store.replicas`,
 `deny` answers 503. Settlements that cannot reach the store wait in a bounded journal and are
 flushed when it returns (settle is idempotent per request id, so a retry never counts twice).
+Admitted requests that run longer than a third of `store.lease_ttl_s` have their leases renewed
+in the store that admitted them, by one background task, until they settle: `max_parallel` and
+budget holds count a stream of any length, while a dead replica's leases still end after the TTL.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ from ..errors import BudgetExceeded, RateLimited, StoreUnavailable
 from ..pricing import format_usd, usd_to_micros
 from .days import candidate_days
 from .headers import openai_duration, rate_limit_headers, retry_headers
-from .types import Admission, BudgetDay, Decision, ScopeLimits, Settled, Settlement, Store, StoreError, Usage
+from .types import (
+    Admission, BudgetDay, Decision, Renewal, ScopeLimits, Settled, Settlement, Store, StoreError, Usage,
+)
 
 log = logging.getLogger("proxy.limits")
 
 JOURNAL_CAPACITY = 100_000
 DAY_EDGE_S = 3600  # this close to midnight, admission offers the store three candidate days
 FLUSH_INTERVAL_S = 1.0
+RENEW_FRACTION = 3  # a live request's leases are renewed every lease_ttl / 3 (checked twice as often)
 LIMIT_NAMES = {"rpm": "requests per minute", "tpm": "tokens per minute", "parallel": "parallel requests"}
 LIMIT_TYPES = {"rpm": "requests", "tpm": "tokens", "parallel": "parallel_requests"}
 
@@ -69,6 +75,7 @@ class Ticket:
     team_scope: ScopeLimits
     degraded: bool = False  # admitted by the fallback store during an outage
     settled: bool = field(default=False)
+    renewed_at: float = 0.0  # monotonic time of admission, then of the last lease renewal
 
     @property
     def headers(self) -> dict[str, str]:
@@ -91,6 +98,8 @@ class Limiter:
         self.unsettled = 0  # admitted requests not yet settled (shutdown waits for them)
         self._all_settled = asyncio.Event()
         self._all_settled.set()
+        self.live: dict[str, Ticket] = {}  # admitted, not yet settled: their leases are renewed
+        self._renewer: asyncio.Task | None = None
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded config: limits apply from the next request, a new budget_timezone too."""
@@ -146,7 +155,10 @@ class Limiter:
             raise self._refusal(decision, caller)
         self.unsettled += 1
         self._all_settled.clear()
-        return Ticket(request_id, caller, decision, tokens, cost_micros, store, key, team, degraded)
+        ticket = Ticket(request_id, caller, decision, tokens, cost_micros, store, key, team, degraded,
+                        renewed_at=time.monotonic())
+        self.live[request_id] = ticket
+        return ticket
 
     def _refusal(self, decision: Decision, caller: Caller) -> Exception:
         headers = rate_limit_headers(decision)
@@ -182,6 +194,7 @@ class Limiter:
         if ticket.settled:
             return None
         ticket.settled = True
+        self.live.pop(ticket.request_id, None)
         try:
             return await self._settle(ticket, model, usage, cost_micros, tags, succeeded)
         finally:
@@ -251,10 +264,51 @@ class Limiter:
             if self.journal:
                 await self.flush_journal()
 
+    # -- lease renewal ------------------------------------------------------------------------
+    async def renew_leases(self) -> int:
+        """Renew the leases of every live request not renewed for lease_ttl / 3, in the store that
+        admitted it; returns how many were renewed. A store that fails is retried next time; a
+        request whose reservation is gone (settled, or expired while the store was away) is
+        dropped from renewal."""
+        due_before = time.monotonic() - self.lease_ttl_ms / 1000 / RENEW_FRACTION
+        due = [t for t in self.live.values() if t.renewed_at <= due_before and not t.settled]
+        if not due:
+            return 0
+        results = await asyncio.gather(*(self._renew(t) for t in due), return_exceptions=True)
+        renewed = 0
+        for ticket, result in zip(due, results):
+            if result is True:
+                renewed += 1
+            elif result is False:
+                self.live.pop(ticket.request_id, None)
+            elif not isinstance(result, StoreError):
+                log.error("unexpected error renewing a lease: %r", result)
+        return renewed
+
+    async def _renew(self, ticket: Ticket) -> bool:
+        started = time.monotonic()
+        renewal = Renewal(ticket.request_id, ticket.team_scope, ticket.key_scope, ticket.decision.day,
+                          self.lease_ttl_ms)
+        renewed = await ticket.store.renew(renewal)
+        if renewed:
+            ticket.renewed_at = started
+        return renewed
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl_ms / 1000 / RENEW_FRACTION / 2)
+            if self.live:
+                try:
+                    await self.renew_leases()
+                except Exception:  # never let the renewer die
+                    log.exception("lease renewal failed")
+
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+        if self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
 
     async def close(self, flush_for_s: float = 10.0) -> None:
         """Wait for admitted requests to settle, stop the flusher, then keep flushing the journal
@@ -265,13 +319,14 @@ class Limiter:
                 await asyncio.wait_for(self._all_settled.wait(), flush_for_s)
             except TimeoutError:
                 log.error("%d admitted requests were still unsettled at shutdown", self.unsettled)
-        if self._flusher is not None:
-            self._flusher.cancel()
-            try:
-                await self._flusher
-            except asyncio.CancelledError:
-                pass
-            self._flusher = None
+        for task in (self._flusher, self._renewer):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._flusher = self._renewer = None
         while True:
             await self.flush_journal()
             if not self.journal or time.monotonic() >= deadline:

@@ -1,6 +1,6 @@
 """The store in this process (one replica, no Redis): the same semantics as RedisStore.
 
-`_admit` and `_settle` follow `lua/admit.lua` and `lua/settle.lua` step by step over a small
+`_admit`, `_settle` and `_renew` follow `lua/admit.lua`, `lua/settle.lua` and `lua/renew.lua` step by step over a small
 keyspace with the same key names and expiries, so both stores give the same replies and ledger.
 They never await, so each runs atomically on the event loop.
 """
@@ -19,7 +19,7 @@ from .layout import (
     decode_decision, limit_args,
 )
 from .ledger import METRICS, SEP, usage_report
-from .types import Admission, Decision, ScopeKind, ScopeLimits, Settled, Settlement
+from .types import Admission, Decision, Renewal, ScopeKind, ScopeLimits, Settled, Settlement
 
 SWEEP_EVERY = 1_000  # operations between sweeps of expired keys
 
@@ -96,6 +96,9 @@ class MemoryStore:
 
     async def settle(self, settlement: Settlement) -> Settled:
         return decode_settled(self._settle(settlement, self._now_ms()))
+
+    async def renew(self, renewal: Renewal) -> bool:
+        return self._renew(renewal, self._now_ms())
 
     async def usage(self, day: str, teams: list[str]) -> dict:
         now_ms = self._now_ms()
@@ -224,7 +227,7 @@ class MemoryStore:
             self.keys.put(keys[6], now_ms).update(
                 tokens=a.tokens, cost=a.cost_micros, day=labels[day], exp=expires,
                 kt=scopes[0]["tpm"] >= 0, tt=scopes[1]["tpm"] >= 0)
-            self.keys.pexpire(keys[6], a.lease_ttl_ms, now_ms)
+            self.keys.pexpire(keys[6], a.lease_ttl_ms + bucket.TTL_MARGIN_MS, now_ms)
 
         # the tightest bucket of each kind (lowest remaining, then longest reset) and budget scope
         def tighter(best, capacity, level, rate):
@@ -247,6 +250,22 @@ class MemoryStore:
         admitted, reason_s, scope_s = (1, "", "") if reason is None else (0, reason, scope["kind"])
         return [admitted, reason_s, scope_s, retry, never, *rq, *tk, *budget, labels[day],
                 math.ceil(day_left_ms / 1000)]
+
+    # -- renew -----------------------------------------------------------------------------------
+
+    def _renew(self, r: Renewal, now_ms: int) -> bool:
+        record_key, *lease_keys = self.layout.renew_keys(r)
+        record = self.keys.get(record_key, now_ms)
+        if record is None or record["exp"] <= now_ms:
+            return False
+        expires = record["exp"] = now_ms + r.lease_ttl_ms
+        self.keys.pexpire(record_key, r.lease_ttl_ms + bucket.TTL_MARGIN_MS, now_ms)
+        for name in lease_keys:
+            leases = self.keys.get(name, now_ms)
+            if leases is not None and r.request_id in leases:
+                leases[r.request_id] = expires
+                self.keys.extend_ttl(name, r.lease_ttl_ms + bucket.TTL_MARGIN_MS, now_ms)
+        return True
 
     # -- settle ----------------------------------------------------------------------------------
 

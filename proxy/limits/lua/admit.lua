@@ -168,7 +168,7 @@ if reason == nil then
   if scopes[2].tpm >= 0 then tt = '1' end
   redis.call('HSET', KEYS[7], 'tokens', int(tokens), 'cost', int(cost), 'day', label,
     'exp', int(expires), 'kt', kt, 'tt', tt)
-  redis.call('PEXPIRE', KEYS[7], int(lease_ttl))
+  redis.call('PEXPIRE', KEYS[7], int(lease_ttl + TTL_MARGIN_MS))
 end
 
 -- the tightest bucket of each kind (lowest remaining, then longest reset) and budget scope
