@@ -1,0 +1,132 @@
+"""Requests longer than `store.lease_ttl_s`: their leases are renewed while they run, and a dead
+replica's leases still end after the TTL. Real Redis, a real proxy on a port, the mock upstream
+streaming slowly, the OpenAI SDK as the client; the dead replica is a `python -m proxy serve`
+process, SIGKILLed mid-stream."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import orjson
+import pytest
+import redis
+
+from tests.support.configs import KEYS, config_dict, make_config
+from tests.support.processes import MockProcess, proxy_process, write_config
+
+LEASE_TTL_S = 2
+TEAM_BUDGET_USD = "1"
+PAR_KEY = "llmrl:{platform}:k:alice:par"
+CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64}
+STREAM = {"chunks": 16, "chunk_delay_s": 0.5}  # 8 s: four lease TTLs
+
+
+def long_lived(redis_url: str):
+    def patch(data: dict) -> None:
+        data["store"] = {"redis_url": redis_url, "lease_ttl_s": LEASE_TTL_S, "on_redis_error": "deny",
+                         "timeout_ms": 2000}
+        data["keys"]["alice"]["limits"] = {"max_parallel": 1}
+        data["teams"]["platform"]["daily_budget_usd"] = TEAM_BUDGET_USD
+    return patch
+
+
+def sdk(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=KEYS["alice"], max_retries=0, timeout=20)
+
+
+def team_budget(client: redis.Redis) -> tuple[int, int]:
+    """(held micros, holds in the lease set) of the team's budget today."""
+    [name] = [n for n in client.scan_iter("llmrl:{platform}:t:b:*") if not n.endswith(b":leases")]
+    return int(client.hget(name, "held") or 0), client.zcard(name + b":leases")
+
+
+def test_a_stream_four_lease_ttls_long_keeps_its_slot_and_budget_hold(mock_upstream, start_proxy, redis_url):
+    server, recorder = start_proxy(make_config(mock_upstream.url, patch=long_lived(redis_url)))
+    client = redis.Redis.from_url(redis_url, socket_timeout=2)
+    streamed: dict = {}
+    first_chunk = threading.Event()
+
+    def stream() -> None:
+        chunks = sdk(server.base_url).chat.completions.create(
+            **CHAT, stream=True, extra_headers={"x-mock-fault": orjson.dumps(STREAM).decode()})
+        words = []
+        for chunk in chunks:
+            first_chunk.set()
+            if chunk.choices and chunk.choices[0].delta.content:
+                words.append(chunk.choices[0].delta.content)
+        streamed["words"] = len(words)
+
+    thread = threading.Thread(target=stream)
+    started = time.monotonic()
+    thread.start()
+    assert first_chunk.wait(10)
+    held, holds = team_budget(client)
+    assert held > 0 and holds == 1
+    refusals = 0
+    while thread.is_alive():
+        try:
+            sdk(server.base_url).chat.completions.create(**CHAT)
+            pytest.fail(f"a second request was admitted {time.monotonic() - started:.1f}s into the stream")
+        except openai.RateLimitError as exc:
+            assert exc.body["type"] == "parallel_requests", exc.body
+            refusals += 1
+        if thread.is_alive():  # the stream's reservation is still held, whole
+            assert team_budget(client) == (held, 1)
+        time.sleep(0.25)
+    thread.join()
+    elapsed = time.monotonic() - started
+    assert streamed["words"] == STREAM["chunks"]
+    assert elapsed >= 3 * LEASE_TTL_S, f"the stream lasted only {elapsed:.1f}s"
+    assert refusals >= 10
+    server.wait_settled()
+    assert team_budget(client) == (0, 0)
+    assert client.zcard(PAR_KEY) == 0
+    sdk(server.base_url).chat.completions.create(**CHAT)  # the slot is free once the stream ended
+    assert [o.status for o in recorder.outcomes].count(200) == 2
+
+
+@pytest.fixture
+def slow_mock(tmp_path):
+    process = MockProcess(chunk_delay_s=0.5, chunks=60, workdir=tmp_path).start().wait_ready()
+    yield process
+    process.stop()
+
+
+def test_a_dead_replicas_lease_ends_after_the_ttl(slow_mock, tmp_path, redis_url):
+    data = config_dict(slow_mock.base_url)
+    long_lived(redis_url)(data)
+    config_path = write_config(tmp_path / "config.yaml", data)
+    doomed = proxy_process(config_path, name="doomed").start().wait_ready()
+    survivor = proxy_process(config_path, name="survivor").start().wait_ready()
+    client = redis.Redis.from_url(redis_url, socket_timeout=2)
+    headers = {"Authorization": f"Bearer {KEYS['alice']}"}
+    try:
+        with httpx.stream("POST", doomed.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                          headers=headers, timeout=30) as response:
+            assert response.status_code == 200
+            chunks = response.iter_bytes()
+            next(chunks)
+            time.sleep(LEASE_TTL_S * 1.5)  # the doomed replica renews its lease meanwhile
+            assert client.zcard(PAR_KEY) == 1
+            refused = httpx.post(survivor.url + "/v1/chat/completions", json=CHAT, headers=headers, timeout=10)
+            assert refused.status_code == 429, refused.text
+            doomed.signal(signal.SIGKILL)
+            killed = time.monotonic()
+        doomed.popen.wait(10)
+        while True:  # nothing settles or renews the dead replica's lease: it ends after the TTL
+            answer = httpx.post(survivor.url + "/v1/chat/completions", json=CHAT, headers=headers, timeout=10)
+            if answer.status_code == 200:
+                break
+            assert answer.status_code == 429 and answer.json()["error"]["type"] == "parallel_requests"
+            assert time.monotonic() - killed < LEASE_TTL_S + 2, "the dead replica's lease outlived its TTL"
+            time.sleep(0.1)
+        print(f"\ndead replica's lease ended {time.monotonic() - killed:.2f}s after SIGKILL "
+              f"(lease_ttl_s={LEASE_TTL_S})")
+    finally:
+        doomed.stop()
+        survivor.stop()
+    assert "Traceback" not in survivor.output(), survivor.output()
