@@ -150,6 +150,7 @@ async def test_nothing_consumed_on_refusal(store):
     assert d.requests == BucketState(10, 8, 12_000)
     assert d.tokens == BucketState(1000, 800, 12_000)
     assert (d.budget_spent_micros, d.budget_limit_micros) == (200, 1000)
+    assert (d.key_committed_micros, d.team_committed_micros) == (-1, 200)  # the key has no budget
 
 
 # -- token buckets -----------------------------------------------------------------------------
@@ -251,8 +252,10 @@ async def test_budget_reservation_refusal_and_real_cost(store, clock):
     d = await store.admit(first)
     assert (d.admitted, d.budget_spent_micros, d.budget_limit_micros) == (True, 600, 1000)
     assert (d.day, d.day_reset_s) == ("2023-11-15", 23 * 3600)
+    assert (d.key_committed_micros, d.team_committed_micros) == (600, 600)
     d = await store.admit(admission(k, t, cost=500))
     assert (d.admitted, d.reason, d.scope, d.never_fits) == (False, "budget", "key", False)
+    assert (d.key_committed_micros, d.team_committed_micros) == (600, 600)  # each scope's, refused too
     assert d.retry_after_ms == 23 * 3600 * 1000  # the day's end
     assert (d.budget_spent_micros, d.budget_limit_micros) == (600, 1000)
     assert await store.settle(settlement(first, cost=200))

@@ -139,10 +139,10 @@ def _bucket(limit, left, reset) -> BucketState | None:
 def decode_decision(reply: Sequence) -> Decision:
     """The admit reply: [admitted, reason, scope, retry_after_ms, never_fits, request limit,
     remaining, reset_ms, token limit, remaining, reset_ms, budget committed, budget limit, day,
-    day_reset_s]."""
+    day_reset_s, key committed, team committed]."""
     admitted, reason, scope, retry, never, *rest = reply
     rq, tk = rest[0:3], rest[3:6]
-    spent, limit, day, day_reset = rest[6:10]
+    spent, limit, day, day_reset, key_committed, team_committed = rest[6:12]
     return Decision(
         admitted=bool(int(admitted)),
         reason=_text(reason) or None,
@@ -155,4 +155,6 @@ def decode_decision(reply: Sequence) -> Decision:
         budget_limit_micros=int(limit),
         day=_text(day),
         day_reset_s=int(day_reset),
+        key_committed_micros=int(key_committed),
+        team_committed_micros=int(team_committed),
     )

@@ -3,7 +3,9 @@
 The store (Redis, or this process) holds the truth; this module turns config into the store's
 value objects, refusals into OpenAI's 429s, and store outages into the configured behaviour:
 `allow` admits through a per-process fallback store with limits divided by `store.replicas`,
-`deny` answers 503. Settlements that cannot reach the store wait in a bounded journal and are
+`deny` answers 503. The fallback starts each budget from the spend this replica last saw committed
+in the store for that scope and day (divided by `store.replicas` like the limits), so a budget
+exhausted before an outage stays refused during it. Settlements that cannot reach the store wait in a bounded journal and are
 flushed when it returns (settle is idempotent per request id, so a retry never counts twice).
 Admitted requests that run longer than a third of `store.lease_ttl_s` have their leases renewed
 in the store that admitted them, by one background task, until they settle: `max_parallel` and
@@ -27,8 +29,18 @@ from ..errors import BudgetExceeded, RateLimited, StoreUnavailable
 from ..pricing import format_usd, usd_to_micros
 from .days import candidate_days
 from .headers import openai_duration, rate_limit_headers, retry_headers
+from .memory_store import MemoryStore
 from .types import (
-    Admission, BudgetDay, Decision, Renewal, ScopeLimits, Settled, Settlement, Store, StoreError, Usage,
+    Admission,
+    BudgetDay,
+    Decision,
+    Renewal,
+    ScopeLimits,
+    Settled,
+    Settlement,
+    Store,
+    StoreError,
+    Usage,
 )
 
 log = logging.getLogger("proxy.limits")
@@ -83,7 +95,7 @@ class Ticket:
 
 
 class Limiter:
-    def __init__(self, config: Config, store: Store, *, fallback: Store | None = None):
+    def __init__(self, config: Config, store: Store, *, fallback: MemoryStore | None = None):
         self.config = config
         self.store = store
         self.fallback = fallback
@@ -98,6 +110,9 @@ class Limiter:
         self.unsettled = 0  # admitted requests not yet settled (shutdown waits for them)
         self._all_settled = asyncio.Event()
         self._all_settled.set()
+        # (team, scope kind, scope name, day) -> spent + held the store last reported
+        self.seen_committed: dict[tuple[str, str, str, str], int] = {}
+        self._seeded: set[tuple[str, str, str, str]] = set()  # fallback budgets seeded in this outage
         self.live: dict[str, Ticket] = {}  # admitted, not yet settled: their leases are renewed
         self._renewer: asyncio.Task | None = None
 
@@ -127,6 +142,7 @@ class Limiter:
         if days is None or not days.starts[1] <= now < days.starts[2]:
             days = self._days = candidate_days(self._zone, datetime.fromtimestamp(now, self._zone))
             self._today_only = BudgetDay(days.labels[1:2], days.starts[1:3])
+            self.seen_committed = {m: v for m, v in self.seen_committed.items() if m[3] in days.labels}
         if days.starts[1] + DAY_EDGE_S <= now < days.starts[2] - DAY_EDGE_S:
             return self._today_only
         return days
@@ -139,6 +155,7 @@ class Limiter:
         try:
             decision = await store.admit(admission)
             self._recovered()
+            self._saw(caller, decision)
         except Exception as exc:  # StoreError, or anything unforeseen from a driver: an outage either way
             if not isinstance(exc, StoreError):
                 log.exception("unexpected error from the rate-limit store on admit")
@@ -149,6 +166,7 @@ class Limiter:
                                        headers={"retry-after": "1"}) from None
             key, team = self.scopes(caller, self.config.store.replicas)
             admission = replace(admission, key=key, team=team)
+            self._seed_fallback(caller.team, (key, team), admission.days)
             store, degraded = self.fallback, True
             decision = await store.admit(admission)
         if not decision.admitted:
@@ -159,6 +177,30 @@ class Limiter:
                         renewed_at=time.monotonic())
         self.live[request_id] = ticket
         return ticket
+
+    def _saw(self, caller: Caller, decision: Decision) -> None:
+        if decision.key_committed_micros >= 0:
+            self.seen_committed[(caller.team, "key", caller.name, decision.day)] = decision.key_committed_micros
+        if decision.team_committed_micros >= 0:
+            self.seen_committed[(caller.team, "team", caller.team, decision.day)] = decision.team_committed_micros
+
+    def _seed_fallback(self, team: str, scopes: tuple[ScopeLimits, ScopeLimits], days: BudgetDay) -> None:
+        """The first time in an outage a budget scope and day reach the fallback, start it from the
+        spend last seen committed in the store, divided by the replicas like the budget itself: the
+        replicas together cannot pass budget - seen (plus what this replica never saw)."""
+        assert self.fallback is not None
+        replicas = self.config.store.replicas
+        for scope in scopes:
+            if scope.budget_micros is None:
+                continue
+            for day in days.labels:
+                mark = (team, scope.kind, scope.name, day)
+                if mark in self._seeded:
+                    continue
+                self._seeded.add(mark)
+                seen = self.seen_committed.get(mark)
+                if seen:
+                    self.fallback.seed_spent(team, scope, day, -(-seen // replicas))
 
     def _refusal(self, decision: Decision, caller: Caller) -> Exception:
         headers = rate_limit_headers(decision)
@@ -343,6 +385,7 @@ class Limiter:
 
     def _recovered(self) -> None:
         if self._outage_since is not None:
+            self._seeded.clear()
             log.warning("rate-limit store recovered after %.1fs", time.monotonic() - self._outage_since)
             self._outage_since = None
 

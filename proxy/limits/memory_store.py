@@ -121,6 +121,15 @@ class MemoryStore:
     async def close(self) -> None:
         return None
 
+    def seed_spent(self, team: str, scope: ScopeLimits, day: str, spent_micros: int) -> None:
+        """Start a scope's budget day from at least `spent_micros` (what Redis last said was
+        committed, divided among the replicas), so an outage does not reset a budget to zero."""
+        now_ms = self._now_ms()
+        name = self.layout.budget(team, scope, day)
+        record = self.keys.put(name, now_ms)
+        record["spent"] = max(record.get("spent", 0), spent_micros)
+        self.keys.extend_ttl(name, LATE_BUDGET_TTL_S * 1000, now_ms)
+
     # -- bucket and lease helpers, as in the Lua ------------------------------------------------
 
     def _read_bucket(self, name: str, rate: int, capacity: int, now_ms: int) -> int:
@@ -248,8 +257,9 @@ class MemoryStore:
             budget = [scope["committed"], scope["budget"]]
         rq, tk, budget = rq or [NONE, 0, 0], tk or [NONE, 0, 0], budget or [0, 0]
         admitted, reason_s, scope_s = (1, "", "") if reason is None else (0, reason, scope["kind"])
+        seen = [sc["committed"] if sc["budget"] >= 0 else NONE for sc in scopes]
         return [admitted, reason_s, scope_s, retry, never, *rq, *tk, *budget, labels[day],
-                math.ceil(day_left_ms / 1000)]
+                math.ceil(day_left_ms / 1000), *seen]
 
     # -- renew -----------------------------------------------------------------------------------
 

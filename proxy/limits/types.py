@@ -98,6 +98,8 @@ class Decision:
     budget_limit_micros: int = 0
     day: str = ""  # the budget day the store chose
     day_reset_s: int = 0  # seconds until that day ends
+    key_committed_micros: int = -1  # the key's spent + held on that day; -1 without a budget
+    team_committed_micros: int = -1
 
 
 @dataclass(frozen=True, slots=True)

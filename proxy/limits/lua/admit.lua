@@ -194,5 +194,8 @@ budget = budget or {0, 0}
 
 local admitted, reason_s, scope_s = 1, '', ''
 if reason ~= nil then admitted, reason_s, scope_s = 0, reason, scope.kind end
+-- each scope's committed spend (spent + held), -1 without a budget: the fallback starts from it
+local seen = {}
+for i, sc in ipairs(scopes) do seen[i] = sc.committed or -1 end
 return {admitted, reason_s, scope_s, retry, never, rq[1], rq[2], rq[3], tk[1], tk[2], tk[3],
-  budget[1], budget[2], label, math.ceil(day_left_ms / 1000)}
+  budget[1], budget[2], label, math.ceil(day_left_ms / 1000), seen[1], seen[2]}
