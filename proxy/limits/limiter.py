@@ -6,7 +6,8 @@ value objects, refusals into OpenAI's 429s, and store outages into the configure
 `deny` answers 503. The fallback starts each budget from the spend this replica last saw committed
 in the store for that scope and day (divided by `store.replicas` like the limits), so a budget
 exhausted before an outage stays refused during it. Settlements that cannot reach the store wait
-in a bounded journal and are flushed when it returns (settle is idempotent per request id, so a retry never counts twice).
+in a bounded journal and are flushed when it returns (settle is idempotent per request id, so a
+retry never counts twice).
 Admitted requests that run longer than a third of `store.lease_ttl_s` have their leases renewed
 in the store that admitted them, by one background task, until they settle: `max_parallel` and
 budget holds count a stream of any length, while a dead replica's leases still end after the TTL.
