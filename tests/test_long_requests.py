@@ -18,11 +18,13 @@ import redis
 from tests.support.configs import KEYS, config_dict, make_config
 from tests.support.processes import MockProcess, proxy_process, write_config
 
-LEASE_TTL_S = 2
+# Renewed every TTL / 3, a lease has ~TTL / 2 of slack: 2 s in this process, which shares its GIL
+# and these loaded cores with the test's own threads (a 2 s TTL failed once under load here).
+LEASE_TTL_S = 4
 TEAM_BUDGET_USD = "1"
 PAR_KEY = "llmrl:{platform}:k:alice:par"
 CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64}
-STREAM = {"chunks": 16, "chunk_delay_s": 0.5}  # 8 s: four lease TTLs
+STREAM = {"chunks": 16, "chunk_delay_s": 1.0}  # 16 s: four lease TTLs
 
 
 def long_lived(redis_url: str):
@@ -86,6 +88,7 @@ def test_a_stream_four_lease_ttls_long_keeps_its_slot_and_budget_hold(mock_upstr
     assert team_budget(client) == (0, 0)
     assert client.zcard(PAR_KEY) == 0
     sdk(server.base_url).chat.completions.create(**CHAT)  # the slot is free once the stream ended
+    server.wait_settled()  # an outcome is recorded once its request has settled
     assert [o.status for o in recorder.outcomes].count(200) == 2
 
 
