@@ -8,6 +8,7 @@ listens on), or the session's real redis-server killed mid-test and started agai
 from __future__ import annotations
 
 import math
+import time
 
 import httpx
 import pytest
@@ -99,6 +100,32 @@ def test_fallback_max_parallel_is_the_limit_divided_by_replicas(outage):
             next(stream)
         third = post(server)
         assert error_of(third) == (429, "parallel_requests", "rate_limit_exceeded")
+    server.wait_settled()
+    assert post(server).status_code == 200
+
+
+def test_fallback_leases_are_renewed_past_the_lease_ttl(outage):
+    ttl_s = 4
+
+    def patch(data: dict) -> None:
+        data["keys"]["alice"]["limits"] = {"max_parallel": REPLICAS}  # 1 per replica
+        data["store"]["lease_ttl_s"] = ttl_s
+
+    server = outage(patch)
+    headers = {"Authorization": f"Bearer {KEYS['alice']}", "x-mock-fault": '{"chunks": 10, "chunk_delay_s": 1.0}'}
+    with httpx.stream("POST", server.base_url + "/chat/completions", json={**CHAT, "stream": True, "max_tokens": 64},
+                      headers=headers, timeout=30) as long:
+        assert long.status_code == 200
+        started = time.monotonic()
+        last_refusal = 0.0
+        for _ in long.iter_bytes():  # one chunk a second: while the stream runs, its slot is held
+            elapsed = time.monotonic() - started
+            if elapsed < 8.5:  # the last words come at 9-10 s
+                answer = post(server)
+                assert answer.status_code == 429, f"admitted {elapsed:.1f}s into the stream"
+                assert error_of(answer) == (429, "parallel_requests", "rate_limit_exceeded")
+                last_refusal = elapsed
+    assert last_refusal > 1.5 * ttl_s, "the stream did not outlive its lease TTL"
     server.wait_settled()
     assert post(server).status_code == 200
 
