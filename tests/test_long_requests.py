@@ -1,10 +1,11 @@
 """Requests longer than `store.lease_ttl_s`: their leases are renewed while they run, and a dead
 replica's leases still end after the TTL. Real Redis, a real proxy on a port, the mock upstream
 streaming slowly, the OpenAI SDK as the client; the dead replica is a `python -m proxy serve`
-process, SIGKILLed mid-stream."""
+process, SIGKILLed mid-stream; a renewal that fails while Redis is paused (SIGSTOP) is retried."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -138,3 +139,38 @@ def test_a_dead_replicas_lease_ends_after_the_ttl(slow_mock, tmp_path, redis_url
         doomed.stop()
         survivor.stop()
     assert "Traceback" not in survivor.output(), survivor.output()
+
+
+def test_a_renewal_that_fails_while_redis_is_paused_is_retried(mock_upstream, start_proxy, redis_server, redis_url):
+    ttl_s = 6  # renewed from 2 s on, checked every second; the lease ends at 6 s unless renewed
+
+    def patch(data: dict) -> None:
+        long_lived(redis_url)(data)
+        data["store"].update(lease_ttl_s=ttl_s, timeout_ms=300)
+
+    server, _ = start_proxy(make_config(mock_upstream.url, patch=patch))
+    fault = orjson.dumps({"chunks": 16, "chunk_delay_s": 1.0}).decode()
+    headers = {"Authorization": f"Bearer {KEYS['alice']}", "x-mock-fault": fault}
+    pid = redis_server._process.pid
+    with httpx.stream("POST", server.base_url + "/chat/completions", json={**CHAT, "stream": True},
+                      headers=headers, timeout=30) as long:
+        assert long.status_code == 200
+        started = time.monotonic()
+        chunks = long.iter_bytes()
+        next(chunks)
+        time.sleep(max(0.0, 1.5 - (time.monotonic() - started)))
+        os.kill(pid, signal.SIGSTOP)  # the first renewal (due at 2 s) times out
+        try:
+            time.sleep(2.0)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        last_refusal = 0.0
+        for _ in chunks:
+            elapsed = time.monotonic() - started
+            if ttl_s + 0.5 < elapsed < 14.5:  # past the unrenewed lease's end, before the stream's
+                answer = httpx.post(server.base_url + "/chat/completions", json=CHAT,
+                                    headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=10)
+                assert answer.status_code == 429, f"admitted {elapsed:.1f}s into the stream: {answer.text}"
+                assert answer.json()["error"]["type"] == "parallel_requests"
+                last_refusal = elapsed
+    assert last_refusal > ttl_s + 1
