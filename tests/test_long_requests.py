@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from tests.support.configs import KEYS, config_dict, make_config
+from tests.support.metrics import samples
 from tests.support.processes import MockProcess, proxy_process, write_config
 
 # Renewed every TTL / 3, a lease has ~TTL / 2 of slack: 2 s in this process, which shares its GIL
@@ -174,3 +175,6 @@ def test_a_renewal_that_fails_while_redis_is_paused_is_retried(mock_upstream, st
                 assert answer.json()["error"]["type"] == "parallel_requests"
                 last_refusal = elapsed
     assert last_refusal > ttl_s + 1
+    metrics = samples(httpx.get(server.url + "/metrics", timeout=10).text)
+    renew_errors = [v for labels, v in metrics["llm_proxy_store_errors_total"] if labels["op"] == "renew"]
+    assert renew_errors and renew_errors[0] >= 1, "no renewal failed during the pause: the test proved nothing"

@@ -324,8 +324,10 @@ class Limiter:
                 renewed += 1
             elif result is False:
                 self.live.pop(ticket.request_id, None)
-            elif not isinstance(result, StoreError):
-                log.error("unexpected error renewing a lease: %r", result)
+            else:
+                self._store_error("renew")
+                if not isinstance(result, StoreError):
+                    log.error("unexpected error renewing a lease: %r", result)
         return renewed
 
     async def _renew(self, ticket: Ticket) -> bool:
