@@ -113,7 +113,8 @@ def test_sdk_retry_honours_our_headers(mock_upstream, start_proxy, redis_url):
         time.sleep(0.01)
     statuses = sorted(o.status for o in recorder.outcomes)  # a 200 is recorded once it has settled
     assert statuses == [200, 200, 429], "the SDK's first retry should have been admitted"
-    assert 0.3 < waited < 2.0
+    assert waited > 0.3  # it waited for the bucket (retry-after-ms 500), and once (no upper time
+    # bound: one retry, admitted, is what the statuses prove; a duration bound measures load)
 
 
 def test_request_that_can_never_fit(limited):
