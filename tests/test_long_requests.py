@@ -71,21 +71,19 @@ def test_a_stream_four_lease_ttls_long_keeps_its_slot_and_budget_hold(mock_upstr
     held, holds = team_budget(client)
     assert held > 0 and holds == 1
     refusals = 0
-    while thread.is_alive():
+    probe_until = started + STREAM["chunks"] * STREAM["chunk_delay_s"] - 4  # the slot is freed after the last byte
+    while time.monotonic() < probe_until:
         try:
             sdk(server.base_url).chat.completions.create(**CHAT)
             pytest.fail(f"a second request was admitted {time.monotonic() - started:.1f}s into the stream")
         except openai.RateLimitError as exc:
             assert exc.body["type"] == "parallel_requests", exc.body
             refusals += 1
-        if thread.is_alive():  # the stream's reservation is still held, whole
-            assert team_budget(client) == (held, 1)
+        assert team_budget(client) == (held, 1)  # the stream's reservation is still held, whole
         time.sleep(0.25)
+    assert thread.is_alive() and refusals >= 5
     thread.join()
-    elapsed = time.monotonic() - started
     assert streamed["words"] == STREAM["chunks"]
-    assert elapsed >= 3 * LEASE_TTL_S, f"the stream lasted only {elapsed:.1f}s"
-    assert refusals >= 10
     server.wait_settled()
     assert team_budget(client) == (0, 0)
     assert client.zcard(PAR_KEY) == 0
@@ -168,7 +166,7 @@ def test_a_renewal_that_fails_while_redis_is_paused_is_retried(mock_upstream, st
         last_refusal = 0.0
         for _ in chunks:
             elapsed = time.monotonic() - started
-            if ttl_s + 0.5 < elapsed < 14.5:  # past the unrenewed lease's end, before the stream's
+            if ttl_s + 0.5 < elapsed < 12:  # past the unrenewed lease's end, well before the stream's
                 answer = httpx.post(server.base_url + "/chat/completions", json=CHAT,
                                     headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=10)
                 assert answer.status_code == 429, f"admitted {elapsed:.1f}s into the stream: {answer.text}"
