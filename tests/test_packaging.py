@@ -18,6 +18,7 @@ import yaml
 from proxy.config import ENV_VAR_PATTERN, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
+PUBLISHED_ON = "${PUBLISH_ADDRESS:-127.0.0.1}"
 CONFIG_DIRS = ("examples", "deploy/compose")
 CONFIG_FILES = sorted(
     path.relative_to(ROOT).as_posix()
@@ -102,7 +103,35 @@ def test_proxy_command_serves_the_mounted_config() -> None:
     mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in proxy["volumes"]}
     assert config_path in mounts, "the --config path is not mounted into the container"
     assert (ROOT / mounts[config_path]).resolve() == ROOT / "deploy" / "compose" / "config.yaml"
-    assert "8080:8080" in proxy["ports"]
+    assert proxy["ports"] == [f"{PUBLISHED_ON}:8080:8080"]
+
+
+def test_compose_publishes_ports_on_loopback_unless_told() -> None:
+    """The stack ships demo keys and Grafana's default password: nothing listens beyond the host
+    until PUBLISH_ADDRESS says so."""
+    for name, service in _compose()["services"].items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str) and port.startswith(PUBLISHED_ON + ":"), f"{name}: {port}"
+
+
+def test_compose_redis_keeps_its_data_with_aof_on_a_volume() -> None:
+    """Without persistence a Redis restart forgets the day's spend and resets every budget."""
+    compose = _compose()
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "everysec"
+    (volume,) = redis["volumes"]
+    name, path = volume.split(":")
+    assert path == "/data" and name in compose["volumes"]  # a named volume: it outlives the container
+
+
+def test_compose_proxy_stop_grace_exceeds_shutdown_grace() -> None:
+    proxy = _compose()["services"]["proxy"]
+    config = load_config(ROOT / "deploy" / "compose" / "config.yaml",
+                         _environ_for((ROOT / "deploy" / "compose" / "config.yaml").read_text(encoding="utf-8")))
+    grace = proxy["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) > config.shutdown_grace_s
 
 
 def test_dockerfile_healthcheck_probes_healthz_on_the_exposed_port() -> None:

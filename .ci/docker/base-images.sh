@@ -67,10 +67,29 @@ rootfs_image llm-proxy-ci/python-rootfs "python3,python3-pip,python3-setuptools,
   'CMD ["python3"]'
 PYTHON_ROOTFS="$ROOTFS_TAG"
 
+# The official image has user redis as uid 999, gid 1000 (deploy/kubernetes runs it so), and is
+# built with protected mode off (in a container every client is remote):
+# the stand-in's entrypoint passes --protected-mode no first, so the command's own flags still win.
 rootfs_image llm-proxy-ci/redis-rootfs "redis-server" '
-    mkdir -p /data && chown redis:redis /data
+    groupmod -g 1000 redis && usermod -u 999 -g 1000 redis  # the official image'"'"'s uid and gid
+    mkdir -p /data && chown -R redis:redis /data /var/lib/redis /var/log/redis
+    cat >/usr/local/bin/docker-entrypoint.sh <<"ENTRYPOINT"
+#!/bin/sh
+set -e
+if [ "$1" = redis-server ]; then
+    shift
+    if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then  # a config file comes first
+        conf="$1"; shift; set -- "$conf" --protected-mode no "$@"
+    else
+        set -- --protected-mode no "$@"
+    fi
+    exec redis-server "$@"
+fi
+exec "$@"
+ENTRYPOINT
+    chmod 755 /usr/local/bin/docker-entrypoint.sh
 ' 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' 'USER redis' \
-  'WORKDIR /data' 'VOLUME /data' 'EXPOSE 6379' 'CMD ["redis-server"]'
+  'WORKDIR /data' 'VOLUME /data' 'EXPOSE 6379' 'ENTRYPOINT ["docker-entrypoint.sh"]' 'CMD ["redis-server"]'
 docker tag "$ROOTFS_TAG" redis:7-alpine
 
 rootfs_image llm-proxy-ci/prometheus-rootfs "prometheus,wget" '

@@ -9,6 +9,7 @@ CI only (.ci/docker/run). No cluster: docker plays the kubelet for one pod of ea
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -135,8 +136,13 @@ def probe(name: str, container: dict[str, Any], kind: str) -> None:
         if "exec" in spec:
             done = run(["docker", "exec", ctr, *spec["exec"]["command"]], check=False, timeout=timeout + 5)
             return True if done.returncode == 0 else None
-        if "tcpSocket" in spec:
-            return True  # the port is published and the http/exec probes above talk to it
+        if "tcpSocket" in spec:  # to the pod's address on the docker bridge, as the kubelet would
+            port = spec["tcpSocket"]["port"]
+            if isinstance(port, str):
+                port = next(p["containerPort"] for p in container["ports"] if p["name"] == port)
+            address = inspect(ctr)["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]
+            socket.create_connection((address, port), timeout).close()
+            return True
         fail(f"{name}: {kind} of a kind this check does not run")
         return None
 
@@ -206,7 +212,17 @@ def checks() -> None:
         Path(tmp).chmod(0o755)
         try:
             run_pod(docs, "StatefulSet", "redis", Path(tmp))
+            aof = run(["docker", "exec", PREFIX + "redis", "redis-cli", "config", "get", "appendonly"]).stdout.split()
+            if aof != ["appendonly", "yes"]:
+                fail(f"the StatefulSet's Redis runs without AOF: {aof}")
+            run(["docker", "exec", PREFIX + "redis", "ls", "/data/appendonlydir"])
+            ok("redis: AOF on, written to the claim's volume (/data/appendonlydir)")
             pod = run_pod(docs, "Deployment", "llm-proxy", Path(tmp))
+            port = run(["docker", "port", PREFIX + "llm-proxy", "8080/tcp"]).stdout.split()[0].rsplit(":", 1)[1]
+            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).json()
+            if ready != {"status": "ready"}:
+                fail(f"llm-proxy does not reach the redis Service: /readyz {ready}")
+            ok("llm-proxy reaches Redis by its Service name (/readyz: ready)")
             stop_pod("llm-proxy", pod)
         except Exception:
             for name in ("llm-proxy", "redis"):
