@@ -171,11 +171,13 @@ def varied_traffic() -> None:
 
 def redis_keeps_spend() -> None:
     compose("stop", "traffic")
-    redis = container("redis")
-    appendonly = run(["docker", "exec", redis, "redis-cli", "config", "get", "appendonly"]).stdout.split()
-    if appendonly != ["appendonly", "yes"]:
-        fail(f"Redis runs without AOF: {appendonly}")
+    try:
+        keeps_spend()
+    finally:
+        compose("start", "traffic")
 
+
+def keeps_spend() -> None:
     def settled() -> dict[str, Any] | None:  # the same report twice: nothing is still being settled
         first = usage()
         time.sleep(1.5)
@@ -192,8 +194,10 @@ def redis_keeps_spend() -> None:
     if after != before:
         fail(f"the day's usage changed across `restart redis`:\nbefore {before}\nafter  {after}")
     wait_for("a chat after the Redis restart", chat_ok, 30)
+    appendonly = run(["docker", "exec", container("redis"), "redis-cli", "config", "get", "appendonly"]).stdout.split()
+    if appendonly != ["appendonly", "yes"]:
+        fail(f"Redis runs without AOF: {appendonly}")
     ok(f"Redis keeps the day's spend (${spend:.6f}) across `compose restart redis` (AOF on a volume)")
-    compose("start", "traffic")
 
 
 def prometheus_checks() -> None:
@@ -298,20 +302,25 @@ def stop_proxy_mid_stream() -> None:
 
     reader = threading.Thread(target=read)
     reader.start()
-    wait_for("the stream's first chunks", lambda: True if len(received) >= 2 else None, 15, interval_s=0.1)
-    started = time.monotonic()
-    compose("stop", "proxy", timeout=120)
-    took = time.monotonic() - started
-    reader.join(30)
-    state = inspect(proxy)["State"]
-    if outcome.get("done") is not True:
-        fail(f"the stream in flight did not finish with [DONE] on `stop proxy`: {outcome}, {len(received)} chunks")
-    if state["ExitCode"] != 0 or state["OOMKilled"]:
-        fail(f"the proxy exited {state['ExitCode']} on `stop proxy` (stop_grace_period {grace} s)")
-    ok(f"`stop proxy` mid-stream: the stream finished with [DONE] ({len(received)} chunks), proxy exit 0 "
-       f"after {took:.1f} s (stop_grace_period {grace} s)")
-    compose("start", "proxy")
-    wait_healthy(proxy, 60)
+    try:
+        wait_for("the stream's first chunks", lambda: True if len(received) >= 2 else None, 15, interval_s=0.1)
+        started = time.monotonic()
+        compose("stop", "proxy", timeout=120)
+        took = time.monotonic() - started
+        reader.join(30)
+        state = inspect(proxy)["State"]
+        if outcome.get("done") is not True:
+            fail(f"the stream in flight did not finish with [DONE] on `stop proxy` after {took:.1f} s: "
+                 f"{outcome}, {len(received)} chunks")
+        if state["ExitCode"] != 0 or state["OOMKilled"]:
+            fail(f"the proxy exited {state['ExitCode']} on `stop proxy` after {took:.1f} s "
+                 f"(stop_grace_period {grace} s)")
+        ok(f"`stop proxy` mid-stream: the stream finished with [DONE] ({len(received)} chunks), proxy exit 0 "
+           f"after {took:.1f} s (stop_grace_period {grace} s)")
+    finally:
+        reader.join(30)
+        compose("start", "proxy")
+        wait_healthy(proxy, 60)
 
 
 def others_stop_fast() -> None:
@@ -336,20 +345,17 @@ def checks() -> None:
     failures: list[str] = []
     try:
         up()
-        published_on_loopback()
         chat()
-        varied_traffic()
-        redis_keeps_spend()
-        prometheus_checks()
-        stop_proxy_mid_stream()
-        try:  # the stack stays whole when this fails: the stop checks below still run
-            moved_upstream()
-        except CheckFailed as exc:
-            failures.append(str(exc))
-            print(f"FAIL (continuing): {exc}", file=sys.stderr, flush=True)
-        others_stop_fast()
+        # Each of these leaves the stack whole when it fails, so the others still run and report.
+        for check in (published_on_loopback, varied_traffic, redis_keeps_spend, prometheus_checks,
+                      stop_proxy_mid_stream, moved_upstream, others_stop_fast):
+            try:
+                check()
+            except CheckFailed as exc:
+                failures.append(f"{check.__name__}: {exc}")
+                print(f"FAIL (continuing): {check.__name__}: {exc}", file=sys.stderr, flush=True)
         if failures:
-            fail("; ".join(failures))
+            fail(f"{len(failures)} compose checks failed:\n" + "\n".join(failures))
     except Exception:
         for name in services():
             logs = compose("logs", "--no-color", "--tail", "30", name, check=False)
