@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -27,7 +27,7 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     raise CheckFailed(message)
 
 
@@ -44,7 +44,6 @@ def run(args: Sequence[str], *, check: bool = True, timeout: float = 600, env: d
                               timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         fail(f"{' '.join(args)}: no answer in {timeout:.0f} s")
-        raise  # unreachable: fail() raises
     if check and done.returncode != 0:
         fail(f"{' '.join(args)} exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
     return done

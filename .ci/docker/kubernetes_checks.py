@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import yaml
-from ci_docker import ROOT, fail, inspect, main, ok, run, say, wait_for
+from ci_docker import fail, inspect, main, ok, run, say, wait_for
 
 KUBERNETES_VERSIONS = ("1.35.0", "1.37.0")  # the oldest and newest minors supported in December 2026
 NETWORK = "llm-proxy-ci-k8s"
@@ -68,9 +68,8 @@ def docker_run_args(pod: dict[str, Any], workdir: Path, docs: list[dict[str, Any
     args = ["--name", PREFIX + name, "--network", NETWORK, "--network-alias", name]
     user = sc.get("runAsUser", pod_sc.get("runAsUser"))
     group = sc.get("runAsGroup", pod_sc.get("runAsGroup"))
-    if pod_sc.get("runAsNonRoot") or sc.get("runAsNonRoot"):
-        if not user:
-            fail(f"{name}: runAsNonRoot without a numeric runAsUser")
+    if (pod_sc.get("runAsNonRoot") or sc.get("runAsNonRoot")) and not user:
+        fail(f"{name}: runAsNonRoot without a numeric runAsUser")
     if user is not None:
         args += ["--user", f"{user}:{group}" if group is not None else str(user)]
     if "fsGroup" in pod_sc:
@@ -144,7 +143,6 @@ def probe(name: str, container: dict[str, Any], kind: str) -> None:
             socket.create_connection((address, port), timeout).close()
             return True
         fail(f"{name}: {kind} of a kind this check does not run")
-        return None
 
     started = time.monotonic()
     wait_for(f"{name}'s {kind}", once, spec.get("initialDelaySeconds", 0) + 60, interval_s=min(period, 2))
@@ -153,7 +151,7 @@ def probe(name: str, container: dict[str, Any], kind: str) -> None:
 
 def run_pod(docs: list[dict[str, Any]], kind: str, name: str, workdir: Path) -> dict[str, Any]:
     workload = one(docs, kind, name)
-    pod = workload["spec"]["template"]["spec"]
+    pod: dict[str, Any] = workload["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     image = container["image"]
     if run(["docker", "image", "inspect", image], check=False).returncode != 0:
