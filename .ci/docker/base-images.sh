@@ -101,7 +101,8 @@ docker tag "$ROOTFS_TAG" prom/prometheus:v2.53.2
 
 # python:3.11-slim: the rootfs plus a wheelhouse of constraints.txt, so that the Dockerfile's
 # `pip install` runs with no network (PIP_NO_INDEX) and proves that constraints.txt pins all.
-WHEELS_HASH="$(cat constraints.txt pyproject.toml | sha256sum | cut -c1-12)"
+WHEELHOUSE_FORMAT=2  # bump when the download below changes
+WHEELS_HASH="$( (cat constraints.txt pyproject.toml; echo "$WHEELHOUSE_FORMAT") | sha256sum | cut -c1-12)"
 PY_TAG="llm-proxy-ci/python-wheels:${PYTHON_ROOTFS##*:}-$WHEELS_HASH"
 if docker image inspect "$PY_TAG" >/dev/null 2>&1; then
     echo "$PY_TAG: cached"
@@ -110,11 +111,13 @@ else
     if [ ! -f "$WHEELS/.complete" ]; then
         rm -rf "$WHEELS"
         mkdir -p "$WHEELS"
-        # every runtime and [examples] dependency, exactly as pinned, and the build backend
+        # every runtime and [examples] dependency, exactly as pinned, and the build backend; pip
+        # evaluates markers for this host's Python, not the image's, so they are dropped here
+        sed 's/;.*//' constraints.txt >"$WHEELS.requirements"
         python3 -m pip download --quiet --dest "$WHEELS" --only-binary=:all: \
             --python-version 3.11 --implementation cp --abi cp311 --platform manylinux2014_x86_64 \
             --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any \
-            -r constraints.txt 'setuptools>=68' wheel >"$CACHE/pip-download.log" 2>&1 \
+            -r "$WHEELS.requirements" 'setuptools>=68' wheel >"$CACHE/pip-download.log" 2>&1 \
             || { grep -v 'is ignored: it is neither' "$CACHE/pip-download.log" >&2; exit 1; }
         touch "$WHEELS/.complete"
     fi
