@@ -158,3 +158,39 @@ def test_dockerfile_copies_only_existing_package_files() -> None:
         *sources, _destination = copy.split()
         for source in sources:
             assert (ROOT / source).exists(), f"COPY {source}: missing (the image would not build)"
+
+
+def test_the_image_demo_listens_where_docker_run_p_reaches_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`docker run -p 8080:8080 IMAGE demo`: inside the image the demo binds 0.0.0.0, outside 127.0.0.1.
+    (CI's .ci/docker/image_checks.py runs exactly that and calls it from the host.)"""
+    from proxy.cli import DEMO_HOST_ENV, build_parser
+
+    (env,) = _instruction("ENV")
+    assert f"{DEMO_HOST_ENV}=0.0.0.0" in env.split()
+    monkeypatch.delenv(DEMO_HOST_ENV, raising=False)
+    assert build_parser().parse_args(["demo"]).host == "127.0.0.1"
+    monkeypatch.setenv(DEMO_HOST_ENV, "0.0.0.0")
+    assert build_parser().parse_args(["demo"]).host == "0.0.0.0"
+
+
+def test_the_image_installs_with_the_pinned_constraints() -> None:
+    (install,) = [run for run in _instruction("RUN") if "pip install" in run]
+    assert "--constraint constraints.txt" in install
+    pins = [line for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
+            if line and not line.startswith("#")]
+    assert pins and all("==" in line for line in pins), "every line of constraints.txt pins one version"
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    wanted = [*declared["dependencies"], *declared["optional-dependencies"]["examples"]]
+    pinned = {re.split(r"[=;\s]", line)[0].lower().replace("_", "-") for line in pins}
+    for requirement in wanted:
+        name = re.split(r"[<>=\[;\s]", requirement)[0].lower().replace("_", "-")
+        assert name in pinned, f"constraints.txt does not pin {name}"
+
+
+def test_dockerignore_lets_through_only_what_the_image_copies() -> None:
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines[0] == "*", "ignore everything, then let through what the Dockerfile copies"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    copied = {source.rstrip("/") for copy in _instruction("COPY") for source in copy.split()[:-1]}
+    assert allowed == copied
