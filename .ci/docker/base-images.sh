@@ -91,6 +91,7 @@ ENTRYPOINT
 ' 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' 'USER redis' \
   'WORKDIR /data' 'VOLUME /data' 'EXPOSE 6379' 'ENTRYPOINT ["docker-entrypoint.sh"]' 'CMD ["redis-server"]'
 docker tag "$ROOTFS_TAG" redis:7-alpine
+REDIS_ROOTFS="$ROOTFS_TAG"
 
 rootfs_image llm-proxy-ci/prometheus-rootfs "prometheus,wget" '
     mkdir -p /prometheus /etc/prometheus && chown nobody:nogroup /prometheus
@@ -98,6 +99,7 @@ rootfs_image llm-proxy-ci/prometheus-rootfs "prometheus,wget" '
   'WORKDIR /prometheus' 'VOLUME /prometheus' 'EXPOSE 9090' 'ENTRYPOINT ["/bin/prometheus"]' \
   'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]'
 docker tag "$ROOTFS_TAG" prom/prometheus:v2.53.2
+PROMETHEUS_ROOTFS="$ROOTFS_TAG"
 
 # python:3.11-slim: the rootfs plus a wheelhouse of constraints.txt, so that the Dockerfile's
 # `pip install` runs with no network (PIP_NO_INDEX) and proves that constraints.txt pins all.
@@ -108,6 +110,7 @@ if docker image inspect "$PY_TAG" >/dev/null 2>&1; then
     echo "$PY_TAG: cached"
 else
     WHEELS="$CACHE/wheels-$WHEELS_HASH"
+    find "$CACHE" -maxdepth 1 -name 'wheels-*' ! -name "wheels-$WHEELS_HASH*" -exec rm -rf {} +  # older pins
     if [ ! -f "$WHEELS/.complete" ]; then
         rm -rf "$WHEELS"
         mkdir -p "$WHEELS"
@@ -136,4 +139,10 @@ EOF
     echo "$PY_TAG: built"
 fi
 docker tag "$PY_TAG" python:3.11-slim
+# stand-ins for older pins and definitions are not kept
+for repo in python-wheels python-rootfs redis-rootfs prometheus-rootfs; do
+    docker images "llm-proxy-ci/$repo" --format '{{.Repository}}:{{.Tag}}' \
+        | { grep -v -x -e "$PY_TAG" -e "$PYTHON_ROOTFS" -e "$REDIS_ROOTFS" -e "$PROMETHEUS_ROOTFS" || true; } \
+        | xargs -r docker rmi >/dev/null
+done
 echo "stand-ins: python:3.11-slim redis:7-alpine prom/prometheus:v2.53.2"

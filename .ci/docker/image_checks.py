@@ -32,8 +32,10 @@ def build() -> None:
 
 def context() -> None:
     """What the daemon receives: the files .dockerignore lets through, listed from inside a build."""
-    done = run(["docker", "build", "--progress=plain", "--no-cache", "-f", "-", "."], env={"DOCKER_BUILDKIT": "1"},
-               input_text=CONTEXT_PROBE)
+    probe = "llm-proxy-ci/context-probe"
+    done = run(["docker", "build", "--progress=plain", "--no-cache", "-t", probe, "-f", "-", "."],
+               env={"DOCKER_BUILDKIT": "1"}, input_text=CONTEXT_PROBE)
+    run(["docker", "rmi", probe], check=False)
     payloads = re.findall(r"^#\d+ [\d.]+ (.*)$", done.stdout + done.stderr, re.MULTILINE)
     files = [p for p in payloads if p.startswith("/context/")]
     sizes = [p for p in payloads if re.fullmatch(r"\d+\s+/context", p)]
