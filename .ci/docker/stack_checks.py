@@ -285,8 +285,8 @@ def moved_upstream() -> None:
             statuses.append(response.status_code)
             return True if response.status_code == 200 else None
 
-        try:
-            wait_for("the moved upstream served again", served, 30, interval_s=0.2)
+        try:  # 502s throughout: the proxy still connects to the old address (its DNS cache)
+            wait_for(f"the upstream moved {old_ip} -> {new_ip} served again", served, 30, interval_s=0.2)
         finally:
             say(f"statuses after the move: {statuses[:10]}{'...' if len(statuses) > 10 else ''}")
         took = time.monotonic() - started
