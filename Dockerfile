@@ -3,18 +3,23 @@ FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    LLM_PROXY_DEMO_HOST=0.0.0.0
 
 WORKDIR /src
 # Only what the package needs: a change to tests or docs does not rebuild this layer.
-COPY pyproject.toml README.md ./
+# constraints.txt pins every dependency's version, so a rebuild installs the same set.
+COPY pyproject.toml README.md constraints.txt ./
 COPY proxy/ ./proxy/
 # EXTRAS="[examples]" adds the openai SDK for examples/ (the compose traffic generator)
 ARG EXTRAS=""
-RUN pip install --no-cache-dir ".${EXTRAS}" \
+RUN pip install --no-cache-dir --constraint constraints.txt ".${EXTRAS}" \
     && rm -rf /src/build /src/*.egg-info
 
-RUN useradd --system --uid 10001 --create-home --shell /usr/sbin/nologin llmproxy
+# A fixed uid (10001, deploy/kubernetes runs as it) above the system range: no --system, which
+# would warn about it; --no-log-init keeps a large uid from making a huge sparse lastlog.
+RUN useradd --uid 10001 --no-log-init --create-home --shell /usr/sbin/nologin llmproxy
 USER llmproxy
 WORKDIR /home/llmproxy
 

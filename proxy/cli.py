@@ -11,6 +11,7 @@ from .auth import new_key, sha256_hex
 from .config import DEFAULT_PORT, Config, ConfigError, load_config
 
 CONFIG_ENV = "LLM_PROXY_CONFIG"
+DEMO_HOST_ENV = "LLM_PROXY_DEMO_HOST"  # the image sets 0.0.0.0: `docker run -p 8080:8080 IMAGE demo`
 
 
 def _config_path(given: str | None) -> str:
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     demo = commands.add_parser("demo", help="run the proxy on built-in defaults with a mock upstream")
-    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--host", default=os.environ.get(DEMO_HOST_ENV, "127.0.0.1"),
+                      help=f"address to listen on (default: ${DEMO_HOST_ENV} or 127.0.0.1)")
     demo.add_argument("--port", type=int, default=DEFAULT_PORT)
     demo.set_defaults(func=cmd_demo)
 

@@ -23,6 +23,7 @@ K8S = ROOT / "deploy" / "kubernetes"
 KUSTOMIZATION = "kustomization.yaml"
 CLUSTER_SCOPED = {"Namespace"}
 PLACEHOLDER = "REPLACE_ME"
+WORKLOADS = ("Deployment", "StatefulSet")
 
 
 def _documents(name: str) -> list[dict[str, Any]]:
@@ -116,8 +117,8 @@ def _route_exists(path: str) -> bool:
 def test_every_resource_names_its_api_kind_and_name() -> None:
     resources = _resources()
     kinds = sorted(doc.get("kind", "?") for _, doc in resources)
-    assert kinds == ["ConfigMap", "Deployment", "Deployment", "Namespace", "PodDisruptionBudget", "Secret",
-                     "Service", "Service"]
+    assert kinds == ["ConfigMap", "Deployment", "Namespace", "PodDisruptionBudget", "Secret",
+                     "Service", "Service", "StatefulSet"]
     namespace = _kustomization()["namespace"]
     assert _one("Namespace", namespace)
     for name, doc in resources:
@@ -153,10 +154,24 @@ def test_redis_url_names_the_redis_service() -> None:
     url = urlsplit(_config().store.redis_url)
     service = _one("Service", url.hostname)
     (port,) = [p for p in service["spec"]["ports"] if p["port"] == url.port]
-    (redis,) = [doc for _, doc in _resources() if doc["kind"] == "Deployment"
+    (redis,) = [doc for _, doc in _resources() if doc["kind"] in WORKLOADS
                 and _selects(service["spec"]["selector"], doc["spec"]["template"]["metadata"]["labels"])]
     (container,) = redis["spec"]["template"]["spec"]["containers"]
     assert _container_port(container, port["targetPort"]) == 6379
+
+
+def test_redis_keeps_its_data_with_aof_on_a_claim() -> None:
+    """Without persistence a Redis restart forgets the day's spend and resets every budget."""
+    redis = _one("StatefulSet", "redis")
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--appendfsync") + 1] == "everysec"
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
+    assert mount["mountPath"] == "/data"  # the redis image's working directory, where the AOF goes
+    assert "volumes" not in redis["spec"]["template"]["spec"], "an emptyDir would shadow the claim"
+    assert redis["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 1000  # the image's redis group
 
 
 def test_container_args_serve_the_mounted_config() -> None:
@@ -237,8 +252,8 @@ def test_selectors_match_the_proxy_pods_only() -> None:
     for selector in (proxy_selector, service_selector, pdb_selector):
         assert _selects(selector, labels), f"{selector} does not select the proxy pods {labels}"
     others = [doc["spec"]["template"]["metadata"]["labels"] for _, doc in _resources()
-              if doc["kind"] == "Deployment" and doc["metadata"]["name"] != "llm-proxy"]
-    assert others, "redis.yaml's Deployment is missing"
+              if doc["kind"] in WORKLOADS and doc["metadata"]["name"] != "llm-proxy"]
+    assert others, "redis.yaml's StatefulSet is missing"
     for other in others:
         assert not _selects(service_selector, other), "the proxy Service also selects Redis"
         assert not _selects(pdb_selector, other), "the proxy PDB also selects Redis"

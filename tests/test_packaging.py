@@ -19,6 +19,7 @@ from proxy.config import load_config
 from tests.support.configs import example_environ
 
 ROOT = Path(__file__).resolve().parent.parent
+PUBLISHED_ON = "${PUBLISH_ADDRESS:-127.0.0.1}"
 CONFIG_DIRS = ("examples", "deploy/compose")
 CONFIG_FILES = sorted(
     path.relative_to(ROOT).as_posix()
@@ -102,7 +103,35 @@ def test_proxy_command_serves_the_mounted_config() -> None:
     mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in proxy["volumes"]}
     assert config_path in mounts, "the --config path is not mounted into the container"
     assert (ROOT / mounts[config_path]).resolve() == ROOT / "deploy" / "compose" / "config.yaml"
-    assert "8080:8080" in proxy["ports"]
+    assert proxy["ports"] == [f"{PUBLISHED_ON}:8080:8080"]
+
+
+def test_compose_publishes_ports_on_loopback_unless_told() -> None:
+    """The stack ships demo keys and Grafana's default password: nothing listens beyond the host
+    until PUBLISH_ADDRESS says so."""
+    for name, service in _compose()["services"].items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str) and port.startswith(PUBLISHED_ON + ":"), f"{name}: {port}"
+
+
+def test_compose_redis_keeps_its_data_with_aof_on_a_volume() -> None:
+    """Without persistence a Redis restart forgets the day's spend and resets every budget."""
+    compose = _compose()
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "everysec"
+    (volume,) = redis["volumes"]
+    name, path = volume.split(":")
+    assert path == "/data" and name in compose["volumes"]  # a named volume: it outlives the container
+
+
+def test_compose_proxy_stop_grace_exceeds_shutdown_grace() -> None:
+    proxy = _compose()["services"]["proxy"]
+    config = load_config(ROOT / "deploy" / "compose" / "config.yaml",
+                         _environ_for((ROOT / "deploy" / "compose" / "config.yaml").read_text(encoding="utf-8")))
+    grace = proxy["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) > config.shutdown_grace_s
 
 
 def test_dockerfile_healthcheck_probes_healthz_on_the_exposed_port() -> None:
@@ -129,3 +158,39 @@ def test_dockerfile_copies_only_existing_package_files() -> None:
         *sources, _destination = copy.split()
         for source in sources:
             assert (ROOT / source).exists(), f"COPY {source}: missing (the image would not build)"
+
+
+def test_the_image_demo_listens_where_docker_run_p_reaches_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`docker run -p 8080:8080 IMAGE demo`: inside the image the demo binds 0.0.0.0, outside 127.0.0.1.
+    (CI's .ci/docker/image_checks.py runs exactly that and calls it from the host.)"""
+    from proxy.cli import DEMO_HOST_ENV, build_parser
+
+    (env,) = _instruction("ENV")
+    assert f"{DEMO_HOST_ENV}=0.0.0.0" in env.split()
+    monkeypatch.delenv(DEMO_HOST_ENV, raising=False)
+    assert build_parser().parse_args(["demo"]).host == "127.0.0.1"
+    monkeypatch.setenv(DEMO_HOST_ENV, "0.0.0.0")
+    assert build_parser().parse_args(["demo"]).host == "0.0.0.0"
+
+
+def test_the_image_installs_with_the_pinned_constraints() -> None:
+    (install,) = [run for run in _instruction("RUN") if "pip install" in run]
+    assert "--constraint constraints.txt" in install
+    pins = [line for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
+            if line and not line.startswith("#")]
+    assert pins and all("==" in line for line in pins), "every line of constraints.txt pins one version"
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    wanted = [*declared["dependencies"], *declared["optional-dependencies"]["examples"]]
+    pinned = {re.split(r"[=;\s]", line)[0].lower().replace("_", "-") for line in pins}
+    for requirement in wanted:
+        name = re.split(r"[<>=\[;\s]", requirement)[0].lower().replace("_", "-")
+        assert name in pinned, f"constraints.txt does not pin {name}"
+
+
+def test_dockerignore_lets_through_only_what_the_image_copies() -> None:
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines[0] == "*", "ignore everything, then let through what the Dockerfile copies"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    copied = {source.rstrip("/") for copy in _instruction("COPY") for source in copy.split()[:-1]}
+    assert allowed == copied
