@@ -72,9 +72,9 @@ def test_budget_cut_off_is_exact_and_not_retried(on_redis):
     assert "resets in" in error["message"]
     assert refused.headers["x-should-retry"] == "false"
     before = len(server.recorder.outcomes)
-    with openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=3) as sdk:
-        with pytest.raises(openai.RateLimitError) as caught:
-            sdk.chat.completions.create(**CHAT)
+    with openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=3) as sdk, \
+            pytest.raises(openai.RateLimitError) as caught:
+        sdk.chat.completions.create(**CHAT)
     assert caught.value.code == "insufficient_quota"
     assert len(server.recorder.outcomes) == before + 1, "the SDK retried a budget refusal"
     usage = admin_get(server, "/admin/usage").json()

@@ -119,9 +119,9 @@ def test_request_that_can_never_fit(limited):
     assert refused.json()["error"]["type"] == "tokens"
     assert refused.headers["x-should-retry"] == "false"
     assert "never" in refused.json()["error"]["message"]
-    with openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=2) as sdk:
-        with pytest.raises(openai.RateLimitError):
-            sdk.chat.completions.create(**{**CHAT, "max_tokens": 500})
+    with openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=2) as sdk, \
+            pytest.raises(openai.RateLimitError):
+        sdk.chat.completions.create(**{**CHAT, "max_tokens": 500})
     assert len([o for o in server.recorder.outcomes if o.status == 429]) == 2  # no SDK retries
 
 

@@ -78,12 +78,13 @@ async def test_async_sdk_chat_and_stream(proxy):
         assert completion.choices[0].message.content
         stream = await sdk.chat.completions.create(
             model="chat-model", messages=[{"role": "user", "content": "async stream"}], stream=True)
-        words = [chunk.choices[0].delta.content async for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+        words = [chunk.choices[0].delta.content async for chunk in stream
+                 if chunk.choices and chunk.choices[0].delta.content]
     assert len(words) == 16
 
 
 def test_stream_relays_chunks_as_they_arrive(mock_upstream, start_proxy):
-    server, recorder = start_proxy(make_config(mock_upstream.url))
+    server, _ = start_proxy(make_config(mock_upstream.url))
     fault = orjson.dumps({"chunk_delay_s": 0.15, "chunks": 6}).decode()
     with client(server, default_headers={"x-mock-fault": fault}) as sdk:
         stream = sdk.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "s"}],
@@ -189,9 +190,9 @@ def test_auth_errors(proxy):
         assert response.status_code == 401
         assert error_of(response)["code"] == "invalid_api_key"
         assert "sk-wrong" not in response.text
-    with openai.OpenAI(base_url=proxy.base_url, api_key="sk-wrong", max_retries=0) as sdk:
-        with pytest.raises(openai.AuthenticationError):
-            sdk.chat.completions.create(**CHAT)
+    with openai.OpenAI(base_url=proxy.base_url, api_key="sk-wrong", max_retries=0) as sdk, \
+            pytest.raises(openai.AuthenticationError):
+        sdk.chat.completions.create(**CHAT)
 
 
 def test_model_not_allowed(proxy):
@@ -324,12 +325,12 @@ def test_stream_cut_midway_gets_error_event(proxy, mock_upstream):
 
 async def test_client_disconnect_cancels_upstream(proxy, mock_upstream):
     fault = orjson.dumps({"chunk_delay_s": 0.3, "chunks": 20}).decode()
-    async with httpx.AsyncClient() as http:
-        async with http.stream("POST", proxy.base_url + "/chat/completions",
-                               headers={"Authorization": f"Bearer {KEYS['alice']}", "x-mock-fault": fault},
-                               json={**CHAT, "stream": True}) as response:
-            async for _ in response.aiter_bytes():
-                break  # leave after the first chunk
+    headers = {"Authorization": f"Bearer {KEYS['alice']}", "x-mock-fault": fault}
+    async with httpx.AsyncClient() as http, \
+            http.stream("POST", proxy.base_url + "/chat/completions", headers=headers,
+                        json={**CHAT, "stream": True}) as response:
+        async for _ in response.aiter_bytes():
+            break  # leave after the first chunk
     deadline = time.monotonic() + 3
     while mock_upstream.stats()["streams_cancelled"] < 1:
         assert time.monotonic() < deadline, mock_upstream.stats()
@@ -349,7 +350,7 @@ def test_truncation_keeps_the_estimate_consistent_over_many_messages(mock_upstre
     what is sent (computed incrementally, not by re-estimating the whole body per message)."""
     from proxy.tokens import estimate_prompt_tokens
 
-    server, recorder = start_proxy(make_config(mock_upstream.url, patch=lambda d: d["models"]["small-model"].update(
+    server, _ = start_proxy(make_config(mock_upstream.url, patch=lambda d: d["models"]["small-model"].update(
         context_window=2000)))
     messages = [{"role": "system", "content": "be brief"}]
     messages += [{"role": "user" if i % 2 else "assistant", "content": f"message {i} " * 3} for i in range(20_000)]

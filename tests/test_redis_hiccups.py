@@ -22,14 +22,7 @@ import redis
 
 from tests.support.configs import KEYS, config_dict
 from tests.support.metrics import samples
-from tests.support.processes import (
-    MockProcess,
-    Process,
-    proxy_process,
-    start_all,
-    stop_all,
-    write_config,
-)
+from tests.support.processes import MockProcess, Process, proxy_process, start_all, stop_all, write_config
 from tests.support.redis_server import RedisServer
 from tests.support.relay import Relay
 
