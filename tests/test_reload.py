@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.support.configs import KEYS, config_dict
+from tests.support.errors import INVALID, WRONG_KEY, error_reply, openai_error
 from tests.support.processes import proxy_process, write_config
 
 CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
@@ -84,8 +85,8 @@ def test_sighup_applies_new_limits_and_keys(serve, mock_upstream):
 
     assert post(process.url, NEW_KEY).status_code == 200, "a key added by the reload does not work"
     removed = post(process.url, KEYS["carol"])
-    assert removed.status_code == 401, "a key removed by the reload still works"
-    assert removed.json()["error"]["code"] == "invalid_api_key"
+    assert error_reply(removed) == (401, openai_error(WRONG_KEY, INVALID, "invalid_api_key")), \
+        "a key removed by the reload still works"
     assert "config reloaded" in process.output()
 
 
