@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from tests.support.configs import KEYS, config_dict
@@ -100,7 +101,10 @@ def test_sighup_with_a_broken_file_keeps_the_running_config(serve, mock_upstream
 
     assert process.alive
     assert request_limit(process.url) == "600"
-    assert "keys.alice.limits.rpm: must be > 0" in process.output()
+    refusals = [line for line in map(orjson.loads, process.output().splitlines()) if line.get("level") == "ERROR"]
+    assert refusals == [{"event": "log", "level": "ERROR", "logger": "proxy.reload",
+                         "message": "config reload refused, keeping the running config: keys.alice.limits.rpm: "
+                                    "must be > 0"}]
 
     write_config(path, base_config(mock_upstream.url, rpm=900))  # a fixed file is taken by the next SIGHUP
     process.signal(signal.SIGHUP)
