@@ -13,7 +13,8 @@ import uvicorn
 
 from .config import Config
 from .http.connections import ConnectionGuard
-from .logs import configure_logging, logging_config
+from .logs import configure_logging as configure_logging  # re-exported: `llm-proxy demo` imports it here
+from .logs import logging_config
 from .metrics import MULTIPROC_ENV
 
 FACTORY = "proxy.app:app_from_env"
