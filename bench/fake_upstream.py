@@ -54,6 +54,7 @@ class Upstream(asyncio.Protocol):
         self.responses = responses
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
+        self.streams: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
     def connection_made(self, transport):
         self.transport = transport
@@ -85,7 +86,9 @@ class Upstream(asyncio.Protocol):
             delay = int(head[marker + 17:].split(b"\r\n", 1)[0]) / 1000
         usage = b"include_usage" in body
         if delay:
-            asyncio.ensure_future(self.slow_stream(delay, usage))
+            stream = asyncio.ensure_future(self.slow_stream(delay, usage))
+            self.streams.add(stream)
+            stream.add_done_callback(self.streams.discard)
             return
         r = self.responses
         self.transport.write(r["head"] + b"".join(r["events"]) + (r["usage"] if usage else b"") + r["done"])

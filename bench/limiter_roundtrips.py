@@ -132,7 +132,7 @@ def measure(store_name: str, make_store, pairs: int, concurrency: int, stats_cli
     driver, before, after, cpu, wall = asyncio.run(go())
     round_trips = inside = server_us = None
     if before is not None and after is not None:
-        delta = {name: [a - b for a, b in zip(after[name], before.get(name, (0, 0)))] for name in after}
+        delta = {name: [a - b for a, b in zip(after[name], before.get(name, (0, 0)), strict=True)] for name in after}
         client = [v for name, v in delta.items() if name.split("|")[0] in CLIENT_COMMANDS]
         inside_calls = sum(v[0] for name, v in delta.items()
                            if name.split("|")[0] not in CLIENT_COMMANDS + NOT_COUNTED)

@@ -85,7 +85,7 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on port {port}")
+                raise RuntimeError(f"nothing listens on port {port}") from None
             time.sleep(0.05)
 
 
@@ -155,7 +155,8 @@ def run_wrk(url: str, scenario: Scenario, seconds: float, workdir: Path) -> tupl
     script.write_text(WRK_SCRIPT.format(body=json.dumps(json.dumps(body)), key=KEY, delay=delay))
     threads = min(2, scenario.connections)
     timeout = "30s"
-    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(scenario.connections), "-d", f"{max(1, round(seconds))}s",
+    duration = f"{max(1, round(seconds))}s"
+    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(scenario.connections), "-d", duration,
                           "--timeout", timeout, "--latency", "-s", str(script), url + "/v1/chat/completions"],
                          capture_output=True, text=True, check=True).stdout
     requests = int(re.search(r"(\d+) requests in ([\d.]+)(\w+)", out).group(1))
@@ -232,9 +233,9 @@ class Stack:
         self.args, self.workdir, self.processes = args, workdir, []
 
     def spawn(self, argv: list[str], port: int, log: str, env: dict | None = None) -> subprocess.Popen:
-        handle = open(self.workdir / log, "wb")
-        process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
-                                   env={**os.environ, **(env or {})})
+        with open(self.workdir / log, "wb") as handle:  # the child keeps its own descriptor
+            process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
+                                       env={**os.environ, **(env or {})})
         self.processes.append(process)
         wait_port(port)
         return process
@@ -310,7 +311,7 @@ def slow_stream_memory(stack: Stack, scenario: Scenario, args) -> dict:
         sampler.cancel()
         return result
 
-    requests, seconds, p50, p99, errors = asyncio.run(both())
+    requests, _seconds, p50, _p99, errors = asyncio.run(both())
     return {"idle_rss_mb": round(idle, 1), "peak_rss_mb": round(peak[0], 1),
             "kb_per_open_stream": round((peak[0] - idle) * 1024 / scenario.connections, 1),
             "streams_completed": requests, "errors": errors, "p50_ms": round(p50, 1)}

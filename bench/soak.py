@@ -365,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         config = soak_config(stack.upstream_port, stack.start_redis(), args.log_level)
         stack.start_proxy(config)
         client = redis.Redis.from_url(stack.redis_url, socket_timeout=10)
-        print(f"\n{'requests':>8} {'elapsed':>8} {'req/s':>7} {'CPU ms':>7} {'RSS MB':>7} {'fds':>5} {'redis keys':>10} "
-              f"{'redis MB':>9}")
+        print(f"\n{'requests':>8} {'elapsed':>8} {'req/s':>7} {'CPU ms':>7} {'RSS MB':>7} {'fds':>5} "
+              f"{'redis keys':>10} {'redis MB':>9}")
         watch = Watch(stack, client)
         watch.sample(0, Counter())
         cpu_before = cpu_seconds(stack.proxy.pid)

@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"open at once: max {peak_open}, {opening_s:.2f} s after the start; the proxy's CPU until then "
           f"{peak_cpu - cpu_before:.2f} s ({(peak_cpu - cpu_before) / opening_s:.0%} of one core)"
           + (f"; all {args.streams} open {all_open_s:.2f} s after the start" if all_open_s is not None else ""))
-    print(f"proxy RSS: idle {idle:.1f} MB, {at_most_open:.1f} MB with {peak_open} streams open, peak {peak_rss:.1f} MB, "
-          f"{after_rss:.1f} MB 2 s after the last stream")
+    print(f"proxy RSS: idle {idle:.1f} MB, {at_most_open:.1f} MB with {peak_open} streams open, "
+          f"peak {peak_rss:.1f} MB, {after_rss:.1f} MB 2 s after the last stream")
     print(f"memory per open stream: {per_stream_kb:.1f} KB")
     print(f"proxy fds: idle {idle_fds}, peak {peak_fds}, after {after_fds}")
     if durations:

@@ -308,7 +308,7 @@ def format_table(report: dict) -> str:
 
     def line(row) -> str:
         return "  ".join(cell.ljust(w) if i in (0, 5) else cell.rjust(w)
-                         for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+                         for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
 
     tasks = report["tasks"]
     ok = sum(task["status"] == "ok" for task in tasks)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import resource
 import signal
@@ -14,6 +13,8 @@ import uvicorn
 
 from .config import Config
 from .http.connections import ConnectionGuard
+from .logs import configure_logging as configure_logging  # re-exported: `llm-proxy demo` imports it here
+from .logs import logging_config
 from .metrics import MULTIPROC_ENV
 
 FACTORY = "proxy.app:app_from_env"
@@ -21,11 +22,6 @@ FACTORY = "proxy.app:app_from_env"
 
 def _fastest(module: str, fast: str, default: str) -> str:
     return fast if importlib.util.find_spec(module) is not None else default
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format='{"event": "log", "level": "%(levelname)s", '
-                        '"logger": "%(name)s", "message": "%(message)s"}')
 
 
 def prepare_multiprocess_metrics(workers: int) -> str | None:
@@ -53,7 +49,10 @@ def raise_open_files_limit() -> None:
 
 
 def serve(config: Config, *, host: str, port: int, workers: int = 1) -> None:
-    """Serve the config in $LLM_PROXY_CONFIG (each worker loads it through the factory)."""
+    """Serve the config in $LLM_PROXY_CONFIG (each worker loads it through the factory).
+
+    Logs are JSON lines (proxy.logs): uvicorn applies `log_config` here and again in each worker
+    it spawns, which starts from a fresh interpreter and never runs this function."""
     configure_logging(config.log_level)
     prepare_multiprocess_metrics(workers)
     raise_open_files_limit()
@@ -69,6 +68,7 @@ def serve(config: Config, *, host: str, port: int, workers: int = 1) -> None:
         loop=_fastest("uvloop", "uvloop", "asyncio"),
         http=ConnectionGuard(config.server).protocol(),  # httptools, with header limits and timeouts
         log_level=config.log_level,
+        log_config=logging_config(config.log_level),
         access_log=False,
         timeout_graceful_shutdown=config.shutdown_grace_s,
         server_header=False,

@@ -42,6 +42,23 @@ def cluster_url(redis_cluster: RedisCluster) -> str:
     return redis_cluster.url
 
 
+@pytest.fixture(scope="session")
+def _mock_process(tmp_path_factory):
+    from tests.support.processes import MockProcess, start_all, stop_all
+
+    process = start_all([MockProcess(workdir=tmp_path_factory.mktemp("mock-upstream"))])[0]
+    yield process
+    stop_all([process])
+
+
+@pytest.fixture
+def mock_process(_mock_process):
+    """The session's mock upstream in its own process (default settings), stats, requests and
+    faults cleared: one start-up for every test that needs it, not one each."""
+    _mock_process.clear()
+    return _mock_process
+
+
 @pytest.fixture
 def mock_upstream():
     from proxy.mock_upstream import MockUpstream

@@ -20,6 +20,7 @@ import pytest
 from proxy.limits.redis_store import RedisStore
 from tests.support.clock import Clock
 from tests.support.configs import ADMIN_KEY, KEYS, UPSTREAM_KEY, config_dict, make_config
+from tests.support.errors import INVALID, WRONG_KEY, clocked, error_reply, openai_error
 from tests.support.redis_server import RedisServer
 
 CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
@@ -66,16 +67,15 @@ def test_budget_cut_off_is_exact_and_not_retried(on_redis):
     statuses = [post(server).status_code for _ in range(12)]
     assert statuses == [200] * 8 + [429] * 4  # 8 × 11 µ$ = 88 spent; 88 + 14 reserved > 100
     refused = post(server)
-    error = refused.json()["error"]
-    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
-    assert "spent $0.000088 of $0.000100" in error["message"] and "key 'alice'" in error["message"]
-    assert "resets in" in error["message"]
+    expected = openai_error(clocked("Daily budget exceeded for key 'alice': spent $0.000088 of $0.000100 on {day}; "
+                                    "the budget resets in {duration}."), "insufficient_quota", "insufficient_quota")
+    assert error_reply(refused) == (429, expected)
     assert refused.headers["x-should-retry"] == "false"
     before = len(server.recorder.outcomes)
-    with openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=3) as sdk:
-        with pytest.raises(openai.RateLimitError) as caught:
-            sdk.chat.completions.create(**CHAT)
-    assert caught.value.code == "insufficient_quota"
+    with openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=3) as sdk, \
+            pytest.raises(openai.RateLimitError) as caught:
+        sdk.chat.completions.create(**CHAT)
+    assert caught.value.body == expected["error"]
     assert len(server.recorder.outcomes) == before + 1, "the SDK retried a budget refusal"
     usage = admin_get(server, "/admin/usage").json()
     assert usage["teams"]["platform"]["keys"]["alice"]["spend_micros"] == 8 * COST
@@ -156,12 +156,17 @@ def test_admin_api_auth_and_content(on_redis):
     assert post(server, {"model": "text-model", "prompt": "hello there", "max_tokens": 4, "user": "u-42"},
                 endpoint="/completions").status_code == 200
     post(server, {**CHAT, "model": "no-such"})  # refused: costs nothing, books nothing
-    assert admin_get(server, "/admin/usage", key=None).status_code == 401
-    for key, status in ((None, 401), ("sk-unknown", 401), (KEYS["alice"], 403)):
+    no_key = "The admin API needs the admin key as `Authorization: Bearer ...`."
+    for key, status, message, code in ((None, 401, no_key, "invalid_api_key"),
+                                       ("sk-unknown", 401, WRONG_KEY, "invalid_api_key"),
+                                       (KEYS["alice"], 403, "This key may not use the admin API.",
+                                        "admin_key_required")):
         response = admin_get(server, "/admin/usage", key=key)
-        assert response.status_code == status
-        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
-    assert admin_get(server, "/admin/usage", date="2024-13-45").status_code == 400
+        assert error_reply(response) == (status, openai_error(message, INVALID, code))
+    assert error_reply(admin_get(server, "/admin/usage", date="2024-13-45")) == (
+        400, openai_error("`date` is not a calendar date.", INVALID, None, "date"))
+    assert error_reply(admin_get(server, "/admin/usage", date="yesterday")) == (
+        400, openai_error("`date` must be YYYY-MM-DD.", INVALID, None, "date"))
     usage = admin_get(server, "/admin/usage").json()
     platform = usage["teams"]["platform"]
     costs = [o.cost_micros for o in server.recorder.outcomes if o.ticket]
@@ -267,10 +272,11 @@ def test_reservation_covers_the_larger_of_max_tokens_and_max_completion_tokens(o
     max_tokens=1000 cannot fit the budget is refused, however small its max_completion_tokens."""
     server = on_redis(budget(key_usd="0.0001"))  # 100 µ$; max_tokens=1000 reserves ~1,102 µ$
     both = {**CHAT, "max_tokens": 1000, "max_completion_tokens": 1}
-    refused = post(server, both)
-    assert refused.status_code == 429, refused.text
-    assert refused.json()["error"]["code"] == "insufficient_quota"
+    nothing_spent = (429, openai_error(clocked(
+        "Daily budget exceeded for key 'alice': spent $0.000000 of $0.000100 on {day}; the budget resets in "
+        "{duration}."), "insufficient_quota", "insufficient_quota"))
+    assert error_reply(post(server, both)) == nothing_spent
     assert mock_upstream.stats()["requests"] == 0, "the upstream was called for a request the budget cannot cover"
     swapped = {**CHAT, "max_tokens": 1, "max_completion_tokens": 1000}
-    assert post(server, swapped).json()["error"]["code"] == "insufficient_quota"
+    assert error_reply(post(server, swapped)) == nothing_spent
     assert post(server, {**CHAT, "max_tokens": 1, "max_completion_tokens": 1}).status_code == 200

@@ -20,8 +20,8 @@ ROOT = Path(__file__).parent.parent
 
 
 def run_cli(*args, stdin: str | None = None, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "proxy", *args], check=False, input=stdin, capture_output=True, text=True,
-                          timeout=60, cwd=ROOT, env={**os.environ, **(env or {})})
+    return subprocess.run([sys.executable, "-m", "proxy", *args], check=False, input=stdin, capture_output=True,
+                          text=True, timeout=60, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 def test_check_config_summary(tmp_path, capsys, monkeypatch):

@@ -34,6 +34,7 @@ from proxy.pricing import cost_micros
 from proxy.tokens import estimate_text_tokens
 from tests.support.clock import Clock
 from tests.support.configs import ADMIN_KEY, KEYS, make_config
+from tests.support.errors import openai_error
 from tests.support.metrics import samples
 from tests.support.ports import free_port
 
@@ -51,7 +52,6 @@ RESERVATIONS = f"llmrl:{{{TEAM}}}:r:*"
 SETTLE_WAIT_S = 5.0
 PROMPT_RELEASE_S = 1.0  # a client that left frees its slot within this (the slow upstream takes 2 s)
 CLIENT_GIVES_UP_S = 0.3
-ERROR_FIELDS = {"message", "type", "param", "code"}
 
 REPORTED, ZERO, ESTIMATED = "reported", "zero", "estimated"  # what the ledger should hold
 
@@ -262,11 +262,23 @@ def sse_events(body: bytes) -> list[bytes]:
     return [event.removeprefix(b"data: ") for event in body.split(b"\n\n") if event.strip()]
 
 
-def assert_openai_error(payload: dict, code: str) -> None:
-    assert set(payload) == {"error"}, payload
-    assert set(payload["error"]) == ERROR_FIELDS, payload
-    assert payload["error"]["code"] == code and payload["error"]["type"] == "server_error", payload
-    assert isinstance(payload["error"]["message"], str) and payload["error"]["message"]
+ANSWERED = "The upstream failed: upstream 'mock' answered {}."
+NO_CONNECT = "The upstream failed: could not connect to upstream 'mock'."
+TIMED_OUT = "The upstream did not answer in time (upstream 'mock' timed out)."
+INTERRUPTED = "The upstream stream was interrupted before it finished."
+MESSAGES = {  # the error message each failing case gets, whole
+    **{f"{status}_exhausted": ANSWERED.format(status) for status in (429, 500, 502, 503)},
+    "503_exhausted_stream": ANSWERED.format(503),
+    "connect_timeout": NO_CONNECT, "connection_refused": NO_CONNECT,
+    "read_timeout": TIMED_OUT, "read_timeout_stream": TIMED_OUT,
+    "malformed_json_stream": INTERRUPTED, "stream_cut": INTERRUPTED, "stream_cut_in_one_write": INTERRUPTED,
+    "stream_stalls_past_read_timeout": INTERRUPTED,
+    "plain_body_cut": "The upstream broke off its response.",
+}
+
+
+def assert_openai_error(payload: dict, case: Case) -> None:
+    assert payload == openai_error(MESSAGES[case.id], "server_error", case.error)
 
 
 def check_response(case: Case, seen: Seen) -> str:
@@ -274,7 +286,7 @@ def check_response(case: Case, seen: Seen) -> str:
     assert seen.status == case.status, seen.body[:500]
     if case.status >= 400:
         assert seen.headers["content-type"].startswith("application/json")
-        assert_openai_error(orjson.loads(seen.body), case.error)
+        assert_openai_error(orjson.loads(seen.body), case)
         return ""
     if not case.stream:
         if case.faults and case.faults[0].get("malformed_json"):
@@ -290,7 +302,7 @@ def check_response(case: Case, seen: Seen) -> str:
         return ""
     if case.error:
         assert events[-1] != b"[DONE]" and b"[DONE]" not in events
-        assert_openai_error(orjson.loads(events[-1]), case.error)
+        assert_openai_error(orjson.loads(events[-1]), case)
         events = events[:-1]
     else:
         assert events[-1] == b"[DONE]", events[-3:]

@@ -20,6 +20,7 @@ import pytest
 from proxy.app import create_app
 from proxy.mock_upstream import MockUpstream
 from tests.support.configs import KEYS, config_dict, make_config
+from tests.support.errors import INVALID, openai_error
 from tests.support.processes import proxy_process, start_all, stop_all, write_config
 from tests.support.servers import ProxyServer
 
@@ -70,12 +71,15 @@ def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split(" ")[1]), headers, body
 
 
+MESSAGES = {"request_header_fields_too_large": "The request's headers are too large.",
+            "request_timeout": "The request did not arrive in time."}
+
+
 def assert_openai_error(raw: bytes, status: int, code: str) -> None:
     got, headers, body = split_response(raw)
     assert got == status, raw[:300]
     assert headers["content-type"] == "application/json" and headers["connection"] == "close"
-    error = orjson.loads(body)["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code, error
+    assert orjson.loads(body) == openai_error(MESSAGES[code], INVALID, code)
 
 
 def authorised_request(port: int) -> httpx.Response:

@@ -19,6 +19,7 @@ import proxy.gateway
 from proxy.forwarding import sse
 from proxy.observe import RequestLog
 from tests.support.configs import KEYS, make_config
+from tests.support.errors import error_reply, openai_error
 from tests.support.metrics import samples
 
 CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
@@ -56,8 +57,7 @@ def test_a_bug_after_admission_is_settled_counted_and_logged_once(proxy_with_log
     with caplog.at_level(logging.ERROR):
         response = httpx.post(server.base_url + "/chat/completions", json=CHAT,
                               headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=10)
-    assert response.status_code == 500
-    assert response.json()["error"]["type"] == "server_error"
+    assert error_reply(response) == (500, openai_error("The proxy had an internal error.", "server_error", None))
     assert "Bug" not in response.text and "a bug" not in response.text  # no internals to the client
 
     server.wait_settled()
@@ -89,7 +89,7 @@ def test_a_bug_inside_a_stream_is_logged_told_and_settled(proxy_with_log, monkey
             for chunk in stream:
                 received.append(chunk)
         server.wait_settled()
-    assert caught.value.body["type"] == "server_error"
+    assert caught.value.body == openai_error("The proxy had an internal error.", "server_error", None)["error"]
     assert len(received) == 2  # the events before the failing one
     outcome = recorder.outcomes[-1]
     assert outcome.ticket.settled and outcome.stream_error == "internal_error"

@@ -40,7 +40,9 @@ SCRIPT = """
 local out = {}
 for i, command in ipairs(cjson.decode(ARGV[1])) do
   local ok, reply = pcall(redis.call, unpack(command))
-  if not ok then reply = 'ERR' elseif reply == false then reply = 'NIL' elseif type(reply) == 'table' and reply.ok then reply = 'STATUS:' .. reply.ok end
+  if not ok then reply = 'ERR'
+  elseif reply == false then reply = 'NIL'
+  elseif type(reply) == 'table' and reply.ok then reply = 'STATUS:' .. reply.ok end
   if type(reply) == 'table' then
     local items = {}
     for j, item in ipairs(reply) do items[j] = item == false and 'NIL' or item end
@@ -96,7 +98,7 @@ def test_keyspace_replies_as_redis_does(redis_url, name):
         client.close()
     got = _in_memory(commands)
     assert len(got) == len(expected)
-    for command, want, have in zip(commands, expected, got):
+    for command, want, have in zip(commands, expected, got, strict=True):
         want = [] if want == {} else want  # cjson writes an empty table as an object
         if command[0] in ("PTTL", "TTL"):
             assert _close(want, have), (command, want, have)

@@ -12,14 +12,7 @@ from proxy.errors import RateLimited, StoreUnavailable
 from proxy.limits import limiter as limiter_module
 from proxy.limits.limiter import Limiter
 from proxy.limits.memory_store import MemoryStore
-from proxy.limits.types import (
-    ScopeLimits,
-    Settled,
-    Settlement,
-    StoreError,
-    StoreUnreachable,
-    Usage,
-)
+from proxy.limits.types import ScopeLimits, Settled, Settlement, StoreError, StoreUnreachable, Usage
 from tests.support.configs import KEYS, make_config
 
 

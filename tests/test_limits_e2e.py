@@ -14,6 +14,7 @@ import pytest
 from proxy.limits.redis_store import RedisStore
 from tests.support.clock import Clock
 from tests.support.configs import KEYS, make_config
+from tests.support.errors import error_reply, openai_error
 
 CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
 # With the clock frozen, buckets never refill, but Redis expires a bucket in real time once it would
@@ -77,10 +78,9 @@ def test_rpm_refusal_is_openai_shaped_and_exact(limited, clock):
     assert post(server).status_code == 200
     assert post(server).status_code == 200
     refused = post(server)
-    assert refused.status_code == 429
-    error = refused.json()["error"]
-    assert error["type"] == "requests" and error["code"] == "rate_limit_exceeded"
-    assert "key 'alice'" in error["message"]
+    assert error_reply(refused) == (429, openai_error(
+        "Rate limit reached for key 'alice' on requests per minute. Please try again in 1s.", "requests",
+        "rate_limit_exceeded"))
     assert refused.headers["retry-after"] == "1" and refused.headers["retry-after-ms"] == "1000"
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     clock.advance(0.999)
@@ -93,8 +93,9 @@ def test_team_limit_shared_by_two_keys(limited):
     server = limited(with_limits(team_limits={"rpm": 60, "rpm_burst": 3}))
     assert [post(server, key=k).status_code for k in ("alice", "bob", "alice")] == [200, 200, 200]
     refused = post(server, key="bob")
-    assert refused.status_code == 429
-    assert "team 'platform'" in refused.json()["error"]["message"]
+    assert error_reply(refused) == (429, openai_error(
+        "Rate limit reached for team 'platform' on requests per minute. Please try again in 1s.", "requests",
+        "rate_limit_exceeded"))
     assert post(server, key="carol").status_code == 200  # another team is untouched
 
 
@@ -120,13 +121,13 @@ def test_sdk_retry_honours_our_headers(mock_upstream, start_proxy, redis_url):
 def test_request_that_can_never_fit(limited):
     server = limited(with_limits({"tpm": 100}))
     refused = post(server, {**CHAT, "max_tokens": 500})
-    assert refused.status_code == 429
-    assert refused.json()["error"]["type"] == "tokens"
+    assert error_reply(refused) == (429, openai_error(
+        "Request too large for key 'alice': it needs more tokens per minute than the limit's capacity allows, so it "
+        "can never be admitted. Reduce the prompt or max_tokens.", "tokens", "rate_limit_exceeded"))
     assert refused.headers["x-should-retry"] == "false"
-    assert "never" in refused.json()["error"]["message"]
-    with openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=2) as sdk:
-        with pytest.raises(openai.RateLimitError):
-            sdk.chat.completions.create(**{**CHAT, "max_tokens": 500})
+    with openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=2) as sdk, \
+            pytest.raises(openai.RateLimitError):
+        sdk.chat.completions.create(**{**CHAT, "max_tokens": 500})
     assert len([o for o in server.recorder.outcomes if o.status == 429]) == 2  # no SDK retries
 
 
@@ -147,8 +148,9 @@ def test_parallel_cap_holds_until_the_stream_ends(limited):
     thread.start()
     assert first_chunk.wait(5)
     refused = post(server)
-    assert refused.status_code == 429
-    assert refused.json()["error"]["type"] == "parallel_requests"
+    assert error_reply(refused) == (429, openai_error(
+        "Rate limit reached for key 'alice' on parallel requests. Please try again in 1s.", "parallel_requests",
+        "rate_limit_exceeded"))
     thread.join(10)
     assert result["status"] == 200
     deadline = time.monotonic() + 3
@@ -211,7 +213,8 @@ def test_redis_outage_follows_on_redis_error(mode, mock_upstream, start_proxy, r
         else:
             assert statuses == [503] * 5
             refused = post(server)
-            assert refused.json()["error"]["code"] == "store_unavailable"
+            assert error_reply(refused) == (503, openai_error(
+                "The rate-limit store is unavailable; please retry shortly.", "server_error", "store_unavailable"))
         outage_logs = [r for r in caplog.records if "store unavailable" in r.getMessage()]
         assert len(outage_logs) == 1, "an outage is logged once, not once per request"
         ready = httpx.get(server.url + "/readyz")

@@ -10,7 +10,7 @@ import httpx
 
 from tests.support.configs import KEYS, config_dict, exact_store
 from tests.support.ports import free_port
-from tests.support.processes import MockProcess, Process, start_all, stop_all, write_config
+from tests.support.processes import Process, start_all, stop_all, write_config
 
 
 def counter(text: str, name: str, **labels) -> float:
@@ -21,8 +21,8 @@ def counter(text: str, name: str, **labels) -> float:
     return total
 
 
-def test_two_workers_aggregate_metrics_and_share_limits(tmp_path: Path, redis_url):
-    mock = start_all([MockProcess(workdir=tmp_path)])[0]
+def test_two_workers_aggregate_metrics_and_share_limits(tmp_path: Path, redis_url, mock_process):
+    mock = mock_process
     data = exact_store(config_dict(mock.base_url, redis_url=redis_url))
     data["keys"]["alice"]["limits"] = {"rpm": 1, "rpm_burst": 30}  # refills one a minute: exact over the run
     config = write_config(tmp_path / "config.yaml", data)
@@ -48,4 +48,4 @@ def test_two_workers_aggregate_metrics_and_share_limits(tmp_path: Path, redis_ur
             assert counter(text, "llm_proxy_rejections_total", reason="rpm") == 10
             assert counter(text, "llm_proxy_tokens_total", kind="completion") == 30 * 5
     finally:
-        stop_all([server, mock])
+        stop_all([server])

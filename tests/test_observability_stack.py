@@ -156,7 +156,7 @@ def traffic(own_redis, mock_upstream, start_proxy):
 # -- /metrics -------------------------------------------------------------------------------------
 
 def test_every_metric_is_exposed_with_its_labels(traffic):
-    _, before, after = traffic
+    _, _, after = traffic
     assert families(after) >= set(METRICS)
     found = samples(after)
     for name, labels in METRICS.items():

@@ -9,14 +9,7 @@ from hypothesis import strategies as st
 
 from proxy.config import Price
 from proxy.limits.types import Usage
-from proxy.pricing import (
-    cached_input_price,
-    cost_micros,
-    format_usd,
-    micros_to_usd,
-    reservation_micros,
-    usd_to_micros,
-)
+from proxy.pricing import cached_input_price, cost_micros, format_usd, micros_to_usd, reservation_micros, usd_to_micros
 
 DEEPSEEK_CHAT = Price(input=Decimal("0.27"), output=Decimal("1.10"), cached_input=Decimal("0.07"))
 GPT_4O_MINI = Price(input=Decimal("0.15"), output=Decimal("0.60"), cached_input=Decimal("0.075"))

@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from tests.support.configs import KEYS, UPSTREAM_KEY, make_config
+from tests.support.errors import INVALID, NO_KEY, WRONG_KEY, error_reply, openai_error
 
 
 @pytest.fixture
@@ -78,12 +79,13 @@ async def test_async_sdk_chat_and_stream(proxy):
         assert completion.choices[0].message.content
         stream = await sdk.chat.completions.create(
             model="chat-model", messages=[{"role": "user", "content": "async stream"}], stream=True)
-        words = [chunk.choices[0].delta.content async for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+        words = [chunk.choices[0].delta.content async for chunk in stream
+                 if chunk.choices and chunk.choices[0].delta.content]
     assert len(words) == 16
 
 
 def test_stream_relays_chunks_as_they_arrive(mock_upstream, start_proxy):
-    server, recorder = start_proxy(make_config(mock_upstream.url))
+    server, _ = start_proxy(make_config(mock_upstream.url))
     fault = orjson.dumps({"chunk_delay_s": 0.15, "chunks": 6}).decode()
     with client(server, default_headers={"x-mock-fault": fault}) as sdk:
         stream = sdk.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "s"}],
@@ -141,12 +143,6 @@ def test_completions_embeddings_and_models(proxy):
             sdk.models.retrieve("text-model")
 
 
-def error_of(response: httpx.Response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    return body["error"]
-
-
 def post(proxy, body, key="alice", content=None, headers=None):
     merged = {"Authorization": f"Bearer {KEYS[key]}"} if key else {}
     merged.update(headers or {})
@@ -158,54 +154,66 @@ def post(proxy, body, key="alice", content=None, headers=None):
 CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}]}
 
 
-@pytest.mark.parametrize("body, content, status, code, param", [
-    (None, b"{not json", 400, None, None),
-    (None, b'{"model": "chat-model", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None, None),
-    (None, b"[1, 2]", 400, None, None),
-    (None, b"", 400, None, None),
-    ({"messages": [{"role": "user", "content": "x"}]}, None, 400, "missing_required_parameter", "model"),
-    ({"model": 42, "messages": []}, None, 400, "invalid_type", "model"),
-    ({"model": "chat-model"}, None, 400, "missing_required_parameter", "messages"),
-    ({"model": "chat-model", "messages": "hi"}, None, 400, "invalid_type", "messages"),
-    ({**CHAT, "max_tokens": -5}, None, 400, "integer_below_min_value", "max_tokens"),
-    ({**CHAT, "max_tokens": 1.5}, None, 400, "invalid_type", "max_tokens"),
-    ({**CHAT, "max_tokens": True}, None, 400, "invalid_type", "max_tokens"),
-    ({**CHAT, "stream": "yes"}, None, 400, "invalid_type", "stream"),
-    ({**CHAT, "n": 0}, None, 400, "integer_below_min_value", "n"),
-    ({**CHAT, "model": "no-such-model"}, None, 404, "model_not_found", "model"),
+NOT_JSON = ("We could not parse the JSON body of your request: the body is not valid {}. (HINT: This likely means "
+            "you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)")
+
+
+@pytest.mark.parametrize("body, content, status, message, code, param", [
+    (None, b"{not json", 400, NOT_JSON.format("JSON"), None, None),
+    (None, b'{"model": "chat-model", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400,
+     NOT_JSON.format("UTF-8"), None, None),
+    (None, b"[1, 2]", 400, "The JSON body of your request must be an object.", None, None),
+    (None, b"", 400, "We could not parse the JSON body of your request: the body is empty.", None, None),
+    ({"messages": [{"role": "user", "content": "x"}]}, None, 400, "you must provide a model parameter",
+     "missing_required_parameter", "model"),
+    ({"model": 42, "messages": []}, None, 400, "Invalid type for 'model': expected a string, but got a number instead.",
+     "invalid_type", "model"),
+    ({"model": "chat-model"}, None, 400, "Missing required parameter: 'messages'.", "missing_required_parameter",
+     "messages"),
+    ({"model": "chat-model", "messages": "hi"}, None, 400,
+     "Invalid type for 'messages': expected an array, but got a string instead.", "invalid_type", "messages"),
+    ({**CHAT, "max_tokens": -5}, None, 400,
+     "Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, but got -5 instead.",
+     "integer_below_min_value", "max_tokens"),
+    ({**CHAT, "max_tokens": 1.5}, None, 400,
+     "Invalid type for 'max_tokens': expected an integer, but got a number instead.", "invalid_type", "max_tokens"),
+    ({**CHAT, "max_tokens": True}, None, 400,
+     "Invalid type for 'max_tokens': expected an integer, but got a boolean instead.", "invalid_type", "max_tokens"),
+    ({**CHAT, "stream": "yes"}, None, 400, "Invalid type for 'stream': expected a boolean, but got a string instead.",
+     "invalid_type", "stream"),
+    ({**CHAT, "n": 0}, None, 400, "Invalid 'n': integer below minimum value. Expected a value >= 1, but got 0 instead.",
+     "integer_below_min_value", "n"),
+    ({**CHAT, "model": "no-such-model"}, None, 404,
+     "The model `no-such-model` does not exist or you do not have access to it.", "model_not_found", "model"),
 ])
-def test_bad_requests_are_openai_shaped(proxy, body, content, status, code, param):
+def test_bad_requests_are_openai_shaped(proxy, body, content, status, message, code, param):
     response = post(proxy, body, content=content)
-    assert response.status_code == status, response.text
-    error = error_of(response)
-    assert error["type"] == "invalid_request_error"
-    assert error["code"] == code
-    assert error["param"] == param
+    assert error_reply(response) == (status, openai_error(message, INVALID, code, param))
 
 
 def test_auth_errors(proxy):
-    for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "Basic abc"}):
+    for headers, message in (({}, NO_KEY), ({"Authorization": "Bearer sk-wrong"}, WRONG_KEY),
+                             ({"Authorization": "Basic abc"}, NO_KEY)):
         response = post(proxy, CHAT, key=None, headers=headers)
-        assert response.status_code == 401
-        assert error_of(response)["code"] == "invalid_api_key"
-        assert "sk-wrong" not in response.text
-    with openai.OpenAI(base_url=proxy.base_url, api_key="sk-wrong", max_retries=0) as sdk:
-        with pytest.raises(openai.AuthenticationError):
-            sdk.chat.completions.create(**CHAT)
+        assert error_reply(response) == (401, openai_error(message, INVALID, "invalid_api_key"))
+    with openai.OpenAI(base_url=proxy.base_url, api_key="sk-wrong", max_retries=0) as sdk, \
+            pytest.raises(openai.AuthenticationError):
+        sdk.chat.completions.create(**CHAT)
 
 
 def test_model_not_allowed(proxy):
     response = post(proxy, {**CHAT, "model": "text-model", "prompt": "x"}, key="bob")
-    assert response.status_code == 403
-    assert error_of(response)["code"] == "model_not_allowed"
+    assert error_reply(response) == (403, openai_error("This key is not allowed to use the model `text-model`.",
+                                                       INVALID, "model_not_allowed", "model"))
 
 
 def test_body_too_large(mock_upstream, start_proxy):
     server, _ = start_proxy(make_config(mock_upstream.url, patch=lambda d: d.update(max_body_bytes=1000)))
     big = {**CHAT, "messages": [{"role": "user", "content": "x" * 2000}]}
+    too_large = (413, openai_error("Request body is larger than the proxy's limit of 1000 bytes.", INVALID,
+                                  "request_too_large"))
     response = post(server, big)
-    assert response.status_code == 413
-    error_of(response)
+    assert error_reply(response) == too_large
 
     def chunked():
         yield b'{"model": "chat-model", "messages": [{"role": "user", "content": "'
@@ -215,14 +223,16 @@ def test_body_too_large(mock_upstream, start_proxy):
 
     response = httpx.post(server.base_url + "/chat/completions", content=chunked(),
                           headers={"Authorization": f"Bearer {KEYS['alice']}"})
-    assert response.status_code == 413
+    assert error_reply(response) == too_large
 
 
 def test_context_window(proxy, mock_upstream):
     long = {"model": "chat-model", "max_tokens": 1000, "messages": [{"role": "user", "content": "w" * 16000}]}
     response = post(proxy, long)
-    assert response.status_code == 400
-    assert error_of(response)["code"] == "context_length_exceeded"
+    assert error_reply(response) == (400, openai_error(
+        "This model's maximum context length is 4096 tokens. However, you requested about 5007 tokens (4007 in the "
+        "messages, 1000 in the completion). Please reduce the length of the messages or completion.",
+        INVALID, "context_length_exceeded", "messages"))
     requests_before = len(mock_upstream.requests)
     truncating = {"model": "small-model", "messages": [
         {"role": "system", "content": "be brief"},
@@ -237,18 +247,17 @@ def test_context_window(proxy, mock_upstream):
 
 def test_unknown_route_and_method(proxy):
     response = httpx.get(proxy.base_url + "/nothing-here", headers={"Authorization": f"Bearer {KEYS['alice']}"})
-    assert response.status_code == 404
-    error_of(response)
+    assert error_reply(response) == (404, openai_error("Unknown request URL: GET /v1/nothing-here.", INVALID,
+                                                       "not_found"))
     response = httpx.get(proxy.base_url + "/chat/completions")
-    assert response.status_code == 405
-    error_of(response)
+    assert error_reply(response) == (405, openai_error("Method GET is not allowed for /v1/chat/completions.", INVALID,
+                                                       "method_not_allowed"))
 
 
 def test_upstream_4xx_passes_through_unchanged(proxy, mock_upstream):
     mock_upstream.add_faults([{"status": 400}])
     response = post(proxy, CHAT)
-    assert response.status_code == 400
-    assert "mock fault" in error_of(response)["message"]
+    assert error_reply(response) == (400, openai_error("mock fault: status 400", INVALID, None))  # the mock's own
 
 
 def test_retry_then_success(proxy, mock_upstream):
@@ -263,8 +272,8 @@ def test_retry_then_success(proxy, mock_upstream):
 def test_retry_exhausted_gives_502(proxy, mock_upstream):
     mock_upstream.add_faults([{"status": 500, "retry_after_ms": "5"}] * 3)
     response = post(proxy, CHAT)
-    assert response.status_code == 502
-    assert error_of(response)["code"] == "upstream_error"
+    assert error_reply(response) == (502, openai_error("The upstream failed: upstream 'mock' answered 500.",
+                                                       "server_error", "upstream_error"))
     assert len(mock_upstream.requests) == 3
 
 
@@ -292,9 +301,8 @@ def test_connection_refused_falls_back_then_502(start_proxy):
             assert sdk.chat.completions.create(**CHAT).choices
     server, _ = start_proxy(make_config(dead))
     response = post(server, CHAT)
-    assert response.status_code == 502
-    assert error_of(response)["code"] == "upstream_error"
-    assert "sk-" not in response.text
+    assert error_reply(response) == (502, openai_error("The upstream failed: could not connect to upstream 'mock'.",
+                                                       "server_error", "upstream_error"))
 
 
 def test_read_timeout_gives_504(mock_upstream, start_proxy):
@@ -304,8 +312,8 @@ def test_read_timeout_gives_504(mock_upstream, start_proxy):
     server, _ = start_proxy(make_config(mock_upstream.url, patch=patch))
     mock_upstream.add_faults([{"first_byte_delay_s": 1.0}])
     response = post(server, CHAT)
-    assert response.status_code == 504
-    assert error_of(response)["code"] == "upstream_timeout"
+    assert error_reply(response) == (504, openai_error(
+        "The upstream did not answer in time (upstream 'mock' timed out).", "server_error", "upstream_timeout"))
 
 
 def test_stream_cut_midway_gets_error_event(proxy, mock_upstream):
@@ -316,7 +324,8 @@ def test_stream_cut_midway_gets_error_event(proxy, mock_upstream):
         body = response.read()
     events = [e for e in body.split(b"\n\n") if e]
     last = orjson.loads(events[-1].removeprefix(b"data: "))
-    assert last["error"]["code"] == "upstream_error"
+    assert last == openai_error("The upstream stream was interrupted before it finished.", "server_error",
+                                "upstream_error")
     assert b"[DONE]" not in body
     outcome = settled(proxy, 1)[0]
     assert outcome.stream_error == "stream_cut"
@@ -324,12 +333,12 @@ def test_stream_cut_midway_gets_error_event(proxy, mock_upstream):
 
 async def test_client_disconnect_cancels_upstream(proxy, mock_upstream):
     fault = orjson.dumps({"chunk_delay_s": 0.3, "chunks": 20}).decode()
-    async with httpx.AsyncClient() as http:
-        async with http.stream("POST", proxy.base_url + "/chat/completions",
-                               headers={"Authorization": f"Bearer {KEYS['alice']}", "x-mock-fault": fault},
-                               json={**CHAT, "stream": True}) as response:
-            async for _ in response.aiter_bytes():
-                break  # leave after the first chunk
+    headers = {"Authorization": f"Bearer {KEYS['alice']}", "x-mock-fault": fault}
+    async with httpx.AsyncClient() as http, \
+            http.stream("POST", proxy.base_url + "/chat/completions", headers=headers,
+                        json={**CHAT, "stream": True}) as response:
+        async for _ in response.aiter_bytes():
+            break  # leave after the first chunk
     deadline = time.monotonic() + 3
     while mock_upstream.stats()["streams_cancelled"] < 1:
         assert time.monotonic() < deadline, mock_upstream.stats()
@@ -349,7 +358,7 @@ def test_truncation_keeps_the_estimate_consistent_over_many_messages(mock_upstre
     what is sent (computed incrementally, not by re-estimating the whole body per message)."""
     from proxy.tokens import estimate_prompt_tokens
 
-    server, recorder = start_proxy(make_config(mock_upstream.url, patch=lambda d: d["models"]["small-model"].update(
+    server, _ = start_proxy(make_config(mock_upstream.url, patch=lambda d: d["models"]["small-model"].update(
         context_window=2000)))
     messages = [{"role": "system", "content": "be brief"}]
     messages += [{"role": "user" if i % 2 else "assistant", "content": f"message {i} " * 3} for i in range(20_000)]
@@ -366,7 +375,6 @@ def test_truncation_keeps_the_estimate_consistent_over_many_messages(mock_upstre
 def test_upstream_refusing_the_proxys_credentials_is_a_502(proxy, mock_upstream, status):
     mock_upstream.add_faults([{"status": status}])
     response = post(proxy, CHAT)
-    assert response.status_code == 502
-    error = error_of(response)
-    assert error["code"] == "upstream_error" and "credentials" in error["message"]
+    assert error_reply(response) == (502, openai_error(
+        "The upstream failed: upstream 'mock' refused the proxy's credentials.", "server_error", "upstream_error"))
     assert len(mock_upstream.requests) == 1  # not retried: the same key would be refused again

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,14 +21,7 @@ import redis
 
 from tests.support.configs import KEYS, config_dict
 from tests.support.metrics import samples
-from tests.support.processes import (
-    MockProcess,
-    Process,
-    proxy_process,
-    start_all,
-    stop_all,
-    write_config,
-)
+from tests.support.processes import MockProcess, Process, proxy_process, start_all, stop_all, write_config
 from tests.support.redis_server import RedisServer
 from tests.support.relay import Relay
 
@@ -44,10 +36,8 @@ HEALTHY_S = 1.5
 
 
 @pytest.fixture
-def mock(tmp_path: Path) -> Iterator[MockProcess]:
-    process = start_all([MockProcess(workdir=tmp_path)])[0]
-    yield process
-    stop_all([process])
+def mock(mock_process: MockProcess) -> MockProcess:
+    return mock_process
 
 
 def start_proxy(tmp_path: Path, mock: MockProcess, redis_url: str, mode: str, *, timeout_ms: int,

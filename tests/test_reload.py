@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from tests.support.configs import KEYS, config_dict
+from tests.support.errors import INVALID, WRONG_KEY, error_reply, openai_error
 from tests.support.processes import proxy_process, write_config
 
 CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
@@ -84,8 +86,8 @@ def test_sighup_applies_new_limits_and_keys(serve, mock_upstream):
 
     assert post(process.url, NEW_KEY).status_code == 200, "a key added by the reload does not work"
     removed = post(process.url, KEYS["carol"])
-    assert removed.status_code == 401, "a key removed by the reload still works"
-    assert removed.json()["error"]["code"] == "invalid_api_key"
+    assert error_reply(removed) == (401, openai_error(WRONG_KEY, INVALID, "invalid_api_key")), \
+        "a key removed by the reload still works"
     assert "config reloaded" in process.output()
 
 
@@ -99,7 +101,10 @@ def test_sighup_with_a_broken_file_keeps_the_running_config(serve, mock_upstream
 
     assert process.alive
     assert request_limit(process.url) == "600"
-    assert "keys.alice.limits.rpm: must be > 0" in process.output()
+    refusals = [line for line in map(orjson.loads, process.output().splitlines()) if line.get("level") == "ERROR"]
+    assert refusals == [{"event": "log", "level": "ERROR", "logger": "proxy.reload",
+                         "message": "config reload refused, keeping the running config: keys.alice.limits.rpm: "
+                                    "must be > 0"}]
 
     write_config(path, base_config(mock_upstream.url, rpm=900))  # a fixed file is taken by the next SIGHUP
     process.signal(signal.SIGHUP)

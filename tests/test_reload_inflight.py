@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pathlib
 import signal
 import threading
 import time
@@ -76,7 +77,7 @@ def renamed(data: dict, new_name: str, base_url: str) -> dict:
 def unread_bytes_at(port: int) -> int:
     """Bytes waiting in the receive queues of the sockets listening or connected on local `port`."""
     total = 0
-    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+    for line in pathlib.Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         local_port = int(fields[1].split(":")[1], 16)
         if local_port == port:
@@ -189,7 +190,7 @@ def test_reload_applies_log_level_and_webhook_url(serve, mock_upstream):
 
 def test_a_replaced_upstream_client_is_closed_after_its_last_request(mock_upstream, start_proxy):
     data = config_dict(mock_upstream.url)
-    server, recorder = start_proxy(parse_config(data))
+    server, _ = start_proxy(parse_config(data))
     gateway = server.app.state.gateway
     old = gateway.upstreams["mock"]
     mock_upstream.add_faults([{"first_byte_delay_s": 1.0}])

@@ -65,7 +65,8 @@ def test_no_secret_reaches_logs_metrics_errors_or_admin(mock_upstream, tmp_path)
         assert call(alice, {**CHAT, "stream": True}).status_code == 200
         for wrong in (alice + "x", alice[:-1], UPSTREAM_KEY, ADMIN_KEY, sha256_hex(alice), ""):
             assert call(wrong).status_code == 401
-        assert record(httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"api-key": alice + "y"})).status_code == 401
+        azure_style = httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"api-key": alice + "y"})
+        assert record(azure_style).status_code == 401
         assert call(bob, {**CHAT, "model": "chat-model", "max_tokens": 50}).status_code == 429  # budget
         statuses = [call(alice).status_code for _ in range(8)]
         assert 429 in statuses  # rpm
@@ -76,7 +77,8 @@ def test_no_secret_reaches_logs_metrics_errors_or_admin(mock_upstream, tmp_path)
         call(bob)
         redis.start()
         for key in (None, alice, UPSTREAM_KEY, ADMIN_KEY + "!"):
-            response = record(httpx.get(base + "/admin/usage", headers={"Authorization": f"Bearer {key}"} if key else {}))
+            auth = {"Authorization": f"Bearer {key}"} if key else {}
+            response = record(httpx.get(base + "/admin/usage", headers=auth))
             assert response.status_code in (401, 403)
         for admin_path in ("/admin/usage", "/admin/keys", "/admin/openapi.json"):
             response = record(httpx.get(base + admin_path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}))
@@ -148,7 +150,7 @@ def test_no_request_can_choose_where_the_proxy_connects(mock_upstream, start_pro
             {"body": {"model": f"http://{target}/v1/chat-model"}},
         ]
         for attempt in attempts:
-            body = {**{"model": "chat-model", "messages": [{"role": "user", "content": "hi"}]}, **attempt.get("body", {})}
+            body = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], **attempt.get("body", {})}
             response = httpx.post(server.base_url + "/chat/completions", json=body,
                                   headers={**auth, **attempt.get("headers", {})})
             assert response.status_code in (200, 404), response.text

@@ -23,13 +23,23 @@ from redis.crc import key_slot
 from proxy.limits.memory_store import MemoryStore
 from proxy.limits.redis_store import CLUSTER_MAX_CONNECTIONS, RedisStore
 from proxy.limits.types import (
-    Admission, BucketState, BudgetDay, Decision, Renewal, ScopeLimits, Settled, Settlement, StoreError, Usage,
+    Admission,
+    BucketState,
+    BudgetDay,
+    Decision,
+    Renewal,
+    ScopeLimits,
+    Settled,
+    Settlement,
+    StoreError,
+    Usage,
 )
 from tests.support.ports import free_port
 
 DAY_S = 86_400
 START = 19_675 * DAY_S  # 2023-11-14 00:00 UTC
-DAYS = BudgetDay(("2023-11-14", "2023-11-15", "2023-11-16"), (START, START + DAY_S, START + 2 * DAY_S, START + 3 * DAY_S))
+DAYS = BudgetDay(("2023-11-14", "2023-11-15", "2023-11-16"),
+                 (START, START + DAY_S, START + 2 * DAY_S, START + 3 * DAY_S))
 T0_US = (START + DAY_S + 3600) * 1_000_000  # 2023-11-15 01:00
 
 
@@ -396,8 +406,8 @@ async def test_ledger(store):
     assert await store.settle(settlement(failed, model="mini", succeeded=False))
 
     def m(spend, requests, prompt, completion, cached):
-        return dict(spend_micros=spend, requests=requests, prompt_tokens=prompt,
-                    completion_tokens=completion, cached_tokens=cached)
+        return {"spend_micros": spend, "requests": requests, "prompt_tokens": prompt,
+                "completion_tokens": completion, "cached_tokens": cached}
 
     assert await store.usage("2023-11-15", ["platform", "nobody"]) == {
         "date": "2023-11-15",
@@ -442,7 +452,7 @@ async def test_every_key_expires_and_shares_the_team_hash_tag(store, clock):
     platform = [name for name in ttls if "{platform}" in name]
     assert {key_slot(name.encode()) for name in platform} == {key_slot(b"{platform}")}
     assert all(name.startswith(("llmrl:{platform}:", "llmrl:{other}:")) for name in ttls)
-    if isinstance(getattr(store, "client", None), RedisCluster):  # the cluster itself agrees: one slot, one master a team
+    if isinstance(getattr(store, "client", None), RedisCluster):  # the cluster agrees: one slot, one master a team
         slots = {team: {await store.client.cluster_keyslot(n) for n in ttls if f"{{{team}}}" in n}
                  for team in ("platform", "other")}
         assert slots == {"platform": {key_slot(b"{platform}")}, "other": {key_slot(b"{other}")}}

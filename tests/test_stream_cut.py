@@ -14,6 +14,7 @@ import pytest
 
 from proxy.tokens import estimate_text_tokens
 from tests.support.configs import ADMIN_KEY, KEYS, make_config
+from tests.support.errors import openai_error
 
 CHUNKS = 5
 
@@ -30,7 +31,8 @@ def test_content_before_a_cut_is_relayed_then_charged(mock_upstream, start_proxy
         with pytest.raises(openai.APIError) as caught:
             for chunk in stream:
                 received.append(chunk.choices[0].delta.content or "")
-    assert caught.value.body["code"] == "upstream_error", caught.value.body
+    assert caught.value.body == openai_error("The upstream stream was interrupted before it finished.", "server_error",
+                                             "upstream_error")["error"]
     assert received == [f"word{i}" if i == 0 else f" word{i}" for i in range(CHUNKS)], \
         "content that arrived before the cut was not relayed"
 

@@ -12,11 +12,7 @@ import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from proxy.config import Upstream
-from proxy.forwarding.upstream import (
-    UpstreamBroken,
-    UpstreamClient,
-    UpstreamConnectError,
-)
+from proxy.forwarding.upstream import UpstreamBroken, UpstreamClient, UpstreamConnectError
 from proxy.mock_upstream import MockUpstream
 from tests.support.ports import free_port
 

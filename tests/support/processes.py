@@ -40,12 +40,12 @@ class Process:
         self.env = {**os.environ, **(env or {})}
         self.popen: subprocess.Popen | None = None
 
-    def start(self) -> "Process":
+    def start(self) -> Process:
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env)
         return self
 
-    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> "Process":
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> Process:
         deadline = time.monotonic() + timeout_s
         while True:
             if self.popen is None or self.popen.poll() is not None:

@@ -73,8 +73,7 @@ class RedisCluster:
     def _start_node(self, port: int) -> subprocess.Popen:
         node_dir = os.path.join(self.workdir, str(port))
         os.makedirs(node_dir, exist_ok=True)  # a restarted node rejoins from its nodes.conf
-        log = open(os.path.join(node_dir, "redis.log"), "ab")
-        with log:
+        with open(os.path.join(node_dir, "redis.log"), "ab") as log:
             return subprocess.Popen(
                 ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "no",
                  "--cluster-enabled", "yes", "--cluster-config-file", os.path.join(node_dir, "nodes.conf"),

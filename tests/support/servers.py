@@ -28,7 +28,7 @@ class ProxyServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def start(self) -> "ProxyServer":
+    def start(self) -> ProxyServer:
         self.thread.start()
         deadline = time.monotonic() + 15
         while not self.server.started:
@@ -55,7 +55,7 @@ class ProxyServer:
         self.server.should_exit = True
         self.thread.join(15)
 
-    def __enter__(self) -> "ProxyServer":
+    def __enter__(self) -> ProxyServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
