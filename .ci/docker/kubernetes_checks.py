@@ -106,7 +106,9 @@ def docker_run_args(pod: dict[str, Any], workdir: Path, docs: list[dict[str, Any
     for source in container.get("envFrom", []):
         secret = one(docs, "Secret", source["secretRef"]["name"])
         for key, value in secret.get("stringData", {}).items():
-            args += ["-e", f"{key}={value}"]
+            # as a user does: every placeholder replaced, each by a secret of its own (the proxy
+            # refuses one key in two entries, so shared placeholders would not start)
+            args += ["-e", f"{key}=ci-{key.lower()}" if value == "REPLACE_ME" else f"{key}={value}"]
     for port in container.get("ports", []):
         args += ["-p", f"127.0.0.1::{port['containerPort']}"]
     args.append(container["image"])
