@@ -5,34 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-from .auth import new_key, sha256_hex
-from .config import DEFAULT_PORT, Config, ConfigError, load_config
-
-CONFIG_ENV = "LLM_PROXY_CONFIG"
-
-
-def _config_path(given: str | None) -> str:
-    path = given or os.environ.get(CONFIG_ENV)
-    if not path:
-        raise SystemExit(f"llm-proxy: no config: pass --config FILE or set {CONFIG_ENV}")
-    return str(Path(path).resolve())
-
-
-def _load_or_exit(path: str) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        print(f"{path}: invalid configuration", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        raise SystemExit(1) from None
+from .cli_config import CONFIG_ENV, config_path, load_or_exit
+from .config import DEFAULT_PORT, Config
+from .request.authenticate import new_key, sha256_hex
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    path = _config_path(args.config)
-    config = _load_or_exit(path)
+    path = config_path(args.config)
+    config = load_or_exit(path)
     if args.workers < 1:
         raise SystemExit("llm-proxy serve: --workers must be at least 1")
     if args.workers > 1 and config.store.redis_url is None:
@@ -90,7 +71,7 @@ def _redact_url(url: str) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load_or_exit(args.file)
+    config = load_or_exit(args.file)
     print(f"{args.file}: ok")
     print(summary(config))
     return 0

@@ -27,19 +27,12 @@ from pydantic import (
 )
 
 from .config_yaml import load_yaml
+from .errors import ConfigError
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_PORT = 8080
 ENV_VAR_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
-
-
-class ConfigError(Exception):
-    """A configuration that cannot be used; `problems` are `path: message` lines."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
 
 
 class EnvText(str):

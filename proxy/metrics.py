@@ -70,11 +70,11 @@ class Metrics:
 
     # -- observer -----------------------------------------------------------------------------
     def admitted(self, outcome: Outcome) -> None:
-        self.inflight.labels(outcome.caller.team).inc()
+        self.inflight.labels(outcome.caller.team_name).inc()
 
     def finished(self, outcome: Outcome) -> None:
         caller = outcome.caller
-        team, key = (caller.team, caller.name) if caller else ("", "")
+        team, key = (caller.team_name, caller.key_name) if caller else ("", "")
         model = outcome.model
         if outcome.ticket is not None:
             self.inflight.labels(team).dec()
@@ -95,14 +95,14 @@ class Metrics:
                 self.tokens.labels(team, key, model, kind).inc(value)
         if outcome.cost_micros:
             self.spend.labels(team, key, model).inc(outcome.cost_micros / MICROS)
-        self.duration.labels(team, model, "true" if outcome.stream else "false").observe(outcome.done - outcome.started)
+        self.duration.labels(team, model, "true" if outcome.stream else "false").observe(outcome.finished_at - outcome.started_at)
         if outcome.first_byte_at:
-            self.ttft.labels(team, model).observe(outcome.first_byte_at - outcome.started)
-        if attempts.first_attempt_at and outcome.finished_upstream:
-            upstream_time = outcome.finished_upstream - attempts.first_attempt_at
+            self.ttft.labels(team, model).observe(outcome.first_byte_at - outcome.started_at)
+        if attempts.first_attempt_at and outcome.upstream_finished_at:
+            upstream_time = outcome.upstream_finished_at - attempts.first_attempt_at
             self.upstream_duration.labels(attempts.upstream, attempts.target_model).observe(
-                outcome.finished_upstream - attempts.upstream_started)
-            self.overhead.observe(max(0.0, outcome.done - outcome.started - upstream_time))
+                outcome.upstream_finished_at - attempts.last_attempt_at)
+            self.overhead.observe(max(0.0, outcome.finished_at - outcome.started_at - upstream_time))
 
     def store_error(self, op: str) -> None:
         self.store_errors.labels(op).inc()

@@ -7,7 +7,6 @@ import asyncio
 
 import pytest
 
-from proxy.auth import KeyRing
 from proxy.errors import RateLimited, StoreUnavailable
 from proxy.limits import limiter as limiter_module
 from proxy.limits.limiter import Limiter
@@ -20,6 +19,7 @@ from proxy.limits.types import (
     StoreUnreachable,
     Usage,
 )
+from proxy.request.authenticate import KeyRing
 from tests.support.configs import KEYS, make_config
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from ..auth import Caller
+from ..request.authenticate import Caller
 from ..config import Config, Limits
 from ..errors import BudgetExceeded, RateLimited, StoreUnavailable
 from ..pricing import format_usd, usd_to_micros
@@ -108,9 +108,9 @@ class Limiter:
     # -- scopes -------------------------------------------------------------------------------
     def scopes(self, caller: Caller, divisor: int = 1) -> tuple[ScopeLimits, ScopeLimits]:
         ratio = self.config.budget_alert_ratio
-        key = scope_limits("key", caller.name, caller.key.limits, caller.key.daily_budget_usd, divisor, ratio)
-        team = scope_limits("team", caller.team, caller.team_config.limits, caller.team_config.daily_budget_usd,
-                            divisor, ratio)
+        key = scope_limits("key", caller.key_name, caller.key.limits, caller.key.daily_budget_usd, divisor, ratio)
+        team = scope_limits("team", caller.team_name, caller.team.limits, caller.team.daily_budget_usd, divisor,
+                            ratio)
         return key, team
 
     def days(self) -> BudgetDay:
@@ -167,7 +167,7 @@ class Limiter:
 
     def _refusal(self, decision: Decision, caller: Caller) -> Exception:
         headers = rate_limit_headers(decision)
-        who = f"key '{caller.name}'" if decision.scope == "key" else f"team '{caller.team}'"
+        who = f"key '{caller.key_name}'" if decision.scope == "key" else f"team '{caller.team_name}'"
         if decision.reason == "budget":
             headers["x-should-retry"] = "false"
             return BudgetExceeded(

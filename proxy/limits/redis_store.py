@@ -23,11 +23,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from . import scripts
-from .resp import RespClient, RespConnectionError, RespReplyError
+from ..errors import RespConnectionError, RespReplyError, RespUnreachable
+from .resp import RespClient
 from .layout import DEFAULT_PREFIX, Layout, admit_args, decode_decision, decode_settled, settle_args
 from .ledger import usage_report
 from .types import Admission, Decision, ScopeKind, ScopeLimits, Settled, Settlement, StoreError, StoreUnreachable
-from .resp import RespUnreachable
 
 DEFAULT_TIMEOUT_MS = 250
 DEFAULT_RETENTION_DAYS = 35

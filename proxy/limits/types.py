@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from ..errors import StoreError, StoreUnreachable  # noqa: F401 - re-exported for the stores
+
 Reason = Literal["rpm", "tpm", "parallel", "budget"]
 ScopeKind = Literal["key", "team"]
 
@@ -139,14 +141,6 @@ class Settled:
 
     def __bool__(self) -> bool:
         return self.applied
-
-
-class StoreError(Exception):
-    """The store could not answer (Redis down, timeout). Raised by every store operation."""
-
-
-class StoreUnreachable(StoreError):
-    """The store was not reached at all: the operation was never sent, so it did not apply."""
 
 
 class Store(Protocol):
