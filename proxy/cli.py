@@ -7,7 +7,7 @@ import os
 import sys
 
 from .cli_config import CONFIG_ENV, config_path, load_or_exit
-from .config import DEFAULT_PORT, Config
+from .config import DEFAULT_PORT, Config, Limits
 from .request.authenticate import new_key, sha256_hex
 
 
@@ -57,7 +57,7 @@ def summary(config: Config) -> str:
     return "\n".join(lines)
 
 
-def _limits(limits) -> str:
+def _limits(limits: Limits) -> str:
     parts = [f"{name} {value}" for name in ("rpm", "tpm", "max_parallel")
              if (value := getattr(limits, name)) is not None]
     return ", ".join(parts) or "no limits"

@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from .config_yaml import load_yaml
 from .errors import ConfigError
@@ -268,9 +269,9 @@ class Config(_Strict):
         for name, key in self.keys.items():
             if key.team not in self.teams:
                 problems.append(f"keys.{name}.team: unknown team {key.team!r}")
-            for model in key.models or ():
-                if model not in self.models:
-                    problems.append(f"keys.{name}.models: unknown model {model!r}")
+            for model_name in key.models or ():
+                if model_name not in self.models:
+                    problems.append(f"keys.{name}.models: unknown model {model_name!r}")
         return problems
 
     def _shared_key_problems(self, environ: Mapping[str, str]) -> list[str]:
@@ -313,7 +314,7 @@ def interpolate_env(text: str, environ: Mapping[str, str] | None = None) -> str:
     return result
 
 
-def _message(error: dict[str, Any]) -> str:
+def _message(error: ErrorDetails) -> str:
     kind, ctx = error["type"], error.get("ctx", {})
     if kind == "greater_than":
         return f"must be > {ctx['gt']}"
@@ -329,8 +330,7 @@ def _message(error: dict[str, Any]) -> str:
         return "must be 64 lowercase hex characters (sha256)"
     if kind in ("too_short", "string_too_short"):
         return "must not be empty"
-    message = error["msg"]
-    return message.removeprefix("Value error, ")
+    return error["msg"].removeprefix("Value error, ")
 
 
 def _path(loc: tuple[Any, ...]) -> str:

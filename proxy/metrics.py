@@ -30,7 +30,8 @@ class Metrics:
     """Every metric of one app, registered in the app's own registry."""
 
     def __init__(self) -> None:
-        disable_created_metrics()  # *_created series double the exposition for nothing we use
+        # *_created series double the exposition for nothing we use (prometheus_client: untyped function)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("llm_proxy_requests", "Requests answered, by final status.",
@@ -70,7 +71,8 @@ class Metrics:
 
     # -- observer -----------------------------------------------------------------------------
     def admitted(self, outcome: Outcome) -> None:
-        self.inflight.labels(outcome.caller.team_name).inc()
+        if outcome.caller is not None:
+            self.inflight.labels(outcome.caller.team_name).inc()
 
     def finished(self, outcome: Outcome) -> None:
         caller = outcome.caller
@@ -121,12 +123,12 @@ class Metrics:
     def worker_exited() -> None:
         """Drop this worker's live gauges (in-flight) from the aggregate."""
         if multiprocess_dir():
-            multiprocess.mark_process_dead(os.getpid())
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # prometheus_client
 
     # -- exposition ---------------------------------------------------------------------------
     def exposition(self) -> bytes:
         if multiprocess_dir():
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus_client
             return generate_latest(registry)
         return generate_latest(self.registry)

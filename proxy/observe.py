@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -67,7 +67,7 @@ class Outcome:
     finished_at: float = 0.0  # settled, or refused
     stream_error: str | None = None
     client_gone: bool = False
-    request_body: dict | None = None  # only with log_bodies: true
+    request_body: dict[str, Any] | None = None  # only with log_bodies: true
     response_body: bytes | None = None
 
     def fail(self, error: ProxyError) -> None:
@@ -87,7 +87,7 @@ class Observer(Protocol):
 class RequestLog:
     """One JSON line per request on stdout: no secrets, no message content."""
 
-    def __init__(self, level: str = "info", stream=None):
+    def __init__(self, level: str = "info", stream: IO[str] | None = None) -> None:
         self._stream = stream or sys.stdout
         self.set_level(level)
         self._default = lambda value: repr(value)
@@ -103,7 +103,7 @@ class RequestLog:
         if not self.enabled:
             return
         caller = outcome.caller
-        line = {
+        line: dict[str, object] = {
             "event": "request",
             "request_id": outcome.request_id,
             "endpoint": outcome.endpoint,
