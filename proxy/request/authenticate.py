@@ -51,11 +51,9 @@ class KeyRing:
     def __init__(self, config: Config, environ: Mapping[str, str] | None = None):
         env = os.environ if environ is None else environ
         self._by_hash: dict[str, Caller] = {}
-        self.missing: list[str] = []  # key names whose key_env is unset
         for name, key in config.keys.items():
             digest = key.sha256(env)
-            if digest is None:
-                self.missing.append(name)
+            if digest is None:  # its key_env is unset: the key cannot be used
                 continue
             models = frozenset(key.models) if key.models is not None else None
             self._by_hash[digest] = Caller(name, key.team, key, config.teams[key.team], models)

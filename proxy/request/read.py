@@ -51,8 +51,7 @@ async def read_call(request: Request, endpoint: str, caller: Caller, config: Con
                             param="model")
     if not caller.may_use(call.model):
         raise ModelNotAllowed(f"This key is not allowed to use the model `{call.model}`.", param="model")
-    call.prompt_tokens = apply_context_policy(call.model, model, endpoint, body, call.prompt_tokens,
-                                              call.max_output)
+    call.prompt_tokens = apply_context_policy(model, endpoint, body, call.prompt_tokens, call.max_output)
     return call, model
 
 
@@ -108,7 +107,7 @@ def _depth(value: dict[str, Any] | list[Any]) -> int:
 
 
 # -- the context window ---------------------------------------------------------------------------
-def _exceeded(model_name: str, window: int, prompt: int, output: int) -> ContextLengthExceeded:
+def _exceeded(window: int, prompt: int, output: int) -> ContextLengthExceeded:
     return ContextLengthExceeded(
         f"This model's maximum context length is {window} tokens. However, you requested about "
         f"{prompt + output} tokens ({prompt} in the messages, {output} in the completion). "
@@ -117,14 +116,13 @@ def _exceeded(model_name: str, window: int, prompt: int, output: int) -> Context
     )
 
 
-def apply_context_policy(model_name: str, model: Model, endpoint: str, body: dict[str, Any], prompt: int,
-                         output: int) -> int:
+def apply_context_policy(model: Model, endpoint: str, body: dict[str, Any], prompt: int, output: int) -> int:
     """Returns the (possibly reduced) prompt estimate; may drop old messages from `body` in place."""
     window = model.context_window
     if window is None or prompt + output <= window:
         return prompt
     if model.context_overflow != "truncate" or endpoint != "chat":
-        raise _exceeded(model_name, window, prompt, output)
+        raise _exceeded(window, prompt, output)
     messages: list[dict[str, Any]] = body["messages"]
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=len(messages) - 1)
     always_kept = {i for i, m in enumerate(messages) if m.get("role") in ("system", "developer")} | {last_user}
@@ -135,4 +133,4 @@ def apply_context_policy(model_name: str, model: Model, endpoint: str, body: dic
         if prompt + output <= window:
             body["messages"] = [m for i, m in enumerate(messages) if i not in dropped]
             return prompt
-    raise _exceeded(model_name, window, prompt, output)
+    raise _exceeded(window, prompt, output)
