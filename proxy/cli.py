@@ -1,4 +1,4 @@
-"""`llm-proxy`: serve, demo, check-config, new-key, hash-key, usage."""
+"""`llm-proxy`: serve, demo, check-config, prices, new-key, hash-key, usage."""
 
 from __future__ import annotations
 
@@ -74,7 +74,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_or_exit(args.file)
     print(f"{args.file}: ok")
     print(summary(config))
+    for name, model in config.models.items():
+        if not model.has_price:
+            print(f"warning: models.{name}: no price (price_per_mtok or price: catalog): its spend would read $0",
+                  file=sys.stderr)
     return 0
+
+
+def cmd_prices(args: argparse.Namespace) -> int:
+    from .price_catalog import catalog_listing, catalog_table
+
+    print(orjson_dumps(catalog_listing()) if args.json else catalog_table())
+    return 0
+
+
+def orjson_dumps(value: object) -> str:
+    import orjson
+
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
 
 
 def cmd_new_key(args: argparse.Namespace) -> int:
@@ -119,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)
 
+    prices = commands.add_parser("prices", help="list the price catalog (public list prices, USD per Mtok)")
+    prices.add_argument("--json", action="store_true")
+    prices.set_defaults(func=cmd_prices)
+
     key = commands.add_parser("new-key", help="print a fresh proxy key and its sha256 config line")
     key.set_defaults(func=cmd_new_key)
 
@@ -133,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--date", help="YYYY-MM-DD (default: today in budget_timezone)")
     usage.add_argument("--by", choices=["team", "key", "model", "tag"], default="team")
     usage.add_argument("--json", action="store_true")
+    usage.add_argument("--what-if", metavar="PRICES.yaml", help="re-price the month's tokens at these prices")
+    usage.add_argument("--month", help="YYYY-MM for --what-if (default: this month in budget_timezone)")
     usage.set_defaults(func=cmd_usage)
     return parser
 

@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from decimal import Decimal
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -29,6 +30,7 @@ from pydantic_core import ErrorDetails
 
 from .config_yaml import load_yaml
 from .errors import ConfigError
+from .price_catalog import catalog_price_fields
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_PORT = 8080
@@ -146,18 +148,103 @@ class Target(_Strict):
     model: str
 
 
+class PriceTier(_Strict):
+    """Long-context prices: for a request whose prompt exceeds `above_input_tokens`, the prices
+    named here replace the base ones (any subset; the rest stay the model's)."""
+
+    above_input_tokens: Integer = Field(gt=0)
+    input: Decimal | None = Field(None, ge=0)
+    output: Decimal | None = Field(None, ge=0)
+    cached_input: Decimal | None = Field(None, ge=0)
+    cache_write: Decimal | None = Field(None, ge=0)
+    reasoning: Decimal | None = Field(None, ge=0)
+
+
 class Price(_Strict):
+    """USD per million tokens. `cached_input` (cache reads) and `cache_write` default to `input`,
+    `reasoning` to `output`; `proxy.pricing` says which tokens each price applies to."""
+
     input: Decimal = Field(Decimal(0), ge=0)
     output: Decimal = Field(Decimal(0), ge=0)
     cached_input: Decimal | None = Field(None, ge=0)
+    cache_write: Decimal | None = Field(None, ge=0)
+    reasoning: Decimal | None = Field(None, ge=0)
+    tiers: list[PriceTier] = []
+
+    @field_validator("tiers")
+    @classmethod
+    def _ascending(cls, tiers: list[PriceTier]) -> list[PriceTier]:
+        thresholds = [tier.above_input_tokens for tier in tiers]
+        if any(a >= b for a, b in pairwise(thresholds)):
+            raise ValueError("above_input_tokens must increase from one tier to the next")
+        return tiers
+
+
+class CatalogPrice(_Strict):
+    catalog: str = Field(min_length=1)
 
 
 class Model(_Strict):
+    """`price: catalog` (the entry named like the first target's model) or `price: {catalog: NAME}`
+    takes the price from the shipped catalog (`llm-proxy prices`); `price_per_mtok` fields given
+    beside it override the catalog's (`tiers`, when given, replace the catalog's tiers)."""
+
     targets: list[Target] = Field(min_length=1)
     context_window: Integer | None = Field(None, gt=0)
     default_max_tokens: Integer = Field(1024, gt=0)
+    price: Literal["catalog"] | CatalogPrice | None = None
     price_per_mtok: Price = Price()
     context_overflow: Literal["reject", "truncate"] = "reject"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _price_from_catalog(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("price") is None:
+            return data
+        entry = catalog_price_fields(_catalog_name(data.get("price"), data.get("targets")))
+        overrides = data.get("price_per_mtok")
+        if entry is None or (overrides is not None and not isinstance(overrides, dict)):
+            return data  # `price` or `price_per_mtok` reports the problem
+        return {**data, "price_per_mtok": {**entry, **(overrides or {})}}
+
+    @field_validator("price", mode="before")
+    @classmethod
+    def _catalog_reference(cls, value: Any) -> Any:
+        if value is None or value == "catalog" or (isinstance(value, dict) and set(value) == {"catalog"}):
+            return value
+        raise ValueError("must be `catalog` or {catalog: NAME}")
+
+    @field_validator("price")
+    @classmethod
+    def _known_catalog_entry(cls, value: Literal["catalog"] | CatalogPrice | None,
+                             info: ValidationInfo) -> Literal["catalog"] | CatalogPrice | None:
+        if value is None:
+            return value
+        targets = info.data.get("targets")
+        if targets is None:
+            return value  # targets already refused
+        name = _catalog_name(value, [{"model": target.model} for target in targets])
+        if catalog_price_fields(name) is None:
+            raise ValueError(f"no catalog price for {name!r} (`llm-proxy prices` lists the catalog)")
+        return value
+
+    @property
+    def has_price(self) -> bool:
+        """False when neither `price` nor `price_per_mtok` is configured: its spend would read $0."""
+        return self.price is not None or "price_per_mtok" in self.model_fields_set
+
+
+def _catalog_name(price: Any, targets: Any) -> str:
+    if isinstance(price, CatalogPrice):
+        return price.catalog
+    if isinstance(price, dict) and isinstance(price.get("catalog"), str):
+        return str(price["catalog"])
+    if isinstance(targets, list) and targets:
+        first = targets[0]
+        model = first.get("model") if isinstance(first, dict) else getattr(first, "model", None)
+        if isinstance(model, str):
+            return model
+    return ""
 
 
 class Limits(_Strict):
@@ -166,6 +253,7 @@ class Limits(_Strict):
     max_parallel: Integer | None = Field(None, gt=0)
     rpm_burst: Integer | None = Field(None, gt=0)  # bucket capacities (default: one minute's worth)
     tpm_burst: Integer | None = Field(None, gt=0)
+    enforce: bool = True  # false: shadow mode (would-be refusals are counted and logged, never made)
 
     @field_validator("rpm_burst", "tpm_burst")
     @classmethod
@@ -176,18 +264,90 @@ class Limits(_Strict):
         return value
 
 
-class Team(_Strict):
+Window = Literal["day", "week", "month"]
+EndUserSource = Literal["safety_identifier", "user", "x-proxy-end-user"]
+
+
+class Budget(_Strict):
+    """A spend cap over one calendar window in `budget_timezone`."""
+
+    window: Window
+    usd: Decimal = Field(gt=0)
+    enforce: bool = True  # false: shadow mode (would-be refusals are counted and logged, never made)
+
+
+class _Budgeted(_Strict):
+    """A scope with `budgets`; `daily_budget_usd: X` is shorthand for `[{window: day, usd: X}]`."""
+
     daily_budget_usd: Decimal | None = Field(None, gt=0)
+    budgets: list[Budget] = []
+
+    @field_validator("budgets")
+    @classmethod
+    def _one_budget_per_window(cls, budgets: list[Budget]) -> list[Budget]:
+        windows = [budget.window for budget in budgets]
+        repeated = sorted({window for window in windows if windows.count(window) > 1}, key=windows.index)
+        if repeated:
+            raise ValueError("more than one budget for the " + ", ".join(repeated) + " window: give one per window")
+        return budgets
+
+    @model_validator(mode="after")
+    def _shorthand_or_day_budget(self) -> _Budgeted:
+        if self.daily_budget_usd is not None and any(budget.window == "day" for budget in self.budgets):
+            raise ValueError("daily_budget_usd and a day budget in budgets: give one of them")
+        return self
+
+    def all_budgets(self) -> tuple[Budget, ...]:
+        """Every budget of this scope, `daily_budget_usd` as its day budget."""
+        shorthand = () if self.daily_budget_usd is None else (Budget(window="day", usd=self.daily_budget_usd),)
+        return shorthand + tuple(self.budgets)
+
+
+class EndUsers(_Budgeted):
+    """Budgets and limits that apply to each distinct end user of a team, separately."""
+
     limits: Limits = Limits()
 
 
-class Key(_Strict):
+class Org(_Budgeted):
+    """All traffic through this deployment."""
+
+
+class Alerts(_Strict):
+    """Budget alerts: each threshold (a fraction of a budget) fires once per scope and window."""
+
+    thresholds: list[Number] = Field([0.5, 0.8, 1.0], min_length=1)
+    webhook_url: str | None = None
+    format: Literal["json", "slack"] = "json"
+
+    @field_validator("thresholds")
+    @classmethod
+    def _fractions_ascending(cls, thresholds: list[float]) -> list[float]:
+        if any(not 0 < threshold <= 1 for threshold in thresholds):
+            raise ValueError("each threshold must be > 0 and <= 1 (a fraction of the budget)")
+        if any(a >= b for a, b in pairwise(thresholds)):
+            raise ValueError("must increase")
+        return thresholds
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+
+class Team(_Budgeted):
+    limits: Limits = Limits()
+    end_users: EndUsers | None = None
+
+
+class Key(_Budgeted):
     team: str
     key_sha256: str | None = Field(None, pattern=SHA256_PATTERN)
     key_env: str | None = None
     key: str | None = Field(None, min_length=1)
     limits: Limits = Limits()
-    daily_budget_usd: Decimal | None = Field(None, gt=0)
     models: list[str] | None = None
 
     @model_validator(mode="after")
@@ -210,11 +370,65 @@ class Key(_Strict):
         return hashlib.sha256(secret.encode("utf-8")).hexdigest() if secret else None
 
 
+class JwtAuth(_Strict):
+    """`auth.jwt`: tokens from the organisation's identity provider (RS256 / ES256 only)."""
+
+    issuer: str = Field(min_length=1)
+    audience: str = Field(min_length=1)
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    team_claim: str = Field(min_length=1)
+    user_claim: str = Field("sub", min_length=1)
+
+    @model_validator(mode="after")
+    def _one_jwks_source(self) -> JwtAuth:
+        if (self.jwks_url is None) == (self.jwks_file is None):
+            raise ValueError("exactly one of jwks_url or jwks_file is required")
+        if self.jwks_url is not None and not self.jwks_url.startswith(("http://", "https://")):
+            raise ValueError("jwks_url must start with http:// or https://")
+        return self
+
+
+class Auth(_Strict):
+    jwt: JwtAuth | None = None
+
+
+class AdminScope(_Strict):
+    team: str = Field(min_length=1)
+
+
+class AdminKey(_Strict):
+    """A named admin key; with `scope` it manages one team's keys and reads only its usage."""
+
+    key_sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+    key_env: str | None = None
+    scope: AdminScope | None = None
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> AdminKey:
+        if (self.key_sha256 is None) == (self.key_env is None):
+            raise ValueError("exactly one of key_sha256 or key_env is required")
+        return self
+
+    @field_validator("key_env")
+    @classmethod
+    def _key_env_set(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _env_is_set(value, info)
+
+    def sha256(self, environ: Mapping[str, str]) -> str | None:
+        if self.key_sha256 is not None:
+            return self.key_sha256
+        secret = environ.get(self.key_env or "")
+        return hashlib.sha256(secret.encode("utf-8")).hexdigest() if secret else None
+
+
 class Config(_Strict):
     listen: Listen = Listen()
     server: Server = Server()
     admin_key_sha256: str | None = Field(None, pattern=SHA256_PATTERN)
     admin_key_env: str | None = None
+    admin_keys: dict[str, AdminKey] = {}
+    auth: Auth = Auth()
     max_body_bytes: Integer = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
     store: Store = Store()
     budget_timezone: str = "UTC"
@@ -228,6 +442,17 @@ class Config(_Strict):
     models: dict[str, Model] = Field(min_length=1)
     teams: dict[str, Team] = {}
     keys: dict[str, Key] = {}
+    org: Org | None = None
+    end_user_identity: list[EndUserSource] = Field(["safety_identifier", "user", "x-proxy-end-user"], min_length=1)
+    alerts: Alerts | None = None
+
+    @field_validator("end_user_identity")
+    @classmethod
+    def _sources_once(cls, sources: list[str]) -> list[str]:
+        repeated = sorted({source for source in sources if sources.count(source) > 1}, key=sources.index)
+        if repeated:
+            raise ValueError("each source at most once: " + ", ".join(repeated) + " repeated")
+        return sources
 
     @field_validator("budget_timezone")
     @classmethod
@@ -255,6 +480,9 @@ class Config(_Strict):
         problems = self._reference_problems()
         if self.admin_key_sha256 and self.admin_key_env:
             problems.append("admin_key_sha256: give admin_key_sha256 or admin_key_env, not both")
+        if self.alerts is not None:
+            problems += [f"{field}: give alerts or {field}, not both"
+                         for field in ("budget_alert_ratio", "alert_webhook_url") if field in self.model_fields_set]
         problems += self._shared_key_problems((info.context or {}).get("environ") or {})
         if problems:
             raise ConfigError(problems)
@@ -281,6 +509,13 @@ class Config(_Strict):
         if admin is not None:
             owners[admin] = "admin_key_sha256" if self.admin_key_sha256 else "admin_key_env"
         problems = []
+        for name, admin_key in self.admin_keys.items():
+            digest = admin_key.sha256(environ)
+            where = f"admin_keys.{name}"
+            if digest is not None and digest in owners:
+                problems.append(f"{where}: same key as {owners[digest]}")
+            elif digest is not None:
+                owners[digest] = where
         for name, key in self.keys.items():
             digest = key.sha256(environ)
             if digest is None:
@@ -330,6 +565,10 @@ def _message(error: ErrorDetails) -> str:
         return "must be 64 lowercase hex characters (sha256)"
     if kind in ("too_short", "string_too_short"):
         return "must not be empty"
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}"
+    if kind == "bool_parsing":
+        return "must be true or false"
     return error["msg"].removeprefix("Value error, ")
 
 

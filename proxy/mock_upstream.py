@@ -1,8 +1,15 @@
-"""A deterministic mock of the OpenAI API, with fault injection, for demos, tests and benchmarks.
+"""A deterministic mock of the OpenAI and Anthropic APIs, with fault injection, for demos and tests.
 
 Replies are `chunks` words ("word0 word1 ..."), capped by the request's max_tokens. Every /v1
 request is logged and consumes one fault (the `x-mock-fault` header first, else the FIFO queue).
 The usage sums in `/_mock/stats` count only usage the mock actually reported in a response.
+
+Besides chat, completions, embeddings and models it serves the Responses API (POST /v1/responses,
+plain and streamed; GET and DELETE /v1/responses/{id}, POST .../cancel, GET .../input_items for
+the responses it created) and the Anthropic Messages API (POST /v1/messages, plain and streamed;
+POST /v1/messages/count_tokens), whose errors are Anthropic-shaped. The wire formats are built in
+`proxy.mocks`; the faults apply to every route alike (a `status` of 529 is Anthropic's
+overloaded_error; `error_after_chunks` ends a stream with the API's error event).
 
 Control endpoints: GET|DELETE /_mock/requests, GET|DELETE /_mock/stats, POST|DELETE /_mock/faults.
 """
@@ -22,6 +29,10 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from .mocks import anthropic as anthropic_api
+from .mocks import responses as responses_api
+from .mocks.common import Script, Tally, text_tokens
 
 DEFAULT_CHUNKS = 16
 EMBEDDING_DIMENSIONS = 8
@@ -44,7 +55,12 @@ FAULT_FIELDS: dict[str, type | tuple[type, ...]] = {
     "usage_multiplier": (int, float),
     "chunks": int,
     "chunk_delay_s": (int, float),
+    "reasoning_tokens": int,  # Responses: reasoning output tokens (within the output cap)
+    "cache_write_tokens": int,  # Responses and Anthropic: input tokens written to the cache
+    "error_after_chunks": int,  # Responses and Anthropic streams: the API's error event after N deltas
 }
+ANTHROPIC_PREFIX = "/v1/messages"
+ANTHROPIC_VERSION_HEADER = "anthropic-version"
 
 ERROR_KINDS = {  # status -> (type, code), as OpenAI answers
     400: ("invalid_request_error", None),
@@ -79,22 +95,17 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     )
 
 
-def text_tokens(value: Any) -> int:
-    """Characters of every string in `value` // 4, token-id lists counted one per id; at least 1."""
-    chars = 0
-    ids = 0
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            chars += len(item)
-        elif isinstance(item, int) and not isinstance(item, bool):
-            ids += 1
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item[key] for key in ("content", "text") if key in item)
-    return max(1, chars // 4 + ids)
+def is_anthropic(request: web.Request) -> bool:
+    return request.path == ANTHROPIC_PREFIX or request.path.startswith(ANTHROPIC_PREFIX + "/")
+
+
+def api_error(request: web.Request, status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """An error in the shape of the API the request addressed (Anthropic's for /v1/messages...)."""
+    if not is_anthropic(request):
+        return error_response(status, message, headers)
+    headers = dict(headers or {})
+    body = anthropic_api.error_body(status, message, headers.get("request-id", ""))
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 def embedding_vector(text: str, dimensions: int) -> list[float]:
@@ -115,12 +126,13 @@ class MockState:
         self._requests: deque[dict[str, Any]] = deque(maxlen=MAX_LOGGED_REQUESTS)
         self._ids = itertools.count(1)
         self._stats = self._zero_stats()
+        self._responses: dict[str, dict] = {}  # Responses API: id -> {"response", "input_items"}
 
     @staticmethod
     def _zero_stats() -> dict[str, int]:
         return dict.fromkeys(
-            ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "streams_started",
-             "streams_completed", "streams_cancelled"),
+            ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
+             "reasoning_tokens", "streams_started", "streams_completed", "streams_cancelled"),
             0,
         )
 
@@ -164,10 +176,29 @@ class MockState:
             self._stats[name] += 1
 
     def reported(self, usage: dict[str, Any]) -> None:
+        details = usage.get("prompt_tokens_details", {})
+        self.tallied(Tally(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
+                           details.get("cached_tokens", 0)))
+
+    def tallied(self, tally: Tally) -> None:
         with self._lock:
-            self._stats["prompt_tokens"] += usage.get("prompt_tokens", 0)
-            self._stats["completion_tokens"] += usage.get("completion_tokens", 0)
-            self._stats["cached_tokens"] += usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+            for name in ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
+                         "reasoning_tokens"):
+                self._stats[name] += getattr(tally, name)
+
+    def store_response(self, response: dict[str, Any], items: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self._responses[response["id"]] = {"response": response, "input_items": items}
+            if len(self._responses) > MAX_LOGGED_REQUESTS:  # the oldest go, as logged requests do
+                del self._responses[next(iter(self._responses))]
+
+    def stored_response(self, response_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._responses.get(response_id)
+
+    def delete_response(self, response_id: str) -> bool:
+        with self._lock:
+            return self._responses.pop(response_id, None) is not None
 
     def next_id(self) -> int:
         with self._lock:
@@ -178,6 +209,7 @@ class MockState:
             self._faults.clear()
             self._requests.clear()
             self._stats = self._zero_stats()
+            self._responses.clear()
 
 
 STATE = web.AppKey("mock_state", MockState)
@@ -344,8 +376,151 @@ async def stream_completion(
     return response
 
 
-async def generate(request: web.Request, kind: str, body: dict[str, Any], fault: dict[str, Any],
-                   headers: dict[str, str]) -> web.StreamResponse:
+async def stream_script(
+    request: web.Request, state: MockState, script: Script, fault: dict[str, Any], headers: dict[str, str], delay_s: float
+) -> web.StreamResponse:
+    """Send a Responses or Anthropic stream: head, a delta per word (the faults count these), tail."""
+    cut_after = fault.get("cut_after_chunks")
+    error_after = fault.get("error_after_chunks")
+    bad_line_at = len(script.deltas) // 2 if fault.get("bad_sse_line") else None
+    response = web.StreamResponse(
+        headers=headers | {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    state.count("streams_started")
+    try:
+        await response.prepare(request)
+        if cut_after is not None and fault.get("cut_in_one_write"):
+            await response.write(b"".join(script.head + script.deltas[:cut_after]))
+            _transport(request).close()
+            return response
+        for frame in script.head:
+            await response.write(frame)
+        for position, frame in enumerate(script.deltas):
+            if position == bad_line_at:
+                await response.write(b"data: not-json\n\n")
+            if position == cut_after:
+                _transport(request).close()
+                return response
+            if position == error_after:
+                await response.write(script.error_frame(position))
+                await response.write_eof()
+                return response
+            if position and delay_s:
+                await asyncio.sleep(delay_s)
+            await response.write(frame)
+        if cut_after is not None:  # asked to cut after every delta: still never finish
+            _transport(request).close()
+            return response
+        if error_after is not None:
+            await response.write(script.error_frame(len(script.deltas)))
+            await response.write_eof()
+            return response
+        if delay_s and script.deltas:
+            await asyncio.sleep(delay_s)
+        for frame in script.tail:
+            await response.write(frame)
+        if script.tally is not None:
+            state.tallied(script.tally)
+        await response.write_eof()
+    except (ConnectionError, asyncio.CancelledError):
+        state.count("streams_cancelled")
+        raise
+    state.count("streams_completed")
+    return response
+
+
+async def send_script_or_body(
+    request: web.Request, stream: bool, script: Script, body: dict[str, Any], tally: Tally | None, fault: dict[str, Any],
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    state = request.app[STATE]
+    if stream:
+        delay_s = float(fault.get("chunk_delay_s", request.app[SETTINGS]["chunk_delay_s"]))
+        try:
+            return await stream_script(request, state, script, fault, headers, delay_s)
+        except ConnectionError:  # the client went away; nothing more can be sent
+            return web.Response()
+    payload = orjson.dumps(body)
+    if "cut_after_chunks" in fault:
+        return await send_partial(request, payload, headers)
+    if tally is not None:
+        state.tallied(tally)
+    return web.Response(body=payload, content_type="application/json", headers=headers)
+
+
+async def create_response(request: web.Request, body: dict[str, Any], fault: dict[str, Any], headers: dict[str, str]):
+    state = request.app[STATE]
+    previous = body.get("previous_response_id")
+    if previous is not None and state.stored_response(str(previous)) is None:
+        payload = {"error": {"message": f"Previous response with id '{previous}' not found.",
+                             "type": "invalid_request_error", "param": "previous_response_id",
+                             "code": "previous_response_not_found"}}
+        return web.Response(status=400, body=orjson.dumps(payload), content_type="application/json", headers=headers)
+    ident = state.next_id()
+    try:
+        call = responses_api.ResponseCall(body, fault, request.app[SETTINGS]["chunks"], ident)
+    except (TypeError, ValueError) as exc:
+        return error_response(400, f"invalid request parameter: {exc}", headers)
+    final = call.response()
+    if final["store"]:
+        state.store_response(final, responses_api.input_items(body, ident))
+    return await send_script_or_body(request, body.get("stream") is True, call.script(), final, call.tally(),
+                                     fault, headers)
+
+
+def stored_response_route(request: web.Request, headers: dict[str, str]) -> web.Response:
+    """GET|DELETE /v1/responses/{id}, POST /v1/responses/{id}/cancel, GET .../input_items."""
+    state = request.app[STATE]
+    parts = request.path.removeprefix("/v1/responses/").split("/")
+    response_id, action = parts[0], "/".join(parts[1:])
+    stored = state.stored_response(response_id)
+    known = (request.method, action) in {("GET", ""), ("DELETE", ""), ("POST", "cancel"), ("GET", "input_items")}
+    if not known:
+        return error_response(404, f"Unknown request URL: {request.method} {request.path}", headers)
+    if stored is None:
+        return error_response(404, f"Response with id '{response_id}' not found.", headers)
+    if request.method == "DELETE":
+        state.delete_response(response_id)
+        reply: Any = {"id": response_id, "object": "response.deleted", "deleted": True}
+    elif action == "input_items":
+        items = stored["input_items"]
+        if request.query.get("order", "desc") == "desc":
+            items = items[::-1]
+        limit = int(request.query["limit"]) if request.query.get("limit", "").isdigit() else 20
+        shown = items[:limit]
+        reply = {"object": "list", "data": shown, "first_id": shown[0]["id"] if shown else None,
+                 "last_id": shown[-1]["id"] if shown else None, "has_more": len(items) > limit}
+    else:  # a finished response is returned as it is, also by cancel (cancelling it changes nothing)
+        reply = stored["response"]
+    return web.Response(body=orjson.dumps(reply), content_type="application/json", headers=headers)
+
+
+async def anthropic_route(request: web.Request, body: Any, fault: dict[str, Any], headers: dict[str, str]):
+    if "x-api-key" not in request.headers and "authorization" not in request.headers:
+        return api_error(request, 401, "x-api-key header is required", headers)
+    if ANTHROPIC_VERSION_HEADER not in request.headers:
+        return api_error(request, 400, "anthropic-version: header is required", headers)
+    if request.method != "POST" or request.path not in (ANTHROPIC_PREFIX, ANTHROPIC_PREFIX + "/count_tokens"):
+        return api_error(request, 404, f"Unknown request URL: {request.method} {request.path}", headers)
+    if not isinstance(body, dict):
+        return api_error(request, 400, "The request body is not valid JSON.", headers)
+    counting = request.path.endswith("/count_tokens")
+    missing = anthropic_api.missing_field({"max_tokens": 0, **body} if counting else body)
+    if missing is not None:
+        return api_error(request, 400, f"{missing}: Field required", headers)
+    if counting:
+        payload = {"input_tokens": anthropic_api.prompt_tokens(body)}
+        return web.Response(body=orjson.dumps(payload), content_type="application/json", headers=headers)
+    state = request.app[STATE]
+    try:
+        call = anthropic_api.MessageCall(body, fault, request.app[SETTINGS]["chunks"], state.next_id())
+    except ValueError as exc:
+        return api_error(request, 400, str(exc), headers)
+    return await send_script_or_body(request, body.get("stream") is True, call.script(), call.message(),
+                                     call.tally(), fault, headers)
+
+
+async def generate(request: web.Request, kind: str, body: dict[str, Any], fault: dict[str, Any], headers: dict[str, str]):
     state = request.app[STATE]
     try:
         completion = Completion(kind, body, fault, request.app[SETTINGS], state.next_id())
@@ -396,15 +571,17 @@ async def handle_v1(request: web.Request) -> web.StreamResponse:
     state.log_request({
         "method": request.method,
         "path": request.path,
+        "query": request.query_string,
         "headers": {name.lower(): value for name, value in request.headers.items()},
         "body": body,
         "time": time.time(),
     })
+    headers = {"request-id": f"req_mock{state.next_id():08d}"} if is_anthropic(request) else {}
     if FAULT_HEADER in request.headers:
         try:
             fault = validate_fault(orjson.loads(request.headers[FAULT_HEADER]))
         except (orjson.JSONDecodeError, ValueError) as exc:
-            return error_response(400, f"bad {FAULT_HEADER} header: {exc}")
+            return api_error(request, 400, f"bad {FAULT_HEADER} header: {exc}", headers)
     else:
         fault = state.next_fault()
     if fault.get("close_connection"):
@@ -412,9 +589,9 @@ async def handle_v1(request: web.Request) -> web.StreamResponse:
         return web.Response()
     if fault.get("first_byte_delay_s"):
         await asyncio.sleep(fault["first_byte_delay_s"])
-    headers = retry_headers(fault)
+    headers |= retry_headers(fault)
     if "status" in fault:
-        return error_response(fault["status"], f"mock fault: status {fault['status']}", headers)
+        return api_error(request, fault["status"], f"mock fault: status {fault['status']}", headers)
     if fault.get("malformed_json"):
         return web.Response(body=b'{"id": "chatcmpl-mock", "choices": [', content_type="application/json",
                             headers=headers)
@@ -423,6 +600,14 @@ async def handle_v1(request: web.Request) -> web.StreamResponse:
 
 async def route(request: web.Request, body: Any, fault: dict[str, Any], headers: dict[str, str]) -> web.StreamResponse:
     path, method = request.path, request.method
+    if is_anthropic(request):
+        return await anthropic_route(request, body, fault, headers)
+    if method == "POST" and path == "/v1/responses":
+        if not isinstance(body, dict):
+            return error_response(400, "the request body must be a JSON object", headers)
+        return await create_response(request, body, fault, headers)
+    if path.startswith("/v1/responses/"):
+        return stored_response_route(request, headers)
     if method == "POST" and path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         if not isinstance(body, dict):
             return error_response(400, "the request body must be a JSON object", headers)

@@ -3,12 +3,38 @@
 Prices are USD per million tokens, so `price_per_mtok * tokens` is already the cost in
 micro-dollars: no scaling, no float. Costs are rounded once per request (ROUND_HALF_UP) and then
 only ever added as ints, so a day's spend is the exact sum of its requests.
-Reservations round up (ROUND_CEILING) so they never under-reserve.
+
+Reservation and settlement go through the one function `_exact_cost`: settlement with the
+request's real token counts, reservation with the worst case it may produce (every prompt token
+at the dearest prompt price of its tier, every output token at the dearest output price, rounded
+up with ROUND_CEILING), so a reservation never under-reserves for the token counts it assumed.
+
+Token classes (`PricedUsage`) are disjoint, each priced at the price of the same name:
+
+    input         prompt tokens neither read from nor written to a cache      price.input
+    cached_input  cache reads (OpenAI cached_tokens, DeepSeek prompt_cache_hit_tokens,
+                  Anthropic cache_read_input_tokens)                          price.cached_input
+    cache_write   Anthropic cache_creation_input_tokens                       price.cache_write
+    output        completion tokens that are not reasoning tokens             price.output
+    reasoning     reasoning tokens (OpenAI counts them inside
+                  completion_tokens: `from_openai` takes them out once)       price.reasoning
+
+A tier (`price.tiers`, "above_input_tokens") applies to the whole request when its prompt
+(input + cached_input + cache_write) exceeds the threshold; the highest such tier wins.
 """
 
 from __future__ import annotations
 
-from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, ROUND_CEILING, ROUND_HALF_UP, Context, Decimal
+from dataclasses import dataclass
+from decimal import (
+    MAX_EMAX,
+    MAX_PREC,
+    MIN_EMIN,
+    ROUND_CEILING,
+    ROUND_HALF_UP,
+    Context,
+    Decimal,
+)
 
 from proxy.config import Price
 from proxy.limits.types import Usage
@@ -21,46 +47,121 @@ _ONE = Decimal(1)
 _MICRO = Decimal("0.000001")
 
 
+@dataclass(frozen=True, slots=True)
+class PricedUsage:
+    """One request's tokens by price class; the classes are disjoint (see the module docstring)."""
+
+    input: int = 0
+    cached_input: int = 0
+    cache_write: int = 0
+    output: int = 0
+    reasoning: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Every prompt token, cached or not: what selects a long-context tier."""
+        return max(self.input, 0) + max(self.cached_input, 0) + max(self.cache_write, 0)
+
+    @classmethod
+    def from_openai(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+                    reasoning_tokens: int = 0) -> PricedUsage:
+        """OpenAI (and DeepSeek) counts: cached within prompt, reasoning within completion.
+
+        A count larger than the total it is part of is read as all of it; negatives are 0.
+        """
+        prompt, completion = max(prompt_tokens, 0), max(completion_tokens, 0)
+        cached = min(max(cached_tokens, 0), prompt)
+        reasoning = min(max(reasoning_tokens, 0), completion)
+        return cls(input=prompt - cached, cached_input=cached, output=completion - reasoning, reasoning=reasoning)
+
+    @classmethod
+    def from_anthropic(cls, input_tokens: int, output_tokens: int, cache_read_input_tokens: int = 0,
+                       cache_creation_input_tokens: int = 0) -> PricedUsage:
+        """Anthropic counts: `input_tokens` excludes cache reads and writes; no separate reasoning count."""
+        return cls(input=max(input_tokens, 0), cached_input=max(cache_read_input_tokens, 0),
+                   cache_write=max(cache_creation_input_tokens, 0), output=max(output_tokens, 0))
+
+    @classmethod
+    def from_usage(cls, usage: Usage) -> PricedUsage:
+        """The limiter's `Usage` (prompt, completion, cached within prompt)."""
+        return cls.from_openai(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+
+    def __add__(self, other: PricedUsage) -> PricedUsage:
+        return PricedUsage(self.input + other.input, self.cached_input + other.cached_input,
+                           self.cache_write + other.cache_write, self.output + other.output,
+                           self.reasoning + other.reasoning)
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """The five per-class prices in force for one request (its tier chosen, defaults applied)."""
+
+    input: Decimal
+    cached_input: Decimal
+    cache_write: Decimal
+    output: Decimal
+    reasoning: Decimal
+
+
+def rates_for(price: Price, prompt_tokens: int) -> Rates:
+    """The prices for a request with `prompt_tokens` prompt tokens.
+
+    The highest tier whose `above_input_tokens` the prompt exceeds overrides the prices it names;
+    then `cached_input` and `cache_write` default to `input`, `reasoning` to `output`.
+    """
+    fields = {name: getattr(price, name) for name in ("input", "output", "cached_input", "cache_write", "reasoning")}
+    for tier in price.tiers:  # ascending thresholds (validated)
+        if prompt_tokens > tier.above_input_tokens:
+            fields.update({name: value for name in fields if (value := getattr(tier, name)) is not None})
+    input_price, output_price = fields["input"], fields["output"]
+    return Rates(
+        input=input_price,
+        cached_input=input_price if fields["cached_input"] is None else fields["cached_input"],
+        cache_write=input_price if fields["cache_write"] is None else fields["cache_write"],
+        output=output_price,
+        reasoning=output_price if fields["reasoning"] is None else fields["reasoning"],
+    )
+
+
 def cached_input_price(price: Price) -> Decimal:
-    """The price of cached prompt tokens: `cached_input`, or `input` when not configured."""
+    """The base price of cached prompt tokens: `cached_input`, or `input` when not configured."""
     return price.input if price.cached_input is None else price.cached_input
+
+
+def _exact_cost(rates: Rates, usage: PricedUsage) -> Decimal:
+    total = Decimal(0)
+    for name in ("input", "cached_input", "cache_write", "output", "reasoning"):
+        total = _EXACT.add(total, _EXACT.multiply(getattr(rates, name), max(getattr(usage, name), 0)))
+    return total
 
 
 def _to_int(value: Decimal, rounding: str) -> int:
     return int(value.quantize(_ONE, rounding=rounding, context=_EXACT))
 
 
-def cost_micros(price: Price, usage: Usage) -> int:
-    """The cost of one request, rounded half-up to whole micro-dollars.
+def cost_micros(price: Price, usage: PricedUsage | Usage) -> int:
+    """The cost of one request, rounded half-up once to whole micro-dollars (settlement).
 
-    Cached tokens are part of `prompt_tokens` and are priced at the cached price; a usage that
-    reports more cached tokens than prompt tokens is read as all-cached. Negative counts are 0.
+    A limiter `Usage` is read as OpenAI counts (`PricedUsage.from_usage`). Negative counts are 0.
     """
-    prompt = max(usage.prompt_tokens, 0)
-    cached = min(max(usage.cached_tokens, 0), prompt)
-    completion = max(usage.completion_tokens, 0)
-    exact = _EXACT.add(
-        _EXACT.add(
-            _EXACT.multiply(price.input, prompt - cached),
-            _EXACT.multiply(cached_input_price(price), cached),
-        ),
-        _EXACT.multiply(price.output, completion),
-    )
-    return _to_int(exact, ROUND_HALF_UP)
+    priced = PricedUsage.from_usage(usage) if isinstance(usage, Usage) else usage
+    return _to_int(_exact_cost(rates_for(price, priced.prompt_tokens), priced), ROUND_HALF_UP)
 
 
 def reservation_micros(price: Price, prompt_tokens: int, max_output_tokens: int) -> int:
     """The worst-case cost of a request, rounded up: what admission reserves against a budget.
 
-    Prompt tokens are priced at the higher of the input and cached prices, so the reservation
-    covers every usage with at most these token counts, whatever part of it is cached.
+    The tier is the one for `prompt_tokens` (the estimate); prompt tokens are priced at the dearest
+    of that tier's input, cached-input and cache-write prices, output tokens at the dearer of its
+    output and reasoning prices. So the reservation covers every usage with at most these token
+    counts, however it splits into classes.
     """
-    prompt_price = max(price.input, cached_input_price(price))
-    exact = _EXACT.add(
-        _EXACT.multiply(prompt_price, max(prompt_tokens, 0)),
-        _EXACT.multiply(price.output, max(max_output_tokens, 0)),
-    )
-    return _to_int(exact, ROUND_CEILING)
+    prompt, output = max(prompt_tokens, 0), max(max_output_tokens, 0)
+    rates = rates_for(price, prompt)
+    prompt_price = max(rates.input, rates.cached_input, rates.cache_write)
+    output_price = max(rates.output, rates.reasoning)
+    worst = Rates(prompt_price, prompt_price, prompt_price, output_price, output_price)
+    return _to_int(_exact_cost(worst, PricedUsage(input=prompt, output=output)), ROUND_CEILING)
 
 
 def usd_to_micros(usd: Decimal) -> int:

@@ -41,6 +41,11 @@ TEAM, KEY, MODEL = "platform", "alice", "chat-model"
 PROBE_MODEL = "probe-model"  # the same prices, always on the healthy mock: reads the bucket afterwards
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
 KEY_TPM, TEAM_TPM = 50_000, 100_000  # the key's bucket is the tighter: it is the one in the headers
+# The clock is frozen, so buckets never refill here, but Redis expires a bucket in real time once it
+# would be full again (+1 s): at 50k tokens a minute a bucket 11 tokens short lived 1.01 s, and a
+# probe later than that read a full bucket. Refilling 6 tokens a minute (capacity KEY_TPM), a bucket
+# one token short lives 11 s of real time.
+KEY_REFILL_TPM = 6
 PAR_KEYS = (f"llmrl:{{{TEAM}}}:k:{KEY}:par", f"llmrl:{{{TEAM}}}:t:par")
 RESERVATIONS = f"llmrl:{{{TEAM}}}:r:*"
 SETTLE_WAIT_S = 5.0
@@ -203,7 +208,7 @@ def primary_upstream(case: Case, mock_url: str):
 
 def patch_for(case: Case, mock_url: str):
     def patch(data):
-        data["keys"][KEY]["limits"] = {"max_parallel": 2, "tpm": KEY_TPM}
+        data["keys"][KEY]["limits"] = {"max_parallel": 2, "tpm": KEY_REFILL_TPM, "tpm_burst": KEY_TPM}
         data["keys"][KEY]["daily_budget_usd"] = "1"
         data["teams"][TEAM]["limits"] = {"max_parallel": 10, "tpm": TEAM_TPM}
         data["teams"][TEAM]["daily_budget_usd"] = "5"

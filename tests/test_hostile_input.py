@@ -660,8 +660,9 @@ def test_a_1gib_chunked_upload_is_refused_after_the_limit(small_limit_proxy):
     assert head.startswith(b"HTTP/1.1 413 "), response[:300]
     headers = dict(line.decode().lower().split(": ", 1) for line in head.split(b"\r\n")[1:])
     check_error_shape(413, headers, body)
+    # how early it refused is `sent` (slowness cannot raise it); a wall-clock bound could only
+    # measure how loaded this machine is
     assert sent <= 16 * MIB, f"the client wrote {sent} bytes before the proxy refused"
-    assert elapsed < 5
     assert after - before < LIMIT + RSS_ALLOWANCE, (before, after)
     assert small_limit_proxy.alive
 

@@ -284,6 +284,8 @@ def test_stats_sum_reported_usage(mock, client, http):
         "prompt_tokens": 20,
         "completion_tokens": 8,
         "cached_tokens": 6,
+        "cache_write_tokens": 0,
+        "reasoning_tokens": 0,
         "streams_started": 2,
         "streams_completed": 2,
         "streams_cancelled": 0,

@@ -215,7 +215,7 @@ def test_counts_match_the_traffic_the_mock_and_the_ledger(traffic):
     assert total(found, "llm_proxy_upstream_retries_total", upstream="mock") == 1
     assert total(found, "llm_proxy_upstream_errors_total", upstream="mock") == 1
     assert {labels["op"]: value for labels, value in found["llm_proxy_store_errors_total"]} == {
-        "admit": 0, "settle": 0, "flush": 0}  # present from the start, so increase() sees the first error
+        "admit": 0, "settle": 0, "flush": 0, "renew": 0}  # present from the start, so increase() sees the first error
 
     during = samples(after)
     assert total(during, "llm_proxy_store_errors_total", op="admit") >= 1

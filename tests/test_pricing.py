@@ -61,7 +61,7 @@ def test_cost_micros(price: Price, usage: Usage, expected: int) -> None:
         (GPT_4O_MINI, 10, 0, 2),
         (NO_CACHE_PRICE, 1, 1, 13),  # 12.5
         (FREE, 10**6, 10**6, 0),
-        (Price(input=Decimal("1"), cached_input=Decimal("3")), 10, 0, 30),  # the dearer prompt price
+        (Price(input=Decimal(1), cached_input=Decimal(3)), 10, 0, 30),  # the dearer prompt price
         (DEEPSEEK_CHAT, -1, -1, 0),
     ],
 )
@@ -72,8 +72,8 @@ def test_reservation_micros(price: Price, prompt: int, max_output: int, expected
 @pytest.mark.parametrize(
     ("usd", "micros"),
     [
-        (Decimal("0"), 0),
-        (Decimal("1"), 1_000_000),
+        (Decimal(0), 0),
+        (Decimal(1), 1_000_000),
         (Decimal("10.5"), 10_500_000),
         (Decimal("0.000001"), 1),
         (Decimal("0.0000005"), 1),  # half up
@@ -187,3 +187,127 @@ def test_a_million_request_costs_sum_exactly(price: Price, pattern: list[Usage])
     assert micros_to_usd(total) == full_cycles * sum(map(micros_to_usd, costs)) + sum(
         map(micros_to_usd, costs[:rest]), Decimal(0)
     )
+
+
+# --- every priced token class, long-context tiers (issue 13) --------------------------------------
+
+from proxy.config import PriceTier
+from proxy.pricing import PricedUsage, rates_for
+
+SONNET = Price(input=Decimal(3), output=Decimal(15), cached_input=Decimal("0.30"), cache_write=Decimal("3.75"),
+               tiers=[PriceTier(above_input_tokens=200_000, input=Decimal(6), output=Decimal("22.50"),
+                                cached_input=Decimal("0.60"), cache_write=Decimal("7.50"))])
+O3 = Price(input=Decimal(2), output=Decimal(8), cached_input=Decimal("0.50"))
+REASONING_PRICED = Price(input=Decimal(1), output=Decimal(2), reasoning=Decimal(5))
+TWO_TIERS = Price(input=Decimal(1), output=Decimal(2), tiers=[
+    PriceTier(above_input_tokens=100, input=Decimal(10)),
+    PriceTier(above_input_tokens=1000, output=Decimal(40)),
+])
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        # prompt, completion, cached, reasoning -> input, cached_input, cache_write, output, reasoning
+        ((1000, 500, 200, 300), PricedUsage(800, 200, 0, 200, 300)),
+        ((1000, 500, 0, 500), PricedUsage(1000, 0, 0, 0, 500)),  # all reasoning
+        ((10, 5, 50, 90), PricedUsage(0, 10, 0, 0, 5)),  # parts larger than their totals: all of it
+        ((-1, -1, -1, -1), PricedUsage()),
+    ],
+)
+def test_openai_counts_take_reasoning_out_of_completion_once(counts: tuple[int, int, int, int],
+                                                             expected: PricedUsage) -> None:
+    assert PricedUsage.from_openai(*counts) == expected
+
+
+def test_anthropic_counts_are_already_disjoint() -> None:
+    usage = PricedUsage.from_anthropic(input_tokens=50, output_tokens=400, cache_read_input_tokens=10_000,
+                                       cache_creation_input_tokens=2_000)
+    assert usage == PricedUsage(input=50, cached_input=10_000, cache_write=2_000, output=400)
+    assert usage.prompt_tokens == 12_050
+
+
+@pytest.mark.parametrize(
+    ("price", "usage", "expected"),
+    [
+        # Anthropic: 50 x 3 + 10000 x 0.30 + 2000 x 3.75 + 400 x 15 = 150 + 3000 + 7500 + 6000
+        (SONNET, PricedUsage(50, 10_000, 2_000, 400, 0), 16_650),
+        # cache_write defaults to input: 2000 x 2
+        (O3, PricedUsage(cache_write=2_000), 4_000),
+        # reasoning defaults to output: (200 + 300) x 8, never more (OpenAI counts it inside completion)
+        (O3, PricedUsage.from_openai(0, 500, 0, 300), 4_000),
+        (REASONING_PRICED, PricedUsage(output=10, reasoning=10), 70),  # 10 x 2 + 10 x 5
+        # the tier: prompt 200000 is not above 200000; 200001 is, and every token is at tier prices
+        (SONNET, PricedUsage(input=200_000, output=1_000), 615_000),
+        (SONNET, PricedUsage(input=200_001, output=1_000), 1_222_506),  # 200001 x 6 + 1000 x 22.5
+        # cache reads and writes count towards the threshold
+        (SONNET, PricedUsage(input=1, cached_input=100_000, cache_write=100_000), 810_006),
+        # a tier overrides a subset: above 100, input 10 (cached/cache write follow the tier's input)
+        (TWO_TIERS, PricedUsage(input=50, cached_input=51, output=1), 1012),
+        # above 1000 both tiers apply, the higher last: input 10 from the first, output 40
+        (TWO_TIERS, PricedUsage(input=1001, output=1), 10_050),
+        (TWO_TIERS, PricedUsage(input=100, output=1), 102),  # not above the first threshold
+        # one rounding over every class: 0.60 + 7.50 = 8.10 -> 8 (rounded apart: 1 + 8 = 9)
+        (SONNET, PricedUsage(cached_input=2, cache_write=2), 8),
+    ],
+)
+def test_cost_prices_every_token_class(price: Price, usage: PricedUsage, expected: int) -> None:
+    assert cost_micros(price, usage) == expected
+
+
+@pytest.mark.parametrize(
+    ("price", "prompt", "max_output", "expected"),
+    [
+        (SONNET, 1000, 100, 5_250),  # prompt at the dearest of 3 / 0.30 / 3.75, output at 15
+        (SONNET, 200_001, 0, 1_500_008),  # the tier for the estimate: 200001 x 7.50 = 1500007.5 -> up
+        (REASONING_PRICED, 0, 3, 15),  # output at the dearer of output and reasoning
+        (O3, 1, 1, 10),
+    ],
+)
+def test_reservation_is_the_worst_case_of_the_estimate(price: Price, prompt: int, max_output: int,
+                                                       expected: int) -> None:
+    assert reservation_micros(price, prompt, max_output) == expected
+
+
+def test_default_prices_follow_the_tier_not_the_base() -> None:
+    rates = rates_for(TWO_TIERS, 101)
+    assert (rates.input, rates.cached_input, rates.cache_write, rates.output, rates.reasoning) == (
+        Decimal(10), Decimal(10), Decimal(10), Decimal(2), Decimal(2))
+
+
+tier_prices = st.builds(
+    Price, input=price_values, output=price_values, cached_input=st.none() | price_values,
+    cache_write=st.none() | price_values, reasoning=st.none() | price_values,
+    tiers=st.lists(st.builds(PriceTier, above_input_tokens=st.integers(1, 10**6), input=st.none() | price_values,
+                             output=st.none() | price_values, cached_input=st.none() | price_values,
+                             cache_write=st.none() | price_values, reasoning=st.none() | price_values),
+                   max_size=3, unique_by=lambda tier: tier.above_input_tokens).map(
+        lambda tiers: sorted(tiers, key=lambda tier: tier.above_input_tokens)),
+)
+small_counts = st.integers(min_value=0, max_value=2 * 10**6)
+priced_usages = st.builds(PricedUsage, small_counts, small_counts, small_counts, small_counts, small_counts)
+
+
+@given(tier_prices, priced_usages)
+def test_reservation_covers_every_usage_of_the_same_prompt_and_output(price: Price, usage: PricedUsage) -> None:
+    reserved = reservation_micros(price, usage.prompt_tokens, usage.output + usage.reasoning)
+    assert reserved >= cost_micros(price, usage)
+
+
+@given(tier_prices, priced_usages)
+def test_tiered_cost_matches_exact_rational_arithmetic(price: Price, usage: PricedUsage) -> None:
+    chosen: dict[str, Decimal | None] = {name: getattr(price, name)
+                                          for name in ("input", "output", "cached_input", "cache_write", "reasoning")}
+    for tier in price.tiers:
+        if usage.prompt_tokens > tier.above_input_tokens:
+            chosen.update({k: v for k in chosen if (v := getattr(tier, k)) is not None})
+    base_in, base_out = Fraction(chosen["input"]), Fraction(chosen["output"])
+
+    def rate(name: str, fallback: Fraction) -> Fraction:
+        value = chosen[name]
+        return fallback if value is None else Fraction(value)
+
+    exact = (base_in * usage.input + rate("cached_input", base_in) * usage.cached_input
+             + rate("cache_write", base_in) * usage.cache_write + base_out * usage.output
+             + rate("reasoning", base_out) * usage.reasoning)
+    assert cost_micros(price, usage) == _round_half_up(exact)

@@ -1,7 +1,11 @@
 """One suite over every store: RedisStore on real Redis, on a real 3-master Redis Cluster,
 MemoryStore, RedisStore on fakeredis.
 
-The stores run on a settable clock (`clock_us`), so no test sleeps.
+The stores run on a settable clock (`clock_us`), so no test sleeps. Redis still expires keys in
+real time (PEXPIRE), from TTLs the scripts compute on the pinned clock; every key leaves a margin
+past the moment its data says it ends (buckets, lease sets and reservations: 1 s; TTLs a test
+reads across are seconds long), and the long random workload keeps its clock ahead of real time
+(`Clock.keep_up`), so no test reads a key that real time expired but the pinned clock has not.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 
 import fakeredis
 import pytest
@@ -18,7 +23,7 @@ from redis.crc import key_slot
 from proxy.limits.memory_store import MemoryStore
 from proxy.limits.redis_store import CLUSTER_MAX_CONNECTIONS, RedisStore
 from proxy.limits.types import (
-    Admission, BucketState, BudgetDay, Decision, ScopeLimits, Settled, Settlement, StoreError, Usage,
+    Admission, BucketState, BudgetDay, Decision, Renewal, ScopeLimits, Settled, Settlement, StoreError, Usage,
 )
 from tests.support.ports import free_port
 
@@ -31,12 +36,20 @@ T0_US = (START + DAY_S + 3600) * 1_000_000  # 2023-11-15 01:00
 class Clock:
     def __init__(self, us: int = T0_US) -> None:
         self.us = us
+        self._real_us = time.monotonic_ns() // 1000
 
     def __call__(self) -> int:
         return self.us
 
     def advance(self, ms: int) -> None:
         self.us += ms * 1000
+
+    def keep_up(self) -> None:
+        """Advance by the real time since the last call (or since the clock was made): a pinned
+        clock that fell behind real time could still see a key that Redis has expired."""
+        real_us = time.monotonic_ns() // 1000
+        self.us += real_us - self._real_us
+        self._real_us = real_us
 
 
 @pytest.fixture
@@ -150,6 +163,7 @@ async def test_nothing_consumed_on_refusal(store):
     assert d.requests == BucketState(10, 8, 12_000)
     assert d.tokens == BucketState(1000, 800, 12_000)
     assert (d.budget_spent_micros, d.budget_limit_micros) == (200, 1000)
+    assert (d.key_committed_micros, d.team_committed_micros) == (-1, 200)  # the key has no budget
 
 
 # -- token buckets -----------------------------------------------------------------------------
@@ -209,6 +223,40 @@ async def test_parallel_cap_released_by_settle_and_lease_expiry(store, clock):
     assert not (await store.admit(admission(k, t))).admitted
 
 
+def renewal(a: Admission, lease_ttl_ms: int = 5000) -> Renewal:
+    return Renewal(a.request_id, a.team, a.key, "2023-11-15", lease_ttl_ms)
+
+
+async def test_renewed_leases_outlive_the_ttl_until_settled(store, clock):
+    k, t = key(max_parallel=1), team(max_parallel=5, budget_micros=1000)
+    long = admission(k, t, tokens=10, cost=600, lease_ttl_ms=5000)
+    assert (await store.admit(long)).admitted
+    for _ in range(4):  # 16 s: three times the TTL
+        clock.advance(4000)
+        assert await store.renew(renewal(long))
+        d = await store.admit(admission(k, t))
+        assert (d.admitted, d.reason, d.scope) == (False, "parallel", "key")
+        d = await store.admit(admission(key("other"), t, cost=401))
+        assert (d.admitted, d.reason, d.budget_spent_micros) == (False, "budget", 600)  # the hold stays
+    clock.advance(4999)  # the last renewal still holds...
+    assert not (await store.admit(admission(k, t))).admitted
+    assert await store.settle(settlement(long, cost=100))
+    assert not await store.renew(renewal(long))  # ...until the settle: nothing left to renew
+    d = await store.admit(admission(k, t, cost=900))
+    assert (d.admitted, d.budget_spent_micros) == (True, 1000)
+
+
+async def test_a_lease_that_ran_out_is_not_renewed(store, clock):
+    k, t = key(max_parallel=1), team(budget_micros=1000)
+    dead = admission(k, t, cost=600, lease_ttl_ms=5000)
+    assert (await store.admit(dead)).admitted
+    clock.advance(5000)  # its replica died: nothing renewed it in time
+    assert not await store.renew(renewal(dead))
+    d = await store.admit(admission(k, t, cost=1000))
+    assert (d.admitted, d.budget_spent_micros) == (True, 1000)
+    assert not await store.renew(renewal(admission(k, t)))  # never admitted
+
+
 # -- budgets -----------------------------------------------------------------------------------
 
 async def test_budget_reservation_refusal_and_real_cost(store, clock):
@@ -217,8 +265,10 @@ async def test_budget_reservation_refusal_and_real_cost(store, clock):
     d = await store.admit(first)
     assert (d.admitted, d.budget_spent_micros, d.budget_limit_micros) == (True, 600, 1000)
     assert (d.day, d.day_reset_s) == ("2023-11-15", 23 * 3600)
+    assert (d.key_committed_micros, d.team_committed_micros) == (600, 600)
     d = await store.admit(admission(k, t, cost=500))
     assert (d.admitted, d.reason, d.scope, d.never_fits) == (False, "budget", "key", False)
+    assert (d.key_committed_micros, d.team_committed_micros) == (600, 600)  # each scope's, refused too
     assert d.retry_after_ms == 23 * 3600 * 1000  # the day's end
     assert (d.budget_spent_micros, d.budget_limit_micros) == (600, 1000)
     assert await store.settle(settlement(first, cost=200))
@@ -502,6 +552,7 @@ async def test_stores_agree_on_a_random_workload(request, redis_url):
     open_, ended, history = [], [], []
     try:
         for _ in range(300):
+            clock.keep_up()  # between steps: every store sees the same "now" within a step
             roll = rng.random()
             if roll < 0.5:
                 a = admission(rng.choice(keys), t, tokens=rng.randrange(0, 4000), cost=rng.randrange(0, 30_000),

@@ -1,4 +1,4 @@
-"""Where each counter lives, and the argument and reply layout of the two scripts.
+"""Where each counter lives, and the argument and reply layout of the scripts.
 
 Every key of a team and its keys shares the hash tag `{<team>}`, so one admit or settle touches
 one Redis Cluster slot:
@@ -20,7 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .types import Admission, BucketState, Decision, ScopeLimits, Settled, Settlement
+from .types import (
+    Admission,
+    BucketState,
+    Decision,
+    Renewal,
+    ScopeLimits,
+    Settled,
+    Settlement,
+)
 
 DEFAULT_PREFIX = "llmrl"
 DAY_MARGIN_MS = 2 * 86_400_000  # a budget day's records outlive the day by this much
@@ -72,6 +80,12 @@ class Layout:
                 f"{key}:tk", f"{team}:tk", f"{key}:par", f"{team}:par",
                 kb, f"{kb}:leases", tb, f"{tb}:leases", self.ledger(t, s.day)]
 
+    def renew_keys(self, r: Renewal) -> list[str]:
+        t = r.team.name
+        kb, tb = self.budget(t, r.key, r.day), self.budget(t, r.team, r.day)
+        return [f"{self.team(t)}:r:{r.request_id}", f"{self.scope(t, r.key)}:par",
+                f"{self.scope(t, r.team)}:par", f"{kb}:leases", f"{tb}:leases"]
+
 
 def limit_args(s: ScopeLimits) -> list[int]:
     """rpm, request capacity, tpm, token capacity, max parallel, budget; NONE where unlimited."""
@@ -97,6 +111,10 @@ def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list:
             s.usage.prompt_tokens, s.usage.completion_tokens, s.usage.cached_tokens,
             s.key.name, s.model, _or_none(s.key.alert_micros), _or_none(s.team.alert_micros),
             LEDGER_MAX_FIELDS, 1 if s.abandoned else 0, *(f"{k}={v}" for k, v in s.tags)]
+
+
+def renew_args(r: Renewal, now_us: int | None) -> list:
+    return ["" if now_us is None else now_us, r.request_id, r.lease_ttl_ms]
 
 
 def _or_none(value: int | None) -> int:
@@ -125,12 +143,13 @@ STALE = Decision(admitted=False, stale=True)
 def decode_decision(reply: Sequence | int) -> Decision:
     """The admit reply: 0 when the request id was already settled or abandoned (nothing changed),
     else [admitted, reason, scope, retry_after_ms, never_fits, request limit, remaining, reset_ms,
-    token limit, remaining, reset_ms, budget committed, budget limit, day, day_reset_s]."""
+    token limit, remaining, reset_ms, budget committed, budget limit, day, day_reset_s, key
+    committed, team committed]."""
     if not isinstance(reply, (list, tuple)):
         return STALE
     admitted, reason, scope, retry, never, *rest = reply
     rq, tk = rest[0:3], rest[3:6]
-    spent, limit, day, day_reset = rest[6:10]
+    spent, limit, day, day_reset, key_committed, team_committed = rest[6:12]
     return Decision(
         admitted=bool(int(admitted)),
         reason=_text(reason) or None,
@@ -143,4 +162,6 @@ def decode_decision(reply: Sequence | int) -> Decision:
         budget_limit_micros=int(limit),
         day=_text(day),
         day_reset_s=int(day_reset),
+        key_committed_micros=int(key_committed),
+        team_committed_micros=int(team_committed),
     )

@@ -3,8 +3,14 @@
 The store (Redis, or this process) holds the truth; this module turns config into the store's
 value objects, refusals into OpenAI's 429s, and store outages into the configured behaviour:
 `allow` admits through a per-process fallback store with limits divided by `store.replicas`,
-`deny` answers 503. Settlements that cannot reach the store wait in a bounded journal and are
-flushed when it returns (settle is idempotent per request id, so a retry never counts twice).
+`deny` answers 503. The fallback starts each budget from the spend this replica last saw committed
+in the store for that scope and day (divided by `store.replicas` like the limits), so a budget
+exhausted before an outage stays refused during it. Settlements that cannot reach the store wait
+in a bounded journal and are flushed when it returns (settle is idempotent per request id, so a
+retry never counts twice).
+Admitted requests that run longer than a third of `store.lease_ttl_s` have their leases renewed
+in the store that admitted them, by one background task, until they settle: `max_parallel` and
+budget holds count a stream of any length, while a dead replica's leases still end after the TTL.
 
 An admit whose reply was lost may still run in Redis later (a pause, a partition). A request the
 store then holds nothing for is *abandoned*: a settlement that releases whatever that admit
@@ -30,14 +36,27 @@ from ..errors import BudgetExceeded, RateLimited, StoreUnavailable
 from ..pricing import format_usd, usd_to_micros
 from .days import candidate_days
 from .headers import openai_duration, rate_limit_headers, retry_headers
-from .types import (Admission, BudgetDay, Decision, ScopeLimits, Settled, Settlement, Store, StoreError,
-                    StoreUnreachable, Usage)
+from .memory_store import MemoryStore
+from .types import (
+    Admission,
+    BudgetDay,
+    Decision,
+    Renewal,
+    ScopeLimits,
+    Settled,
+    Settlement,
+    Store,
+    StoreError,
+    StoreUnreachable,
+    Usage,
+)
 
 log = logging.getLogger("proxy.limits")
 
 JOURNAL_CAPACITY = 100_000
 DAY_EDGE_S = 3600  # this close to midnight, admission offers the store three candidate days
 FLUSH_INTERVAL_S = 1.0
+RENEW_FRACTION = 3  # a live request's leases are renewed every lease_ttl / 3 (checked twice as often)
 LIMIT_NAMES = {"rpm": "requests per minute", "tpm": "tokens per minute", "parallel": "parallel requests"}
 LIMIT_TYPES = {"rpm": "requests", "tpm": "tokens", "parallel": "parallel_requests"}
 
@@ -76,6 +95,7 @@ class Ticket:
     team_scope: ScopeLimits
     degraded: bool = False  # admitted by the fallback store during an outage
     settled: bool = field(default=False)
+    renewed_at: float = 0.0  # monotonic time of admission, then of the last lease renewal
 
     @property
     def headers(self) -> dict[str, str]:
@@ -83,7 +103,7 @@ class Ticket:
 
 
 class Limiter:
-    def __init__(self, config: Config, store: Store, *, fallback: Store | None = None):
+    def __init__(self, config: Config, store: Store, *, fallback: MemoryStore | None = None):
         self.config = config
         self.store = store
         self.fallback = fallback
@@ -98,6 +118,11 @@ class Limiter:
         self.unsettled = 0  # admitted requests not yet settled (shutdown waits for them)
         self._all_settled = asyncio.Event()
         self._all_settled.set()
+        # (team, scope kind, scope name, day) -> spent + held the store last reported
+        self.seen_committed: dict[tuple[str, str, str, str], int] = {}
+        self._seeded: set[tuple[str, str, str, str]] = set()  # fallback budgets seeded in this outage
+        self.live: dict[str, Ticket] = {}  # admitted, not yet settled: their leases are renewed
+        self._renewer: asyncio.Task | None = None
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded config: limits apply from the next request, a new budget_timezone too."""
@@ -124,6 +149,7 @@ class Limiter:
         if days is None or not days.starts[1] <= now < days.starts[2]:
             days = self._days = candidate_days(self._zone, datetime.fromtimestamp(now, self._zone))
             self._today_only = BudgetDay(days.labels[1:2], days.starts[1:3])
+            self.seen_committed = {m: v for m, v in self.seen_committed.items() if m[3] in days.labels}
         if days.starts[1] + DAY_EDGE_S <= now < days.starts[2] - DAY_EDGE_S:
             return self._today_only
         return days
@@ -140,6 +166,7 @@ class Limiter:
         try:
             decision = await store.admit(admission)
             self._recovered()
+            self._saw(caller, decision)
         except asyncio.CancelledError:
             self._abandon(admission)
             raise
@@ -155,6 +182,7 @@ class Limiter:
                 raise StoreUnavailable("The rate-limit store is unavailable; please retry shortly.",
                                        headers={"retry-after": "1"}) from None
             key, team = self.scopes(caller, self.config.store.replicas)
+            self._seed_fallback(caller.team, (key, team), admission.days)
             decision = await self.fallback.admit(replace(admission, key=key, team=team))
             if sent and not decision.admitted:
                 self._abandon(admission)
@@ -163,7 +191,34 @@ class Limiter:
             raise self._refusal(decision, caller)
         self.unsettled += 1
         self._all_settled.clear()
-        return Ticket(request_id, caller, decision, tokens, cost_micros, store, key, team, degraded)
+        ticket = Ticket(request_id, caller, decision, tokens, cost_micros, store, key, team, degraded,
+                        renewed_at=time.monotonic())
+        self.live[request_id] = ticket
+        return ticket
+
+    def _saw(self, caller: Caller, decision: Decision) -> None:
+        if decision.key_committed_micros >= 0:
+            self.seen_committed[(caller.team, "key", caller.name, decision.day)] = decision.key_committed_micros
+        if decision.team_committed_micros >= 0:
+            self.seen_committed[(caller.team, "team", caller.team, decision.day)] = decision.team_committed_micros
+
+    def _seed_fallback(self, team: str, scopes: tuple[ScopeLimits, ScopeLimits], days: BudgetDay) -> None:
+        """The first time in an outage a budget scope and day reach the fallback, start it from the
+        spend last seen committed in the store, divided by the replicas like the budget itself: the
+        replicas together cannot pass budget - seen (plus what this replica never saw)."""
+        assert self.fallback is not None
+        replicas = self.config.store.replicas
+        for scope in scopes:
+            if scope.budget_micros is None:
+                continue
+            for day in days.labels:
+                mark = (team, scope.kind, scope.name, day)
+                if mark in self._seeded:
+                    continue
+                self._seeded.add(mark)
+                seen = self.seen_committed.get(mark)
+                if seen:
+                    self.fallback.seed_spent(team, scope, day, -(-seen // replicas))
 
     def _refusal(self, decision: Decision, caller: Caller) -> Exception:
         headers = rate_limit_headers(decision)
@@ -199,6 +254,7 @@ class Limiter:
         if ticket.settled:
             return None
         ticket.settled = True
+        self.live.pop(ticket.request_id, None)
         try:
             return await self._settle(ticket, model, usage, cost_micros, tags, succeeded)
         finally:
@@ -274,10 +330,53 @@ class Limiter:
             if self.journal:
                 await self.flush_journal()
 
+    # -- lease renewal ------------------------------------------------------------------------
+    async def renew_leases(self) -> int:
+        """Renew the leases of every live request not renewed for lease_ttl / 3, in the store that
+        admitted it; returns how many were renewed. A store that fails is retried next time; a
+        request whose reservation is gone (settled, or expired while the store was away) is
+        dropped from renewal."""
+        due_before = time.monotonic() - self.lease_ttl_ms / 1000 / RENEW_FRACTION
+        due = [t for t in self.live.values() if t.renewed_at <= due_before and not t.settled]
+        if not due:
+            return 0
+        results = await asyncio.gather(*(self._renew(t) for t in due), return_exceptions=True)
+        renewed = 0
+        for ticket, result in zip(due, results):
+            if result is True:
+                renewed += 1
+            elif result is False:
+                self.live.pop(ticket.request_id, None)
+            else:
+                self._store_error("renew")
+                if not isinstance(result, StoreError):
+                    log.error("unexpected error renewing a lease: %r", result)
+        return renewed
+
+    async def _renew(self, ticket: Ticket) -> bool:
+        started = time.monotonic()
+        renewal = Renewal(ticket.request_id, ticket.team_scope, ticket.key_scope, ticket.decision.day,
+                          self.lease_ttl_ms)
+        renewed = await ticket.store.renew(renewal)
+        if renewed:
+            ticket.renewed_at = started
+        return renewed
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl_ms / 1000 / RENEW_FRACTION / 2)
+            if self.live:
+                try:
+                    await self.renew_leases()
+                except Exception:  # never let the renewer die
+                    log.exception("lease renewal failed")
+
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+        if self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
 
     async def close(self, flush_for_s: float = 10.0) -> None:
         """Wait for admitted requests to settle, stop the flusher, then keep flushing the journal
@@ -288,13 +387,14 @@ class Limiter:
                 await asyncio.wait_for(self._all_settled.wait(), flush_for_s)
             except TimeoutError:
                 log.error("%d admitted requests were still unsettled at shutdown", self.unsettled)
-        if self._flusher is not None:
-            self._flusher.cancel()
-            try:
-                await self._flusher
-            except asyncio.CancelledError:
-                pass
-            self._flusher = None
+        for task in (self._flusher, self._renewer):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._flusher = self._renewer = None
         while True:
             await self.flush_journal()
             if not self.journal or time.monotonic() >= deadline:
@@ -311,6 +411,7 @@ class Limiter:
 
     def _recovered(self) -> None:
         if self._outage_since is not None:
+            self._seeded.clear()
             log.warning("rate-limit store recovered after %.1fs", time.monotonic() - self._outage_since)
             self._outage_since = None
 

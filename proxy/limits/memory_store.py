@@ -17,9 +17,18 @@ from lupa import lua51
 
 from . import scripts
 from .keyspace import CommandError, Keyspace, Reply, Status
-from .layout import DEFAULT_PREFIX, Layout, admit_args, decode_decision, decode_settled, settle_args
+from .layout import (
+    DEFAULT_PREFIX,
+    LATE_BUDGET_TTL_S,
+    Layout,
+    admit_args,
+    decode_decision,
+    decode_settled,
+    renew_args,
+    settle_args,
+)
 from .ledger import usage_report
-from .types import Admission, Decision, ScopeKind, ScopeLimits, Settled, Settlement
+from .types import Admission, Decision, Renewal, ScopeKind, ScopeLimits, Settled, Settlement
 
 DEFAULT_RETENTION_DAYS = 35
 
@@ -134,6 +143,25 @@ class MemoryStore:
         now_us = self._now_us()
         args = settle_args(settlement, now_us, self.retention_days * 86_400)
         return decode_settled(self._run(scripts.SETTLE, self.layout.settle_keys(settlement), args, now_us))
+
+    async def renew(self, renewal: Renewal) -> bool:
+        return self._renew(renewal, self._now_ms())
+
+    async def renew(self, renewal: Renewal) -> bool:
+        now_us = self._now_us()
+        reply = self._run(scripts.RENEW, self.layout.renew_keys(renewal), renew_args(renewal, now_us), now_us)
+        return bool(reply)
+
+    def seed_spent(self, team: str, scope: ScopeLimits, day: str, spent_micros: int) -> None:
+        """Start a scope's budget day from at least `spent_micros` (what Redis last said was
+        committed, divided among the replicas), so an outage does not reset a budget to zero."""
+        now_ms = self._now_us() // 1000
+        name = self.layout.budget(team, scope, day)
+        spent = self.keys.call(now_ms, "HGET", name, "spent")
+        if not isinstance(spent, str) or int(spent) < spent_micros:
+            self.keys.call(now_ms, "HSET", name, "spent", str(spent_micros))
+        if self.keys.pttl(name, now_ms) < LATE_BUDGET_TTL_S * 1000:
+            self.keys.call(now_ms, "PEXPIRE", name, str(LATE_BUDGET_TTL_S * 1000))
 
     async def usage(self, day: str, teams: list[str]) -> dict:
         now_ms = self._now_us() // 1000

@@ -1,4 +1,4 @@
-"""The store in Redis (standalone or Cluster): one EVALSHA per admit and per settle.
+"""The store in Redis (standalone or Cluster): one EVALSHA per admit, per settle and per renew.
 
 Time comes from Redis (`TIME` inside the scripts), so every replica agrees on it; a store built
 with `clock_us` passes that clock's "now" instead (tests only). Every driver error is raised as
@@ -25,12 +25,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from . import scripts
-from ..errors import RespConnectionError, RespReplyError, RespUnreachable
-from .resp import RespClient
-from .layout import DEFAULT_PREFIX, Layout, admit_args, decode_decision, decode_settled, settle_args
+from ..errors import RespConnectionError, RespReplyError, RespUnreachable, StoreError, StoreUnreachable
+from .layout import DEFAULT_PREFIX, Layout, admit_args, decode_decision, decode_settled, renew_args, settle_args
 from .ledger import usage_report
-from ..errors import StoreError, StoreUnreachable
-from .types import Admission, Decision, ScopeKind, ScopeLimits, Settled, Settlement
+from .resp import RespClient
+from .types import Admission, Decision, Renewal, ScopeKind, ScopeLimits, Settled, Settlement
 
 DEFAULT_TIMEOUT_MS = 250
 DEFAULT_RETENTION_DAYS = 35
@@ -100,6 +99,7 @@ class RedisStore:
         self.layout = Layout(prefix)
         self._admit = _Script(scripts.ADMIT)
         self._settle = _Script(scripts.SETTLE)
+        self._renew = _Script(scripts.RENEW)
         self._in_flight: asyncio.Semaphore | None = None  # cluster calls holding a connection
         if isinstance(client, aioredis.RedisCluster):
             # RedisCluster raises MaxConnectionsError past its per-node cap instead of waiting
@@ -174,6 +174,15 @@ class RedisStore:
         except DRIVER_ERRORS as exc:
             raise StoreError(f"settle failed: {exc!r}") from exc
         return decode_settled(reply)
+
+    async def renew(self, renewal: Renewal) -> bool:
+        keys = self.layout.renew_keys(renewal)
+        args = renew_args(renewal, self._now_us())
+        try:
+            reply = await self._run(lambda: self._renew(self.client, keys, args, self.scripts_connection))
+        except DRIVER_ERRORS as exc:
+            raise StoreError(f"renew failed: {exc!r}") from exc
+        return bool(int(reply))
 
     async def usage(self, day: str, teams: list[str]) -> dict[str, Any]:
         """The day's ledger of `teams` (see `proxy.limits.ledger` for the shape)."""

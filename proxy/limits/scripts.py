@@ -10,6 +10,7 @@ from importlib import resources
 
 ADMIT = "admit.lua"
 SETTLE = "settle.lua"
+RENEW = "renew.lua"
 
 
 def source(name: str) -> str:

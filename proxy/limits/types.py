@@ -76,6 +76,17 @@ class Admission:
 
 
 @dataclass(frozen=True, slots=True)
+class Renewal:
+    """Push a live request's leases (parallel slots, budget holds, reservation) to now + lease TTL."""
+
+    request_id: str
+    team: ScopeLimits
+    key: ScopeLimits
+    day: str  # the budget day its admission chose (where its budget holds are)
+    lease_ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class BucketState:
     """One bucket as OpenAI's x-ratelimit-* headers describe it."""
 
@@ -100,6 +111,8 @@ class Decision:
     # the request id was already settled or abandoned, so the admission changed nothing: only an
     # admit that reached the store after its caller gave up on it sees this
     stale: bool = False
+    key_committed_micros: int = -1  # the key's spent + held on that day; -1 without a budget
+    team_committed_micros: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +163,9 @@ class Store(Protocol):
 
     async def settle(self, settlement: Settlement) -> Settled:
         """Reconcile one admitted request; falsy if this request id was already settled."""
+
+    async def renew(self, renewal: Renewal) -> bool:
+        """Extend a live request's leases; False (and nothing changed) once it is settled or expired."""
 
     async def usage(self, day: str, teams: list[str]) -> dict:
         """The day's ledger: see `proxy.limits.ledger` for its shape."""

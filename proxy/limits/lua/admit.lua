@@ -172,7 +172,7 @@ if reason == nil then
   if scopes[2].tpm >= 0 then tt = '1' end
   redis.call('HSET', KEYS[7], 'tokens', int(tokens), 'cost', int(cost), 'day', label,
     'exp', int(expires), 'kt', kt, 'tt', tt)
-  redis.call('PEXPIRE', KEYS[7], int(lease_ttl))
+  redis.call('PEXPIRE', KEYS[7], int(lease_ttl + TTL_MARGIN_MS))
 end
 
 -- the tightest bucket of each kind (lowest remaining, then longest reset) and budget scope
@@ -198,5 +198,8 @@ budget = budget or {0, 0}
 
 local admitted, reason_s, scope_s = 1, '', ''
 if reason ~= nil then admitted, reason_s, scope_s = 0, reason, scope.kind end
+-- each scope's committed spend (spent + held), -1 without a budget: the fallback starts from it
+local seen = {}
+for i, sc in ipairs(scopes) do seen[i] = sc.committed or -1 end
 return {admitted, reason_s, scope_s, retry, never, rq[1], rq[2], rq[3], tk[1], tk[2], tk[3],
-  budget[1], budget[2], label, math.ceil(day_left_ms / 1000)}
+  budget[1], budget[2], label, math.ceil(day_left_ms / 1000), seen[1], seen[2]}
