@@ -78,9 +78,8 @@ def create_app(config: Config, *, store: Store | None = None, observer: Observer
     snapshots = SnapshotHolder(build_snapshot(config, environ))
     calendar = BudgetCalendar(lambda: snapshots.config.budget_timezone, store.clock_us)
     fallback = MemoryStore(retention_days=config.spend_retention_days)
-    limiter = Limiter(config, store, fallback=fallback)
     metrics = Metrics()
-    limiter.on_store_error = metrics.store_error
+    limiter = Limiter(config, store, fallback=fallback, calendar=calendar, on_store_error=metrics.store_error)
     budgets = BudgetWatch(snapshots, store, metrics, calendar)
     request_log = RequestLog(config.log_level)
     observers = Observers(request_log, metrics, *([observer] if observer else []))

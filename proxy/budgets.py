@@ -21,8 +21,8 @@ import httpx
 from .config import Config
 from .errors import StoreError
 from .limits.days import BudgetCalendar
-from .limits.limiter import Ticket
-from .limits.types import Settled, Store
+from .limits.admission import Ticket
+from .limits.types import ScopeKind, Settled, Store
 from .metrics import Metrics
 from .pricing import format_usd, micros_to_usd, usd_to_micros
 from .snapshot import SnapshotHolder
@@ -45,7 +45,7 @@ class BudgetWatch:
         self.calendar = calendar
         self._queue: asyncio.Queue[dict[str, Any]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._budgets: dict[tuple[str, str], int] = {}
+        self._budgets: dict[tuple[ScopeKind, str], int] = {}
         self._budgets_for: Config | None = None
 
     @property
@@ -53,9 +53,9 @@ class BudgetWatch:
         return self.snapshots.config
 
     # -- the budgets of a config ----------------------------------------------------------------
-    def budgets(self) -> dict[tuple[str, str], int]:
+    def budgets(self) -> dict[tuple[ScopeKind, str], int]:
         """(scope, name) → daily budget in micro-dollars, for every scope that has one."""
-        found: dict[tuple[str, str], int] = {}
+        found: dict[tuple[ScopeKind, str], int] = {}
         for name, team in self.config.teams.items():
             if team.daily_budget_usd is not None:
                 found[("team", name)] = usd_to_micros(team.daily_budget_usd)
@@ -68,9 +68,10 @@ class BudgetWatch:
     def on_settled(self, ticket: Ticket, settled: Settled) -> None:
         day = ticket.decision.day
         budgets = self._budgets_of_config()
+        key, team = ticket.scopes.key, ticket.scopes.team
         for scope, name, spent, crossed in (
-            ("key", ticket.caller.key_name, settled.key_spent_micros, settled.key_crossed),
-            ("team", ticket.caller.team_name, settled.team_spent_micros, settled.team_crossed),
+            (key.kind, key.name, settled.key_spent_micros, settled.key_crossed),
+            (team.kind, team.name, settled.team_spent_micros, settled.team_crossed),
         ):
             budget = budgets.get((scope, name))  # the configured budget (a fallback ticket carries a share)
             if budget is None:
@@ -80,7 +81,7 @@ class BudgetWatch:
             if crossed:
                 self.alert(scope, name, spent, budget, day)
 
-    def _budgets_of_config(self) -> dict[tuple[str, str], int]:
+    def _budgets_of_config(self) -> dict[tuple[ScopeKind, str], int]:
         if self._budgets_for is not self.config:
             self._budgets, self._budgets_for = self.budgets(), self.config
         return self._budgets

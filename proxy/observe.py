@@ -24,7 +24,7 @@ from .limits.types import Usage
 from .request.forward import Attempts
 
 if TYPE_CHECKING:
-    from .limits.limiter import Ticket
+    from .limits.admission import Ticket
     from .request.authenticate import Caller
 
 RATE_LIMIT_REASONS = {"requests": "rpm", "tokens": "tpm", "parallel_requests": "parallel"}

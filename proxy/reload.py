@@ -87,13 +87,12 @@ class Reloader:
 
     def _follow_settings(self, config: Config, running: Config) -> None:
         """The settings read outside the request path."""
-        self.limiter.reconfigure(config)
         if config.log_level != running.log_level:
             apply_log_level(config.log_level)
             if self.request_log is not None:
                 self.request_log.set_level(config.log_level)
         for store in (self.limiter.store, self.limiter.fallback):
-            if store is not None and hasattr(store, "retention_days"):
+            if store is not None:
                 store.retention_days = config.spend_retention_days
         if config.shutdown_grace_s != running.shutdown_grace_s:
             log.warning("shutdown_grace_s changed to %ss: the journal flush at shutdown uses it now; the wait "

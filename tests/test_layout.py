@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,47 @@ def test_the_cycle_check_sees_a_lazy_import(tmp_path: Path) -> None:
         assert imported("proxy.a", first) == {"proxy.b"}
     finally:
         MODULES = saved
+
+
+def test_the_store_layer_answers_with_decisions_not_http_errors() -> None:
+    """proxy.limits returns Tickets and Refusals: it imports no ProxyError and nothing of the
+    request path or the HTTP layer."""
+    import proxy.errors
+
+    http_errors = {name for name, value in vars(proxy.errors).items()
+                   if isinstance(value, type) and issubclass(value, proxy.errors.ProxyError)}
+    found = []
+    for name, path in MODULES.items():
+        if not name.startswith("proxy.limits"):
+            continue
+        found += [f"{name} imports {target}" for target in GRAPH[name]
+                  if target.startswith(("proxy.request", "proxy.http", "proxy.app", "proxy.gateway"))]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("errors"):
+                found += [f"{name} imports {alias.name}" for alias in node.names if alias.name in http_errors]
+    assert not found, found
+
+
+LUA = PACKAGE / "limits" / "lua"
+
+
+def lua_arg_names(script: str) -> list[str]:
+    """The names a script reads its ARGV into: its `local ARG_NAMES = {...}` table."""
+    source = (LUA / script).read_text(encoding="utf-8")
+    start = source.index("local ARG_NAMES = {")
+    table = source[start : source.index("}", start)]
+    return [part.strip().strip("'") for part in table.split("{", 1)[1].split(",")]
+
+
+@pytest.mark.parametrize(("script", "names"),
+                         [("admit.lua", "ADMIT_ARGS"), ("settle.lua", "SETTLE_ARGS"), ("renew.lua", "RENEW_ARGS")])
+def test_each_script_reads_its_arguments_in_the_order_layout_builds_them(script: str, names: str) -> None:
+    from proxy.limits import layout
+
+    assert lua_arg_names(script) == list(getattr(layout, names))
+    source = (LUA / script).read_text(encoding="utf-8")
+    assert "UNLIMITED" not in source or f"local UNLIMITED = {layout.UNLIMITED}" in source
+    body = source[source.index("for i, name in ipairs(ARG_NAMES)") :]
+    # past the named ones, a script indexes ARGV only relative to them (a day's label or start, a tag)
+    refs = re.findall(r"ARGV\[[^\]]*\]", body)
+    assert all(ref == "ARGV[i]" or ref.startswith("ARGV[labels") for ref in refs), refs

@@ -24,6 +24,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from ..errors import (
+    RespConnectionError,
+    RespReplyError,
+    RespUnreachable,
+    StoreError,
+    StoreUnreachable,
+)
 from . import scripts
 from ..errors import RespConnectionError, RespReplyError, RespUnreachable, StoreError, StoreUnreachable
 from .layout import DEFAULT_PREFIX, Layout, admit_args, decode_decision, decode_settled, renew_args, settle_args

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..config import Config, Key, Limits, Team
 from ..errors import InvalidApiKey
+from ..limits.scopes import Scopes, scopes_for
 
 KEY_PREFIX = "sk-proxy-"
 
@@ -36,6 +37,7 @@ class Caller:
     key: Key
     team: Team
     allowed_models: frozenset[str] | None  # None: every model
+    scopes: Scopes  # the limits admission checks, from the same config
 
     @property
     def limits(self) -> Limits:
@@ -56,7 +58,7 @@ class KeyRing:
             if digest is None:  # its key_env is unset: the key cannot be used
                 continue
             models = frozenset(key.models) if key.models is not None else None
-            self._by_hash[digest] = Caller(name, key.team, key, config.teams[key.team], models)
+            self._by_hash[digest] = Caller(name, key.team, key, config.teams[key.team], models, scopes_for(config, name))
         self.admin_hash = config.admin_sha256(env)
 
     def authenticate(self, presented: str | None) -> Caller:

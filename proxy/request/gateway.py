@@ -22,7 +22,7 @@ from starlette.types import Receive
 from ..config import Model
 from ..errors import ClientClosedRequest, ProxyError
 from ..http.responses import SSEResponse, error_response, request_id_of
-from ..limits.limiter import Ticket
+from ..limits.admission import Ticket
 from ..limits.types import Usage
 from ..observe import Observer, Outcome
 from ..snapshot import Snapshot, SnapshotHolder

@@ -14,7 +14,8 @@ import orjson
 
 from ..budgets import BudgetWatch
 from ..config import Price
-from ..limits.limiter import Limiter, Ticket
+from ..limits.admission import Ticket
+from ..limits.limiter import Limiter
 from ..limits.types import Settled, Usage
 from ..observe import Observer, Outcome
 from ..pricing import cost_micros
