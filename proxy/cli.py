@@ -111,6 +111,10 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
+    if getattr(args, "what_if", None):  # `llm-proxy usage --what-if PRICES.yaml`
+        from .what_if_cli import run_what_if
+
+        return run_what_if(args)
     from .usage_cli import run_usage
 
     return run_usage(args)

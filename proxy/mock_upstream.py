@@ -126,7 +126,7 @@ class MockState:
         self._requests: deque[dict[str, Any]] = deque(maxlen=MAX_LOGGED_REQUESTS)
         self._ids = itertools.count(1)
         self._stats = self._zero_stats()
-        self._responses: dict[str, dict] = {}  # Responses API: id -> {"response", "input_items"}
+        self._responses: dict[str, dict[str, Any]] = {}  # Responses API: id -> {"response", "input_items"}
 
     @staticmethod
     def _zero_stats() -> dict[str, int]:
@@ -435,7 +435,7 @@ async def send_script_or_body(
 ) -> web.StreamResponse:
     state = request.app[STATE]
     if stream:
-        delay_s = float(fault.get("chunk_delay_s", request.app[SETTINGS]["chunk_delay_s"]))
+        delay_s = float(fault["chunk_delay_s"] if "chunk_delay_s" in fault else request.app[SETTINGS]["chunk_delay_s"])
         try:
             return await stream_script(request, state, script, fault, headers, delay_s)
         except ConnectionError:  # the client went away; nothing more can be sent
@@ -448,7 +448,8 @@ async def send_script_or_body(
     return web.Response(body=payload, content_type="application/json", headers=headers)
 
 
-async def create_response(request: web.Request, body: dict[str, Any], fault: dict[str, Any], headers: dict[str, str]):
+async def create_response(request: web.Request, body: dict[str, Any], fault: dict[str, Any],
+                          headers: dict[str, str]) -> web.StreamResponse:
     state = request.app[STATE]
     previous = body.get("previous_response_id")
     if previous is not None and state.stored_response(str(previous)) is None:
@@ -495,7 +496,8 @@ def stored_response_route(request: web.Request, headers: dict[str, str]) -> web.
     return web.Response(body=orjson.dumps(reply), content_type="application/json", headers=headers)
 
 
-async def anthropic_route(request: web.Request, body: Any, fault: dict[str, Any], headers: dict[str, str]):
+async def anthropic_route(request: web.Request, body: Any, fault: dict[str, Any],
+                          headers: dict[str, str]) -> web.StreamResponse:
     if "x-api-key" not in request.headers and "authorization" not in request.headers:
         return api_error(request, 401, "x-api-key header is required", headers)
     if ANTHROPIC_VERSION_HEADER not in request.headers:
@@ -520,7 +522,8 @@ async def anthropic_route(request: web.Request, body: Any, fault: dict[str, Any]
                                      call.tally(), fault, headers)
 
 
-async def generate(request: web.Request, kind: str, body: dict[str, Any], fault: dict[str, Any], headers: dict[str, str]):
+async def generate(request: web.Request, kind: str, body: dict[str, Any], fault: dict[str, Any],
+                   headers: dict[str, str]) -> web.StreamResponse:
     state = request.app[STATE]
     try:
         completion = Completion(kind, body, fault, request.app[SETTINGS], state.next_id())

@@ -73,10 +73,6 @@ def table(overview: dict[str, Any], by: str) -> str:
 
 
 def run_usage(args: argparse.Namespace) -> int:
-    if getattr(args, "what_if", None):
-        from .what_if_cli import run_what_if
-
-        return run_what_if(args)
     if args.url:
         admin_key = os.environ.get(args.admin_key_env)
         if not admin_key:
