@@ -12,27 +12,33 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
-from .auth import KeyRing
+from .budgets import BudgetWatch
 from .config import Config, load_config
 from .errors import InvalidRequest, MethodNotAllowed, NotFound, ProxyError
-from .forwarding.upstream import UpstreamClient
-from .gateway import Gateway, request_id_of
-from .budgets import BudgetWatch
 from .http import admin_api, models_api, ops_api
+from .http.responses import error_response, request_id_of
+from .limits.days import BudgetCalendar
 from .limits.limiter import Limiter
 from .limits.memory_store import MemoryStore
 from .limits.types import Store
 from .metrics import Metrics
 from .observe import Observer, Observers, RequestLog
 from .reload import Reloader
+from .request.gateway import Gateway
+from .request.settle import Settler
+from .snapshot import SnapshotHolder, build_snapshot
+
+Route = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("proxy")
 
@@ -53,11 +59,11 @@ class ProxyApp(FastAPI):
     of a proxied request in a profile here) and answer every error themselves, OpenAI-shaped.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.call_routes: dict[str, Callable] = {}
+        self.call_routes: dict[str, Route] = {}
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             route = self.call_routes.get(scope["path"])
             if route is not None:
@@ -67,23 +73,22 @@ class ProxyApp(FastAPI):
 
 
 def create_app(config: Config, *, store: Store | None = None, observer: Observer | None = None,
-               environ: dict[str, str] | None = None, config_path: str | None = None) -> FastAPI:
+               environ: Mapping[str, str] | None = None, config_path: str | None = None) -> ProxyApp:
     store = store if store is not None else build_store(config)
+    snapshots = SnapshotHolder(build_snapshot(config, environ))
+    calendar = BudgetCalendar(lambda: snapshots.config.budget_timezone, store.clock_us)
     fallback = MemoryStore(retention_days=config.spend_retention_days)
-    limiter = Limiter(config, store, fallback=fallback)
-    upstreams = {name: UpstreamClient(name, upstream) for name, upstream in config.upstreams.items()}
     metrics = Metrics()
-    limiter.on_store_error = metrics.store_error
-    budgets = BudgetWatch(config, store, metrics)
+    limiter = Limiter(config, store, fallback=fallback, calendar=calendar, on_store_error=metrics.store_error)
+    budgets = BudgetWatch(snapshots, store, metrics, calendar)
     request_log = RequestLog(config.log_level)
     observers = Observers(request_log, metrics, *([observer] if observer else []))
-    gateway = Gateway(config, KeyRing(config, environ), upstreams, limiter, observers, budgets)
-    gateway.metrics = metrics
-    reloader = Reloader(gateway, config_path, environ, request_log)
+    gateway = Gateway(snapshots, Settler(limiter, observers, budgets), observers)
+    reloader = Reloader(snapshots, limiter, config_path, environ, request_log)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        for client in upstreams.values():
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for client in snapshots.current.upstreams.values():
             await client.start()
         limiter.start()
         budgets.start()
@@ -93,16 +98,16 @@ def create_app(config: Config, *, store: Store | None = None, observer: Observer
         finally:
             hangup()
             await budgets.close()
-            await limiter.close(flush_for_s=max(1.0, gateway.config.shutdown_grace_s))  # a reload may change it
+            await limiter.close(flush_for_s=max(1.0, snapshots.config.shutdown_grace_s))  # a reload may change it
             await reloader.close()  # after the last settlement: a request may still use a replaced client
-            for client in gateway.upstreams.values():
+            for client in snapshots.current.upstreams.values():
                 await client.close()
             await store.close()
             metrics.worker_exited()
 
     app = ProxyApp(title="llm-ratelimit-proxy", version="0.1.0", lifespan=lifespan, docs_url="/admin/docs",
                   openapi_url="/admin/openapi.json", redoc_url=None)
-    app.state.gateway = gateway
+    app.state.snapshots = snapshots
     app.state.limiter = limiter
     app.state.store = store
     app.state.reloader = reloader
@@ -111,14 +116,14 @@ def create_app(config: Config, *, store: Store | None = None, observer: Observer
                            ("/v1/embeddings", "embeddings")):
         app.call_routes[path] = _call_route(gateway, endpoint)
         app.add_route(path, _method_not_allowed, methods=["GET", "PUT", "PATCH", "DELETE"])
-    models_api.add_routes(app, gateway)
-    app.include_router(ops_api.router(gateway, store))
-    app.include_router(admin_api.router(gateway))
+    models_api.add_routes(app, snapshots)
+    app.include_router(ops_api.router(snapshots, store, metrics))
+    app.include_router(admin_api.router(snapshots, store, calendar))
     _install_error_handlers(app)
     return app
 
 
-def _on_sighup(reloader: Reloader):
+def _on_sighup(reloader: Reloader) -> Callable[[], object]:
     """Reload on SIGHUP when serving from the main thread; returns the undo."""
     if threading.current_thread() is not threading.main_thread() or reloader.path is None:
         return lambda: None
@@ -137,16 +142,17 @@ def _on_sighup(reloader: Reloader):
     return lambda: loop.remove_signal_handler(signal.SIGHUP)
 
 
-def _call_route(gateway: Gateway, endpoint: str):
+def _call_route(gateway: Gateway, endpoint: str) -> Route:
     """A bare ASGI handler for one OpenAI call endpoint."""
 
-    async def route(scope, receive, send) -> None:
+    async def route(scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
+        response: Response | Route
         try:
             response = await gateway.handle(request, endpoint)
         except Exception:
             log.exception("unexpected error on POST %s", scope["path"])
-            response = Gateway.error_response(ProxyError("The proxy had an internal error."), request_id_of(request))
+            response = error_response(ProxyError("The proxy had an internal error."), request_id_of(request))
         await response(scope, receive, send)
 
     route.__name__ = f"v1_{endpoint}"
@@ -154,18 +160,20 @@ def _call_route(gateway: Gateway, endpoint: str):
 
 
 async def _method_not_allowed(request: Request) -> Response:
-    return Gateway.error_response(MethodNotAllowed(
+    return error_response(MethodNotAllowed(
         f"Method {request.method} is not allowed for {request.url.path}."), request_id_of(request))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     def respond(request: Request, error: ProxyError) -> Response:
-        return Gateway.error_response(error, request_id_of(request))
+        return error_response(error, request_id_of(request))
 
-    async def proxy_error(request: Request, exc: ProxyError) -> Response:
+    async def proxy_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ProxyError)  # Starlette routes by the class registered below
         return respond(request, exc)
 
-    async def http_error(request: Request, exc: HTTPException) -> Response:
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)  # Starlette routes by the class registered below
         if exc.status_code == 404:
             return respond(request, NotFound(f"Unknown request URL: {request.method} {request.url.path}."))
         if exc.status_code == 405:
@@ -176,7 +184,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return respond(request, error)
 
-    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)  # Starlette routes by the class registered below
         first = exc.errors()[0] if exc.errors() else {}
         param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
         return respond(request, InvalidRequest(f"Invalid request: {first.get('msg', 'invalid')}.", param=param))
@@ -192,7 +201,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> ProxyApp:
     """The uvicorn factory for `llm-proxy serve` (each worker builds its own app)."""
     path = os.environ["LLM_PROXY_CONFIG"]
     return create_app(load_config(path), config_path=path)

@@ -13,18 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from datetime import datetime, timezone
-from zoneinfo import ZoneInfo
+from typing import Any
 
 import httpx
 
 from .config import Config
-from .limits.days import candidate_days
-from .limits.limiter import Ticket
-from .limits.types import Settled, Store, StoreError
+from .errors import StoreError
+from .limits.days import BudgetCalendar
+from .limits.admission import Ticket
+from .limits.types import ScopeKind, Settled, Store
 from .metrics import Metrics
 from .pricing import format_usd, micros_to_usd, usd_to_micros
+from .snapshot import SnapshotHolder
 
 log = logging.getLogger("proxy.budgets")
 
@@ -35,23 +36,26 @@ WEBHOOK_TIMEOUT_S = 5.0
 
 
 class BudgetWatch:
-    def __init__(self, config: Config, store: Store, metrics: Metrics):
-        self.config = config
+    """Reads the running config (`snapshots`): budgets, alert ratio and webhook URL follow a reload."""
+
+    def __init__(self, snapshots: SnapshotHolder, store: Store, metrics: Metrics, calendar: BudgetCalendar) -> None:
+        self.snapshots = snapshots
         self.store = store
         self.metrics = metrics
-        self._queue: asyncio.Queue[dict] | None = None
-        self._tasks: list[asyncio.Task] = []
-        self._today, self._today_from, self._today_until = "", 0.0, 0.0
-        self._today_zone = config.budget_timezone
-        self._budgets: dict[tuple[str, str], int] = {}
+        self.calendar = calendar
+        self._queue: asyncio.Queue[dict[str, Any]] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._budgets: dict[tuple[ScopeKind, str], int] = {}
         self._budgets_for: Config | None = None
-        self.webhook_sent = 0
-        self.webhook_failed = 0
+
+    @property
+    def config(self) -> Config:
+        return self.snapshots.config
 
     # -- the budgets of a config ----------------------------------------------------------------
-    def budgets(self) -> dict[tuple[str, str], int]:
+    def budgets(self) -> dict[tuple[ScopeKind, str], int]:
         """(scope, name) → daily budget in micro-dollars, for every scope that has one."""
-        found = {}
+        found: dict[tuple[ScopeKind, str], int] = {}
         for name, team in self.config.teams.items():
             if team.daily_budget_usd is not None:
                 found[("team", name)] = usd_to_micros(team.daily_budget_usd)
@@ -60,33 +64,24 @@ class BudgetWatch:
                 found[("key", name)] = usd_to_micros(key.daily_budget_usd)
         return found
 
-    def today(self) -> str:
-        clock_us = getattr(self.store, "clock_us", None)  # a store pinned to a test clock
-        now = clock_us() / 1e6 if clock_us is not None else time.time()
-        if not self._today_until > now >= self._today_from or self._today_zone != self.config.budget_timezone:
-            self._today_zone = self.config.budget_timezone
-            zone = ZoneInfo(self.config.budget_timezone)
-            days = candidate_days(zone, datetime.fromtimestamp(now, zone))
-            self._today, self._today_from, self._today_until = days.labels[1], days.starts[1], days.starts[2]
-        return self._today
-
     # -- after each settlement --------------------------------------------------------------------
     def on_settled(self, ticket: Ticket, settled: Settled) -> None:
         day = ticket.decision.day
         budgets = self._budgets_of_config()
+        key, team = ticket.scopes.key, ticket.scopes.team
         for scope, name, spent, crossed in (
-            ("key", ticket.caller.name, settled.key_spent_micros, settled.key_crossed),
-            ("team", ticket.caller.team, settled.team_spent_micros, settled.team_crossed),
+            (key.kind, key.name, settled.key_spent_micros, settled.key_crossed),
+            (team.kind, team.name, settled.team_spent_micros, settled.team_crossed),
         ):
             budget = budgets.get((scope, name))  # the configured budget (a fallback ticket carries a share)
             if budget is None:
                 continue
-            if day == self.today():
+            if day == self.calendar.today():
                 self.metrics.set_budget(scope, name, budget, spent)
             if crossed:
                 self.alert(scope, name, spent, budget, day)
 
-    def _budgets_of_config(self) -> dict[tuple[str, str], int]:
+    def _budgets_of_config(self) -> dict[tuple[ScopeKind, str], int]:
         if self._budgets_for is not self.config:
             self._budgets, self._budgets_for = self.budgets(), self.config
         return self._budgets
@@ -104,13 +99,12 @@ class BudgetWatch:
             try:
                 self._queue.put_nowait(event)
             except asyncio.QueueFull:
-                self.webhook_failed += 1
                 log.error("budget webhook queue full: alert for %s '%s' dropped", scope, name)
 
     # -- the shared ledger → gauges -------------------------------------------------------------
     async def refresh(self) -> None:
         budgets = self.budgets()
-        day = self.today()
+        day = self.calendar.today()
         teams: dict[str, list[str]] = {team: [] for team in self.config.teams}
         for name, key in self.config.keys.items():
             teams.setdefault(key.team, []).append(name)
@@ -142,22 +136,16 @@ class BudgetWatch:
                     try:
                         response = await client.post(url, json=event)
                         if response.status_code < 300:
-                            self.webhook_sent += 1
                             break
                         failure = f"status {response.status_code}"
                     except httpx.HTTPError as exc:
                         failure = type(exc).__name__
                     if attempt + 1 == WEBHOOK_ATTEMPTS:
-                        self.webhook_failed += 1
                         log.error("budget webhook gave up after %d attempts (%s)", WEBHOOK_ATTEMPTS, failure)
                     else:
                         await asyncio.sleep(random.uniform(0, min(30.0, 0.5 * 2**attempt)))
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def reconfigure(self, config: Config) -> None:
-        """A reloaded config: budgets, alert ratio, time zone and webhook URL from now on."""
-        self.config = config
-
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._refresh_forever()))

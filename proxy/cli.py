@@ -5,35 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-from .auth import new_key, sha256_hex
-from .config import DEFAULT_PORT, Config, ConfigError, load_config
+from .cli_config import CONFIG_ENV, config_path, load_or_exit
+from .config import DEFAULT_PORT, Config, Limits
+from .request.authenticate import new_key, sha256_hex
 
-CONFIG_ENV = "LLM_PROXY_CONFIG"
 DEMO_HOST_ENV = "LLM_PROXY_DEMO_HOST"  # the image sets 0.0.0.0: `docker run -p 8080:8080 IMAGE demo`
 
 
-def _config_path(given: str | None) -> str:
-    path = given or os.environ.get(CONFIG_ENV)
-    if not path:
-        raise SystemExit(f"llm-proxy: no config: pass --config FILE or set {CONFIG_ENV}")
-    return str(Path(path).resolve())
-
-
-def _load_or_exit(path: str) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        print(f"{path}: invalid configuration", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    path = _config_path(args.config)
-    config = _load_or_exit(path)
+    path = config_path(args.config)
+    config = load_or_exit(path)
     if args.workers < 1:
         raise SystemExit("llm-proxy serve: --workers must be at least 1")
     if args.workers > 1 and config.store.redis_url is None:
@@ -77,7 +59,7 @@ def summary(config: Config) -> str:
     return "\n".join(lines)
 
 
-def _limits(limits) -> str:
+def _limits(limits: Limits) -> str:
     parts = [f"{name} {value}" for name in ("rpm", "tpm", "max_parallel")
              if (value := getattr(limits, name)) is not None]
     return ", ".join(parts) or "no limits"
@@ -91,7 +73,7 @@ def _redact_url(url: str) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load_or_exit(args.file)
+    config = load_or_exit(args.file)
     print(f"{args.file}: ok")
     print(summary(config))
     for name, model in config.models.items():
@@ -131,6 +113,10 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
+    if getattr(args, "what_if", None):  # `llm-proxy usage --what-if PRICES.yaml`
+        from .what_if_cli import run_what_if
+
+        return run_what_if(args)
     from .usage_cli import run_usage
 
     return run_usage(args)

@@ -26,22 +26,16 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from .config_yaml import load_yaml
+from .errors import ConfigError
 from .price_catalog import catalog_price_fields
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_PORT = 8080
 ENV_VAR_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
-
-
-class ConfigError(Exception):
-    """A configuration that cannot be used; `problems` are `path: message` lines."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
 
 
 class EnvText(str):
@@ -503,9 +497,9 @@ class Config(_Strict):
         for name, key in self.keys.items():
             if key.team not in self.teams:
                 problems.append(f"keys.{name}.team: unknown team {key.team!r}")
-            for model in key.models or ():
-                if model not in self.models:
-                    problems.append(f"keys.{name}.models: unknown model {model!r}")
+            for model_name in key.models or ():
+                if model_name not in self.models:
+                    problems.append(f"keys.{name}.models: unknown model {model_name!r}")
         return problems
 
     def _shared_key_problems(self, environ: Mapping[str, str]) -> list[str]:
@@ -555,7 +549,7 @@ def interpolate_env(text: str, environ: Mapping[str, str] | None = None) -> str:
     return result
 
 
-def _message(error: dict[str, Any]) -> str:
+def _message(error: ErrorDetails) -> str:
     kind, ctx = error["type"], error.get("ctx", {})
     if kind == "greater_than":
         return f"must be > {ctx['gt']}"
@@ -575,8 +569,7 @@ def _message(error: dict[str, Any]) -> str:
         return f"must be {ctx['expected']}"
     if kind == "bool_parsing":
         return "must be true or false"
-    message = error["msg"]
-    return message.removeprefix("Value error, ")
+    return error["msg"].removeprefix("Value error, ")
 
 
 def _path(loc: tuple[Any, ...]) -> str:

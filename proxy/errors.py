@@ -1,25 +1,97 @@
-"""Every error the proxy answers with, shaped as OpenAI shapes its own.
+"""Every exception the proxy raises on purpose, in one tree (private helpers aside).
 
-    ProxyError                      {"error": {"message", "type", "param", "code"}}
-    ├── InvalidRequest      400     invalid_request_error
-    │   └── ContextLengthExceeded   400 context_length_exceeded
-    ├── InvalidApiKey       401     invalid_api_key
-    ├── AdminRequired       403     admin key required
-    ├── ModelNotAllowed     403     model_not_allowed
-    ├── NotFound            404     model_not_found / unknown route
-    ├── BodyTooLarge        413
-    ├── ClientClosedRequest 499     the client left mid-body (nginx's code; nobody reads the answer)
-    ├── RateLimited         429     type requests | tokens | parallel_requests
-    ├── BudgetExceeded      429     insufficient_quota, never retried
-    ├── UpstreamError       502     upstream_error
-    ├── StoreUnavailable    503     store_unavailable
-    └── UpstreamTimeout     504     upstream_timeout
+    Exception
+    ├── ConfigError                   a config that cannot be used; `problems`, one per line
+    ├── StoreError                    the rate-limit store could not answer (Redis down, timeout)
+    │   └── StoreUnreachable          ... and the call was never sent, so it did not apply
+    ├── RespError                     the lean Redis client (`proxy.limits.resp`)
+    │   ├── RespConnectionError       the connection failed or timed out
+    │   │   └── RespUnreachable       ... before the command was written
+    │   └── RespReplyError            Redis answered with an error reply
+    ├── UpstreamFailure               the seam to upstream HTTP (`proxy.upstream.client`)
+    │   ├── UpstreamConnectError      no connection could be made (refused, DNS, connect timeout)
+    │   ├── UpstreamReadTimeout       the upstream stopped sending for longer than its read timeout
+    │   └── UpstreamBroken            the connection broke while the response was being read
+    └── ProxyError                    an answer to the client, shaped as OpenAI shapes its own:
+        │                             {"error": {"message", "type", "param", "code"}}
+        ├── InvalidRequest      400     invalid_request_error
+        │   └── ContextLengthExceeded   400 context_length_exceeded
+        ├── InvalidApiKey       401     invalid_api_key
+        ├── AdminRequired       403     admin_key_required
+        ├── ModelNotAllowed     403     model_not_allowed
+        ├── NotFound            404     not_found (unknown route)
+        │   └── ModelNotFound   404     model_not_found
+        ├── MethodNotAllowed    405     method_not_allowed
+        ├── BodyTooLarge        413     request_too_large
+        ├── ClientClosedRequest 499     the client left mid-body (nginx's code; nobody reads the answer)
+        ├── RateLimited         429     type requests | tokens | parallel_requests
+        ├── BudgetExceeded      429     insufficient_quota, never retried
+        ├── UpstreamError       502     upstream_error
+        ├── StoreUnavailable    503     store_unavailable
+        └── UpstreamTimeout     504     upstream_timeout
+
+Only the `ProxyError` family reaches a client; the others are caught at their seam (the store's
+driver errors become `StoreError` there, the request path turns `StoreError` and the upstream
+failures into `ProxyError`s). The in-process store's `CommandError` (a Lua `redis.call` error)
+stays private to `proxy.limits.keyspace`.
 """
 
 from __future__ import annotations
 
 import orjson
 
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; `problems` are `path: message` lines."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+# -- the rate-limit store -------------------------------------------------------------------------
+class StoreError(Exception):
+    """The store could not answer (Redis down, timeout). Raised by every store operation."""
+
+
+class StoreUnreachable(StoreError):
+    """The store was not reached at all: the operation was never sent, so it did not apply."""
+
+
+class RespError(Exception):
+    """The lean Redis client failed; the store wraps it as `StoreError`."""
+
+
+class RespConnectionError(RespError):
+    """The connection failed, broke or timed out (the command may have reached Redis)."""
+
+
+class RespUnreachable(RespConnectionError):
+    """No connection to send on (none could be made in time, or backing off): not sent."""
+
+
+class RespReplyError(RespError):
+    """Redis answered with an error reply (e.g. NOSCRIPT)."""
+
+
+# -- the upstream ---------------------------------------------------------------------------------
+class UpstreamFailure(Exception):
+    """The upstream could not be reached or did not send a whole response."""
+
+
+class UpstreamConnectError(UpstreamFailure):
+    """No connection could be made (refused, DNS, connect timeout)."""
+
+
+class UpstreamReadTimeout(UpstreamFailure):
+    """The upstream stopped sending for longer than its read timeout."""
+
+
+class UpstreamBroken(UpstreamFailure):
+    """The connection broke while the response was being read."""
+
+
+# -- answers to the client ------------------------------------------------------------------------
 
 class ProxyError(Exception):
     status = 500
@@ -41,7 +113,7 @@ class ProxyError(Exception):
             self.code = code
         self.headers = dict(headers or {})
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, dict[str, str | None]]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def body_bytes(self) -> bytes:

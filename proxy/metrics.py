@@ -30,7 +30,8 @@ class Metrics:
     """Every metric of one app, registered in the app's own registry."""
 
     def __init__(self) -> None:
-        disable_created_metrics()  # *_created series double the exposition for nothing we use
+        # *_created series double the exposition for nothing we use (prometheus_client: untyped function)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("llm_proxy_requests", "Requests answered, by final status.",
@@ -70,11 +71,12 @@ class Metrics:
 
     # -- observer -----------------------------------------------------------------------------
     def admitted(self, outcome: Outcome) -> None:
-        self.inflight.labels(outcome.caller.team).inc()
+        if outcome.caller is not None:
+            self.inflight.labels(outcome.caller.team_name).inc()
 
     def finished(self, outcome: Outcome) -> None:
         caller = outcome.caller
-        team, key = (caller.team, caller.name) if caller else ("", "")
+        team, key = (caller.team_name, caller.key_name) if caller else ("", "")
         model = outcome.model
         if outcome.ticket is not None:
             self.inflight.labels(team).dec()
@@ -95,14 +97,14 @@ class Metrics:
                 self.tokens.labels(team, key, model, kind).inc(value)
         if outcome.cost_micros:
             self.spend.labels(team, key, model).inc(outcome.cost_micros / MICROS)
-        self.duration.labels(team, model, "true" if outcome.stream else "false").observe(outcome.done - outcome.started)
+        self.duration.labels(team, model, "true" if outcome.stream else "false").observe(outcome.finished_at - outcome.started_at)
         if outcome.first_byte_at:
-            self.ttft.labels(team, model).observe(outcome.first_byte_at - outcome.started)
-        if attempts.first_attempt_at and outcome.finished_upstream:
-            upstream_time = outcome.finished_upstream - attempts.first_attempt_at
+            self.ttft.labels(team, model).observe(outcome.first_byte_at - outcome.started_at)
+        if attempts.first_attempt_at and outcome.upstream_finished_at:
+            upstream_time = outcome.upstream_finished_at - attempts.first_attempt_at
             self.upstream_duration.labels(attempts.upstream, attempts.target_model).observe(
-                outcome.finished_upstream - attempts.upstream_started)
-            self.overhead.observe(max(0.0, outcome.done - outcome.started - upstream_time))
+                outcome.upstream_finished_at - attempts.last_attempt_at)
+            self.overhead.observe(max(0.0, outcome.finished_at - outcome.started_at - upstream_time))
 
     def store_error(self, op: str) -> None:
         self.store_errors.labels(op).inc()
@@ -121,12 +123,12 @@ class Metrics:
     def worker_exited() -> None:
         """Drop this worker's live gauges (in-flight) from the aggregate."""
         if multiprocess_dir():
-            multiprocess.mark_process_dead(os.getpid())
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # prometheus_client
 
     # -- exposition ---------------------------------------------------------------------------
     def exposition(self) -> bytes:
         if multiprocess_dir():
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus_client
             return generate_latest(registry)
         return generate_latest(self.registry)

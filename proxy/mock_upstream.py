@@ -40,7 +40,7 @@ FAULT_HEADER = "x-mock-fault"
 MAX_LOGGED_REQUESTS = 100_000  # the oldest are dropped, so long benchmarks stay bounded
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-3.5-turbo-instruct", "text-embedding-3-small")
 
-FAULT_FIELDS = {
+FAULT_FIELDS: dict[str, type | tuple[type, ...]] = {
     "status": int,
     "retry_after": str,
     "retry_after_ms": str,
@@ -71,7 +71,7 @@ ERROR_KINDS = {  # status -> (type, code), as OpenAI answers
 }
 
 
-def validate_fault(fault: Any) -> dict:
+def validate_fault(fault: Any) -> dict[str, Any]:
     """Return `fault` if it is a fault object, else raise ValueError naming the problem."""
     if not isinstance(fault, dict):
         raise ValueError(f"a fault must be a JSON object, got {fault!r}")
@@ -122,11 +122,11 @@ class MockState:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._faults: deque[dict] = deque()
-        self._requests: deque[dict] = deque(maxlen=MAX_LOGGED_REQUESTS)
+        self._faults: deque[dict[str, Any]] = deque()
+        self._requests: deque[dict[str, Any]] = deque(maxlen=MAX_LOGGED_REQUESTS)
         self._ids = itertools.count(1)
         self._stats = self._zero_stats()
-        self._responses: dict[str, dict] = {}  # Responses API: id -> {"response", "input_items"}
+        self._responses: dict[str, dict[str, Any]] = {}  # Responses API: id -> {"response", "input_items"}
 
     @staticmethod
     def _zero_stats() -> dict[str, int]:
@@ -136,7 +136,7 @@ class MockState:
             0,
         )
 
-    def add_faults(self, faults: list[dict]) -> None:
+    def add_faults(self, faults: list[dict[str, Any]]) -> None:
         checked = [validate_fault(fault) for fault in faults]
         with self._lock:
             self._faults.extend(checked)
@@ -145,17 +145,17 @@ class MockState:
         with self._lock:
             self._faults.clear()
 
-    def next_fault(self) -> dict:
+    def next_fault(self) -> dict[str, Any]:
         with self._lock:
             return self._faults.popleft() if self._faults else {}
 
-    def log_request(self, entry: dict) -> None:
+    def log_request(self, entry: dict[str, Any]) -> None:
         with self._lock:
             self._requests.append(entry)
             self._stats["requests"] += 1
 
     @property
-    def requests(self) -> list[dict]:
+    def requests(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._requests)
 
@@ -175,7 +175,7 @@ class MockState:
         with self._lock:
             self._stats[name] += 1
 
-    def reported(self, usage: dict) -> None:
+    def reported(self, usage: dict[str, Any]) -> None:
         details = usage.get("prompt_tokens_details", {})
         self.tallied(Tally(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
                            details.get("cached_tokens", 0)))
@@ -186,13 +186,13 @@ class MockState:
                          "reasoning_tokens"):
                 self._stats[name] += getattr(tally, name)
 
-    def store_response(self, response: dict, items: list[dict]) -> None:
+    def store_response(self, response: dict[str, Any], items: list[dict[str, Any]]) -> None:
         with self._lock:
             self._responses[response["id"]] = {"response": response, "input_items": items}
             if len(self._responses) > MAX_LOGGED_REQUESTS:  # the oldest go, as logged requests do
                 del self._responses[next(iter(self._responses))]
 
-    def stored_response(self, response_id: str) -> dict | None:
+    def stored_response(self, response_id: str) -> dict[str, Any] | None:
         with self._lock:
             return self._responses.get(response_id)
 
@@ -219,7 +219,7 @@ SETTINGS = web.AppKey("mock_settings", dict)
 class Completion:
     """One generation request, its fault applied: the words to emit and the usage to report."""
 
-    def __init__(self, kind: str, body: dict, fault: dict, settings: dict, ident: int):
+    def __init__(self, kind: str, body: dict[str, Any], fault: dict[str, Any], settings: dict[str, Any], ident: int):
         self.chat = kind == "chat"
         self.fault = fault
         self.model = body.get("model", "")
@@ -248,13 +248,13 @@ class Completion:
             self.usage["completion_tokens_details"] = {"reasoning_tokens": 0}
         self.report_usage = not fault.get("no_usage")
 
-    def _base(self, object_name: str) -> dict:
+    def _base(self, object_name: str) -> dict[str, Any]:
         base = {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
         if self.chat:
             base["system_fingerprint"] = "fp_mock"
         return base
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, Any]:
         text = "".join(self.words)
         choices = []
         for index in range(self.n):
@@ -289,11 +289,11 @@ class Completion:
         return sse(self._base(self.chunk_object) | {"choices": [], "usage": self.usage})
 
 
-def sse(payload: dict) -> bytes:
+def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-def retry_headers(fault: dict) -> dict[str, str]:
+def retry_headers(fault: dict[str, Any]) -> dict[str, str]:
     headers = {}
     if "retry_after" in fault:
         headers["Retry-After"] = fault["retry_after"]
@@ -312,13 +312,19 @@ async def read_json(request: web.Request) -> Any:
         return None
 
 
+def _transport(request: web.Request) -> asyncio.Transport:
+    transport = request.transport
+    assert transport is not None  # the handler runs while its connection is open
+    return transport
+
+
 async def send_partial(request: web.Request, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
     """Promise the whole body, send half of it, then close the connection."""
     response = web.StreamResponse(headers=headers | {"Content-Type": "application/json"})
     response.content_length = len(body)
     await response.prepare(request)
     await response.write(body[: len(body) // 2])
-    request.transport.close()
+    _transport(request).close()
     return response
 
 
@@ -338,20 +344,20 @@ async def stream_completion(
             sent = completion.words[:cut_after]
             await response.write(b"".join(completion.chunk(index, word, first=position == 0)
                                           for position, word in enumerate(sent) for index in range(completion.n)))
-            request.transport.close()
+            _transport(request).close()
             return response
         for position, word in enumerate(completion.words):
             if position == bad_line_at:
                 await response.write(b"data: not-json\n\n")
             if position == cut_after:
-                request.transport.close()
+                _transport(request).close()
                 return response
             if position and completion.chunk_delay_s:
                 await asyncio.sleep(completion.chunk_delay_s)
             for index in range(completion.n):
                 await response.write(completion.chunk(index, word, first=position == 0))
         if cut_after is not None:  # asked to cut after every word: still never finish
-            request.transport.close()
+            _transport(request).close()
             return response
         if completion.chunk_delay_s and completion.words:
             await asyncio.sleep(completion.chunk_delay_s)
@@ -371,7 +377,7 @@ async def stream_completion(
 
 
 async def stream_script(
-    request: web.Request, state: MockState, script: Script, fault: dict, headers: dict[str, str], delay_s: float
+    request: web.Request, state: MockState, script: Script, fault: dict[str, Any], headers: dict[str, str], delay_s: float
 ) -> web.StreamResponse:
     """Send a Responses or Anthropic stream: head, a delta per word (the faults count these), tail."""
     cut_after = fault.get("cut_after_chunks")
@@ -385,7 +391,7 @@ async def stream_script(
         await response.prepare(request)
         if cut_after is not None and fault.get("cut_in_one_write"):
             await response.write(b"".join(script.head + script.deltas[:cut_after]))
-            request.transport.close()
+            _transport(request).close()
             return response
         for frame in script.head:
             await response.write(frame)
@@ -393,7 +399,7 @@ async def stream_script(
             if position == bad_line_at:
                 await response.write(b"data: not-json\n\n")
             if position == cut_after:
-                request.transport.close()
+                _transport(request).close()
                 return response
             if position == error_after:
                 await response.write(script.error_frame(position))
@@ -403,7 +409,7 @@ async def stream_script(
                 await asyncio.sleep(delay_s)
             await response.write(frame)
         if cut_after is not None:  # asked to cut after every delta: still never finish
-            request.transport.close()
+            _transport(request).close()
             return response
         if error_after is not None:
             await response.write(script.error_frame(len(script.deltas)))
@@ -424,12 +430,12 @@ async def stream_script(
 
 
 async def send_script_or_body(
-    request: web.Request, stream: bool, script: Script, body: dict, tally: Tally | None, fault: dict,
+    request: web.Request, stream: bool, script: Script, body: dict[str, Any], tally: Tally | None, fault: dict[str, Any],
     headers: dict[str, str],
 ) -> web.StreamResponse:
     state = request.app[STATE]
     if stream:
-        delay_s = float(fault.get("chunk_delay_s", request.app[SETTINGS]["chunk_delay_s"]))
+        delay_s = float(fault["chunk_delay_s"] if "chunk_delay_s" in fault else request.app[SETTINGS]["chunk_delay_s"])
         try:
             return await stream_script(request, state, script, fault, headers, delay_s)
         except ConnectionError:  # the client went away; nothing more can be sent
@@ -442,7 +448,8 @@ async def send_script_or_body(
     return web.Response(body=payload, content_type="application/json", headers=headers)
 
 
-async def create_response(request: web.Request, body: dict, fault: dict, headers: dict[str, str]):
+async def create_response(request: web.Request, body: dict[str, Any], fault: dict[str, Any],
+                          headers: dict[str, str]) -> web.StreamResponse:
     state = request.app[STATE]
     previous = body.get("previous_response_id")
     if previous is not None and state.stored_response(str(previous)) is None:
@@ -489,7 +496,8 @@ def stored_response_route(request: web.Request, headers: dict[str, str]) -> web.
     return web.Response(body=orjson.dumps(reply), content_type="application/json", headers=headers)
 
 
-async def anthropic_route(request: web.Request, body: Any, fault: dict, headers: dict[str, str]):
+async def anthropic_route(request: web.Request, body: Any, fault: dict[str, Any],
+                          headers: dict[str, str]) -> web.StreamResponse:
     if "x-api-key" not in request.headers and "authorization" not in request.headers:
         return api_error(request, 401, "x-api-key header is required", headers)
     if ANTHROPIC_VERSION_HEADER not in request.headers:
@@ -514,7 +522,8 @@ async def anthropic_route(request: web.Request, body: Any, fault: dict, headers:
                                      call.tally(), fault, headers)
 
 
-async def generate(request: web.Request, kind: str, body: dict, fault: dict, headers: dict[str, str]):
+async def generate(request: web.Request, kind: str, body: dict[str, Any], fault: dict[str, Any],
+                   headers: dict[str, str]) -> web.StreamResponse:
     state = request.app[STATE]
     try:
         completion = Completion(kind, body, fault, request.app[SETTINGS], state.next_id())
@@ -533,7 +542,7 @@ async def generate(request: web.Request, kind: str, body: dict, fault: dict, hea
     return web.Response(body=payload, content_type="application/json", headers=headers)
 
 
-def embeddings(request: web.Request, body: dict, fault: dict, headers: dict[str, str]) -> web.Response:
+def embeddings(request: web.Request, body: dict[str, Any], fault: dict[str, Any], headers: dict[str, str]) -> web.Response:
     inputs = body.get("input", "")
     if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
         inputs = [inputs]
@@ -555,7 +564,7 @@ def embeddings(request: web.Request, body: dict, fault: dict, headers: dict[str,
     return web.Response(body=orjson.dumps(payload), content_type="application/json", headers=headers)
 
 
-def model_object(model_id: str) -> dict:
+def model_object(model_id: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": 1700000000, "owned_by": "mock"}
 
 
@@ -579,7 +588,7 @@ async def handle_v1(request: web.Request) -> web.StreamResponse:
     else:
         fault = state.next_fault()
     if fault.get("close_connection"):
-        request.transport.abort()
+        _transport(request).abort()
         return web.Response()
     if fault.get("first_byte_delay_s"):
         await asyncio.sleep(fault["first_byte_delay_s"])
@@ -592,7 +601,7 @@ async def handle_v1(request: web.Request) -> web.StreamResponse:
     return await route(request, body, fault, headers)
 
 
-async def route(request: web.Request, body: Any, fault: dict, headers: dict[str, str]) -> web.StreamResponse:
+async def route(request: web.Request, body: Any, fault: dict[str, Any], headers: dict[str, str]) -> web.StreamResponse:
     path, method = request.path, request.method
     if is_anthropic(request):
         return await anthropic_route(request, body, fault, headers)
@@ -732,7 +741,7 @@ class MockUpstream:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def add_faults(self, faults: list[dict]) -> None:
+    def add_faults(self, faults: list[dict[str, Any]]) -> None:
         self._state.add_faults(faults)
 
     def clear(self) -> None:
@@ -740,7 +749,7 @@ class MockUpstream:
         self._state.clear()
 
     @property
-    def requests(self) -> list[dict]:
+    def requests(self) -> list[dict[str, Any]]:
         return self._state.requests
 
     def stats(self) -> dict[str, int]:

@@ -6,18 +6,26 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from .errors import (BodyTooLarge, BudgetExceeded, ContextLengthExceeded, InvalidApiKey, ModelNotAllowed,
-                     ModelNotFound, ProxyError, RateLimited)
-from .forwarding.relay import Attempts
+from .errors import (
+    BodyTooLarge,
+    BudgetExceeded,
+    ContextLengthExceeded,
+    InvalidApiKey,
+    ModelNotAllowed,
+    ModelNotFound,
+    ProxyError,
+    RateLimited,
+)
 from .limits.types import Usage
+from .request.forward import Attempts
 
 if TYPE_CHECKING:
-    from .auth import Caller
-    from .limits.limiter import Ticket
+    from .limits.admission import Ticket
+    from .request.authenticate import Caller
 
 RATE_LIMIT_REASONS = {"requests": "rpm", "tokens": "tpm", "parallel_requests": "parallel"}
 
@@ -42,7 +50,7 @@ def rejection_reason(error: ProxyError) -> str | None:
 class Outcome:
     request_id: str
     endpoint: str
-    started: float
+    started_at: float  # time.monotonic() when the request arrived
     caller: Caller | None = None
     model: str = ""
     stream: bool = False
@@ -54,21 +62,20 @@ class Outcome:
     rejection: str | None = None
     usage: Usage = field(default_factory=Usage)
     cost_micros: int = 0
-    upstream_headers_at: float = 0.0
-    first_byte_at: float = 0.0
-    finished_upstream: float = 0.0
-    done: float = 0.0
+    first_byte_at: float = 0.0  # the first relayed byte of a stream
+    upstream_finished_at: float = 0.0  # the upstream's last byte (or the stream's end)
+    finished_at: float = 0.0  # settled, or refused
     stream_error: str | None = None
     client_gone: bool = False
-    request_body: dict | None = None  # only with log_bodies: true
+    request_body: dict[str, Any] | None = None  # only with log_bodies: true
     response_body: bytes | None = None
 
     def fail(self, error: ProxyError) -> None:
         self.status = error.status
         self.error_code = error.code or error.type
         self.rejection = rejection_reason(error)
-        if not self.done:
-            self.done = time.monotonic()
+        if not self.finished_at:
+            self.finished_at = time.monotonic()
 
 
 class Observer(Protocol):
@@ -80,7 +87,7 @@ class Observer(Protocol):
 class RequestLog:
     """One JSON line per request on stdout: no secrets, no message content."""
 
-    def __init__(self, level: str = "info", stream=None):
+    def __init__(self, level: str = "info", stream: IO[str] | None = None) -> None:
         self._stream = stream or sys.stdout
         self.set_level(level)
         self._default = lambda value: repr(value)
@@ -96,12 +103,12 @@ class RequestLog:
         if not self.enabled:
             return
         caller = outcome.caller
-        line = {
+        line: dict[str, object] = {
             "event": "request",
             "request_id": outcome.request_id,
             "endpoint": outcome.endpoint,
-            "team": caller.team if caller else None,
-            "key": caller.name if caller else None,
+            "team": caller.team_name if caller else None,
+            "key": caller.key_name if caller else None,
             "model": outcome.model or None,
             "upstream": outcome.attempts.upstream or None,
             "status": outcome.status,
@@ -110,8 +117,8 @@ class RequestLog:
             "completion_tokens": outcome.usage.completion_tokens,
             "cached_tokens": outcome.usage.cached_tokens,
             "cost_usd": outcome.cost_micros / 1_000_000,
-            "duration_ms": round((outcome.done - outcome.started) * 1000, 2),
-            "ttft_ms": round((outcome.first_byte_at - outcome.started) * 1000, 2) if outcome.first_byte_at else None,
+            "duration_ms": round((outcome.finished_at - outcome.started_at) * 1000, 2),
+            "ttft_ms": round((outcome.first_byte_at - outcome.started_at) * 1000, 2) if outcome.first_byte_at else None,
             "retries": outcome.attempts.retries,
             "rejection": outcome.rejection,
             "error": outcome.error_code or outcome.stream_error,

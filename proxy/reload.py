@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 
-from .auth import KeyRing
-from .config import Config, ConfigError, load_config
-from .forwarding.upstream import UpstreamClient
-from .gateway import Gateway
+from .config import Config, load_config
+from .errors import ConfigError
+from .limits.limiter import Limiter
 from .observe import RequestLog
-from .snapshot import Snapshot
+from .snapshot import Snapshot, SnapshotHolder, build_snapshot
 
 log = logging.getLogger("proxy.reload")
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.asgi")
@@ -36,9 +36,10 @@ def apply_log_level(level: str) -> None:
 
 
 class Reloader:
-    def __init__(self, gateway: Gateway, path: str | None, environ: dict[str, str] | None = None,
-                 request_log: RequestLog | None = None):
-        self.gateway = gateway
+    def __init__(self, snapshots: SnapshotHolder, limiter: Limiter, path: str | None,
+                 environ: Mapping[str, str] | None = None, request_log: RequestLog | None = None) -> None:
+        self.snapshots = snapshots
+        self.limiter = limiter
         self.path = path
         self.environ = environ
         self.request_log = request_log
@@ -64,22 +65,18 @@ class Reloader:
 
     async def apply(self, config: Config) -> None:
         async with self._lock:
-            gateway = self.gateway
-            running = gateway.config
+            running = self.snapshots.config
             if config.store != running.store:
                 log.warning("store settings changed: they take effect at the next restart")
                 config = config.model_copy(update={"store": running.store})
             if config.listen != running.listen:
                 log.warning("listen changed: it takes effect at the next restart")
-            keyring = KeyRing(config, self.environ)
-            upstreams = {}
-            for name, upstream in config.upstreams.items():
-                current = gateway.upstreams.get(name)
-                if current is None or current.config != upstream:
-                    current = UpstreamClient(name, upstream)
-                    await current.start()
-                upstreams[name] = current
-            replaced = gateway.apply(Snapshot(config, keyring, upstreams))
+            running_clients = self.snapshots.current.upstreams
+            snapshot = build_snapshot(config, self.environ, running_clients)
+            for name, client in snapshot.upstreams.items():
+                if client is not running_clients.get(name):
+                    await client.start()  # the keyring is built: nothing can fail after this
+            replaced = self.snapshots.swap(snapshot)
             self._follow_settings(config, running)
             replaced.on_idle = self._drained
             self._draining.append(replaced)
@@ -90,14 +87,12 @@ class Reloader:
 
     def _follow_settings(self, config: Config, running: Config) -> None:
         """The settings read outside the request path."""
-        gateway = self.gateway
         if config.log_level != running.log_level:
             apply_log_level(config.log_level)
             if self.request_log is not None:
                 self.request_log.set_level(config.log_level)
-        gateway.budgets.reconfigure(config)  # alert_webhook_url, budget_alert_ratio, budget_timezone
-        for store in (gateway.limiter.store, gateway.limiter.fallback):
-            if store is not None and hasattr(store, "retention_days"):
+        for store in (self.limiter.store, self.limiter.fallback):
+            if store is not None:
                 store.retention_days = config.spend_retention_days
         if config.shutdown_grace_s != running.shutdown_grace_s:
             log.warning("shutdown_grace_s changed to %ss: the journal flush at shutdown uses it now; the wait "
@@ -112,7 +107,7 @@ class Reloader:
         task.add_done_callback(self._closing.discard)
 
     async def _close_unused(self) -> None:
-        live = [self.gateway.snapshot, *(s for s in self._draining if s.users)]
+        live = [self.snapshots.current, *(s for s in self._draining if s.users)]
         in_use = {id(client) for snapshot in live for client in snapshot.upstreams.values()}
         idle = [s for s in self._draining if not s.users]
         self._draining = [s for s in self._draining if s.users]
@@ -125,7 +120,7 @@ class Reloader:
         """At shutdown: every client of a replaced snapshot (the running ones close with the app)."""
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
-        current = {id(client) for client in self.gateway.upstreams.values()}
+        current = {id(client) for client in self.snapshots.current.upstreams.values()}
         for snapshot in self._draining:
             for client in snapshot.upstreams.values():
                 if id(client) not in current:

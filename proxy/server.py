@@ -66,10 +66,12 @@ def serve(config: Config, *, host: str, port: int, workers: int = 1) -> None:
         port=port,
         workers=workers,
         loop=_fastest("uvloop", "uvloop", "asyncio"),
-        http=ConnectionGuard(config.server).protocol(),  # httptools, with header limits and timeouts
+        # httptools, with header limits and timeouts; uvicorn annotates a class, calls any factory
+        http=ConnectionGuard(config.server).protocol(),  # type: ignore[arg-type]
         log_level=config.log_level,
         log_config=logging_config(config.log_level),
         access_log=False,
-        timeout_graceful_shutdown=config.shutdown_grace_s,
+        # uvicorn annotates int, hands the value to asyncio.wait_for (seconds as a float work)
+        timeout_graceful_shutdown=config.shutdown_grace_s,  # type: ignore[arg-type]
         server_header=False,
     )

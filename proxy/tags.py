@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 MAX_TAGS = 8
 _PART = re.compile(r"^[A-Za-z0-9_.:/@-]{1,64}$")
@@ -13,7 +14,7 @@ def _valid(name: str, value: str) -> bool:
     return bool(_PART.match(name)) and bool(_PART.match(value))
 
 
-def parse_tags(header: str | None, body: dict) -> tuple[tuple[str, str], ...]:
+def parse_tags(header: str | None, body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     tags: dict[str, str] = {}
     if header:
         for item in header.split(","):

@@ -7,7 +7,7 @@ counts 0 (request validation is the app's job, not this module's).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -20,14 +20,14 @@ STRUCTURED_PROMPT_FIELDS = ("tools", "functions", "response_format")
 ENDPOINTS = frozenset({"chat", "completions", "embeddings"})
 
 
-def estimate_text_tokens(text: str) -> int:
+def estimate_text_tokens(text: object) -> int:
     """ceil(len(text) / 4); 0 for an empty string or a non-string."""
     if not isinstance(text, str):
         return 0
     return -(-len(text) // CHARS_PER_TOKEN)
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -78,7 +78,7 @@ def _json_tokens(value: Any) -> int:
         return 0
 
 
-def _chat_tokens(body: dict) -> int:
+def _chat_tokens(body: dict[str, Any]) -> int:
     messages = body.get("messages")
     structured = sum(_json_tokens(body.get(field)) for field in STRUCTURED_PROMPT_FIELDS)
     if not isinstance(messages, list):
@@ -103,7 +103,7 @@ def _prompt_tokens(value: Any) -> int:
     return total
 
 
-def estimate_prompt_tokens(endpoint: str, body: dict) -> int:
+def estimate_prompt_tokens(endpoint: str, body: dict[str, Any]) -> int:
     """The estimated prompt tokens of a request body for `endpoint` (chat, completions, embeddings).
 
     Raises ValueError only for an unknown endpoint name (a programming error, not a bad request).
@@ -119,7 +119,7 @@ def estimate_prompt_tokens(endpoint: str, body: dict) -> int:
     return _prompt_tokens(body.get("input"))
 
 
-def max_output_tokens(body: dict, default: int) -> int:
+def max_output_tokens(body: dict[str, Any], default: int) -> int:
     """The most output tokens the request may produce: its cap (or `default`) times `n`.
 
     With both `max_completion_tokens` and `max_tokens`, the larger: an upstream may honour either,
@@ -128,10 +128,13 @@ def max_output_tokens(body: dict, default: int) -> int:
     """
     if not isinstance(body, dict):
         return default
-    caps = [value for field in ("max_completion_tokens", "max_tokens")
-            if _is_int(value := body.get(field)) and value >= 0]
+    caps: list[int] = []
+    for field in ("max_completion_tokens", "max_tokens"):
+        value: object = body.get(field)
+        if _is_int(value) and value >= 0:
+            caps.append(value)
     cap = max(caps) if caps else default
-    n = body.get("n")
+    n: object = body.get("n")
     if _is_int(n) and n > 1:
         cap *= n
     return cap

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import sys
+from typing import Any
 
 import httpx
 import orjson
 
-from .limits.types import StoreError
+from .cli_config import config_path, load_or_exit
+from .config import Config
+from .errors import StoreError
 from .usage_report import rows, usage_overview
 
 COLUMNS = {"team": ["team"], "key": ["team", "key"], "model": ["team", "key", "model"], "tag": ["team", "tag"]}
@@ -17,20 +21,19 @@ NUMBERS = ["spend_usd", "budget_usd", "remaining_usd", "requests", "prompt_token
            "cached_tokens"]
 
 
-async def _from_store(config, day: str | None) -> dict:
+async def _from_store(config: Config, day: str | None) -> dict[str, Any]:
     from .app import build_store
-    from .budgets import BudgetWatch
-    from .metrics import Metrics
+    from .limits.days import BudgetCalendar
 
     store = build_store(config)
     try:
-        day = day or BudgetWatch(config, store, Metrics()).today()
+        day = day or BudgetCalendar(lambda: config.budget_timezone, store.clock_us).today()
         return usage_overview(config, await store.usage(day, list(config.teams)))
     finally:
         await store.close()
 
 
-def _from_url(url: str, admin_key: str, day: str | None) -> dict:
+def _from_url(url: str, admin_key: str, day: str | None) -> dict[str, Any]:
     params = {"date": day} if day else {}
     try:
         response = httpx.get(url.rstrip("/") + "/admin/usage", params=params,
@@ -48,7 +51,7 @@ def _from_url(url: str, admin_key: str, day: str | None) -> dict:
     return body
 
 
-def _cell(value) -> str:
+def _cell(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -56,7 +59,7 @@ def _cell(value) -> str:
     return str(value)
 
 
-def table(overview: dict, by: str) -> str:
+def table(overview: dict[str, Any], by: str) -> str:
     columns = COLUMNS[by] + [n for n in NUMBERS if by in ("team", "key") or not n.startswith(("budget", "remaining"))]
     body = [[_cell(row.get(c)) for c in columns] for row in rows(overview, by)]
     widths = [max(len(c), *(len(r[i]) for r in body)) if body else len(c) for i, c in enumerate(columns)]
@@ -69,11 +72,7 @@ def table(overview: dict, by: str) -> str:
     return "\n".join(lines)
 
 
-def run_usage(args) -> int:
-    if getattr(args, "what_if", None):
-        from .what_if_cli import run_what_if
-
-        return run_what_if(args)
+def run_usage(args: argparse.Namespace) -> int:
     if args.url:
         admin_key = os.environ.get(args.admin_key_env)
         if not admin_key:
@@ -81,9 +80,7 @@ def run_usage(args) -> int:
             return 1
         overview = _from_url(args.url, admin_key, args.date)
     else:
-        from .cli import _config_path, _load_or_exit
-
-        config = _load_or_exit(_config_path(args.config))
+        config = load_or_exit(config_path(args.config))
         if config.store.redis_url is None:
             print("llm-proxy usage: no shared ledger: the config has no store.redis_url, and the in-process "
                   "store keeps usage inside the serving process (ask it with --url)", file=sys.stderr)

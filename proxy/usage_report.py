@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+from typing import Any
+
+from pydantic import BaseModel
+
 from .config import Config
 from .pricing import micros_to_usd, usd_to_micros
 
+Report = dict[str, Any]  # a JSON object of the report
 COUNTS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens")
 
 
@@ -12,10 +18,10 @@ def _usd(micros: int) -> float:
     return float(micros_to_usd(micros))
 
 
-def _line(metrics: dict | None, budget_usd=None) -> dict:
+def _line(metrics: Report | None, budget_usd: Decimal | None = None) -> Report:
     metrics = metrics or {}
     spend = metrics.get("spend_micros", 0)
-    line = {"spend_usd": _usd(spend), "spend_micros": spend, **{name: metrics.get(name, 0) for name in COUNTS}}
+    line: Report = {"spend_usd": _usd(spend), "spend_micros": spend, **{name: metrics.get(name, 0) for name in COUNTS}}
     if budget_usd is not None:
         budget = usd_to_micros(budget_usd)
         line.update(budget_usd=_usd(budget), remaining_usd=_usd(max(0, budget - spend)))
@@ -24,14 +30,14 @@ def _line(metrics: dict | None, budget_usd=None) -> dict:
     return line
 
 
-def usage_overview(config: Config, report: dict) -> dict:
+def usage_overview(config: Config, report: Report) -> Report:
     """Every configured team and key (zero where unused), with models and tags as the ledger has them."""
-    teams = {}
-    total = {"spend_micros": 0, **dict.fromkeys(COUNTS, 0)}
+    teams: Report = {}
+    total: Report = {"spend_micros": 0, **dict.fromkeys(COUNTS, 0)}
     for team_name, team in config.teams.items():
         ledger = report["teams"].get(team_name, {})
         line = _line(ledger, team.daily_budget_usd)
-        keys = {}
+        keys: Report = {}
         for key_name, key in config.keys.items():
             if key.team != team_name:
                 continue
@@ -46,8 +52,8 @@ def usage_overview(config: Config, report: dict) -> dict:
     return {"date": report["date"], "currency": "USD", "total": _line(total), "teams": teams}
 
 
-def keys_overview(config: Config) -> dict:
-    def limits(value) -> dict:
+def keys_overview(config: Config) -> Report:
+    def limits(value: BaseModel) -> Report:
         return value.model_dump(exclude_none=True)
 
     return {
@@ -61,9 +67,9 @@ def keys_overview(config: Config) -> dict:
     }
 
 
-def rows(overview: dict, by: str) -> list[dict]:
+def rows(overview: Report, by: str) -> list[Report]:
     """Flat rows for a table: by team, key, model or tag."""
-    out = []
+    out: list[Report] = []
     for team_name, team in overview["teams"].items():
         if by == "team":
             out.append({"team": team_name, **_flat(team)})
@@ -77,5 +83,5 @@ def rows(overview: dict, by: str) -> list[dict]:
     return out
 
 
-def _flat(line: dict) -> dict:
+def _flat(line: Report) -> Report:
     return {k: v for k, v in line.items() if k not in ("keys", "models", "tags", "spend_micros")}

@@ -26,7 +26,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .config import ConfigError, Price, _message, _path
+from .config import Price, _message, _path
+from .errors import ConfigError
 from .price_catalog import catalog
 from .pricing import PricedUsage, cost_micros, micros_to_usd
 
@@ -110,7 +111,7 @@ def load_alternatives(text: str) -> list[Alternative]:
     try:
         parsed = _PricesFile.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError([f"{_path(error['loc'])}: {_message(dict(error))}" for error in exc.errors()]) from None
+        raise ConfigError([f"{_path(error['loc'])}: {_message(error)}" for error in exc.errors()]) from None
     return [Alternative(name, dict(alt.prices), dict(alt.map)) for name, alt in parsed.alternatives.items()]
 
 

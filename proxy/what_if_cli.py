@@ -20,8 +20,10 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from .config import Config, ConfigError
-from .limits.types import StoreError
+from .cli_config import config_path, load_or_exit
+from .config import Config
+from .errors import ConfigError
+from .errors import StoreError
 from .what_if import (
     Alternative,
     WhatIfRow,
@@ -83,9 +85,7 @@ def run_what_if(args: argparse.Namespace) -> int:
         days = _days_or_exit(month)
         reports = [_from_url(args.url, admin_key, day) for day in days]
     else:
-        from .cli import _config_path, _load_or_exit
-
-        config = _load_or_exit(_config_path(args.config))
+        config = load_or_exit(config_path(args.config))
         if config.store.redis_url is None:
             print("llm-proxy usage: no shared ledger: the config has no store.redis_url (ask a running proxy "
                   "with --url)", file=sys.stderr)

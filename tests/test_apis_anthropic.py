@@ -17,7 +17,7 @@ from proxy.apis.anthropic import (
 )
 from proxy.apis.usage import ApiUsage
 from proxy.errors import InvalidRequest
-from proxy.forwarding.sse import EventSplitter
+from proxy.upstream.sse import EventSplitter
 from proxy.mocks.anthropic import MessageCall
 
 USER = {"role": "user", "content": "abcd"}  # 4 overhead + 1 text

@@ -16,7 +16,7 @@ from proxy.apis.responses import (
 )
 from proxy.apis.usage import ApiUsage
 from proxy.errors import InvalidRequest
-from proxy.forwarding.sse import EventSplitter
+from proxy.upstream.sse import EventSplitter
 from proxy.mocks.responses import ResponseCall
 
 DEFAULT = 64
@@ -118,7 +118,7 @@ def meter_of(stream: bytes, piece: int = 7, prompt_tokens: int = 99) -> tuple[Re
         for event in splitter.feed(stream[start:start + piece]):
             meter.feed(event)
             relayed.append(event)
-    assert splitter.pending == b""
+    assert b"".join(relayed) == stream  # every byte came out as part of a whole event
     return meter, b"".join(relayed)
 
 

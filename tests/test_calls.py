@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.http.calls import parse_call
+from proxy.request.call import parse_call
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -26,7 +26,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.http.calls import parse_call
+from proxy.request.call import parse_call
 from proxy.limits.limiter import reserved_tokens
 from tests.support.configs import KEYS, config_dict, exact_store
 from tests.support.processes import MockProcess, start_proxies, stop_all, write_config

@@ -125,7 +125,7 @@ CASES = [
          retries={"connect": 2}),
     Case("connection_refused_to_backup_stream", upstream="refused+backup", stream=True, errors={"connect": 3},
          retries={"connect": 2}),
-    # A connect timeout surfaces as UpstreamConnectError (proxy/forwarding/upstream.py): 502, kind connect.
+    # A connect timeout surfaces as UpstreamConnectError (proxy/upstream/client.py): 502, kind connect.
     Case("connect_timeout", upstream="unaccepting", upstream_config={"connect_timeout_s": 0.2}, status=502,
          min_duration_s=0.6,  # three attempts of 0.2 s each: not refused at once
          error="upstream_error", spend=ZERO, errors={"connect": 3}, retries={"connect": 2}),

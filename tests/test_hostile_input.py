@@ -328,7 +328,7 @@ def test_context_policy_over_random_conversations(client, mock, messages, max_to
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "proxy/http/body.py parses with orjson.loads, which turns an integer beyond 64 bits into a float, "
+    "proxy/request/read.py parses with orjson.loads, which turns an integer beyond 64 bits into a float, "
     "so an unknown field {\"seed_big\": 123456789012345678901234567890} reaches the upstream as "
     "1.2345678901234568e+29: pass-through is lossy for such integers (OpenAI itself would refuse them)"))
 def test_an_integer_beyond_64_bits_passes_through_exactly(client, mock):

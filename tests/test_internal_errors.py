@@ -15,9 +15,10 @@ import openai
 import orjson
 import pytest
 
-import proxy.gateway
-from proxy.forwarding import sse
+import proxy.app
 from proxy.observe import RequestLog
+from proxy.request import forward
+from proxy.upstream import sse
 from tests.support.configs import KEYS, make_config
 from tests.support.errors import error_reply, openai_error
 from tests.support.metrics import samples
@@ -53,7 +54,7 @@ def test_a_bug_after_admission_is_settled_counted_and_logged_once(proxy_with_log
     def broken(*args, **kwargs):
         raise Bug("a bug in the forwarding step")
 
-    monkeypatch.setattr(proxy.gateway, "open_upstream", broken)
+    monkeypatch.setattr(forward, "open_upstream", broken)
     with caplog.at_level(logging.ERROR):
         response = httpx.post(server.base_url + "/chat/completions", json=CHAT,
                               headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=10)

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from proxy.http.calls import parse_call
+from proxy.request.call import parse_call
 from proxy.pricing import reservation_micros, usd_to_micros
 from tests.support.configs import KEYS, make_config
 from tests.support.ports import free_port
@@ -138,7 +138,7 @@ def test_fallback_budget_is_the_budget_divided_by_replicas(outage):
 
     server = outage(patch)
     share = usd_to_micros(budget_usd) // REPLICAS
-    price = server.app.state.gateway.config.models["chat-model"].price_per_mtok
+    price = server.app.state.snapshots.config.models["chat-model"].price_per_mtok
     prompt = prompt_tokens(CHAT)
     fits = max(m for m in range(1, 200) if reservation_micros(price, prompt, m) <= share)
     assert reservation_micros(price, prompt, fits + 1) > share

@@ -34,7 +34,7 @@ def wait_for(predicate, timeout=5.0):
 
 
 def settled(proxy, count):
-    wait_for(lambda: len([o for o in proxy.recorder.outcomes if o.done]) >= count)
+    wait_for(lambda: len([o for o in proxy.recorder.outcomes if o.finished_at]) >= count)
     return proxy.recorder.outcomes
 
 

@@ -190,20 +190,20 @@ def test_reload_applies_log_level_and_webhook_url(serve, mock_upstream):
 
 def test_a_replaced_upstream_client_is_closed_after_its_last_request(mock_upstream, start_proxy):
     data = config_dict(mock_upstream.url)
-    server, _ = start_proxy(parse_config(data))
-    gateway = server.app.state.gateway
-    old = gateway.upstreams["mock"]
+    server, recorder = start_proxy(parse_config(data))
+    snapshots = server.app.state.snapshots
+    old = snapshots.current.upstreams["mock"]
     mock_upstream.add_faults([{"first_byte_delay_s": 1.0}])
     finish = in_background(lambda: post(server.url))
     wait_for(lambda: mock_upstream.requests, "the request to reach the upstream")
 
     server.run(server.app.state.reloader.apply(parse_config(renamed(data, "moved", mock_upstream.url))))
-    assert gateway.upstreams.keys() == {"moved"}
+    assert snapshots.current.upstreams.keys() == {"moved"}
     assert not old.closed, "the replaced client was closed under a request still using it"
     response = finish()
     assert response.status_code == 200, response.text
     wait_for(lambda: old.closed, "the replaced client to be closed after its last request", within_s=5)
-    assert not gateway.upstreams["moved"].closed
+    assert not snapshots.current.upstreams["moved"].closed
     assert post(server.url).status_code == 200
     server.wait_settled()
     assert metric_values(server.url, "llm_proxy_inflight_requests") == {"platform": 0.0}

@@ -8,7 +8,8 @@ import time
 import pytest
 import redis
 
-from proxy.limits.resp import RespClient, RespConnectionError, RespReplyError
+from proxy.errors import RespConnectionError, RespReplyError
+from proxy.limits.resp import RespClient
 
 
 async def test_pipelined_replies_arrive_in_order(redis_url):

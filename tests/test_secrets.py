@@ -10,8 +10,8 @@ import threading
 
 import httpx
 
-from proxy.auth import KeyRing, sha256_hex
 from proxy.config import parse_config
+from proxy.request.authenticate import KeyRing, sha256_hex
 from tests.support.processes import proxy_process, start_all, write_config
 from tests.support.redis_server import RedisServer
 
@@ -103,7 +103,7 @@ def test_keys_are_found_by_hash_lookup_and_never_kept_in_plaintext():
     data = config("http://127.0.0.1:9/v1", "redis://127.0.0.1:9/0")
     ring = KeyRing(parse_config(data), environ={"TEST_ALICE_KEY": PROXY_KEYS["alice"], "TEST_ADMIN_KEY": ADMIN_KEY})
     assert set(ring._by_hash) == {sha256_hex(k) for k in PROXY_KEYS.values()}
-    assert ring.authenticate(PROXY_KEYS["alice"]).name == "alice"
+    assert ring.authenticate(PROXY_KEYS["alice"]).key_name == "alice"
     kept = json.dumps({h: repr(c) for h, c in ring._by_hash.items()}) + repr(vars(ring))
     for secret in (*PROXY_KEYS.values(), ADMIN_KEY):
         assert secret not in kept

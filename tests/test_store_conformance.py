@@ -20,19 +20,11 @@ import pytest
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
+from proxy.errors import StoreError
 from proxy.limits.memory_store import MemoryStore
 from proxy.limits.redis_store import CLUSTER_MAX_CONNECTIONS, RedisStore
 from proxy.limits.types import (
-    Admission,
-    BucketState,
-    BudgetDay,
-    Decision,
-    Renewal,
-    ScopeLimits,
-    Settled,
-    Settlement,
-    StoreError,
-    Usage,
+    Admission, BucketState, BudgetDay, Decision, Renewal, ScopeLimits, Settled, Settlement, Usage,
 )
 from tests.support.ports import free_port
 
@@ -173,7 +165,7 @@ async def test_nothing_consumed_on_refusal(store):
     assert d.requests == BucketState(10, 8, 12_000)
     assert d.tokens == BucketState(1000, 800, 12_000)
     assert (d.budget_spent_micros, d.budget_limit_micros) == (200, 1000)
-    assert (d.key_committed_micros, d.team_committed_micros) == (-1, 200)  # the key has no budget
+    assert (d.key_committed_micros, d.team_committed_micros) == (None, 200)  # the key has no budget
 
 
 # -- token buckets -----------------------------------------------------------------------------

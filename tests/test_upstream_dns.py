@@ -12,8 +12,9 @@ import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from proxy.config import Upstream
-from proxy.forwarding.upstream import UpstreamBroken, UpstreamClient, UpstreamConnectError
+from proxy.errors import UpstreamBroken, UpstreamConnectError
 from proxy.mock_upstream import MockUpstream
+from proxy.upstream.client import UpstreamClient
 from tests.support.ports import free_port
 
 HOST = "upstream.test"

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import re
 from datetime import date
+from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 
-from ..auth import presented_key
-from ..errors import AdminRequired, InvalidApiKey, InvalidRequest, StoreUnavailable
-from ..gateway import Gateway
-from ..limits.types import StoreError
+from ..errors import (
+    AdminRequired,
+    InvalidApiKey,
+    InvalidRequest,
+    StoreError,
+    StoreUnavailable,
+)
+from ..limits.days import BudgetCalendar
+from ..limits.types import Store
+from ..request.authenticate import presented_key
+from ..snapshot import SnapshotHolder
 from ..usage_report import keys_overview, usage_overview
 
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -30,28 +38,31 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-ERRORS = {  # "4XX" also keeps FastAPI from documenting a 422 the proxy never sends (bad input is a 400)
+ERRORS: dict[int | str, dict[str, Any]] = {  # "4XX" also keeps FastAPI from documenting a 422 the proxy never sends (bad input is a 400)
     "4XX": {"model": ErrorBody, "description": "Bad request (400), no or unknown key (401), not the admin key (403)"},
     503: {"model": ErrorBody, "description": "The usage ledger's store is unavailable"},
 }
 
 
-def router(gateway: Gateway) -> APIRouter:
+def router(snapshots: SnapshotHolder, store: Store, calendar: BudgetCalendar) -> APIRouter:
     def require_admin(request: Request) -> None:
         presented = presented_key(request.headers)
         if not presented:
             raise InvalidApiKey("The admin API needs the admin key as `Authorization: Bearer ...`.")
-        if gateway.keyring.is_admin(presented):
+        keyring = snapshots.current.keyring
+        if keyring.is_admin(presented):
             return
-        gateway.keyring.authenticate(presented)  # 401 for a key nobody knows
+        keyring.authenticate(presented)  # 401 for a key nobody knows
         raise AdminRequired("This key may not use the admin API.")
 
     api = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)], responses=ERRORS)
 
     @api.get("/usage")
-    async def usage(date_: str | None = Query(None, alias="date", description="YYYY-MM-DD, default today")) -> dict:
+    async def usage(date_: str | None = Query(None, alias="date", description="YYYY-MM-DD, default today")
+                    ) -> dict[str, Any]:
         """Spend, budget, remaining, requests and tokens per team and key, per model and per tag."""
-        day = date_ or gateway.budgets.today()
+        config = snapshots.config
+        day = date_ or calendar.today()
         if not DATE.match(day):
             raise InvalidRequest("`date` must be YYYY-MM-DD.", param="date")
         try:
@@ -59,14 +70,14 @@ def router(gateway: Gateway) -> APIRouter:
         except ValueError:
             raise InvalidRequest("`date` is not a calendar date.", param="date") from None
         try:
-            report = await gateway.limiter.store.usage(day, list(gateway.config.teams))
+            report = await store.usage(day, list(config.teams))
         except StoreError:
             raise StoreUnavailable("The usage ledger is unavailable; please retry shortly.") from None
-        return usage_overview(gateway.config, report)
+        return usage_overview(config, report)
 
     @api.get("/keys")
-    async def keys() -> dict:
+    async def keys() -> dict[str, Any]:
         """Keys by name with their team, limits, budget and models; teams likewise. No key material."""
-        return keys_overview(gateway.config)
+        return keys_overview(snapshots.config)
 
     return api

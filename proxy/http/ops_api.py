@@ -5,16 +5,17 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from ..gateway import Gateway
-from ..limits.types import Store, StoreError
-from ..metrics import CONTENT_TYPE
+from ..errors import StoreError
+from ..limits.types import Store
+from ..metrics import CONTENT_TYPE, Metrics
+from ..snapshot import SnapshotHolder
 
 
-def router(gateway: Gateway, store: Store) -> APIRouter:
+def router(snapshots: SnapshotHolder, store: Store, prometheus: Metrics) -> APIRouter:
     api = APIRouter(tags=["ops"])
 
     @api.get("/healthz")
-    async def healthz() -> dict:
+    async def healthz() -> dict[str, str]:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
@@ -25,7 +26,7 @@ def router(gateway: Gateway, store: Store) -> APIRouter:
         try:
             await store.ping()
         except StoreError:
-            if gateway.config.store.on_redis_error == "allow":
+            if snapshots.config.store.on_redis_error == "allow":
                 return JSONResponse({"status": "degraded", "store": "unavailable"})
             return JSONResponse({"status": "unavailable", "store": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ready"})
@@ -33,6 +34,6 @@ def router(gateway: Gateway, store: Store) -> APIRouter:
     @api.get("/metrics")
     async def metrics() -> Response:
         """Prometheus exposition (aggregated over workers under --workers N)."""
-        return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE)
+        return Response(prometheus.exposition(), media_type=CONTENT_TYPE)
 
     return api

@@ -87,7 +87,7 @@ class Keyspace:
         at = self._expires.get(name)
         return -1 if at is None else at - now_ms
 
-    def hash(self, name: str, now_ms: int) -> Hash:
+    def hash(self, name: str, now_ms: int) -> dict[str, str]:
         """A hash's fields (empty when absent): for reads outside the scripts."""
         value = self._live(name, now_ms)
         return dict(value) if isinstance(value, Hash) else {}
@@ -197,11 +197,11 @@ class Keyspace:
         return None if fields is None else fields.get(field)
 
     def cmd_hmget(self, now_ms: int, name: str, *fields: str) -> Reply:
-        values = self._get(name, now_ms, Hash) or {}
+        values: dict[str, str] = self._get(name, now_ms, Hash) or {}
         return [values.get(f) for f in fields]
 
     def cmd_hgetall(self, now_ms: int, name: str) -> Reply:
-        values = self._get(name, now_ms, Hash) or {}
+        values: dict[str, str] = self._get(name, now_ms, Hash) or {}
         return [item for pair in values.items() for item in pair]
 
     def cmd_hset(self, now_ms: int, name: str, *pairs: str) -> int:
@@ -279,7 +279,8 @@ class Keyspace:
         return removed
 
     def cmd_zscore(self, now_ms: int, name: str, member: str) -> Reply:
-        score = (self._get(name, now_ms, SortedSet) or {}).get(member)
+        scores: dict[str, float] = self._get(name, now_ms, SortedSet) or {}
+        score = scores.get(member)
         return None if score is None else format_score(score)
 
     def cmd_zcard(self, now_ms: int, name: str) -> int:
@@ -287,7 +288,7 @@ class Keyspace:
 
     def _in_range(self, name: str, now_ms: int, low: str, high: str) -> list[str]:
         (lo, lo_open), (hi, hi_open) = _bound(low), _bound(high)
-        members = self._get(name, now_ms, SortedSet) or {}
+        members: dict[str, float] = self._get(name, now_ms, SortedSet) or {}
         chosen = [(s, m) for m, s in members.items()
                   if (s > lo if lo_open else s >= lo) and (s < hi if hi_open else s <= hi)]
         return [m for _, m in sorted(chosen)]

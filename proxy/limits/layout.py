@@ -14,17 +14,23 @@ one Redis Cluster slot:
     llmrl:{T}:ledger:<day>                      spend ledger     hash, see proxy.limits.ledger
 
 MemoryStore keeps the same names in its own keyspace, and returns the same reply array.
+
+Each script's ARGV is named once, here (`ADMIT_ARGS`, `SETTLE_ARGS`): the `*_args` functions
+build ARGV from these names, and each script reads its arguments into named fields in the same
+order (its `ARG_NAMES` table, checked against these by tests/test_layout.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any, cast
 
 from .types import (
     Admission,
     BucketState,
     Decision,
     Renewal,
+    Reason,
+    ScopeKind,
     ScopeLimits,
     Settled,
     Settlement,
@@ -38,9 +44,8 @@ DAY_MARGIN_MS = 2 * 86_400_000  # a budget day's records outlive the day by this
 # began by losing a reply whose settlement Redis had applied) could count that one request twice.
 DONE_TTL_S = 15 * 60
 LATE_BUDGET_TTL_S = 3 * 86_400  # a budget day record first created by a late settlement
-NONE = -1  # "no such limit" in script arguments and replies
+UNLIMITED = -1  # a limit the scope does not have, in script arguments and replies (`UNLIMITED` in the Lua)
 LEDGER_MAX_FIELDS = 20_000  # a team-day's ledger books new tags as other=overflow past this (~4k tags)
-OVERFLOW_TAG = "other=overflow"
 
 
 class Layout:
@@ -87,41 +92,68 @@ class Layout:
                 f"{self.scope(t, r.team)}:par", f"{kb}:leases", f"{tb}:leases"]
 
 
-def limit_args(s: ScopeLimits) -> list[int]:
-    """rpm, request capacity, tpm, token capacity, max parallel, budget; NONE where unlimited."""
-    rq = [s.rpm, s.request_capacity] if s.rpm and s.request_capacity else [NONE, NONE]
-    tk = [s.tpm, s.token_capacity] if s.tpm and s.token_capacity else [NONE, NONE]
-    par = NONE if s.max_parallel is None else s.max_parallel
-    budget = NONE if s.budget_micros is None else s.budget_micros
-    return [*rq, *tk, par, budget]
+LIMIT_ARGS = ("rpm", "request_capacity", "tpm", "token_capacity", "max_parallel", "budget")
+# admit.lua's ARGV; after them, `day_count` day labels, then `day_count + 1` day starts (epoch s)
+ADMIT_ARGS = ("now_us", "request_id", "tokens", "cost", "lease_ttl_ms", "day_margin_ms",
+              *(f"key_{name}" for name in LIMIT_ARGS), *(f"team_{name}" for name in LIMIT_ARGS), "day_count")
+# settle.lua's ARGV; after them, the request's tags as `name=value`
+SETTLE_ARGS = ("now_us", "request_id", "done_ttl_s", "ledger_ttl_s", "late_budget_ttl_s", "key_tpm",
+               "key_token_capacity", "team_tpm", "team_token_capacity", "cost", "prompt_tokens",
+               "completion_tokens", "cached_tokens", "key_name", "model", "key_alert", "team_alert",
+               "ledger_max_fields", "abandon")
+RENEW_ARGS = ("now_us", "request_id", "lease_ttl_ms")  # renew.lua's ARGV
+
+Arg = int | str
+ScriptReply = Any  # what a script returns, as the driver decodes it: nested lists of int, bytes, str
 
 
-def admit_args(a: Admission, now_us: int | None) -> list:
+def _limits(prefix: str, s: ScopeLimits) -> dict[str, Arg]:
+    """A scope's limits as script arguments (`LIMIT_ARGS` after `prefix`), UNLIMITED where it has none."""
+    rpm, request_capacity = (s.rpm, s.request_capacity) if s.rpm and s.request_capacity else (UNLIMITED, UNLIMITED)
+    tpm, token_capacity = (s.tpm, s.token_capacity) if s.tpm and s.token_capacity else (UNLIMITED, UNLIMITED)
+    return {f"{prefix}rpm": rpm, f"{prefix}request_capacity": request_capacity, f"{prefix}tpm": tpm,
+            f"{prefix}token_capacity": token_capacity, f"{prefix}max_parallel": _or_unlimited(s.max_parallel),
+            f"{prefix}budget": _or_unlimited(s.budget_micros)}
+
+
+def admit_args(a: Admission, now_us: int | None) -> list[Arg]:
     if len(a.days.starts) != len(a.days.labels) + 1 or not a.days.labels:
         raise ValueError("BudgetDay needs one more start than labels, and at least one label")
-    return ["" if now_us is None else now_us, a.request_id, a.tokens, a.cost_micros,
-            a.lease_ttl_ms, DAY_MARGIN_MS, *limit_args(a.key), *limit_args(a.team),
-            len(a.days.labels), *a.days.labels, *a.days.starts]
+    named: dict[str, Arg] = {
+        "now_us": "" if now_us is None else now_us, "request_id": a.request_id, "tokens": a.tokens,
+        "cost": a.cost_micros, "lease_ttl_ms": a.lease_ttl_ms, "day_margin_ms": DAY_MARGIN_MS,
+        **_limits("key_", a.key), **_limits("team_", a.team), "day_count": len(a.days.labels),
+    }
+    return [*(named[name] for name in ADMIT_ARGS), *a.days.labels, *a.days.starts]
 
 
-def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list:
-    key, team = limit_args(s.key), limit_args(s.team)
-    return ["" if now_us is None else now_us, s.request_id, DONE_TTL_S, ledger_ttl_s,
-            LATE_BUDGET_TTL_S, key[2], key[3], team[2], team[3], s.cost_micros,
-            s.usage.prompt_tokens, s.usage.completion_tokens, s.usage.cached_tokens,
-            s.key.name, s.model, _or_none(s.key.alert_micros), _or_none(s.team.alert_micros),
-            LEDGER_MAX_FIELDS, 1 if s.abandoned else 0, *(f"{k}={v}" for k, v in s.tags)]
+def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list[Arg]:
+    key, team = _limits("key_", s.key), _limits("team_", s.team)
+    named: dict[str, Arg] = {
+        "now_us": "" if now_us is None else now_us, "request_id": s.request_id, "done_ttl_s": DONE_TTL_S,
+        "ledger_ttl_s": ledger_ttl_s, "late_budget_ttl_s": LATE_BUDGET_TTL_S,
+        "key_tpm": key["key_tpm"], "key_token_capacity": key["key_token_capacity"],
+        "team_tpm": team["team_tpm"], "team_token_capacity": team["team_token_capacity"],
+        "cost": s.cost_micros, "prompt_tokens": s.usage.prompt_tokens,
+        "completion_tokens": s.usage.completion_tokens, "cached_tokens": s.usage.cached_tokens,
+        "key_name": s.key.name, "model": s.model, "key_alert": _or_unlimited(s.key.alert_micros),
+        "team_alert": _or_unlimited(s.team.alert_micros), "ledger_max_fields": LEDGER_MAX_FIELDS,
+        "abandon": 1 if s.abandoned else 0,
+    }
+    return [*(named[name] for name in SETTLE_ARGS), *(f"{k}={v}" for k, v in s.tags)]
 
 
-def renew_args(r: Renewal, now_us: int | None) -> list:
-    return ["" if now_us is None else now_us, r.request_id, r.lease_ttl_ms]
+def renew_args(r: Renewal, now_us: int | None) -> list[Arg]:
+    named: dict[str, Arg] = {"now_us": "" if now_us is None else now_us, "request_id": r.request_id,
+                             "lease_ttl_ms": r.lease_ttl_ms}
+    return [named[name] for name in RENEW_ARGS]
 
 
-def _or_none(value: int | None) -> int:
-    return NONE if value is None else value
+def _or_unlimited(value: int | None) -> int:
+    return UNLIMITED if value is None else value
 
 
-def decode_settled(reply) -> Settled:
+def decode_settled(reply: ScriptReply) -> Settled:
     """The settle reply: 0 for a duplicate, else [1, key spent, team spent, key crossed, team crossed]."""
     if not isinstance(reply, (list, tuple)):
         return Settled(False)
@@ -129,18 +161,22 @@ def decode_settled(reply) -> Settled:
     return Settled(bool(applied), key_spent, team_spent, bool(key_crossed), bool(team_crossed))
 
 
-def _text(value) -> str:
+def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _bucket(limit, left, reset) -> BucketState | None:
-    return None if int(limit) == NONE else BucketState(int(limit), int(left), int(reset))
+def _bucket(limit: ScriptReply, left: ScriptReply, reset: ScriptReply) -> BucketState | None:
+    return None if int(limit) == UNLIMITED else BucketState(int(limit), int(left), int(reset))
+
+
+def _unless_unlimited(value: ScriptReply) -> int | None:
+    return None if int(value) == UNLIMITED else int(value)
 
 
 STALE = Decision(admitted=False, stale=True)
 
 
-def decode_decision(reply: Sequence | int) -> Decision:
+def decode_decision(reply: ScriptReply) -> Decision:
     """The admit reply: 0 when the request id was already settled or abandoned (nothing changed),
     else [admitted, reason, scope, retry_after_ms, never_fits, request limit, remaining, reset_ms,
     token limit, remaining, reset_ms, budget committed, budget limit, day, day_reset_s, key
@@ -152,8 +188,8 @@ def decode_decision(reply: Sequence | int) -> Decision:
     spent, limit, day, day_reset, key_committed, team_committed = rest[6:12]
     return Decision(
         admitted=bool(int(admitted)),
-        reason=_text(reason) or None,
-        scope=_text(scope) or None,
+        reason=cast(Reason, _text(reason)) or None,  # the script answers one of these
+        scope=cast(ScopeKind, _text(scope)) or None,
         retry_after_ms=int(retry),
         never_fits=bool(int(never)),
         requests=_bucket(*rq),
@@ -162,6 +198,6 @@ def decode_decision(reply: Sequence | int) -> Decision:
         budget_limit_micros=int(limit),
         day=_text(day),
         day_reset_s=int(day_reset),
-        key_committed_micros=int(key_committed),
-        team_committed_micros=int(team_committed),
+        key_committed_micros=_unless_unlimited(key_committed),
+        team_committed_micros=_unless_unlimited(team_committed),
     )

@@ -20,16 +20,17 @@ cached_tokens.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 SEP = "\x1f"
 METRICS = ("spend_micros", "requests", "prompt_tokens", "completion_tokens", "cached_tokens")
 
 
-def _zero() -> dict:
+def _zero() -> dict[str, Any]:
     return dict.fromkeys(METRICS, 0)
 
 
-def team_usage(fields: Mapping[str, int]) -> dict:
+def team_usage(fields: Mapping[str, int]) -> dict[str, Any]:
     """One team's report from its ledger hash (field -> integer)."""
     team = {**_zero(), "keys": {}, "tags": {}}
     for field, value in fields.items():
@@ -49,6 +50,6 @@ def team_usage(fields: Mapping[str, int]) -> dict:
     return team
 
 
-def usage_report(day: str, ledgers: Mapping[str, Mapping[str, int]]) -> dict:
+def usage_report(day: str, ledgers: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:
     """The `usage()` report of `day` from each team's ledger hash."""
     return {"date": day, "teams": {team: team_usage(fields) for team, fields in ledgers.items()}}

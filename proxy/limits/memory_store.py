@@ -137,15 +137,12 @@ class MemoryStore:
     async def admit(self, admission: Admission) -> Decision:
         now_us = self._now_us()
         reply = self._run(scripts.ADMIT, self.layout.admit_keys(admission), admit_args(admission, now_us), now_us)
-        return decode_decision(reply)  # type: ignore[arg-type]
+        return decode_decision(reply)
 
     async def settle(self, settlement: Settlement) -> Settled:
         now_us = self._now_us()
         args = settle_args(settlement, now_us, self.retention_days * 86_400)
         return decode_settled(self._run(scripts.SETTLE, self.layout.settle_keys(settlement), args, now_us))
-
-    async def renew(self, renewal: Renewal) -> bool:
-        return self._renew(renewal, self._now_ms())
 
     async def renew(self, renewal: Renewal) -> bool:
         now_us = self._now_us()
@@ -163,7 +160,7 @@ class MemoryStore:
         if self.keys.pttl(name, now_ms) < LATE_BUDGET_TTL_S * 1000:
             self.keys.call(now_ms, "PEXPIRE", name, str(LATE_BUDGET_TTL_S * 1000))
 
-    async def usage(self, day: str, teams: list[str]) -> dict:
+    async def usage(self, day: str, teams: list[str]) -> dict[str, Any]:
         now_ms = self._now_us() // 1000
         ledgers = {t: {f: int(v) for f, v in self.keys.hash(self.layout.ledger(t, day), now_ms).items()}
                    for t in teams}

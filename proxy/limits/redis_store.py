@@ -17,20 +17,26 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from . import scripts
-from .resp import RespClient, RespConnectionError, RespReplyError
-from .layout import (
-    DEFAULT_PREFIX, Layout, admit_args, decode_decision, decode_settled, renew_args, settle_args,
+from ..errors import (
+    RespConnectionError,
+    RespReplyError,
+    RespUnreachable,
+    StoreError,
+    StoreUnreachable,
 )
+from . import scripts
+from ..errors import RespConnectionError, RespReplyError, RespUnreachable, StoreError, StoreUnreachable
+from .layout import DEFAULT_PREFIX, Layout, admit_args, decode_decision, decode_settled, renew_args, settle_args
 from .ledger import usage_report
-from .types import (Admission, Decision, Renewal, ScopeKind, ScopeLimits, Settled, Settlement, StoreError,
-                    StoreUnreachable)
-from .resp import RespUnreachable
+from .resp import RespClient
+from .types import Admission, Decision, Renewal, ScopeKind, ScopeLimits, Settled, Settlement
 
 DEFAULT_TIMEOUT_MS = 250
 DEFAULT_RETENTION_DAYS = 35
@@ -40,7 +46,11 @@ DRIVER_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutErro
                  RespReplyError)
 
 
-def _text(value) -> str:
+T = TypeVar("T")
+Client = aioredis.Redis | aioredis.RedisCluster
+
+
+def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -54,9 +64,10 @@ class _Script:
         self.source = scripts.source(name)
         self.sha: str | None = None
 
-    async def __call__(self, client, keys: list[str], args: list, fast: RespClient | None = None):
-        if fast is not None:
-            return await self._fast(fast, keys, args)
+    async def __call__(self, client: Client, keys: list[str], args: list[str | int],
+                       scripts_connection: RespClient | None = None) -> Any:
+        if scripts_connection is not None:
+            return await self._on_scripts_connection(scripts_connection, keys, args)
         if self.sha is None:
             self.sha = _text(await client.script_load(self.source))
         try:
@@ -65,17 +76,17 @@ class _Script:
             self.sha = _text(await client.script_load(self.source))
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
-    async def _fast(self, fast: RespClient, keys: list[str], args: list):
-        deadline = fast.deadline()  # one timeout for the script, loading it included
+    async def _on_scripts_connection(self, connection: RespClient, keys: list[str], args: list[str | int]) -> Any:
+        deadline = connection.deadline()  # one timeout for the script, loading it included
         if self.sha is None:
-            self.sha = _text(await fast.call("SCRIPT", "LOAD", self.source, deadline=deadline))
+            self.sha = _text(await connection.call("SCRIPT", "LOAD", self.source, deadline=deadline))
         try:
-            return await fast.call("EVALSHA", self.sha, len(keys), *keys, *args, deadline=deadline)
+            return await connection.call("EVALSHA", self.sha, len(keys), *keys, *args, deadline=deadline)
         except RespReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            self.sha = _text(await fast.call("SCRIPT", "LOAD", self.source, deadline=deadline))
-            return await fast.call("EVALSHA", self.sha, len(keys), *keys, *args, deadline=deadline)
+            self.sha = _text(await connection.call("SCRIPT", "LOAD", self.source, deadline=deadline))
+            return await connection.call("EVALSHA", self.sha, len(keys), *keys, *args, deadline=deadline)
 
 
 class RedisStore:
@@ -86,10 +97,10 @@ class RedisStore:
         clock_us: Callable[[], int] | None = None,
         retention_days: int = DEFAULT_RETENTION_DAYS,
         prefix: str = DEFAULT_PREFIX,
-        fast: RespClient | None = None,
+        scripts_connection: RespClient | None = None,
     ) -> None:
         self.client = client
-        self.fast = fast  # the admit and settle scripts' own connection (standalone Redis)
+        self.scripts_connection = scripts_connection  # the admit and settle scripts' own (standalone Redis)
         self.clock_us = clock_us
         self.retention_days = retention_days
         self.layout = Layout(prefix)
@@ -117,24 +128,26 @@ class RedisStore:
 
         `redis+cluster://` URLs (or `cluster=True`) build a RedisCluster client."""
         timeout = timeout_ms / 1000
-        options = dict(socket_timeout=timeout, socket_connect_timeout=timeout,
-                       retry=Retry(NoBackoff(), 0))
+        options: dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout,
+                                       retry=Retry(NoBackoff(), 0))
         if url.startswith("redis+cluster://"):
             url, cluster = "redis://" + url.removeprefix("redis+cluster://"), True
-        fast = None
+        scripts_connection = None
+        client: Client
         if cluster:
             client = aioredis.RedisCluster.from_url(url, max_connections=CLUSTER_MAX_CONNECTIONS, **options)
         else:
             # redis-py only reads here (reports, gauges, ping): one retry lets a pooled connection
             # that died with a Redis restart reconnect instead of failing the next read
             client = aioredis.Redis.from_url(url, retry_on_timeout=False, **{**options, "retry": Retry(NoBackoff(), 1)})
-            fast = RespClient(url, timeout)
-        return cls(client, clock_us=clock_us, retention_days=retention_days, prefix=prefix, fast=fast)
+            scripts_connection = RespClient(url, timeout)
+        return cls(client, clock_us=clock_us, retention_days=retention_days, prefix=prefix,
+                   scripts_connection=scripts_connection)
 
     def _now_us(self) -> int | None:
         return None if self.clock_us is None else int(self.clock_us())
 
-    async def _run(self, call: Callable[[], Awaitable]):
+    async def _run(self, call: Callable[[], Awaitable[T]]) -> T:
         """await call(); on a cluster, once one of the client's connections is free (waiting up to
         the timeout). Standalone calls go straight through: the lean connection multiplexes."""
         if self._in_flight is None:
@@ -153,7 +166,7 @@ class RedisStore:
         keys = self.layout.admit_keys(admission)
         args = admit_args(admission, self._now_us())
         try:
-            reply = await self._run(lambda: self._admit(self.client, keys, args, self.fast))
+            reply = await self._run(lambda: self._admit(self.client, keys, args, self.scripts_connection))
         except RespUnreachable as exc:
             raise StoreUnreachable(f"admit not sent: {exc!r}") from exc
         except DRIVER_ERRORS as exc:
@@ -164,7 +177,7 @@ class RedisStore:
         keys = self.layout.settle_keys(settlement)
         args = settle_args(settlement, self._now_us(), self.retention_days * 86_400)
         try:
-            reply = await self._run(lambda: self._settle(self.client, keys, args, self.fast))
+            reply = await self._run(lambda: self._settle(self.client, keys, args, self.scripts_connection))
         except DRIVER_ERRORS as exc:
             raise StoreError(f"settle failed: {exc!r}") from exc
         return decode_settled(reply)
@@ -173,12 +186,12 @@ class RedisStore:
         keys = self.layout.renew_keys(renewal)
         args = renew_args(renewal, self._now_us())
         try:
-            reply = await self._run(lambda: self._renew(self.client, keys, args, self.fast))
+            reply = await self._run(lambda: self._renew(self.client, keys, args, self.scripts_connection))
         except DRIVER_ERRORS as exc:
             raise StoreError(f"renew failed: {exc!r}") from exc
         return bool(int(reply))
 
-    async def usage(self, day: str, teams: list[str]) -> dict:
+    async def usage(self, day: str, teams: list[str]) -> dict[str, Any]:
         """The day's ledger of `teams` (see `proxy.limits.ledger` for the shape)."""
         hashes = await self._read("usage", [("hgetall", self.layout.ledger(t, day)) for t in teams])
         ledgers = {t: {_text(f): int(v) for f, v in h.items()} for t, h in zip(teams, hashes)}
@@ -197,16 +210,17 @@ class RedisStore:
                                   [("hget", self.layout.budget(t, s, day), "spent") for t, s in scopes])
         return {(s.kind, s.name): int(v or 0) for (_, s), v in zip(scopes, values)}
 
-    async def _read(self, op: str, commands: list[tuple]) -> list:
+    async def _read(self, op: str, commands: list[tuple[str, ...]]) -> list[Any]:
         """Several reads in one non-transactional pipeline (split by slot on a cluster)."""
         if not commands:
             return []
 
-        async def run() -> list:
+        async def run() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
                 for name, *args in commands:
                     getattr(pipe, name)(*args)
-                return await pipe.execute()
+                replies: list[Any] = await pipe.execute()
+                return replies
 
         try:
             return await self._run(run)
@@ -222,8 +236,8 @@ class RedisStore:
             raise StoreError(f"ping failed: {exc!r}") from exc
 
     async def close(self) -> None:
-        if self.fast is not None:
-            await self.fast.close()
+        if self.scripts_connection is not None:
+            await self.scripts_connection.close()
         try:
             await self.client.aclose()
         except DRIVER_ERRORS as exc:

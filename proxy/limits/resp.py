@@ -25,6 +25,8 @@ from typing import Any, cast
 import hiredis
 from redis.connection import parse_url
 
+from ..errors import RespConnectionError, RespReplyError, RespUnreachable
+
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 0.5
 CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
@@ -39,18 +41,6 @@ def _ssl_context(options: dict[str, Any]) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = requirement
     return context
-
-
-class RespConnectionError(Exception):
-    """The connection failed, broke or timed out (the command may have reached Redis)."""
-
-
-class RespUnreachable(RespConnectionError):
-    """No connection to send on (none could be made in time, or backing off): not sent."""
-
-
-class RespReplyError(Exception):
-    """Redis answered with an error reply (e.g. NOSCRIPT)."""
 
 
 class _Protocol(asyncio.Protocol):

@@ -11,8 +11,9 @@ request id).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 Reason = Literal["rpm", "tpm", "parallel", "budget"]
 ScopeKind = Literal["key", "team"]
@@ -109,8 +110,8 @@ class Decision:
     # the request id was already settled or abandoned, so the admission changed nothing: only an
     # admit that reached the store after its caller gave up on it sees this
     stale: bool = False
-    key_committed_micros: int = -1  # the key's spent + held on that day; -1 without a budget
-    team_committed_micros: int = -1
+    key_committed_micros: int | None = None  # the key's spent + held on that day; None without a budget
+    team_committed_micros: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,16 +155,15 @@ class Settled:
         return self.applied
 
 
-class StoreError(Exception):
-    """The store could not answer (Redis down, timeout). Raised by every store operation."""
-
-
-class StoreUnreachable(StoreError):
-    """The store was not reached at all: the operation was never sent, so it did not apply."""
-
-
 class Store(Protocol):
-    """The seam between the limiter and where the counters live (Redis, or this process)."""
+    """The seam between the limiter and where the counters live (Redis, or this process).
+
+    Every operation raises `proxy.errors.StoreError` when the store cannot answer."""
+
+    # the store's test clock (microseconds since the epoch), or None: the store's own clock
+    # (Redis `TIME`), which also decides the budget day (`proxy.limits.days.BudgetCalendar`)
+    clock_us: Callable[[], int] | None
+    retention_days: int  # how long a day's spend ledger is kept (a reload may change it)
 
     async def admit(self, admission: Admission) -> Decision: ...
 
@@ -173,10 +173,11 @@ class Store(Protocol):
     async def renew(self, renewal: Renewal) -> bool:
         """Extend a live request's leases; False (and nothing changed) once it is settled or expired."""
 
-    async def usage(self, day: str, teams: list[str]) -> dict:
+    async def usage(self, day: str, teams: list[str]) -> dict[str, Any]:
         """The day's ledger: see `proxy.limits.ledger` for its shape."""
 
-    async def budget_spent(self, day: str, teams_and_keys: dict[str, list[str]]) -> dict:
+    async def budget_spent(self, day: str, teams_and_keys: Mapping[str, Iterable[str]]
+                           ) -> dict[tuple[ScopeKind, str], int]:
         """Settled spend in micros on `day`, {(kind, name): micros}, for {team: [keys]}."""
 
     async def ping(self) -> None: ...

@@ -36,7 +36,7 @@ from .errors import (
 from .snapshot import Snapshot, decode
 from .store import Fence, RegistryBackend
 
-KEY_PREFIX = "sk-proxy-"  # as proxy.auth.KEY_PREFIX: one look for every proxy key
+KEY_PREFIX = "sk-proxy-"  # as proxy.request.authenticate.KEY_PREFIX: one look for every proxy key
 MAX_GRACE_S = 30 * 86_400
 MAX_AUDIT_SCAN = 10_000
 

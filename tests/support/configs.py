@@ -14,7 +14,7 @@ KEYS = {"alice": "sk-proxy-alice-1111", "bob": "sk-proxy-bob-2222", "carol": "sk
 
 
 def config_dict(upstream_url: str, *, redis_url: str | None = None, second_upstream: str | None = None) -> dict:
-    from proxy.auth import sha256_hex
+    from proxy.request.authenticate import sha256_hex
 
     upstreams = {"mock": {"base_url": upstream_url, "api_key": UPSTREAM_KEY, "max_retries": 2,
                           "timeout_s": 5, "connect_timeout_s": 1}}

@@ -22,7 +22,7 @@ class ProxyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
         # the protocol `llm-proxy serve` uses, with the app's `server:` settings
-        self.guard = ConnectionGuard(app.state.gateway.config.server)
+        self.guard = ConnectionGuard(app.state.snapshots.config.server)
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
                                 lifespan="on", timeout_graceful_shutdown=5, http=self.guard.protocol())
         self.server = uvicorn.Server(config)

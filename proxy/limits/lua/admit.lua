@@ -3,6 +3,17 @@
 -- decoded by layout.decode_decision. Redis runs it, and so does MemoryStore (embedded Lua 5.1).
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 
+-- ARGV by name, in the order of proxy/limits/layout.py ADMIT_ARGS (tests/test_layout.py checks
+-- that they agree); after them come day_count day labels, then
+-- day_count + 1 day starts (epoch seconds)
+local ARG_NAMES = {'now_us', 'request_id', 'tokens', 'cost', 'lease_ttl_ms', 'day_margin_ms',
+  'key_rpm', 'key_request_capacity', 'key_tpm', 'key_token_capacity', 'key_max_parallel',
+  'key_budget', 'team_rpm', 'team_request_capacity', 'team_tpm', 'team_token_capacity',
+  'team_max_parallel', 'team_budget', 'day_count'}
+local args = {}
+for i, name in ipairs(ARG_NAMES) do args[name] = ARGV[i] end
+local UNLIMITED = -1  -- layout.UNLIMITED: a limit the scope does not have
+
 -- 0, and nothing changes, when the request id was already settled or abandoned (its marker, the
 -- last key, exists): an admit that reached Redis after its caller gave up on it
 if redis.call('EXISTS', KEYS[#KEYS]) == 1 then return 0 end
@@ -17,8 +28,8 @@ local function int(x)
 end
 
 local now_ms
-if ARGV[1] ~= '' then
-  now_ms = math.floor(tonumber(ARGV[1]) / 1000)
+if args.now_us ~= '' then
+  now_ms = math.floor(tonumber(args.now_us) / 1000)
 else
   local t = redis.call('TIME')
   now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -78,38 +89,39 @@ local function purge_holds(budget, leases)
   if #expired > 0 then redis.call('ZREMRANGEBYSCORE', leases, '-inf', int(now_ms)) end
 end
 
-local id = ARGV[2]
-local tokens = tonumber(ARGV[3])
-local cost = tonumber(ARGV[4])
-local lease_ttl = tonumber(ARGV[5])
-local day_margin = tonumber(ARGV[6])
+local id = args.request_id
+local tokens = tonumber(args.tokens)
+local cost = tonumber(args.cost)
+local lease_ttl = tonumber(args.lease_ttl_ms)
+local day_margin = tonumber(args.day_margin_ms)
 
 -- the budget day containing now: the last candidate that has started
-local n = tonumber(ARGV[19])
+local n = tonumber(args.day_count)
+local labels = #ARG_NAMES  -- day i: label ARGV[labels + i], start ARGV[labels + n + i]
 local day = 1
 for i = 1, n do
-  if now_ms >= tonumber(ARGV[19 + n + i]) * 1000 then day = i end
+  if now_ms >= tonumber(ARGV[labels + n + i]) * 1000 then day = i end
 end
-local label = ARGV[19 + day]
-local day_left_ms = tonumber(ARGV[20 + n + day]) * 1000 - now_ms
+local label = ARGV[labels + day]
+local day_left_ms = tonumber(ARGV[labels + n + day + 1]) * 1000 - now_ms
 if day_left_ms < 0 then day_left_ms = 0 end
 
 local scopes = {
-  {kind = 'key', rq = KEYS[1], tk = KEYS[2], par = KEYS[3], b = KEYS[4 + 4 * day], bl = KEYS[5 + 4 * day], a = 7},
-  {kind = 'team', rq = KEYS[4], tk = KEYS[5], par = KEYS[6], b = KEYS[6 + 4 * day], bl = KEYS[7 + 4 * day], a = 13},
+  {kind = 'key', rq = KEYS[1], tk = KEYS[2], par = KEYS[3], b = KEYS[4 + 4 * day], bl = KEYS[5 + 4 * day], p = 'key_'},
+  {kind = 'team', rq = KEYS[4], tk = KEYS[5], par = KEYS[6], b = KEYS[6 + 4 * day], bl = KEYS[7 + 4 * day], p = 'team_'},
 }
 
 for _, sc in ipairs(scopes) do
-  sc.rpm, sc.rq_cap = tonumber(ARGV[sc.a]), tonumber(ARGV[sc.a + 1])
-  sc.tpm, sc.tk_cap = tonumber(ARGV[sc.a + 2]), tonumber(ARGV[sc.a + 3])
-  sc.max_par, sc.budget = tonumber(ARGV[sc.a + 4]), tonumber(ARGV[sc.a + 5])
-  if sc.rpm >= 0 then sc.rq_level = read_bucket(sc.rq, sc.rpm, sc.rq_cap) end
-  if sc.tpm >= 0 then sc.tk_level = read_bucket(sc.tk, sc.tpm, sc.tk_cap) end
-  if sc.max_par >= 0 then
+  sc.rpm, sc.rq_cap = tonumber(args[sc.p .. 'rpm']), tonumber(args[sc.p .. 'request_capacity'])
+  sc.tpm, sc.tk_cap = tonumber(args[sc.p .. 'tpm']), tonumber(args[sc.p .. 'token_capacity'])
+  sc.max_par, sc.budget = tonumber(args[sc.p .. 'max_parallel']), tonumber(args[sc.p .. 'budget'])
+  if sc.rpm ~= UNLIMITED then sc.rq_level = read_bucket(sc.rq, sc.rpm, sc.rq_cap) end
+  if sc.tpm ~= UNLIMITED then sc.tk_level = read_bucket(sc.tk, sc.tpm, sc.tk_cap) end
+  if sc.max_par ~= UNLIMITED then
     redis.call('ZREMRANGEBYSCORE', sc.par, '-inf', int(now_ms))
     sc.in_flight = redis.call('ZCARD', sc.par)
   end
-  if sc.budget >= 0 then
+  if sc.budget ~= UNLIMITED then
     purge_holds(sc.b, sc.bl)
     local v = redis.call('HMGET', sc.b, 'spent', 'held')
     sc.committed = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0)
@@ -119,22 +131,22 @@ end
 -- refusal priority: budget, then a request that can never fit, then the longest wait
 local reason, scope, retry, never = nil, nil, 0, 0
 for _, sc in ipairs(scopes) do
-  if reason == nil and sc.budget >= 0 and sc.committed + cost > sc.budget then
+  if reason == nil and sc.budget ~= UNLIMITED and sc.committed + cost > sc.budget then
     reason, scope, retry = 'budget', sc, day_left_ms
     if cost > sc.budget then never = 1 end
   end
 end
 for _, sc in ipairs(scopes) do
-  if reason == nil and sc.tpm >= 0 and tokens > sc.tk_cap then
+  if reason == nil and sc.tpm ~= UNLIMITED and tokens > sc.tk_cap then
     reason, scope, never = 'tpm', sc, 1
   end
 end
 if reason == nil then
   for _, sc in ipairs(scopes) do
     local waits = {}
-    if sc.rpm >= 0 then waits[#waits + 1] = {'rpm', wait_ms(sc.rq_level, 1, sc.rpm)} end
-    if sc.tpm >= 0 then waits[#waits + 1] = {'tpm', wait_ms(sc.tk_level, tokens, sc.tpm)} end
-    if sc.max_par >= 0 and sc.in_flight >= sc.max_par then
+    if sc.rpm ~= UNLIMITED then waits[#waits + 1] = {'rpm', wait_ms(sc.rq_level, 1, sc.rpm)} end
+    if sc.tpm ~= UNLIMITED then waits[#waits + 1] = {'tpm', wait_ms(sc.tk_level, tokens, sc.tpm)} end
+    if sc.max_par ~= UNLIMITED and sc.in_flight >= sc.max_par then
       waits[#waits + 1] = {'parallel', PARALLEL_RETRY_MS}
     end
     for _, w in ipairs(waits) do
@@ -146,19 +158,19 @@ end
 if reason == nil then
   local expires = now_ms + lease_ttl
   for _, sc in ipairs(scopes) do
-    if sc.rpm >= 0 then
+    if sc.rpm ~= UNLIMITED then
       sc.rq_level = sc.rq_level - UNITS
       write_bucket(sc.rq, sc.rq_level, sc.rpm, sc.rq_cap)
     end
-    if sc.tpm >= 0 then
+    if sc.tpm ~= UNLIMITED then
       sc.tk_level = sc.tk_level - tokens * UNITS
       write_bucket(sc.tk, sc.tk_level, sc.tpm, sc.tk_cap)
     end
-    if sc.max_par >= 0 then
+    if sc.max_par ~= UNLIMITED then
       redis.call('ZADD', sc.par, int(expires), id)
       extend_ttl(sc.par, lease_ttl + TTL_MARGIN_MS)
     end
-    if sc.budget >= 0 then
+    if sc.budget ~= UNLIMITED then
       redis.call('HINCRBY', sc.b, 'held', int(cost))
       redis.call('HSET', sc.b, 'h:' .. id, int(cost))
       redis.call('ZADD', sc.bl, int(expires), id)
@@ -168,8 +180,8 @@ if reason == nil then
     end
   end
   local kt, tt = '0', '0'
-  if scopes[1].tpm >= 0 then kt = '1' end
-  if scopes[2].tpm >= 0 then tt = '1' end
+  if scopes[1].tpm ~= UNLIMITED then kt = '1' end
+  if scopes[2].tpm ~= UNLIMITED then tt = '1' end
   redis.call('HSET', KEYS[7], 'tokens', int(tokens), 'cost', int(cost), 'day', label,
     'exp', int(expires), 'kt', kt, 'tt', tt)
   redis.call('PEXPIRE', KEYS[7], int(lease_ttl + TTL_MARGIN_MS))
@@ -185,21 +197,21 @@ local function tighter(best, capacity, level, rate)
   return best
 end
 for _, sc in ipairs(scopes) do
-  if sc.rpm >= 0 then rq = tighter(rq, sc.rq_cap, sc.rq_level, sc.rpm) end
-  if sc.tpm >= 0 then tk = tighter(tk, sc.tk_cap, sc.tk_level, sc.tpm) end
-  if sc.budget >= 0 and (budget == nil or sc.budget - sc.committed < budget[2] - budget[1]) then
+  if sc.rpm ~= UNLIMITED then rq = tighter(rq, sc.rq_cap, sc.rq_level, sc.rpm) end
+  if sc.tpm ~= UNLIMITED then tk = tighter(tk, sc.tk_cap, sc.tk_level, sc.tpm) end
+  if sc.budget ~= UNLIMITED and (budget == nil or sc.budget - sc.committed < budget[2] - budget[1]) then
     budget = {sc.committed, sc.budget}
   end
 end
 if reason == 'budget' then budget = {scope.committed, scope.budget} end
-rq = rq or {-1, 0, 0}
-tk = tk or {-1, 0, 0}
+rq = rq or {UNLIMITED, 0, 0}
+tk = tk or {UNLIMITED, 0, 0}
 budget = budget or {0, 0}
 
 local admitted, reason_s, scope_s = 1, '', ''
 if reason ~= nil then admitted, reason_s, scope_s = 0, reason, scope.kind end
--- each scope's committed spend (spent + held), -1 without a budget: the fallback starts from it
+-- each scope's committed spend (spent + held), UNLIMITED without a budget: the fallback starts from it
 local seen = {}
-for i, sc in ipairs(scopes) do seen[i] = sc.committed or -1 end
+for i, sc in ipairs(scopes) do seen[i] = sc.committed or UNLIMITED end
 return {admitted, reason_s, scope_s, retry, never, rq[1], rq[2], rq[3], tk[1], tk[2], tk[3],
   budget[1], budget[2], label, math.ceil(day_left_ms / 1000), seen[1], seen[2]}

@@ -5,6 +5,12 @@
 -- alone. Returns 1 if renewed, else 0.
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 
+-- ARGV by name, in the order of proxy/limits/layout.py RENEW_ARGS (tests/test_layout.py checks
+-- that they agree)
+local ARG_NAMES = {'now_us', 'request_id', 'lease_ttl_ms'}
+local args = {}
+for i, name in ipairs(ARG_NAMES) do args[name] = ARGV[i] end
+
 local TTL_MARGIN_MS = 1000
 
 local function int(x)
@@ -13,15 +19,15 @@ local function int(x)
 end
 
 local now_ms
-if ARGV[1] ~= '' then
-  now_ms = math.floor(tonumber(ARGV[1]) / 1000)
+if args.now_us ~= '' then
+  now_ms = math.floor(tonumber(args.now_us) / 1000)
 else
   local t = redis.call('TIME')
   now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local id = ARGV[2]
-local lease_ttl = tonumber(ARGV[3])
+local id = args.request_id
+local lease_ttl = tonumber(args.lease_ttl_ms)
 local exp = tonumber(redis.call('HGET', KEYS[1], 'exp'))
 if exp == nil or exp <= now_ms then return 0 end
 

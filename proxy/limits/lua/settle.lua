@@ -3,9 +3,19 @@
 -- {1, key spent, team spent, key crossed, team crossed}, or 0 (and changes nothing) when this
 -- request id was already settled. "Crossed" is 1 for exactly one settlement per scope and day: the
 -- one that pushed the day's spend to the alert threshold (HSETNX, so one alert across replicas).
--- ARGV[19] = 1 abandons the request instead (its admit's reply was lost): the marker is set and
+-- `abandon` = 1 abandons the request instead (its admit's reply was lost): the marker is set and
 -- whatever the admit reserved is released, but nothing is booked.
 if redis.replicate_commands then pcall(redis.replicate_commands) end
+
+-- ARGV by name, in the order of proxy/limits/layout.py SETTLE_ARGS (tests/test_layout.py checks
+-- that they agree); after them come the request's tags, `name=value`
+local ARG_NAMES = {'now_us', 'request_id', 'done_ttl_s', 'ledger_ttl_s', 'late_budget_ttl_s',
+  'key_tpm', 'key_token_capacity', 'team_tpm', 'team_token_capacity', 'cost', 'prompt_tokens',
+  'completion_tokens', 'cached_tokens', 'key_name', 'model', 'key_alert', 'team_alert',
+  'ledger_max_fields', 'abandon'}
+local args = {}
+for i, name in ipairs(ARG_NAMES) do args[name] = ARGV[i] end
+local UNLIMITED = -1  -- layout.UNLIMITED: a limit the scope does not have
 
 local UNITS = 60000
 local TTL_MARGIN_MS = 1000
@@ -17,8 +27,8 @@ local function int(x)
 end
 
 local now_ms
-if ARGV[1] ~= '' then
-  now_ms = math.floor(tonumber(ARGV[1]) / 1000)
+if args.now_us ~= '' then
+  now_ms = math.floor(tonumber(args.now_us) / 1000)
 else
   local t = redis.call('TIME')
   now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -46,8 +56,8 @@ local function credit(level, amount, capacity)
   return l
 end
 
-local id = ARGV[2]
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then return 0 end
+local id = args.request_id
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', args.done_ttl_s) then return 0 end
 
 local function refund(key, amount, rate, capacity)
   local v = redis.call('HMGET', key, 'l', 't')
@@ -65,51 +75,54 @@ local function release_hold(budget, leases)
   redis.call('ZREM', leases, id)
 end
 
-local prompt, completion = tonumber(ARGV[11]), tonumber(ARGV[12])
+local prompt, completion = tonumber(args.prompt_tokens), tonumber(args.completion_tokens)
 local rec = redis.call('HMGET', KEYS[2], 'tokens', 'exp', 'kt', 'tt')
 local reserved, expires = tonumber(rec[1]), tonumber(rec[2])
 if reserved ~= nil and expires > now_ms then
   local diff = reserved - prompt - completion
-  local key_tpm, team_tpm = tonumber(ARGV[6]), tonumber(ARGV[8])
-  if rec[3] == '1' and key_tpm >= 0 then refund(KEYS[3], diff, key_tpm, tonumber(ARGV[7])) end
-  if rec[4] == '1' and team_tpm >= 0 then refund(KEYS[4], diff, team_tpm, tonumber(ARGV[9])) end
+  local key_tpm, team_tpm = tonumber(args.key_tpm), tonumber(args.team_tpm)
+  if rec[3] == '1' and key_tpm ~= UNLIMITED then refund(KEYS[3], diff, key_tpm, tonumber(args.key_token_capacity)) end
+  if rec[4] == '1' and team_tpm ~= UNLIMITED then
+    refund(KEYS[4], diff, team_tpm, tonumber(args.team_token_capacity))
+  end
   redis.call('ZREM', KEYS[5], id)
   redis.call('ZREM', KEYS[6], id)
   release_hold(KEYS[7], KEYS[8])
   release_hold(KEYS[9], KEYS[10])
 end
 redis.call('DEL', KEYS[2])
-if ARGV[19] == '1' then
+if args.abandon == '1' then
   local key_spent = tonumber(redis.call('HGET', KEYS[7], 'spent')) or 0
   local team_spent = tonumber(redis.call('HGET', KEYS[9], 'spent')) or 0
   return {1, key_spent, team_spent, 0, 0}
 end
 
 local reply = {1, 0, 0, 0, 0}
+local alerts = {args.key_alert, args.team_alert}
 for i, budget in ipairs({KEYS[7], KEYS[9]}) do
-  local spent = redis.call('HINCRBY', budget, 'spent', ARGV[10])
-  if redis.call('TTL', budget) < 0 then redis.call('EXPIRE', budget, ARGV[5]) end
-  local alert = tonumber(ARGV[15 + i])
+  local spent = redis.call('HINCRBY', budget, 'spent', args.cost)
+  if redis.call('TTL', budget) < 0 then redis.call('EXPIRE', budget, args.late_budget_ttl_s) end
+  local alert = tonumber(alerts[i])
   reply[1 + i] = spent
-  if alert >= 0 and spent >= alert and redis.call('HSETNX', budget, 'alerted', '1') == 1 then
+  if alert ~= UNLIMITED and spent >= alert and redis.call('HSETNX', budget, 'alerted', '1') == 1 then
     reply[3 + i] = 1
   end
 end
 
 local metrics = {
-  {'spend_micros', ARGV[10]}, {'requests', '1'}, {'prompt_tokens', ARGV[11]},
-  {'completion_tokens', ARGV[12]}, {'cached_tokens', ARGV[13]},
+  {'spend_micros', args.cost}, {'requests', '1'}, {'prompt_tokens', args.prompt_tokens},
+  {'completion_tokens', args.completion_tokens}, {'cached_tokens', args.cached_tokens},
 }
 local function book(prefix)
   for _, m in ipairs(metrics) do redis.call('HINCRBY', KEYS[11], prefix .. SEP .. m[1], m[2]) end
 end
 book('team')
-book('key' .. SEP .. ARGV[14])
-book('model' .. SEP .. ARGV[14] .. SEP .. ARGV[15])
--- tags come from clients: past ARGV[18] fields, a team-day's ledger books new tags as one
+book('key' .. SEP .. args.key_name)
+book('model' .. SEP .. args.key_name .. SEP .. args.model)
+-- tags come from clients: past `ledger_max_fields` fields, a team-day's ledger books new tags as one
 -- 'other=overflow' tag, so a unique `user` per request cannot grow the hash without bound
-local tags_fit = redis.call('HLEN', KEYS[11]) < tonumber(ARGV[18])
-for i = 20, #ARGV do
+local tags_fit = redis.call('HLEN', KEYS[11]) < tonumber(args.ledger_max_fields)
+for i = #ARG_NAMES + 1, #ARGV do
   local tag = 'tag' .. SEP .. ARGV[i]
   if tags_fit or redis.call('HEXISTS', KEYS[11], tag .. SEP .. 'requests') == 1 then
     book(tag)
@@ -117,5 +130,5 @@ for i = 20, #ARGV do
     book('tag' .. SEP .. 'other=overflow')
   end
 end
-redis.call('EXPIRE', KEYS[11], ARGV[4])
+redis.call('EXPIRE', KEYS[11], args.ledger_ttl_s)
 return reply

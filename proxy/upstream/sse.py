@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import orjson
 
 from ..limits.types import Usage
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-DONE = b"data: [DONE]\n\n"
 _TEXT = re.compile(rb'"(?:content|text|reasoning_content)": ?"((?:[^"\\]|\\.)*)"')
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _NULL_USAGE = (b',"usage":null', b', "usage": null')
@@ -32,10 +32,6 @@ class EventSplitter:
             start = match.end()
         self._buffer = buffer[start:]
         return events
-
-    @property
-    def pending(self) -> bytes:
-        return self._buffer
 
 
 def event_data(event: bytes) -> bytes:
@@ -61,15 +57,15 @@ def strip_null_usage(event: bytes) -> bytes:
     return event
 
 
-def parse_event(event: bytes) -> dict | None:
+def parse_event(event: bytes) -> dict[str, Any] | None:
     try:
-        value = orjson.loads(event_data(event))
+        value: object = orjson.loads(event_data(event))
     except orjson.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
 
 
-def usage_from(payload: dict) -> Usage | None:
+def usage_from(payload: dict[str, Any]) -> Usage | None:
     """`usage` of an OpenAI response or chunk, or None when absent or malformed."""
     usage = payload.get("usage")
     if not isinstance(usage, dict):
@@ -85,7 +81,7 @@ def usage_from(payload: dict) -> Usage | None:
     return Usage(prompt, completion, min(cached, prompt))
 
 
-def _count(value) -> int:
+def _count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
@@ -93,5 +89,5 @@ def is_done(event: bytes) -> bool:
     return event_data(event).strip() == b"[DONE]"
 
 
-def error_event(payload: dict) -> bytes:
+def error_event(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"

@@ -14,21 +14,10 @@ from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from ..config import Upstream
+from ..errors import UpstreamBroken, UpstreamConnectError, UpstreamReadTimeout
 
 # How long a resolved address is reused; a connect error forgets it at once (the upstream moved).
 DNS_CACHE_TTL_S = 300
-
-
-class UpstreamConnectError(Exception):
-    """No connection could be made (refused, DNS, connect timeout)."""
-
-
-class UpstreamReadTimeout(Exception):
-    """The upstream stopped sending for longer than its read timeout."""
-
-
-class UpstreamBroken(Exception):
-    """The connection broke while the response was being read."""
 
 
 class UpstreamResponse:

@@ -1,4 +1,8 @@
-"""Who is calling: proxy keys matched by their sha256 (a dict lookup, never a string compare)."""
+"""The authenticate stage: who is calling, from the key presented.
+
+Proxy keys are matched by their sha256 (a dict lookup, never a string compare); the admin key by
+a constant-time compare of its sha256.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,12 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import Config, Key, Limits, Team
-from .errors import InvalidApiKey
+from ..config import Config, Key, Limits, Team
+from ..errors import InvalidApiKey
+from ..limits.scopes import Scopes, scopes_for
 
 KEY_PREFIX = "sk-proxy-"
 
@@ -24,13 +30,14 @@ def new_key() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """An authenticated proxy key, by its config name (never by its secret)."""
+    """An authenticated proxy key, by its config name (never by its secret), and its team."""
 
-    name: str
-    team: str
+    key_name: str
+    team_name: str
     key: Key
-    team_config: Team
+    team: Team
     allowed_models: frozenset[str] | None  # None: every model
+    scopes: Scopes  # the limits admission checks, from the same config
 
     @property
     def limits(self) -> Limits:
@@ -43,17 +50,15 @@ class Caller:
 class KeyRing:
     """sha256 hex → Caller, built once per config."""
 
-    def __init__(self, config: Config, environ: dict[str, str] | None = None):
+    def __init__(self, config: Config, environ: Mapping[str, str] | None = None):
         env = os.environ if environ is None else environ
         self._by_hash: dict[str, Caller] = {}
-        self.missing: list[str] = []  # key names whose key_env is unset
         for name, key in config.keys.items():
             digest = key.sha256(env)
-            if digest is None:
-                self.missing.append(name)
+            if digest is None:  # its key_env is unset: the key cannot be used
                 continue
             models = frozenset(key.models) if key.models is not None else None
-            self._by_hash[digest] = Caller(name, key.team, key, config.teams[key.team], models)
+            self._by_hash[digest] = Caller(name, key.team, key, config.teams[key.team], models, scopes_for(config, name))
         self.admin_hash = config.admin_sha256(env)
 
     def authenticate(self, presented: str | None) -> Caller:
@@ -73,7 +78,7 @@ class KeyRing:
         return hmac.compare_digest(sha256_hex(presented), self.admin_hash)
 
 
-def presented_key(headers) -> str | None:
+def presented_key(headers: Mapping[str, str]) -> str | None:
     """The key from `Authorization: Bearer KEY` or `api-key: KEY` (Azure style)."""
     authorization = headers.get("authorization")
     if authorization:

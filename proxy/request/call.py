@@ -7,6 +7,7 @@ upstream to judge.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import InvalidRequest
 from ..tokens import estimate_prompt_tokens, max_output_tokens
@@ -19,27 +20,26 @@ REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "in
 @dataclass(slots=True)
 class Call:
     endpoint: str  # chat | completions | embeddings
-    body: dict
+    body: dict[str, Any]
     model: str
     stream: bool
     client_wants_usage: bool  # stream_options.include_usage set by the client
     prompt_tokens: int
     max_output: int  # reserved completion tokens (n × max_tokens)
-    price: object = None  # the model's Price when admitted (set by the gateway)
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _type_error(param: str, expected: str, value) -> InvalidRequest:
+def _type_error(param: str, expected: str, value: object) -> InvalidRequest:
     return InvalidRequest(
         f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)} instead.", param=param,
         code="invalid_type",
     )
 
 
-def _json_type(value) -> str:
+def _json_type(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -53,11 +53,11 @@ def _json_type(value) -> str:
     return "an object"
 
 
-def _positive_int(body: dict, param: str, ceiling: int) -> int | None:
-    value = body.get(param)
+def _positive_int(body: dict[str, Any], param: str, ceiling: int) -> int | None:
+    value: object = body.get(param)
     if value is None:
         return None
-    if not _is_int(value):
+    if not isinstance(value, int) or isinstance(value, bool):
         raise _type_error(param, "an integer", value)
     if value < 1:
         raise InvalidRequest(
@@ -72,7 +72,7 @@ def _positive_int(body: dict, param: str, ceiling: int) -> int | None:
     return value
 
 
-def _check_messages(messages) -> None:
+def _check_messages(messages: object) -> None:
     if not isinstance(messages, list):
         raise _type_error("messages", "an array", messages)
     if not messages:
@@ -89,7 +89,7 @@ def _check_messages(messages) -> None:
             raise _type_error(f"messages[{i}].content", "one of a string or array of objects", content)
 
 
-def _check_text_input(param: str, value) -> None:
+def _check_text_input(param: str, value: object) -> None:
     if isinstance(value, str):
         return
     if isinstance(value, list) and value and all(
@@ -100,7 +100,7 @@ def _check_text_input(param: str, value) -> None:
     raise _type_error(param, "a string or an array of strings or tokens", value)
 
 
-def parse_call(endpoint: str, body: dict, default_max_tokens: int | None = None) -> Call:
+def parse_call(endpoint: str, body: dict[str, Any], default_max_tokens: int | None = None) -> Call:
     """Validates what the proxy reads; raises InvalidRequest with `param` on the first problem."""
     model = body.get("model")
     if model is None:

@@ -1,0 +1,151 @@
+"""Admission: reserve a request's worst case against its key's and team's limits and budgets.
+
+The store decides (one script, one round trip). When it cannot answer, `on_redis_error` says
+what happens: `allow` admits through this process's fallback store with the limits divided by
+`store.replicas`, `deny` refuses. The fallback starts each budget from the spend this replica
+last saw committed in the store for that scope and day (divided by `store.replicas` like the
+limits), so a budget exhausted before an outage stays refused during it. The answer is a `Ticket` or a `Refusal`, never an HTTP error:
+the request path says what a refusal means to the client.
+
+An admit whose reply was lost may still run in Redis later (a pause, a partition). A request the
+store then holds nothing for is *abandoned*: a settlement that releases whatever that admit
+reserved and books nothing waits in the journal like any other, and its marker makes the admit a
+no-op should it arrive after it. A request served by the fallback needs none: its own settlement
+reaches Redis the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from ..errors import StoreUnreachable
+from .days import BudgetCalendar
+from .headers import rate_limit_headers
+from .health import StoreHealth
+from .journal import Journal
+from .memory_store import MemoryStore
+from .scopes import Scopes
+from .types import Admission, BudgetDay, Decision, ScopeLimits, Settlement, Store, Usage
+
+
+@dataclass(slots=True)
+class Ticket:
+    """An admitted request: what it reserved and where, until it is settled."""
+
+    request_id: str
+    scopes: Scopes
+    decision: Decision
+    tokens: int
+    cost_micros: int
+    store: Store
+    degraded: bool = False  # admitted by the fallback store during an outage
+    settled: bool = field(default=False)
+    renewed_at: float = 0.0  # monotonic time of admission, then of the last lease renewal
+
+    @property
+    def key_scope(self) -> ScopeLimits:
+        """The key's limits in the store that admitted it."""
+        return self.scopes.fallback_key if self.degraded else self.scopes.key
+
+    @property
+    def team_scope(self) -> ScopeLimits:
+        return self.scopes.fallback_team if self.degraded else self.scopes.team
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return rate_limit_headers(self.decision)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request not admitted: the store's `decision` (a limit or budget), or None when the store
+    could not answer and `on_redis_error` is `deny`."""
+
+    scopes: Scopes
+    decision: Decision | None
+
+
+Mark = tuple[str, str, str, str]  # (team, scope kind, scope name, day)
+
+
+class Admitter:
+    def __init__(self, store: Store, fallback: MemoryStore | None, *, allow_on_outage: bool, replicas: int,
+                 lease_ttl_ms: int, calendar: BudgetCalendar, journal: Journal, health: StoreHealth) -> None:
+        self.store = store
+        self.fallback = fallback
+        self.allow_on_outage = allow_on_outage
+        self.replicas = replicas
+        self.lease_ttl_ms = lease_ttl_ms
+        self.calendar = calendar
+        self.journal = journal
+        self.health = health
+        self.seen_committed: dict[Mark, int] = {}  # spent + held the store last reported
+        self._seen_days: tuple[str, ...] = ()
+        self._seeded: set[Mark] = set()  # fallback budgets seeded in the outage numbered `_seeded_in`
+        self._seeded_in = 0
+
+    async def admit(self, request_id: str, scopes: Scopes, tokens: int, cost_micros: int) -> Ticket | Refusal:
+        days = self.calendar.candidates()
+        if days.labels != self._seen_days:  # a new day: forget what was seen on days gone by
+            self._seen_days = days.labels
+            self.seen_committed = {m: v for m, v in self.seen_committed.items() if m[3] in days.labels}
+        admission = Admission(request_id, scopes.team, scopes.key, tokens, cost_micros, days, self.lease_ttl_ms)
+        store: Store = self.store
+        degraded = False
+        try:
+            decision = await store.admit(admission)
+            self.health.answered()
+            self._saw(scopes, decision)
+        except asyncio.CancelledError:
+            self._abandon(admission)
+            raise
+        except Exception as exc:  # StoreError, or anything unforeseen from a driver: an outage either way
+            self.health.failed("admit", exc)
+            sent = not isinstance(exc, StoreUnreachable)
+            if not self.allow_on_outage or self.fallback is None:
+                if sent:
+                    self._abandon(admission)
+                return Refusal(scopes, None)
+            self._seed_fallback(self.fallback, scopes, days)
+            decision = await self.fallback.admit(
+                Admission(request_id, scopes.fallback_team, scopes.fallback_key, tokens, cost_micros, days,
+                          self.lease_ttl_ms))
+            if sent and not decision.admitted:
+                self._abandon(admission)
+            store, degraded = self.fallback, True
+        if not decision.admitted:
+            return Refusal(scopes, decision)
+        return Ticket(request_id, scopes, decision, tokens, cost_micros, store, degraded)
+
+    def _saw(self, scopes: Scopes, decision: Decision) -> None:
+        team = scopes.team.name
+        for scope, committed in ((scopes.key, decision.key_committed_micros),
+                                 (scopes.team, decision.team_committed_micros)):
+            if committed is not None:
+                self.seen_committed[(team, scope.kind, scope.name, decision.day)] = committed
+
+    def _seed_fallback(self, fallback: MemoryStore, scopes: Scopes, days: BudgetDay) -> None:
+        """The first time in an outage a budget scope and day reach the fallback, start it from the
+        spend last seen committed in the store, divided by the replicas like the budget itself: the
+        replicas together cannot pass budget - seen (plus what this replica never saw)."""
+        if self._seeded_in != self.health.outages:  # a new outage: seed again from what was seen since
+            self._seeded, self._seeded_in = set(), self.health.outages
+        team = scopes.team.name
+        for scope in (scopes.fallback_key, scopes.fallback_team):
+            if scope.budget_micros is None:
+                continue
+            for day in days.labels:
+                mark = (team, scope.kind, scope.name, day)
+                if mark in self._seeded:
+                    continue
+                self._seeded.add(mark)
+                seen = self.seen_committed.get(mark)
+                if seen:
+                    fallback.seed_spent(team, scope, day, -(-seen // self.replicas))
+
+    def _abandon(self, admission: Admission) -> None:
+        """Journal the release of an admission whose reply was lost (see the module docstring)."""
+        self.journal.add(Settlement(admission.request_id, admission.team, admission.key, "",
+                                    admission.days.label_at(self.calendar.now_s()), Usage(), 0, succeeded=False,
+                                    abandoned=True))

@@ -1,0 +1,60 @@
+"""The limits of a key and of its team as the store takes them, built once per config.
+
+The keyring builds one `Scopes` per key when a config is loaded, so a request carries the limits
+of the snapshot it started on, and admission does no config arithmetic per request.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from decimal import Decimal
+
+from ..config import Config, Limits
+from ..pricing import usd_to_micros
+from .types import ScopeKind, ScopeLimits
+
+
+def scope_limits(kind: ScopeKind, name: str, limits: Limits, budget_usd: Decimal | None, divisor: int = 1,
+                 alert_ratio: float = 1.0) -> ScopeLimits:
+    """One scope's limits, each divided by `divisor` (at least 1 where there is a limit)."""
+
+    def part(value: int | None) -> int | None:
+        return None if value is None else max(1, value // divisor)
+
+    budget = None if budget_usd is None else max(1, usd_to_micros(budget_usd) // divisor)
+    return ScopeLimits(
+        kind=kind,
+        name=name,
+        rpm=part(limits.rpm),
+        rpm_burst=part(limits.rpm_burst),
+        tpm=part(limits.tpm),
+        tpm_burst=part(limits.tpm_burst),
+        max_parallel=part(limits.max_parallel),
+        budget_micros=budget,
+        alert_micros=None if budget is None else math.ceil(budget * alert_ratio),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Scopes:
+    """A key's and its team's limits; the fallback ones are what one replica of `store.replicas`
+    may admit while the shared store is out (`on_redis_error: allow`)."""
+
+    key: ScopeLimits
+    team: ScopeLimits
+    fallback_key: ScopeLimits
+    fallback_team: ScopeLimits
+
+
+def scopes_for(config: Config, key_name: str) -> Scopes:
+    key = config.keys[key_name]
+    team = config.teams[key.team]
+    ratio, replicas = config.budget_alert_ratio, config.store.replicas
+
+    def both(divisor: int) -> tuple[ScopeLimits, ScopeLimits]:
+        return (scope_limits("key", key_name, key.limits, key.daily_budget_usd, divisor, ratio),
+                scope_limits("team", key.team, team.limits, team.daily_budget_usd, divisor, ratio))
+
+    (key_scope, team_scope), (fallback_key, fallback_team) = both(1), both(replicas)
+    return Scopes(key_scope, team_scope, fallback_key, fallback_team)

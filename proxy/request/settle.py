@@ -1,0 +1,80 @@
+"""The settle stage: what a response used and cost, its settlement, and who is told.
+
+Runs exactly once per admitted request, after its last byte (or its failure), shielded from
+cancellation by the response that calls it. The cost is at the price the request was admitted
+with: a reload may have dropped the model since.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import orjson
+
+from ..budgets import BudgetWatch
+from ..config import Price
+from ..limits.admission import Ticket
+from ..limits.limiter import Limiter
+from ..limits.types import Settled, Usage
+from ..observe import Observer, Outcome
+from ..pricing import cost_micros
+from ..tokens import estimate_text_tokens
+from ..upstream import sse
+from .call import Call
+
+log = logging.getLogger("proxy.gateway")
+
+
+def usage_of(status: int, payload: bytes, call: Call) -> Usage:
+    """The usage a buffered answer reports; estimated from its text when it reports none."""
+    if status >= 300:
+        return Usage()
+    try:
+        parsed = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        parsed = None
+    usage = sse.usage_from(parsed) if isinstance(parsed, dict) else None
+    if usage is not None:
+        return usage
+    return Usage(call.prompt_tokens, _estimate_completion(parsed), 0)
+
+
+def _estimate_completion(parsed: object) -> int:
+    """No usage from the upstream: count the characters of what it answered."""
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
+        return 0
+    text = []
+    for choice in parsed["choices"]:
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            content = message.get("content") if isinstance(message, dict) else choice.get("text")
+            if isinstance(content, str):
+                text.append(content)
+    return estimate_text_tokens("".join(text))
+
+
+class Settler:
+    def __init__(self, limiter: Limiter, observer: Observer, budgets: BudgetWatch) -> None:
+        self.limiter = limiter
+        self.observer = observer
+        self.budgets = budgets
+
+    async def settle(self, ticket: Ticket, call: Call, price: Price, usage: Usage, outcome: Outcome,
+                     succeeded: bool = True, notify: bool = True) -> None:
+        """Settle once; `notify=False` when the caller reports the outcome itself (a failed call)."""
+        if ticket.settled:
+            return
+        cost = cost_micros(price, usage)
+        outcome.usage, outcome.cost_micros = usage, cost
+        settled: Settled | None
+        try:
+            settled = await self.limiter.settle(ticket, call.model, usage, cost, outcome.tags, succeeded)
+        except Exception:  # a bug: still counted, and the in-flight gauge still comes down
+            log.exception("settling request %s failed", outcome.request_id)
+            settled = None
+        outcome.finished_at = time.monotonic()
+        if notify:
+            self.observer.finished(outcome)
+        if settled:
+            self.budgets.on_settled(ticket, settled)
