@@ -19,29 +19,53 @@ try:
 except ImportError:  # pragma: no cover
     uvloop = None
 
-USAGE = {"prompt_tokens": 12, "completion_tokens": 16, "total_tokens": 28,
-         "prompt_tokens_details": {"cached_tokens": 0}}
+USAGE = {
+    "prompt_tokens": 12,
+    "completion_tokens": 16,
+    "total_tokens": 28,
+    "prompt_tokens_details": {"cached_tokens": 0},
+}
 
 
 def build_responses(chunks: int) -> dict[str, bytes]:
-    completion = json.dumps({
-        "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": "bench-model",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "word " * chunks},
-                     "finish_reason": "stop"}],
-        "usage": USAGE,
-    }, separators=(",", ":")).encode()
-    plain = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-             + str(len(completion)).encode() + b"\r\n\r\n" + completion)
+    completion = json.dumps(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion",
+            "created": 1700000000,
+            "model": "bench-model",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "word " * chunks}, "finish_reason": "stop"}
+            ],
+            "usage": USAGE,
+        },
+        separators=(",", ":"),
+    ).encode()
+    plain = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+        + str(len(completion)).encode()
+        + b"\r\n\r\n"
+        + completion
+    )
 
     def event(payload: dict) -> bytes:
         data = b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
         return hex(len(data))[2:].encode() + b"\r\n" + data + b"\r\n"
 
     base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000, "model": "bench-model"}
-    events = [event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                          "finish_reason": None}], "usage": None})]
-    events += [event({**base, "choices": [{"index": 0, "delta": {"content": "word "}, "finish_reason": None}],
-                      "usage": None}) for _ in range(chunks - 2)]
+    events = [
+        event(
+            {
+                **base,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                "usage": None,
+            }
+        )
+    ]
+    events += [
+        event({**base, "choices": [{"index": 0, "delta": {"content": "word "}, "finish_reason": None}], "usage": None})
+        for _ in range(chunks - 2)
+    ]
     events.append(event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": None}))
     usage = event({**base, "choices": [], "usage": USAGE})
     done = b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
@@ -69,11 +93,11 @@ class Upstream(asyncio.Protocol):
             length = 0
             marker = head.find(b"content-length:")
             if marker >= 0:
-                length = int(head[marker + 15:head.find(b"\r\n", marker) if head.find(b"\r\n", marker) > 0 else None])
+                length = int(head[marker + 15 : head.find(b"\r\n", marker) if head.find(b"\r\n", marker) > 0 else None])
             if len(self.buffer) < end + 4 + length:
                 return
-            body = self.buffer[end + 4:end + 4 + length]
-            self.buffer = self.buffer[end + 4 + length:]
+            body = self.buffer[end + 4 : end + 4 + length]
+            self.buffer = self.buffer[end + 4 + length :]
             self.answer(head, body)
 
     def answer(self, head: bytes, body: bytes):
@@ -83,7 +107,7 @@ class Upstream(asyncio.Protocol):
         delay = 0.0
         marker = head.find(b"x-bench-delay-ms:")
         if marker >= 0:
-            delay = int(head[marker + 17:].split(b"\r\n", 1)[0]) / 1000
+            delay = int(head[marker + 17 :].split(b"\r\n", 1)[0]) / 1000
         usage = b"include_usage" in body
         if delay:
             stream = asyncio.ensure_future(self.slow_stream(delay, usage))

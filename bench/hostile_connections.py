@@ -74,9 +74,11 @@ async def probe(port: int, stop: asyncio.Event, results: list[float | None]) -> 
         started = time.monotonic()
         try:
             async with httpx.AsyncClient(timeout=5) as client:
-                response = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=CHAT,
-                                             headers={"authorization": f"Bearer {KEY}",
-                                                      "content-type": "application/json"})
+                response = await client.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions",
+                    content=CHAT,
+                    headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+                )
             results.append(time.monotonic() - started if response.status_code == 200 else None)
         except httpx.HTTPError:
             results.append(None)
@@ -90,8 +92,7 @@ def summary(results: list[float | None]) -> str:
     ok = sorted(r for r in results if r is not None)
     if not ok:
         return f"authorised: 0/{len(results)} ok"
-    return (f"authorised: {len(ok)}/{len(results)} ok, p50 {ok[len(ok) // 2] * 1000:.0f} ms, "
-            f"max {ok[-1] * 1000:.0f} ms")
+    return f"authorised: {len(ok)}/{len(results)} ok, p50 {ok[len(ok) // 2] * 1000:.0f} ms, max {ok[-1] * 1000:.0f} ms"
 
 
 def big_header(port: int, mib: int) -> int:
@@ -102,7 +103,7 @@ def big_header(port: int, mib: int) -> int:
         view = memoryview(line)
         try:
             while sent < len(line):
-                sent += sock.send(view[sent:sent + 65536])
+                sent += sock.send(view[sent : sent + 65536])
             sock.sendall(b"\r\n\r\n")
             sock.recv(1024)
         except OSError:
@@ -121,9 +122,11 @@ async def header_attack(port: int, pid: int, mib: int) -> None:
     await asyncio.sleep(1)
     stop.set()
     await prober
-    print(f"{mib} MiB header line: accepted {sent / 2**20:.1f} MiB in {elapsed:.2f}s; proxy CPU "
-          f"{cpu_s(pid) - cpu0:.2f}s (incl. the probes), RSS +{rss_mb(pid, 'VmHWM') - rss0:.0f} MB peak; "
-          f"{summary(results)}")
+    print(
+        f"{mib} MiB header line: accepted {sent / 2**20:.1f} MiB in {elapsed:.2f}s; proxy CPU "
+        f"{cpu_s(pid) - cpu0:.2f}s (incl. the probes), RSS +{rss_mb(pid, 'VmHWM') - rss0:.0f} MB peak; "
+        f"{summary(results)}"
+    )
 
 
 async def slowloris(port: int, stop: asyncio.Event, counts: dict[str, int]) -> None:
@@ -164,9 +167,11 @@ async def flood(port: int, pid: int, connections: int, seconds: float) -> None:
     stop.set()
     await asyncio.gather(prober, *attackers, return_exceptions=True)
     fds = len(os.listdir(f"/proc/{pid}/fd"))
-    print(f"{connections} trickling connections for {seconds:.0f}s: {counts['connects']} connects, "
-          f"{counts['connect_failed']} failed; proxy CPU {cpu_s(pid) - cpu0:.2f}s, fds after {fds}; "
-          f"{summary(results)}")
+    print(
+        f"{connections} trickling connections for {seconds:.0f}s: {counts['connects']} connects, "
+        f"{counts['connect_failed']} failed; proxy CPU {cpu_s(pid) - cpu0:.2f}s, fds after {fds}; "
+        f"{summary(results)}"
+    )
 
 
 def main() -> int:
@@ -197,19 +202,30 @@ def main() -> int:
     return 0
 
 
-def run(args: argparse.Namespace, config: dict, workdir: Path, log: IO[bytes], mock_port: int,
-        proxy_port: int) -> None:
+def run(args: argparse.Namespace, config: dict, workdir: Path, log: IO[bytes], mock_port: int, proxy_port: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(args.root)}
-    mock = subprocess.Popen([sys.executable, "-m", "proxy.mock_upstream", "--port", str(mock_port)],
-                            cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE)}, stdout=log, stderr=log)
-    proxy = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(workdir / "config.yaml"),
-                              "--port", str(proxy_port)], cwd=args.root, env=env, stdout=log, stderr=log)
+    mock = subprocess.Popen(
+        [sys.executable, "-m", "proxy.mock_upstream", "--port", str(mock_port)],
+        cwd=HERE,
+        env={**os.environ, "PYTHONPATH": str(HERE)},
+        stdout=log,
+        stderr=log,
+    )
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(workdir / "config.yaml"), "--port", str(proxy_port)],
+        cwd=args.root,
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
     try:
         wait_ready(f"http://127.0.0.1:{mock_port}/_mock/stats")
         wait_ready(f"http://127.0.0.1:{proxy_port}/healthz")
         resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (args.fd_limit, args.fd_limit))
-        print(f"proxy from {args.root}, fd limit {args.fd_limit}, "
-              f"server: {'(none)' if args.no_server_section else config['server']}")
+        print(
+            f"proxy from {args.root}, fd limit {args.fd_limit}, "
+            f"server: {'(none)' if args.no_server_section else config['server']}"
+        )
         asyncio.run(header_attack(proxy_port, proxy.pid, args.header_mib))
         asyncio.run(flood(proxy_port, proxy.pid, args.flood, args.seconds))
     finally:

@@ -57,16 +57,27 @@ class Result:
 
 def scopes(run: str, concurrency: int) -> tuple[ScopeLimits, ScopeLimits]:
     def limits(kind: str, name: str) -> ScopeLimits:
-        return ScopeLimits(kind, name, rpm=HUGE, rpm_burst=HUGE, tpm=HUGE, tpm_burst=HUGE,
-                           max_parallel=max(1000, concurrency * 2), budget_micros=HUGE)
+        return ScopeLimits(
+            kind,
+            name,
+            rpm=HUGE,
+            rpm_burst=HUGE,
+            tpm=HUGE,
+            tpm_burst=HUGE,
+            max_parallel=max(1000, concurrency * 2),
+            budget_micros=HUGE,
+        )
 
     return limits("key", f"bench-key-{run}"), limits("team", f"bench-team-{run}")
 
 
 def summary_us(samples_ns: list[int]) -> dict:
     ordered = sorted(samples_ns)
-    return {"mean": statistics.fmean(ordered) / 1000, "p50": ordered[len(ordered) // 2] / 1000,
-            "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1000}
+    return {
+        "mean": statistics.fmean(ordered) / 1000,
+        "p50": ordered[len(ordered) // 2] / 1000,
+        "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1000,
+    }
 
 
 class Driver:
@@ -87,8 +98,15 @@ class Driver:
         admitted = time.perf_counter_ns()
         if not decision.admitted:
             raise RuntimeError(f"bench request refused: {decision}")
-        settlement = Settlement(request_id, self.team, self.key, "bench-model", decision.day,
-                                Usage(prompt_tokens=10, completion_tokens=20), 400)
+        settlement = Settlement(
+            request_id,
+            self.team,
+            self.key,
+            "bench-model",
+            decision.day,
+            Usage(prompt_tokens=10, completion_tokens=20),
+            400,
+        )
         if not await self.store.settle(settlement):
             raise RuntimeError("bench settlement was a duplicate")
         settled = time.perf_counter_ns()
@@ -134,13 +152,22 @@ def measure(store_name: str, make_store, pairs: int, concurrency: int, stats_cli
     if before is not None and after is not None:
         delta = {name: [a - b for a, b in zip(after[name], before.get(name, (0, 0)), strict=True)] for name in after}
         client = [v for name, v in delta.items() if name.split("|")[0] in CLIENT_COMMANDS]
-        inside_calls = sum(v[0] for name, v in delta.items()
-                           if name.split("|")[0] not in CLIENT_COMMANDS + NOT_COUNTED)
+        inside_calls = sum(v[0] for name, v in delta.items() if name.split("|")[0] not in CLIENT_COMMANDS + NOT_COUNTED)
         round_trips, inside = sum(v[0] for v in client) / pairs, inside_calls / pairs
         server_us = sum(v[1] for v in client) / pairs
-    return Result(store_name, "sequential" if concurrency == 1 else f"concurrency {concurrency}", pairs,
-                  round_trips, inside, server_us, summary_us(driver.admit_ns), summary_us(driver.settle_ns),
-                  summary_us(driver.pair_ns), cpu * 1e6 / pairs, pairs / wall)
+    return Result(
+        store_name,
+        "sequential" if concurrency == 1 else f"concurrency {concurrency}",
+        pairs,
+        round_trips,
+        inside,
+        server_us,
+        summary_us(driver.admit_ns),
+        summary_us(driver.settle_ns),
+        summary_us(driver.pair_ns),
+        cpu * 1e6 / pairs,
+        pairs / wall,
+    )
 
 
 class OwnRedis:
@@ -154,8 +181,22 @@ class OwnRedis:
             self.port = sock.getsockname()[1]
         self.workdir = tempfile.mkdtemp(prefix="bench-redis-")
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.workdir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.url = f"redis://127.0.0.1:{self.port}/0"
         client = redis.Redis.from_url(self.url, socket_timeout=0.2)
         deadline = time.monotonic() + 10
@@ -177,25 +218,37 @@ class OwnRedis:
 
 
 def report(results: list[Result], redis_version: str) -> str:
-    lines = [f"limiter cost per request: admit + settle, key and team, every limit and budget on "
-             f"(Python {sys.version.split()[0]}, redis-server {redis_version})", ""]
-    header = (f"{'store':<7} {'mode':<15} {'pairs':>6} {'RTT/req':>7} {'in-script':>9} {'redis us':>8} "
-              f"{'admit mean/p50/p99 us':>23} {'settle mean/p50/p99 us':>24} {'pair mean/p50/p99 us':>22} "
-              f"{'CPU us/pair':>11} {'pairs/s':>8}")
+    lines = [
+        f"limiter cost per request: admit + settle, key and team, every limit and budget on "
+        f"(Python {sys.version.split()[0]}, redis-server {redis_version})",
+        "",
+    ]
+    header = (
+        f"{'store':<7} {'mode':<15} {'pairs':>6} {'RTT/req':>7} {'in-script':>9} {'redis us':>8} "
+        f"{'admit mean/p50/p99 us':>23} {'settle mean/p50/p99 us':>24} {'pair mean/p50/p99 us':>22} "
+        f"{'CPU us/pair':>11} {'pairs/s':>8}"
+    )
     lines.append(header)
     for r in results:
+
         def three(s: dict) -> str:
             return f"{s['mean']:.0f}/{s['p50']:.0f}/{s['p99']:.0f}"
+
         rtt = "-" if r.round_trips_per_request is None else f"{r.round_trips_per_request:.2f}"
         inside = "-" if r.script_commands_per_request is None else f"{r.script_commands_per_request:.1f}"
         server = "-" if r.redis_us_per_request is None else f"{r.redis_us_per_request:.0f}"
-        lines.append(f"{r.store:<7} {r.mode:<15} {r.pairs:>6} {rtt:>7} {inside:>9} {server:>8} {three(r.admit_us):>23} "
-                     f"{three(r.settle_us):>24} {three(r.pair_us):>22} {r.cpu_us_per_pair:>11.0f} "
-                     f"{r.pairs_per_s:>8.0f}")
-    lines += ["", "RTT/req: client-issued Redis commands (EVALSHA/EVAL/SCRIPT) per admit+settle pair, from "
-              "INFO commandstats;", "in-script: commands the two scripts run inside Redis per pair; redis us: "
-              "Redis' time executing those scripts per pair (commandstats usec);",
-              "latencies in microseconds, client side; CPU: this process's CPU time per pair (time.process_time)."]
+        lines.append(
+            f"{r.store:<7} {r.mode:<15} {r.pairs:>6} {rtt:>7} {inside:>9} {server:>8} {three(r.admit_us):>23} "
+            f"{three(r.settle_us):>24} {three(r.pair_us):>22} {r.cpu_us_per_pair:>11.0f} "
+            f"{r.pairs_per_s:>8.0f}"
+        )
+    lines += [
+        "",
+        "RTT/req: client-issued Redis commands (EVALSHA/EVAL/SCRIPT) per admit+settle pair, from INFO commandstats;",
+        "in-script: commands the two scripts run inside Redis per pair; redis us: "
+        "Redis' time executing those scripts per pair (commandstats usec);",
+        "latencies in microseconds, client side; CPU: this process's CPU time per pair (time.process_time).",
+    ]
     return "\n".join(lines)
 
 
@@ -214,8 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         version = stats_client.info("server")["redis_version"]
         results = []
         for concurrency in (1, args.concurrency):
-            results.append(measure("redis", lambda: RedisStore.from_url(url, timeout_ms=2000), args.pairs,
-                                   concurrency, stats_client))
+            results.append(
+                measure(
+                    "redis", lambda: RedisStore.from_url(url, timeout_ms=2000), args.pairs, concurrency, stats_client
+                )
+            )
             results.append(measure("memory", MemoryStore, args.pairs, concurrency, None))
     finally:
         stats_client.close()

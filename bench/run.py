@@ -34,8 +34,11 @@ import yaml
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 KEY = "sk-bench-key-0001"
-CHAT = {"model": "bench-chat", "messages": [{"role": "user", "content": "Write one short sentence about load tests."}],
-        "max_tokens": 64}
+CHAT = {
+    "model": "bench-chat",
+    "messages": [{"role": "user", "content": "Write one short sentence about load tests."}],
+    "max_tokens": 64,
+}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -90,6 +93,7 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 
 
 # -- /proc ------------------------------------------------------------------------------------------
+
 
 def process_tree(pid: int) -> list[int]:
     pids, todo = [], [pid]
@@ -156,9 +160,26 @@ def run_wrk(url: str, scenario: Scenario, seconds: float, workdir: Path) -> tupl
     threads = min(2, scenario.connections)
     timeout = "30s"
     duration = f"{max(1, round(seconds))}s"
-    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(scenario.connections), "-d", duration,
-                          "--timeout", timeout, "--latency", "-s", str(script), url + "/v1/chat/completions"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(scenario.connections),
+            "-d",
+            duration,
+            "--timeout",
+            timeout,
+            "--latency",
+            "-s",
+            str(script),
+            url + "/v1/chat/completions",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     requests = int(re.search(r"(\d+) requests in ([\d.]+)(\w+)", out).group(1))
     duration = float(re.search(r"requests in ([\d.]+)(m?s|m)", out).group(1))
     unit = re.search(r"requests in [\d.]+(\w+)", out).group(1)
@@ -201,8 +222,13 @@ async def _asyncio_load(url: str, scenario: Scenario, seconds: float) -> tuple[i
         await asyncio.gather(*(worker() for _ in range(scenario.connections)))
         elapsed = time.monotonic() - started
     latencies.sort()
-    return (len(latencies), elapsed, latencies[len(latencies) // 2] * 1000,
-            latencies[int(len(latencies) * 0.99)] * 1000, errors)
+    return (
+        len(latencies),
+        elapsed,
+        latencies[len(latencies) // 2] * 1000,
+        latencies[int(len(latencies) * 0.99)] * 1000,
+        errors,
+    )
 
 
 def load(url: str, scenario: Scenario, seconds: float, workdir: Path):
@@ -213,18 +239,40 @@ def load(url: str, scenario: Scenario, seconds: float, workdir: Path):
 
 # -- the processes under test -----------------------------------------------------------------------
 
+
 def proxy_config(upstream_port: int, redis_url: str, log_level: str) -> dict:
     return {
         "log_level": log_level,
         "store": {"redis_url": redis_url, "on_redis_error": "allow"},
-        "upstreams": {"fake": {"base_url": f"http://127.0.0.1:{upstream_port}/v1", "api_key": "sk-upstream-bench",
-                               "max_connections": 2000, "timeout_s": 60}},
-        "models": {"bench-chat": {"targets": [{"upstream": "fake", "model": "bench-model"}], "context_window": 128000,
-                                  "price_per_mtok": {"input": "0.27", "output": "1.10", "cached_input": "0.07"}}},
-        "teams": {"bench": {"daily_budget_usd": 1_000_000,
-                            "limits": {"rpm": 100_000_000, "tpm": 10_000_000_000, "max_parallel": 100_000}}},
-        "keys": {"bench-key": {"team": "bench", "key": KEY, "daily_budget_usd": 1_000_000,
-                               "limits": {"rpm": 100_000_000, "tpm": 10_000_000_000, "max_parallel": 100_000}}},
+        "upstreams": {
+            "fake": {
+                "base_url": f"http://127.0.0.1:{upstream_port}/v1",
+                "api_key": "sk-upstream-bench",
+                "max_connections": 2000,
+                "timeout_s": 60,
+            }
+        },
+        "models": {
+            "bench-chat": {
+                "targets": [{"upstream": "fake", "model": "bench-model"}],
+                "context_window": 128000,
+                "price_per_mtok": {"input": "0.27", "output": "1.10", "cached_input": "0.07"},
+            }
+        },
+        "teams": {
+            "bench": {
+                "daily_budget_usd": 1_000_000,
+                "limits": {"rpm": 100_000_000, "tpm": 10_000_000_000, "max_parallel": 100_000},
+            }
+        },
+        "keys": {
+            "bench-key": {
+                "team": "bench",
+                "key": KEY,
+                "daily_budget_usd": 1_000_000,
+                "limits": {"rpm": 100_000_000, "tpm": 10_000_000_000, "max_parallel": 100_000},
+            }
+        },
     }
 
 
@@ -234,8 +282,9 @@ class Stack:
 
     def spawn(self, argv: list[str], port: int, log: str, env: dict | None = None) -> subprocess.Popen:
         with open(self.workdir / log, "wb") as handle:  # the child keeps its own descriptor
-            process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
-                                       env={**os.environ, **(env or {})})
+            process = subprocess.Popen(
+                argv, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
+            )
         self.processes.append(process)
         wait_port(port)
         return process
@@ -254,8 +303,11 @@ class Stack:
         self.redis_url = self.args.redis_url
         if self.redis_url is None:
             port = free_port()
-            self.spawn(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir",
-                        str(self.workdir)], port, "redis.log")
+            self.spawn(
+                ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+                port,
+                "redis.log",
+            )
             self.redis_url = f"redis://127.0.0.1:{port}/0"
         return self.redis_url
 
@@ -263,10 +315,23 @@ class Stack:
         path = self.workdir / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         self.proxy_port = free_port()
-        self.proxy = self.spawn([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port",
-                                 str(self.proxy_port), "--workers", str(self.args.workers)], self.proxy_port,
-                                "proxy.log", env={"PROMETHEUS_MULTIPROC_DIR": str(self.workdir / "metrics")}
-                                if self.args.workers > 1 else None)
+        self.proxy = self.spawn(
+            [
+                sys.executable,
+                "-m",
+                "proxy",
+                "serve",
+                "--config",
+                str(path),
+                "--port",
+                str(self.proxy_port),
+                "--workers",
+                str(self.args.workers),
+            ],
+            self.proxy_port,
+            "proxy.log",
+            env={"PROMETHEUS_MULTIPROC_DIR": str(self.workdir / "metrics")} if self.args.workers > 1 else None,
+        )
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -285,8 +350,16 @@ def measure(stack: Stack, scenario: Scenario, target: str, args) -> Result:
     cpu_before = cpu_seconds(stack.proxy.pid)
     requests, seconds, p50, p99, errors = load(url, scenario, args.seconds, stack.workdir)
     cpu = cpu_seconds(stack.proxy.pid) - cpu_before
-    result = Result(scenario.name, target, requests, round(seconds, 2), round(requests / seconds, 1), round(p50, 3),
-                    round(p99, 3), errors)
+    result = Result(
+        scenario.name,
+        target,
+        requests,
+        round(seconds, 2),
+        round(requests / seconds, 1),
+        round(p50, 3),
+        round(p99, 3),
+        errors,
+    )
     if target == "proxy":
         result.cpu_ms_per_request = round(cpu * 1000 / max(1, requests), 3)
         result.rss_mb = round(rss_mb(stack.proxy.pid), 1)
@@ -312,20 +385,29 @@ def slow_stream_memory(stack: Stack, scenario: Scenario, args) -> dict:
         return result
 
     requests, _seconds, p50, _p99, errors = asyncio.run(both())
-    return {"idle_rss_mb": round(idle, 1), "peak_rss_mb": round(peak[0], 1),
-            "kb_per_open_stream": round((peak[0] - idle) * 1024 / scenario.connections, 1),
-            "streams_completed": requests, "errors": errors, "p50_ms": round(p50, 1)}
+    return {
+        "idle_rss_mb": round(idle, 1),
+        "peak_rss_mb": round(peak[0], 1),
+        "kb_per_open_stream": round((peak[0] - idle) * 1024 / scenario.connections, 1),
+        "streams_completed": requests,
+        "errors": errors,
+        "p50_ms": round(p50, 1),
+    }
 
 
 def print_table(results: list[Result]) -> None:
-    print(f"\n{'scenario':<18} {'target':<7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>9} "
-          f"{'CPU ms/req':>10} {'RSS MB':>7} {'errors':>6}")
+    print(
+        f"\n{'scenario':<18} {'target':<7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>9} "
+        f"{'CPU ms/req':>10} {'RSS MB':>7} {'errors':>6}"
+    )
     for r in results:
         added = "" if r.added_p50_ms is None else f"{r.added_p50_ms:.3f}"
         cpu = "" if r.cpu_ms_per_request is None else f"{r.cpu_ms_per_request:.3f}"
         rss = "" if r.rss_mb is None else f"{r.rss_mb:.0f}"
-        print(f"{r.scenario:<18} {r.target:<7} {r.rps:>9.1f} {r.p50_ms:>8.3f} {r.p99_ms:>8.3f} {added:>9} {cpu:>10} "
-              f"{rss:>7} {r.errors:>6}")
+        print(
+            f"{r.scenario:<18} {r.target:<7} {r.rps:>9.1f} {r.p50_ms:>8.3f} {r.p99_ms:>8.3f} {added:>9} {cpu:>10} "
+            f"{rss:>7} {r.errors:>6}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,8 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack(args, workdir)
     results: list[Result] = []
     memory = None
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"load: {'wrk' if shutil.which('wrk') else 'asyncio client'}, proxy workers: {args.workers}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"load: {'wrk' if shutil.which('wrk') else 'asyncio client'}, proxy workers: {args.workers}"
+    )
     try:
         stack.start()
         for name in args.scenarios.split(","):
@@ -363,9 +447,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stack.stop()
     print_table(results)
-    output = {"machine": {"arch": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()},
-              "workers": args.workers, "seconds": args.seconds, "results": [asdict(r) for r in results],
-              "slow_streams": memory}
+    output = {
+        "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "workers": args.workers,
+        "seconds": args.seconds,
+        "results": [asdict(r) for r in results],
+        "slow_streams": memory,
+    }
     Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_path).write_text(json.dumps(output, indent=2))
     print(f"\nJSON: {args.json_path}; logs: {workdir}")

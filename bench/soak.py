@@ -69,10 +69,23 @@ KINDS = (
     Kind("stream", 13, "normal", frozenset({"200 stream"}), stream=True),
     Kind("stream+usage", 12, "normal", frozenset({"200 stream+usage"}), stream=True, include_usage=True),
     Kind("upstream-503", 5, "normal", frozenset({"502 upstream_error"}), fault={"status": 503, "retry_after_ms": "5"}),
-    Kind("upstream-cut", 2.5, "normal", frozenset({"200 stream, error event"}), stream=True,
-         fault={"cut_after_chunks": 8}),
-    Kind("client-leaves", 2.5, "normal", frozenset({"client left"}), stream=True, leave_after=4,
-         fault={"chunk_delay_s": 0.02}),  # slow enough that the proxy is still relaying when the client goes
+    Kind(
+        "upstream-cut",
+        2.5,
+        "normal",
+        frozenset({"200 stream, error event"}),
+        stream=True,
+        fault={"cut_after_chunks": 8},
+    ),
+    Kind(
+        "client-leaves",
+        2.5,
+        "normal",
+        frozenset({"client left"}),
+        stream=True,
+        leave_after=4,
+        fault={"chunk_delay_s": 0.02},
+    ),  # slow enough that the proxy is still relaying when the client goes
     Kind("tight-rpm", 5, "tight", frozenset({"200", "429 rate_limit_exceeded"})),
     Kind("penny-budget", 5, "penny", frozenset({"200 stream", "429 insufficient_quota"}), stream=True),
 )
@@ -83,10 +96,14 @@ def soak_config(upstream_port: int, redis_url: str, log_level: str) -> dict:
     config = proxy_config(upstream_port, redis_url, log_level)
     config["upstreams"]["fake"].update(max_retries=1, max_connections=200, timeout_s=30)
     roomy = {"rpm": 10_000_000, "tpm": 10_000_000_000, "max_parallel": 1_000}
-    config["teams"] = {"soak": {"daily_budget_usd": 1_000_000, "limits": roomy},
-                       "frugal": {"daily_budget_usd": 1_000, "limits": roomy}}
-    keys = {name: {"team": "soak", "key": f"sk-soak-{name}", "daily_budget_usd": 1_000_000, "limits": roomy}
-            for name in NORMAL_KEYS}
+    config["teams"] = {
+        "soak": {"daily_budget_usd": 1_000_000, "limits": roomy},
+        "frugal": {"daily_budget_usd": 1_000, "limits": roomy},
+    }
+    keys = {
+        name: {"team": "soak", "key": f"sk-soak-{name}", "daily_budget_usd": 1_000_000, "limits": roomy}
+        for name in NORMAL_KEYS
+    }
     keys["tight"] = {"team": "soak", "key": "sk-soak-tight", "limits": dict(roomy, rpm=TIGHT_RPM)}
     keys["penny"] = {"team": "frugal", "key": "sk-soak-penny", "daily_budget_usd": PENNY_BUDGET_USD, "limits": roomy}
     config["keys"] = keys
@@ -94,6 +111,7 @@ def soak_config(upstream_port: int, redis_url: str, log_level: str) -> dict:
 
 
 # -- one request ------------------------------------------------------------------------------------
+
 
 def classify_stream(body: bytes) -> str:
     events = [line[6:] for line in body.split(b"\n") if line.startswith(b"data: ")]
@@ -141,6 +159,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, kind: Kind, key:
 
 # -- what is watched --------------------------------------------------------------------------------
 
+
 @dataclass
 class Checkpoint:
     requests: int
@@ -167,15 +186,24 @@ class Watch:
         done_before, at, cpu_before = self.last
         cpu = cpu_seconds(pid)
         self.last = (requests, now, cpu)
-        point = Checkpoint(requests, round(now - self.started, 1),
-                           round((requests - done_before) / max(1e-9, now - at), 1),
-                           round((cpu - cpu_before) * 1000 / max(1, requests - done_before), 3), round(rss_mb(pid), 1),
-                           open_fds(pid), self.redis.dbsize(),
-                           round(self.redis.info("memory")["used_memory"] / 2**20, 2), dict(statuses))
+        point = Checkpoint(
+            requests,
+            round(now - self.started, 1),
+            round((requests - done_before) / max(1e-9, now - at), 1),
+            round((cpu - cpu_before) * 1000 / max(1, requests - done_before), 3),
+            round(rss_mb(pid), 1),
+            open_fds(pid),
+            self.redis.dbsize(),
+            round(self.redis.info("memory")["used_memory"] / 2**20, 2),
+            dict(statuses),
+        )
         self.points.append(point)
-        print(f"{point.requests:>8} {point.elapsed_s:>8.1f} {point.rps:>7.0f} {point.cpu_ms_per_request:>7.2f} "
-              f"{point.rss_mb:>7.1f} {point.fds:>5} "
-              f"{point.redis_keys:>10} {point.redis_used_mb:>9.2f}", flush=True)
+        print(
+            f"{point.requests:>8} {point.elapsed_s:>8.1f} {point.rps:>7.0f} {point.cpu_ms_per_request:>7.2f} "
+            f"{point.rss_mb:>7.1f} {point.fds:>5} "
+            f"{point.redis_keys:>10} {point.redis_used_mb:>9.2f}",
+            flush=True,
+        )
         if statuses:
             print("         " + ", ".join(f"{name}: {count}" for name, count in sorted(statuses.items())), flush=True)
         return point
@@ -183,14 +211,17 @@ class Watch:
 
 # -- the run ----------------------------------------------------------------------------------------
 
+
 async def drive(stack: Stack, watch: Watch, args) -> tuple[Counter, Counter, int]:
     """Send args.requests requests (or stop at args.max_seconds); returns statuses, misses, sent."""
     url = f"http://127.0.0.1:{stack.proxy_port}/v1/chat/completions"
     rng = random.Random(args.seed)
     weights = [kind.weight for kind in KINDS]
-    bodies = {(False, False): json.dumps(dict(CHAT)).encode(),
-              (True, False): json.dumps(dict(CHAT, stream=True)).encode(),
-              (True, True): json.dumps(dict(CHAT, stream=True, stream_options={"include_usage": True})).encode()}
+    bodies = {
+        (False, False): json.dumps(dict(CHAT)).encode(),
+        (True, False): json.dumps(dict(CHAT, stream=True)).encode(),
+        (True, True): json.dumps(dict(CHAT, stream=True, stream_options={"include_usage": True})).encode(),
+    }
     statuses: Counter = Counter()
     unexpected: Counter = Counter()
     deadline = time.monotonic() + args.max_seconds
@@ -205,8 +236,9 @@ async def drive(stack: Stack, watch: Watch, args) -> tuple[Counter, Counter, int
         while sent < args.requests and time.monotonic() < deadline:
             index, sent = sent, sent + 1
             kind = rng.choices(KINDS, weights)[0]
-            outcome = await one_request(session, url, kind, key_for(kind, index),
-                                        bodies[kind.stream, kind.include_usage])
+            outcome = await one_request(
+                session, url, kind, key_for(kind, index), bodies[kind.stream, kind.include_usage]
+            )
             statuses[outcome] += 1
             if outcome not in kind.expect:
                 unexpected[f"{kind.name} -> {outcome}"] += 1
@@ -282,8 +314,17 @@ def fixed_key_bound(config: dict) -> int:
     return scopes * (3 + 2 * DAY_CANDIDATES) + len(config["teams"]) * DAY_CANDIDATES
 
 
-def summarize(watch: Watch, stack: Stack, client: redis.Redis, config: dict, statuses: Counter,
-              unexpected: Counter, done: int, cpu: float, args) -> dict:
+def summarize(
+    watch: Watch,
+    stack: Stack,
+    client: redis.Redis,
+    config: dict,
+    statuses: Counter,
+    unexpected: Counter,
+    done: int,
+    cpu: float,
+    args,
+) -> dict:
     points = watch.points
     warm = next((p for p in points if p.requests >= args.every), points[0])
     last = points[-1]
@@ -301,45 +342,77 @@ def summarize(watch: Watch, stack: Stack, client: redis.Redis, config: dict, sta
     key_delta = last.redis_keys - points[0].redis_keys
     bytes_per_key = used_delta * 2**20 / key_delta if key_delta else 0
     keys_per_request = (last.redis_keys - warm.redis_keys) / max(1, last.requests - warm.requests)
-    print(f"\nrequests: {done} in {last.elapsed_s:.0f} s ({done / max(1e-9, last.elapsed_s):.0f} req/s); "
-          f"admitted {admitted}, refused by limits {refused}; proxy CPU {cpu * 1000 / max(1, done):.2f} ms/request")
+    print(
+        f"\nrequests: {done} in {last.elapsed_s:.0f} s ({done / max(1e-9, last.elapsed_s):.0f} req/s); "
+        f"admitted {admitted}, refused by limits {refused}; proxy CPU {cpu * 1000 / max(1, done):.2f} ms/request"
+    )
     print("unexpected outcomes: " + (", ".join(f"{k}: {v}" for k, v in unexpected.most_common()) or "none"))
     verdict = "PASS" if growth < RSS_GROWTH_LIMIT_MB else "FAIL"
-    print(f"RSS: {points[0].rss_mb} MB idle, {warm.rss_mb} MB at {warm.requests} (warm), {last.rss_mb} MB at "
-          f"{last.requests}, max {max(p.rss_mb for p in points)} MB")
+    print(
+        f"RSS: {points[0].rss_mb} MB idle, {warm.rss_mb} MB at {warm.requests} (warm), {last.rss_mb} MB at "
+        f"{last.requests}, max {max(p.rss_mb for p in points)} MB"
+    )
     print(f"{verdict} RSS growth after warm-up {growth:+.1f} MB (limit < {RSS_GROWTH_LIMIT_MB:.0f} MB)")
-    print(f"open fds: {points[0].fds} idle, {warm.fds} at {warm.requests}, {last.fds} at the end, "
-          f"max {max(p.fds for p in points)}")
+    print(
+        f"open fds: {points[0].fds} idle, {warm.fds} at {warm.requests}, {last.fds} at the end, "
+        f"max {max(p.fds for p in points)}"
+    )
     print("Redis keys by kind: " + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())))
-    print(f"Redis keys: max {max(p.redis_keys for p in points)}, last {keys_now}; "
-          f"{keys_per_request:.3f} keys per request after warm-up; used_memory "
-          f"{points[0].redis_used_mb} -> {last.redis_used_mb} MB, {bytes_per_key:.0f} bytes per key added; "
-          f"MEMORY USAGE of a settled marker {marker_bytes:.0f} bytes, its TTL {ttl} s")
+    print(
+        f"Redis keys: max {max(p.redis_keys for p in points)}, last {keys_now}; "
+        f"{keys_per_request:.3f} keys per request after warm-up; used_memory "
+        f"{points[0].redis_used_mb} -> {last.redis_used_mb} MB, {bytes_per_key:.0f} bytes per key added; "
+        f"MEMORY USAGE of a settled marker {marker_bytes:.0f} bytes, its TTL {ttl} s"
+    )
     verdict = "PASS" if keys_now <= bound else "FAIL"
-    print(f"{verdict} Redis keys bounded by the TTLs: {keys_now} <= {bound} = {fixed} fixed (scopes x rq/tk/par + "
-          f"budget day and holds x {DAY_CANDIDATES} days, ledgers) + {args.concurrency} reservations in flight + "
-          f"{admitted} settled markers (one per admitted request, kept DONE_TTL_S = {DONE_TTL_S} s)")
+    print(
+        f"{verdict} Redis keys bounded by the TTLs: {keys_now} <= {bound} = {fixed} fixed (scopes x rq/tk/par + "
+        f"budget day and holds x {DAY_CANDIDATES} days, ledgers) + {args.concurrency} reservations in flight + "
+        f"{admitted} settled markers (one per admitted request, kept DONE_TTL_S = {DONE_TTL_S} s)"
+    )
     plateau = kinds["d: settled markers"] == 0 or keys_per_request < 0.01
-    print(f"{'PASS' if plateau else 'NOTE'} keys plateau: "
-          + ("flat after warm-up" if plateau else
-             f"not within this run: the settled markers grow {keys_per_request:.3f} keys per request for "
-             f"{DONE_TTL_S // 60} min before the first expire; at a steady 100 req/s they level off at "
-             f"{100 * DONE_TTL_S / 1e3:.0f}k keys, ~{100 * DONE_TTL_S * bytes_per_key / 2**20:.0f} MiB of Redis"))
+    print(
+        f"{'PASS' if plateau else 'NOTE'} keys plateau: "
+        + (
+            "flat after warm-up"
+            if plateau
+            else f"not within this run: the settled markers grow {keys_per_request:.3f} keys per request for "
+            f"{DONE_TTL_S // 60} min before the first expire; at a steady 100 req/s they level off at "
+            f"{100 * DONE_TTL_S / 1e3:.0f}k keys, ~{100 * DONE_TTL_S * bytes_per_key / 2**20:.0f} MiB of Redis"
+        )
+    )
     by_status, inflight = metric_sums(stack.proxy_port)
     counted = sum(by_status.values())
     agree = counted == done and inflight == 0
-    print(f"{'PASS' if agree else 'FAIL'} /metrics agrees with the client: llm_proxy_requests_total {counted:.0f} "
-          f"(client sent {done}; by status " + ", ".join(f"{k}: {v:.0f}" for k, v in sorted(by_status.items()))
-          + f"), llm_proxy_inflight_requests {inflight:.0f} when idle (expected 0)")
+    print(
+        f"{'PASS' if agree else 'FAIL'} /metrics agrees with the client: llm_proxy_requests_total {counted:.0f} "
+        f"(client sent {done}; by status "
+        + ", ".join(f"{k}: {v:.0f}" for k, v in sorted(by_status.items()))
+        + f"), llm_proxy_inflight_requests {inflight:.0f} when idle (expected 0)"
+    )
     clean = left["leases"] == 0 and left["held_micros"] == 0 and left["reservations"] == 0
-    print(f"{'PASS' if clean else 'FAIL'} nothing held after the last settlement: {left['leases']} parallel or "
-          f"budget leases, {left['held_micros']} budget micros held, {left['reservations']} reservations")
-    return {"rss_growth_mb": growth, "rss_pass": growth < RSS_GROWTH_LIMIT_MB, "admitted": admitted,
-            "refused": refused, "redis_keys_last": keys_now, "redis_key_bound": bound, "redis_keys_by_kind": kinds,
-            "keys_per_request": round(keys_per_request, 4), "bytes_per_key": round(bytes_per_key),
-            "settled_marker_bytes": round(marker_bytes), "settled_marker_ttl_s": ttl, "leftovers": left,
-            "unexpected": dict(unexpected), "metrics_requests_by_status": dict(by_status),
-            "metrics_inflight_idle": inflight, "cpu_ms_per_request": round(cpu * 1000 / max(1, done), 3)}
+    print(
+        f"{'PASS' if clean else 'FAIL'} nothing held after the last settlement: {left['leases']} parallel or "
+        f"budget leases, {left['held_micros']} budget micros held, {left['reservations']} reservations"
+    )
+    return {
+        "rss_growth_mb": growth,
+        "rss_pass": growth < RSS_GROWTH_LIMIT_MB,
+        "admitted": admitted,
+        "refused": refused,
+        "redis_keys_last": keys_now,
+        "redis_key_bound": bound,
+        "redis_keys_by_kind": kinds,
+        "keys_per_request": round(keys_per_request, 4),
+        "bytes_per_key": round(bytes_per_key),
+        "settled_marker_bytes": round(marker_bytes),
+        "settled_marker_ttl_s": ttl,
+        "leftovers": left,
+        "unexpected": dict(unexpected),
+        "metrics_requests_by_status": dict(by_status),
+        "metrics_inflight_idle": inflight,
+        "cpu_ms_per_request": round(cpu * 1000 / max(1, done), 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,17 +429,24 @@ def main(argv: list[str] | None = None) -> int:
     args.workers = 1
     workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-soak-"))
     stack = Stack(args, workdir)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-          f"{args.requests} requests, {args.concurrency} concurrent, one proxy process")
-    print("mix: " + ", ".join(f"{kind.name} {kind.weight:g}%" for kind in KINDS)
-          + f"; tight rpm {TIGHT_RPM}, penny budget ${PENNY_BUDGET_USD}/day, upstream max_retries 1")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"{args.requests} requests, {args.concurrency} concurrent, one proxy process"
+    )
+    print(
+        "mix: "
+        + ", ".join(f"{kind.name} {kind.weight:g}%" for kind in KINDS)
+        + f"; tight rpm {TIGHT_RPM}, penny budget ${PENNY_BUDGET_USD}/day, upstream max_retries 1"
+    )
     try:
         stack.start_upstream([sys.executable, "-m", "proxy.mock_upstream"])
         config = soak_config(stack.upstream_port, stack.start_redis(), args.log_level)
         stack.start_proxy(config)
         client = redis.Redis.from_url(stack.redis_url, socket_timeout=10)
-        print(f"\n{'requests':>8} {'elapsed':>8} {'req/s':>7} {'CPU ms':>7} {'RSS MB':>7} {'fds':>5} "
-              f"{'redis keys':>10} {'redis MB':>9}")
+        print(
+            f"\n{'requests':>8} {'elapsed':>8} {'req/s':>7} {'CPU ms':>7} {'RSS MB':>7} {'fds':>5} "
+            f"{'redis keys':>10} {'redis MB':>9}"
+        )
         watch = Watch(stack, client)
         watch.sample(0, Counter())
         cpu_before = cpu_seconds(stack.proxy.pid)
@@ -377,15 +457,21 @@ def main(argv: list[str] | None = None) -> int:
         if done < args.requests:
             print(f"stopped at {done} requests: --max-seconds {args.max_seconds:.0f} reached")
         time.sleep(SETTLE_WAIT_S)
-        print(f"idle after {SETTLE_WAIT_S:.0f} s: RSS {rss_mb(stack.proxy.pid):.1f} MB, "
-              f"{open_fds(stack.proxy.pid)} fds, {client.dbsize()} Redis keys")
+        print(
+            f"idle after {SETTLE_WAIT_S:.0f} s: RSS {rss_mb(stack.proxy.pid):.1f} MB, "
+            f"{open_fds(stack.proxy.pid)} fds, {client.dbsize()} Redis keys"
+        )
         summary = summarize(watch, stack, client, config, statuses, unexpected, done, cpu, args)
     finally:
         stack.stop()
     if args.json_path:
-        output = {"machine": {"arch": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()},
-                  "requests": args.requests, "concurrency": args.concurrency,
-                  "checkpoints": [asdict(p) for p in watch.points], "summary": summary}
+        output = {
+            "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()},
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "checkpoints": [asdict(p) for p in watch.points],
+            "summary": summary,
+        }
         Path(args.json_path).write_text(json.dumps(output, indent=2))
         print(f"JSON: {args.json_path}")
     print(f"logs: {workdir}")

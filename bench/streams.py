@@ -91,8 +91,9 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.wait(SAMPLE_INTERVAL_S):
-            self.samples.append((time.monotonic(), self.open_streams(), rss_mb(self.pid), open_fds(self.pid),
-                                 cpu_seconds(self.pid)))
+            self.samples.append(
+                (time.monotonic(), self.open_streams(), rss_mb(self.pid), open_fds(self.pid), cpu_seconds(self.pid))
+            )
 
     def stop(self) -> None:
         self.stopping.set()
@@ -179,9 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-streams-"))
     stack = Stack(args, workdir)
     ideal_s = CHUNKS * args.delay_ms / 1000
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-          f"{args.streams} streams at once, {CHUNKS} events {args.delay_ms} ms apart (ideal {ideal_s:.1f} s), "
-          f"one proxy process; open-file limit {limit[0]}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"{args.streams} streams at once, {CHUNKS} events {args.delay_ms} ms apart (ideal {ideal_s:.1f} s), "
+        f"one proxy process; open-file limit {limit[0]}"
+    )
     try:
         stack.start_upstream([sys.executable, str(Path(__file__).parent / "fake_upstream.py"), "--chunks", str(CHUNKS)])
         config = proxy_config(stack.upstream_port, stack.start_redis(), args.log_level)
@@ -190,23 +193,29 @@ def main(argv: list[str] | None = None) -> int:
         stack.start_proxy(config)
         pid = stack.proxy.pid
         url = f"http://127.0.0.1:{stack.proxy_port}/v1/chat/completions"
-        print(f"proxy pid {pid}: max open files {max_open_files(pid)}, "
-              f"key max_parallel {config['keys']['bench-key']['limits']['max_parallel']}, "
-              f"upstream max_connections {config['upstreams']['fake']['max_connections']}")
+        print(
+            f"proxy pid {pid}: max open files {max_open_files(pid)}, "
+            f"key max_parallel {config['keys']['bench-key']['limits']['max_parallel']}, "
+            f"upstream max_connections {config['upstreams']['fake']['max_connections']}"
+        )
 
         warm = asyncio.run(run_streams(url, WARMUP_STREAMS, 0, lambda: None, lambda: None))
         direct_url = f"http://127.0.0.1:{stack.upstream_port}/v1/chat/completions"
         began = time.monotonic()
         direct = asyncio.run(run_streams(direct_url, args.streams, args.delay_ms, lambda: None, lambda: None))
         direct_s = [seconds for seconds, problem in direct if problem is None]
-        print(f"direct to the fake upstream, same client (the floor of this machine and client): "
-              f"{len(direct_s)}/{args.streams} complete in {time.monotonic() - began:.1f} s, "
-              f"p50 {percentile(direct_s, 0.5):.2f} s, p99 {percentile(direct_s, 0.99):.2f} s")
+        print(
+            f"direct to the fake upstream, same client (the floor of this machine and client): "
+            f"{len(direct_s)}/{args.streams} complete in {time.monotonic() - began:.1f} s, "
+            f"p50 {percentile(direct_s, 0.5):.2f} s, p99 {percentile(direct_s, 0.99):.2f} s"
+        )
         time.sleep(1.0)
         idle = rss_mb(pid)
         idle_fds = open_fds(pid)
-        print(f"warm-up: {sum(problem is None for _, problem in warm)}/{WARMUP_STREAMS} fast streams complete; "
-              f"idle RSS {idle:.1f} MB, {idle_fds} fds")
+        print(
+            f"warm-up: {sum(problem is None for _, problem in warm)}/{WARMUP_STREAMS} fast streams complete; "
+            f"idle RSS {idle:.1f} MB, {idle_fds} fds"
+        )
 
         open_now = [0]
 
@@ -243,40 +252,66 @@ def main(argv: list[str] | None = None) -> int:
     peak_fds = max(s[3] for s in sampler.samples)
     all_open_s = next((s[0] - began for s in sampler.samples if s[1] == args.streams), None)
     per_stream_kb = (at_most_open - idle) * 1024 / max(1, peak_open)
-    print(f"\ncompleted {len(durations)}/{args.streams}, failed {sum(problems.values())}"
-          + (": " + ", ".join(f"{k}: {v}" for k, v in problems.most_common()) if problems else ""))
+    print(
+        f"\ncompleted {len(durations)}/{args.streams}, failed {sum(problems.values())}"
+        + (": " + ", ".join(f"{k}: {v}" for k, v in problems.most_common()) if problems else "")
+    )
     opening_s = peak_time - began
-    print(f"open at once: max {peak_open}, {opening_s:.2f} s after the start; the proxy's CPU until then "
-          f"{peak_cpu - cpu_before:.2f} s ({(peak_cpu - cpu_before) / opening_s:.0%} of one core)"
-          + (f"; all {args.streams} open {all_open_s:.2f} s after the start" if all_open_s is not None else ""))
-    print(f"proxy RSS: idle {idle:.1f} MB, {at_most_open:.1f} MB with {peak_open} streams open, "
-          f"peak {peak_rss:.1f} MB, {after_rss:.1f} MB 2 s after the last stream")
+    print(
+        f"open at once: max {peak_open}, {opening_s:.2f} s after the start; the proxy's CPU until then "
+        f"{peak_cpu - cpu_before:.2f} s ({(peak_cpu - cpu_before) / opening_s:.0%} of one core)"
+        + (f"; all {args.streams} open {all_open_s:.2f} s after the start" if all_open_s is not None else "")
+    )
+    print(
+        f"proxy RSS: idle {idle:.1f} MB, {at_most_open:.1f} MB with {peak_open} streams open, "
+        f"peak {peak_rss:.1f} MB, {after_rss:.1f} MB 2 s after the last stream"
+    )
     print(f"memory per open stream: {per_stream_kb:.1f} KB")
     print(f"proxy fds: idle {idle_fds}, peak {peak_fds}, after {after_fds}")
     if durations:
         p50, p99 = percentile(durations, 0.5), percentile(durations, 0.99)
-        print(f"stream duration: p50 {p50:.2f} s, p99 {p99:.2f} s, max {max(durations):.2f} s; ideal {ideal_s:.2f} s "
-              f"(p50 +{(p50 - ideal_s) * 1000:.0f} ms, p99 +{(p99 - ideal_s) * 1000:.0f} ms)")
-    print(f"proxy CPU: {cpu:.2f} s over {wall:.1f} s ({cpu / wall:.0%} of one core), "
-          f"{cpu * 1000 / max(1, args.streams):.2f} ms per stream; meanwhile the client used {own_cpu:.2f} s, "
-          f"the fake upstream {upstream_cpu:.2f} s; the proxy waited {waited:.2f} s for a CPU (run queue)")
+        print(
+            f"stream duration: p50 {p50:.2f} s, p99 {p99:.2f} s, max {max(durations):.2f} s; ideal {ideal_s:.2f} s "
+            f"(p50 +{(p50 - ideal_s) * 1000:.0f} ms, p99 +{(p99 - ideal_s) * 1000:.0f} ms)"
+        )
+    print(
+        f"proxy CPU: {cpu:.2f} s over {wall:.1f} s ({cpu / wall:.0%} of one core), "
+        f"{cpu * 1000 / max(1, args.streams):.2f} ms per stream; meanwhile the client used {own_cpu:.2f} s, "
+        f"the fake upstream {upstream_cpu:.2f} s; the proxy waited {waited:.2f} s for a CPU (run queue)"
+    )
     proxy_view = proxy_durations(workdir / "proxy.log", args.delay_ms * CHUNKS)
     if proxy_view:
-        print(f"the proxy's own request log: duration p50 {proxy_view[0]:.2f} s, p99 {proxy_view[1]:.2f} s; "
-              f"time to first byte p50 {proxy_view[2]:.2f} s, p99 {proxy_view[3]:.2f} s")
-    print(f"after: {left['leases']} parallel/budget leases, {left['held_micros']} budget micros held, "
-          f"{left['reservations']} reservations in Redis; llm_proxy_inflight_requests {inflight:.0f}")
+        print(
+            f"the proxy's own request log: duration p50 {proxy_view[0]:.2f} s, p99 {proxy_view[1]:.2f} s; "
+            f"time to first byte p50 {proxy_view[2]:.2f} s, p99 {proxy_view[3]:.2f} s"
+        )
+    print(
+        f"after: {left['leases']} parallel/budget leases, {left['held_micros']} budget micros held, "
+        f"{left['reservations']} reservations in Redis; llm_proxy_inflight_requests {inflight:.0f}"
+    )
     if args.json_path:
-        output = {"machine": {"arch": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()},
-                  "streams": args.streams, "delay_ms": args.delay_ms, "ideal_s": ideal_s,
-                  "completed": len(durations), "failed": dict(problems), "max_open": peak_open,
-                  "idle_rss_mb": round(idle, 1), "rss_mb_at_max_open": round(at_most_open, 1),
-                  "peak_rss_mb": round(peak_rss, 1), "after_rss_mb": round(after_rss, 1),
-                  "kb_per_open_stream": round(per_stream_kb, 1),
-                  "p50_s": round(percentile(durations, 0.5), 3) if durations else None,
-                  "p99_s": round(percentile(durations, 0.99), 3) if durations else None,
-                  "cpu_s": round(cpu, 2), "wall_s": round(wall, 2), "peak_fds": peak_fds, "leftovers": left,
-                  "metrics_inflight_after": inflight, "metrics_requests_by_status": dict(by_status)}
+        output = {
+            "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()},
+            "streams": args.streams,
+            "delay_ms": args.delay_ms,
+            "ideal_s": ideal_s,
+            "completed": len(durations),
+            "failed": dict(problems),
+            "max_open": peak_open,
+            "idle_rss_mb": round(idle, 1),
+            "rss_mb_at_max_open": round(at_most_open, 1),
+            "peak_rss_mb": round(peak_rss, 1),
+            "after_rss_mb": round(after_rss, 1),
+            "kb_per_open_stream": round(per_stream_kb, 1),
+            "p50_s": round(percentile(durations, 0.5), 3) if durations else None,
+            "p99_s": round(percentile(durations, 0.99), 3) if durations else None,
+            "cpu_s": round(cpu, 2),
+            "wall_s": round(wall, 2),
+            "peak_fds": peak_fds,
+            "leftovers": left,
+            "metrics_inflight_after": inflight,
+            "metrics_requests_by_status": dict(by_status),
+        }
         Path(args.json_path).write_text(json.dumps(output, indent=2))
         print(f"JSON: {args.json_path}")
     print(f"logs: {workdir}")

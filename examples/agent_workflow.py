@@ -77,43 +77,128 @@ class Task:
 
 
 TASKS = (
-    Task("design_api", "api_design", "Design the REST API of an invoicing service: resources, verbs, errors.",
-         stream=True),
+    Task(
+        "design_api",
+        "api_design",
+        "Design the REST API of an invoicing service: resources, verbs, errors.",
+        stream=True,
+    ),
     Task("design_schema", "database_design", "Design the tables and indexes for invoices, customers and payments."),
-    Task("triage_tickets", "customer_support", "Triage this week's top customer tickets about invoice exports.",
-         stream=True, max_tokens=64),
-    Task("implement_service", "code_generator", "Implement the invoicing service endpoints.",
-         deps=("design_api", "design_schema"), stream=True, max_tokens=160),
-    Task("analyse_usage", "data_analyst", "Which invoice queries dominate load? Propose three metrics.",
-         deps=("design_schema",)),
-    Task("write_tests", "testing", "Write the test plan and key tests for the service.",
-         deps=("implement_service",), stream=True),
-    Task("profile_hot_paths", "performance", "Profile the service and list the three slowest paths.",
-         deps=("implement_service",)),
-    Task("define_slos", "observability", "Define SLOs, alerts and a dashboard for the service.",
-         deps=("implement_service",), stream=True),
-    Task("audit_code", "security_auditor", "Audit the implementation and tests; list findings by severity.",
-         deps=("write_tests",), max_tokens=128),
-    Task("build_pipeline", "devops", "Write the CI/CD pipeline: lint, test, build, deploy with rollback.",
-         deps=("write_tests",)),
-    Task("plan_model_serving", "mlops", "Plan a late-payment prediction model from the usage analysis.",
-         deps=("analyse_usage",), stream=True),
-    Task("forecast_capacity", "capacity_planning", "Forecast next quarter's load and size the cluster.",
-         deps=("profile_hot_paths", "analyse_usage")),
-    Task("write_runbook", "incident_response", "Write the incident runbook for invoice-export outages.",
-         deps=("define_slos",)),
-    Task("fix_findings", "code_generator", "Fix the security findings and the slowest path.",
-         deps=("audit_code", "profile_hot_paths"), stream=True, max_tokens=128),
-    Task("write_docs", "documentation", "Write the API guide with examples, noting the security fixes.",
-         deps=("audit_code", "design_api"), stream=True, max_tokens=128),
-    Task("review_costs", "cost_optimisation", "Review infrastructure and LLM costs against the forecast.",
-         deps=("forecast_capacity",)),
-    Task("plan_recovery", "disaster_recovery", "Set RPO/RTO and the backup and failover plan.",
-         deps=("write_runbook", "design_schema")),
-    Task("review_compliance", "compliance", "Check the audit and recovery plan against GDPR and SOC 2.",
-         deps=("audit_code", "plan_recovery"), stream=True),
-    Task("answer_customers", "customer_support", "Draft replies to the triaged tickets using the new docs.",
-         deps=("write_docs", "triage_tickets"), max_tokens=64),
+    Task(
+        "triage_tickets",
+        "customer_support",
+        "Triage this week's top customer tickets about invoice exports.",
+        stream=True,
+        max_tokens=64,
+    ),
+    Task(
+        "implement_service",
+        "code_generator",
+        "Implement the invoicing service endpoints.",
+        deps=("design_api", "design_schema"),
+        stream=True,
+        max_tokens=160,
+    ),
+    Task(
+        "analyse_usage",
+        "data_analyst",
+        "Which invoice queries dominate load? Propose three metrics.",
+        deps=("design_schema",),
+    ),
+    Task(
+        "write_tests",
+        "testing",
+        "Write the test plan and key tests for the service.",
+        deps=("implement_service",),
+        stream=True,
+    ),
+    Task(
+        "profile_hot_paths",
+        "performance",
+        "Profile the service and list the three slowest paths.",
+        deps=("implement_service",),
+    ),
+    Task(
+        "define_slos",
+        "observability",
+        "Define SLOs, alerts and a dashboard for the service.",
+        deps=("implement_service",),
+        stream=True,
+    ),
+    Task(
+        "audit_code",
+        "security_auditor",
+        "Audit the implementation and tests; list findings by severity.",
+        deps=("write_tests",),
+        max_tokens=128,
+    ),
+    Task(
+        "build_pipeline",
+        "devops",
+        "Write the CI/CD pipeline: lint, test, build, deploy with rollback.",
+        deps=("write_tests",),
+    ),
+    Task(
+        "plan_model_serving",
+        "mlops",
+        "Plan a late-payment prediction model from the usage analysis.",
+        deps=("analyse_usage",),
+        stream=True,
+    ),
+    Task(
+        "forecast_capacity",
+        "capacity_planning",
+        "Forecast next quarter's load and size the cluster.",
+        deps=("profile_hot_paths", "analyse_usage"),
+    ),
+    Task(
+        "write_runbook",
+        "incident_response",
+        "Write the incident runbook for invoice-export outages.",
+        deps=("define_slos",),
+    ),
+    Task(
+        "fix_findings",
+        "code_generator",
+        "Fix the security findings and the slowest path.",
+        deps=("audit_code", "profile_hot_paths"),
+        stream=True,
+        max_tokens=128,
+    ),
+    Task(
+        "write_docs",
+        "documentation",
+        "Write the API guide with examples, noting the security fixes.",
+        deps=("audit_code", "design_api"),
+        stream=True,
+        max_tokens=128,
+    ),
+    Task(
+        "review_costs",
+        "cost_optimisation",
+        "Review infrastructure and LLM costs against the forecast.",
+        deps=("forecast_capacity",),
+    ),
+    Task(
+        "plan_recovery",
+        "disaster_recovery",
+        "Set RPO/RTO and the backup and failover plan.",
+        deps=("write_runbook", "design_schema"),
+    ),
+    Task(
+        "review_compliance",
+        "compliance",
+        "Check the audit and recovery plan against GDPR and SOC 2.",
+        deps=("audit_code", "plan_recovery"),
+        stream=True,
+    ),
+    Task(
+        "answer_customers",
+        "customer_support",
+        "Draft replies to the triaged tickets using the new docs.",
+        deps=("write_docs", "triage_tickets"),
+        max_tokens=64,
+    ),
 )
 
 
@@ -175,8 +260,17 @@ class WorkflowRun:
 
     async def _run_task(self, task: Task, deps: list[asyncio.Task]) -> dict:
         done = [await dep for dep in deps]
-        record = {"id": task.id, "role": task.role, "deps": list(task.deps), "stream": task.stream,
-                  "status": "blocked", "started_s": None, "ended_s": None, "error": None, "output": ""}
+        record = {
+            "id": task.id,
+            "role": task.role,
+            "deps": list(task.deps),
+            "stream": task.stream,
+            "status": "blocked",
+            "started_s": None,
+            "ended_s": None,
+            "error": None,
+            "output": "",
+        }
         if waiting := [dep["id"] for dep in done if dep["status"] != "ok"]:
             record["error"] = f"dependencies did not complete: {', '.join(waiting)}"
             return record
@@ -206,8 +300,12 @@ class WorkflowRun:
         return [{"role": "system", "content": ROLES[task.role]}, {"role": "user", "content": prompt}]
 
     async def _call(self, task: Task, done: list[dict]) -> str:
-        request = {"model": self.model, "messages": self._messages(task, done), "max_tokens": task.max_tokens,
-                   "extra_headers": {TAGS_HEADER: f"role={task.role},workflow={self.workflow}"}}
+        request = {
+            "model": self.model,
+            "messages": self._messages(task, done),
+            "max_tokens": task.max_tokens,
+            "extra_headers": {TAGS_HEADER: f"role={task.role},workflow={self.workflow}"},
+        }
         if not task.stream:
             reply = await self.client.chat.completions.create(**request)
             return reply.choices[0].message.content or ""
@@ -224,8 +322,9 @@ async def fetch_usage(admin_url: str, admin_key: str, timeout_s: float = 10.0) -
     """Today's usage overview from the proxy's admin API."""
     try:
         async with httpx.AsyncClient(timeout=timeout_s) as http:
-            response = await http.get(admin_url.rstrip("/") + "/admin/usage",
-                                      headers={"Authorization": f"Bearer {admin_key}"})
+            response = await http.get(
+                admin_url.rstrip("/") + "/admin/usage", headers={"Authorization": f"Bearer {admin_key}"}
+            )
     except httpx.HTTPError as exc:
         raise UsageUnavailable(f"GET /admin/usage failed: {exc!r}") from None
     if response.status_code != 200:
@@ -256,14 +355,19 @@ def _tag_usage(usage: dict, tag: str) -> dict:
     return {"spend_usd": line["spend_micros"] / 1_000_000, **line}
 
 
-def build_report(usage: dict, records: list[dict], stopped: dict[str, str], *, workflow: str, model: str,
-                 duration_s: float) -> dict:
+def build_report(
+    usage: dict, records: list[dict], stopped: dict[str, str], *, workflow: str, model: str, duration_s: float
+) -> dict:
     roles = {}
     for role in ROLES:
         statuses = [record["status"] for record in records if record["role"] == role]
         status = "budget_exhausted" if role in stopped else next((s for s in statuses if s != "ok"), "ok")
-        roles[role] = {**_tag_usage(usage, f"role={role}"), "tasks": len(statuses),
-                       "completed": statuses.count("ok"), "status": status}
+        roles[role] = {
+            **_tag_usage(usage, f"role={role}"),
+            "tasks": len(statuses),
+            "completed": statuses.count("ok"),
+            "status": status,
+        }
     total = {field: sum(line[field] for line in roles.values()) for field in USAGE_FIELDS}
     return {
         "workflow": workflow,
@@ -275,15 +379,26 @@ def build_report(usage: dict, records: list[dict], stopped: dict[str, str], *, w
         "total": {"spend_usd": total["spend_micros"] / 1_000_000, **total},
         "workflow_tag": _tag_usage(usage, f"workflow={workflow}"),
         "stopped_roles": dict(stopped),
-        "tasks": [{key: value for key, value in record.items() if key != "output"}
-                  | {"output_chars": len(record["output"])} for record in records],
+        "tasks": [
+            {key: value for key, value in record.items() if key != "output"} | {"output_chars": len(record["output"])}
+            for record in records
+        ],
     }
 
 
-async def run_workflow(*, base_url: str, admin_url: str, api_key: str, admin_key: str, model: str = DEFAULT_MODEL,
-                       workflow: str = DEFAULT_WORKFLOW, concurrency: int = DEFAULT_CONCURRENCY,
-                       max_retries: int = DEFAULT_MAX_RETRIES, timeout_s: float = 60.0,
-                       tasks: tuple[Task, ...] = TASKS) -> dict:
+async def run_workflow(
+    *,
+    base_url: str,
+    admin_url: str,
+    api_key: str,
+    admin_key: str,
+    model: str = DEFAULT_MODEL,
+    workflow: str = DEFAULT_WORKFLOW,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    timeout_s: float = 60.0,
+    tasks: tuple[Task, ...] = TASKS,
+) -> dict:
     """Run the workflow once through the proxy; return the report (see `build_report`)."""
     check_workflow(tasks)
     if not TAG_VALUE.match(workflow):
@@ -299,24 +414,47 @@ async def run_workflow(*, base_url: str, admin_url: str, api_key: str, admin_key
 
 def format_table(report: dict) -> str:
     columns = ("role", "requests", "prompt_tokens", "completion_tokens", "spend_usd", "status")
-    rows = [(role, str(line["requests"]), str(line["prompt_tokens"]), str(line["completion_tokens"]),
-             f"{line['spend_usd']:.6f}", line["status"]) for role, line in report["roles"].items()]
+    rows = [
+        (
+            role,
+            str(line["requests"]),
+            str(line["prompt_tokens"]),
+            str(line["completion_tokens"]),
+            f"{line['spend_usd']:.6f}",
+            line["status"],
+        )
+        for role, line in report["roles"].items()
+    ]
     total = report["total"]
-    rows.append(("TOTAL", str(total["requests"]), str(total["prompt_tokens"]), str(total["completion_tokens"]),
-                 f"{total['spend_usd']:.6f}", ""))
+    rows.append(
+        (
+            "TOTAL",
+            str(total["requests"]),
+            str(total["prompt_tokens"]),
+            str(total["completion_tokens"]),
+            f"{total['spend_usd']:.6f}",
+            "",
+        )
+    )
     widths = [max(len(row[i]) for row in (columns, *rows)) for i in range(len(columns))]
 
     def line(row) -> str:
-        return "  ".join(cell.ljust(w) if i in (0, 5) else cell.rjust(w)
-                         for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+        return "  ".join(
+            cell.ljust(w) if i in (0, 5) else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
 
     tasks = report["tasks"]
     ok = sum(task["status"] == "ok" for task in tasks)
-    out = [f"workflow {report['workflow']!r} with {report['model']}: {ok}/{len(tasks)} tasks ok "
-           f"in {report['duration_s']:.2f} s; spend per role on {report['date']} ({report['currency']}, "
-           "the day's ledger)",
-           line(columns), line(["-" * w for w in widths]), *map(line, rows[:-1]),
-           line(["-" * w for w in widths]), line(rows[-1])]
+    out = [
+        f"workflow {report['workflow']!r} with {report['model']}: {ok}/{len(tasks)} tasks ok "
+        f"in {report['duration_s']:.2f} s; spend per role on {report['date']} ({report['currency']}, "
+        "the day's ledger)",
+        line(columns),
+        line(["-" * w for w in widths]),
+        *map(line, rows[:-1]),
+        line(["-" * w for w in widths]),
+        line(rows[-1]),
+    ]
     for role, why in report["stopped_roles"].items():
         out.append(f"stopped {role}: {why}")
     for task in tasks:
@@ -342,16 +480,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--admin-url", default="http://127.0.0.1:8080", help="the proxy's root, for /admin/usage")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--workflow", default=DEFAULT_WORKFLOW, help="the workflow=<name> tag")
-    parser.add_argument("--concurrency", type=_positive_int, default=DEFAULT_CONCURRENCY,
-                        help="tasks in flight at once")
-    parser.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES,
-                        help="the SDK's retries of rate-limit 429s and connection errors")
+    parser.add_argument(
+        "--concurrency", type=_positive_int, default=DEFAULT_CONCURRENCY, help="tasks in flight at once"
+    )
+    parser.add_argument(
+        "--max-retries",
+        type=int,
+        default=DEFAULT_MAX_RETRIES,
+        help="the SDK's retries of rate-limit 429s and connection errors",
+    )
     parser.add_argument("--loop", action="store_true", help="repeat forever, pausing between runs")
     parser.add_argument("--pause", type=float, default=DEFAULT_PAUSE_S, help="seconds between runs with --loop")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--api-key", default=os.environ.get("PROXY_API_KEY"), help="default: $PROXY_API_KEY")
-    parser.add_argument("--admin-key", default=os.environ.get("LLM_PROXY_ADMIN_KEY"),
-                        help="default: $LLM_PROXY_ADMIN_KEY")
+    parser.add_argument(
+        "--admin-key", default=os.environ.get("LLM_PROXY_ADMIN_KEY"), help="default: $LLM_PROXY_ADMIN_KEY"
+    )
     args = parser.parse_args(argv)
     if not args.api_key:
         parser.error("set PROXY_API_KEY or pass --api-key (a proxy key)")
@@ -363,9 +507,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def _run_once(args: argparse.Namespace) -> dict:
-    return await run_workflow(base_url=args.base_url, admin_url=args.admin_url, api_key=args.api_key,
-                              admin_key=args.admin_key, model=args.model, workflow=args.workflow,
-                              concurrency=args.concurrency, max_retries=args.max_retries)
+    return await run_workflow(
+        base_url=args.base_url,
+        admin_url=args.admin_url,
+        api_key=args.api_key,
+        admin_key=args.admin_key,
+        model=args.model,
+        workflow=args.workflow,
+        concurrency=args.concurrency,
+        max_retries=args.max_retries,
+    )
 
 
 async def _loop(args: argparse.Namespace) -> None:

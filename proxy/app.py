@@ -48,8 +48,12 @@ def build_store(config: Config) -> Store:
         return MemoryStore(retention_days=config.spend_retention_days)
     from .limits.redis_store import RedisStore
 
-    return RedisStore.from_url(config.store.redis_url, timeout_ms=config.store.timeout_ms,
-                               cluster=config.store.is_cluster, retention_days=config.spend_retention_days)
+    return RedisStore.from_url(
+        config.store.redis_url,
+        timeout_ms=config.store.timeout_ms,
+        cluster=config.store.is_cluster,
+        retention_days=config.spend_retention_days,
+    )
 
 
 class ProxyApp(FastAPI):
@@ -72,8 +76,14 @@ class ProxyApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_app(config: Config, *, store: Store | None = None, observer: Observer | None = None,
-               environ: Mapping[str, str] | None = None, config_path: str | None = None) -> ProxyApp:
+def create_app(
+    config: Config,
+    *,
+    store: Store | None = None,
+    observer: Observer | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_path: str | None = None,
+) -> ProxyApp:
     store = store if store is not None else build_store(config)
     snapshots = SnapshotHolder(build_snapshot(config, environ))
     calendar = BudgetCalendar(lambda: snapshots.config.budget_timezone, store.clock_us)
@@ -105,15 +115,24 @@ def create_app(config: Config, *, store: Store | None = None, observer: Observer
             await store.close()
             metrics.worker_exited()
 
-    app = ProxyApp(title="llm-ratelimit-proxy", version="0.1.0", lifespan=lifespan, docs_url="/admin/docs",
-                  openapi_url="/admin/openapi.json", redoc_url=None)
+    app = ProxyApp(
+        title="llm-ratelimit-proxy",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/admin/docs",
+        openapi_url="/admin/openapi.json",
+        redoc_url=None,
+    )
     app.state.snapshots = snapshots
     app.state.limiter = limiter
     app.state.store = store
     app.state.reloader = reloader
 
-    for path, endpoint in (("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
-                           ("/v1/embeddings", "embeddings")):
+    for path, endpoint in (
+        ("/v1/chat/completions", "chat"),
+        ("/v1/completions", "completions"),
+        ("/v1/embeddings", "embeddings"),
+    ):
         app.call_routes[path] = _call_route(gateway, endpoint)
         app.add_route(path, _method_not_allowed, methods=["GET", "PUT", "PATCH", "DELETE"])
     models_api.add_routes(app, snapshots)
@@ -160,8 +179,9 @@ def _call_route(gateway: Gateway, endpoint: str) -> Route:
 
 
 async def _method_not_allowed(request: Request) -> Response:
-    return error_response(MethodNotAllowed(
-        f"Method {request.method} is not allowed for {request.url.path}."), request_id_of(request))
+    return error_response(
+        MethodNotAllowed(f"Method {request.method} is not allowed for {request.url.path}."), request_id_of(request)
+    )
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -177,8 +197,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             return respond(request, NotFound(f"Unknown request URL: {request.method} {request.url.path}."))
         if exc.status_code == 405:
-            return respond(request, MethodNotAllowed(
-                f"Method {request.method} is not allowed for {request.url.path}."))
+            return respond(request, MethodNotAllowed(f"Method {request.method} is not allowed for {request.url.path}."))
         error = ProxyError(str(exc.detail))
         error.status = exc.status_code
         error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
@@ -191,7 +210,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return respond(request, InvalidRequest(f"Invalid request: {first.get('msg', 'invalid')}.", param=param))
 
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         error = ProxyError("The proxy had an internal error.")
         return respond(request, error)
 

@@ -35,11 +35,13 @@ def reset_text(reset_epoch_s: int) -> str:
     return datetime.fromtimestamp(reset_epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def budget_refusal(kind: ScopeKind, name: str, spent_micros: int, budget_micros: int, window: Window,
-                   resets_at: int) -> str:
+def budget_refusal(
+    kind: ScopeKind, name: str, spent_micros: int, budget_micros: int, window: Window, resets_at: int
+) -> str:
     """The refusal message for the budget of scope `kind` `name` over `window`, ending at `resets_at`
     (epoch seconds). The organisation is one scope: its name is not shown."""
     who = "The organisation" if kind == "org" else f"{SCOPE_WORDS[kind]} `{_safe_name(name)}`"
-    return (f"{who} has spent {usd_text(spent_micros)} of its {usd_text(budget_micros)} {ADJECTIVES[window]} "
-            f"budget; it resets at {reset_text(resets_at)}.")
-
+    return (
+        f"{who} has spent {usd_text(spent_micros)} of its {usd_text(budget_micros)} {ADJECTIVES[window]} "
+        f"budget; it resets at {reset_text(resets_at)}."
+    )

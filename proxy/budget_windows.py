@@ -98,5 +98,6 @@ def candidate_windows(window: Window, zone: ZoneInfo, now: datetime | float) -> 
     """The previous, current and next `window` around `now` (the replica's clock)."""
     first = _first_day(window, _local_day(zone, now))
     firsts = [_shift(window, first, offset) for offset in (-1, 0, 1, 2)]
-    return WindowCandidates(window, tuple(_label(window, day) for day in firsts[:3]),
-                            tuple(_start(day, zone) for day in firsts))
+    return WindowCandidates(
+        window, tuple(_label(window, day) for day in firsts[:3]), tuple(_start(day, zone) for day in firsts)
+    )

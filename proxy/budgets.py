@@ -13,15 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
 from .config import Config
 from .errors import StoreError
-from .limits.days import BudgetCalendar
 from .limits.admission import Ticket
+from .limits.days import BudgetCalendar
 from .limits.types import ScopeKind, Settled, Store
 from .metrics import Metrics
 from .pricing import format_usd, micros_to_usd, usd_to_micros
@@ -88,14 +88,28 @@ class BudgetWatch:
 
     def alert(self, scope: str, name: str, spent: int, budget: int, day: str) -> None:
         ratio = self.config.budget_alert_ratio
-        log.warning("budget alert: %s '%s' has spent %s of its %s budget on %s (alert ratio %.0f%%)",
-                    scope, name, format_usd(spent), format_usd(budget), day, ratio * 100)
+        log.warning(
+            "budget alert: %s '%s' has spent %s of its %s budget on %s (alert ratio %.0f%%)",
+            scope,
+            name,
+            format_usd(spent),
+            format_usd(budget),
+            day,
+            ratio * 100,
+        )
         self.metrics.set_alert(scope, name, True)
         if self._queue is not None and self.config.alert_webhook_url:
-            event = {"event": "budget_alert", "scope": scope, "name": name, "date": day,
-                     "spent_usd": str(micros_to_usd(spent)), "budget_usd": str(micros_to_usd(budget)),
-                     "ratio": round(spent / budget, 6), "alert_ratio": ratio,
-                     "time": datetime.now(timezone.utc).isoformat()}
+            event = {
+                "event": "budget_alert",
+                "scope": scope,
+                "name": name,
+                "date": day,
+                "spent_usd": str(micros_to_usd(spent)),
+                "budget_usd": str(micros_to_usd(budget)),
+                "ratio": round(spent / budget, 6),
+                "alert_ratio": ratio,
+                "time": datetime.now(UTC).isoformat(),
+            }
             try:
                 self._queue.put_nowait(event)
             except asyncio.QueueFull:

@@ -19,8 +19,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise SystemExit("llm-proxy serve: --workers must be at least 1")
     if args.workers > 1 and config.store.redis_url is None:
-        raise SystemExit(f"llm-proxy serve: --workers {args.workers} needs store.redis_url: with the in-process "
-                         "store each worker would keep its own limits, budgets and spend")
+        raise SystemExit(
+            f"llm-proxy serve: --workers {args.workers} needs store.redis_url: with the in-process "
+            "store each worker would keep its own limits, budgets and spend"
+        )
     os.environ[CONFIG_ENV] = path
     from .server import serve
 
@@ -36,10 +38,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def summary(config: Config) -> str:
-    lines = [f"listen: {config.listen.host}:{config.listen.port}",
-             f"store: {'redis ' + _redact_url(config.store.redis_url) if config.store.redis_url else 'in-process (one process only)'}"
-             f" (on_redis_error: {config.store.on_redis_error})",
-             f"upstreams ({len(config.upstreams)}):"]
+    store = (
+        f"redis {_redact_url(config.store.redis_url)}" if config.store.redis_url else "in-process (one process only)"
+    )
+    lines = [
+        f"listen: {config.listen.host}:{config.listen.port}",
+        f"store: {store} (on_redis_error: {config.store.on_redis_error})",
+        f"upstreams ({len(config.upstreams)}):",
+    ]
     for name, upstream in config.upstreams.items():
         lines.append(f"  {name}: {upstream.base_url} (retries {upstream.max_retries}, timeout {upstream.timeout_s}s)")
     lines.append(f"models ({len(config.models)}):")
@@ -60,8 +66,9 @@ def summary(config: Config) -> str:
 
 
 def _limits(limits: Limits) -> str:
-    parts = [f"{name} {value}" for name in ("rpm", "tpm", "max_parallel")
-             if (value := getattr(limits, name)) is not None]
+    parts = [
+        f"{name} {value}" for name in ("rpm", "tpm", "max_parallel") if (value := getattr(limits, name)) is not None
+    ]
     return ", ".join(parts) or "no limits"
 
 
@@ -78,8 +85,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(summary(config))
     for name, model in config.models.items():
         if not model.has_price:
-            print(f"warning: models.{name}: no price (price_per_mtok or price: catalog): its spend would read $0",
-                  file=sys.stderr)
+            print(
+                f"warning: models.{name}: no price (price_per_mtok or price: catalog): its spend would read $0",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -134,8 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     demo = commands.add_parser("demo", help="run the proxy on built-in defaults with a mock upstream")
-    demo.add_argument("--host", default=os.environ.get(DEMO_HOST_ENV, "127.0.0.1"),
-                      help=f"address to listen on (default: ${DEMO_HOST_ENV} or 127.0.0.1)")
+    demo.add_argument(
+        "--host",
+        default=os.environ.get(DEMO_HOST_ENV, "127.0.0.1"),
+        help=f"address to listen on (default: ${DEMO_HOST_ENV} or 127.0.0.1)",
+    )
     demo.add_argument("--port", type=int, default=DEFAULT_PORT)
     demo.set_defaults(func=cmd_demo)
 
@@ -156,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     usage = commands.add_parser("usage", help="spend and tokens per team, key, model or tag")
     usage.add_argument("--config", help=f"config file (default: ${CONFIG_ENV})")
     usage.add_argument("--url", help="ask a running proxy's /admin/usage instead of reading the store")
-    usage.add_argument("--admin-key-env", default="LLM_PROXY_ADMIN_KEY",
-                       help="environment variable holding the admin key (with --url)")
+    usage.add_argument(
+        "--admin-key-env", default="LLM_PROXY_ADMIN_KEY", help="environment variable holding the admin key (with --url)"
+    )
     usage.add_argument("--date", help="YYYY-MM-DD (default: today in budget_timezone)")
     usage.add_argument("--by", choices=["team", "key", "model", "tag"], default="team")
     usage.add_argument("--json", action="store_true")

@@ -216,8 +216,9 @@ class Model(_Strict):
 
     @field_validator("price")
     @classmethod
-    def _known_catalog_entry(cls, value: Literal["catalog"] | CatalogPrice | None,
-                             info: ValidationInfo) -> Literal["catalog"] | CatalogPrice | None:
+    def _known_catalog_entry(
+        cls, value: Literal["catalog"] | CatalogPrice | None, info: ValidationInfo
+    ) -> Literal["catalog"] | CatalogPrice | None:
         if value is None:
             return value
         targets = info.data.get("targets")
@@ -481,8 +482,11 @@ class Config(_Strict):
         if self.admin_key_sha256 and self.admin_key_env:
             problems.append("admin_key_sha256: give admin_key_sha256 or admin_key_env, not both")
         if self.alerts is not None:
-            problems += [f"{field}: give alerts or {field}, not both"
-                         for field in ("budget_alert_ratio", "alert_webhook_url") if field in self.model_fields_set]
+            problems += [
+                f"{field}: give alerts or {field}, not both"
+                for field in ("budget_alert_ratio", "alert_webhook_url")
+                if field in self.model_fields_set
+            ]
         problems += self._shared_key_problems((info.context or {}).get("environ") or {})
         if problems:
             raise ConfigError(problems)

@@ -16,20 +16,33 @@ DEMO_KEY = "sk-proxy-demo"
 
 
 def demo_config(upstream_url: str, port: int) -> Config:
-    return parse_config({
-        "listen": {"host": "127.0.0.1", "port": port},
-        "upstreams": {"mock": {"base_url": upstream_url, "api_key": "mock-upstream-key", "max_retries": 2}},
-        "models": {
-            "demo-chat": {"targets": [{"upstream": "mock", "model": "mock-chat"}], "context_window": 32000,
-                          "default_max_tokens": 256,
-                          "price_per_mtok": {"input": "0.27", "output": "1.10", "cached_input": "0.07"}},
-            "demo-embed": {"targets": [{"upstream": "mock", "model": "mock-embed"}],
-                           "price_per_mtok": {"input": "0.02"}},
-        },
-        "teams": {"demo": {"daily_budget_usd": 5, "limits": {"rpm": 120, "tpm": 200000, "max_parallel": 8}}},
-        "keys": {"demo": {"team": "demo", "key": DEMO_KEY, "limits": {"rpm": 60, "tpm": 100000, "max_parallel": 4},
-                          "daily_budget_usd": 1}},
-    })
+    return parse_config(
+        {
+            "listen": {"host": "127.0.0.1", "port": port},
+            "upstreams": {"mock": {"base_url": upstream_url, "api_key": "mock-upstream-key", "max_retries": 2}},
+            "models": {
+                "demo-chat": {
+                    "targets": [{"upstream": "mock", "model": "mock-chat"}],
+                    "context_window": 32000,
+                    "default_max_tokens": 256,
+                    "price_per_mtok": {"input": "0.27", "output": "1.10", "cached_input": "0.07"},
+                },
+                "demo-embed": {
+                    "targets": [{"upstream": "mock", "model": "mock-embed"}],
+                    "price_per_mtok": {"input": "0.02"},
+                },
+            },
+            "teams": {"demo": {"daily_budget_usd": 5, "limits": {"rpm": 120, "tpm": 200000, "max_parallel": 8}}},
+            "keys": {
+                "demo": {
+                    "team": "demo",
+                    "key": DEMO_KEY,
+                    "limits": {"rpm": 60, "tpm": 100000, "max_parallel": 4},
+                    "daily_budget_usd": 1,
+                }
+            },
+        }
+    )
 
 
 def instructions(host: str, port: int) -> str:

@@ -93,18 +93,14 @@ class UpstreamBroken(UpstreamFailure):
 
 # -- answers to the client ------------------------------------------------------------------------
 
+
 class ProxyError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
 
     def __init__(
-        self,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
+        self, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
     ):
         super().__init__(message)
         self.message = message

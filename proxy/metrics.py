@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
 
 from .observe import Outcome
 
@@ -34,38 +41,79 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("llm_proxy_requests", "Requests answered, by final status.",
-                                ["team", "key", "model", "status"], registry=r)
-        self.duration = Histogram("llm_proxy_request_duration_seconds", "Request to last byte.",
-                                  ["team", "model", "stream"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("llm_proxy_time_to_first_token_seconds", "Request to first streamed byte.",
-                              ["team", "model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.upstream_duration = Histogram("llm_proxy_upstream_duration_seconds",
-                                           "From sending to the upstream to its last byte.",
-                                           ["upstream", "model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.overhead = Histogram("llm_proxy_overhead_seconds",
-                                  "Time spent in the proxy itself, excluding the upstream and retry waits.",
-                                  buckets=OVERHEAD_BUCKETS, registry=r)
-        self.tokens = Counter("llm_proxy_tokens", "Tokens used, as the upstream reported them.",
-                              ["team", "key", "model", "kind"], registry=r)
-        self.spend = Counter("llm_proxy_spend_usd", "Spend at the configured prices.",
-                             ["team", "key", "model"], registry=r)
-        self.rejections = Counter("llm_proxy_rejections", "Requests refused by the proxy.",
-                                  ["team", "key", "reason"], registry=r)
-        self.budget_spent = Gauge("llm_proxy_budget_spent_usd", "Today's spend, from the shared ledger.",
-                                  ["scope", "name"], registry=r, multiprocess_mode="mostrecent")
-        self.budget_limit = Gauge("llm_proxy_budget_limit_usd", "Daily budget.", ["scope", "name"],
-                                  registry=r, multiprocess_mode="mostrecent")
-        self.budget_alert = Gauge("llm_proxy_budget_alert", "1 once today's spend passed budget_alert_ratio.",
-                                  ["scope", "name"], registry=r, multiprocess_mode="mostrecent")
-        self.inflight = Gauge("llm_proxy_inflight_requests", "Admitted requests not yet settled.", ["team"],
-                              registry=r, multiprocess_mode="livesum")
-        self.retries = Counter("llm_proxy_upstream_retries", "Upstream attempts retried.",
-                               ["upstream", "reason"], registry=r)
-        self.upstream_errors = Counter("llm_proxy_upstream_errors", "Failed upstream attempts.",
-                                       ["upstream", "kind"], registry=r)
-        self.store_errors = Counter("llm_proxy_store_errors", "Rate-limit store calls that failed.", ["op"],
-                                    registry=r)
+        self.requests = Counter(
+            "llm_proxy_requests", "Requests answered, by final status.", ["team", "key", "model", "status"], registry=r
+        )
+        self.duration = Histogram(
+            "llm_proxy_request_duration_seconds",
+            "Request to last byte.",
+            ["team", "model", "stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "llm_proxy_time_to_first_token_seconds",
+            "Request to first streamed byte.",
+            ["team", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "llm_proxy_upstream_duration_seconds",
+            "From sending to the upstream to its last byte.",
+            ["upstream", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "llm_proxy_overhead_seconds",
+            "Time spent in the proxy itself, excluding the upstream and retry waits.",
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "llm_proxy_tokens",
+            "Tokens used, as the upstream reported them.",
+            ["team", "key", "model", "kind"],
+            registry=r,
+        )
+        self.spend = Counter(
+            "llm_proxy_spend_usd", "Spend at the configured prices.", ["team", "key", "model"], registry=r
+        )
+        self.rejections = Counter(
+            "llm_proxy_rejections", "Requests refused by the proxy.", ["team", "key", "reason"], registry=r
+        )
+        self.budget_spent = Gauge(
+            "llm_proxy_budget_spent_usd",
+            "Today's spend, from the shared ledger.",
+            ["scope", "name"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.budget_limit = Gauge(
+            "llm_proxy_budget_limit_usd", "Daily budget.", ["scope", "name"], registry=r, multiprocess_mode="mostrecent"
+        )
+        self.budget_alert = Gauge(
+            "llm_proxy_budget_alert",
+            "1 once today's spend passed budget_alert_ratio.",
+            ["scope", "name"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.inflight = Gauge(
+            "llm_proxy_inflight_requests",
+            "Admitted requests not yet settled.",
+            ["team"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.retries = Counter(
+            "llm_proxy_upstream_retries", "Upstream attempts retried.", ["upstream", "reason"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "llm_proxy_upstream_errors", "Failed upstream attempts.", ["upstream", "kind"], registry=r
+        )
+        self.store_errors = Counter("llm_proxy_store_errors", "Rate-limit store calls that failed.", ["op"], registry=r)
         for op in STORE_OPS:  # present from the start, so increase() sees the very first error
             self.store_errors.labels(op)
 
@@ -91,19 +139,25 @@ class Metrics:
         if outcome.ticket is None:
             return
         usage = outcome.usage
-        for kind, value in (("prompt", usage.prompt_tokens), ("completion", usage.completion_tokens),
-                            ("cached", usage.cached_tokens)):
+        for kind, value in (
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+            ("cached", usage.cached_tokens),
+        ):
             if value:
                 self.tokens.labels(team, key, model, kind).inc(value)
         if outcome.cost_micros:
             self.spend.labels(team, key, model).inc(outcome.cost_micros / MICROS)
-        self.duration.labels(team, model, "true" if outcome.stream else "false").observe(outcome.finished_at - outcome.started_at)
+        self.duration.labels(team, model, "true" if outcome.stream else "false").observe(
+            outcome.finished_at - outcome.started_at
+        )
         if outcome.first_byte_at:
             self.ttft.labels(team, model).observe(outcome.first_byte_at - outcome.started_at)
         if attempts.first_attempt_at and outcome.upstream_finished_at:
             upstream_time = outcome.upstream_finished_at - attempts.first_attempt_at
             self.upstream_duration.labels(attempts.upstream, attempts.target_model).observe(
-                outcome.upstream_finished_at - attempts.last_attempt_at)
+                outcome.upstream_finished_at - attempts.last_attempt_at
+            )
             self.overhead.observe(max(0.0, outcome.finished_at - outcome.started_at - upstream_time))
 
     def store_error(self, op: str) -> None:

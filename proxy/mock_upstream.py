@@ -131,8 +131,17 @@ class MockState:
     @staticmethod
     def _zero_stats() -> dict[str, int]:
         return dict.fromkeys(
-            ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
-             "reasoning_tokens", "streams_started", "streams_completed", "streams_cancelled"),
+            (
+                "requests",
+                "prompt_tokens",
+                "completion_tokens",
+                "cached_tokens",
+                "cache_write_tokens",
+                "reasoning_tokens",
+                "streams_started",
+                "streams_completed",
+                "streams_cancelled",
+            ),
             0,
         )
 
@@ -177,13 +186,19 @@ class MockState:
 
     def reported(self, usage: dict[str, Any]) -> None:
         details = usage.get("prompt_tokens_details", {})
-        self.tallied(Tally(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
-                           details.get("cached_tokens", 0)))
+        self.tallied(
+            Tally(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), details.get("cached_tokens", 0))
+        )
 
     def tallied(self, tally: Tally) -> None:
         with self._lock:
-            for name in ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
-                         "reasoning_tokens"):
+            for name in (
+                "prompt_tokens",
+                "completion_tokens",
+                "cached_tokens",
+                "cache_write_tokens",
+                "reasoning_tokens",
+            ):
                 self._stats[name] += getattr(tally, name)
 
     def store_response(self, response: dict[str, Any], items: list[dict[str, Any]]) -> None:
@@ -334,16 +349,19 @@ async def stream_completion(
     fault = completion.fault
     cut_after = fault.get("cut_after_chunks")
     bad_line_at = len(completion.words) // 2 if fault.get("bad_sse_line") else None
-    response = web.StreamResponse(
-        headers=headers | {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
+    response = web.StreamResponse(headers=headers | {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     state.count("streams_started")
     try:
         await response.prepare(request)
         if cut_after is not None and fault.get("cut_in_one_write"):
             sent = completion.words[:cut_after]
-            await response.write(b"".join(completion.chunk(index, word, first=position == 0)
-                                          for position, word in enumerate(sent) for index in range(completion.n)))
+            await response.write(
+                b"".join(
+                    completion.chunk(index, word, first=position == 0)
+                    for position, word in enumerate(sent)
+                    for index in range(completion.n)
+                )
+            )
             _transport(request).close()
             return response
         for position, word in enumerate(completion.words):
@@ -377,15 +395,18 @@ async def stream_completion(
 
 
 async def stream_script(
-    request: web.Request, state: MockState, script: Script, fault: dict[str, Any], headers: dict[str, str], delay_s: float
+    request: web.Request,
+    state: MockState,
+    script: Script,
+    fault: dict[str, Any],
+    headers: dict[str, str],
+    delay_s: float,
 ) -> web.StreamResponse:
     """Send a Responses or Anthropic stream: head, a delta per word (the faults count these), tail."""
     cut_after = fault.get("cut_after_chunks")
     error_after = fault.get("error_after_chunks")
     bad_line_at = len(script.deltas) // 2 if fault.get("bad_sse_line") else None
-    response = web.StreamResponse(
-        headers=headers | {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
+    response = web.StreamResponse(headers=headers | {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     state.count("streams_started")
     try:
         await response.prepare(request)
@@ -430,7 +451,12 @@ async def stream_script(
 
 
 async def send_script_or_body(
-    request: web.Request, stream: bool, script: Script, body: dict[str, Any], tally: Tally | None, fault: dict[str, Any],
+    request: web.Request,
+    stream: bool,
+    script: Script,
+    body: dict[str, Any],
+    tally: Tally | None,
+    fault: dict[str, Any],
     headers: dict[str, str],
 ) -> web.StreamResponse:
     state = request.app[STATE]
@@ -448,14 +474,20 @@ async def send_script_or_body(
     return web.Response(body=payload, content_type="application/json", headers=headers)
 
 
-async def create_response(request: web.Request, body: dict[str, Any], fault: dict[str, Any],
-                          headers: dict[str, str]) -> web.StreamResponse:
+async def create_response(
+    request: web.Request, body: dict[str, Any], fault: dict[str, Any], headers: dict[str, str]
+) -> web.StreamResponse:
     state = request.app[STATE]
     previous = body.get("previous_response_id")
     if previous is not None and state.stored_response(str(previous)) is None:
-        payload = {"error": {"message": f"Previous response with id '{previous}' not found.",
-                             "type": "invalid_request_error", "param": "previous_response_id",
-                             "code": "previous_response_not_found"}}
+        payload = {
+            "error": {
+                "message": f"Previous response with id '{previous}' not found.",
+                "type": "invalid_request_error",
+                "param": "previous_response_id",
+                "code": "previous_response_not_found",
+            }
+        }
         return web.Response(status=400, body=orjson.dumps(payload), content_type="application/json", headers=headers)
     ident = state.next_id()
     try:
@@ -465,8 +497,9 @@ async def create_response(request: web.Request, body: dict[str, Any], fault: dic
     final = call.response()
     if final["store"]:
         state.store_response(final, responses_api.input_items(body, ident))
-    return await send_script_or_body(request, body.get("stream") is True, call.script(), final, call.tally(),
-                                     fault, headers)
+    return await send_script_or_body(
+        request, body.get("stream") is True, call.script(), final, call.tally(), fault, headers
+    )
 
 
 def stored_response_route(request: web.Request, headers: dict[str, str]) -> web.Response:
@@ -489,15 +522,21 @@ def stored_response_route(request: web.Request, headers: dict[str, str]) -> web.
             items = items[::-1]
         limit = int(request.query["limit"]) if request.query.get("limit", "").isdigit() else 20
         shown = items[:limit]
-        reply = {"object": "list", "data": shown, "first_id": shown[0]["id"] if shown else None,
-                 "last_id": shown[-1]["id"] if shown else None, "has_more": len(items) > limit}
+        reply = {
+            "object": "list",
+            "data": shown,
+            "first_id": shown[0]["id"] if shown else None,
+            "last_id": shown[-1]["id"] if shown else None,
+            "has_more": len(items) > limit,
+        }
     else:  # a finished response is returned as it is, also by cancel (cancelling it changes nothing)
         reply = stored["response"]
     return web.Response(body=orjson.dumps(reply), content_type="application/json", headers=headers)
 
 
-async def anthropic_route(request: web.Request, body: Any, fault: dict[str, Any],
-                          headers: dict[str, str]) -> web.StreamResponse:
+async def anthropic_route(
+    request: web.Request, body: Any, fault: dict[str, Any], headers: dict[str, str]
+) -> web.StreamResponse:
     if "x-api-key" not in request.headers and "authorization" not in request.headers:
         return api_error(request, 401, "x-api-key header is required", headers)
     if ANTHROPIC_VERSION_HEADER not in request.headers:
@@ -518,12 +557,14 @@ async def anthropic_route(request: web.Request, body: Any, fault: dict[str, Any]
         call = anthropic_api.MessageCall(body, fault, request.app[SETTINGS]["chunks"], state.next_id())
     except ValueError as exc:
         return api_error(request, 400, str(exc), headers)
-    return await send_script_or_body(request, body.get("stream") is True, call.script(), call.message(),
-                                     call.tally(), fault, headers)
+    return await send_script_or_body(
+        request, body.get("stream") is True, call.script(), call.message(), call.tally(), fault, headers
+    )
 
 
-async def generate(request: web.Request, kind: str, body: dict[str, Any], fault: dict[str, Any],
-                   headers: dict[str, str]) -> web.StreamResponse:
+async def generate(
+    request: web.Request, kind: str, body: dict[str, Any], fault: dict[str, Any], headers: dict[str, str]
+) -> web.StreamResponse:
     state = request.app[STATE]
     try:
         completion = Completion(kind, body, fault, request.app[SETTINGS], state.next_id())
@@ -542,7 +583,9 @@ async def generate(request: web.Request, kind: str, body: dict[str, Any], fault:
     return web.Response(body=payload, content_type="application/json", headers=headers)
 
 
-def embeddings(request: web.Request, body: dict[str, Any], fault: dict[str, Any], headers: dict[str, str]) -> web.Response:
+def embeddings(
+    request: web.Request, body: dict[str, Any], fault: dict[str, Any], headers: dict[str, str]
+) -> web.Response:
     inputs = body.get("input", "")
     if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
         inputs = [inputs]
@@ -571,14 +614,16 @@ def model_object(model_id: str) -> dict[str, Any]:
 async def handle_v1(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await read_json(request)
-    state.log_request({
-        "method": request.method,
-        "path": request.path,
-        "query": request.query_string,
-        "headers": {name.lower(): value for name, value in request.headers.items()},
-        "body": body,
-        "time": time.time(),
-    })
+    state.log_request(
+        {
+            "method": request.method,
+            "path": request.path,
+            "query": request.query_string,
+            "headers": {name.lower(): value for name, value in request.headers.items()},
+            "body": body,
+            "time": time.time(),
+        }
+    )
     headers = {"request-id": f"req_mock{state.next_id():08d}"} if is_anthropic(request) else {}
     if FAULT_HEADER in request.headers:
         try:
@@ -596,8 +641,9 @@ async def handle_v1(request: web.Request) -> web.StreamResponse:
     if "status" in fault:
         return api_error(request, fault["status"], f"mock fault: status {fault['status']}", headers)
     if fault.get("malformed_json"):
-        return web.Response(body=b'{"id": "chatcmpl-mock", "choices": [', content_type="application/json",
-                            headers=headers)
+        return web.Response(
+            body=b'{"id": "chatcmpl-mock", "choices": [', content_type="application/json", headers=headers
+        )
     return await route(request, body, fault, headers)
 
 
@@ -682,8 +728,9 @@ def create_mock_app(*, chunk_delay_s: float = 0.0, chunks: int = DEFAULT_CHUNKS)
 class MockUpstream:
     """The mock app served on `host` (127.0.0.1) from a background thread with its own event loop."""
 
-    def __init__(self, port: int = 0, chunk_delay_s: float = 0.0, chunks: int = DEFAULT_CHUNKS,
-                 host: str = "127.0.0.1"):
+    def __init__(
+        self, port: int = 0, chunk_delay_s: float = 0.0, chunks: int = DEFAULT_CHUNKS, host: str = "127.0.0.1"
+    ):
         self.host = host
         self.port = port
         self.app = create_mock_app(chunk_delay_s=chunk_delay_s, chunks=chunks)
@@ -764,8 +811,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, help="words per reply")
     args = parser.parse_args(argv)
     app = create_mock_app(chunk_delay_s=args.chunk_delay, chunks=args.chunks)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, handler_cancellation=True,
-                print=lambda _: print(f"mock upstream on http://{args.host}:{args.port}/v1", flush=True))
+    web.run_app(
+        app,
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        handler_cancellation=True,
+        print=lambda _: print(f"mock upstream on http://{args.host}:{args.port}/v1", flush=True),
+    )
 
 
 if __name__ == "__main__":

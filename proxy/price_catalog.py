@@ -32,8 +32,13 @@ def catalog() -> dict[str, CatalogEntry]:
     text = resources.files("proxy").joinpath(CATALOG_RESOURCE).read_text(encoding="utf-8")
     data = yaml.safe_load(text)
     return {
-        name: CatalogEntry(name=name, provider=str(entry["provider"]), taken=str(entry["taken"]),
-                           source=str(entry["source"]), price_per_mtok=dict(entry["price_per_mtok"]))
+        name: CatalogEntry(
+            name=name,
+            provider=str(entry["provider"]),
+            taken=str(entry["taken"]),
+            source=str(entry["source"]),
+            price_per_mtok=dict(entry["price_per_mtok"]),
+        )
         for name, entry in data["models"].items()
     }
 
@@ -49,8 +54,16 @@ PRICE_COLUMNS = ("input", "cached_input", "cache_write", "output", "reasoning")
 
 def catalog_listing() -> list[dict[str, Any]]:
     """The catalog as JSON-ready rows (prices as decimal strings, as written in the file)."""
-    return [{"model": entry.name, "provider": entry.provider, "taken": entry.taken, "source": entry.source,
-             "price_per_mtok": entry.price_per_mtok} for entry in catalog().values()]
+    return [
+        {
+            "model": entry.name,
+            "provider": entry.provider,
+            "taken": entry.taken,
+            "source": entry.source,
+            "price_per_mtok": entry.price_per_mtok,
+        }
+        for entry in catalog().values()
+    ]
 
 
 def catalog_table() -> str:
@@ -61,10 +74,18 @@ def catalog_table() -> str:
         price = entry.price_per_mtok
         rows.append((entry.name, entry.provider, *(str(price.get(name, "-")) for name in PRICE_COLUMNS), entry.taken))
         for tier in price.get("tiers", []):
-            rows.append((f"  prompt > {tier['above_input_tokens']}", "",
-                         *(str(tier.get(name, "=")) for name in PRICE_COLUMNS), ""))
+            rows.append(
+                (
+                    f"  prompt > {tier['above_input_tokens']}",
+                    "",
+                    *(str(tier.get(name, "=")) for name in PRICE_COLUMNS),
+                    "",
+                )
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
-    legend = ("USD per million tokens; '-' = the default (cached_input, cache_write: input; reasoning: output), "
-              "'=' = as the model's line. Dates and sources: --json.")
+    legend = (
+        "USD per million tokens; '-' = the default (cached_input, cache_write: input; reasoning: output), "
+        "'=' = as the model's line. Dates and sources: --json."
+    )
     return "\n".join([*lines, "", legend])

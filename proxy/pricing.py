@@ -26,15 +26,7 @@ A tier (`price.tiers`, "above_input_tokens") applies to the whole request when i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import (
-    MAX_EMAX,
-    MAX_PREC,
-    MIN_EMIN,
-    ROUND_CEILING,
-    ROUND_HALF_UP,
-    Context,
-    Decimal,
-)
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, ROUND_CEILING, ROUND_HALF_UP, Context, Decimal
 
 from proxy.config import Price
 from proxy.limits.types import Usage
@@ -63,8 +55,9 @@ class PricedUsage:
         return max(self.input, 0) + max(self.cached_input, 0) + max(self.cache_write, 0)
 
     @classmethod
-    def from_openai(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
-                    reasoning_tokens: int = 0) -> PricedUsage:
+    def from_openai(
+        cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, reasoning_tokens: int = 0
+    ) -> PricedUsage:
         """OpenAI (and DeepSeek) counts: cached within prompt, reasoning within completion.
 
         A count larger than the total it is part of is read as all of it; negatives are 0.
@@ -75,11 +68,20 @@ class PricedUsage:
         return cls(input=prompt - cached, cached_input=cached, output=completion - reasoning, reasoning=reasoning)
 
     @classmethod
-    def from_anthropic(cls, input_tokens: int, output_tokens: int, cache_read_input_tokens: int = 0,
-                       cache_creation_input_tokens: int = 0) -> PricedUsage:
+    def from_anthropic(
+        cls,
+        input_tokens: int,
+        output_tokens: int,
+        cache_read_input_tokens: int = 0,
+        cache_creation_input_tokens: int = 0,
+    ) -> PricedUsage:
         """Anthropic counts: `input_tokens` excludes cache reads and writes; no separate reasoning count."""
-        return cls(input=max(input_tokens, 0), cached_input=max(cache_read_input_tokens, 0),
-                   cache_write=max(cache_creation_input_tokens, 0), output=max(output_tokens, 0))
+        return cls(
+            input=max(input_tokens, 0),
+            cached_input=max(cache_read_input_tokens, 0),
+            cache_write=max(cache_creation_input_tokens, 0),
+            output=max(output_tokens, 0),
+        )
 
     @classmethod
     def from_usage(cls, usage: Usage) -> PricedUsage:
@@ -87,9 +89,13 @@ class PricedUsage:
         return cls.from_openai(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
 
     def __add__(self, other: PricedUsage) -> PricedUsage:
-        return PricedUsage(self.input + other.input, self.cached_input + other.cached_input,
-                           self.cache_write + other.cache_write, self.output + other.output,
-                           self.reasoning + other.reasoning)
+        return PricedUsage(
+            self.input + other.input,
+            self.cached_input + other.cached_input,
+            self.cache_write + other.cache_write,
+            self.output + other.output,
+            self.reasoning + other.reasoning,
+        )
 
 
 @dataclass(frozen=True, slots=True)

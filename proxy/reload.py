@@ -36,8 +36,14 @@ def apply_log_level(level: str) -> None:
 
 
 class Reloader:
-    def __init__(self, snapshots: SnapshotHolder, limiter: Limiter, path: str | None,
-                 environ: Mapping[str, str] | None = None, request_log: RequestLog | None = None) -> None:
+    def __init__(
+        self,
+        snapshots: SnapshotHolder,
+        limiter: Limiter,
+        path: str | None,
+        environ: Mapping[str, str] | None = None,
+        request_log: RequestLog | None = None,
+    ) -> None:
         self.snapshots = snapshots
         self.limiter = limiter
         self.path = path
@@ -82,8 +88,13 @@ class Reloader:
             self._draining.append(replaced)
             if replaced.users == 0:
                 self._drained(replaced)
-            log.warning("config reloaded: %d upstreams, %d models, %d teams, %d keys", len(config.upstreams),
-                        len(config.models), len(config.teams), len(config.keys))
+            log.warning(
+                "config reloaded: %d upstreams, %d models, %d teams, %d keys",
+                len(config.upstreams),
+                len(config.models),
+                len(config.teams),
+                len(config.keys),
+            )
 
     def _follow_settings(self, config: Config, running: Config) -> None:
         """The settings read outside the request path."""
@@ -95,9 +106,11 @@ class Reloader:
             if store is not None:
                 store.retention_days = config.spend_retention_days
         if config.shutdown_grace_s != running.shutdown_grace_s:
-            log.warning("shutdown_grace_s changed to %ss: the journal flush at shutdown uses it now; the wait "
-                        "for in-flight responses keeps the value the server started with until a restart",
-                        config.shutdown_grace_s)
+            log.warning(
+                "shutdown_grace_s changed to %ss: the journal flush at shutdown uses it now; the wait "
+                "for in-flight responses keeps the value the server started with until a restart",
+                config.shutdown_grace_s,
+            )
 
     # -- replaced upstream clients ---------------------------------------------------------------
     def _drained(self, snapshot: Snapshot) -> None:

@@ -38,8 +38,9 @@ class Snapshot:
             self.on_idle(self)
 
 
-def build_snapshot(config: Config, environ: Mapping[str, str] | None = None,
-                   running: Mapping[str, UpstreamClient] | None = None) -> Snapshot:
+def build_snapshot(
+    config: Config, environ: Mapping[str, str] | None = None, running: Mapping[str, UpstreamClient] | None = None
+) -> Snapshot:
     """The setup of `config`: its keyring, and its upstream clients (a running client whose
     settings did not change is kept; new ones still need `start()`)."""
     keyring = KeyRing(config, environ)

@@ -61,9 +61,7 @@ def message_tokens(message: Any) -> int:
     total += estimate_text_tokens(message.get("name"))
     tool_calls = message.get("tool_calls")
     if isinstance(tool_calls, list):
-        total += sum(
-            _function_call_tokens(call.get("function")) for call in tool_calls if isinstance(call, dict)
-        )
+        total += sum(_function_call_tokens(call.get("function")) for call in tool_calls if isinstance(call, dict))
     total += _function_call_tokens(message.get("function_call"))  # the legacy single call
     return total
 

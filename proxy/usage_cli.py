@@ -17,8 +17,15 @@ from .errors import StoreError
 from .usage_report import rows, usage_overview
 
 COLUMNS = {"team": ["team"], "key": ["team", "key"], "model": ["team", "key", "model"], "tag": ["team", "tag"]}
-NUMBERS = ["spend_usd", "budget_usd", "remaining_usd", "requests", "prompt_tokens", "completion_tokens",
-           "cached_tokens"]
+NUMBERS = [
+    "spend_usd",
+    "budget_usd",
+    "remaining_usd",
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+]
 
 
 async def _from_store(config: Config, day: str | None) -> dict[str, Any]:
@@ -36,8 +43,12 @@ async def _from_store(config: Config, day: str | None) -> dict[str, Any]:
 def _from_url(url: str, admin_key: str, day: str | None) -> dict[str, Any]:
     params = {"date": day} if day else {}
     try:
-        response = httpx.get(url.rstrip("/") + "/admin/usage", params=params,
-                             headers={"Authorization": f"Bearer {admin_key}"}, timeout=10)
+        response = httpx.get(
+            url.rstrip("/") + "/admin/usage",
+            params=params,
+            headers={"Authorization": f"Bearer {admin_key}"},
+            timeout=10,
+        )
     except httpx.HTTPError as exc:
         raise SystemExit(f"llm-proxy usage: cannot reach {url}: {exc}") from None
     try:
@@ -63,12 +74,16 @@ def table(overview: dict[str, Any], by: str) -> str:
     columns = COLUMNS[by] + [n for n in NUMBERS if by in ("team", "key") or not n.startswith(("budget", "remaining"))]
     body = [[_cell(row.get(c)) for c in columns] for row in rows(overview, by)]
     widths = [max(len(c), *(len(r[i]) for r in body)) if body else len(c) for i, c in enumerate(columns)]
-    lines = [f"usage on {overview['date']} (USD), by {by}",
-             "  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in body]
+    lines = [
+        f"usage on {overview['date']} (USD), by {by}",
+        "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
+    ]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in body]
     total = overview["total"]
-    lines.append(f"total: ${total['spend_usd']:.6f}, {total['requests']} requests, "
-                 f"{total['prompt_tokens']} prompt + {total['completion_tokens']} completion tokens")
+    lines.append(
+        f"total: ${total['spend_usd']:.6f}, {total['requests']} requests, "
+        f"{total['prompt_tokens']} prompt + {total['completion_tokens']} completion tokens"
+    )
     return "\n".join(lines)
 
 
@@ -82,8 +97,11 @@ def run_usage(args: argparse.Namespace) -> int:
     else:
         config = load_or_exit(config_path(args.config))
         if config.store.redis_url is None:
-            print("llm-proxy usage: no shared ledger: the config has no store.redis_url, and the in-process "
-                  "store keeps usage inside the serving process (ask it with --url)", file=sys.stderr)
+            print(
+                "llm-proxy usage: no shared ledger: the config has no store.redis_url, and the in-process "
+                "store keeps usage inside the serving process (ask it with --url)",
+                file=sys.stderr,
+            )
             return 1
         try:
             overview = asyncio.run(_from_store(config, args.date))

@@ -42,8 +42,10 @@ def usage_overview(config: Config, report: Report) -> Report:
             if key.team != team_name:
                 continue
             key_ledger = ledger.get("keys", {}).get(key_name, {})
-            keys[key_name] = {**_line(key_ledger, key.daily_budget_usd),
-                              "models": {m: _line(v) for m, v in key_ledger.get("models", {}).items()}}
+            keys[key_name] = {
+                **_line(key_ledger, key.daily_budget_usd),
+                "models": {m: _line(v) for m, v in key_ledger.get("models", {}).items()},
+            }
         line["keys"] = keys
         line["tags"] = {tag: _line(v) for tag, v in ledger.get("tags", {}).items()}
         teams[team_name] = line
@@ -57,13 +59,22 @@ def keys_overview(config: Config) -> Report:
         return value.model_dump(exclude_none=True)
 
     return {
-        "teams": {name: {"limits": limits(team.limits),
-                         "daily_budget_usd": float(team.daily_budget_usd) if team.daily_budget_usd else None}
-                  for name, team in config.teams.items()},
-        "keys": {name: {"team": key.team, "limits": limits(key.limits),
-                        "daily_budget_usd": float(key.daily_budget_usd) if key.daily_budget_usd else None,
-                        "models": key.models}
-                 for name, key in config.keys.items()},
+        "teams": {
+            name: {
+                "limits": limits(team.limits),
+                "daily_budget_usd": float(team.daily_budget_usd) if team.daily_budget_usd else None,
+            }
+            for name, team in config.teams.items()
+        },
+        "keys": {
+            name: {
+                "team": key.team,
+                "limits": limits(key.limits),
+                "daily_budget_usd": float(key.daily_budget_usd) if key.daily_budget_usd else None,
+                "models": key.models,
+            }
+            for name, key in config.keys.items()
+        },
     }
 
 
@@ -76,8 +87,11 @@ def rows(overview: Report, by: str) -> list[Report]:
         elif by == "key":
             out += [{"team": team_name, "key": k, **_flat(v)} for k, v in team["keys"].items()]
         elif by == "model":
-            out += [{"team": team_name, "key": k, "model": m, **_flat(mv)}
-                    for k, v in team["keys"].items() for m, mv in v["models"].items()]
+            out += [
+                {"team": team_name, "key": k, "model": m, **_flat(mv)}
+                for k, v in team["keys"].items()
+                for m, mv in v["models"].items()
+            ]
         elif by == "tag":
             out += [{"team": team_name, "tag": t, **_flat(v)} for t, v in team["tags"].items()]
     return out

@@ -67,8 +67,9 @@ def _total_cost(price: Price, usage: PricedUsage) -> int:
     return cost_micros(price.model_copy(update={"tiers": []}), usage)
 
 
-def reprice(ledger: Iterable[LedgerModel], alternatives: Sequence[Alternative],
-            fallback: Mapping[str, Price] | None = None) -> list[WhatIfRow]:
+def reprice(
+    ledger: Iterable[LedgerModel], alternatives: Sequence[Alternative], fallback: Mapping[str, Price] | None = None
+) -> list[WhatIfRow]:
     """One row per ledger model (sorted by today's cost, dearest first), then a "total" row.
 
     A price name an alternative does not define is looked up in `fallback` (the catalog, when
@@ -127,11 +128,14 @@ def ledger_models(reports: Iterable[Mapping[str, Any]]) -> list[LedgerModel]:
             for key in team.get("keys", {}).values():
                 for model, metrics in key.get("models", {}).items():
                     line = totals.setdefault(model, [0, 0, 0, 0, 0])
-                    for i, metric in enumerate(("prompt_tokens", "completion_tokens", "cached_tokens",
-                                                "spend_micros", "requests")):
+                    for i, metric in enumerate(
+                        ("prompt_tokens", "completion_tokens", "cached_tokens", "spend_micros", "requests")
+                    ):
                         line[i] += metrics.get(metric, 0)
-    return [LedgerModel(model, PricedUsage.from_openai(prompt, completion, cached), spend, requests)
-            for model, (prompt, completion, cached, spend, requests) in totals.items()]
+    return [
+        LedgerModel(model, PricedUsage.from_openai(prompt, completion, cached), spend, requests)
+        for model, (prompt, completion, cached, spend, requests) in totals.items()
+    ]
 
 
 def _usd(micros: int | None) -> str:
@@ -139,12 +143,29 @@ def _usd(micros: int | None) -> str:
 
 
 def what_if_table(rows: Sequence[WhatIfRow], alternatives: Sequence[Alternative], period: str) -> str:
-    header = ["model", "input", "cached_input", "cache_write", "output", "reasoning", "today",
-              *(alternative.name for alternative in alternatives)]
-    body = [[row.model, *(str(getattr(row.usage, name)) for name in header[1:6]), _usd(row.today_micros),
-             *(_usd(cost) for cost in row.costs)] for row in rows]
+    header = [
+        "model",
+        "input",
+        "cached_input",
+        "cache_write",
+        "output",
+        "reasoning",
+        "today",
+        *(alternative.name for alternative in alternatives),
+    ]
+    body = [
+        [
+            row.model,
+            *(str(getattr(row.usage, name)) for name in header[1:6]),
+            _usd(row.today_micros),
+            *(_usd(cost) for cost in row.costs),
+        ]
+        for row in rows
+    ]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = [f"what if, {period} (USD; tokens as booked; '-': no price for that model)"]
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-              for line in [header, *body]]
+    lines += [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *body]
+    ]
     return "\n".join(lines)

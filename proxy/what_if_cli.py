@@ -22,17 +22,8 @@ import orjson
 
 from .cli_config import config_path, load_or_exit
 from .config import Config
-from .errors import ConfigError
-from .errors import StoreError
-from .what_if import (
-    Alternative,
-    WhatIfRow,
-    catalog_prices,
-    ledger_models,
-    load_alternatives,
-    reprice,
-    what_if_table,
-)
+from .errors import ConfigError, StoreError
+from .what_if import Alternative, WhatIfRow, catalog_prices, ledger_models, load_alternatives, reprice, what_if_table
 
 
 def month_days(month: str) -> list[str]:
@@ -55,12 +46,24 @@ async def _reports_from_store(config: Config, days: list[str]) -> list[dict[str,
 
 
 def _as_json(month: str, rows: list[WhatIfRow], alternatives: list[Alternative]) -> dict[str, Any]:
-    return {"month": month, "alternatives": [alternative.name for alternative in alternatives], "rows": [
-        {"model": row.model, "tokens": {name: getattr(row.usage, name) for name in
-                                        ("input", "cached_input", "cache_write", "output", "reasoning")},
-         "today_micros": row.today_micros,
-         "costs_micros": {alternative.name: cost for alternative, cost in zip(alternatives, row.costs, strict=True)}}
-        for row in rows]}
+    return {
+        "month": month,
+        "alternatives": [alternative.name for alternative in alternatives],
+        "rows": [
+            {
+                "model": row.model,
+                "tokens": {
+                    name: getattr(row.usage, name)
+                    for name in ("input", "cached_input", "cache_write", "output", "reasoning")
+                },
+                "today_micros": row.today_micros,
+                "costs_micros": {
+                    alternative.name: cost for alternative, cost in zip(alternatives, row.costs, strict=True)
+                },
+            }
+            for row in rows
+        ],
+    }
 
 
 def run_what_if(args: argparse.Namespace) -> int:
@@ -87,8 +90,10 @@ def run_what_if(args: argparse.Namespace) -> int:
     else:
         config = load_or_exit(config_path(args.config))
         if config.store.redis_url is None:
-            print("llm-proxy usage: no shared ledger: the config has no store.redis_url (ask a running proxy "
-                  "with --url)", file=sys.stderr)
+            print(
+                "llm-proxy usage: no shared ledger: the config has no store.redis_url (ask a running proxy with --url)",
+                file=sys.stderr,
+            )
             return 1
         month = args.month or datetime.now(ZoneInfo(config.budget_timezone)).strftime("%Y-%m")
         days = _days_or_exit(month)

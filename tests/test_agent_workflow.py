@@ -37,8 +37,16 @@ def admin_usage(server) -> dict:
 
 
 def run(example, server, key="alice", **options) -> dict:
-    return asyncio.run(example.run_workflow(base_url=server.base_url, admin_url=server.url, api_key=KEYS[key],
-                                            admin_key=ADMIN_KEY, model="chat-model", **options))
+    return asyncio.run(
+        example.run_workflow(
+            base_url=server.base_url,
+            admin_url=server.url,
+            api_key=KEYS[key],
+            admin_key=ADMIN_KEY,
+            model="chat-model",
+            **options,
+        )
+    )
 
 
 def assert_dependencies_respected(report: dict) -> None:
@@ -53,8 +61,10 @@ def assert_dependencies_respected(report: dict) -> None:
 
 
 def max_in_flight(report: dict) -> int:
-    events = sorted([(t["started_s"], 1) for t in report["tasks"]] + [(t["ended_s"], -1) for t in report["tasks"]],
-                    key=lambda event: (event[0], event[1]))  # an end before a start at the same instant
+    events = sorted(
+        [(t["started_s"], 1) for t in report["tasks"]] + [(t["ended_s"], -1) for t in report["tasks"]],
+        key=lambda event: (event[0], event[1]),
+    )  # an end before a start at the same instant
     peak = current = 0
     for _, step in events:
         current += step
@@ -98,9 +108,27 @@ def test_workflow_runs_every_role_in_dependency_order(example, mock_upstream, st
 def test_cli_prints_the_report_as_json(mock_upstream, start_proxy):
     server, _ = start_proxy(make_config(mock_upstream.url))
     env = {**os.environ, "PROXY_API_KEY": KEYS["carol"], "LLM_PROXY_ADMIN_KEY": ADMIN_KEY}
-    result = subprocess.run([sys.executable, str(EXAMPLE), "--base-url", server.base_url, "--admin-url", server.url,
-                             "--model", "chat-model", "--workflow", "weekly", "--concurrency", "4", "--json"],
-                            capture_output=True, text=True, env=env, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLE),
+            "--base-url",
+            server.base_url,
+            "--admin-url",
+            server.url,
+            "--model",
+            "chat-model",
+            "--workflow",
+            "weekly",
+            "--concurrency",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert len(report["roles"]) == 17 and all(line["requests"] > 0 for line in report["roles"].values())
@@ -110,9 +138,24 @@ def test_cli_prints_the_report_as_json(mock_upstream, start_proxy):
     assert set(usage["teams"]["research"]["tags"]) >= {"workflow=weekly", "role=security_auditor"}
     assert_dependencies_respected(report)
 
-    table = subprocess.run([sys.executable, str(EXAMPLE), "--base-url", server.base_url, "--admin-url", server.url,
-                            "--model", "chat-model", "--workflow", "weekly"],
-                           capture_output=True, text=True, env=env, timeout=60)
+    table = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLE),
+            "--base-url",
+            server.base_url,
+            "--admin-url",
+            server.url,
+            "--model",
+            "chat-model",
+            "--workflow",
+            "weekly",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert table.returncode == 0, table.stderr
     assert "security_auditor" in table.stdout and "TOTAL" in table.stdout
 
@@ -120,6 +163,7 @@ def test_cli_prints_the_report_as_json(mock_upstream, start_proxy):
 def test_budget_refusal_stops_the_role_and_is_reported(example, mock_upstream, start_proxy):
     def small_budget(data):
         data["keys"]["alice"]["daily_budget_usd"] = "0.0004"  # a handful of requests
+
     server, recorder = start_proxy(make_config(mock_upstream.url, patch=small_budget))
     report = run(example, server, concurrency=1)
 
@@ -138,6 +182,7 @@ def test_budget_refusal_stops_the_role_and_is_reported(example, mock_upstream, s
 def test_rate_limit_refusals_are_retried_by_the_sdk(example, mock_upstream, start_proxy):
     def two_at_once(data):
         data["keys"]["alice"]["limits"] = {"max_parallel": 2}
+
     server, recorder = start_proxy(make_config(mock_upstream.url, patch=two_at_once))
     mock_upstream.add_faults([{"first_byte_delay_s": 0.3}] * 2)  # two roots hold both slots; the third waits
     report = run(example, server, concurrency=4)

@@ -8,17 +8,11 @@ import orjson
 import pytest
 from anthropic.types.shared import ErrorResponse
 
-from proxy.apis.anthropic import (
-    MessagesCall,
-    MessagesStreamMeter,
-    error_event,
-    parse_messages_call,
-    usage_from_message,
-)
+from proxy.apis.anthropic import MessagesCall, MessagesStreamMeter, error_event, parse_messages_call, usage_from_message
 from proxy.apis.usage import ApiUsage
 from proxy.errors import InvalidRequest
-from proxy.upstream.sse import EventSplitter
 from proxy.mocks.anthropic import MessageCall
+from proxy.upstream.sse import EventSplitter
 
 USER = {"role": "user", "content": "abcd"}  # 4 overhead + 1 text
 PRIMING = 3
@@ -31,15 +25,32 @@ IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png"
         ({}, MessagesCall("m", False, 5 + PRIMING, 100)),
         ({"system": "abcdefgh"}, MessagesCall("m", False, 5 + PRIMING + 2, 100)),
         ({"system": [{"type": "text", "text": "abcdefgh"}]}, MessagesCall("m", False, 5 + PRIMING + 4 + 2, 100)),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "abcdefgh"}, IMAGE]}]},
-         MessagesCall("m", False, 4 + 2 + 85 + PRIMING, 100)),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "abcdefgh"}, IMAGE]}]},
+            MessagesCall("m", False, 4 + 2 + 85 + PRIMING, 100),
+        ),
         # a tool call's name and JSON input, a tool result's content
-        ({"messages": [USER, {"role": "assistant", "content": [
-            {"type": "tool_use", "id": "t", "name": "abcd", "input": {"a": 1}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "abcdefgh"}]}]},
-         MessagesCall("m", False, 5 + (4 + 1 + 2) + (4 + 2) + PRIMING, 100)),
-        ({"messages": [{"role": "assistant", "content": [{"type": "thinking", "thinking": "abcd", "signature": "s"}]}]},
-         MessagesCall("m", False, 4 + 1 + PRIMING, 100)),
+        (
+            {
+                "messages": [
+                    USER,
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "tool_use", "id": "t", "name": "abcd", "input": {"a": 1}}],
+                    },
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "abcdefgh"}]},
+                ]
+            },
+            MessagesCall("m", False, 5 + (4 + 1 + 2) + (4 + 2) + PRIMING, 100),
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "assistant", "content": [{"type": "thinking", "thinking": "abcd", "signature": "s"}]}
+                ]
+            },
+            MessagesCall("m", False, 4 + 1 + PRIMING, 100),
+        ),
         # tool definitions count as their JSON text: '[{"name":"f"}]' is 14 characters
         ({"tools": [{"name": "f"}]}, MessagesCall("m", False, 5 + PRIMING + 4, 100)),
         ({"stream": True, "max_tokens": 7}, MessagesCall("m", True, 5 + PRIMING, 7)),
@@ -51,8 +62,9 @@ def test_reads_the_call(fields, expected):
 
 
 def test_count_tokens_needs_no_max_tokens_and_reserves_nothing():
-    assert parse_messages_call({"model": "m", "messages": [USER], "stream": True}, count_tokens=True) == \
-        MessagesCall("m", False, 5 + PRIMING, 0)
+    assert parse_messages_call({"model": "m", "messages": [USER], "stream": True}, count_tokens=True) == MessagesCall(
+        "m", False, 5 + PRIMING, 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -70,8 +82,10 @@ def test_count_tokens_needs_no_max_tokens_and_reserves_nothing():
         ({"messages": [USER, {"content": "x"}]}, "messages.1.role: Field required"),
         ({"messages": [{"role": "system", "content": "x"}]}, "messages.0.role: Input should be 'user' or 'assistant'"),
         ({"messages": [{"role": "user"}]}, "messages.0.content: Field required"),
-        ({"messages": [{"role": "user", "content": 5}]},
-         "messages.0.content: Input should be a valid string or a list of content blocks"),
+        (
+            {"messages": [{"role": "user", "content": 5}]},
+            "messages.0.content: Input should be a valid string or a list of content blocks",
+        ),
         ({"system": 5}, "system: Input should be a valid string or a list of text blocks"),
         ({"tools": {}}, "tools: Input should be a valid list"),
         ({"stream": "yes"}, "stream: Input should be a valid boolean"),
@@ -89,11 +103,22 @@ def test_refusals_are_worded_as_anthropic_words_them(fields, message):
 @pytest.mark.parametrize(
     ("message", "expected"),
     [
-        ({"usage": {"input_tokens": 5, "cache_creation_input_tokens": 2, "cache_read_input_tokens": 3,
-                    "output_tokens": 16}}, ApiUsage(10, 3, 2, 16, 0)),
+        (
+            {
+                "usage": {
+                    "input_tokens": 5,
+                    "cache_creation_input_tokens": 2,
+                    "cache_read_input_tokens": 3,
+                    "output_tokens": 16,
+                }
+            },
+            ApiUsage(10, 3, 2, 16, 0),
+        ),
         ({"usage": {"input_tokens": 5, "output_tokens": 1}}, ApiUsage(5, 0, 0, 1, 0)),
-        ({"usage": {"input_tokens": 5, "cache_creation_input_tokens": None, "output_tokens": "7"}},
-         ApiUsage(5, 0, 0, 0, 0)),
+        (
+            {"usage": {"input_tokens": 5, "cache_creation_input_tokens": None, "output_tokens": "7"}},
+            ApiUsage(5, 0, 0, 0, 0),
+        ),
         ({"usage": None}, None),
         ({}, None),
         ([], None),
@@ -104,8 +129,12 @@ def test_usage_from_message(message, expected):
 
 
 def mock_call(fault: dict, max_tokens: int = 100) -> MessageCall:
-    return MessageCall({"model": "m", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "x" * 40}]},
-                       fault, chunks=16, ident=1)
+    return MessageCall(
+        {"model": "m", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "x" * 40}]},
+        fault,
+        chunks=16,
+        ident=1,
+    )
 
 
 def meter_of(stream: bytes, piece: int = 5, prompt_tokens: int = 99) -> tuple[MessagesStreamMeter, bytes]:
@@ -113,7 +142,7 @@ def meter_of(stream: bytes, piece: int = 5, prompt_tokens: int = 99) -> tuple[Me
     splitter = EventSplitter()
     relayed = []
     for start in range(0, len(stream), piece):
-        for event in splitter.feed(stream[start:start + piece]):
+        for event in splitter.feed(stream[start : start + piece]):
             meter.feed(event)
             relayed.append(event)
     return meter, b"".join(relayed)
@@ -135,9 +164,16 @@ def test_stream_meter_reads_message_start_and_the_cumulative_delta(fault, max_to
 
 def test_a_later_message_delta_replaces_the_input_split():
     start = {"type": "message_start", "message": {"usage": {"input_tokens": 10, "output_tokens": 1}}}
-    delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
-             "usage": {"input_tokens": 4, "cache_read_input_tokens": 6, "cache_creation_input_tokens": None,
-                       "output_tokens": 20}}
+    delta = {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn"},
+        "usage": {
+            "input_tokens": 4,
+            "cache_read_input_tokens": 6,
+            "cache_creation_input_tokens": None,
+            "output_tokens": 20,
+        },
+    }
     meter = MessagesStreamMeter(99)
     for payload in (start, delta):
         meter.feed(f"event: {payload['type']}\n".encode() + b"data: " + orjson.dumps(payload) + b"\n\n")
@@ -156,7 +192,7 @@ def test_cut_after_message_start_keeps_its_input_and_estimates_output(sent):
 
 def test_cut_before_message_start_uses_the_estimate():
     meter = MessagesStreamMeter(12)
-    meter.feed(b"event: ping\ndata: {\"type\": \"ping\"}\n\n")
+    meter.feed(b'event: ping\ndata: {"type": "ping"}\n\n')
     assert meter.usage() == ApiUsage(input_tokens=12)
 
 

@@ -7,12 +7,7 @@ import pytest
 from anthropic.types.shared import ErrorResponse
 
 from proxy import errors
-from proxy.apis.anthropic_errors import (
-    anthropic_error,
-    error_body,
-    rate_limit_headers,
-    rfc3339,
-)
+from proxy.apis.anthropic_errors import anthropic_error, error_body, rate_limit_headers, rfc3339
 from proxy.limits.types import BucketState, Decision
 
 
@@ -78,8 +73,11 @@ def test_rfc3339(epoch_ms, text):
 
 def test_rate_limit_headers_from_the_tightest_buckets():
     now_ms = 1_796_164_800_000  # 2026-12-01T22:40:00Z
-    decision = Decision(True, requests=BucketState(limit=60, remaining=59, reset_ms=1000),
-                        tokens=BucketState(limit=10_000, remaining=7_500, reset_ms=15_250))
+    decision = Decision(
+        True,
+        requests=BucketState(limit=60, remaining=59, reset_ms=1000),
+        tokens=BucketState(limit=10_000, remaining=7_500, reset_ms=15_250),
+    )
     assert rate_limit_headers(decision, now_ms) == {
         "anthropic-ratelimit-requests-limit": "60",
         "anthropic-ratelimit-requests-remaining": "59",
@@ -93,5 +91,8 @@ def test_rate_limit_headers_from_the_tightest_buckets():
 def test_rate_limit_headers_without_buckets():
     assert rate_limit_headers(Decision(True), 0) == {}
     only_requests = rate_limit_headers(Decision(True, requests=BucketState(5, 0, 0)), 0)
-    assert only_requests == {"anthropic-ratelimit-requests-limit": "5", "anthropic-ratelimit-requests-remaining": "0",
-                             "anthropic-ratelimit-requests-reset": "1970-01-01T00:00:00Z"}
+    assert only_requests == {
+        "anthropic-ratelimit-requests-limit": "5",
+        "anthropic-ratelimit-requests-remaining": "0",
+        "anthropic-ratelimit-requests-reset": "1970-01-01T00:00:00Z",
+    }

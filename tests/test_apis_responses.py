@@ -8,16 +8,11 @@ import orjson
 import pytest
 from openai.types.responses import ResponseErrorEvent
 
-from proxy.apis.responses import (
-    ResponsesCall,
-    ResponsesStreamMeter,
-    parse_responses_call,
-    usage_from_response,
-)
+from proxy.apis.responses import ResponsesCall, ResponsesStreamMeter, parse_responses_call, usage_from_response
 from proxy.apis.usage import ApiUsage
 from proxy.errors import InvalidRequest
-from proxy.upstream.sse import EventSplitter
 from proxy.mocks.responses import ResponseCall
+from proxy.upstream.sse import EventSplitter
 
 DEFAULT = 64
 IMAGE = {"type": "input_image", "image_url": "https://example.com/a.png"}
@@ -30,13 +25,23 @@ IMAGE = {"type": "input_image", "image_url": "https://example.com/a.png"}
         ({"input": "abcdefgh", "instructions": "abcd"}, ResponsesCall("m", False, None, 3, DEFAULT)),
         # each item: its 4-token message overhead plus every text part
         ({"input": [{"role": "user", "content": "abcd"}]}, ResponsesCall("m", False, None, 5, DEFAULT)),
-        ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "abcdefgh"}, IMAGE]}]},
-         ResponsesCall("m", False, None, 4 + 2 + 85, DEFAULT)),
-        ({"input": [{"type": "function_call", "call_id": "c", "name": "abcd", "arguments": '{"a":1}'},
-                    {"type": "function_call_output", "call_id": "c", "output": "abcdefgh"}]},
-         ResponsesCall("m", False, None, (4 + 1 + 2) + (4 + 2), DEFAULT)),
-        ({"input": [{"type": "reasoning", "id": "rs", "summary": [{"type": "summary_text", "text": "abcd"}]}]},
-         ResponsesCall("m", False, None, 5, DEFAULT)),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_text", "text": "abcdefgh"}, IMAGE]}]},
+            ResponsesCall("m", False, None, 4 + 2 + 85, DEFAULT),
+        ),
+        (
+            {
+                "input": [
+                    {"type": "function_call", "call_id": "c", "name": "abcd", "arguments": '{"a":1}'},
+                    {"type": "function_call_output", "call_id": "c", "output": "abcdefgh"},
+                ]
+            },
+            ResponsesCall("m", False, None, (4 + 1 + 2) + (4 + 2), DEFAULT),
+        ),
+        (
+            {"input": [{"type": "reasoning", "id": "rs", "summary": [{"type": "summary_text", "text": "abcd"}]}]},
+            ResponsesCall("m", False, None, 5, DEFAULT),
+        ),
         # tool definitions count as their JSON text: '[{"type":"function","name":"f"}]' is 32 characters
         ({"input": "", "tools": [{"type": "function", "name": "f"}]}, ResponsesCall("m", False, None, 8, DEFAULT)),
         ({"input": "abcd", "max_output_tokens": 100}, ResponsesCall("m", False, None, 1, 100)),
@@ -54,22 +59,42 @@ def test_reads_the_call(fields, expected):
     ("body", "param", "code", "message"),
     [
         ({"input": "x"}, "model", "missing_required_parameter", "Missing required parameter: 'model'."),
-        ({"model": 5, "input": "x"}, "model", "invalid_type",
-         "Invalid type for 'model': expected a string, but got a number instead."),
+        (
+            {"model": 5, "input": "x"},
+            "model",
+            "invalid_type",
+            "Invalid type for 'model': expected a string, but got a number instead.",
+        ),
         ({"model": "m"}, "input", "missing_required_parameter", "Missing required parameter: 'input'."),
-        ({"model": "m", "input": {"a": 1}}, "input", "invalid_type",
-         "Invalid type for 'input': expected one of a string or array of input items, but got an object instead."),
-        ({"model": "m", "input": ["x"]}, "input[0]", "invalid_type",
-         "Invalid type for 'input[0]': expected an object, but got a string instead."),
+        (
+            {"model": "m", "input": {"a": 1}},
+            "input",
+            "invalid_type",
+            "Invalid type for 'input': expected one of a string or array of input items, but got an object instead.",
+        ),
+        (
+            {"model": "m", "input": ["x"]},
+            "input[0]",
+            "invalid_type",
+            "Invalid type for 'input[0]': expected an object, but got a string instead.",
+        ),
         ({"model": "m", "input": "x", "instructions": 3}, "instructions", "invalid_type", None),
         ({"model": "m", "input": "x", "tools": {}}, "tools", "invalid_type", None),
         ({"model": "m", "input": "x", "stream": "yes"}, "stream", "invalid_type", None),
         ({"model": "m", "input": "x", "background": "yes"}, "background", "invalid_type", None),
         ({"model": "m", "input": "x", "background": True}, "background", "unsupported_parameter", None),
-        ({"model": "m", "input": "x", "max_output_tokens": 0}, "max_output_tokens", "integer_below_min_value",
-         "Invalid 'max_output_tokens': integer below minimum value. Expected a value >= 1, but got 0 instead."),
-        ({"model": "m", "input": "x", "max_output_tokens": 2**31}, "max_output_tokens",
-         "integer_above_max_value", None),
+        (
+            {"model": "m", "input": "x", "max_output_tokens": 0},
+            "max_output_tokens",
+            "integer_below_min_value",
+            "Invalid 'max_output_tokens': integer below minimum value. Expected a value >= 1, but got 0 instead.",
+        ),
+        (
+            {"model": "m", "input": "x", "max_output_tokens": 2**31},
+            "max_output_tokens",
+            "integer_above_max_value",
+            None,
+        ),
         ({"model": "m", "input": "x", "max_output_tokens": "5"}, "max_output_tokens", "invalid_type", None),
         ({"model": "m", "input": "x", "max_output_tokens": True}, "max_output_tokens", "invalid_type", None),
         ({"model": "m", "previous_response_id": 5}, "previous_response_id", "invalid_type", None),
@@ -87,12 +112,30 @@ def test_refusals_name_the_param(body, param, code, message):
 @pytest.mark.parametrize(
     ("response", "expected"),
     [
-        ({"usage": {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 4, "cache_write_tokens": 2},
-                    "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 3}, "total_tokens": 19}},
-         ApiUsage(10, 4, 2, 9, 3)),
+        (
+            {
+                "usage": {
+                    "input_tokens": 10,
+                    "input_tokens_details": {"cached_tokens": 4, "cache_write_tokens": 2},
+                    "output_tokens": 9,
+                    "output_tokens_details": {"reasoning_tokens": 3},
+                    "total_tokens": 19,
+                }
+            },
+            ApiUsage(10, 4, 2, 9, 3),
+        ),
         ({"usage": {"input_tokens": 10, "output_tokens": 9}}, ApiUsage(10, 0, 0, 9, 0)),
-        ({"usage": {"input_tokens": 5, "input_tokens_details": {"cached_tokens": 9}, "output_tokens": 1,
-                    "output_tokens_details": {"reasoning_tokens": 4}}}, ApiUsage(5, 5, 0, 1, 1)),  # clamped
+        (
+            {
+                "usage": {
+                    "input_tokens": 5,
+                    "input_tokens_details": {"cached_tokens": 9},
+                    "output_tokens": 1,
+                    "output_tokens_details": {"reasoning_tokens": 4},
+                }
+            },
+            ApiUsage(5, 5, 0, 1, 1),
+        ),  # clamped
         ({"usage": {"input_tokens": "10", "input_tokens_details": None, "output_tokens": -1}}, ApiUsage()),
         ({"usage": None}, None),
         ({}, None),
@@ -115,7 +158,7 @@ def meter_of(stream: bytes, piece: int = 7, prompt_tokens: int = 99) -> tuple[Re
     splitter = EventSplitter()
     relayed = []
     for start in range(0, len(stream), piece):
-        for event in splitter.feed(stream[start:start + piece]):
+        for event in splitter.feed(stream[start : start + piece]):
             meter.feed(event)
             relayed.append(event)
     assert b"".join(relayed) == stream  # every byte came out as part of a whole event
@@ -150,8 +193,11 @@ def test_stream_cut_before_the_final_event_is_charged_what_was_produced(sent):
 
 
 def test_failed_response_without_usage_is_estimated():
-    failed = {"type": "response.failed", "sequence_number": 3,
-              "response": {"id": "r", "status": "failed", "usage": None}}
+    failed = {
+        "type": "response.failed",
+        "sequence_number": 3,
+        "response": {"id": "r", "status": "failed", "usage": None},
+    }
     delta = {"type": "response.output_text.delta", "sequence_number": 2, "delta": "abcdefgh"}
     meter = ResponsesStreamMeter(5)
     for payload in (delta, failed):

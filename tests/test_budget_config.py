@@ -12,8 +12,10 @@ import pytest
 from proxy.config import Alerts, Budget, ConfigError, load_config, parse_config
 
 BAD = Path(__file__).parent / "fixtures" / "bad"
-BASE: dict[str, Any] = {"upstreams": {"mock": {"base_url": "http://127.0.0.1:9/v1"}},
-                        "models": {"m": {"targets": [{"upstream": "mock", "model": "m"}]}}}
+BASE: dict[str, Any] = {
+    "upstreams": {"mock": {"base_url": "http://127.0.0.1:9/v1"}},
+    "models": {"m": {"targets": [{"upstream": "mock", "model": "m"}]}},
+}
 
 
 def _config(**top: Any) -> Any:
@@ -29,15 +31,25 @@ def _problems(**top: Any) -> list[str]:
 def test_budgets_on_every_scope() -> None:
     config = _config(
         org={"budgets": [{"window": "month", "usd": 10_000}]},
-        teams={"platform": {"daily_budget_usd": 100, "budgets": [{"window": "month", "usd": "2000.50"}],
-                            "end_users": {"budgets": [{"window": "day", "usd": 5, "enforce": False}],
-                                          "limits": {"rpm": 10, "tpm": 50_000, "max_parallel": 2}}}},
+        teams={
+            "platform": {
+                "daily_budget_usd": 100,
+                "budgets": [{"window": "month", "usd": "2000.50"}],
+                "end_users": {
+                    "budgets": [{"window": "day", "usd": 5, "enforce": False}],
+                    "limits": {"rpm": 10, "tpm": 50_000, "max_parallel": 2},
+                },
+            }
+        },
         keys={"bot": {"team": "platform", "key": "sk-proxy-bot", "budgets": [{"window": "week", "usd": 1}]}},
     )
     assert config.org is not None
     assert config.org.all_budgets() == (Budget(window="month", usd=Decimal(10_000)),)
     team = config.teams["platform"]
-    assert team.all_budgets() == (Budget(window="day", usd=Decimal(100)), Budget(window="month", usd=Decimal("2000.50")))
+    assert team.all_budgets() == (
+        Budget(window="day", usd=Decimal(100)),
+        Budget(window="month", usd=Decimal("2000.50")),
+    )
     assert team.daily_budget_usd == Decimal(100)  # today's readers keep working
     assert team.end_users is not None
     assert team.end_users.all_budgets() == (Budget(window="day", usd=Decimal(5), enforce=False),)
@@ -55,9 +67,11 @@ def test_defaults() -> None:
 
 
 def test_shadow_mode_and_identity_order_and_alerts() -> None:
-    config = _config(teams={"t": {"limits": {"rpm": 5, "enforce": False}}},
-                     end_user_identity=["x-proxy-end-user", "user"],
-                     alerts={"thresholds": [0.9, 1], "webhook_url": "https://hooks.slack.example/T1", "format": "slack"})
+    config = _config(
+        teams={"t": {"limits": {"rpm": 5, "enforce": False}}},
+        end_user_identity=["x-proxy-end-user", "user"],
+        alerts={"thresholds": [0.9, 1], "webhook_url": "https://hooks.slack.example/T1", "format": "slack"},
+    )
     assert config.teams["t"].limits.enforce is False
     assert config.end_user_identity == ["x-proxy-end-user", "user"]
     assert config.alerts == Alerts(thresholds=[0.9, 1.0], webhook_url="https://hooks.slack.example/T1", format="slack")
@@ -87,24 +101,55 @@ def test_every_bad_budget_and_price_at_once() -> None:
 @pytest.mark.parametrize(
     ("top", "problems"),
     [
-        ({"keys": {"k": {"team": "t", "key": "sk-x", "budgets": [{"window": "day", "usd": -1}]}},
-          "teams": {"t": {}}}, ["keys.k.budgets.0.usd: must be > 0"]),
-        ({"teams": {"t": {"budgets": [{"window": "day", "usd": 1}, {"window": "day", "usd": 2},
-                                      {"window": "month", "usd": 3}, {"window": "month", "usd": 4}]}}},
-         ["teams.t.budgets: more than one budget for the day, month window: give one per window"]),
+        (
+            {
+                "keys": {"k": {"team": "t", "key": "sk-x", "budgets": [{"window": "day", "usd": -1}]}},
+                "teams": {"t": {}},
+            },
+            ["keys.k.budgets.0.usd: must be > 0"],
+        ),
+        (
+            {
+                "teams": {
+                    "t": {
+                        "budgets": [
+                            {"window": "day", "usd": 1},
+                            {"window": "day", "usd": 2},
+                            {"window": "month", "usd": 3},
+                            {"window": "month", "usd": 4},
+                        ]
+                    }
+                }
+            },
+            ["teams.t.budgets: more than one budget for the day, month window: give one per window"],
+        ),
         ({"teams": {"t": {"budgets": [{"window": "day"}]}}}, ["teams.t.budgets.0.usd: required"]),
-        ({"org": {"budgets": [{"window": "year", "usd": 1}]}}, ["org.budgets.0.window: must be 'day', 'week' or 'month'"]),
+        (
+            {"org": {"budgets": [{"window": "year", "usd": 1}]}},
+            ["org.budgets.0.window: must be 'day', 'week' or 'month'"],
+        ),
         ({"org": {"limits": {"rpm": 1}}}, ["org.limits: unknown field"]),
-        ({"teams": {"t": {"end_users": {"limits": {"rpm": 1}, "keys": []}}}}, ["teams.t.end_users.keys: unknown field"]),
-        ({"end_user_identity": ["email"]},
-         ["end_user_identity.0: must be 'safety_identifier', 'user' or 'x-proxy-end-user'"]),
+        (
+            {"teams": {"t": {"end_users": {"limits": {"rpm": 1}, "keys": []}}}},
+            ["teams.t.end_users.keys: unknown field"],
+        ),
+        (
+            {"end_user_identity": ["email"]},
+            ["end_user_identity.0: must be 'safety_identifier', 'user' or 'x-proxy-end-user'"],
+        ),
         ({"end_user_identity": []}, ["end_user_identity: must not be empty"]),
-        ({"alerts": {"thresholds": [0, 1.5]}},
-         ["alerts.thresholds: each threshold must be > 0 and <= 1 (a fraction of the budget)"]),
+        (
+            {"alerts": {"thresholds": [0, 1.5]}},
+            ["alerts.thresholds: each threshold must be > 0 and <= 1 (a fraction of the budget)"],
+        ),
         ({"alerts": {"thresholds": []}}, ["alerts.thresholds: must not be empty"]),
-        ({"alerts": {}, "alert_webhook_url": "http://a.example", "budget_alert_ratio": 0.5},
-         ["budget_alert_ratio: give alerts or budget_alert_ratio, not both",
-          "alert_webhook_url: give alerts or alert_webhook_url, not both"]),
+        (
+            {"alerts": {}, "alert_webhook_url": "http://a.example", "budget_alert_ratio": 0.5},
+            [
+                "budget_alert_ratio: give alerts or budget_alert_ratio, not both",
+                "alert_webhook_url: give alerts or alert_webhook_url, not both",
+            ],
+        ),
     ],
 )
 def test_refused_in_our_words(top: dict[str, Any], problems: list[str]) -> None:

@@ -31,8 +31,12 @@ def mock(tmp_path):
 async def stream_until(url: str, key: str, deadline: float, outcomes: list, headers: dict) -> None:
     async with httpx.AsyncClient(timeout=10) as http:
         while time.monotonic() < deadline:
-            async with http.stream("POST", url + "/v1/chat/completions", json=STREAM,
-                                   headers={"Authorization": f"Bearer {KEYS[key]}", **headers}) as response:
+            async with http.stream(
+                "POST",
+                url + "/v1/chat/completions",
+                json=STREAM,
+                headers={"Authorization": f"Bearer {KEYS[key]}", **headers},
+            ) as response:
                 body = await response.aread()
             outcomes.append((response.status_code, body))
             if response.status_code == 429:
@@ -42,8 +46,9 @@ async def stream_until(url: str, key: str, deadline: float, outcomes: list, head
 async def hammer(urls: list[str], keys: list[str], headers: dict) -> list:
     outcomes: list = []
     deadline = time.monotonic() + RUN_S
-    await asyncio.gather(*(stream_until(urls[i % len(urls)], keys[i % len(keys)], deadline, outcomes, headers)
-                           for i in range(CLIENTS)))
+    await asyncio.gather(
+        *(stream_until(urls[i % len(urls)], keys[i % len(keys)], deadline, outcomes, headers) for i in range(CLIENTS))
+    )
     return outcomes
 
 
@@ -76,8 +81,10 @@ def test_concurrent_streams_never_overshoot_the_budget(scope, mock, tmp_path, re
         refusals = [orjson.loads(body)["error"]["code"] for status, body in outcomes if status == 429]
         assert set(refusals) == {"insufficient_quota"}
         assert all(body.endswith(b"data: [DONE]\n\n") for status, body in outcomes if status == 200)
-        print(f"{scope} budget {BUDGET_MICROS} µ$: {statuses.count(200)} streams admitted, "
-              f"{statuses.count(429)} refused, recorded spend {spent} µ$")
+        print(
+            f"{scope} budget {BUDGET_MICROS} µ$: {statuses.count(200)} streams admitted, "
+            f"{statuses.count(429)} refused, recorded spend {spent} µ$"
+        )
         assert spent <= BUDGET_MICROS
         assert spent > BUDGET_MICROS - 2 * RESERVED_MICROS, "the budget was not used up: the test proves little"
         assert ledger(replicas[0].url)["requests"] == statuses.count(200)
@@ -100,8 +107,10 @@ def test_excess_only_where_the_upstream_reports_more_than_reserved(mock, tmp_pat
         spent = ledger(replicas[0].url, requests=admitted)["spend_micros"]
         cost = 0.27 + 30 * 1.10  # 1 prompt token, 30 completion tokens reported
         per_request_excess = round(cost) - RESERVED_MICROS
-        print(f"upstream over-reporting: {admitted} admitted, spend {spent} µ$ of {BUDGET_MICROS}, "
-              f"excess {spent - BUDGET_MICROS} µ$ (≤ {10 * per_request_excess} for 10 in flight)")
+        print(
+            f"upstream over-reporting: {admitted} admitted, spend {spent} µ$ of {BUDGET_MICROS}, "
+            f"excess {spent - BUDGET_MICROS} µ$ (≤ {10 * per_request_excess} for 10 in flight)"
+        )
         assert spent <= BUDGET_MICROS + 10 * per_request_excess
     finally:
         stop_all(replicas)

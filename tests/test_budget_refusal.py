@@ -18,18 +18,28 @@ def _at(*parts: int) -> int:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("team", "platform", 99_800_000, 100_000_000, "month", _at(2027, 1, 1)),
-         "Team `platform` has spent $99.80 of its $100.00 monthly budget; it resets at 2027-01-01T00:00:00Z."),
-        (("key", "ci-bot", 4_999_999, 5_000_000, "day", _at(2026, 12, 2)),
-         "Key `ci-bot` has spent $4.999999 of its $5.00 daily budget; it resets at 2026-12-02T00:00:00Z."),
-        (("org", "ignored", 0, 250_000_000_000, "week", _at(2026, 12, 7)),
-         "The organisation has spent $0.00 of its $250000.00 weekly budget; it resets at 2026-12-07T00:00:00Z."),
-        (("end_user", "user-42", 1_500, 5_000, "day", _at(2026, 12, 2)),
-         "End user `user-42` has spent $0.0015 of its $0.005 daily budget; it resets at 2026-12-02T00:00:00Z."),
+        (
+            ("team", "platform", 99_800_000, 100_000_000, "month", _at(2027, 1, 1)),
+            "Team `platform` has spent $99.80 of its $100.00 monthly budget; it resets at 2027-01-01T00:00:00Z.",
+        ),
+        (
+            ("key", "ci-bot", 4_999_999, 5_000_000, "day", _at(2026, 12, 2)),
+            "Key `ci-bot` has spent $4.999999 of its $5.00 daily budget; it resets at 2026-12-02T00:00:00Z.",
+        ),
+        (
+            ("org", "ignored", 0, 250_000_000_000, "week", _at(2026, 12, 7)),
+            "The organisation has spent $0.00 of its $250000.00 weekly budget; it resets at 2026-12-07T00:00:00Z.",
+        ),
+        (
+            ("end_user", "user-42", 1_500, 5_000, "day", _at(2026, 12, 2)),
+            "End user `user-42` has spent $0.0015 of its $0.005 daily budget; it resets at 2026-12-02T00:00:00Z.",
+        ),
         # a name from the request cannot break the message: no backticks, no control characters, cut
-        (("end_user", "a`b\nc" + "x" * 100, 1, 2, "day", _at(2026, 12, 2)),
-         "End user `abc" + "x" * 61 + "...` has spent $0.000001 of its $0.000002 daily budget; "
-         "it resets at 2026-12-02T00:00:00Z."),
+        (
+            ("end_user", "a`b\nc" + "x" * 100, 1, 2, "day", _at(2026, 12, 2)),
+            "End user `abc" + "x" * 61 + "...` has spent $0.000001 of its $0.000002 daily budget; "
+            "it resets at 2026-12-02T00:00:00Z.",
+        ),
     ],
 )
 def test_refusal_message(args: tuple, message: str) -> None:
@@ -45,8 +55,16 @@ def test_the_reset_is_the_windows_end_in_utc() -> None:
 
 @pytest.mark.parametrize(
     ("micros", "text"),
-    [(0, "$0.00"), (1, "$0.000001"), (10_000, "$0.01"), (99_800_000, "$99.80"), (1_234_567, "$1.234567"),
-     (100_000_000, "$100.00"), (-500_000, "-$0.50"), (10**15, "$1000000000.00")],
+    [
+        (0, "$0.00"),
+        (1, "$0.000001"),
+        (10_000, "$0.01"),
+        (99_800_000, "$99.80"),
+        (1_234_567, "$1.234567"),
+        (100_000_000, "$100.00"),
+        (-500_000, "-$0.50"),
+        (10**15, "$1000000000.00"),
+    ],
 )
 def test_amounts_are_exact(micros: int, text: str) -> None:
     assert usd_text(micros) == text

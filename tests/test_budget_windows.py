@@ -8,13 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from proxy.budget_windows import (
-    WINDOWS,
-    CalendarWindow,
-    Window,
-    candidate_windows,
-    window_at,
-)
+from proxy.budget_windows import WINDOWS, CalendarWindow, Window, candidate_windows, window_at
 
 UTC_ZONE = ZoneInfo("UTC")
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -30,42 +24,126 @@ def _epoch(zone: ZoneInfo, *parts: int) -> int:
 @pytest.mark.parametrize(
     ("window", "zone", "now", "label", "start", "end"),
     [
-        ("day", UTC_ZONE, datetime(2026, 12, 1, 21, 57, tzinfo=UTC), "2026-12-01",
-         _epoch(UTC_ZONE, 2026, 12, 1), _epoch(UTC_ZONE, 2026, 12, 2)),
+        (
+            "day",
+            UTC_ZONE,
+            datetime(2026, 12, 1, 21, 57, tzinfo=UTC),
+            "2026-12-01",
+            _epoch(UTC_ZONE, 2026, 12, 1),
+            _epoch(UTC_ZONE, 2026, 12, 2),
+        ),
         # Tokyo is already on the 2nd at 21:57 UTC on the 1st
-        ("day", TOKYO, datetime(2026, 12, 1, 21, 57, tzinfo=UTC), "2026-12-02",
-         _epoch(TOKYO, 2026, 12, 2), _epoch(TOKYO, 2026, 12, 3)),
+        (
+            "day",
+            TOKYO,
+            datetime(2026, 12, 1, 21, 57, tzinfo=UTC),
+            "2026-12-02",
+            _epoch(TOKYO, 2026, 12, 2),
+            _epoch(TOKYO, 2026, 12, 3),
+        ),
         # 2026-12-01 is a Tuesday: the week began on Monday 2026-11-30 (ISO week 49)
-        ("week", UTC_ZONE, datetime(2026, 12, 1, 12, tzinfo=UTC), "2026-W49",
-         _epoch(UTC_ZONE, 2026, 11, 30), _epoch(UTC_ZONE, 2026, 12, 7)),
+        (
+            "week",
+            UTC_ZONE,
+            datetime(2026, 12, 1, 12, tzinfo=UTC),
+            "2026-W49",
+            _epoch(UTC_ZONE, 2026, 11, 30),
+            _epoch(UTC_ZONE, 2026, 12, 7),
+        ),
         # a week across the new year keeps the ISO year of its Monday: 2026-12-28 is week 53 of 2026
-        ("week", UTC_ZONE, datetime(2027, 1, 1, tzinfo=UTC), "2026-W53",
-         _epoch(UTC_ZONE, 2026, 12, 28), _epoch(UTC_ZONE, 2027, 1, 4)),
-        ("month", UTC_ZONE, datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC), "2026-12",
-         _epoch(UTC_ZONE, 2026, 12, 1), _epoch(UTC_ZONE, 2027, 1, 1)),
-        ("month", UTC_ZONE, datetime(2027, 1, 1, tzinfo=UTC), "2027-01",
-         _epoch(UTC_ZONE, 2027, 1, 1), _epoch(UTC_ZONE, 2027, 2, 1)),
-        ("month", UTC_ZONE, datetime(2028, 2, 29, 12, tzinfo=UTC), "2028-02",
-         _epoch(UTC_ZONE, 2028, 2, 1), _epoch(UTC_ZONE, 2028, 3, 1)),
+        (
+            "week",
+            UTC_ZONE,
+            datetime(2027, 1, 1, tzinfo=UTC),
+            "2026-W53",
+            _epoch(UTC_ZONE, 2026, 12, 28),
+            _epoch(UTC_ZONE, 2027, 1, 4),
+        ),
+        (
+            "month",
+            UTC_ZONE,
+            datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC),
+            "2026-12",
+            _epoch(UTC_ZONE, 2026, 12, 1),
+            _epoch(UTC_ZONE, 2027, 1, 1),
+        ),
+        (
+            "month",
+            UTC_ZONE,
+            datetime(2027, 1, 1, tzinfo=UTC),
+            "2027-01",
+            _epoch(UTC_ZONE, 2027, 1, 1),
+            _epoch(UTC_ZONE, 2027, 2, 1),
+        ),
+        (
+            "month",
+            UTC_ZONE,
+            datetime(2028, 2, 29, 12, tzinfo=UTC),
+            "2028-02",
+            _epoch(UTC_ZONE, 2028, 2, 1),
+            _epoch(UTC_ZONE, 2028, 3, 1),
+        ),
         # Berlin, spring forward on Sunday 2026-03-29: a 23-hour day, and its week is 167 hours
-        ("day", BERLIN, datetime(2026, 3, 29, 12, tzinfo=BERLIN), "2026-03-29",
-         _epoch(UTC_ZONE, 2026, 3, 28, 23), _epoch(UTC_ZONE, 2026, 3, 29, 22)),
-        ("week", BERLIN, datetime(2026, 3, 29, 12, tzinfo=BERLIN), "2026-W13",
-         _epoch(UTC_ZONE, 2026, 3, 22, 23), _epoch(UTC_ZONE, 2026, 3, 29, 22)),
+        (
+            "day",
+            BERLIN,
+            datetime(2026, 3, 29, 12, tzinfo=BERLIN),
+            "2026-03-29",
+            _epoch(UTC_ZONE, 2026, 3, 28, 23),
+            _epoch(UTC_ZONE, 2026, 3, 29, 22),
+        ),
+        (
+            "week",
+            BERLIN,
+            datetime(2026, 3, 29, 12, tzinfo=BERLIN),
+            "2026-W13",
+            _epoch(UTC_ZONE, 2026, 3, 22, 23),
+            _epoch(UTC_ZONE, 2026, 3, 29, 22),
+        ),
         # Berlin, fall back on 2026-10-25: a 25-hour day; October has 31 days and one extra hour
-        ("day", BERLIN, datetime(2026, 10, 25, 12, tzinfo=BERLIN), "2026-10-25",
-         _epoch(UTC_ZONE, 2026, 10, 24, 22), _epoch(UTC_ZONE, 2026, 10, 25, 23)),
-        ("month", BERLIN, datetime(2026, 10, 15, tzinfo=BERLIN), "2026-10",
-         _epoch(UTC_ZONE, 2026, 9, 30, 22), _epoch(UTC_ZONE, 2026, 10, 31, 23)),
+        (
+            "day",
+            BERLIN,
+            datetime(2026, 10, 25, 12, tzinfo=BERLIN),
+            "2026-10-25",
+            _epoch(UTC_ZONE, 2026, 10, 24, 22),
+            _epoch(UTC_ZONE, 2026, 10, 25, 23),
+        ),
+        (
+            "month",
+            BERLIN,
+            datetime(2026, 10, 15, tzinfo=BERLIN),
+            "2026-10",
+            _epoch(UTC_ZONE, 2026, 9, 30, 22),
+            _epoch(UTC_ZONE, 2026, 10, 31, 23),
+        ),
         # New York, month of March 2026 (DST from 8 March)
-        ("month", NEW_YORK, datetime(2026, 3, 20, tzinfo=NEW_YORK), "2026-03",
-         _epoch(UTC_ZONE, 2026, 3, 1, 5), _epoch(UTC_ZONE, 2026, 4, 1, 4)),
+        (
+            "month",
+            NEW_YORK,
+            datetime(2026, 3, 20, tzinfo=NEW_YORK),
+            "2026-03",
+            _epoch(UTC_ZONE, 2026, 3, 1, 5),
+            _epoch(UTC_ZONE, 2026, 4, 1, 4),
+        ),
         # Santiago: 2026-09-06 has no midnight; its day starts at the change, 04:00 UTC (00:00 -04 = 01:00 -03)
-        ("day", SANTIAGO, datetime(2026, 9, 6, 12, tzinfo=SANTIAGO), "2026-09-06",
-         _epoch(UTC_ZONE, 2026, 9, 6, 4), _epoch(UTC_ZONE, 2026, 9, 7, 3)),
+        (
+            "day",
+            SANTIAGO,
+            datetime(2026, 9, 6, 12, tzinfo=SANTIAGO),
+            "2026-09-06",
+            _epoch(UTC_ZONE, 2026, 9, 6, 4),
+            _epoch(UTC_ZONE, 2026, 9, 7, 3),
+        ),
         # epoch seconds work as well as aware datetimes
-        ("day", UTC_ZONE, float(_epoch(UTC_ZONE, 2026, 12, 2) - 1), "2026-12-01",
-         _epoch(UTC_ZONE, 2026, 12, 1), _epoch(UTC_ZONE, 2026, 12, 2)),
+        (
+            "day",
+            UTC_ZONE,
+            float(_epoch(UTC_ZONE, 2026, 12, 2) - 1),
+            "2026-12-01",
+            _epoch(UTC_ZONE, 2026, 12, 1),
+            _epoch(UTC_ZONE, 2026, 12, 2),
+        ),
     ],
 )
 def test_window_at(window: Window, zone: ZoneInfo, now: datetime | float, label: str, start: int, end: int) -> None:
@@ -116,8 +194,9 @@ def test_candidates_are_previous_current_and_next(window: Window) -> None:
         ("week", timedelta(hours=3), datetime(2027, 1, 3, 23, 0, tzinfo=UTC), "2026-W53"),
     ],
 )
-def test_the_store_clock_picks_the_window_near_an_edge(window: Window, replica_skew: timedelta,
-                                                      store_now: datetime, expected: str) -> None:
+def test_the_store_clock_picks_the_window_near_an_edge(
+    window: Window, replica_skew: timedelta, store_now: datetime, expected: str
+) -> None:
     candidates = candidate_windows(window, UTC_ZONE, store_now + replica_skew)
     assert candidates.at(store_now.timestamp()).label == expected
 

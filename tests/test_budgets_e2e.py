@@ -31,8 +31,12 @@ RESERVED, COST = 14, 11
 
 
 def post(server, body=CHAT, key="alice", headers=None, endpoint="/chat/completions"):
-    return httpx.post(server.base_url + endpoint, json=body,
-                      headers={"Authorization": f"Bearer {KEYS[key]}", **(headers or {})}, timeout=10)
+    return httpx.post(
+        server.base_url + endpoint,
+        json=body,
+        headers={"Authorization": f"Bearer {KEYS[key]}", **(headers or {})},
+        timeout=10,
+    )
 
 
 def admin_get(server, path, key=ADMIN_KEY, **params):
@@ -48,6 +52,7 @@ def budget(key_usd=None, team_usd=None, **extra):
         if team_usd is not None:
             data["teams"]["platform"]["daily_budget_usd"] = team_usd
         data.update(extra)
+
     return patch
 
 
@@ -59,6 +64,7 @@ def on_redis(mock_upstream, start_proxy, redis_url):
         server, recorder = start_proxy(config, store=store)
         server.recorder = recorder
         return server
+
     return start
 
 
@@ -67,13 +73,21 @@ def test_budget_cut_off_is_exact_and_not_retried(on_redis):
     statuses = [post(server).status_code for _ in range(12)]
     assert statuses == [200] * 8 + [429] * 4  # 8 × 11 µ$ = 88 spent; 88 + 14 reserved > 100
     refused = post(server)
-    expected = openai_error(clocked("Daily budget exceeded for key 'alice': spent $0.000088 of $0.000100 on {day}; "
-                                    "the budget resets in {duration}."), "insufficient_quota", "insufficient_quota")
+    expected = openai_error(
+        clocked(
+            "Daily budget exceeded for key 'alice': spent $0.000088 of $0.000100 on {day}; "
+            "the budget resets in {duration}."
+        ),
+        "insufficient_quota",
+        "insufficient_quota",
+    )
     assert error_reply(refused) == (429, expected)
     assert refused.headers["x-should-retry"] == "false"
     before = len(server.recorder.outcomes)
-    with openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=3) as sdk, \
-            pytest.raises(openai.RateLimitError) as caught:
+    with (
+        openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=3) as sdk,
+        pytest.raises(openai.RateLimitError) as caught,
+    ):
         sdk.chat.completions.create(**CHAT)
     assert caught.value.body == expected["error"]
     assert len(server.recorder.outcomes) == before + 1, "the SDK retried a budget refusal"
@@ -153,20 +167,31 @@ def test_admin_api_auth_and_content(on_redis):
     server = on_redis(budget(key_usd="1", team_usd="10"))
     post(server, headers={"x-proxy-tags": "role=security_auditor,workflow=nightly"})
     assert post(server, {**CHAT, "metadata": {"role": "data_analyst"}}, key="bob").status_code == 200
-    assert post(server, {"model": "text-model", "prompt": "hello there", "max_tokens": 4, "user": "u-42"},
-                endpoint="/completions").status_code == 200
+    assert (
+        post(
+            server,
+            {"model": "text-model", "prompt": "hello there", "max_tokens": 4, "user": "u-42"},
+            endpoint="/completions",
+        ).status_code
+        == 200
+    )
     post(server, {**CHAT, "model": "no-such"})  # refused: costs nothing, books nothing
     no_key = "The admin API needs the admin key as `Authorization: Bearer ...`."
-    for key, status, message, code in ((None, 401, no_key, "invalid_api_key"),
-                                       ("sk-unknown", 401, WRONG_KEY, "invalid_api_key"),
-                                       (KEYS["alice"], 403, "This key may not use the admin API.",
-                                        "admin_key_required")):
+    for key, status, message, code in (
+        (None, 401, no_key, "invalid_api_key"),
+        ("sk-unknown", 401, WRONG_KEY, "invalid_api_key"),
+        (KEYS["alice"], 403, "This key may not use the admin API.", "admin_key_required"),
+    ):
         response = admin_get(server, "/admin/usage", key=key)
         assert error_reply(response) == (status, openai_error(message, INVALID, code))
     assert error_reply(admin_get(server, "/admin/usage", date="2024-13-45")) == (
-        400, openai_error("`date` is not a calendar date.", INVALID, None, "date"))
+        400,
+        openai_error("`date` is not a calendar date.", INVALID, None, "date"),
+    )
     assert error_reply(admin_get(server, "/admin/usage", date="yesterday")) == (
-        400, openai_error("`date` must be YYYY-MM-DD.", INVALID, None, "date"))
+        400,
+        openai_error("`date` must be YYYY-MM-DD.", INVALID, None, "date"),
+    )
     usage = admin_get(server, "/admin/usage").json()
     platform = usage["teams"]["platform"]
     costs = [o.cost_micros for o in server.recorder.outcomes if o.ticket]
@@ -189,21 +214,34 @@ def test_usage_cli_table_and_json(on_redis, tmp_path, redis_url):
     server = on_redis(budget(key_usd="1"))
     post(server, headers={"x-proxy-tags": "role=security_auditor"})
     env = {**os.environ, "LLM_PROXY_ADMIN_KEY": ADMIN_KEY}
-    by_tag = subprocess.run([sys.executable, "-m", "proxy", "usage", "--url", server.url, "--by", "tag"],
-                            capture_output=True, text=True, env=env, timeout=30)
+    by_tag = subprocess.run(
+        [sys.executable, "-m", "proxy", "usage", "--url", server.url, "--by", "tag"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
     assert by_tag.returncode == 0, by_tag.stderr
     assert "role=security_auditor" in by_tag.stdout and "0.000011" in by_tag.stdout
     config_path = tmp_path / "config.json"  # JSON is YAML
     data = config_dict("http://127.0.0.1:9/v1", redis_url=redis_url)
     budget(key_usd="1")(data)
     config_path.write_text(json.dumps(data))
-    from_store = subprocess.run([sys.executable, "-m", "proxy", "usage", "--config", str(config_path), "--json",
-                                 "--by", "key"], capture_output=True, text=True, timeout=30)
+    from_store = subprocess.run(
+        [sys.executable, "-m", "proxy", "usage", "--config", str(config_path), "--json", "--by", "key"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert from_store.returncode == 0, from_store.stderr
     report = json.loads(from_store.stdout)
     assert report["teams"]["platform"]["keys"]["alice"]["spend_micros"] == COST
-    by_key = subprocess.run([sys.executable, "-m", "proxy", "usage", "--config", str(config_path), "--by", "key"],
-                            capture_output=True, text=True, timeout=30)
+    by_key = subprocess.run(
+        [sys.executable, "-m", "proxy", "usage", "--config", str(config_path), "--by", "key"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert "alice" in by_key.stdout and "1.000000" in by_key.stdout  # the key's budget column
 
 
@@ -226,8 +264,10 @@ def test_day_rollover_in_the_budget_timezone(on_redis):
 def test_nothing_is_lost_when_redis_dies_mid_load(mock_upstream, start_proxy):
     redis = RedisServer(persistent=True)
     try:
+
         def patch(data):
             data["store"] = {"redis_url": redis.url, "on_redis_error": "allow", "timeout_ms": 100}
+
         server, recorder = start_proxy(make_config(mock_upstream.url, patch=patch))
         stop = threading.Event()
         statuses = []
@@ -236,8 +276,11 @@ def test_nothing_is_lost_when_redis_dies_mid_load(mock_upstream, start_proxy):
             with httpx.Client(timeout=10) as http:
                 while not stop.is_set():
                     body = {**CHAT, "stream": len(statuses) % 2 == 0}
-                    response = http.post(server.base_url + "/chat/completions", json=body,
-                                         headers={"Authorization": f"Bearer {KEYS[key]}"})
+                    response = http.post(
+                        server.base_url + "/chat/completions",
+                        json=body,
+                        headers={"Authorization": f"Bearer {KEYS[key]}"},
+                    )
                     statuses.append(response.status_code)
 
         threads = [threading.Thread(target=load, args=(key,)) for key in ("alice", "bob", "carol")]
@@ -272,9 +315,17 @@ def test_reservation_covers_the_larger_of_max_tokens_and_max_completion_tokens(o
     max_tokens=1000 cannot fit the budget is refused, however small its max_completion_tokens."""
     server = on_redis(budget(key_usd="0.0001"))  # 100 µ$; max_tokens=1000 reserves ~1,102 µ$
     both = {**CHAT, "max_tokens": 1000, "max_completion_tokens": 1}
-    nothing_spent = (429, openai_error(clocked(
-        "Daily budget exceeded for key 'alice': spent $0.000000 of $0.000100 on {day}; the budget resets in "
-        "{duration}."), "insufficient_quota", "insufficient_quota"))
+    nothing_spent = (
+        429,
+        openai_error(
+            clocked(
+                "Daily budget exceeded for key 'alice': spent $0.000000 of $0.000100 on {day}; the budget resets in "
+                "{duration}."
+            ),
+            "insufficient_quota",
+            "insufficient_quota",
+        ),
+    )
     assert error_reply(post(server, both)) == nothing_spent
     assert mock_upstream.stats()["requests"] == 0, "the upstream was called for a request the budget cannot cover"
     swapped = {**CHAT, "max_tokens": 1, "max_completion_tokens": 1000}

@@ -28,6 +28,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 )
 def test_reservation_reads_the_larger_token_cap(endpoint, fields, default, reserved):
     body = {"model": "m", **fields}
-    body.update({"chat": {"messages": MESSAGES}, "completions": {"prompt": "hi"},
-                 "embeddings": {"input": "hi"}}[endpoint])
+    body.update(
+        {"chat": {"messages": MESSAGES}, "completions": {"prompt": "hi"}, "embeddings": {"input": "hi"}}[endpoint]
+    )
     assert parse_call(endpoint, body, default).max_output == reserved

@@ -20,77 +20,104 @@ TIMEOUT_S = 20
 # fixture -> (environment, exact problems in order)
 REFUSED: dict[str, tuple[dict[str, str], list[str]]] = {
     "rpm_zero.yaml": ({}, ["teams.platform.limits.rpm: must be > 0"]),
-    "many.yaml": ({}, [
-        "listen.port: must be <= 65535",
-        "upstreams.mock.base_url: must start with http:// or https://",
-        "upstreams.mock.timeout: unknown field",
-        "models.m.price_per_mtok.input: must be >= 0",
-        "teams.platform.daily_budget_usd: must be > 0",
-        "keys.bot: exactly one of key_sha256, key_env or key is required",
-    ]),
-    "refs.yaml": ({}, [
-        "models.m.targets.0.upstream: unknown upstream 'ghost'",
-        "keys.bot.team: unknown team 'nobody'",
-        "keys.bot.models: unknown model 'unknown'",
-    ]),
+    "many.yaml": (
+        {},
+        [
+            "listen.port: must be <= 65535",
+            "upstreams.mock.base_url: must start with http:// or https://",
+            "upstreams.mock.timeout: unknown field",
+            "models.m.price_per_mtok.input: must be >= 0",
+            "teams.platform.daily_budget_usd: must be > 0",
+            "keys.bot: exactly one of key_sha256, key_env or key is required",
+        ],
+    ),
+    "refs.yaml": (
+        {},
+        [
+            "models.m.targets.0.upstream: unknown upstream 'ghost'",
+            "keys.bot.team: unknown team 'nobody'",
+            "keys.bot.models: unknown model 'unknown'",
+        ],
+    ),
     "same_key_value.yaml": ({}, ["keys.bob.key: same key as keys.alice.key"]),
-    "same_key_hash.yaml": ({"LLMP_TEST_CAROL_KEY": "sk-proxy-same", "LLMP_TEST_ADMIN_KEY": "sk-admin-too"}, [
-        "keys.bob.key: same key as keys.alice.key_sha256",
-        "keys.carol.key_env: same key as keys.alice.key_sha256",
-        "keys.dave.key: same key as admin_key_env",
-    ]),
-    "repeated_mapping_key.yaml": ({}, [
-        "models.m.targets.0.model: repeated key (line 8)",
-        "keys.alice.limits.rpm: repeated key (line 15)",
-        "teams: repeated key (line 16)",
-        "keys.alice.team: unknown team 't'",  # the last `teams` is the one that would count
-    ]),
-    "unset_env.yaml": ({"LLMP_TEST_EMPTY": "", "LLMP_TEST_SET": "sk-upstream-2"}, [
-        "admin_key_env: environment variable LLMP_TEST_UNSET_ADMIN is not set",
-        "upstreams.mock.api_key_env: environment variable LLMP_TEST_UNSET_UPSTREAM is not set",
-        "upstreams.empty.api_key_env: environment variable LLMP_TEST_EMPTY is empty",
-        "upstreams.both.api_key_env: give api_key or api_key_env, not both",
-        "keys.alice.key_env: environment variable LLMP_TEST_UNSET_ALICE is not set",
-        "keys.bob.key: must not be empty",
-    ]),
-    "not_integers.yaml": ({"LLMP_TEST_RPM": "1.5"}, [
-        "listen.port: must be an integer",
-        "store.timeout_ms: must be an integer",
-        "upstreams.mock.timeout_s: must be a number",
-        "upstreams.mock.max_retries: must be an integer",
-        "models.m.default_max_tokens: must be an integer",
-        "teams.t.limits.rpm: must be an integer",
-        "teams.t.limits.tpm: must be an integer",
-        "teams.t.limits.max_parallel: must be an integer",
-        "keys.alice.limits.rpm: must be an integer",
-    ]),
-    "burst_without_rate.yaml": ({}, [
-        "teams.t.limits.rpm_burst: needs rpm (a burst alone limits nothing)",
-        "keys.alice.limits.tpm_burst: needs tpm (a burst alone limits nothing)",
-    ]),
-    "budgets_and_prices.yaml": ({}, [
-        "models.m.price: no catalog price for 'not-in-catalog' (`llm-proxy prices` lists the catalog)",
-        "models.n.price: no catalog price for 'gpt-99' (`llm-proxy prices` lists the catalog)",
-        "models.o.price: must be `catalog` or {catalog: NAME}",
-        "models.p.price_per_mtok.tiers: above_input_tokens must increase from one tier to the next",
-        "teams.t: daily_budget_usd and a day budget in budgets: give one of them",
-        "teams.u.budgets: more than one budget for the week window: give one per window",
-        "teams.u.end_users.budgets.0.window: must be 'day', 'week' or 'month'",
-        "teams.u.end_users.limits.rpm: must be > 0",
-        "teams.u.end_users.limits.enforce: must be true or false",
-        "org.budgets.0.usd: must be > 0",
-        "end_user_identity: each source at most once: user repeated",
-        "alerts.thresholds: must increase",
-        "alerts.webhook_url: must start with http:// or https://",
-        "alerts.format: must be 'json' or 'slack'",
-    ]),
-    "everything_at_once.yaml": ({}, [
-        "teams.t.limits: repeated key (line 8)",
-        "upstreams.mock.api_key_env: environment variable LLMP_TEST_UNSET_UPSTREAM is not set",
-        "teams.t.limits.rpm: must be an integer",
-        "teams.t.limits.tpm_burst: needs tpm (a burst alone limits nothing)",
-        "keys.alice.limits.max_parallel: must be an integer",
-    ]),
+    "same_key_hash.yaml": (
+        {"LLMP_TEST_CAROL_KEY": "sk-proxy-same", "LLMP_TEST_ADMIN_KEY": "sk-admin-too"},
+        [
+            "keys.bob.key: same key as keys.alice.key_sha256",
+            "keys.carol.key_env: same key as keys.alice.key_sha256",
+            "keys.dave.key: same key as admin_key_env",
+        ],
+    ),
+    "repeated_mapping_key.yaml": (
+        {},
+        [
+            "models.m.targets.0.model: repeated key (line 8)",
+            "keys.alice.limits.rpm: repeated key (line 15)",
+            "teams: repeated key (line 16)",
+            "keys.alice.team: unknown team 't'",  # the last `teams` is the one that would count
+        ],
+    ),
+    "unset_env.yaml": (
+        {"LLMP_TEST_EMPTY": "", "LLMP_TEST_SET": "sk-upstream-2"},
+        [
+            "admin_key_env: environment variable LLMP_TEST_UNSET_ADMIN is not set",
+            "upstreams.mock.api_key_env: environment variable LLMP_TEST_UNSET_UPSTREAM is not set",
+            "upstreams.empty.api_key_env: environment variable LLMP_TEST_EMPTY is empty",
+            "upstreams.both.api_key_env: give api_key or api_key_env, not both",
+            "keys.alice.key_env: environment variable LLMP_TEST_UNSET_ALICE is not set",
+            "keys.bob.key: must not be empty",
+        ],
+    ),
+    "not_integers.yaml": (
+        {"LLMP_TEST_RPM": "1.5"},
+        [
+            "listen.port: must be an integer",
+            "store.timeout_ms: must be an integer",
+            "upstreams.mock.timeout_s: must be a number",
+            "upstreams.mock.max_retries: must be an integer",
+            "models.m.default_max_tokens: must be an integer",
+            "teams.t.limits.rpm: must be an integer",
+            "teams.t.limits.tpm: must be an integer",
+            "teams.t.limits.max_parallel: must be an integer",
+            "keys.alice.limits.rpm: must be an integer",
+        ],
+    ),
+    "burst_without_rate.yaml": (
+        {},
+        [
+            "teams.t.limits.rpm_burst: needs rpm (a burst alone limits nothing)",
+            "keys.alice.limits.tpm_burst: needs tpm (a burst alone limits nothing)",
+        ],
+    ),
+    "budgets_and_prices.yaml": (
+        {},
+        [
+            "models.m.price: no catalog price for 'not-in-catalog' (`llm-proxy prices` lists the catalog)",
+            "models.n.price: no catalog price for 'gpt-99' (`llm-proxy prices` lists the catalog)",
+            "models.o.price: must be `catalog` or {catalog: NAME}",
+            "models.p.price_per_mtok.tiers: above_input_tokens must increase from one tier to the next",
+            "teams.t: daily_budget_usd and a day budget in budgets: give one of them",
+            "teams.u.budgets: more than one budget for the week window: give one per window",
+            "teams.u.end_users.budgets.0.window: must be 'day', 'week' or 'month'",
+            "teams.u.end_users.limits.rpm: must be > 0",
+            "teams.u.end_users.limits.enforce: must be true or false",
+            "org.budgets.0.usd: must be > 0",
+            "end_user_identity: each source at most once: user repeated",
+            "alerts.thresholds: must increase",
+            "alerts.webhook_url: must start with http:// or https://",
+            "alerts.format: must be 'json' or 'slack'",
+        ],
+    ),
+    "everything_at_once.yaml": (
+        {},
+        [
+            "teams.t.limits: repeated key (line 8)",
+            "upstreams.mock.api_key_env: environment variable LLMP_TEST_UNSET_UPSTREAM is not set",
+            "teams.t.limits.rpm: must be an integer",
+            "teams.t.limits.tpm_burst: needs tpm (a burst alone limits nothing)",
+            "keys.alice.limits.max_parallel: must be an integer",
+        ],
+    ),
 }
 
 
@@ -101,8 +128,15 @@ def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy", *args], check=False, capture_output=True, text=True,
-                          timeout=TIMEOUT_S, cwd=ROOT, env=environment(env))
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        cwd=ROOT,
+        env=environment(env),
+    )
 
 
 def refusal(path: Path, problems: list[str]) -> list[str]:
@@ -127,12 +161,14 @@ def test_serve_refuses_to_start_with_the_same_problems(fixture: str) -> None:
     assert result.stderr.splitlines() == refusal(path, problems)
 
 
-
 def test_an_integer_from_the_environment_is_still_an_integer(tmp_path: Path) -> None:
     path = tmp_path / "ok.yaml"
-    path.write_text("upstreams:\n  mock: {base_url: 'http://127.0.0.1:9/v1'}\n"
-                    "models:\n  m: {targets: [{upstream: mock, model: m}]}\n"
-                    "teams:\n  t: {limits: {rpm: '${LLMP_TEST_RPM}'}}\n", encoding="utf-8")
+    path.write_text(
+        "upstreams:\n  mock: {base_url: 'http://127.0.0.1:9/v1'}\n"
+        "models:\n  m: {targets: [{upstream: mock, model: m}]}\n"
+        "teams:\n  t: {limits: {rpm: '${LLMP_TEST_RPM}'}}\n",
+        encoding="utf-8",
+    )
     result = run_cli("check-config", str(path), env={"LLMP_TEST_RPM": "60"})
     assert result.returncode == 0, result.stderr
     assert "  t: rpm 60, no budget" in result.stdout.splitlines()

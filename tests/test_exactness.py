@@ -26,8 +26,8 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.request.call import parse_call
 from proxy.limits.limiter import reserved_tokens
+from proxy.request.call import parse_call
 from tests.support.configs import KEYS, config_dict, exact_store
 from tests.support.processes import MockProcess, start_proxies, stop_all, write_config
 
@@ -98,7 +98,6 @@ class Run:
     @property
     def admitted(self) -> int:
         return self.statuses[200]
-
 
 
 def allowance(capacity: int, per_minute: int, elapsed_s: float) -> int:
@@ -189,8 +188,10 @@ def assert_no_refusal_before(run: Run | StreamRun, admitted: int) -> None:
 
 
 def report(name: str, measured: int, bound: int, run: Run) -> None:
-    print(f"\n{name}: {measured} of {bound} allowed over T={run.elapsed_s:.3f}s "
-          f"({measured / bound:.1%}); statuses {dict(run.statuses)}")
+    print(
+        f"\n{name}: {measured} of {bound} allowed over T={run.elapsed_s:.3f}s "
+        f"({measured / bound:.1%}); statuses {dict(run.statuses)}"
+    )
 
 
 def test_rpm_is_exact_across_replicas(mock, replicas):
@@ -278,8 +279,9 @@ async def stream_once(client: httpx.AsyncClient, headers: dict, run: StreamRun) 
     [headers received, last word received] lies inside [admit, release]: the last word is sent one
     chunk delay before the stream's end, which covers the way back to this client."""
     sent = time.perf_counter()
-    async with client.stream("POST", "/v1/chat/completions", json={**CHAT, "max_tokens": 50, "stream": True},
-                             headers=headers) as response:
+    async with client.stream(
+        "POST", "/v1/chat/completions", json={**CHAT, "max_tokens": 50, "stream": True}, headers=headers
+    ) as response:
         start = time.perf_counter()
         run.calls.append((sent, start, response.status_code))
         run.statuses[response.status_code] += 1
@@ -343,9 +345,11 @@ def test_max_parallel_holds_for_slow_streams_across_replicas(slow_mock, replicas
     urls = replicas(slow_mock, patch)
     run = asyncio.run(stream_hammer(urls, "llmrl:{platform}:k:alice:par", store_url))
     overlap = most_overlapping(run.windows)
-    print(f"\nmax_parallel: {len(run.windows)} streams over T={run.elapsed_s:.3f}s, at most {overlap} "
-          f"overlapping at the client, at most {run.max_leases} leases in Redis ({run.lease_polls} polls); "
-          f"statuses {dict(run.statuses)}")
+    print(
+        f"\nmax_parallel: {len(run.windows)} streams over T={run.elapsed_s:.3f}s, at most {overlap} "
+        f"overlapping at the client, at most {run.max_leases} leases in Redis ({run.lease_polls} polls); "
+        f"statuses {dict(run.statuses)}"
+    )
     assert overlap <= cap
     assert run.max_leases <= cap
     assert_no_refusal_before(run, cap)  # refused only while `cap` admitted streams were in flight

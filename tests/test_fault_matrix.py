@@ -68,8 +68,6 @@ class EstimateOff(AssertionError):
     """The proxy's own usage estimate is not chars / 4 of the text the client got."""
 
 
-
-
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -96,11 +94,23 @@ def http_cases() -> list[Case]:
     for status in (500, 502, 503, 429):
         kind = f"http_{status}"
         cases += [
-            Case(f"{status}_retry_after_ms_then_ok", ({"status": status, "retry_after_ms": "200"},),
-                 errors={kind: 1}, retries={kind: 1}, min_duration_s=0.2),
+            Case(
+                f"{status}_retry_after_ms_then_ok",
+                ({"status": status, "retry_after_ms": "200"},),
+                errors={kind: 1},
+                retries={kind: 1},
+                min_duration_s=0.2,
+            ),
             Case(f"{status}_backoff_then_ok", ({"status": status},), errors={kind: 1}, retries={kind: 1}),
-            Case(f"{status}_exhausted", ({"status": status, "retry_after_ms": "10"},) * 3, status=502,
-                 error="upstream_error", spend=ZERO, errors={kind: 3}, retries={kind: 2}),
+            Case(
+                f"{status}_exhausted",
+                ({"status": status, "retry_after_ms": "10"},) * 3,
+                status=502,
+                error="upstream_error",
+                spend=ZERO,
+                errors={kind: 3},
+                retries={kind: 2},
+            ),
         ]
     return cases
 
@@ -111,62 +121,171 @@ CASES = [
     Case("ok_plain"),
     Case("ok_stream", stream=True),
     *http_cases(),
-    Case("429_retry_after_s_then_ok", ({"status": 429, "retry_after": "1"},), errors={"http_429": 1},
-         retries={"http_429": 1}, min_duration_s=1.0),
-    Case("503_then_ok_stream", ({"status": 503, "retry_after_ms": "10"},), stream=True, errors={"http_503": 1},
-         retries={"http_503": 1}),
-    Case("503_exhausted_stream", ({"status": 503, "retry_after_ms": "10"},) * 3, stream=True, status=502,
-         error="upstream_error", spend=ZERO, errors={"http_503": 3}, retries={"http_503": 2}),
-    Case("reset_before_answer_then_ok", ({"close_connection": True},), errors={"broken": 1},
-         retries={"broken": 1}),
-    Case("connection_refused", upstream="refused", status=502, error="upstream_error", spend=ZERO,
-         errors={"connect": 3}, retries={"connect": 2}),
-    Case("connection_refused_to_backup", upstream="refused+backup", errors={"connect": 3},
-         retries={"connect": 2}),
-    Case("connection_refused_to_backup_stream", upstream="refused+backup", stream=True, errors={"connect": 3},
-         retries={"connect": 2}),
+    Case(
+        "429_retry_after_s_then_ok",
+        ({"status": 429, "retry_after": "1"},),
+        errors={"http_429": 1},
+        retries={"http_429": 1},
+        min_duration_s=1.0,
+    ),
+    Case(
+        "503_then_ok_stream",
+        ({"status": 503, "retry_after_ms": "10"},),
+        stream=True,
+        errors={"http_503": 1},
+        retries={"http_503": 1},
+    ),
+    Case(
+        "503_exhausted_stream",
+        ({"status": 503, "retry_after_ms": "10"},) * 3,
+        stream=True,
+        status=502,
+        error="upstream_error",
+        spend=ZERO,
+        errors={"http_503": 3},
+        retries={"http_503": 2},
+    ),
+    Case("reset_before_answer_then_ok", ({"close_connection": True},), errors={"broken": 1}, retries={"broken": 1}),
+    Case(
+        "connection_refused",
+        upstream="refused",
+        status=502,
+        error="upstream_error",
+        spend=ZERO,
+        errors={"connect": 3},
+        retries={"connect": 2},
+    ),
+    Case("connection_refused_to_backup", upstream="refused+backup", errors={"connect": 3}, retries={"connect": 2}),
+    Case(
+        "connection_refused_to_backup_stream",
+        upstream="refused+backup",
+        stream=True,
+        errors={"connect": 3},
+        retries={"connect": 2},
+    ),
     # A connect timeout surfaces as UpstreamConnectError (proxy/upstream/client.py): 502, kind connect.
-    Case("connect_timeout", upstream="unaccepting", upstream_config={"connect_timeout_s": 0.2}, status=502,
-         min_duration_s=0.6,  # three attempts of 0.2 s each: not refused at once
-         error="upstream_error", spend=ZERO, errors={"connect": 3}, retries={"connect": 2}),
-    Case("read_timeout", ({"first_byte_delay_s": 1.0},) * 3, upstream_config={"timeout_s": 0.4}, status=504,
-         error="upstream_timeout", spend=ZERO, errors={"timeout": 3}, retries={"timeout": 2}),
-    Case("read_timeout_stream", ({"first_byte_delay_s": 1.0},) * 3, stream=True, upstream_config={"timeout_s": 0.4},
-         status=504, error="upstream_timeout", spend=ZERO, errors={"timeout": 3}, retries={"timeout": 2}),
+    Case(
+        "connect_timeout",
+        upstream="unaccepting",
+        upstream_config={"connect_timeout_s": 0.2},
+        status=502,
+        min_duration_s=0.6,  # three attempts of 0.2 s each: not refused at once
+        error="upstream_error",
+        spend=ZERO,
+        errors={"connect": 3},
+        retries={"connect": 2},
+    ),
+    Case(
+        "read_timeout",
+        ({"first_byte_delay_s": 1.0},) * 3,
+        upstream_config={"timeout_s": 0.4},
+        status=504,
+        error="upstream_timeout",
+        spend=ZERO,
+        errors={"timeout": 3},
+        retries={"timeout": 2},
+    ),
+    Case(
+        "read_timeout_stream",
+        ({"first_byte_delay_s": 1.0},) * 3,
+        stream=True,
+        upstream_config={"timeout_s": 0.4},
+        status=504,
+        error="upstream_timeout",
+        spend=ZERO,
+        errors={"timeout": 3},
+        retries={"timeout": 2},
+    ),
     Case("slow_first_byte", ({"first_byte_delay_s": 0.3},), upstream_config={"timeout_s": 1}, min_duration_s=0.3),
-    Case("slow_first_byte_stream", ({"first_byte_delay_s": 0.3},), stream=True, upstream_config={"timeout_s": 1},
-         min_duration_s=0.3),
-    Case("stream_cut", ({"cut_after_chunks": 3},), stream=True, error="upstream_error", spend=ESTIMATED,
-         errors={"stream_cut": 1}),
+    Case(
+        "slow_first_byte_stream",
+        ({"first_byte_delay_s": 0.3},),
+        stream=True,
+        upstream_config={"timeout_s": 1},
+        min_duration_s=0.3,
+    ),
+    Case(
+        "stream_cut",
+        ({"cut_after_chunks": 3},),
+        stream=True,
+        error="upstream_error",
+        spend=ESTIMATED,
+        errors={"stream_cut": 1},
+    ),
     # content and the dropped connection in one read: what arrived is relayed and charged (chars / 4)
-    Case("stream_cut_in_one_write", ({"cut_after_chunks": 3, "cut_in_one_write": True},), stream=True,
-         error="upstream_error", spend=ESTIMATED, text_estimate=True, errors={"stream_cut": 1}),
-    Case("stream_stalls_past_read_timeout", ({"chunk_delay_s": 1.0, "chunks": 5},), stream=True,
-         upstream_config={"timeout_s": 0.4}, error="upstream_error", spend=ESTIMATED, errors={"timeout": 1},
-         cancelled_stream=True),
-    Case("plain_body_cut", ({"cut_after_chunks": 3},), status=502, error="upstream_error", spend=ZERO,
-         errors={"broken": 1}),
+    Case(
+        "stream_cut_in_one_write",
+        ({"cut_after_chunks": 3, "cut_in_one_write": True},),
+        stream=True,
+        error="upstream_error",
+        spend=ESTIMATED,
+        text_estimate=True,
+        errors={"stream_cut": 1},
+    ),
+    Case(
+        "stream_stalls_past_read_timeout",
+        ({"chunk_delay_s": 1.0, "chunks": 5},),
+        stream=True,
+        upstream_config={"timeout_s": 0.4},
+        error="upstream_error",
+        spend=ESTIMATED,
+        errors={"timeout": 1},
+        cancelled_stream=True,
+    ),
+    Case(
+        "plain_body_cut",
+        ({"cut_after_chunks": 3},),
+        status=502,
+        error="upstream_error",
+        spend=ZERO,
+        errors={"broken": 1},
+    ),
     # A 200 whose body is not JSON is passed through as it came (the proxy does not judge upstream bodies),
     # charged the prompt estimate and no completion.
     Case("malformed_json", ({"malformed_json": True},), spend=ESTIMATED),
-    Case("malformed_json_stream", ({"malformed_json": True},), stream=True, error="upstream_error",
-         spend=ESTIMATED, errors={"stream_cut": 1}),
+    Case(
+        "malformed_json_stream",
+        ({"malformed_json": True},),
+        stream=True,
+        error="upstream_error",
+        spend=ESTIMATED,
+        errors={"stream_cut": 1},
+    ),
     Case("bad_sse_line_stream", ({"bad_sse_line": True},), stream=True),
     Case("no_usage", ({"no_usage": True},), spend=ESTIMATED, text_estimate=True),
     Case("no_usage_stream", ({"no_usage": True},), stream=True, spend=ESTIMATED),
     Case("no_usage_stream_text_estimate", ({"no_usage": True},), stream=True, spend=ESTIMATED, text_estimate=True),
-    Case("client_gone_after_first_chunk", (SLOW_STREAM,), stream=True, client="first_chunk", spend=ESTIMATED,
-         cancelled_stream=True, body={"max_tokens": 30}),
-    Case("client_gone_before_answer", ({"first_byte_delay_s": 2.0},), client="gives_up", spend=ZERO,
-         metric_status=499),
-    Case("client_gone_before_answer_stream", ({"first_byte_delay_s": 2.0},), stream=True, client="gives_up",
-         spend=ZERO, metric_status=499),
-    Case("client_gone_during_backoff", ({"status": 503, "retry_after_ms": "2000"},), client="gives_up",
-         spend=ZERO, errors={"http_503": 1}, metric_status=499),
+    Case(
+        "client_gone_after_first_chunk",
+        (SLOW_STREAM,),
+        stream=True,
+        client="first_chunk",
+        spend=ESTIMATED,
+        cancelled_stream=True,
+        body={"max_tokens": 30},
+    ),
+    Case("client_gone_before_answer", ({"first_byte_delay_s": 2.0},), client="gives_up", spend=ZERO, metric_status=499),
+    Case(
+        "client_gone_before_answer_stream",
+        ({"first_byte_delay_s": 2.0},),
+        stream=True,
+        client="gives_up",
+        spend=ZERO,
+        metric_status=499,
+    ),
+    Case(
+        "client_gone_during_backoff",
+        ({"status": 503, "retry_after_ms": "2000"},),
+        client="gives_up",
+        spend=ZERO,
+        errors={"http_503": 1},
+        metric_status=499,
+    ),
 ]
 
 
 # -- the setup --------------------------------------------------------------------------------------
+
 
 @contextmanager
 def unaccepting_listener():
@@ -213,10 +332,17 @@ def patch_for(case: Case, mock_url: str):
         data["teams"][TEAM]["limits"] = {"max_parallel": 10, "tpm": TEAM_TPM}
         data["teams"][TEAM]["daily_budget_usd"] = "5"
         data["upstreams"]["mock"].update(case.upstream_config)
-        data["upstreams"]["probe"] = {**data["upstreams"]["mock"], "base_url": mock_url, "timeout_s": 5,
-                                      "connect_timeout_s": 1}
-        data["models"][PROBE_MODEL] = {**data["models"][MODEL],
-                                       "targets": [{"upstream": "probe", "model": "gpt-4o-mini"}]}
+        data["upstreams"]["probe"] = {
+            **data["upstreams"]["mock"],
+            "base_url": mock_url,
+            "timeout_s": 5,
+            "connect_timeout_s": 1,
+        }
+        data["models"][PROBE_MODEL] = {
+            **data["models"][MODEL],
+            "targets": [{"upstream": "probe", "model": "gpt-4o-mini"}],
+        }
+
     return patch
 
 
@@ -225,6 +351,7 @@ def headers(request_id: str) -> dict[str, str]:
 
 
 # -- the client -------------------------------------------------------------------------------------
+
 
 @dataclass
 class Seen:
@@ -269,9 +396,13 @@ INTERRUPTED = "The upstream stream was interrupted before it finished."
 MESSAGES = {  # the error message each failing case gets, whole
     **{f"{status}_exhausted": ANSWERED.format(status) for status in (429, 500, 502, 503)},
     "503_exhausted_stream": ANSWERED.format(503),
-    "connect_timeout": NO_CONNECT, "connection_refused": NO_CONNECT,
-    "read_timeout": TIMED_OUT, "read_timeout_stream": TIMED_OUT,
-    "malformed_json_stream": INTERRUPTED, "stream_cut": INTERRUPTED, "stream_cut_in_one_write": INTERRUPTED,
+    "connect_timeout": NO_CONNECT,
+    "connection_refused": NO_CONNECT,
+    "read_timeout": TIMED_OUT,
+    "read_timeout_stream": TIMED_OUT,
+    "malformed_json_stream": INTERRUPTED,
+    "stream_cut": INTERRUPTED,
+    "stream_cut_in_one_write": INTERRUPTED,
     "stream_stalls_past_read_timeout": INTERRUPTED,
     "plain_body_cut": "The upstream broke off its response.",
 }
@@ -317,6 +448,7 @@ def check_response(case: Case, seen: Seen) -> str:
 
 # -- the store, the ledger, the metrics -------------------------------------------------------------
 
+
 def leftovers(r: redis.Redis) -> dict:
     held = {key: r.zcard(key) for key in PAR_KEYS}
     return {"slots": {k: v for k, v in held.items() if v}, "reservations": list(r.scan_iter(RESERVATIONS))}
@@ -329,14 +461,17 @@ def wait_settled(r: redis.Redis, recorder, request_id: str, within_s: float) -> 
         now = time.monotonic()
         mine = [o for o in recorder.outcomes if o.request_id == request_id]
         left = leftovers(r)
-        if mine and mine[-1].ticket is not None and mine[-1].ticket.settled and not left["slots"] \
-                and not left["reservations"]:
+        if (
+            mine
+            and mine[-1].ticket is not None
+            and mine[-1].ticket.settled
+            and not left["slots"]
+            and not left["reservations"]
+        ):
             return now, mine[-1]
         if now > deadline:
             pytest.fail(f"not settled within {within_s} s: outcomes {len(mine)}, left in Redis {left}")
         time.sleep(0.01)
-
-
 
 
 def by_label(found, name: str, label: str) -> dict[str, float]:
@@ -348,6 +483,7 @@ def by_label(found, name: str, label: str) -> dict[str, float]:
 
 
 # -- the matrix -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
 def test_fault(case: Case, mock_upstream, start_proxy, redis_url):
@@ -393,8 +529,10 @@ def test_fault(case: Case, mock_upstream, start_proxy, redis_url):
         if case.text_estimate:
             assert text
             if outcome.usage.completion_tokens != estimate_text_tokens(text):
-                raise EstimateOff(f"{outcome.usage.completion_tokens} completion tokens charged for {text!r}, "
-                                  f"chars / 4 is {estimate_text_tokens(text)}")
+                raise EstimateOff(
+                    f"{outcome.usage.completion_tokens} completion tokens charged for {text!r}, "
+                    f"chars / 4 is {estimate_text_tokens(text)}"
+                )
         if case.cancelled_stream:
             deadline = time.monotonic() + SETTLE_WAIT_S
             while mock_upstream.stats()["streams_cancelled"] != 1:
@@ -404,16 +542,23 @@ def test_fault(case: Case, mock_upstream, start_proxy, redis_url):
         assert outcome.cost_micros == cost_micros(price, outcome.usage)
         assert (outcome.cost_micros > 0) == (case.spend != ZERO)
 
-        usage = httpx.get(server.url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                          timeout=10).json()["teams"][TEAM]
+        usage = httpx.get(
+            server.url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10
+        ).json()["teams"][TEAM]
         assert usage["keys"][KEY]["spend_micros"] == usage["spend_micros"] == outcome.cost_micros
         assert usage["requests"] == 1, "settled more or less than once"
         assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
-            outcome.usage.prompt_tokens, outcome.usage.completion_tokens)
+            outcome.usage.prompt_tokens,
+            outcome.usage.completion_tokens,
+        )
 
         # -- the token bucket was reconciled to exactly what was charged ---------------------------
-        probe = httpx.post(server.base_url + "/chat/completions", json={**CHAT, "model": PROBE_MODEL,
-                           "max_tokens": 1}, headers=headers("probe"), timeout=10)
+        probe = httpx.post(
+            server.base_url + "/chat/completions",
+            json={**CHAT, "model": PROBE_MODEL, "max_tokens": 1},
+            headers=headers("probe"),
+            timeout=10,
+        )
         assert probe.status_code == 200, probe.text
         _, probed = wait_settled(r, recorder, "probe", SETTLE_WAIT_S)
         assert probe.headers["x-ratelimit-limit-tokens"] == str(KEY_TPM)
@@ -430,7 +575,11 @@ def test_fault(case: Case, mock_upstream, start_proxy, redis_url):
             "upstream retries by reason": by_label(found, "llm_proxy_upstream_retries_total", "reason"),
             "in flight": {labels["team"]: value for labels, value in found["llm_proxy_inflight_requests"]},
         }
-        want = {"requests by status": dict(statuses), "upstream errors by kind": case.errors,
-                "upstream retries by reason": case.retries, "in flight": {TEAM: 0}}
+        want = {
+            "requests by status": dict(statuses),
+            "upstream errors by kind": case.errors,
+            "upstream retries by reason": case.retries,
+            "in flight": {TEAM: 0},
+        }
         if have != want:
             raise MetricsMiscount(f"/metrics: {have}, expected {want}")

@@ -30,9 +30,20 @@ def proxy(mock):
 
 
 def send_raw(port: int, header_lines: list[bytes]) -> int:
-    request = b"\r\n".join([b"POST /v1/chat/completions HTTP/1.1", b"host: 127.0.0.1",
-                            b"authorization: Bearer " + KEYS["alice"].encode(), b"content-type: application/json",
-                            b"content-length: %d" % len(CHAT), *header_lines]) + b"\r\n\r\n" + CHAT
+    request = (
+        b"\r\n".join(
+            [
+                b"POST /v1/chat/completions HTTP/1.1",
+                b"host: 127.0.0.1",
+                b"authorization: Bearer " + KEYS["alice"].encode(),
+                b"content-type: application/json",
+                b"content-length: %d" % len(CHAT),
+                *header_lines,
+            ]
+        )
+        + b"\r\n\r\n"
+        + CHAT
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(request)
         response = http.client.HTTPResponse(sock, method="POST")
@@ -41,10 +52,13 @@ def send_raw(port: int, header_lines: list[bytes]) -> int:
         return response.status
 
 
-@pytest.mark.parametrize("connection", [
-    [b"Connection: keep-alive, X-Foo", b"Connection: x-BAR ,close"],  # two Connection headers, any case
-    [b"Connection: X-Foo,X-Bar"],
-])
+@pytest.mark.parametrize(
+    "connection",
+    [
+        [b"Connection: keep-alive, X-Foo", b"Connection: x-BAR ,close"],  # two Connection headers, any case
+        [b"Connection: X-Foo,X-Bar"],
+    ],
+)
 def test_headers_named_by_connection_do_not_reach_the_upstream(proxy, mock, connection):
     mock.clear()
     answer = send_raw(proxy.port, [*connection, b"X-Foo: 1", b"x-bar: 2", b"X-Keep: 3"])

@@ -34,9 +34,12 @@ KEY = KEYS["alice"]
 AUTH = {"authorization": f"Bearer {KEY}"}
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 ERROR_FIELDS = {"message", "type", "param", "code"}
-HYPOTHESIS = settings(max_examples=200, deadline=None, database=None,
-                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                             HealthCheck.data_too_large])
+HYPOTHESIS = settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # -- the module's proxy ---------------------------------------------------------------------
 
@@ -89,8 +92,9 @@ def no_logged_errors(request, error_log):
     yield
     if "proxy" in request.fixturenames:
         time.sleep(0.05)  # a handler that fails after the response still gets to log
-    messages = [record.getMessage() + (f"\n{record.exc_info[1]!r}" if record.exc_info else "")
-                for record in error_log.records]
+    messages = [
+        record.getMessage() + (f"\n{record.exc_info[1]!r}" if record.exc_info else "") for record in error_log.records
+    ]
     error_log.records.clear()
     assert not messages, f"the proxy logged errors: {messages}"
 
@@ -151,8 +155,9 @@ def raw_exchange(port: int, request: bytes, timeout: float = 10.0) -> tuple[int,
         return response.status, {k.lower(): v for k, v in response.getheaders()}, body
 
 
-def raw_request(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes = b"",
-                content_length: bool = True) -> bytes:
+def raw_request(
+    method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes = b"", content_length: bool = True
+) -> bytes:
     lines = [method + b" " + path + b" HTTP/1.1", b"host: 127.0.0.1", b"connection: close"]
     lines += [name + b": " + value for name, value in headers]
     if content_length:
@@ -168,10 +173,18 @@ def check_raw(result: tuple[int, dict, bytes] | None) -> tuple[int, dict, bytes]
 
 # -- JSON values ---------------------------------------------------------------------------
 
-scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
-           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40))
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=25)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40)
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=25,
+)
 
 
 def json_type(value) -> str:
@@ -227,15 +240,39 @@ def test_arbitrary_json_values(client, path, value):
 
 
 @HYPOTHESIS
-@given(path=st.sampled_from(ENDPOINTS),
-       text=st.lists(st.sampled_from([b"a", b"\\u0000", b"\x00", b"\xff", b"\xc3\x28", b"\xed\xa0\x80",
-                                      b"\\ud800", b"\\udc00x", b"\\ud83d\\ude00", b"\xf4\x90\x80\x80",
-                                      b"\xe2\x82", b"\\\\", b"\x7f", b"\xc0\xaf"]), max_size=12).map(b"".join))
+@given(
+    path=st.sampled_from(ENDPOINTS),
+    text=st.lists(
+        st.sampled_from(
+            [
+                b"a",
+                b"\\u0000",
+                b"\x00",
+                b"\xff",
+                b"\xc3\x28",
+                b"\xed\xa0\x80",
+                b"\\ud800",
+                b"\\udc00x",
+                b"\\ud83d\\ude00",
+                b"\xf4\x90\x80\x80",
+                b"\xe2\x82",
+                b"\\\\",
+                b"\x7f",
+                b"\xc0\xaf",
+            ]
+        ),
+        max_size=12,
+    ).map(b"".join),
+)
 def test_nul_and_invalid_utf8_in_strings(client, path, text):
-    field = {"/v1/chat/completions": b'"messages": [{"role": "user", "content": "%s"}]',
-             "/v1/completions": b'"prompt": "%s"', "/v1/embeddings": b'"input": "%s"'}[path] % text
-    model = {"/v1/chat/completions": b"chat-model", "/v1/completions": b"text-model",
-             "/v1/embeddings": b"embed-model"}[path]
+    field = {
+        "/v1/chat/completions": b'"messages": [{"role": "user", "content": "%s"}]',
+        "/v1/completions": b'"prompt": "%s"',
+        "/v1/embeddings": b'"input": "%s"',
+    }[path] % text
+    model = {"/v1/chat/completions": b"chat-model", "/v1/completions": b"text-model", "/v1/embeddings": b"embed-model"}[
+        path
+    ]
     body = b'{"model": "%s", %s, "max_tokens": 4}' % (model, field)
     try:
         parsed = json.loads(body.decode("utf-8", errors="strict"))
@@ -257,8 +294,12 @@ def test_escaped_nul_reaches_the_upstream_unchanged(client, mock):
 @pytest.mark.parametrize("depth", [1000, 1023, 1030, 5000, 200_000])
 def test_deep_nesting_outside_what_the_parser_takes_is_a_400(client, depth):
     """orjson.loads takes 1024 levels; past that, or past what the proxy can forward, a 400."""
-    body = b'{"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "x": ' \
-           + b"[" * depth + b"]" * depth + b"}"
+    body = (
+        b'{"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "x": '
+        + b"[" * depth
+        + b"]" * depth
+        + b"}"
+    )
     expect_error(post(client, "/v1/chat/completions", body), 400)
 
 
@@ -287,8 +328,9 @@ def test_a_huge_string_within_the_body_limit(client, mock):
     assert response.status_code == 200
     assert mock.requests[-1]["body"]["prompt"] == text
     # the same text overflows the chat model's 4096-token window: refused before it costs money
-    error = expect_error(post(client, "/v1/chat/completions",
-                              dumps(chat(messages=[{"role": "user", "content": text}]))), 400, "messages")
+    error = expect_error(
+        post(client, "/v1/chat/completions", dumps(chat(messages=[{"role": "user", "content": text}]))), 400, "messages"
+    )
     assert error["code"] == "context_length_exceeded"
 
 
@@ -304,17 +346,29 @@ def test_a_body_over_the_limit_is_413(client):
     expect_error(post(client, "/v1/chat/completions", big), 413)
 
 
-parts = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "input_audio", ""])},
-                               optional={"text": json_values, "image_url": json_values})
-messages = st.lists(st.fixed_dictionaries(
-    {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"]) | st.text(max_size=8)},
-    optional={"content": st.none() | st.text(max_size=300) | st.lists(parts, max_size=3), "name": json_values,
-              "tool_calls": json_values, "function_call": json_values}), min_size=1, max_size=12)
+parts = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "image_url", "input_audio", ""])},
+    optional={"text": json_values, "image_url": json_values},
+)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"]) | st.text(max_size=8)},
+        optional={
+            "content": st.none() | st.text(max_size=300) | st.lists(parts, max_size=3),
+            "name": json_values,
+            "tool_calls": json_values,
+            "function_call": json_values,
+        },
+    ),
+    min_size=1,
+    max_size=12,
+)
 
 
 @HYPOTHESIS
-@given(messages=messages, max_tokens=st.none() | st.integers(1, 200),
-       model=st.sampled_from(["small-model", "chat-model"]))
+@given(
+    messages=messages, max_tokens=st.none() | st.integers(1, 200), model=st.sampled_from(["small-model", "chat-model"])
+)
 def test_context_policy_over_random_conversations(client, mock, messages, max_tokens, model):
     """small-model (a 100-token window) truncates, chat-model refuses: either way no crash on odd
     roles, parts, tool calls or names."""
@@ -327,10 +381,14 @@ def test_context_policy_over_random_conversations(client, mock, messages, max_to
         assert response.status_code == 400 and error["code"] == "context_length_exceeded", response.text[:300]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy/request/read.py parses with orjson.loads, which turns an integer beyond 64 bits into a float, "
-    "so an unknown field {\"seed_big\": 123456789012345678901234567890} reaches the upstream as "
-    "1.2345678901234568e+29: pass-through is lossy for such integers (OpenAI itself would refuse them)"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "proxy/request/read.py parses with orjson.loads, which turns an integer beyond 64 bits into a float, "
+        'so an unknown field {"seed_big": 123456789012345678901234567890} reaches the upstream as '
+        "1.2345678901234568e+29: pass-through is lossy for such integers (OpenAI itself would refuse them)"
+    ),
+)
 def test_an_integer_beyond_64_bits_passes_through_exactly(client, mock):
     body = dumps(chat())[:-1] + b', "seed_big": 123456789012345678901234567890}'
     assert post(client, "/v1/chat/completions", body).status_code == 200
@@ -347,11 +405,17 @@ CHECKED = {  # field -> (how to set it on a chat body, the JSON types it accepts
     "message": (lambda b, v: b["messages"].__setitem__(0, v), ("object",), "messages[0]"),
     "stream": (lambda b, v: b.update(stream=v), ("boolean", "null"), "stream"),
     "stream_options": (lambda b, v: b.update(stream_options=v), ("object", "null"), "stream_options"),
-    "include_usage": (lambda b, v: b.update(stream_options={"include_usage": v}), ("boolean", "null"),
-                      "stream_options.include_usage"),
+    "include_usage": (
+        lambda b, v: b.update(stream_options={"include_usage": v}),
+        ("boolean", "null"),
+        "stream_options.include_usage",
+    ),
     "max_tokens": (lambda b, v: b.update(max_tokens=v), ("integer", "null"), "max_tokens"),
-    "max_completion_tokens": (lambda b, v: b.update(max_completion_tokens=v), ("integer", "null"),
-                              "max_completion_tokens"),
+    "max_completion_tokens": (
+        lambda b, v: b.update(max_completion_tokens=v),
+        ("integer", "null"),
+        "max_completion_tokens",
+    ),
     "n": (lambda b, v: b.update(n=v), ("integer", "null"), "n"),
 }
 PASSED_THROUGH = ("temperature", "metadata", "user", "tools", "top_p", "stop", "seed", "response_format")
@@ -379,15 +443,27 @@ def test_fields_the_proxy_does_not_read_pass_through_unchanged(client, mock, fie
 
 
 @HYPOTHESIS
-@given(extra=st.dictionaries(st.text(max_size=20).filter(lambda k: k not in chat() | dict.fromkeys(CHECKED)),
-                             json_values, min_size=1, max_size=6),
-       endpoint=st.sampled_from(["chat", "completions", "embeddings"]))
+@given(
+    extra=st.dictionaries(
+        st.text(max_size=20).filter(lambda k: k not in chat() | dict.fromkeys(CHECKED)),
+        json_values,
+        min_size=1,
+        max_size=6,
+    ),
+    endpoint=st.sampled_from(["chat", "completions", "embeddings"]),
+)
 def test_unknown_fields_pass_through_unchanged(client, mock, extra, endpoint):
-    base = {"chat": chat(), "completions": {"model": "text-model", "prompt": "hi", "max_tokens": 2},
-            "embeddings": {"model": "embed-model", "input": "hi"}}[endpoint]
-    extra = {k: v for k, v in extra.items() if k not in base and k not in ("stream", "stream_options", "n",
-                                                                             "max_completion_tokens", "input",
-                                                                             "prompt", "messages")}
+    base = {
+        "chat": chat(),
+        "completions": {"model": "text-model", "prompt": "hi", "max_tokens": 2},
+        "embeddings": {"model": "embed-model", "input": "hi"},
+    }[endpoint]
+    extra = {
+        k: v
+        for k, v in extra.items()
+        if k not in base
+        and k not in ("stream", "stream_options", "n", "max_completion_tokens", "input", "prompt", "messages")
+    }
     response = post(client, f"/v1/{endpoint.replace('chat', 'chat/completions')}", dumps({**base, **extra}))
     assert response.status_code == 200, response.text[:300]
     sent = mock.requests[-1]["body"]
@@ -396,7 +472,9 @@ def test_unknown_fields_pass_through_unchanged(client, mock, extra, endpoint):
 
 
 hostile_numbers = st.one_of(
-    st.integers(max_value=0), st.integers(min_value=2**31), st.integers(min_value=2**64, max_value=10**40),
+    st.integers(max_value=0),
+    st.integers(min_value=2**31),
+    st.integers(min_value=2**64, max_value=10**40),
     st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not x.is_integer() or abs(x) < 2**53),
     st.sampled_from(["NaN", "Infinity", "-Infinity", "-1", "1e9", "0x10", "", " 5"]),
 )
@@ -430,22 +508,58 @@ def test_n_above_the_ceiling_is_a_400(client):
 
 # -- paths and methods ---------------------------------------------------------------------
 
-SUCCEEDS = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/models"),
-            ("GET", "/admin/openapi.json"), ("GET", "/admin/docs")}
+SUCCEEDS = {
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/models"),
+    ("GET", "/admin/openapi.json"),
+    ("GET", "/admin/docs"),
+}
 path_segments = st.one_of(
-    st.sampled_from(["v1", "chat", "completions", "embeddings", "models", "admin", "usage", "keys", "..", ".",
-                     "%2e%2e", "%2F", "%00", "%ff", "%c3%a9", "%", "%zz", "chat-model", "healthz", "", "~", ";x=1"]),
-    st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e, exclude_characters="#?%"), max_size=12),
+    st.sampled_from(
+        [
+            "v1",
+            "chat",
+            "completions",
+            "embeddings",
+            "models",
+            "admin",
+            "usage",
+            "keys",
+            "..",
+            ".",
+            "%2e%2e",
+            "%2F",
+            "%00",
+            "%ff",
+            "%c3%a9",
+            "%",
+            "%zz",
+            "chat-model",
+            "healthz",
+            "",
+            "~",
+            ";x=1",
+        ]
+    ),
+    st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="#?%"), max_size=12),
 )
 paths = st.lists(path_segments, max_size=8).map(lambda parts: "/" + "/".join(parts)) | st.builds(
-    lambda parts: "/v1/" + "/".join(parts), st.lists(path_segments, max_size=6))
-methods = st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE", "PROPFIND",
-                           "FOO", "get"])
+    lambda parts: "/v1/" + "/".join(parts), st.lists(path_segments, max_size=6)
+)
+methods = st.sampled_from(
+    ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE", "PROPFIND", "FOO", "get"]
+)
 
 
 @HYPOTHESIS
-@given(method=methods, path=paths, authorized=st.booleans(),
-       query=st.sampled_from(["", "?a=1", "?date=%ff", "?date=2024-13-99", "?x=" + "y" * 5000]))
+@given(
+    method=methods,
+    path=paths,
+    authorized=st.booleans(),
+    query=st.sampled_from(["", "?a=1", "?date=%ff", "?date=2024-13-99", "?x=" + "y" * 5000]),
+)
 def test_random_paths_and_methods(proxy, method, path, query, authorized):
     headers = [(b"authorization", f"Bearer {KEY}".encode())] if authorized else []
     result = raw_exchange(proxy.port, raw_request(method.encode(), (path + query).encode(), headers))
@@ -467,8 +581,15 @@ def test_very_long_paths(proxy, length):
 
 
 def test_dot_segments_do_not_reach_admin(proxy):
-    for path in (b"/v1/../admin/keys", b"/v1/%2e%2e/admin/keys", b"/admin/./keys", b"//admin/keys",
-                 b"/admin/keys/", b"/ADMIN/keys", b"/admin%2fkeys"):
+    for path in (
+        b"/v1/../admin/keys",
+        b"/v1/%2e%2e/admin/keys",
+        b"/admin/./keys",
+        b"//admin/keys",
+        b"/admin/keys/",
+        b"/ADMIN/keys",
+        b"/admin%2fkeys",
+    ):
         auth = [(b"authorization", AUTH["authorization"].encode())]
         result = check_raw(raw_exchange(proxy.port, raw_request(b"GET", path, auth)))
         assert result is not None and result[0] in (307, 400, 401, 403, 404), (path, result[:2])
@@ -483,18 +604,46 @@ VALID_CHAT = dumps(chat())
 
 
 @HYPOTHESIS
-@given(values=st.lists(st.sampled_from([f"Bearer {KEY}".encode(), f"Bearer {KEYS['bob']}".encode(), b"Bearer",
-                                        b"bearer  " + KEY.encode() + b"  ", b"Basic Zm9vOmJhcg==", b""]) | header_bytes,
-                       min_size=2, max_size=4))
+@given(
+    values=st.lists(
+        st.sampled_from(
+            [
+                f"Bearer {KEY}".encode(),
+                f"Bearer {KEYS['bob']}".encode(),
+                b"Bearer",
+                b"bearer  " + KEY.encode() + b"  ",
+                b"Basic Zm9vOmJhcg==",
+                b"",
+            ]
+        )
+        | header_bytes,
+        min_size=2,
+        max_size=4,
+    )
+)
 def test_duplicated_and_odd_authorization_headers(proxy, values):
     headers = [(b"authorization", value) for value in values] + [(b"content-type", b"application/json")]
     check_raw(raw_exchange(proxy.port, raw_request(b"POST", b"/v1/chat/completions", headers, VALID_CHAT)))
 
 
 @HYPOTHESIS
-@given(value=header_bytes, name=st.sampled_from([b"authorization", b"api-key", b"x-proxy-tags", b"x-request-id",
-                                                  b"x-stainless-timeout", b"content-type", b"openai-organization",
-                                                  b"x-custom", b"accept-encoding", b"cookie"]))
+@given(
+    value=header_bytes,
+    name=st.sampled_from(
+        [
+            b"authorization",
+            b"api-key",
+            b"x-proxy-tags",
+            b"x-request-id",
+            b"x-stainless-timeout",
+            b"content-type",
+            b"openai-organization",
+            b"x-custom",
+            b"accept-encoding",
+            b"cookie",
+        ]
+    ),
+)
 def test_odd_bytes_in_header_values(proxy, mock, name, value):
     headers = [(b"authorization", AUTH["authorization"].encode()), (b"content-type", b"application/json")]
     if name == b"authorization":
@@ -508,12 +657,15 @@ def test_odd_bytes_in_header_values(proxy, mock, name, value):
 
 
 header_text = st.text(st.characters(codec="latin-1", exclude_categories=("Cc",)), max_size=300)
-ascii_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=300)
+ascii_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300)
 
 
 @HYPOTHESIS
-@given(tags=st.lists(header_text, max_size=20).map(",".join) | header_text,
-       request_id=ascii_text | header_text, stream=st.booleans())
+@given(
+    tags=st.lists(header_text, max_size=20).map(",".join) | header_text,
+    request_id=ascii_text | header_text,
+    stream=st.booleans(),
+)
 def test_random_tags_and_request_ids(client, mock, tags, request_id, stream):
     sent_id = request_id.strip(" ").encode("latin-1")
     headers = {"x-proxy-tags": tags.strip(" ").encode("latin-1"), "x-request-id": sent_id}
@@ -551,25 +703,45 @@ def test_many_headers(proxy):
     check_raw(raw_exchange(proxy.port, raw_request(b"POST", b"/v1/chat/completions", headers, VALID_CHAT)))
 
 
-LYING_LENGTHS = [b"0", b"5", str(len(VALID_CHAT) - 1).encode(), b"-1", b"abc", b"1e3", b" 12", b"99999999999999999999",
-                 b"18446744073709551616", b"%d, %d" % (len(VALID_CHAT), len(VALID_CHAT))]
+LYING_LENGTHS = [
+    b"0",
+    b"5",
+    str(len(VALID_CHAT) - 1).encode(),
+    b"-1",
+    b"abc",
+    b"1e3",
+    b" 12",
+    b"99999999999999999999",
+    b"18446744073709551616",
+    b"%d, %d" % (len(VALID_CHAT), len(VALID_CHAT)),
+]
 
 
 @pytest.mark.parametrize("declared", LYING_LENGTHS)
 def test_a_content_length_that_lies(proxy, declared):
-    headers = [(b"authorization", AUTH["authorization"].encode()), (b"content-type", b"application/json"),
-               (b"content-length", declared)]
-    result = check_raw(raw_exchange(proxy.port, raw_request(b"POST", b"/v1/chat/completions", headers, VALID_CHAT,
-                                                            content_length=False)))
+    headers = [
+        (b"authorization", AUTH["authorization"].encode()),
+        (b"content-type", b"application/json"),
+        (b"content-length", declared),
+    ]
+    result = check_raw(
+        raw_exchange(
+            proxy.port, raw_request(b"POST", b"/v1/chat/completions", headers, VALID_CHAT, content_length=False)
+        )
+    )
     assert result is None or result[0] >= 400
 
 
 def test_a_body_shorter_than_its_content_length(proxy):
     """The client declares more than it sends, then stops writing: the proxy must neither hang
     nor log an internal error for a client that went away."""
-    request = raw_request(b"POST", b"/v1/chat/completions", [(b"authorization", AUTH["authorization"].encode()),
-                                                             (b"content-length", b"1000")], VALID_CHAT,
-                          content_length=False)
+    request = raw_request(
+        b"POST",
+        b"/v1/chat/completions",
+        [(b"authorization", AUTH["authorization"].encode()), (b"content-length", b"1000")],
+        VALID_CHAT,
+        content_length=False,
+    )
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
         sock.sendall(request)
         sock.shutdown(socket.SHUT_WR)
@@ -579,17 +751,23 @@ def test_a_body_shorter_than_its_content_length(proxy):
     if data:
         status = int(data.split(b" ", 2)[1])
         head, _, body = data.partition(b"\r\n\r\n")
-        headers = {line.split(b":", 1)[0].decode().lower(): line.split(b":", 1)[1].decode().strip()
-                   for line in head.split(b"\r\n")[1:]}
+        headers = {
+            line.split(b":", 1)[0].decode().lower(): line.split(b":", 1)[1].decode().strip()
+            for line in head.split(b"\r\n")[1:]
+        }
         check_error_shape(status, headers, body)
 
 
 def test_transfer_encoding_and_content_length_together(proxy):
     body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(VALID_CHAT), VALID_CHAT)
-    headers = [(b"authorization", AUTH["authorization"].encode()), (b"content-length", b"5"),
-               (b"transfer-encoding", b"chunked")]
-    check_raw(raw_exchange(proxy.port, raw_request(b"POST", b"/v1/chat/completions", headers, body,
-                                                   content_length=False)))
+    headers = [
+        (b"authorization", AUTH["authorization"].encode()),
+        (b"content-length", b"5"),
+        (b"transfer-encoding", b"chunked"),
+    ]
+    check_raw(
+        raw_exchange(proxy.port, raw_request(b"POST", b"/v1/chat/completions", headers, body, content_length=False))
+    )
 
 
 # -- the body limit while a body streams in -------------------------------------------------
@@ -623,9 +801,16 @@ def small_limit_proxy(mock, tmp_path_factory):
 def chunked_upload(port: int, total: int, chunk: bytes) -> tuple[int, bytes]:
     """POST `total` bytes as chunked transfer encoding (no content-length), checking after every
     chunk whether the server has answered; returns (bytes written, the raw response)."""
-    head = raw_request(b"POST", b"/v1/chat/completions", [(b"authorization", AUTH["authorization"].encode()),
-                                                          (b"content-type", b"application/json"),
-                                                          (b"transfer-encoding", b"chunked")], content_length=False)
+    head = raw_request(
+        b"POST",
+        b"/v1/chat/completions",
+        [
+            (b"authorization", AUTH["authorization"].encode()),
+            (b"content-type", b"application/json"),
+            (b"transfer-encoding", b"chunked"),
+        ],
+        content_length=False,
+    )
     framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)
     sent = 0
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -673,11 +858,15 @@ def test_a_1gib_chunked_upload_is_refused_after_the_limit(small_limit_proxy):
 
 @pytest.mark.slow
 def test_a_declared_1gib_body_is_refused_unread(small_limit_proxy):
-    headers = [(b"authorization", AUTH["authorization"].encode()), (b"content-type", b"application/json"),
-               (b"content-length", str(GIB).encode())]
+    headers = [
+        (b"authorization", AUTH["authorization"].encode()),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(GIB).encode()),
+    ]
     started = time.monotonic()
-    result = raw_exchange(small_limit_proxy.port, raw_request(b"POST", b"/v1/chat/completions", headers, b"{",
-                                                              content_length=False))
+    result = raw_exchange(
+        small_limit_proxy.port, raw_request(b"POST", b"/v1/chat/completions", headers, b"{", content_length=False)
+    )
     assert result is not None
     check_error_shape(*result)
     assert result[0] == 413

@@ -71,8 +71,10 @@ def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split(" ")[1]), headers, body
 
 
-MESSAGES = {"request_header_fields_too_large": "The request's headers are too large.",
-            "request_timeout": "The request did not arrive in time."}
+MESSAGES = {
+    "request_header_fields_too_large": "The request's headers are too large.",
+    "request_timeout": "The request did not arrive in time.",
+}
 
 
 def assert_openai_error(raw: bytes, status: int, code: str) -> None:
@@ -83,8 +85,12 @@ def assert_openai_error(raw: bytes, status: int, code: str) -> None:
 
 
 def authorised_request(port: int) -> httpx.Response:
-    return httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=CHAT, timeout=10,
-                      headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    return httpx.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        content=CHAT,
+        timeout=10,
+        headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+    )
 
 
 def thread_cpu_s(native_id: int) -> float:
@@ -122,11 +128,15 @@ def test_an_80kib_header_is_a_431_and_the_connection_closes(proxy):
 def test_headers_just_under_the_limit_and_a_large_body_are_served(proxy):
     # one read then holds the end of the headers and the start of a body, past the header limit
     padding = 60 * 1024
-    body = orjson.dumps({"model": "chat-model", "messages": [{"role": "user", "content": "a " * 100_000}],
-                         "max_tokens": 4})
-    response = httpx.post(f"{proxy.url}/v1/chat/completions", content=body, timeout=10,
-                          headers={"authorization": f"Bearer {KEY}", "content-type": "application/json",
-                                   "x-padding": "p" * padding})
+    body = orjson.dumps(
+        {"model": "chat-model", "messages": [{"role": "user", "content": "a " * 100_000}], "max_tokens": 4}
+    )
+    response = httpx.post(
+        f"{proxy.url}/v1/chat/completions",
+        content=body,
+        timeout=10,
+        headers={"authorization": f"Bearer {KEY}", "content-type": "application/json", "x-padding": "p" * padding},
+    )
     assert response.status_code in (200, 400), response.text[:300]  # 400: over the model's context
     assert response.status_code != 431
 
@@ -142,7 +152,7 @@ def test_a_48mib_header_line_is_refused_after_reading_little(proxy):
         view = memoryview(line)
         try:
             while sent < len(line):
-                sent += sock.send(view[sent:sent + 65536])
+                sent += sock.send(view[sent : sent + 65536])
         except (BrokenPipeError, ConnectionResetError):
             pass
         raw = read_all(sock)
@@ -211,7 +221,7 @@ def test_a_body_that_trickles_is_a_408_after_body_timeout(proxy):
         raw = b""
         for i in range(len(CHAT) - 1):  # one byte every 0.1 s, never the last one
             try:
-                sock.sendall(CHAT[i:i + 1])
+                sock.sendall(CHAT[i : i + 1])
             except (BrokenPipeError, ConnectionResetError):
                 break
             sock.settimeout(0.1)
@@ -255,8 +265,9 @@ def test_slowloris_connections_at_the_cap_do_not_lock_out_authorised_clients(moc
         time.sleep(0.2)
         clients = [openai.OpenAI(api_key=KEY, base_url=server.base_url, max_retries=0, timeout=10) for _ in range(3)]
         for client in clients:  # each on its own connection, kept open: three new connections
-            reply = client.chat.completions.create(model="chat-model", max_tokens=4,
-                                                   messages=[{"role": "user", "content": "hi"}])
+            reply = client.chat.completions.create(
+                model="chat-model", max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+            )
             assert reply.choices[0].message.content
         time.sleep(0.2)
         assert [is_closed(sock) for sock in slow] == [True] * 3 + [False] * 47  # the oldest made room

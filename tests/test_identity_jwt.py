@@ -46,12 +46,19 @@ class Signer:
 
     def sign(self, algorithm: str | None = None, headers: dict[str, Any] | None = None, **overrides: Any) -> str:
         now = int(time.time())
-        claims: dict[str, Any] = {"iss": ISSUER, "aud": AUDIENCE, "exp": now + 300, "nbf": now - 5,
-                                  "team": "platform", "sub": "alice@example.com"}
+        claims: dict[str, Any] = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "exp": now + 300,
+            "nbf": now - 5,
+            "team": "platform",
+            "sub": "alice@example.com",
+        }
         claims.update(overrides)
         claims = {k: v for k, v in claims.items() if v is not None}
-        return jwt.encode(claims, self.private, algorithm=algorithm or self.algorithm,
-                          headers={"kid": self.kid, **(headers or {})})
+        return jwt.encode(
+            claims, self.private, algorithm=algorithm or self.algorithm, headers={"kid": self.kid, **(headers or {})}
+        )
 
 
 class JwksServer:
@@ -103,8 +110,7 @@ def ec_signer() -> Signer:
 
 
 def config(url: str | None = None, file: str | None = None) -> JwtAuth:
-    return JwtAuth(issuer=ISSUER, audience=AUDIENCE, jwks_url=url, jwks_file=file, team_claim="team",
-                   user_claim="sub")
+    return JwtAuth(issuer=ISSUER, audience=AUDIENCE, jwks_url=url, jwks_file=file, team_claim="team", user_claim="sub")
 
 
 class FakeClock:
@@ -183,15 +189,18 @@ async def test_expired_and_not_yet_valid_beyond_the_leeway(jwks_server, rsa_sign
     await verifier.verify(rsa_signer.sign(exp=now - 1))  # within the leeway: clock skew
 
 
-@pytest.mark.parametrize(("claims", "reason"), [
-    ({"aud": "someone-else"}, "wrong_audience"),
-    ({"iss": "https://evil.example.com/"}, "wrong_issuer"),
-    ({"exp": None}, "missing_claim"),
-    ({"aud": None}, "missing_claim"),
-    ({"team": None}, "missing_claim"),
-    ({"sub": ""}, "missing_claim"),
-    ({"team": ["a", "b"]}, "missing_claim"),
-])
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        ({"aud": "someone-else"}, "wrong_audience"),
+        ({"iss": "https://evil.example.com/"}, "wrong_issuer"),
+        ({"exp": None}, "missing_claim"),
+        ({"aud": None}, "missing_claim"),
+        ({"team": None}, "missing_claim"),
+        ({"sub": ""}, "missing_claim"),
+        ({"team": ["a", "b"]}, "missing_claim"),
+    ],
+)
 async def test_claims_are_checked(jwks_server, rsa_signer, claims, reason):
     jwks_server.keys = [rsa_signer.jwk]
     verifier, _ = await verifier_for(jwks_server)
@@ -213,14 +222,19 @@ async def test_hs256_with_the_public_key_as_secret_is_refused(jwks_server, rsa_s
     jwks_server.keys = [rsa_signer.jwk]
     verifier, _ = await verifier_for(jwks_server)
     public_pem = rsa_signer.private.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     now = int(time.time())
     claims = {"iss": ISSUER, "aud": AUDIENCE, "exp": now + 300, "team": "platform", "sub": "mallory"}
+
     def b64(data: bytes) -> str:
         return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
-    signing_input = b64(json.dumps({"alg": "HS256", "kid": "rsa-1", "typ": "JWT"}).encode()) + "." + b64(
-        json.dumps(claims).encode())
+    signing_input = (
+        b64(json.dumps({"alg": "HS256", "kid": "rsa-1", "typ": "JWT"}).encode())
+        + "."
+        + b64(json.dumps(claims).encode())
+    )
     mac = hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest()
     forged = f"{signing_input}.{b64(mac)}"
     assert (await rejected(verifier, forged)).reason == "unsupported_algorithm"
@@ -276,11 +290,15 @@ def test_looks_like_jwt_tells_tokens_from_proxy_keys(rsa_signer):
 
 
 def test_auth_jwt_config_needs_one_jwks_source():
-    base = {"upstreams": {"u": {"base_url": "http://x"}}, "models": {"m": {"targets": [{"upstream": "u", "model": "m"}]}}}
+    base = {
+        "upstreams": {"u": {"base_url": "http://x"}},
+        "models": {"m": {"targets": [{"upstream": "u", "model": "m"}]}},
+    }
     jwt_block = {"issuer": ISSUER, "audience": AUDIENCE, "team_claim": "team", "user_claim": "email"}
     parsed = parse_config({**base, "auth": {"jwt": {**jwt_block, "jwks_url": "https://idp/jwks"}}})
     assert parsed.auth.jwt is not None and parsed.auth.jwt.user_claim == "email"
     from proxy.config import ConfigError
+
     for bad in ({**jwt_block}, {**jwt_block, "jwks_url": "https://a", "jwks_file": "/b"}):
         with pytest.raises(ConfigError) as caught:
             parse_config({**base, "auth": {"jwt": bad}})

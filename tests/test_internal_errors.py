@@ -56,8 +56,12 @@ def test_a_bug_after_admission_is_settled_counted_and_logged_once(proxy_with_log
 
     monkeypatch.setattr(forward, "open_upstream", broken)
     with caplog.at_level(logging.ERROR):
-        response = httpx.post(server.base_url + "/chat/completions", json=CHAT,
-                              headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=10)
+        response = httpx.post(
+            server.base_url + "/chat/completions",
+            json=CHAT,
+            headers={"Authorization": f"Bearer {KEYS['alice']}"},
+            timeout=10,
+        )
     assert error_reply(response) == (500, openai_error("The proxy had an internal error.", "server_error", None))
     assert "Bug" not in response.text and "a bug" not in response.text  # no internals to the client
 
@@ -83,8 +87,10 @@ def test_a_bug_inside_a_stream_is_logged_told_and_settled(proxy_with_log, monkey
 
     monkeypatch.setattr(sse, "text_length", broken)
     received = []
-    with caplog.at_level(logging.ERROR), \
-            openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=0) as sdk:
+    with (
+        caplog.at_level(logging.ERROR),
+        openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=0) as sdk,
+    ):
         stream = sdk.chat.completions.create(**CHAT, stream=True)
         with pytest.raises(openai.APIError) as caught:
             for chunk in stream:

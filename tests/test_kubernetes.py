@@ -117,8 +117,16 @@ def _route_exists(path: str) -> bool:
 def test_every_resource_names_its_api_kind_and_name() -> None:
     resources = _resources()
     kinds = sorted(doc.get("kind", "?") for _, doc in resources)
-    assert kinds == ["ConfigMap", "Deployment", "Namespace", "PodDisruptionBudget", "Secret",
-                     "Service", "Service", "StatefulSet"]
+    assert kinds == [
+        "ConfigMap",
+        "Deployment",
+        "Namespace",
+        "PodDisruptionBudget",
+        "Secret",
+        "Service",
+        "Service",
+        "StatefulSet",
+    ]
     namespace = _kustomization()["namespace"]
     assert _one("Namespace", namespace)
     for name, doc in resources:
@@ -154,8 +162,12 @@ def test_redis_url_names_the_redis_service() -> None:
     url = urlsplit(_config().store.redis_url)
     service = _one("Service", url.hostname)
     (port,) = [p for p in service["spec"]["ports"] if p["port"] == url.port]
-    (redis,) = [doc for _, doc in _resources() if doc["kind"] in WORKLOADS
-                and _selects(service["spec"]["selector"], doc["spec"]["template"]["metadata"]["labels"])]
+    (redis,) = [
+        doc
+        for _, doc in _resources()
+        if doc["kind"] in WORKLOADS
+        and _selects(service["spec"]["selector"], doc["spec"]["template"]["metadata"]["labels"])
+    ]
     (container,) = redis["spec"]["template"]["spec"]["containers"]
     assert _container_port(container, port["targetPort"]) == 6379
 
@@ -251,8 +263,11 @@ def test_selectors_match_the_proxy_pods_only() -> None:
     pdb_selector = _one("PodDisruptionBudget", "llm-proxy")["spec"]["selector"]["matchLabels"]
     for selector in (proxy_selector, service_selector, pdb_selector):
         assert _selects(selector, labels), f"{selector} does not select the proxy pods {labels}"
-    others = [doc["spec"]["template"]["metadata"]["labels"] for _, doc in _resources()
-              if doc["kind"] in WORKLOADS and doc["metadata"]["name"] != "llm-proxy"]
+    others = [
+        doc["spec"]["template"]["metadata"]["labels"]
+        for _, doc in _resources()
+        if doc["kind"] in WORKLOADS and doc["metadata"]["name"] != "llm-proxy"
+    ]
     assert others, "redis.yaml's StatefulSet is missing"
     for other in others:
         assert not _selects(service_selector, other), "the proxy Service also selects Redis"

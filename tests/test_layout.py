@@ -61,7 +61,7 @@ def test_there_is_no_import_cycle() -> None:
             if child.startswith(name + "."):  # a package importing its own submodule is no cycle
                 continue
             if state.get(child) == 1:
-                cycles.append([*path[path.index(child):], child] if child in path else [*path, child])
+                cycles.append([*path[path.index(child) :], child] if child in path else [*path, child])
             elif child not in state:
                 visit(child, [*path, child])
         state[name] = 2
@@ -93,14 +93,20 @@ def test_the_store_layer_answers_with_decisions_not_http_errors() -> None:
     request path or the HTTP layer."""
     import proxy.errors
 
-    http_errors = {name for name, value in vars(proxy.errors).items()
-                   if isinstance(value, type) and issubclass(value, proxy.errors.ProxyError)}
+    http_errors = {
+        name
+        for name, value in vars(proxy.errors).items()
+        if isinstance(value, type) and issubclass(value, proxy.errors.ProxyError)
+    }
     found = []
     for name, path in MODULES.items():
         if not name.startswith("proxy.limits"):
             continue
-        found += [f"{name} imports {target}" for target in GRAPH[name]
-                  if target.startswith(("proxy.request", "proxy.http", "proxy.app", "proxy.gateway"))]
+        found += [
+            f"{name} imports {target}"
+            for target in GRAPH[name]
+            if target.startswith(("proxy.request", "proxy.http", "proxy.app", "proxy.gateway"))
+        ]
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("errors"):
                 found += [f"{name} imports {alias.name}" for alias in node.names if alias.name in http_errors]
@@ -118,8 +124,9 @@ def lua_arg_names(script: str) -> list[str]:
     return [part.strip().strip("'") for part in table.split("{", 1)[1].split(",")]
 
 
-@pytest.mark.parametrize(("script", "names"),
-                         [("admit.lua", "ADMIT_ARGS"), ("settle.lua", "SETTLE_ARGS"), ("renew.lua", "RENEW_ARGS")])
+@pytest.mark.parametrize(
+    ("script", "names"), [("admit.lua", "ADMIT_ARGS"), ("settle.lua", "SETTLE_ARGS"), ("renew.lua", "RENEW_ARGS")]
+)
 def test_each_script_reads_its_arguments_in_the_order_layout_builds_them(script: str, names: str) -> None:
     from proxy.limits import layout
 

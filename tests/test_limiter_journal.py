@@ -18,8 +18,15 @@ from tests.support.configs import KEYS, make_config
 
 
 def settlement(n: int) -> Settlement:
-    return Settlement(f"req-{n}", ScopeLimits("team", "platform"), ScopeLimits("key", "alice"), "chat-model",
-                      "2026-01-01", Usage(1, 1), n)
+    return Settlement(
+        f"req-{n}",
+        ScopeLimits("team", "platform"),
+        ScopeLimits("key", "alice"),
+        "chat-model",
+        "2026-01-01",
+        Usage(1, 1),
+        n,
+    )
 
 
 class SlowStore:
@@ -71,6 +78,7 @@ async def test_a_failed_flush_keeps_everything_in_order():
 
 # -- abandons: an admit whose reply was lost, for a request that went nowhere ------------------------
 
+
 class LostReplies:
     """A store whose admits fail: `error` says whether they were sent (StoreError) or not."""
 
@@ -91,6 +99,7 @@ def limiter_for(store, mode: str, limits: dict | None = None) -> tuple[Limiter, 
     def patch(data):
         data["store"] = {"redis_url": "redis://127.0.0.1:9/0", "on_redis_error": mode}
         data["keys"]["alice"]["limits"] = limits or {}
+
     config = make_config("http://127.0.0.1:9/v1", patch=patch)
     caller = KeyRing(config).authenticate(KEYS["alice"])
     return Limiter(config, store, fallback=MemoryStore()), caller

@@ -30,12 +30,17 @@ def with_limits(key_limits=None, team_limits=None, **extra):
         if team_limits is not None:
             data["teams"]["platform"]["limits"] = team_limits
         data.update(extra)
+
     return patch
 
 
 def post(server, body=CHAT, key="alice", headers=None):
-    return httpx.post(server.base_url + "/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEYS[key]}", **(headers or {})}, timeout=10)
+    return httpx.post(
+        server.base_url + "/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEYS[key]}", **(headers or {})},
+        timeout=10,
+    )
 
 
 def wait_settled(server, count: int) -> None:
@@ -53,12 +58,14 @@ def clock():
 @pytest.fixture
 def limited(mock_upstream, start_proxy, redis_url, clock):
     """start(patch) -> server on real Redis with a frozen clock."""
+
     def start(patch):
         config = make_config(mock_upstream.url, redis_url=redis_url, patch=patch)
         store = RedisStore.from_url(redis_url, clock_us=clock)
         server, recorder = start_proxy(config, store=store)
         server.recorder = recorder
         return server
+
     return start
 
 
@@ -78,9 +85,14 @@ def test_rpm_refusal_is_openai_shaped_and_exact(limited, clock):
     assert post(server).status_code == 200
     assert post(server).status_code == 200
     refused = post(server)
-    assert error_reply(refused) == (429, openai_error(
-        "Rate limit reached for key 'alice' on requests per minute. Please try again in 1s.", "requests",
-        "rate_limit_exceeded"))
+    assert error_reply(refused) == (
+        429,
+        openai_error(
+            "Rate limit reached for key 'alice' on requests per minute. Please try again in 1s.",
+            "requests",
+            "rate_limit_exceeded",
+        ),
+    )
     assert refused.headers["retry-after"] == "1" and refused.headers["retry-after-ms"] == "1000"
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     clock.advance(0.999)
@@ -93,15 +105,21 @@ def test_team_limit_shared_by_two_keys(limited):
     server = limited(with_limits(team_limits={"rpm": 60, "rpm_burst": 3}))
     assert [post(server, key=k).status_code for k in ("alice", "bob", "alice")] == [200, 200, 200]
     refused = post(server, key="bob")
-    assert error_reply(refused) == (429, openai_error(
-        "Rate limit reached for team 'platform' on requests per minute. Please try again in 1s.", "requests",
-        "rate_limit_exceeded"))
+    assert error_reply(refused) == (
+        429,
+        openai_error(
+            "Rate limit reached for team 'platform' on requests per minute. Please try again in 1s.",
+            "requests",
+            "rate_limit_exceeded",
+        ),
+    )
     assert post(server, key="carol").status_code == 200  # another team is untouched
 
 
 def test_sdk_retry_honours_our_headers(mock_upstream, start_proxy, redis_url):
-    config = make_config(mock_upstream.url, redis_url=redis_url,
-                         patch=with_limits({"rpm": 120, "rpm_burst": 1}))  # one request per 0.5 s
+    config = make_config(
+        mock_upstream.url, redis_url=redis_url, patch=with_limits({"rpm": 120, "rpm_burst": 1})
+    )  # one request per 0.5 s
     server, recorder = start_proxy(config)
     with openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=2) as sdk:
         sdk.chat.completions.create(**CHAT)
@@ -121,12 +139,20 @@ def test_sdk_retry_honours_our_headers(mock_upstream, start_proxy, redis_url):
 def test_request_that_can_never_fit(limited):
     server = limited(with_limits({"tpm": 100}))
     refused = post(server, {**CHAT, "max_tokens": 500})
-    assert error_reply(refused) == (429, openai_error(
-        "Request too large for key 'alice': it needs more tokens per minute than the limit's capacity allows, so it "
-        "can never be admitted. Reduce the prompt or max_tokens.", "tokens", "rate_limit_exceeded"))
+    assert error_reply(refused) == (
+        429,
+        openai_error(
+            "Request too large for key 'alice': it needs more tokens per minute than the limit's capacity allows, "
+            "so it can never be admitted. Reduce the prompt or max_tokens.",
+            "tokens",
+            "rate_limit_exceeded",
+        ),
+    )
     assert refused.headers["x-should-retry"] == "false"
-    with openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=2) as sdk, \
-            pytest.raises(openai.RateLimitError):
+    with (
+        openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=2) as sdk,
+        pytest.raises(openai.RateLimitError),
+    ):
         sdk.chat.completions.create(**{**CHAT, "max_tokens": 500})
     assert len([o for o in server.recorder.outcomes if o.status == 429]) == 2  # no SDK retries
 
@@ -138,8 +164,12 @@ def test_parallel_cap_holds_until_the_stream_ends(limited):
     result = {}
 
     def stream():
-        with httpx.stream("POST", server.base_url + "/chat/completions", json={**CHAT, "stream": True},
-                          headers={"Authorization": f"Bearer {KEYS['alice']}", "x-mock-fault": slow}) as r:
+        with httpx.stream(
+            "POST",
+            server.base_url + "/chat/completions",
+            json={**CHAT, "stream": True},
+            headers={"Authorization": f"Bearer {KEYS['alice']}", "x-mock-fault": slow},
+        ) as r:
             for _ in r.iter_bytes():
                 first_chunk.set()
             result["status"] = r.status_code
@@ -148,9 +178,14 @@ def test_parallel_cap_holds_until_the_stream_ends(limited):
     thread.start()
     assert first_chunk.wait(5)
     refused = post(server)
-    assert error_reply(refused) == (429, openai_error(
-        "Rate limit reached for key 'alice' on parallel requests. Please try again in 1s.", "parallel_requests",
-        "rate_limit_exceeded"))
+    assert error_reply(refused) == (
+        429,
+        openai_error(
+            "Rate limit reached for key 'alice' on parallel requests. Please try again in 1s.",
+            "parallel_requests",
+            "rate_limit_exceeded",
+        ),
+    )
     thread.join(10)
     assert result["status"] == 200
     deadline = time.monotonic() + 3
@@ -161,9 +196,12 @@ def test_parallel_cap_holds_until_the_stream_ends(limited):
 def test_abandoned_stream_releases_its_slot_and_is_reconciled(limited, clock):
     server = limited(with_limits({"max_parallel": 1, "tpm": SLOW_REFILL_TPM, "tpm_burst": 6000}))
     slow = orjson.dumps({"chunk_delay_s": 0.2, "chunks": 30}).decode()
-    with httpx.stream("POST", server.base_url + "/chat/completions", json={**CHAT, "stream": True,
-                      "max_tokens": 1000}, headers={"Authorization": f"Bearer {KEYS['alice']}",
-                                                    "x-mock-fault": slow}) as r:
+    with httpx.stream(
+        "POST",
+        server.base_url + "/chat/completions",
+        json={**CHAT, "stream": True, "max_tokens": 1000},
+        headers={"Authorization": f"Bearer {KEYS['alice']}", "x-mock-fault": slow},
+    ) as r:
         for _ in r.iter_bytes():
             break
     deadline = time.monotonic() + 3
@@ -176,16 +214,23 @@ def test_abandoned_stream_releases_its_slot_and_is_reconciled(limited, clock):
     assert 0 < charged < 1000, "the reservation of 1000 completion tokens was not reconciled"
     response = post(server, {**CHAT, "max_tokens": 10})
     assert response.status_code == 200  # slot released
-    reserved_second = int(response.headers["x-ratelimit-limit-tokens"]) - int(
-        response.headers["x-ratelimit-remaining-tokens"]) - charged
+    reserved_second = (
+        int(response.headers["x-ratelimit-limit-tokens"])
+        - int(response.headers["x-ratelimit-remaining-tokens"])
+        - charged
+    )
     assert 0 < reserved_second <= 20  # bucket = capacity - actual usage of the first - this reservation
 
 
 def test_streamed_and_plain_requests_are_reconciled_to_actual_usage(limited):
     server = limited(with_limits({"tpm": SLOW_REFILL_TPM, "tpm_burst": 60_000}))
     for body in ({**CHAT, "max_tokens": 2000}, {**CHAT, "max_tokens": 2000, "stream": True}):
-        with httpx.stream("POST", server.base_url + "/chat/completions", json=body,
-                          headers={"Authorization": f"Bearer {KEYS['alice']}"}) as r:
+        with httpx.stream(
+            "POST",
+            server.base_url + "/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {KEYS['alice']}"},
+        ) as r:
             r.read()
     wait_settled(server, 2)  # settlement follows the last byte
     probe = post(server, {**CHAT, "max_tokens": 1})
@@ -202,6 +247,7 @@ def test_redis_outage_follows_on_redis_error(mode, mock_upstream, start_proxy, r
     def patch(data):
         data["store"] = {"redis_url": redis_url, "on_redis_error": mode, "timeout_ms": 100}
         data["keys"]["alice"]["limits"] = {"rpm": 600}
+
     server, recorder = start_proxy(make_config(mock_upstream.url, patch=patch))
     assert post(server).status_code == 200
     redis_server.kill()
@@ -213,8 +259,12 @@ def test_redis_outage_follows_on_redis_error(mode, mock_upstream, start_proxy, r
         else:
             assert statuses == [503] * 5
             refused = post(server)
-            assert error_reply(refused) == (503, openai_error(
-                "The rate-limit store is unavailable; please retry shortly.", "server_error", "store_unavailable"))
+            assert error_reply(refused) == (
+                503,
+                openai_error(
+                    "The rate-limit store is unavailable; please retry shortly.", "server_error", "store_unavailable"
+                ),
+            )
         outage_logs = [r for r in caplog.records if "store unavailable" in r.getMessage()]
         assert len(outage_logs) == 1, "an outage is logged once, not once per request"
         ready = httpx.get(server.url + "/readyz")

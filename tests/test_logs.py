@@ -32,7 +32,7 @@ from tests.support.processes import ROOT, Process, proxy_process, start_all, sto
 HOSTILE = 'a "quoted" \\back\\slash\nsecond line\ttab, é ü 中文 🙂 \x1b[31m {"json": true}'
 ODD_KEY = 'odd "key"\n\u00e9\u4e2d'  # an unknown field: named in the reload's refusal
 CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-BUG = f'''
+BUG = f"""
 import aiohttp
 
 
@@ -45,7 +45,7 @@ async def _request(self, *args, **kwargs):
 
 
 aiohttp.ClientSession._request = _request  # every upstream call meets the bug
-'''
+"""
 
 
 def record(msg: object, args: tuple = (), *, exc: BaseException | None = None, stack: str | None = None):
@@ -62,17 +62,26 @@ def raised(message: str) -> BaseException:
         return exc
 
 
-@pytest.mark.parametrize(("made", "fields"), [
-    (record(HOSTILE), {"message": HOSTILE}),
-    (record("config %s refused: %r", ("x\"y\nz", "é")), {"message": "config x\"y\nz refused: 'é'"}),
-    (record("nul \x00 and bell \x07"), {"message": "nul \x00 and bell \x07"}),
-    (record("%d items", ("not a number",)), {"message": "%d items (unformattable log arguments: ('not a number',))"}),
-    (record(ValueError("not a string")), {"message": "not a string"}),
-    (record("bytes \udcff smuggled"), {"message": "bytes \\udcff smuggled"}),
-    (record("failed", exc=raised(HOSTILE)), {"message": "failed", "traceback": ...}),
-    (record("where", stack='Stack (most recent call last):\n  File "x.py", line 1'),
-     {"message": "where", "stack": 'Stack (most recent call last):\n  File "x.py", line 1'}),
-], ids=["hostile", "args", "control", "bad-args", "non-str", "surrogate", "traceback", "stack"])
+@pytest.mark.parametrize(
+    ("made", "fields"),
+    [
+        (record(HOSTILE), {"message": HOSTILE}),
+        (record("config %s refused: %r", ('x"y\nz', "é")), {"message": "config x\"y\nz refused: 'é'"}),
+        (record("nul \x00 and bell \x07"), {"message": "nul \x00 and bell \x07"}),
+        (
+            record("%d items", ("not a number",)),
+            {"message": "%d items (unformattable log arguments: ('not a number',))"},
+        ),
+        (record(ValueError("not a string")), {"message": "not a string"}),
+        (record("bytes \udcff smuggled"), {"message": "bytes \\udcff smuggled"}),
+        (record("failed", exc=raised(HOSTILE)), {"message": "failed", "traceback": ...}),
+        (
+            record("where", stack='Stack (most recent call last):\n  File "x.py", line 1'),
+            {"message": "where", "stack": 'Stack (most recent call last):\n  File "x.py", line 1'},
+        ),
+    ],
+    ids=["hostile", "args", "control", "bad-args", "non-str", "surrogate", "traceback", "stack"],
+)
 def test_every_record_is_one_json_line(made, fields):
     line = JsonFormatter().format(made)
     assert "\n" not in line and "\r" not in line
@@ -112,8 +121,12 @@ def with_bug(tmp_path: Path) -> dict[str, str]:
 
 
 def failing_call(url: str, request_id: str) -> None:
-    response = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=10, headers={
-        "Authorization": f"Bearer {KEYS['alice']}", "x-request-id": request_id, "Connection": "close"})
+    response = httpx.post(
+        url + "/v1/chat/completions",
+        json=CHAT,
+        timeout=10,
+        headers={"Authorization": f"Bearer {KEYS['alice']}", "x-request-id": request_id, "Connection": "close"},
+    )
     assert response.status_code == 500, response.text
 
 
@@ -160,8 +173,14 @@ def test_spawned_workers_write_json_lines(tmp_path, redis_url):
     data["log_level"] = "info"
     config = write_config(tmp_path / "config.yaml", data)
     port = free_port()
-    server = Process([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port),
-                      "--workers", "2"], port, "/healthz", name="proxy", workdir=tmp_path, env=with_bug(tmp_path))
+    server = Process(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port), "--workers", "2"],
+        port,
+        "/healthz",
+        name="proxy",
+        workdir=tmp_path,
+        env=with_bug(tmp_path),
+    )
     try:
         start_all([server])
         deadline = time.monotonic() + 20

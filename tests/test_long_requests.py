@@ -31,10 +31,15 @@ STREAM = {"chunks": 16, "chunk_delay_s": 1.0}  # 16 s: four lease TTLs
 
 def long_lived(redis_url: str):
     def patch(data: dict) -> None:
-        data["store"] = {"redis_url": redis_url, "lease_ttl_s": LEASE_TTL_S, "on_redis_error": "deny",
-                         "timeout_ms": 2000}
+        data["store"] = {
+            "redis_url": redis_url,
+            "lease_ttl_s": LEASE_TTL_S,
+            "on_redis_error": "deny",
+            "timeout_ms": 2000,
+        }
         data["keys"]["alice"]["limits"] = {"max_parallel": 1}
         data["teams"]["platform"]["daily_budget_usd"] = TEAM_BUDGET_USD
+
     return patch
 
 
@@ -56,7 +61,8 @@ def test_a_stream_four_lease_ttls_long_keeps_its_slot_and_budget_hold(mock_upstr
 
     def stream() -> None:
         chunks = sdk(server.base_url).chat.completions.create(
-            **CHAT, stream=True, extra_headers={"x-mock-fault": orjson.dumps(STREAM).decode()})
+            **CHAT, stream=True, extra_headers={"x-mock-fault": orjson.dumps(STREAM).decode()}
+        )
         words = []
         for chunk in chunks:
             first_chunk.set()
@@ -108,8 +114,9 @@ def test_a_dead_replicas_lease_ends_after_the_ttl(slow_mock, tmp_path, redis_url
     client = redis.Redis.from_url(redis_url, socket_timeout=2)
     headers = {"Authorization": f"Bearer {KEYS['alice']}"}
     try:
-        with httpx.stream("POST", doomed.url + "/v1/chat/completions", json={**CHAT, "stream": True},
-                          headers=headers, timeout=30) as response:
+        with httpx.stream(
+            "POST", doomed.url + "/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers, timeout=30
+        ) as response:
             assert response.status_code == 200
             chunks = response.iter_bytes()
             next(chunks)
@@ -132,8 +139,9 @@ def test_a_dead_replicas_lease_ends_after_the_ttl(slow_mock, tmp_path, redis_url
             assert answer.status_code == 429 and answer.json()["error"]["type"] == "parallel_requests"
             assert sent - killed < LEASE_TTL_S + 0.05, "the dead replica's lease outlived its TTL"
             time.sleep(0.1)
-        print(f"\ndead replica's lease ended {time.monotonic() - killed:.2f}s after SIGKILL "
-              f"(lease_ttl_s={LEASE_TTL_S})")
+        print(
+            f"\ndead replica's lease ended {time.monotonic() - killed:.2f}s after SIGKILL (lease_ttl_s={LEASE_TTL_S})"
+        )
     finally:
         doomed.stop()
         survivor.stop()
@@ -151,8 +159,9 @@ def test_a_renewal_that_fails_while_redis_is_paused_is_retried(mock_upstream, st
     fault = orjson.dumps({"chunks": 16, "chunk_delay_s": 1.0}).decode()
     headers = {"Authorization": f"Bearer {KEYS['alice']}", "x-mock-fault": fault}
     pid = redis_server._process.pid
-    with httpx.stream("POST", server.base_url + "/chat/completions", json={**CHAT, "stream": True},
-                      headers=headers, timeout=30) as long:
+    with httpx.stream(
+        "POST", server.base_url + "/chat/completions", json={**CHAT, "stream": True}, headers=headers, timeout=30
+    ) as long:
         assert long.status_code == 200
         started = time.monotonic()
         chunks = long.iter_bytes()
@@ -167,8 +176,12 @@ def test_a_renewal_that_fails_while_redis_is_paused_is_retried(mock_upstream, st
         for _ in chunks:
             elapsed = time.monotonic() - started
             if ttl_s + 0.5 < elapsed < 12:  # past the unrenewed lease's end, well before the stream's
-                answer = httpx.post(server.base_url + "/chat/completions", json=CHAT,
-                                    headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=10)
+                answer = httpx.post(
+                    server.base_url + "/chat/completions",
+                    json=CHAT,
+                    headers={"Authorization": f"Bearer {KEYS['alice']}"},
+                    timeout=10,
+                )
                 assert answer.status_code == 429, f"admitted {elapsed:.1f}s into the stream: {answer.text}"
                 assert answer.json()["error"]["type"] == "parallel_requests"
                 last_refusal = elapsed

@@ -20,13 +20,24 @@ WORDS = " ".join(f"word{i}" for i in range(16))
 PROMPT = "x" * 40  # 10 tokens for the mock
 MESSAGES = [{"role": "user", "content": PROMPT}]
 RESPONSE_EVENTS = [
-    "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
     *["response.output_text.delta"] * 16,
-    "response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed",
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
 ]
 MESSAGE_EVENTS = [
-    "message_start", "content_block_start", "ping", *["content_block_delta"] * 16, "content_block_stop",
-    "message_delta", "message_stop",
+    "message_start",
+    "content_block_start",
+    "ping",
+    *["content_block_delta"] * 16,
+    "content_block_stop",
+    "message_delta",
+    "message_stop",
 ]
 
 
@@ -104,8 +115,9 @@ def test_response_stream_order_sequence_and_usage(oai, http):
     assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == WORDS
     assert events[-1].response.usage == plain.usage
     assert events[-1].response.output_text == WORDS
-    assert [event["type"] for event in raw_events(http, "/v1/responses", {"model": "m", "input": PROMPT})] == \
-        RESPONSE_EVENTS
+    assert [
+        event["type"] for event in raw_events(http, "/v1/responses", {"model": "m", "input": PROMPT})
+    ] == RESPONSE_EVENTS
 
 
 def test_response_stream_helper_accumulates(oai):
@@ -133,11 +145,13 @@ def test_max_output_tokens_makes_an_incomplete_response(oai, stream):
 def test_reasoning_and_cache_tokens_plain_equal_streamed(oai, mock):
     asked = fault(reasoning_tokens=3, cached_tokens=4, cache_write_tokens=2)
     plain = oai.responses.create(model="m", input=PROMPT, max_output_tokens=9, extra_headers=asked)
-    events = list(oai.responses.create(model="m", input=PROMPT, max_output_tokens=9, stream=True,
-                                       extra_headers=asked))
+    events = list(oai.responses.create(model="m", input=PROMPT, max_output_tokens=9, stream=True, extra_headers=asked))
     usage = plain.usage
-    assert (usage.input_tokens, usage.input_tokens_details.cached_tokens,
-            usage.input_tokens_details.cache_write_tokens) == (10, 4, 2)
+    assert (
+        usage.input_tokens,
+        usage.input_tokens_details.cached_tokens,
+        usage.input_tokens_details.cache_write_tokens,
+    ) == (10, 4, 2)
     assert (usage.output_tokens, usage.output_tokens_details.reasoning_tokens) == (9, 3)  # 3 reasoning + 6 words
     assert [item.type for item in plain.output] == ["reasoning", "message"]
     assert plain.status == "incomplete"
@@ -186,17 +200,17 @@ def test_response_faults(oai, mock):
 def test_response_stream_cut_raises_after_the_deltas_sent(oai, mock, one_write):
     received = []
     with pytest.raises(openai.APIConnectionError):
-        for event in oai.responses.create(model="m", input=PROMPT, stream=True,
-                                          extra_headers=fault(cut_after_chunks=3, cut_in_one_write=one_write)):
+        for event in oai.responses.create(
+            model="m", input=PROMPT, stream=True, extra_headers=fault(cut_after_chunks=3, cut_in_one_write=one_write)
+        ):
             received.append(event.type)
-    assert received == RESPONSE_EVENTS[:4 + 3]
+    assert received == RESPONSE_EVENTS[: 4 + 3]
     assert (mock.stats()["completion_tokens"], mock.stats()["streams_completed"]) == (0, 0)
 
 
 def test_response_stream_error_event(oai, mock):
-    events = list(oai.responses.create(model="m", input=PROMPT, stream=True,
-                                       extra_headers=fault(error_after_chunks=2)))
-    assert [event.type for event in events] == [*RESPONSE_EVENTS[:4 + 2], "error"]
+    events = list(oai.responses.create(model="m", input=PROMPT, stream=True, extra_headers=fault(error_after_chunks=2)))
+    assert [event.type for event in events] == [*RESPONSE_EVENTS[: 4 + 2], "error"]
     assert events[-1].sequence_number == 6
     assert events[-1].code == "server_error"
     assert mock.stats()["completion_tokens"] == 0
@@ -236,15 +250,19 @@ def test_message_max_tokens_stops_the_reply(claude):
 def test_message_stream_usage_equals_plain(claude, http):
     asked = fault(cached_tokens=3, cache_write_tokens=2)
     plain = claude.messages.create(model="m", max_tokens=100, messages=MESSAGES, extra_headers=asked)
-    assert (plain.usage.input_tokens, plain.usage.cache_read_input_tokens,
-            plain.usage.cache_creation_input_tokens) == (5, 3, 2)  # 10 prompt tokens, split the Anthropic way
+    assert (plain.usage.input_tokens, plain.usage.cache_read_input_tokens, plain.usage.cache_creation_input_tokens) == (
+        5,
+        3,
+        2,
+    )  # 10 prompt tokens, split the Anthropic way
     with claude.messages.stream(model="m", max_tokens=100, messages=MESSAGES, extra_headers=asked) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text == WORDS
     assert final.usage == plain.usage
-    events = raw_events(http, "/v1/messages", {"model": "m", "max_tokens": 100, "messages": MESSAGES},
-                        ANTHROPIC_HEADERS)
+    events = raw_events(
+        http, "/v1/messages", {"model": "m", "max_tokens": 100, "messages": MESSAGES}, ANTHROPIC_HEADERS
+    )
     assert [event["type"] for event in events] == MESSAGE_EVENTS
     assert events[0]["message"]["usage"]["output_tokens"] == 1
     assert events[-2]["usage"]["output_tokens"] == 16  # cumulative, in message_delta
@@ -253,8 +271,12 @@ def test_message_stream_usage_equals_plain(claude, http):
 def test_message_raw_stream_events_parse(claude):
     events = list(claude.messages.create(model="m", max_tokens=3, messages=MESSAGES, stream=True))
     assert [event.type for event in events] == [
-        "message_start", "content_block_start", *["content_block_delta"] * 3, "content_block_stop",
-        "message_delta", "message_stop",
+        "message_start",
+        "content_block_start",
+        *["content_block_delta"] * 3,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
     ]  # the SDK drops ping
     assert events[-2].delta.stop_reason == "max_tokens"
 
@@ -297,10 +319,18 @@ def test_the_sdk_retries_an_overloaded_upstream(mock):
     [
         (ANTHROPIC_HEADERS, {"model": "m", "messages": MESSAGES}, 400, "max_tokens: Field required"),
         (ANTHROPIC_HEADERS, {"max_tokens": 5, "messages": MESSAGES}, 400, "model: Field required"),
-        ({"anthropic-version": "2023-06-01"}, {"model": "m", "max_tokens": 5, "messages": MESSAGES}, 401,
-         "x-api-key header is required"),
-        ({"x-api-key": "k"}, {"model": "m", "max_tokens": 5, "messages": MESSAGES}, 400,
-         "anthropic-version: header is required"),
+        (
+            {"anthropic-version": "2023-06-01"},
+            {"model": "m", "max_tokens": 5, "messages": MESSAGES},
+            401,
+            "x-api-key header is required",
+        ),
+        (
+            {"x-api-key": "k"},
+            {"model": "m", "max_tokens": 5, "messages": MESSAGES},
+            400,
+            "anthropic-version: header is required",
+        ),
     ],
 )
 def test_message_refusals(http, headers, body, status, message):
@@ -320,13 +350,17 @@ def test_unknown_anthropic_path_is_anthropic_shaped(http):
 def test_message_stream_cut_and_error_event(claude, mock):
     received = []
     with pytest.raises((anthropic.APIConnectionError, httpx2.TransportError)):  # this SDK does not wrap it
-        for event in claude.messages.create(model="m", max_tokens=100, messages=MESSAGES, stream=True,
-                                            extra_headers=fault(cut_after_chunks=2)):
+        for event in claude.messages.create(
+            model="m", max_tokens=100, messages=MESSAGES, stream=True, extra_headers=fault(cut_after_chunks=2)
+        ):
             received.append(event.type)
     assert received == ["message_start", "content_block_start", "content_block_delta", "content_block_delta"]
     with pytest.raises(anthropic.APIStatusError) as raised:
-        list(claude.messages.create(model="m", max_tokens=100, messages=MESSAGES, stream=True,
-                                    extra_headers=fault(error_after_chunks=1)))
+        list(
+            claude.messages.create(
+                model="m", max_tokens=100, messages=MESSAGES, stream=True, extra_headers=fault(error_after_chunks=1)
+            )
+        )
     assert raised.value.body["error"]["type"] == "overloaded_error"
     assert mock.stats()["completion_tokens"] == 0
 
@@ -358,7 +392,8 @@ def test_bad_sse_line_and_malformed_json_on_the_new_routes(http, mock):
         events_with_bad_line = [line for line in response.iter_lines() if line.startswith("data:")]
     assert "data: not-json" in events_with_bad_line
     mock.add_faults([{"malformed_json": True}])
-    response = http.post("/v1/messages", json={"model": "m", "max_tokens": 5, "messages": MESSAGES},
-                         headers=ANTHROPIC_HEADERS)
+    response = http.post(
+        "/v1/messages", json={"model": "m", "max_tokens": 5, "messages": MESSAGES}, headers=ANTHROPIC_HEADERS
+    )
     with pytest.raises(json.JSONDecodeError):
         json.loads(response.content)

@@ -28,16 +28,23 @@ def test_two_workers_aggregate_metrics_and_share_limits(tmp_path: Path, redis_ur
     config = write_config(tmp_path / "config.yaml", data)
     port = free_port()
     metrics_dir = tmp_path / "metrics"
-    server = Process([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port),
-                      "--workers", "2"], port, "/healthz", name="proxy", workdir=tmp_path,
-                     env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    server = Process(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port), "--workers", "2"],
+        port,
+        "/healthz",
+        name="proxy",
+        workdir=tmp_path,
+        env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+    )
     try:
         start_all([server])
         statuses = []
         for _ in range(40):  # new connections, so both workers take requests
-            response = httpx.post(server.url + "/v1/chat/completions", headers={
-                "Authorization": f"Bearer {KEYS['alice']}", "Connection": "close"},
-                json={"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+            response = httpx.post(
+                server.url + "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {KEYS['alice']}", "Connection": "close"},
+                json={"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+            )
             statuses.append(response.status_code)
         assert statuses.count(200) == 30 and statuses.count(429) == 10  # one shared bucket of 30
         pids = {m.group(1) for f in metrics_dir.iterdir() if (m := re.search(r"_(\d+)\.db$", f.name))}

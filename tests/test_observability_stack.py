@@ -72,19 +72,27 @@ def binary(name: str) -> str:
 
 # -- the scripted traffic -------------------------------------------------------------------------
 
+
 def post(server, body=CHAT, key="alice", token=None):
-    return httpx.post(server.base_url + "/chat/completions", json=body, timeout=10,
-                      headers={"Authorization": f"Bearer {token or KEYS[key]}"})
+    return httpx.post(
+        server.base_url + "/chat/completions",
+        json=body,
+        timeout=10,
+        headers={"Authorization": f"Bearer {token or KEYS[key]}"},
+    )
 
 
 def stream(server, key="alice"):
-    with httpx.stream("POST", server.base_url + "/chat/completions", json={**CHAT, "stream": True}, timeout=10,
-                      headers={"Authorization": f"Bearer {KEYS[key]}"}) as response:
+    with httpx.stream(
+        "POST",
+        server.base_url + "/chat/completions",
+        json={**CHAT, "stream": True},
+        timeout=10,
+        headers={"Authorization": f"Bearer {KEYS[key]}"},
+    ) as response:
         body = response.read().decode()
     assert response.status_code == 200 and body.rstrip().endswith("data: [DONE]")
     return response
-
-
 
 
 def total(found, sample: str, /, **labels: str) -> float:
@@ -115,6 +123,7 @@ def own_redis():
 @pytest.fixture
 def traffic(own_redis, mock_upstream, start_proxy):
     """Run requests that touch every metric; return the server and what each source reported."""
+
     def patch(data):
         data["store"] = {"redis_url": own_redis.url, "on_redis_error": "allow", "timeout_ms": 100}
         data["budget_alert_ratio"] = 0.5
@@ -124,10 +133,7 @@ def traffic(own_redis, mock_upstream, start_proxy):
         data["keys"]["carol"]["limits"] = {"rpm": 1}
 
     server, _ = start_proxy(make_config(mock_upstream.url, patch=patch))
-    statuses = {
-        "plain": post(server).status_code,
-        "stream": stream(server).status_code,
-    }
+    statuses = {"plain": post(server).status_code, "stream": stream(server).status_code}
     mock_upstream.add_faults([{"cached_tokens": 1}])
     statuses["cached"] = post(server).status_code
     mock_upstream.add_faults([{"status": 503, "retry_after_ms": "5"}])
@@ -136,13 +142,22 @@ def traffic(own_redis, mock_upstream, start_proxy):
     statuses["carol"] = [post(server, key="carol").status_code for _ in range(2)]
     statuses["auth"] = post(server, token="sk-proxy-nobody-0000").status_code
     statuses["model"] = post(server, {**CHAT, "model": "no-such-model"}).status_code
-    assert statuses == {"plain": 200, "stream": 200, "cached": 200, "retried": 200, "bob": [200, 200, 429],
-                        "carol": [200, 429], "auth": 401, "model": 404}
+    assert statuses == {
+        "plain": 200,
+        "stream": 200,
+        "cached": 200,
+        "retried": 200,
+        "bob": [200, 200, 429],
+        "carol": [200, 429],
+        "auth": 401,
+        "model": 404,
+    }
     server.wait_settled()
     before_outage = {
         "metrics": httpx.get(server.url + "/metrics", timeout=10).text,
-        "usage": httpx.get(server.url + "/admin/usage", timeout=10,
-                           headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json(),
+        "usage": httpx.get(
+            server.url + "/admin/usage", timeout=10, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        ).json(),
         "mock": mock_upstream.stats(),
     }
     own_redis.kill()  # on_redis_error=allow: served by the fallback limiter, counted as a store error
@@ -154,6 +169,7 @@ def traffic(own_redis, mock_upstream, start_proxy):
 
 
 # -- /metrics -------------------------------------------------------------------------------------
+
 
 def test_every_metric_is_exposed_with_its_labels(traffic):
     _, _, after = traffic
@@ -180,10 +196,16 @@ def test_counts_match_the_traffic_the_mock_and_the_ledger(traffic):
     assert total(found, requests, team="", key="", status="401") == 1
     assert total(found, requests) == 11
 
-    rejections = {(labels["team"], labels["key"], labels["reason"]): value
-                  for labels, value in found["llm_proxy_rejections_total"]}
-    assert rejections == {("platform", "bob", "budget"): 1, ("research", "carol", "rpm"): 1, ("", "", "auth"): 1,
-                          ("platform", "alice", "model"): 1}
+    rejections = {
+        (labels["team"], labels["key"], labels["reason"]): value
+        for labels, value in found["llm_proxy_rejections_total"]
+    }
+    assert rejections == {
+        ("platform", "bob", "budget"): 1,
+        ("research", "carol", "rpm"): 1,
+        ("", "", "auth"): 1,
+        ("platform", "alice", "model"): 1,
+    }
 
     mock = before["mock"]
     assert mock["requests"] == 8  # 7 served + the 503 that was retried
@@ -204,7 +226,9 @@ def test_counts_match_the_traffic_the_mock_and_the_ledger(traffic):
     assert total(found, "llm_proxy_budget_alert", scope="key", name="bob") == 1
     assert total(found, "llm_proxy_budget_alert", scope="team", name="platform") == 0
     assert {labels["team"]: value for labels, value in found["llm_proxy_inflight_requests"]} == {
-        "platform": 0, "research": 0}
+        "platform": 0,
+        "research": 0,
+    }
 
     admitted = 7  # every 200: 4 alice, 2 bob, 1 carol
     assert total(found, "llm_proxy_request_duration_seconds_count") == admitted
@@ -215,7 +239,11 @@ def test_counts_match_the_traffic_the_mock_and_the_ledger(traffic):
     assert total(found, "llm_proxy_upstream_retries_total", upstream="mock") == 1
     assert total(found, "llm_proxy_upstream_errors_total", upstream="mock") == 1
     assert {labels["op"]: value for labels, value in found["llm_proxy_store_errors_total"]} == {
-        "admit": 0, "settle": 0, "flush": 0, "renew": 0}  # present from the start, so increase() sees the first error
+        "admit": 0,
+        "settle": 0,
+        "flush": 0,
+        "renew": 0,
+    }  # present from the start, so increase() sees the first error
 
     during = samples(after)
     assert total(during, "llm_proxy_store_errors_total", op="admit") >= 1
@@ -223,6 +251,7 @@ def test_counts_match_the_traffic_the_mock_and_the_ledger(traffic):
 
 
 # -- Prometheus and promtool ----------------------------------------------------------------------
+
 
 def dashboard_exprs() -> list[tuple[str, str]]:
     """(panel title, expr) for every query of the dashboard, rows' nested panels included."""
@@ -260,16 +289,25 @@ class Prometheus:
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": ["alerts.yml"],
-            "scrape_configs": [{"job_name": "llm-proxy", "metrics_path": "/metrics",
-                                "static_configs": [{"targets": [target]}]}],
+            "scrape_configs": [
+                {"job_name": "llm-proxy", "metrics_path": "/metrics", "static_configs": [{"targets": [target]}]}
+            ],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
         self.log_path = workdir / "prometheus.log"
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(
-                [executable, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+                [
+                    executable,
+                    f"--config.file={workdir / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+            )
 
     def query(self, promql: str) -> dict:
         response = httpx.get(self.url + "/api/v1/query", params={"query": promql}, timeout=10)
@@ -325,7 +363,8 @@ def test_prometheus_evaluates_every_dashboard_query_and_alert_rule(prometheus_ex
             prometheus.query(rule["expr"])  # status success, i.e. valid PromQL over these metrics
         ratio = next(r for r in alert_rules() if r["alert"] == "LLMProxyBudgetAlertRatio")["expr"]
         assert {(s["metric"]["scope"], s["metric"]["name"]) for s in prometheus.query(ratio)["result"]} == {
-            ("key", "bob")}
+            ("key", "bob")
+        }
         redis = next(r for r in alert_rules() if r["alert"] == "LLMProxyRedisErrors")["expr"]
         assert "admit" in {s["metric"]["op"] for s in prometheus.query(redis)["result"]}
 
@@ -343,12 +382,11 @@ def test_prometheus_evaluates_every_dashboard_query_and_alert_rule(prometheus_ex
         prometheus.stop()
 
 
-@pytest.mark.parametrize("args", [
-    ["check", "config", "prometheus.yml"],
-    ["check", "rules", "alerts.yml"],
-    ["test", "rules", "alerts_test.yml"],
-], ids=lambda args: " ".join(args[:2]))
+@pytest.mark.parametrize(
+    "args",
+    [["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]],
+    ids=lambda args: " ".join(args[:2]),
+)
 def test_promtool(args):
-    result = subprocess.run([binary("promtool"), *args], cwd=PROMETHEUS_DIR, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run([binary("promtool"), *args], cwd=PROMETHEUS_DIR, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -13,8 +13,8 @@ import time
 import httpx
 import pytest
 
-from proxy.request.call import parse_call
 from proxy.pricing import reservation_micros, usd_to_micros
+from proxy.request.call import parse_call
 from tests.support.configs import KEYS, make_config
 from tests.support.ports import free_port
 
@@ -24,8 +24,12 @@ SLOW = '{"chunks": 20, "chunk_delay_s": 0.2}'
 
 
 def post(server, body: dict = CHAT, key: str = "alice", headers: dict | None = None) -> httpx.Response:
-    return httpx.post(server.base_url + "/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEYS[key]}", **(headers or {})}, timeout=10)
+    return httpx.post(
+        server.base_url + "/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEYS[key]}", **(headers or {})},
+        timeout=10,
+    )
 
 
 def error_of(response: httpx.Response) -> tuple[int, str, str]:
@@ -41,25 +45,34 @@ def prompt_tokens(body: dict) -> int:
 @pytest.fixture
 def outage(mock_upstream, start_proxy):
     """outage(patch, replicas) -> a proxy in allow mode whose Redis never answers."""
+
     def start(patch, replicas: int = REPLICAS):
         def full_patch(data: dict) -> None:
-            data["store"] = {"redis_url": f"redis://127.0.0.1:{free_port()}/0", "on_redis_error": "allow",
-                             "timeout_ms": 100, "replicas": replicas}
+            data["store"] = {
+                "redis_url": f"redis://127.0.0.1:{free_port()}/0",
+                "on_redis_error": "allow",
+                "timeout_ms": 100,
+                "replicas": replicas,
+            }
             data["shutdown_grace_s"] = 1  # the journal cannot flush to a Redis that is not there
             patch(data)
+
         server, recorder = start_proxy(make_config(mock_upstream.url, patch=full_patch))
         server.recorder = recorder
         return server
+
     return start
 
 
 def key_limits(**limits):
     def patch(data: dict) -> None:
         data["keys"]["alice"]["limits"] = limits
+
     return patch
 
 
 # -- item 13: the fallback's divided limits refuse, exactly ------------------------------------
+
 
 def test_fallback_rpm_is_the_limit_divided_by_replicas(outage):
     server = outage(key_limits(rpm=3, rpm_burst=30))  # 10 per replica, refilling 1 a minute
@@ -92,8 +105,10 @@ def test_fallback_max_parallel_is_the_limit_divided_by_replicas(outage):
     server = outage(key_limits(max_parallel=6))  # 2 per replica
     headers = {"Authorization": f"Bearer {KEYS['alice']}", "x-mock-fault": SLOW}
     body = {**CHAT, "stream": True, "max_tokens": 64}
-    with httpx.stream("POST", server.base_url + "/chat/completions", json=body, headers=headers) as one, \
-            httpx.stream("POST", server.base_url + "/chat/completions", json=body, headers=headers) as two:
+    with (
+        httpx.stream("POST", server.base_url + "/chat/completions", json=body, headers=headers) as one,
+        httpx.stream("POST", server.base_url + "/chat/completions", json=body, headers=headers) as two,
+    ):
         assert (one.status_code, two.status_code) == (200, 200)
         streams = [one.iter_bytes(), two.iter_bytes()]  # kept: a dropped iterator closes its stream
         for stream in streams:
@@ -113,8 +128,13 @@ def test_fallback_leases_are_renewed_past_the_lease_ttl(outage):
 
     server = outage(patch)
     headers = {"Authorization": f"Bearer {KEYS['alice']}", "x-mock-fault": '{"chunks": 14, "chunk_delay_s": 1.0}'}
-    with httpx.stream("POST", server.base_url + "/chat/completions", json={**CHAT, "stream": True, "max_tokens": 64},
-                      headers=headers, timeout=30) as long:
+    with httpx.stream(
+        "POST",
+        server.base_url + "/chat/completions",
+        json={**CHAT, "stream": True, "max_tokens": 64},
+        headers=headers,
+        timeout=30,
+    ) as long:
         assert long.status_code == 200
         started = time.monotonic()
         last_refusal = 0.0
@@ -149,15 +169,14 @@ def test_fallback_budget_is_the_budget_divided_by_replicas(outage):
 
 # -- item 11: a budget exhausted before the outage stays refused during it ---------------------
 
+
 @pytest.mark.parametrize("replicas", [1, REPLICAS])
-def test_budgets_keep_their_spend_through_an_outage(replicas, mock_upstream, start_proxy, redis_server,
-                                                    redis_url):
+def test_budgets_keep_their_spend_through_an_outage(replicas, mock_upstream, start_proxy, redis_server, redis_url):
     budget_usd = "0.0006"  # 600 µ$ a team a day; a request reserves ~71 µ$ and costs ~18 µ$
     body = {**CHAT, "max_tokens": 64}
 
     def patch(data: dict) -> None:
-        data["store"] = {"redis_url": redis_url, "on_redis_error": "allow", "timeout_ms": 100,
-                         "replicas": replicas}
+        data["store"] = {"redis_url": redis_url, "on_redis_error": "allow", "timeout_ms": 100, "replicas": replicas}
         for team in ("platform", "research"):
             data["teams"][team]["daily_budget_usd"] = budget_usd
 
@@ -192,8 +211,10 @@ def test_budgets_keep_their_spend_through_an_outage(replicas, mock_upstream, sta
         assert error_of(answer) == (429, "insufficient_quota", "insufficient_quota")
         outage_spend = sum(o.cost_micros for o in recorder.outcomes) - spent_before
         bound = usd_to_micros(budget_usd) // replicas - math.ceil(research_seen / replicas)
-        print(f"\nreplicas={replicas}: research served {served} requests, {outage_spend} µ$ during the outage "
-              f"(bound {bound} µ$; seen committed {research_seen} µ$)")
+        print(
+            f"\nreplicas={replicas}: research served {served} requests, {outage_spend} µ$ during the outage "
+            f"(bound {bound} µ$; seen committed {research_seen} µ$)"
+        )
         assert served >= 1
         assert outage_spend <= bound
     finally:

@@ -128,8 +128,10 @@ def test_compose_redis_keeps_its_data_with_aof_on_a_volume() -> None:
 
 def test_compose_proxy_stop_grace_exceeds_shutdown_grace() -> None:
     proxy = _compose()["services"]["proxy"]
-    config = load_config(ROOT / "deploy" / "compose" / "config.yaml",
-                         _environ_for((ROOT / "deploy" / "compose" / "config.yaml").read_text(encoding="utf-8")))
+    config = load_config(
+        ROOT / "deploy" / "compose" / "config.yaml",
+        _environ_for((ROOT / "deploy" / "compose" / "config.yaml").read_text(encoding="utf-8")),
+    )
     grace = proxy["stop_grace_period"]
     assert grace.endswith("s") and float(grace[:-1]) > config.shutdown_grace_s
 
@@ -176,8 +178,11 @@ def test_the_image_demo_listens_where_docker_run_p_reaches_it(monkeypatch: pytes
 def test_the_image_installs_with_the_pinned_constraints() -> None:
     (install,) = [run for run in _instruction("RUN") if "pip install" in run]
     assert "--constraint constraints.txt" in install
-    pins = [line for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
-            if line and not line.startswith("#")]
+    pins = [
+        line
+        for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#")
+    ]
     assert pins and all("==" in line for line in pins), "every line of constraints.txt pins one version"
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     wanted = [*declared["dependencies"], *declared["optional-dependencies"]["examples"]]
@@ -188,8 +193,11 @@ def test_the_image_installs_with_the_pinned_constraints() -> None:
 
 
 def test_dockerignore_lets_through_only_what_the_image_copies() -> None:
-    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert lines[0] == "*", "ignore everything, then let through what the Dockerfile copies"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     copied = {source.rstrip("/") for copy in _instruction("COPY") for source in copy.split()[:-1]}

@@ -7,9 +7,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.config import Price
+from proxy.config import Price, PriceTier
 from proxy.limits.types import Usage
-from proxy.pricing import cached_input_price, cost_micros, format_usd, micros_to_usd, reservation_micros, usd_to_micros
+from proxy.pricing import (
+    PricedUsage,
+    cached_input_price,
+    cost_micros,
+    format_usd,
+    micros_to_usd,
+    rates_for,
+    reservation_micros,
+    usd_to_micros,
+)
 
 DEEPSEEK_CHAT = Price(input=Decimal("0.27"), output=Decimal("1.10"), cached_input=Decimal("0.07"))
 GPT_4O_MINI = Price(input=Decimal("0.15"), output=Decimal("0.60"), cached_input=Decimal("0.075"))
@@ -138,8 +147,9 @@ def test_cost_is_non_negative(price: Price, usage: Usage) -> None:
 
 
 @given(prices, usages(), st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**6))
-def test_cost_is_monotone_in_tokens(price: Price, usage: Usage, more_prompt: int, more_output: int,
-                                    more_cached: int) -> None:
+def test_cost_is_monotone_in_tokens(
+    price: Price, usage: Usage, more_prompt: int, more_output: int, more_cached: int
+) -> None:
     bigger = Usage(
         prompt_tokens=usage.prompt_tokens + more_prompt + more_cached,
         completion_tokens=usage.completion_tokens + more_output,
@@ -149,8 +159,7 @@ def test_cost_is_monotone_in_tokens(price: Price, usage: Usage, more_prompt: int
 
 
 @given(prices, usages(), st.data())
-def test_reservation_covers_any_usage_within_its_tokens(price: Price, reserved: Usage,
-                                                        data: st.DataObject) -> None:
+def test_reservation_covers_any_usage_within_its_tokens(price: Price, reserved: Usage, data: st.DataObject) -> None:
     prompt = data.draw(st.integers(0, reserved.prompt_tokens))
     actual = Usage(
         prompt_tokens=prompt,
@@ -184,18 +193,32 @@ def test_a_million_request_costs_sum_exactly(price: Price, pattern: list[Usage])
 
 # --- every priced token class, long-context tiers (issue 13) --------------------------------------
 
-from proxy.config import PriceTier
-from proxy.pricing import PricedUsage, rates_for
 
-SONNET = Price(input=Decimal(3), output=Decimal(15), cached_input=Decimal("0.30"), cache_write=Decimal("3.75"),
-               tiers=[PriceTier(above_input_tokens=200_000, input=Decimal(6), output=Decimal("22.50"),
-                                cached_input=Decimal("0.60"), cache_write=Decimal("7.50"))])
+SONNET = Price(
+    input=Decimal(3),
+    output=Decimal(15),
+    cached_input=Decimal("0.30"),
+    cache_write=Decimal("3.75"),
+    tiers=[
+        PriceTier(
+            above_input_tokens=200_000,
+            input=Decimal(6),
+            output=Decimal("22.50"),
+            cached_input=Decimal("0.60"),
+            cache_write=Decimal("7.50"),
+        )
+    ],
+)
 O3 = Price(input=Decimal(2), output=Decimal(8), cached_input=Decimal("0.50"))
 REASONING_PRICED = Price(input=Decimal(1), output=Decimal(2), reasoning=Decimal(5))
-TWO_TIERS = Price(input=Decimal(1), output=Decimal(2), tiers=[
-    PriceTier(above_input_tokens=100, input=Decimal(10)),
-    PriceTier(above_input_tokens=1000, output=Decimal(40)),
-])
+TWO_TIERS = Price(
+    input=Decimal(1),
+    output=Decimal(2),
+    tiers=[
+        PriceTier(above_input_tokens=100, input=Decimal(10)),
+        PriceTier(above_input_tokens=1000, output=Decimal(40)),
+    ],
+)
 
 
 @pytest.mark.parametrize(
@@ -208,14 +231,16 @@ TWO_TIERS = Price(input=Decimal(1), output=Decimal(2), tiers=[
         ((-1, -1, -1, -1), PricedUsage()),
     ],
 )
-def test_openai_counts_take_reasoning_out_of_completion_once(counts: tuple[int, int, int, int],
-                                                             expected: PricedUsage) -> None:
+def test_openai_counts_take_reasoning_out_of_completion_once(
+    counts: tuple[int, int, int, int], expected: PricedUsage
+) -> None:
     assert PricedUsage.from_openai(*counts) == expected
 
 
 def test_anthropic_counts_are_already_disjoint() -> None:
-    usage = PricedUsage.from_anthropic(input_tokens=50, output_tokens=400, cache_read_input_tokens=10_000,
-                                       cache_creation_input_tokens=2_000)
+    usage = PricedUsage.from_anthropic(
+        input_tokens=50, output_tokens=400, cache_read_input_tokens=10_000, cache_creation_input_tokens=2_000
+    )
     assert usage == PricedUsage(input=50, cached_input=10_000, cache_write=2_000, output=400)
     assert usage.prompt_tokens == 12_050
 
@@ -257,25 +282,43 @@ def test_cost_prices_every_token_class(price: Price, usage: PricedUsage, expecte
         (O3, 1, 1, 10),
     ],
 )
-def test_reservation_is_the_worst_case_of_the_estimate(price: Price, prompt: int, max_output: int,
-                                                       expected: int) -> None:
+def test_reservation_is_the_worst_case_of_the_estimate(
+    price: Price, prompt: int, max_output: int, expected: int
+) -> None:
     assert reservation_micros(price, prompt, max_output) == expected
 
 
 def test_default_prices_follow_the_tier_not_the_base() -> None:
     rates = rates_for(TWO_TIERS, 101)
     assert (rates.input, rates.cached_input, rates.cache_write, rates.output, rates.reasoning) == (
-        Decimal(10), Decimal(10), Decimal(10), Decimal(2), Decimal(2))
+        Decimal(10),
+        Decimal(10),
+        Decimal(10),
+        Decimal(2),
+        Decimal(2),
+    )
 
 
 tier_prices = st.builds(
-    Price, input=price_values, output=price_values, cached_input=st.none() | price_values,
-    cache_write=st.none() | price_values, reasoning=st.none() | price_values,
-    tiers=st.lists(st.builds(PriceTier, above_input_tokens=st.integers(1, 10**6), input=st.none() | price_values,
-                             output=st.none() | price_values, cached_input=st.none() | price_values,
-                             cache_write=st.none() | price_values, reasoning=st.none() | price_values),
-                   max_size=3, unique_by=lambda tier: tier.above_input_tokens).map(
-        lambda tiers: sorted(tiers, key=lambda tier: tier.above_input_tokens)),
+    Price,
+    input=price_values,
+    output=price_values,
+    cached_input=st.none() | price_values,
+    cache_write=st.none() | price_values,
+    reasoning=st.none() | price_values,
+    tiers=st.lists(
+        st.builds(
+            PriceTier,
+            above_input_tokens=st.integers(1, 10**6),
+            input=st.none() | price_values,
+            output=st.none() | price_values,
+            cached_input=st.none() | price_values,
+            cache_write=st.none() | price_values,
+            reasoning=st.none() | price_values,
+        ),
+        max_size=3,
+        unique_by=lambda tier: tier.above_input_tokens,
+    ).map(lambda tiers: sorted(tiers, key=lambda tier: tier.above_input_tokens)),
 )
 small_counts = st.integers(min_value=0, max_value=2 * 10**6)
 priced_usages = st.builds(PricedUsage, small_counts, small_counts, small_counts, small_counts, small_counts)
@@ -289,8 +332,9 @@ def test_reservation_covers_every_usage_of_the_same_prompt_and_output(price: Pri
 
 @given(tier_prices, priced_usages)
 def test_tiered_cost_matches_exact_rational_arithmetic(price: Price, usage: PricedUsage) -> None:
-    chosen: dict[str, Decimal | None] = {name: getattr(price, name)
-                                          for name in ("input", "output", "cached_input", "cache_write", "reasoning")}
+    chosen: dict[str, Decimal | None] = {
+        name: getattr(price, name) for name in ("input", "output", "cached_input", "cache_write", "reasoning")
+    }
     for tier in price.tiers:
         if usage.prompt_tokens > tier.above_input_tokens:
             chosen.update({k: v for k in chosen if (v := getattr(tier, k)) is not None})
@@ -300,7 +344,11 @@ def test_tiered_cost_matches_exact_rational_arithmetic(price: Price, usage: Pric
         value = chosen[name]
         return fallback if value is None else Fraction(value)
 
-    exact = (base_in * usage.input + rate("cached_input", base_in) * usage.cached_input
-             + rate("cache_write", base_in) * usage.cache_write + base_out * usage.output
-             + rate("reasoning", base_out) * usage.reasoning)
+    exact = (
+        base_in * usage.input
+        + rate("cached_input", base_in) * usage.cached_input
+        + rate("cache_write", base_in) * usage.cache_write
+        + base_out * usage.output
+        + rate("reasoning", base_out) * usage.reasoning
+    )
     assert cost_micros(price, usage) == _round_half_up(exact)

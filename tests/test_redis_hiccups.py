@@ -40,8 +40,16 @@ def mock(mock_process: MockProcess) -> MockProcess:
     return mock_process
 
 
-def start_proxy(tmp_path: Path, mock: MockProcess, redis_url: str, mode: str, *, timeout_ms: int,
-                limits: dict | None = None, budget_usd: str | None = None) -> Process:
+def start_proxy(
+    tmp_path: Path,
+    mock: MockProcess,
+    redis_url: str,
+    mode: str,
+    *,
+    timeout_ms: int,
+    limits: dict | None = None,
+    budget_usd: str | None = None,
+) -> Process:
     data = config_dict(mock.base_url, redis_url=redis_url)
     data["store"].update({"on_redis_error": mode, "timeout_ms": timeout_ms})
     data["keys"]["alice"]["limits"] = limits or {"rpm": 1_000_000}
@@ -52,6 +60,7 @@ def start_proxy(tmp_path: Path, mock: MockProcess, redis_url: str, mode: str, *,
 
 async def wave(http: httpx.AsyncClient, url: str, count: int) -> list[tuple[int, float]]:
     """`count` requests at once: (status, seconds from sending to the whole answer) each."""
+
     async def one() -> tuple[int, float]:
         started = time.monotonic()
         response = await http.post(url + "/v1/chat/completions", json=CHAT, headers=HEADERS)
@@ -81,10 +90,12 @@ def quantile(values: list[float], q: float) -> float:
 
 # -- item 2: an unreachable Redis answers every request within the timeout -------------------------
 
+
 @pytest.mark.parametrize("fault", ["partition", "refused"])
 @pytest.mark.parametrize("mode", ["allow", "deny"])
-def test_unreachable_redis_answers_every_request_within_the_timeout(mode, fault, tmp_path, mock,
-                                                                    redis_server: RedisServer, redis_url):
+def test_unreachable_redis_answers_every_request_within_the_timeout(
+    mode, fault, tmp_path, mock, redis_server: RedisServer, redis_url
+):
     """Waves of 30 concurrent requests for 5.5 s of outage: each is answered within `timeout_ms` +
     100 ms more than the slowest answer of the same waves on a healthy Redis (measured before and
     after, so the CPU these shared cores give the test is no part of the verdict; the store-level
@@ -133,9 +144,11 @@ def test_unreachable_redis_answers_every_request_within_the_timeout(mode, fault,
     healthy_s = [seconds for _, seconds in healthy]
     cpu_allowance = 2 * max(healthy_s)
     latencies = [seconds for _, seconds in during]
-    print(f"\n{mode}/{fault}: {len(during)} requests in {OUTAGE_S} s of outage, p50 "
-          f"{quantile(latencies, 0.5) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms; healthy: p50 "
-          f"{quantile(healthy_s, 0.5) * 1000:.0f} ms, max {max(healthy_s) * 1000:.0f} ms")
+    print(
+        f"\n{mode}/{fault}: {len(during)} requests in {OUTAGE_S} s of outage, p50 "
+        f"{quantile(latencies, 0.5) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms; healthy: p50 "
+        f"{quantile(healthy_s, 0.5) * 1000:.0f} ms, max {max(healthy_s) * 1000:.0f} ms"
+    )
     assert max(latencies) <= ANSWER_BOUND_S + cpu_allowance, f"slowest answer {max(latencies):.3f} s"
     assert len(during) >= 4 * CONCURRENCY  # the waves kept coming through the whole outage
 
@@ -150,15 +163,19 @@ PAUSE_TIMEOUT_MS = 300
 
 def leftovers(r: redis.Redis) -> dict[str, object]:
     """What the store still holds for requests: parallel leases, reservations, budget holds."""
+
     def names(pattern: str) -> list[str]:
         return sorted(name.decode() for name in r.scan_iter(pattern, count=1000))
 
-    held = {name: int(r.hget(name, "held") or 0) for name in names(TEAM_PREFIX + "*:b:*")
-            if not name.endswith(":leases")}
-    return {"leases": {name: r.zcard(name) for name in names(TEAM_PREFIX + "*:par") if r.zcard(name)},
-            "holds": {name: r.zcard(name) for name in names(TEAM_PREFIX + "*:leases") if r.zcard(name)},
-            "held": {name: value for name, value in held.items() if value},
-            "reservations": names(TEAM_PREFIX + "r:*")}
+    held = {
+        name: int(r.hget(name, "held") or 0) for name in names(TEAM_PREFIX + "*:b:*") if not name.endswith(":leases")
+    }
+    return {
+        "leases": {name: r.zcard(name) for name in names(TEAM_PREFIX + "*:par") if r.zcard(name)},
+        "holds": {name: r.zcard(name) for name in names(TEAM_PREFIX + "*:leases") if r.zcard(name)},
+        "held": {name: value for name, value in held.items() if value},
+        "reservations": names(TEAM_PREFIX + "r:*"),
+    }
 
 
 def in_flight(proxy: Process) -> float:
@@ -181,8 +198,9 @@ async def load(url: str, stop: asyncio.Event) -> Counter[int]:
 
 @pytest.mark.parametrize("fault", ["pause", "stall"])
 @pytest.mark.parametrize("mode", ["allow", "deny"])
-def test_a_hiccup_leaves_no_lease_reservation_or_hold(mode, fault, tmp_path, mock, redis_server: RedisServer,
-                                                     redis_url):
+def test_a_hiccup_leaves_no_lease_reservation_or_hold(
+    mode, fault, tmp_path, mock, redis_server: RedisServer, redis_url
+):
     """timeout_ms 300 under load, and for 2.5 s either Redis is paused (SIGSTOP: the admits that
     timed out run when it wakes) or the connection open at that moment stalls (what it carries
     reaches Redis 2.5 s late, after the settlements and abandons sent on the next connection).
@@ -191,8 +209,15 @@ def test_a_hiccup_leaves_no_lease_reservation_or_hold(mode, fault, tmp_path, moc
     if not redis_server.real:
         pytest.skip("pausing needs a real redis-server")
     relay = Relay(redis_server.port) if fault == "stall" else None
-    proxy = start_proxy(tmp_path, mock, relay.url() if relay else redis_url, mode, timeout_ms=PAUSE_TIMEOUT_MS,
-                        limits={"max_parallel": 2, "tpm": 1_000_000}, budget_usd="100")
+    proxy = start_proxy(
+        tmp_path,
+        mock,
+        relay.url() if relay else redis_url,
+        mode,
+        timeout_ms=PAUSE_TIMEOUT_MS,
+        limits={"max_parallel": 2, "tpm": 1_000_000},
+        budget_usd="100",
+    )
     r = redis.Redis.from_url(redis_url, socket_timeout=5)
 
     async def run() -> tuple[Counter[int], float]:
@@ -221,11 +246,14 @@ def test_a_hiccup_leaves_no_lease_reservation_or_hold(mode, fault, tmp_path, moc
         quiet = time.monotonic()
         while (left := leftovers(r)) != {"leases": {}, "holds": {}, "held": {}, "reservations": []}:
             if time.monotonic() - quiet > CLEAN_WITHIN_S:
-                pytest.fail(f"{CLEAN_WITHIN_S} s after Redis answered with nothing in flight, "
-                            f"the store still holds {left}")
+                pytest.fail(
+                    f"{CLEAN_WITHIN_S} s after Redis answered with nothing in flight, the store still holds {left}"
+                )
             time.sleep(0.05)
-        print(f"\n{mode}/{fault}: clean {time.monotonic() - quiet:.2f} s after the last request, "
-              f"{time.monotonic() - answering:.2f} s after Redis answered again; load {dict(statuses)}")
+        print(
+            f"\n{mode}/{fault}: clean {time.monotonic() - quiet:.2f} s after the last request, "
+            f"{time.monotonic() - answering:.2f} s after Redis answered again; load {dict(statuses)}"
+        )
         with httpx.Client(timeout=10) as http:
             response = http.post(proxy.url + "/v1/chat/completions", json=CHAT, headers=HEADERS)
         assert response.status_code == 200, response.text

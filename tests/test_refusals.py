@@ -16,34 +16,86 @@ KEY, TEAM = ScopeLimits("key", "alice"), ScopeLimits("team", "platform")
 SCOPES = Scopes(KEY, TEAM, KEY, TEAM)
 BUCKETS = {"requests": BucketState(60, 0, 1000), "tokens": BucketState(1000, 10, 60_000)}
 RATE_HEADERS = {
-    "x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s",
-    "x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "10", "x-ratelimit-reset-tokens": "1m0s",
+    "x-ratelimit-limit-requests": "60",
+    "x-ratelimit-remaining-requests": "0",
+    "x-ratelimit-reset-requests": "1s",
+    "x-ratelimit-limit-tokens": "1000",
+    "x-ratelimit-remaining-tokens": "10",
+    "x-ratelimit-reset-tokens": "1m0s",
 }
 
 CASES = [
-    ("rpm on the key", Decision(False, "rpm", "key", retry_after_ms=1500, **BUCKETS), 429,
-     {"message": "Rate limit reached for key 'alice' on requests per minute. Please try again in 1.5s.",
-      "type": "requests", "param": None, "code": "rate_limit_exceeded"},
-     {**RATE_HEADERS, "retry-after": "2", "retry-after-ms": "1500"}),
-    ("parallel on the team", Decision(False, "parallel", "team", retry_after_ms=1000, **BUCKETS), 429,
-     {"message": "Rate limit reached for team 'platform' on parallel requests. Please try again in 1s.",
-      "type": "parallel_requests", "param": None, "code": "rate_limit_exceeded"},
-     {**RATE_HEADERS, "retry-after": "1", "retry-after-ms": "1000"}),
-    ("a request too large for tpm", Decision(False, "tpm", "key", never_fits=True, **BUCKETS), 429,
-     {"message": "Request too large for key 'alice': it needs more tokens per minute than the limit's capacity "
-                 "allows, so it can never be admitted. Reduce the prompt or max_tokens.",
-      "type": "tokens", "param": None, "code": "rate_limit_exceeded"},
-     {**RATE_HEADERS, "x-should-retry": "false"}),
-    ("the team's budget", Decision(False, "budget", "team", budget_spent_micros=4_990_000,
-                                   budget_limit_micros=5_000_000, day="2026-12-01", day_reset_s=3723, **BUCKETS), 429,
-     {"message": "Daily budget exceeded for team 'platform': spent $4.990000 of $5.000000 on 2026-12-01; the budget "
-                 "resets in 1h2m3s.",
-      "type": "insufficient_quota", "param": None, "code": "insufficient_quota"},
-     {**RATE_HEADERS, "x-should-retry": "false"}),
-    ("no store, on_redis_error: deny", None, 503,
-     {"message": "The rate-limit store is unavailable; please retry shortly.", "type": "server_error",
-      "param": None, "code": "store_unavailable"},
-     {"retry-after": "1"}),
+    (
+        "rpm on the key",
+        Decision(False, "rpm", "key", retry_after_ms=1500, **BUCKETS),
+        429,
+        {
+            "message": "Rate limit reached for key 'alice' on requests per minute. Please try again in 1.5s.",
+            "type": "requests",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        },
+        {**RATE_HEADERS, "retry-after": "2", "retry-after-ms": "1500"},
+    ),
+    (
+        "parallel on the team",
+        Decision(False, "parallel", "team", retry_after_ms=1000, **BUCKETS),
+        429,
+        {
+            "message": "Rate limit reached for team 'platform' on parallel requests. Please try again in 1s.",
+            "type": "parallel_requests",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        },
+        {**RATE_HEADERS, "retry-after": "1", "retry-after-ms": "1000"},
+    ),
+    (
+        "a request too large for tpm",
+        Decision(False, "tpm", "key", never_fits=True, **BUCKETS),
+        429,
+        {
+            "message": "Request too large for key 'alice': it needs more tokens per minute than the limit's capacity "
+            "allows, so it can never be admitted. Reduce the prompt or max_tokens.",
+            "type": "tokens",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        },
+        {**RATE_HEADERS, "x-should-retry": "false"},
+    ),
+    (
+        "the team's budget",
+        Decision(
+            False,
+            "budget",
+            "team",
+            budget_spent_micros=4_990_000,
+            budget_limit_micros=5_000_000,
+            day="2026-12-01",
+            day_reset_s=3723,
+            **BUCKETS,
+        ),
+        429,
+        {
+            "message": "Daily budget exceeded for team 'platform': spent $4.990000 of $5.000000 on 2026-12-01; "
+            "the budget resets in 1h2m3s.",
+            "type": "insufficient_quota",
+            "param": None,
+            "code": "insufficient_quota",
+        },
+        {**RATE_HEADERS, "x-should-retry": "false"},
+    ),
+    (
+        "no store, on_redis_error: deny",
+        None,
+        503,
+        {
+            "message": "The rate-limit store is unavailable; please retry shortly.",
+            "type": "server_error",
+            "param": None,
+            "code": "store_unavailable",
+        },
+        {"retry-after": "1"},
+    ),
 ]
 
 

@@ -100,8 +100,9 @@ def registry(env: Env, backend: RegistryBackend | None = None) -> Registry:
     return Registry(backend or env.backend(), config_keys=CONFIG_KEYS, config_teams=CONFIG_TEAMS)
 
 
-async def cache_of(env: Env, backend: RegistryBackend | None = None,
-                   clock_ms: Callable[[], int] | None = None) -> RegistryCache:
+async def cache_of(
+    env: Env, backend: RegistryBackend | None = None, clock_ms: Callable[[], int] | None = None
+) -> RegistryCache:
     cache = RegistryCache(backend or env.backend(), clock_ms=clock_ms or env.clock_ms)
     await cache.refresh()
     return cache
@@ -109,8 +110,12 @@ async def cache_of(env: Env, backend: RegistryBackend | None = None,
 
 async def test_create_shows_the_key_once_and_stores_only_its_digest(env: Env) -> None:
     reg = registry(env)
-    created = await reg.create_key(KeySpec(name="alice", team="platform", limits=Limits(rpm=60),
-                                           models=["gpt-4o-mini"], metadata={"owner": "alice"}), admin=ADMIN)
+    created = await reg.create_key(
+        KeySpec(
+            name="alice", team="platform", limits=Limits(rpm=60), models=["gpt-4o-mini"], metadata={"owner": "alice"}
+        ),
+        admin=ADMIN,
+    )
     assert created.key.startswith("sk-proxy-") and len(created.key) > 40
     assert created.entry.credentials[0].sha256 == sha(created.key)
     raw = await reg.backend.load()
@@ -200,8 +205,9 @@ async def test_a_stale_update_is_refused(env: Env) -> None:
 
 async def test_update_changes_only_the_given_fields(env: Env) -> None:
     reg = registry(env)
-    created = await reg.create_key(KeySpec(name="k", team="platform", limits=Limits(rpm=5),
-                                           models=["m1"], metadata={"a": "1"}), admin=ADMIN)
+    created = await reg.create_key(
+        KeySpec(name="k", team="platform", limits=Limits(rpm=5), models=["m1"], metadata={"a": "1"}), admin=ADMIN
+    )
     updated = await reg.update_key("k", KeyPatch(models=["m1", "m2"]), admin=ADMIN)
     assert (updated.limits.rpm, updated.models, updated.metadata) == (5, ["m1", "m2"], {"a": "1"})
     assert updated.credentials == created.entry.credentials
@@ -274,8 +280,13 @@ async def test_audit_trail_newest_first_without_secrets(env: Env) -> None:
     await reg.create_key(KeySpec(name="other", team="platform"), admin="root")
     records = await reg.audit(limit=10)
     assert [(r.action, r.target, r.admin) for r in records] == [
-        ("create", "other", "root"), ("revoke", "k", "root"), ("rotate", "k", "lead"),
-        ("update", "k", "lead"), ("create", "k", "lead"), ("create", "research", "root")]
+        ("create", "other", "root"),
+        ("revoke", "k", "root"),
+        ("rotate", "k", "lead"),
+        ("update", "k", "lead"),
+        ("create", "k", "lead"),
+        ("create", "research", "root"),
+    ]
     assert records[3].changes == {"limits": {"rpm": 4}}  # as sent: a patched field is replaced whole
     assert records[2].changes == {"grace_s": 30}
     assert [r.target for r in await reg.audit(limit=2)] == ["other", "k"]
@@ -421,8 +432,10 @@ async def test_on_a_redis_cluster(cluster_url: str) -> None:
     try:
         reg = Registry(backend, config_teams=CONFIG_TEAMS)
         await reg.create_team(TeamSpec(name="research"), admin=ADMIN)
-        created = [await reg.create_key(KeySpec(name=f"k{i}", team=team), admin=ADMIN)
-                   for i, team in enumerate(["platform", "research"])]
+        created = [
+            await reg.create_key(KeySpec(name=f"k{i}", team=team), admin=ADMIN)
+            for i, team in enumerate(["platform", "research"])
+        ]
         cache = RegistryCache(other)
         await cache.refresh()
         assert all(cache.lookup(sha(c.key)) is not None for c in created)

@@ -86,8 +86,9 @@ def test_sighup_applies_new_limits_and_keys(serve, mock_upstream):
 
     assert post(process.url, NEW_KEY).status_code == 200, "a key added by the reload does not work"
     removed = post(process.url, KEYS["carol"])
-    assert error_reply(removed) == (401, openai_error(WRONG_KEY, INVALID, "invalid_api_key")), \
+    assert error_reply(removed) == (401, openai_error(WRONG_KEY, INVALID, "invalid_api_key")), (
         "a key removed by the reload still works"
+    )
     assert "config reloaded" in process.output()
 
 
@@ -102,9 +103,14 @@ def test_sighup_with_a_broken_file_keeps_the_running_config(serve, mock_upstream
     assert process.alive
     assert request_limit(process.url) == "600"
     refusals = [line for line in map(orjson.loads, process.output().splitlines()) if line.get("level") == "ERROR"]
-    assert refusals == [{"event": "log", "level": "ERROR", "logger": "proxy.reload",
-                         "message": "config reload refused, keeping the running config: keys.alice.limits.rpm: "
-                                    "must be > 0"}]
+    assert refusals == [
+        {
+            "event": "log",
+            "level": "ERROR",
+            "logger": "proxy.reload",
+            "message": "config reload refused, keeping the running config: keys.alice.limits.rpm: must be > 0",
+        }
+    ]
 
     write_config(path, base_config(mock_upstream.url, rpm=900))  # a fixed file is taken by the next SIGHUP
     process.signal(signal.SIGHUP)

@@ -42,8 +42,13 @@ def wait_for(condition, what: str, within_s: float = WAIT_S) -> None:
 
 
 def post(url: str, body: dict = CHAT, **kwargs) -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEYS['alice']}"},
-                      timeout=20, **kwargs)
+    return httpx.post(
+        url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEYS['alice']}"},
+        timeout=20,
+        **kwargs,
+    )
 
 
 def in_background(function):
@@ -56,6 +61,7 @@ def in_background(function):
         thread.join(WAIT_S * 2)
         assert "value" in result, "the request did not finish"
         return result["value"]
+
     return join
 
 
@@ -128,14 +134,17 @@ def serve(tmp_path):
 
 
 def test_request_held_at_admission_finishes_on_its_config_when_a_reload_renames_its_upstream(
-        serve, mock_upstream, second_mock, private_redis):
+    serve, mock_upstream, second_mock, private_redis
+):
     data = config_dict(mock_upstream.url, redis_url=private_redis.url)
     data["store"].update(timeout_ms=8000, on_redis_error="deny")
     data["shutdown_grace_s"] = 1
     process, path = serve(data)
     assert post(process.url).status_code == 200  # the store connection is up, the scripts loaded
-    wait_for(lambda: metric_values(process.url, "llm_proxy_inflight_requests") == {"platform": 0.0},
-             "the first request's settlement (after its last byte), so only the next admit reaches Redis")
+    wait_for(
+        lambda: metric_values(process.url, "llm_proxy_inflight_requests") == {"platform": 0.0},
+        "the first request's settlement (after its last byte), so only the next admit reaches Redis",
+    )
     mock_upstream.clear()
 
     with paused(private_redis):
@@ -149,8 +158,10 @@ def test_request_held_at_admission_finishes_on_its_config_when_a_reload_renames_
     assert response.status_code == 200, response.text
     assert len(mock_upstream.requests) == 1, "the held request did not run on the upstream it started with"
     assert len(second_mock.requests) == 0
-    wait_for(lambda: metric_values(process.url, "llm_proxy_inflight_requests") == {"platform": 0.0},
-             "the in-flight gauge back at 0")
+    wait_for(
+        lambda: metric_values(process.url, "llm_proxy_inflight_requests") == {"platform": 0.0},
+        "the in-flight gauge back at 0",
+    )
     assert metric_values(process.url, "llm_proxy_requests_total") == {"200": 2.0}
     assert "Traceback" not in process.output()
 
@@ -181,8 +192,10 @@ def test_reload_applies_log_level_and_webhook_url(serve, mock_upstream):
 
         requests = [orjson.loads(line) for line in process.output().splitlines() if line.startswith(REQUEST_LINE)]
         assert len(requests) == 5, "the request log did not follow log_level: info"
-        wait_for(lambda: "upstream client 'mock' replaced by a reload: closed" in process.output(),
-                 "an info log line of the replaced client's closing")
+        wait_for(
+            lambda: "upstream client 'mock' replaced by a reload: closed" in process.output(),
+            "an info log line of the replaced client's closing",
+        )
     finally:
         first.close()
         second.close()
@@ -190,7 +203,7 @@ def test_reload_applies_log_level_and_webhook_url(serve, mock_upstream):
 
 def test_a_replaced_upstream_client_is_closed_after_its_last_request(mock_upstream, start_proxy):
     data = config_dict(mock_upstream.url)
-    server, recorder = start_proxy(parse_config(data))
+    server, _ = start_proxy(parse_config(data))
     snapshots = server.app.state.snapshots
     old = snapshots.current.upstreams["mock"]
     mock_upstream.add_faults([{"first_byte_delay_s": 1.0}])

@@ -10,9 +10,27 @@ import orjson
 
 from tests.support.configs import ADMIN_KEY, KEYS, UPSTREAM_KEY, make_config
 
-FIELDS = {"event", "request_id", "endpoint", "team", "key", "model", "upstream", "status", "stream", "prompt_tokens",
-          "completion_tokens", "cached_tokens", "cost_usd", "duration_ms", "ttft_ms", "retries", "rejection", "error",
-          "client_gone"}
+FIELDS = {
+    "event",
+    "request_id",
+    "endpoint",
+    "team",
+    "key",
+    "model",
+    "upstream",
+    "status",
+    "stream",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cost_usd",
+    "duration_ms",
+    "ttft_ms",
+    "retries",
+    "rejection",
+    "error",
+    "client_gone",
+}
 SECRET_WORDS = "the secret plan is here"
 
 
@@ -49,7 +67,13 @@ def test_one_line_per_request_without_secrets_or_content(mock_upstream, start_pr
         assert set(line) == FIELDS
     plain, streamed, bad_key, bad_model = lines
     assert (plain["request_id"], plain["team"], plain["key"], plain["model"], plain["upstream"], plain["status"]) == (
-        "log-1", "platform", "alice", "chat-model", "mock", 200)
+        "log-1",
+        "platform",
+        "alice",
+        "chat-model",
+        "mock",
+        200,
+    )
     assert plain["completion_tokens"] == 5 and plain["cost_usd"] > 0 and plain["duration_ms"] > 0
     assert streamed["stream"] is True and streamed["ttft_ms"] > 0
     assert (bad_key["status"], bad_key["rejection"], bad_key["key"]) == (401, "auth", None)

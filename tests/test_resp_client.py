@@ -146,6 +146,7 @@ async def test_a_refused_auth_closes_its_socket():
 async def test_a_peer_that_closes_between_calls_is_a_connection_error():
     """The server closes the socket right after a reply: the next call must raise
     RespConnectionError (uvloop raised RuntimeError writing to the closed transport)."""
+
     async def reply_then_close(reader, writer):
         await reader.read(1024)
         writer.write(b"+PONG\r\n")

@@ -32,8 +32,12 @@ def config(upstream_url: str, redis_url: str) -> dict:
         "admin_key_env": "TEST_ADMIN_KEY",
         "store": {"redis_url": redis_url, "on_redis_error": "allow", "timeout_ms": 100},
         "upstreams": {"mock": {"base_url": upstream_url, "api_key_env": "TEST_UPSTREAM_KEY", "max_retries": 1}},
-        "models": {"chat-model": {"targets": [{"upstream": "mock", "model": "gpt-4o-mini"}],
-                                  "price_per_mtok": {"input": "0.27", "output": "1.10"}}},
+        "models": {
+            "chat-model": {
+                "targets": [{"upstream": "mock", "model": "gpt-4o-mini"}],
+                "price_per_mtok": {"input": "0.27", "output": "1.10"},
+            }
+        },
         "teams": {"platform": {"daily_budget_usd": 1, "limits": {"rpm": 600}}},
         "keys": {
             "alice": {"team": "platform", "key_env": "TEST_ALICE_KEY", "limits": {"rpm": 60, "rpm_burst": 6}},
@@ -151,15 +155,19 @@ def test_no_request_can_choose_where_the_proxy_connects(mock_upstream, start_pro
         ]
         for attempt in attempts:
             body = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], **attempt.get("body", {})}
-            response = httpx.post(server.base_url + "/chat/completions", json=body,
-                                  headers={**auth, **attempt.get("headers", {})})
+            response = httpx.post(
+                server.base_url + "/chat/completions", json=body, headers={**auth, **attempt.get("headers", {})}
+            )
             assert response.status_code in (200, 404), response.text
         # an absolute-form request target naming another host
         with socket.create_connection(("127.0.0.1", server.port)) as raw:
             payload = json.dumps({"model": "chat-model", "messages": [{"role": "user", "content": "hi"}]}).encode()
-            raw.sendall(f"POST http://{target}/v1/chat/completions HTTP/1.1\r\nHost: {target}\r\n"
-                        f"Authorization: Bearer {KEYS['alice']}\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
+            raw.sendall(
+                f"POST http://{target}/v1/chat/completions HTTP/1.1\r\nHost: {target}\r\n"
+                f"Authorization: Bearer {KEYS['alice']}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                + payload
+            )
             raw.settimeout(5)
             reply = b""
             while chunk := raw.recv(65536):

@@ -29,6 +29,7 @@ def ledger_total(url: str) -> dict:
             await store.close()
         teams = report["teams"].values()
         return {name: sum(team[name] for team in teams) for name in ("requests", "completion_tokens")}
+
     return asyncio.run(read())
 
 
@@ -57,16 +58,20 @@ def test_sigterm_flushes_the_journal_once_redis_returns(mock_upstream, tmp_path)
 def stream_in_thread(url: str, fault: dict, events: list, first_chunk: threading.Event) -> threading.Thread:
     def run():
         try:
-            with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
-                              json={**CHAT, "max_tokens": 100, "stream": True},
-                              headers={"Authorization": f"Bearer {KEYS['alice']}",
-                                       "x-mock-fault": json.dumps(fault)}) as response:
+            with httpx.stream(
+                "POST",
+                url + "/v1/chat/completions",
+                timeout=30,
+                json={**CHAT, "max_tokens": 100, "stream": True},
+                headers={"Authorization": f"Bearer {KEYS['alice']}", "x-mock-fault": json.dumps(fault)},
+            ) as response:
                 for chunk in response.iter_bytes():
                     events.append(chunk)
                     first_chunk.set()
         except httpx.HTTPError as exc:
             events.append(exc)
         first_chunk.set()
+
     thread = threading.Thread(target=run)
     thread.start()
     return thread
@@ -92,8 +97,9 @@ def streaming_proxy(mock_upstream, tmp_path, redis_url, grace_s: float, fault: d
 
 
 def test_sigterm_lets_inflight_streams_finish_then_exits_0(mock_upstream, tmp_path, redis_url):
-    proxy, thread, events = streaming_proxy(mock_upstream, tmp_path, redis_url, 10,
-                                            {"chunk_delay_s": 0.1, "chunks": 15})
+    proxy, thread, events = streaming_proxy(
+        mock_upstream, tmp_path, redis_url, 10, {"chunk_delay_s": 0.1, "chunks": 15}
+    )
     proxy.signal(signal.SIGTERM)
     time.sleep(0.3)
     with pytest.raises(httpx.TransportError):  # no longer accepting
@@ -107,8 +113,7 @@ def test_sigterm_lets_inflight_streams_finish_then_exits_0(mock_upstream, tmp_pa
 
 
 def test_a_stream_longer_than_the_grace_period_is_cut_and_settled(mock_upstream, tmp_path, redis_url):
-    proxy, thread, events = streaming_proxy(mock_upstream, tmp_path, redis_url, 1,
-                                            {"chunk_delay_s": 0.2, "chunks": 60})
+    proxy, thread, events = streaming_proxy(mock_upstream, tmp_path, redis_url, 1, {"chunk_delay_s": 0.2, "chunks": 60})
     proxy.signal(signal.SIGTERM)
     assert proxy.popen.wait(20) == 0
     thread.join(20)

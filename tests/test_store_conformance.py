@@ -24,14 +24,23 @@ from proxy.errors import StoreError
 from proxy.limits.memory_store import MemoryStore
 from proxy.limits.redis_store import CLUSTER_MAX_CONNECTIONS, RedisStore
 from proxy.limits.types import (
-    Admission, BucketState, BudgetDay, Decision, Renewal, ScopeLimits, Settled, Settlement, Usage,
+    Admission,
+    BucketState,
+    BudgetDay,
+    Decision,
+    Renewal,
+    ScopeLimits,
+    Settled,
+    Settlement,
+    Usage,
 )
 from tests.support.ports import free_port
 
 DAY_S = 86_400
 START = 19_675 * DAY_S  # 2023-11-14 00:00 UTC
-DAYS = BudgetDay(("2023-11-14", "2023-11-15", "2023-11-16"),
-                 (START, START + DAY_S, START + 2 * DAY_S, START + 3 * DAY_S))
+DAYS = BudgetDay(
+    ("2023-11-14", "2023-11-15", "2023-11-16"), (START, START + DAY_S, START + 2 * DAY_S, START + 3 * DAY_S)
+)
 T0_US = (START + DAY_S + 3600) * 1_000_000  # 2023-11-15 01:00
 
 
@@ -94,8 +103,9 @@ def admission(k: ScopeLimits, t: ScopeLimits, tokens: int = 0, cost: int = 0, **
 def settlement(a: Admission, prompt: int = 0, completion: int = 0, cost: int = 0, **kw) -> Settlement:
     kw.setdefault("day", "2023-11-15")
     kw.setdefault("model", "gpt-4o")
-    return Settlement(a.request_id, a.team, a.key, usage=Usage(prompt, completion, kw.pop("cached", 0)),
-                      cost_micros=cost, **kw)
+    return Settlement(
+        a.request_id, a.team, a.key, usage=Usage(prompt, completion, kw.pop("cached", 0)), cost_micros=cost, **kw
+    )
 
 
 # -- request buckets ---------------------------------------------------------------------------
@@ -170,6 +180,7 @@ async def test_nothing_consumed_on_refusal(store):
 
 # -- token buckets -----------------------------------------------------------------------------
 
+
 async def test_settle_returns_unused_tokens(store):
     k, t = key(tpm=1000), team(tpm=5000)
     a = admission(k, t, tokens=600)
@@ -207,6 +218,7 @@ async def test_never_fits(store):
 
 
 # -- parallel caps -----------------------------------------------------------------------------
+
 
 async def test_parallel_cap_released_by_settle_and_lease_expiry(store, clock):
     k, t = key(max_parallel=2), team()
@@ -261,6 +273,7 @@ async def test_a_lease_that_ran_out_is_not_renewed(store, clock):
 
 # -- budgets -----------------------------------------------------------------------------------
 
+
 async def test_budget_reservation_refusal_and_real_cost(store, clock):
     k, t = key(budget_micros=1000), team(budget_micros=10_000)
     first = admission(k, t, cost=600)
@@ -275,7 +288,9 @@ async def test_budget_reservation_refusal_and_real_cost(store, clock):
     assert (d.budget_spent_micros, d.budget_limit_micros) == (600, 1000)
     assert await store.settle(settlement(first, cost=200))
     assert await store.budget_spent("2023-11-15", {"platform": ["ci-bot"]}) == {
-        ("team", "platform"): 200, ("key", "ci-bot"): 200}
+        ("team", "platform"): 200,
+        ("key", "ci-bot"): 200,
+    }
     d = await store.admit(admission(k, t, cost=500))
     assert (d.admitted, d.budget_spent_micros) == (True, 700)
     d = await store.admit(admission(k, t, cost=1001))
@@ -302,12 +317,17 @@ async def test_budget_day_rollover(store, clock):
     assert (d.admitted, d.day, d.day_reset_s, d.budget_spent_micros) == (True, "2023-11-16", DAY_S, 1)
     assert await store.settle(settlement(first, cost=900, day="2023-11-15"))
     assert await store.budget_spent("2023-11-15", {"platform": ["ci-bot"]}) == {
-        ("team", "platform"): 900, ("key", "ci-bot"): 900}
+        ("team", "platform"): 900,
+        ("key", "ci-bot"): 900,
+    }
     assert await store.budget_spent("2023-11-16", {"platform": ["ci-bot"]}) == {
-        ("team", "platform"): 0, ("key", "ci-bot"): 0}
+        ("team", "platform"): 0,
+        ("key", "ci-bot"): 0,
+    }
 
 
 # -- settlement --------------------------------------------------------------------------------
+
 
 async def test_settle_is_idempotent(store):
     k, t = key(tpm=1000), team()
@@ -344,7 +364,9 @@ async def test_abandon_releases_what_the_admit_reserved_and_books_nothing(store)
     usage = (await store.usage("2023-11-15", ["platform"]))["teams"]["platform"]
     assert (usage["requests"], usage["spend_micros"]) == (0, 0)
     assert await store.budget_spent("2023-11-15", {"platform": ["ci-bot"]}) == {
-        ("team", "platform"): 0, ("key", "ci-bot"): 0}
+        ("team", "platform"): 0,
+        ("key", "ci-bot"): 0,
+    }
 
 
 @pytest.mark.parametrize("ended_by", ["settle", "abandon"])
@@ -375,7 +397,9 @@ async def test_late_settle_after_reservation_expired(store, clock):
     team_usage = (await store.usage("2023-11-15", ["platform"]))["teams"]["platform"]
     assert (team_usage["spend_micros"], team_usage["requests"], team_usage["prompt_tokens"]) == (123, 1, 10)
     assert await store.budget_spent("2023-11-15", {"platform": ["ci-bot"]}) == {
-        ("team", "platform"): 123, ("key", "ci-bot"): 123}
+        ("team", "platform"): 123,
+        ("key", "ci-bot"): 123,
+    }
     d = await store.admit(admission(k, t, tokens=0, cost=0))
     assert d.admitted and d.tokens == BucketState(1000, 533, 28_000)  # 500 + 2 s of refill, no refund
     assert d.budget_spent_micros == 123
@@ -398,8 +422,13 @@ async def test_ledger(store):
     assert await store.settle(settlement(failed, model="mini", succeeded=False))
 
     def m(spend, requests, prompt, completion, cached):
-        return {"spend_micros": spend, "requests": requests, "prompt_tokens": prompt,
-                "completion_tokens": completion, "cached_tokens": cached}
+        return {
+            "spend_micros": spend,
+            "requests": requests,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "cached_tokens": cached,
+        }
 
     assert await store.usage("2023-11-15", ["platform", "nobody"]) == {
         "date": "2023-11-15",
@@ -407,12 +436,17 @@ async def test_ledger(store):
             "platform": {
                 **m(2207, 5, 167, 28, 11),
                 "keys": {
-                    "a": {**m(2203, 3, 160, 26, 10),
-                          "models": {"gpt-4o": m(2200, 2, 150, 25, 10), "mini": m(3, 1, 10, 1, 0)}},
+                    "a": {
+                        **m(2203, 3, 160, 26, 10),
+                        "models": {"gpt-4o": m(2200, 2, 150, 25, 10), "mini": m(3, 1, 10, 1, 0)},
+                    },
                     "b": {**m(4, 2, 7, 2, 1), "models": {"mini": m(4, 2, 7, 2, 1)}},
                 },
-                "tags": {"role=x": m(2200, 2, 150, 25, 10), "env=ci": m(1500, 1, 100, 20, 10),
-                         "role=y": m(4, 1, 7, 2, 1)},
+                "tags": {
+                    "role=x": m(2200, 2, 150, 25, 10),
+                    "env=ci": m(1500, 1, 100, 20, 10),
+                    "role=y": m(4, 1, 7, 2, 1),
+                },
             },
             "nobody": {**m(0, 0, 0, 0, 0), "keys": {}, "tags": {}},
         },
@@ -421,6 +455,7 @@ async def test_ledger(store):
 
 
 # -- Redis keys --------------------------------------------------------------------------------
+
 
 async def _ttls(store) -> dict[str, int]:
     if isinstance(store, MemoryStore):
@@ -445,8 +480,10 @@ async def test_every_key_expires_and_shares_the_team_hash_tag(store, clock):
     assert {key_slot(name.encode()) for name in platform} == {key_slot(b"{platform}")}
     assert all(name.startswith(("llmrl:{platform}:", "llmrl:{other}:")) for name in ttls)
     if isinstance(getattr(store, "client", None), RedisCluster):  # the cluster agrees: one slot, one master a team
-        slots = {team: {await store.client.cluster_keyslot(n) for n in ttls if f"{{{team}}}" in n}
-                 for team in ("platform", "other")}
+        slots = {
+            team: {await store.client.cluster_keyslot(n) for n in ttls if f"{{{team}}}" in n}
+            for team in ("platform", "other")
+        }
         assert slots == {"platform": {key_slot(b"{platform}")}, "other": {key_slot(b"{other}")}}
         masters = {team: store.client.get_node_from_key(f"{{{team}}}").name for team in slots}
         assert masters["platform"] != masters["other"]  # so the scan above read more than one master
@@ -461,6 +498,7 @@ async def test_ledger_lives_for_the_retention(store):
 
 
 # -- atomicity, scripts, outages ---------------------------------------------------------------
+
 
 @real_and_memory
 async def test_concurrent_admits_are_atomic(store):
@@ -541,31 +579,46 @@ async def test_stores_agree_on_a_random_workload(request, redis_url):
     """The same random admits, settles and clock steps give the same replies and ledger everywhere."""
     clock = Clock()
     fake = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer(), lua_modules=set())
-    stores = [RedisStore.from_url(redis_url, timeout_ms=2000, clock_us=clock), MemoryStore(clock_us=clock),
-              RedisStore(fake, clock_us=clock)]
+    stores = [
+        RedisStore.from_url(redis_url, timeout_ms=2000, clock_us=clock),
+        MemoryStore(clock_us=clock),
+        RedisStore(fake, clock_us=clock),
+    ]
     try:  # and the cluster, where there is one
         stores.append(RedisStore.from_url(request.getfixturevalue("cluster_url"), timeout_ms=2000, clock_us=clock))
     except pytest.skip.Exception:
         pass
     rng = random.Random(7)
     t = team(rpm=40, rpm_burst=50, tpm=20_000, max_parallel=6, budget_micros=400_000)
-    keys = [key("a", rpm=20, tpm=9_000, tpm_burst=12_000, max_parallel=3, budget_micros=250_000),
-            key("b", rpm=12, rpm_burst=3)]
+    keys = [
+        key("a", rpm=20, tpm=9_000, tpm_burst=12_000, max_parallel=3, budget_micros=250_000),
+        key("b", rpm=12, rpm_burst=3),
+    ]
     open_, ended, history = [], [], []
     try:
         for _ in range(300):
             clock.keep_up()  # between steps: every store sees the same "now" within a step
             roll = rng.random()
             if roll < 0.5:
-                a = admission(rng.choice(keys), t, tokens=rng.randrange(0, 4000), cost=rng.randrange(0, 30_000),
-                              lease_ttl_ms=rng.choice([2_000, 60_000]))
+                a = admission(
+                    rng.choice(keys),
+                    t,
+                    tokens=rng.randrange(0, 4000),
+                    cost=rng.randrange(0, 30_000),
+                    lease_ttl_ms=rng.choice([2_000, 60_000]),
+                )
                 decisions = [await s.admit(a) for s in stores]
                 if decisions[0].admitted:
                     open_.append(a)
             elif roll < 0.8 and open_:
                 a = open_.pop(rng.randrange(len(open_)))
-                st = settlement(a, rng.randrange(0, 3000), rng.randrange(0, 2000), rng.randrange(0, 30_000),
-                                tags=(("role", rng.choice("xy")),))
+                st = settlement(
+                    a,
+                    rng.randrange(0, 3000),
+                    rng.randrange(0, 2000),
+                    rng.randrange(0, 30_000),
+                    tags=(("role", rng.choice("xy")),),
+                )
                 decisions = [await s.settle(st) for s in stores]
                 ended.append(a)
             elif roll < 0.85 and open_:
@@ -590,6 +643,7 @@ async def test_stores_agree_on_a_random_workload(request, redis_url):
 
 
 # -- budget alert threshold ----------------------------------------------------------------------
+
 
 async def test_alert_threshold_is_crossed_once_per_scope_and_day(store, clock):
     k = key(budget_micros=5000, alert_micros=800)

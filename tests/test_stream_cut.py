@@ -26,22 +26,32 @@ def test_content_before_a_cut_is_relayed_then_charged(mock_upstream, start_proxy
     received = []
     with openai.OpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=0) as sdk:
         stream = sdk.chat.completions.create(
-            model="chat-model", messages=[{"role": "user", "content": "hi"}], max_tokens=30, stream=True,
-            **({"stream_options": {"include_usage": True}} if include_usage else {}))
+            model="chat-model",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=30,
+            stream=True,
+            **({"stream_options": {"include_usage": True}} if include_usage else {}),
+        )
         with pytest.raises(openai.APIError) as caught:
             for chunk in stream:
                 received.append(chunk.choices[0].delta.content or "")
-    assert caught.value.body == openai_error("The upstream stream was interrupted before it finished.", "server_error",
-                                             "upstream_error")["error"]
-    assert received == [f"word{i}" if i == 0 else f" word{i}" for i in range(CHUNKS)], \
+    assert (
+        caught.value.body
+        == openai_error("The upstream stream was interrupted before it finished.", "server_error", "upstream_error")[
+            "error"
+        ]
+    )
+    assert received == [f"word{i}" if i == 0 else f" word{i}" for i in range(CHUNKS)], (
         "content that arrived before the cut was not relayed"
+    )
 
     server.wait_settled()
     text = "".join(received)
     outcome = recorder.outcomes[-1]
     assert outcome.stream_error == "stream_cut"
     assert outcome.usage.completion_tokens == estimate_text_tokens(text) > 0
-    usage = httpx.get(server.url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                      timeout=10).json()["teams"]["platform"]
+    usage = httpx.get(server.url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).json()[
+        "teams"
+    ]["platform"]
     assert usage["completion_tokens"] == estimate_text_tokens(text)
     assert usage["spend_micros"] == outcome.cost_micros > 0

@@ -31,19 +31,30 @@ def _chat(*messages: Any) -> dict:
         (_chat({"role": "user", "content": None}), 4 + 3),
         (_chat({"role": "user", "name": "alice", "content": "hi"}), 2 + 1 + 4 + 3),
         (
-            _chat({"role": "user", "content": [
-                {"type": "text", "text": "12345678"},
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 10_000}},
-                {"type": "text", "text": "abc"},
-                {"type": "input_audio", "input_audio": {"data": "AAAA"}},
-            ]}),
+            _chat(
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "12345678"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 10_000}},
+                        {"type": "text", "text": "abc"},
+                        {"type": "input_audio", "input_audio": {"data": "AAAA"}},
+                    ],
+                }
+            ),
             2 + 85 + 1 + 4 + 3,
         ),
         (
-            _chat({"role": "assistant", "content": None, "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "get", "arguments": '{"city":"Paris"}'}},
-                {"id": "c2", "type": "function", "function": {"name": "put", "arguments": "{}"}},
-            ]}),
+            _chat(
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "get", "arguments": '{"city":"Paris"}'}},
+                        {"id": "c2", "type": "function", "function": {"name": "put", "arguments": "{}"}},
+                    ],
+                }
+            ),
             (1 + 4) + (1 + 1) + 4 + 3,
         ),
         (_chat({"role": "assistant", "function_call": {"name": "get", "arguments": "abcdefgh"}}), 1 + 2 + 4 + 3),
@@ -148,7 +159,8 @@ shaped_bodies = st.fixed_dictionaries(
             st.fixed_dictionaries(
                 {},
                 optional={
-                    "content": json_values | st.lists(
+                    "content": json_values
+                    | st.lists(
                         st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": json_values})
                     ),
                     "name": json_values,
@@ -158,7 +170,8 @@ shaped_bodies = st.fixed_dictionaries(
             )
             | json_values,
             max_size=4,
-        ) | json_values,
+        )
+        | json_values,
         "prompt": json_values,
         "input": json_values,
         "max_tokens": json_values,

@@ -28,11 +28,15 @@ class MovableResolver(AbstractResolver):
         self.address = address
         self.lookups = 0
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET,
-                      ) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         self.lookups += 1
-        return [ResolveResult(hostname=host, host=self.address, port=port, family=socket.AF_INET, proto=0,
-                              flags=socket.AI_NUMERICHOST)]
+        return [
+            ResolveResult(
+                hostname=host, host=self.address, port=port, family=socket.AF_INET, proto=0, flags=socket.AI_NUMERICHOST
+            )
+        ]
 
     async def close(self) -> None:
         pass
@@ -47,8 +51,9 @@ async def chat(client: UpstreamClient) -> int:
 async def test_a_moved_upstream_is_reached_within_a_second_of_a_connect_error():
     port = free_port()
     resolver = MovableResolver("127.0.0.2")
-    client = UpstreamClient("moving", Upstream(base_url=f"http://{HOST}:{port}/v1", connect_timeout_s=1, timeout_s=5),
-                            resolver=resolver)
+    client = UpstreamClient(
+        "moving", Upstream(base_url=f"http://{HOST}:{port}/v1", connect_timeout_s=1, timeout_s=5), resolver=resolver
+    )
     await client.start()
     old = MockUpstream(port=port, host="127.0.0.2").start()
     new = None

@@ -35,13 +35,28 @@ def ok(message: str) -> None:
     say(f"ok: {message}")
 
 
-def run(args: Sequence[str], *, check: bool = True, timeout: float = 600, env: dict[str, str] | None = None,
-        input_text: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+def run(
+    args: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+    input_text: str | None = None,
+    cwd: Path = ROOT,
+) -> subprocess.CompletedProcess[str]:
     """Run `args`, capturing text output; with `check`, a non-zero exit fails with its output."""
     merged = {**os.environ, **(env or {})}
     try:
-        done = subprocess.run(list(args), cwd=cwd, env=merged, input=input_text, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        done = subprocess.run(
+            list(args),
+            cwd=cwd,
+            env=merged,
+            input=input_text,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         fail(f"{' '.join(args)}: no answer in {timeout:.0f} s")
     if check and done.returncode != 0:
@@ -65,7 +80,7 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float, interva
                 return result
         except CheckFailed:
             raise
-        except Exception as exc:  # noqa: BLE001 - any error means "not yet"; the last one is reported
+        except Exception as exc:
             last = exc
         if time.monotonic() >= deadline:
             fail(f"{what}: not within {timeout_s:.0f} s (last error: {last!r})")
@@ -79,7 +94,10 @@ def wait_healthy(container: str, timeout_s: float) -> float:
     def healthy() -> bool | None:
         state = inspect(container)["State"]
         if not state["Running"]:
-            fail(f"{container} is not running: {state}\n{run(['docker', 'logs', '--tail', '40', container], check=False).stderr}")
+            fail(
+                f"{container} is not running: {state}\n"
+                f"{run(['docker', 'logs', '--tail', '40', container], check=False).stderr}"
+            )
         health = state.get("Health")
         if health is None:
             fail(f"{container} has no HEALTHCHECK")

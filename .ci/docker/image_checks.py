@@ -33,8 +33,11 @@ def build() -> None:
 def context() -> None:
     """What the daemon receives: the files .dockerignore lets through, listed from inside a build."""
     probe = "llm-proxy-ci/context-probe"
-    done = run(["docker", "build", "--progress=plain", "--no-cache", "-t", probe, "-f", "-", "."],
-               env={"DOCKER_BUILDKIT": "1"}, input_text=CONTEXT_PROBE)
+    done = run(
+        ["docker", "build", "--progress=plain", "--no-cache", "-t", probe, "-f", "-", "."],
+        env={"DOCKER_BUILDKIT": "1"},
+        input_text=CONTEXT_PROBE,
+    )
     run(["docker", "rmi", probe], check=False)
     payloads = re.findall(r"^#\d+ [\d.]+ (.*)$", done.stdout + done.stderr, re.MULTILINE)
     files = [p for p in payloads if p.startswith("/context/")]
@@ -64,11 +67,16 @@ def metadata() -> None:
     if not config.get("Healthcheck"):
         fail("the image has no HEALTHCHECK")
     size = inspect(IMAGE)["Size"]
-    ok(f"runs as {user} (uid {uid}); HEALTHCHECK set; image size {size / 1e6:.0f} MB "
-       "(on the CI stand-in for python:3.11-slim, Debian's python3 + pip)")
+    ok(
+        f"runs as {user} (uid {uid}); HEALTHCHECK set; image size {size / 1e6:.0f} MB "
+        "(on the CI stand-in for python:3.11-slim, Debian's python3 + pip)"
+    )
     pins = run(["docker", "run", "--rm", "--entrypoint", "pip", IMAGE, "freeze"]).stdout.lower().split()
-    wanted = {line.strip().lower() for line in (ROOT / "constraints.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")}
+    wanted = {
+        line.strip().lower()
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     runtime = {"fastapi", "uvicorn", "aiohttp", "httpx", "redis", "prometheus_client", "pydantic", "pyyaml", "orjson"}
     for name in runtime:
         pinned = [w for w in wanted if w.replace("-", "_").split("==")[0] == name.replace("-", "_")]
@@ -87,8 +95,9 @@ def demo() -> None:
     try:
         took = wait_healthy(name, timeout_s=60)
         ok(f"HEALTHCHECK healthy after {took:.1f} s (demo)")
-        logs = wait_for("the demo's banner", lambda: DEMO_KEY_PATTERN.search(
-            run(["docker", "logs", name]).stdout), timeout_s=10)
+        logs = wait_for(
+            "the demo's banner", lambda: DEMO_KEY_PATTERN.search(run(["docker", "logs", name]).stdout), timeout_s=10
+        )
         health = httpx.get("http://127.0.0.1:8080/healthz", timeout=5)
         if health.status_code != 200:
             fail(f"/healthz from the host: {health.status_code}")

@@ -170,8 +170,10 @@ def run_pod(docs: list[dict[str, Any]], kind: str, name: str, workdir: Path) -> 
     caps = run(["docker", "exec", ctr, "grep", "CapEff", "/proc/self/status"]).stdout.split()[-1]
     if int(caps, 16) != 0:
         fail(f"{name}: effective capabilities {caps}")
-    say(f"{name}: uid {uid}, read-only root fs, capabilities {caps}, "
-        f"memory limit {settings['Memory'] // 2**20} MiB, security-opt {settings['SecurityOpt']}")
+    say(
+        f"{name}: uid {uid}, read-only root fs, capabilities {caps}, "
+        f"memory limit {settings['Memory'] // 2**20} MiB, security-opt {settings['SecurityOpt']}"
+    )
     for probe_kind in ("readinessProbe", "livenessProbe"):
         probe(name, container, probe_kind)
     return pod
@@ -192,8 +194,10 @@ def stop_pod(name: str, pod: dict[str, Any]) -> None:
     code = inspect(ctr)["State"]["ExitCode"]
     if code != 0 or took >= grace:
         fail(f"{name}: preStop + SIGTERM took {took:.1f} s of its {grace} s grace, exit {code}")
-    ok(f"{name}: preStop ({hook_s:.1f} s) then SIGTERM: exit 0 after {took:.1f} s "
-       f"(terminationGracePeriodSeconds {grace})")
+    ok(
+        f"{name}: preStop ({hook_s:.1f} s) then SIGTERM: exit 0 after {took:.1f} s "
+        f"(terminationGracePeriodSeconds {grace})"
+    )
 
 
 def cleanup() -> None:

@@ -19,26 +19,11 @@ from typing import Any
 
 import httpx
 import yaml
-from ci_docker import (
-    ROOT,
-    CheckFailed,
-    fail,
-    inspect,
-    main,
-    ok,
-    run,
-    say,
-    wait_for,
-    wait_healthy,
-)
+from ci_docker import ROOT, CheckFailed, fail, inspect, main, ok, run, say, wait_for, wait_healthy
 from openai import OpenAI
 
 sys.path.insert(0, str(ROOT))
-from tests.test_observability_stack import (
-    alert_rules,
-    dashboard_exprs,
-    grafana_to_promql,
-)
+from tests.test_observability_stack import alert_rules, dashboard_exprs, grafana_to_promql
 
 PROJECT = "llmproxyci"
 SKIPPED = {"grafana"}  # no image on CI machines (see the module docstring)
@@ -63,8 +48,12 @@ COMPOSE = compose_command()
 
 
 def compose(*args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return run([*COMPOSE, "-p", PROJECT, *args], check=check, timeout=timeout,
-               env={"COMPOSE_DOCKER_CLI_BUILD": "1", "DOCKER_BUILDKIT": "1"})
+    return run(
+        [*COMPOSE, "-p", PROJECT, *args],
+        check=check,
+        timeout=timeout,
+        env={"COMPOSE_DOCKER_CLI_BUILD": "1", "DOCKER_BUILDKIT": "1"},
+    )
 
 
 def services() -> list[str]:
@@ -88,8 +77,9 @@ def fault(**fields: Any) -> dict[str, str]:
 
 
 def chat_ok() -> bool | None:
-    response = httpx.post(PROXY + "/v1/chat/completions", json=CHAT, timeout=5,
-                          headers={"Authorization": f"Bearer {PLATFORM_KEY}"})
+    response = httpx.post(
+        PROXY + "/v1/chat/completions", json=CHAT, timeout=5, headers={"Authorization": f"Bearer {PLATFORM_KEY}"}
+    )
     return True if response.status_code == 200 else None
 
 
@@ -132,8 +122,11 @@ def up() -> None:
         else:
             took = wait_healthy(ctr, timeout_s=120)
             ok(f"{name}: healthy ({took:.1f} s after `up` returned)")
-    wait_for("the proxy reaches Redis (/readyz: ready, not degraded)",
-             lambda: True if httpx.get(PROXY + "/readyz", timeout=5).json() == {"status": "ready"} else None, 30)
+    wait_for(
+        "the proxy reaches Redis (/readyz: ready, not degraded)",
+        lambda: True if httpx.get(PROXY + "/readyz", timeout=5).json() == {"status": "ready"} else None,
+        30,
+    )
     ok(f"`{' '.join(COMPOSE)} up` brings every service up ({', '.join(names)}; without {', '.join(SKIPPED)})")
 
 
@@ -162,14 +155,22 @@ def varied_traffic() -> None:
     a budgeted key, streams."""
     sdk(RESEARCH_KEY).chat.completions.create(**{**CHAT, "model": "deepseek-chat"})
     for extra in (fault(status=500), fault(close_connection=True), fault(status=429, retry_after="0")):
-        httpx.post(PROXY + "/v1/chat/completions", json=CHAT, timeout=30,
-                   headers={"Authorization": f"Bearer {PLATFORM_KEY}", **extra})
+        httpx.post(
+            PROXY + "/v1/chat/completions",
+            json=CHAT,
+            timeout=30,
+            headers={"Authorization": f"Bearer {PLATFORM_KEY}", **extra},
+        )
     # 20 concurrent slow requests on a key with max_parallel 16: some are refused (429)
     statuses: list[int] = []
 
     def slow() -> None:
-        response = httpx.post(PROXY + "/v1/chat/completions", json=CHAT, timeout=30,
-                              headers={"Authorization": f"Bearer {PLATFORM_KEY}", **fault(first_byte_delay_s=2)})
+        response = httpx.post(
+            PROXY + "/v1/chat/completions",
+            json=CHAT,
+            timeout=30,
+            headers={"Authorization": f"Bearer {PLATFORM_KEY}", **fault(first_byte_delay_s=2)},
+        )
         statuses.append(response.status_code)
 
     threads = [threading.Thread(target=slow) for _ in range(20)]
@@ -267,8 +268,21 @@ def moved_upstream() -> None:
     # recreated upstream gets a new address.
     holder = f"{PROJECT}-address-holder"
     run(["docker", "rm", "-f", holder], check=False)
-    run(["docker", "run", "-d", "--name", holder, "--network", network, "--entrypoint", "sleep",
-         "redis:7-alpine", "120"])
+    run(
+        [
+            "docker",
+            "run",
+            "-d",
+            "--name",
+            holder,
+            "--network",
+            network,
+            "--entrypoint",
+            "sleep",
+            "redis:7-alpine",
+            "120",
+        ]
+    )
     try:
         compose("up", "-d", "--no-deps", "mock-upstream")
         new_ctr = container("mock-upstream")
@@ -280,8 +294,12 @@ def moved_upstream() -> None:
         statuses: list[int] = []
 
         def served() -> bool | None:
-            response = httpx.post(PROXY + "/v1/chat/completions", json=CHAT, timeout=5,
-                                  headers={"Authorization": f"Bearer {PLATFORM_KEY}"})
+            response = httpx.post(
+                PROXY + "/v1/chat/completions",
+                json=CHAT,
+                timeout=5,
+                headers={"Authorization": f"Bearer {PLATFORM_KEY}"},
+            )
             statuses.append(response.status_code)
             return True if response.status_code == 200 else None
 
@@ -310,7 +328,7 @@ def stop_proxy_mid_stream() -> None:
             for chunk in stream:
                 received.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
             outcome["done"] = True  # the SDK stops at `data: [DONE]`
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             outcome["error"] = exc
 
     reader = threading.Thread(target=read)
@@ -323,13 +341,18 @@ def stop_proxy_mid_stream() -> None:
         reader.join(30)
         state = inspect(proxy)["State"]
         if outcome.get("done") is not True:
-            fail(f"the stream in flight did not finish with [DONE] on `stop proxy` after {took:.1f} s: "
-                 f"{outcome}, {len(received)} chunks")
+            fail(
+                f"the stream in flight did not finish with [DONE] on `stop proxy` after {took:.1f} s: "
+                f"{outcome}, {len(received)} chunks"
+            )
         if state["ExitCode"] != 0 or state["OOMKilled"]:
-            fail(f"the proxy exited {state['ExitCode']} on `stop proxy` after {took:.1f} s "
-                 f"(stop_grace_period {grace} s)")
-        ok(f"`stop proxy` mid-stream: the stream finished with [DONE] ({len(received)} chunks), proxy exit 0 "
-           f"after {took:.1f} s (stop_grace_period {grace} s)")
+            fail(
+                f"the proxy exited {state['ExitCode']} on `stop proxy` after {took:.1f} s (stop_grace_period {grace} s)"
+            )
+        ok(
+            f"`stop proxy` mid-stream: the stream finished with [DONE] ({len(received)} chunks), proxy exit 0 "
+            f"after {took:.1f} s (stop_grace_period {grace} s)"
+        )
     finally:
         reader.join(30)
         compose("start", "proxy")
@@ -360,8 +383,15 @@ def checks() -> None:
         up()
         chat()
         # Each of these leaves the stack whole when it fails, so the others still run and report.
-        for check in (published_on_loopback, varied_traffic, redis_keeps_spend, prometheus_checks,
-                      stop_proxy_mid_stream, moved_upstream, others_stop_fast):
+        for check in (
+            published_on_loopback,
+            varied_traffic,
+            redis_keeps_spend,
+            prometheus_checks,
+            stop_proxy_mid_stream,
+            moved_upstream,
+            others_stop_fast,
+        ):
             try:
                 check()
             except CheckFailed as exc:

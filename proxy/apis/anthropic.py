@@ -103,8 +103,12 @@ def usage_from_message(message: Any) -> ApiUsage | None:
     uncached = count(usage.get("input_tokens"))
     written = count(usage.get("cache_creation_input_tokens"))
     read = count(usage.get("cache_read_input_tokens"))
-    return ApiUsage(input_tokens=uncached + written + read, cached_input_tokens=read, cache_write_tokens=written,
-                    output_tokens=count(usage.get("output_tokens")))
+    return ApiUsage(
+        input_tokens=uncached + written + read,
+        cached_input_tokens=read,
+        cache_write_tokens=written,
+        output_tokens=count(usage.get("output_tokens")),
+    )
 
 
 class MessagesStreamMeter:

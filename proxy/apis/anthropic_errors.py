@@ -1,17 +1,17 @@
 """Anthropic's side of errors and rate-limit headers, from the proxy's own errors and bucket states.
 
-    our error (status)                              Anthropic type
-    InvalidRequest, ContextLengthExceeded (400)     invalid_request_error
-    BodyTooLarge (413)                              invalid_request_error
-    MethodNotAllowed (405), ClientClosedRequest     invalid_request_error
-    InvalidApiKey (401)                             authentication_error
-    AdminRequired, ModelNotAllowed (403)            permission_error
-    NotFound, ModelNotFound (404)                   not_found_error
-    RateLimited, BudgetExceeded (429)               rate_limit_error (a budget adds x-should-retry: false)
-    UpstreamError (502)                             api_error
-    StoreUnavailable (503), any other               api_error
-    UpstreamTimeout (504)                           timeout_error
-    an upstream's 529                               overloaded_error
+our error (status)                              Anthropic type
+InvalidRequest, ContextLengthExceeded (400)     invalid_request_error
+BodyTooLarge (413)                              invalid_request_error
+MethodNotAllowed (405), ClientClosedRequest     invalid_request_error
+InvalidApiKey (401)                             authentication_error
+AdminRequired, ModelNotAllowed (403)            permission_error
+NotFound, ModelNotFound (404)                   not_found_error
+RateLimited, BudgetExceeded (429)               rate_limit_error (a budget adds x-should-retry: false)
+UpstreamError (502)                             api_error
+StoreUnavailable (503), any other               api_error
+UpstreamTimeout (504)                           timeout_error
+an upstream's 529                               overloaded_error
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ def error_type_for(status: int) -> str:
 def error_body(status: int, message: str, error_type: str | None = None, request_id: str | None = None) -> bytes:
     """{"type": "error", "error": {"type", "message"}} (+ "request_id" when given); the type from
     the status unless named."""
-    body: dict[str, object] = {"type": "error",
-                               "error": {"type": error_type or error_type_for(status), "message": message}}
+    body: dict[str, object] = {
+        "type": "error",
+        "error": {"type": error_type or error_type_for(status), "message": message},
+    }
     if request_id is not None:
         body["request_id"] = request_id
     return orjson.dumps(body)

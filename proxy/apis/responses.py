@@ -45,8 +45,11 @@ def _json_type(value: Any) -> str:
 
 
 def _type_error(param: str, expected: str, value: Any) -> InvalidRequest:
-    return InvalidRequest(f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)} instead.",
-                          param=param, code="invalid_type")
+    return InvalidRequest(
+        f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)} instead.",
+        param=param,
+        code="invalid_type",
+    )
 
 
 def _missing(param: str) -> InvalidRequest:
@@ -85,7 +88,8 @@ def parse_responses_call(body: dict[str, Any], default_max_tokens: int) -> Respo
         raise InvalidRequest(
             "Background responses are not supported through this proxy: it meters a response while it "
             "streams or returns it. Send the request without 'background'.",
-            param="background", code="unsupported_parameter",
+            param="background",
+            code="unsupported_parameter",
         )
     cap = _optional(body, "max_output_tokens", int, "an integer")
     if cap is not None and not 1 <= cap <= MAX_OUTPUT_TOKENS_CEILING:
@@ -94,7 +98,8 @@ def parse_responses_call(body: dict[str, Any], default_max_tokens: int) -> Respo
         expected = ">= 1" if below else f"<= {MAX_OUTPUT_TOKENS_CEILING}"
         raise InvalidRequest(
             f"Invalid 'max_output_tokens': integer {bound} value. Expected a value {expected}, but got {cap} instead.",
-            param="max_output_tokens", code="integer_below_min_value" if below else "integer_above_max_value",
+            param="max_output_tokens",
+            code="integer_below_min_value" if below else "integer_above_max_value",
         )
     return ResponsesCall(
         model=model,
@@ -188,6 +193,11 @@ class ResponsesStreamMeter:
     def error_event(self, message: str, code: str = "upstream_error") -> bytes:
         """The `error` event that ends a stream the upstream broke, numbered after the last event seen."""
         last = _SEQUENCE.search(self._last)
-        payload = {"type": "error", "code": code, "message": message, "param": None,
-                   "sequence_number": int(last.group(1)) + 1 if last else 0}
+        payload = {
+            "type": "error",
+            "code": code,
+            "message": message,
+            "param": None,
+            "sequence_number": int(last.group(1)) + 1 if last else 0,
+        }
         return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"

@@ -9,13 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 
-from ..errors import (
-    AdminRequired,
-    InvalidApiKey,
-    InvalidRequest,
-    StoreError,
-    StoreUnavailable,
-)
+from ..errors import AdminRequired, InvalidApiKey, InvalidRequest, StoreError, StoreUnavailable
 from ..limits.days import BudgetCalendar
 from ..limits.types import Store
 from ..request.authenticate import presented_key
@@ -38,7 +32,9 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {  # "4XX" also keeps FastAPI from documenting a 422 the proxy never sends (bad input is a 400)
+ERRORS: dict[
+    int | str, dict[str, Any]
+] = {  # "4XX" also keeps FastAPI from documenting a 422 the proxy never sends (bad input is a 400)
     "4XX": {"model": ErrorBody, "description": "Bad request (400), no or unknown key (401), not the admin key (403)"},
     503: {"model": ErrorBody, "description": "The usage ledger's store is unavailable"},
 }
@@ -58,8 +54,9 @@ def router(snapshots: SnapshotHolder, store: Store, calendar: BudgetCalendar) ->
     api = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)], responses=ERRORS)
 
     @api.get("/usage")
-    async def usage(date_: str | None = Query(None, alias="date", description="YYYY-MM-DD, default today")
-                    ) -> dict[str, Any]:
+    async def usage(
+        date_: str | None = Query(None, alias="date", description="YYYY-MM-DD, default today"),
+    ) -> dict[str, Any]:
         """Spend, budget, remaining, requests and tokens per team and key, per model and per tag."""
         config = snapshots.config
         day = date_ or calendar.today()

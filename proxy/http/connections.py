@@ -38,16 +38,26 @@ log = logging.getLogger("proxy.connections")
 def _error_response(status: int, error_type: str, code: str, message: str) -> bytes:
     """A whole HTTP/1.1 response with OpenAI's error JSON, written before any app runs."""
     payload = orjson.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}})
-    return b"".join((STATUS_LINE[status], b"content-type: application/json\r\n",
-                     b"content-length: %d\r\n" % len(payload), b"connection: close\r\n\r\n", payload))
+    return b"".join(
+        (
+            STATUS_LINE[status],
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(payload),
+            b"connection: close\r\n\r\n",
+            payload,
+        )
+    )
 
 
-HEADERS_TOO_LARGE = _error_response(431, "invalid_request_error", "request_header_fields_too_large",
-                                    "The request's headers are too large.")
-REQUEST_TIMEOUT = _error_response(408, "invalid_request_error", "request_timeout",
-                                  "The request did not arrive in time.")
-TOO_MANY_CONNECTIONS = _error_response(503, "server_error", "too_many_connections",
-                                       "The server has too many open connections; retry shortly.")
+HEADERS_TOO_LARGE = _error_response(
+    431, "invalid_request_error", "request_header_fields_too_large", "The request's headers are too large."
+)
+REQUEST_TIMEOUT = _error_response(
+    408, "invalid_request_error", "request_timeout", "The request did not arrive in time."
+)
+TOO_MANY_CONNECTIONS = _error_response(
+    503, "server_error", "too_many_connections", "The server has too many open connections; retry shortly."
+)
 
 
 class ConnectionGuard:
@@ -89,8 +99,15 @@ class ConnectionGuard:
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    def __init__(self, config: UvicornConfig, server_state: ServerState, app_state: dict[str, Any],
-                 _loop: asyncio.AbstractEventLoop | None = None, *, guard: ConnectionGuard) -> None:
+    def __init__(
+        self,
+        config: UvicornConfig,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        guard: ConnectionGuard,
+    ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.guard = guard
         self.max_header_bytes = guard.settings.max_header_bytes

@@ -28,8 +28,11 @@ def add_routes(app: Starlette, snapshots: SnapshotHolder) -> None:
         except ProxyError as error:
             return error_response(error, request_id_of(request))
         data = [_model(name) for name in snapshot.config.models if caller.may_use(name)]
-        return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json",
-                        headers={"x-request-id": request_id_of(request)})
+        return Response(
+            orjson.dumps({"object": "list", "data": data}),
+            media_type="application/json",
+            headers={"x-request-id": request_id_of(request)},
+        )
 
     async def get_model(request: Request) -> Response:
         name = request.path_params["model_id"]
@@ -40,8 +43,9 @@ def add_routes(app: Starlette, snapshots: SnapshotHolder) -> None:
                 raise ModelNotFound(f"The model '{name}' does not exist", param="model")
         except ProxyError as error:
             return error_response(error, request_id_of(request))
-        return Response(orjson.dumps(_model(name)), media_type="application/json",
-                        headers={"x-request-id": request_id_of(request)})
+        return Response(
+            orjson.dumps(_model(name)), media_type="application/json", headers={"x-request-id": request_id_of(request)}
+        )
 
     app.add_route("/v1/models", list_models, methods=["GET"])
     app.add_route("/v1/models/{model_id:path}", get_model, methods=["GET"])

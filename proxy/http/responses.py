@@ -69,8 +69,9 @@ class SettlingResponse(Response):
 
 
 class SSEResponse:
-    def __init__(self, chunks: AsyncGenerator[bytes, None], status: int, headers: list[tuple[bytes, bytes]],
-                 settle: Settle) -> None:
+    def __init__(
+        self, chunks: AsyncGenerator[bytes, None], status: int, headers: list[tuple[bytes, bytes]], settle: Settle
+    ) -> None:
         self.chunks = chunks
         self.status = status
         self.headers = headers

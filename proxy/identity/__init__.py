@@ -1,8 +1,8 @@
 """Who is calling, from a JWT of the organisation's identity provider (`auth.jwt`).
 
-    looks_like_jwt(presented)          cheap: three base64url segments, never a proxy key (`sk-`)
-    JwksCache(jwt_config)              signing keys by `kid`, refreshed on an unknown `kid`
-    JwtVerifier(jwt_config, jwks)      `await verify(token)` -> Identity, or raises TokenRejected
+looks_like_jwt(presented)          cheap: three base64url segments, never a proxy key (`sk-`)
+JwksCache(jwt_config)              signing keys by `kid`, refreshed on an unknown `kid`
+JwtVerifier(jwt_config, jwks)      `await verify(token)` -> Identity, or raises TokenRejected
 """
 
 from .errors import TokenRejected

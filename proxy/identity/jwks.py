@@ -64,8 +64,13 @@ def parse_jwks(document: object) -> dict[str, SigningKey]:
 class JwksCache:
     """kid -> SigningKey; `await start()` loads once (a failure is logged, not raised)."""
 
-    def __init__(self, config: JwtAuth, *, clock: Callable[[], float] = time.monotonic,
-                 min_refresh_interval_s: float = MIN_REFRESH_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        config: JwtAuth,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        min_refresh_interval_s: float = MIN_REFRESH_INTERVAL_S,
+    ) -> None:
         self._url = config.jwks_url
         self._file = config.jwks_file
         self._clock = clock
@@ -114,7 +119,7 @@ class JwksCache:
 
     async def _load(self) -> object:
         if self._file is not None:
-            return json.loads(Path(self._file).read_bytes()[:MAX_JWKS_BYTES])
+            return json.loads(await asyncio.to_thread(_read_head, Path(self._file), MAX_JWKS_BYTES))
         assert self._url is not None
         timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S)
         async with aiohttp.ClientSession(timeout=timeout) as session, session.get(self._url) as response:
@@ -123,3 +128,8 @@ class JwksCache:
             if len(body) > MAX_JWKS_BYTES:
                 raise ValueError("jwks document too large")
             return json.loads(body)
+
+
+def _read_head(path: Path, limit: int) -> bytes:
+    with path.open("rb") as f:
+        return f.read(limit)

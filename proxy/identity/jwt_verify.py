@@ -96,8 +96,12 @@ class JwtVerifier:
     def _decode(self, token: str, key: object, algorithm: str) -> dict[str, object]:
         try:
             return jwt.decode(
-                token, key, algorithms=[algorithm], audience=self._config.audience,  # type: ignore[arg-type]
-                issuer=self._config.issuer, leeway=LEEWAY_S,
+                token,
+                key,  # type: ignore[arg-type]  # a key the JWKS cache parsed: RSA or EC public key
+                algorithms=[algorithm],
+                audience=self._config.audience,
+                issuer=self._config.issuer,
+                leeway=LEEWAY_S,
                 options={"require": REQUIRED_CLAIMS, "verify_signature": True},
             )
         except ExpiredSignatureError:

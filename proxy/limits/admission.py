@@ -4,8 +4,9 @@ The store decides (one script, one round trip). When it cannot answer, `on_redis
 what happens: `allow` admits through this process's fallback store with the limits divided by
 `store.replicas`, `deny` refuses. The fallback starts each budget from the spend this replica
 last saw committed in the store for that scope and day (divided by `store.replicas` like the
-limits), so a budget exhausted before an outage stays refused during it. The answer is a `Ticket` or a `Refusal`, never an HTTP error:
-the request path says what a refusal means to the client.
+limits), so a budget exhausted before an outage stays refused during it. The answer is a
+`Ticket` or a `Refusal`, never an HTTP error: the request path says what a refusal means to the
+client.
 
 An admit whose reply was lost may still run in Redis later (a pause, a partition). A request the
 store then holds nothing for is *abandoned*: a settlement that releases whatever that admit
@@ -70,8 +71,18 @@ Mark = tuple[str, str, str, str]  # (team, scope kind, scope name, day)
 
 
 class Admitter:
-    def __init__(self, store: Store, fallback: MemoryStore | None, *, allow_on_outage: bool, replicas: int,
-                 lease_ttl_ms: int, calendar: BudgetCalendar, journal: Journal, health: StoreHealth) -> None:
+    def __init__(
+        self,
+        store: Store,
+        fallback: MemoryStore | None,
+        *,
+        allow_on_outage: bool,
+        replicas: int,
+        lease_ttl_ms: int,
+        calendar: BudgetCalendar,
+        journal: Journal,
+        health: StoreHealth,
+    ) -> None:
         self.store = store
         self.fallback = fallback
         self.allow_on_outage = allow_on_outage
@@ -109,8 +120,10 @@ class Admitter:
                 return Refusal(scopes, None)
             self._seed_fallback(self.fallback, scopes, days)
             decision = await self.fallback.admit(
-                Admission(request_id, scopes.fallback_team, scopes.fallback_key, tokens, cost_micros, days,
-                          self.lease_ttl_ms))
+                Admission(
+                    request_id, scopes.fallback_team, scopes.fallback_key, tokens, cost_micros, days, self.lease_ttl_ms
+                )
+            )
             if sent and not decision.admitted:
                 self._abandon(admission)
             store, degraded = self.fallback, True
@@ -120,8 +133,10 @@ class Admitter:
 
     def _saw(self, scopes: Scopes, decision: Decision) -> None:
         team = scopes.team.name
-        for scope, committed in ((scopes.key, decision.key_committed_micros),
-                                 (scopes.team, decision.team_committed_micros)):
+        for scope, committed in (
+            (scopes.key, decision.key_committed_micros),
+            (scopes.team, decision.team_committed_micros),
+        ):
             if committed is not None:
                 self.seen_committed[(team, scope.kind, scope.name, decision.day)] = committed
 
@@ -146,6 +161,16 @@ class Admitter:
 
     def _abandon(self, admission: Admission) -> None:
         """Journal the release of an admission whose reply was lost (see the module docstring)."""
-        self.journal.add(Settlement(admission.request_id, admission.team, admission.key, "",
-                                    admission.days.label_at(self.calendar.now_s()), Usage(), 0, succeeded=False,
-                                    abandoned=True))
+        self.journal.add(
+            Settlement(
+                admission.request_id,
+                admission.team,
+                admission.key,
+                "",
+                admission.days.label_at(self.calendar.now_s()),
+                Usage(),
+                0,
+                succeeded=False,
+                abandoned=True,
+            )
+        )

@@ -24,7 +24,7 @@ class SortedSet(dict[str, float]):
     """A sorted set: member -> score."""
 
 
-Value = Union[str, Hash, SortedSet]
+Value = str | Hash | SortedSet
 Reply = Union[int, str, None, "Status", list["Reply"]]
 Aggregate = TypeVar("Aggregate", Hash, SortedSet)
 
@@ -209,7 +209,7 @@ class Keyspace:
             raise CommandError("ERR wrong number of arguments for 'hset' command")
         fields = self._make(name, now_ms, Hash)
         added = 0
-        for field, value in zip(pairs[::2], pairs[1::2]):
+        for field, value in zip(pairs[::2], pairs[1::2], strict=True):
             added += field not in fields
             fields[field] = value
         return added
@@ -249,7 +249,7 @@ class Keyspace:
             flags.add(rest.pop(0).upper())
         if not rest or len(rest) % 2:
             raise CommandError("ERR syntax error")
-        pairs = [(_score(score), member) for score, member in zip(rest[::2], rest[1::2])]
+        pairs = [(_score(score), member) for score, member in zip(rest[::2], rest[1::2], strict=True)]
         members = self._get(name, now_ms, SortedSet) if "XX" in flags else self._make(name, now_ms, SortedSet)
         if members is None:
             return 0
@@ -289,8 +289,9 @@ class Keyspace:
     def _in_range(self, name: str, now_ms: int, low: str, high: str) -> list[str]:
         (lo, lo_open), (hi, hi_open) = _bound(low), _bound(high)
         members: dict[str, float] = self._get(name, now_ms, SortedSet) or {}
-        chosen = [(s, m) for m, s in members.items()
-                  if (s > lo if lo_open else s >= lo) and (s < hi if hi_open else s <= hi)]
+        chosen = [
+            (s, m) for m, s in members.items() if (s > lo if lo_open else s >= lo) and (s < hi if hi_open else s <= hi)
+        ]
         return [m for _, m in sorted(chosen)]
 
     def cmd_zrangebyscore(self, now_ms: int, name: str, low: str, high: str) -> Reply:

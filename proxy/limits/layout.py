@@ -24,17 +24,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from .types import (
-    Admission,
-    BucketState,
-    Decision,
-    Renewal,
-    Reason,
-    ScopeKind,
-    ScopeLimits,
-    Settled,
-    Settlement,
-)
+from .types import Admission, BucketState, Decision, Reason, Renewal, ScopeKind, ScopeLimits, Settled, Settlement
 
 DEFAULT_PREFIX = "llmrl"
 DAY_MARGIN_MS = 2 * 86_400_000  # a budget day's records outlive the day by this much
@@ -69,8 +59,15 @@ class Layout:
     def admit_keys(self, a: Admission) -> list[str]:
         t = a.team.name
         key, team = self.scope(t, a.key), self.scope(t, a.team)
-        keys = [f"{key}:rq", f"{key}:tk", f"{key}:par", f"{team}:rq", f"{team}:tk", f"{team}:par",
-                f"{self.team(t)}:r:{a.request_id}"]
+        keys = [
+            f"{key}:rq",
+            f"{key}:tk",
+            f"{key}:par",
+            f"{team}:rq",
+            f"{team}:tk",
+            f"{team}:par",
+            f"{self.team(t)}:r:{a.request_id}",
+        ]
         for day in a.days.labels:
             kb, tb = self.budget(t, a.key, day), self.budget(t, a.team, day)
             keys += [kb, f"{kb}:leases", tb, f"{tb}:leases"]
@@ -81,26 +78,67 @@ class Layout:
         t = s.team.name
         key, team = self.scope(t, s.key), self.scope(t, s.team)
         kb, tb = self.budget(t, s.key, s.day), self.budget(t, s.team, s.day)
-        return [f"{self.team(t)}:d:{s.request_id}", f"{self.team(t)}:r:{s.request_id}",
-                f"{key}:tk", f"{team}:tk", f"{key}:par", f"{team}:par",
-                kb, f"{kb}:leases", tb, f"{tb}:leases", self.ledger(t, s.day)]
+        return [
+            f"{self.team(t)}:d:{s.request_id}",
+            f"{self.team(t)}:r:{s.request_id}",
+            f"{key}:tk",
+            f"{team}:tk",
+            f"{key}:par",
+            f"{team}:par",
+            kb,
+            f"{kb}:leases",
+            tb,
+            f"{tb}:leases",
+            self.ledger(t, s.day),
+        ]
 
     def renew_keys(self, r: Renewal) -> list[str]:
         t = r.team.name
         kb, tb = self.budget(t, r.key, r.day), self.budget(t, r.team, r.day)
-        return [f"{self.team(t)}:r:{r.request_id}", f"{self.scope(t, r.key)}:par",
-                f"{self.scope(t, r.team)}:par", f"{kb}:leases", f"{tb}:leases"]
+        return [
+            f"{self.team(t)}:r:{r.request_id}",
+            f"{self.scope(t, r.key)}:par",
+            f"{self.scope(t, r.team)}:par",
+            f"{kb}:leases",
+            f"{tb}:leases",
+        ]
 
 
 LIMIT_ARGS = ("rpm", "request_capacity", "tpm", "token_capacity", "max_parallel", "budget")
 # admit.lua's ARGV; after them, `day_count` day labels, then `day_count + 1` day starts (epoch s)
-ADMIT_ARGS = ("now_us", "request_id", "tokens", "cost", "lease_ttl_ms", "day_margin_ms",
-              *(f"key_{name}" for name in LIMIT_ARGS), *(f"team_{name}" for name in LIMIT_ARGS), "day_count")
+ADMIT_ARGS = (
+    "now_us",
+    "request_id",
+    "tokens",
+    "cost",
+    "lease_ttl_ms",
+    "day_margin_ms",
+    *(f"key_{name}" for name in LIMIT_ARGS),
+    *(f"team_{name}" for name in LIMIT_ARGS),
+    "day_count",
+)
 # settle.lua's ARGV; after them, the request's tags as `name=value`
-SETTLE_ARGS = ("now_us", "request_id", "done_ttl_s", "ledger_ttl_s", "late_budget_ttl_s", "key_tpm",
-               "key_token_capacity", "team_tpm", "team_token_capacity", "cost", "prompt_tokens",
-               "completion_tokens", "cached_tokens", "key_name", "model", "key_alert", "team_alert",
-               "ledger_max_fields", "abandon")
+SETTLE_ARGS = (
+    "now_us",
+    "request_id",
+    "done_ttl_s",
+    "ledger_ttl_s",
+    "late_budget_ttl_s",
+    "key_tpm",
+    "key_token_capacity",
+    "team_tpm",
+    "team_token_capacity",
+    "cost",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "key_name",
+    "model",
+    "key_alert",
+    "team_alert",
+    "ledger_max_fields",
+    "abandon",
+)
 RENEW_ARGS = ("now_us", "request_id", "lease_ttl_ms")  # renew.lua's ARGV
 
 Arg = int | str
@@ -111,18 +149,29 @@ def _limits(prefix: str, s: ScopeLimits) -> dict[str, Arg]:
     """A scope's limits as script arguments (`LIMIT_ARGS` after `prefix`), UNLIMITED where it has none."""
     rpm, request_capacity = (s.rpm, s.request_capacity) if s.rpm and s.request_capacity else (UNLIMITED, UNLIMITED)
     tpm, token_capacity = (s.tpm, s.token_capacity) if s.tpm and s.token_capacity else (UNLIMITED, UNLIMITED)
-    return {f"{prefix}rpm": rpm, f"{prefix}request_capacity": request_capacity, f"{prefix}tpm": tpm,
-            f"{prefix}token_capacity": token_capacity, f"{prefix}max_parallel": _or_unlimited(s.max_parallel),
-            f"{prefix}budget": _or_unlimited(s.budget_micros)}
+    return {
+        f"{prefix}rpm": rpm,
+        f"{prefix}request_capacity": request_capacity,
+        f"{prefix}tpm": tpm,
+        f"{prefix}token_capacity": token_capacity,
+        f"{prefix}max_parallel": _or_unlimited(s.max_parallel),
+        f"{prefix}budget": _or_unlimited(s.budget_micros),
+    }
 
 
 def admit_args(a: Admission, now_us: int | None) -> list[Arg]:
     if len(a.days.starts) != len(a.days.labels) + 1 or not a.days.labels:
         raise ValueError("BudgetDay needs one more start than labels, and at least one label")
     named: dict[str, Arg] = {
-        "now_us": "" if now_us is None else now_us, "request_id": a.request_id, "tokens": a.tokens,
-        "cost": a.cost_micros, "lease_ttl_ms": a.lease_ttl_ms, "day_margin_ms": DAY_MARGIN_MS,
-        **_limits("key_", a.key), **_limits("team_", a.team), "day_count": len(a.days.labels),
+        "now_us": "" if now_us is None else now_us,
+        "request_id": a.request_id,
+        "tokens": a.tokens,
+        "cost": a.cost_micros,
+        "lease_ttl_ms": a.lease_ttl_ms,
+        "day_margin_ms": DAY_MARGIN_MS,
+        **_limits("key_", a.key),
+        **_limits("team_", a.team),
+        "day_count": len(a.days.labels),
     }
     return [*(named[name] for name in ADMIT_ARGS), *a.days.labels, *a.days.starts]
 
@@ -130,22 +179,35 @@ def admit_args(a: Admission, now_us: int | None) -> list[Arg]:
 def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list[Arg]:
     key, team = _limits("key_", s.key), _limits("team_", s.team)
     named: dict[str, Arg] = {
-        "now_us": "" if now_us is None else now_us, "request_id": s.request_id, "done_ttl_s": DONE_TTL_S,
-        "ledger_ttl_s": ledger_ttl_s, "late_budget_ttl_s": LATE_BUDGET_TTL_S,
-        "key_tpm": key["key_tpm"], "key_token_capacity": key["key_token_capacity"],
-        "team_tpm": team["team_tpm"], "team_token_capacity": team["team_token_capacity"],
-        "cost": s.cost_micros, "prompt_tokens": s.usage.prompt_tokens,
-        "completion_tokens": s.usage.completion_tokens, "cached_tokens": s.usage.cached_tokens,
-        "key_name": s.key.name, "model": s.model, "key_alert": _or_unlimited(s.key.alert_micros),
-        "team_alert": _or_unlimited(s.team.alert_micros), "ledger_max_fields": LEDGER_MAX_FIELDS,
+        "now_us": "" if now_us is None else now_us,
+        "request_id": s.request_id,
+        "done_ttl_s": DONE_TTL_S,
+        "ledger_ttl_s": ledger_ttl_s,
+        "late_budget_ttl_s": LATE_BUDGET_TTL_S,
+        "key_tpm": key["key_tpm"],
+        "key_token_capacity": key["key_token_capacity"],
+        "team_tpm": team["team_tpm"],
+        "team_token_capacity": team["team_token_capacity"],
+        "cost": s.cost_micros,
+        "prompt_tokens": s.usage.prompt_tokens,
+        "completion_tokens": s.usage.completion_tokens,
+        "cached_tokens": s.usage.cached_tokens,
+        "key_name": s.key.name,
+        "model": s.model,
+        "key_alert": _or_unlimited(s.key.alert_micros),
+        "team_alert": _or_unlimited(s.team.alert_micros),
+        "ledger_max_fields": LEDGER_MAX_FIELDS,
         "abandon": 1 if s.abandoned else 0,
     }
     return [*(named[name] for name in SETTLE_ARGS), *(f"{k}={v}" for k, v in s.tags)]
 
 
 def renew_args(r: Renewal, now_us: int | None) -> list[Arg]:
-    named: dict[str, Arg] = {"now_us": "" if now_us is None else now_us, "request_id": r.request_id,
-                             "lease_ttl_ms": r.lease_ttl_ms}
+    named: dict[str, Arg] = {
+        "now_us": "" if now_us is None else now_us,
+        "request_id": r.request_id,
+        "lease_ttl_ms": r.lease_ttl_ms,
+    }
     return [named[name] for name in RENEW_ARGS]
 
 

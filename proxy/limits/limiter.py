@@ -32,17 +32,31 @@ log = logging.getLogger("proxy.limits")
 
 
 class Limiter:
-    def __init__(self, config: Config, store: Store, *, fallback: MemoryStore | None = None,
-                 calendar: BudgetCalendar | None = None, on_store_error: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        fallback: MemoryStore | None = None,
+        calendar: BudgetCalendar | None = None,
+        on_store_error: Callable[[str], None] | None = None,
+    ) -> None:
         self.store = store
         self.fallback = fallback
         self.calendar = calendar or BudgetCalendar(lambda: config.budget_timezone, store.clock_us)
         lease_ttl_ms = config.store.lease_ttl_s * 1000
         self.health = StoreHealth(config.store.on_redis_error, on_store_error)
         self.journal = Journal(store, self.health)
-        self.admitter = Admitter(store, fallback, allow_on_outage=config.store.on_redis_error == "allow",
-                                 replicas=config.store.replicas, lease_ttl_ms=lease_ttl_ms, calendar=self.calendar,
-                                 journal=self.journal, health=self.health)
+        self.admitter = Admitter(
+            store,
+            fallback,
+            allow_on_outage=config.store.on_redis_error == "allow",
+            replicas=config.store.replicas,
+            lease_ttl_ms=lease_ttl_ms,
+            calendar=self.calendar,
+            journal=self.journal,
+            health=self.health,
+        )
         self.settler = Settler(store, self.journal, self.health)
         self.renewer = Renewer(lease_ttl_ms, self.health)
         self._tasks: list[asyncio.Task[None]] = []
@@ -62,8 +76,15 @@ class Limiter:
             self.renewer.follow(admitted)
         return admitted
 
-    async def settle(self, ticket: Ticket, model: str, usage: Usage, cost_micros: int,
-                     tags: tuple[tuple[str, str], ...] = (), succeeded: bool = True) -> Settled | None:
+    async def settle(
+        self,
+        ticket: Ticket,
+        model: str,
+        usage: Usage,
+        cost_micros: int,
+        tags: tuple[tuple[str, str], ...] = (),
+        succeeded: bool = True,
+    ) -> Settled | None:
         self.renewer.forget(ticket)
         return await self.settler.settle(ticket, model, usage, cost_micros, tags, succeeded)
 
@@ -71,8 +92,7 @@ class Limiter:
     def start(self) -> None:
         if not self._tasks:
             loop = asyncio.get_running_loop()
-            background: list[Coroutine[Any, Any, None]] = [self.journal.flush_forever(),
-                                                           self.renewer.renew_forever()]
+            background: list[Coroutine[Any, Any, None]] = [self.journal.flush_forever(), self.renewer.renew_forever()]
             self._tasks = [loop.create_task(job) for job in background]
 
     async def close(self, flush_for_s: float = 10.0) -> None:

@@ -46,15 +46,12 @@ class _Lua:
         self.now_ms = 0
         self.runtime = lua51.LuaRuntime(encoding="utf-8", register_eval=False, register_builtins=False)
         self._table = self.runtime.table_from
-        redis = self.runtime.table_from({
-            "call": self._call,
-            "pcall": self._pcall,
-            "replicate_commands": lambda: True,
-        })
+        redis = self.runtime.table_from({"call": self._call, "pcall": self._pcall, "replicate_commands": lambda: True})
         self.runtime.globals().redis = redis
         # a script sees KEYS and ARGV as tables: each file becomes a function of the two
-        self._compile = self.runtime.eval("function(source) return loadstring("
-                                          "'local KEYS, ARGV = ...\\n' .. source) end")
+        self._compile = self.runtime.eval(
+            "function(source) return loadstring('local KEYS, ARGV = ...\\n' .. source) end"
+        )
         self._functions: dict[str, Any] = {}
 
     def run(self, name: str, keys: Sequence[str], args: Sequence[object], now_ms: int) -> Reply:
@@ -162,8 +159,7 @@ class MemoryStore:
 
     async def usage(self, day: str, teams: list[str]) -> dict[str, Any]:
         now_ms = self._now_us() // 1000
-        ledgers = {t: {f: int(v) for f, v in self.keys.hash(self.layout.ledger(t, day), now_ms).items()}
-                   for t in teams}
+        ledgers = {t: {f: int(v) for f, v in self.keys.hash(self.layout.ledger(t, day), now_ms).items()} for t in teams}
         return usage_report(day, ledgers)
 
     async def budget_spent(

@@ -24,15 +24,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from ..errors import (
-    RespConnectionError,
-    RespReplyError,
-    RespUnreachable,
-    StoreError,
-    StoreUnreachable,
-)
-from . import scripts
 from ..errors import RespConnectionError, RespReplyError, RespUnreachable, StoreError, StoreUnreachable
+from . import scripts
 from .layout import DEFAULT_PREFIX, Layout, admit_args, decode_decision, decode_settled, renew_args, settle_args
 from .ledger import usage_report
 from .resp import RespClient
@@ -42,8 +35,7 @@ DEFAULT_TIMEOUT_MS = 250
 DEFAULT_RETENTION_DAYS = 35
 CLUSTER_MAX_CONNECTIONS = 100  # per master, and the store's calls in flight on a cluster
 # what the driver raises when Redis cannot answer (RedisClusterException is no RedisError)
-DRIVER_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError, RespConnectionError,
-                 RespReplyError)
+DRIVER_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError, RespConnectionError, RespReplyError)
 
 
 T = TypeVar("T")
@@ -64,8 +56,9 @@ class _Script:
         self.source = scripts.source(name)
         self.sha: str | None = None
 
-    async def __call__(self, client: Client, keys: list[str], args: list[str | int],
-                       scripts_connection: RespClient | None = None) -> Any:
+    async def __call__(
+        self, client: Client, keys: list[str], args: list[str | int], scripts_connection: RespClient | None = None
+    ) -> Any:
         if scripts_connection is not None:
             return await self._on_scripts_connection(scripts_connection, keys, args)
         if self.sha is None:
@@ -128,8 +121,11 @@ class RedisStore:
 
         `redis+cluster://` URLs (or `cluster=True`) build a RedisCluster client."""
         timeout = timeout_ms / 1000
-        options: dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout,
-                                       retry=Retry(NoBackoff(), 0))
+        options: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
         if url.startswith("redis+cluster://"):
             url, cluster = "redis://" + url.removeprefix("redis+cluster://"), True
         scripts_connection = None
@@ -141,8 +137,13 @@ class RedisStore:
             # that died with a Redis restart reconnect instead of failing the next read
             client = aioredis.Redis.from_url(url, retry_on_timeout=False, **{**options, "retry": Retry(NoBackoff(), 1)})
             scripts_connection = RespClient(url, timeout)
-        return cls(client, clock_us=clock_us, retention_days=retention_days, prefix=prefix,
-                   scripts_connection=scripts_connection)
+        return cls(
+            client,
+            clock_us=clock_us,
+            retention_days=retention_days,
+            prefix=prefix,
+            scripts_connection=scripts_connection,
+        )
 
     def _now_us(self) -> int | None:
         return None if self.clock_us is None else int(self.clock_us())
@@ -194,7 +195,7 @@ class RedisStore:
     async def usage(self, day: str, teams: list[str]) -> dict[str, Any]:
         """The day's ledger of `teams` (see `proxy.limits.ledger` for the shape)."""
         hashes = await self._read("usage", [("hgetall", self.layout.ledger(t, day)) for t in teams])
-        ledgers = {t: {_text(f): int(v) for f, v in h.items()} for t, h in zip(teams, hashes)}
+        ledgers = {t: {_text(f): int(v) for f, v in h.items()} for t, h in zip(teams, hashes, strict=True)}
         return usage_report(day, ledgers)
 
     async def budget_spent(
@@ -206,9 +207,8 @@ class RedisStore:
         for team, keys in teams_and_keys.items():
             scopes.append((team, ScopeLimits("team", team)))
             scopes += [(team, ScopeLimits("key", key)) for key in keys]
-        values = await self._read("budget_spent",
-                                  [("hget", self.layout.budget(t, s, day), "spent") for t, s in scopes])
-        return {(s.kind, s.name): int(v or 0) for (_, s), v in zip(scopes, values)}
+        values = await self._read("budget_spent", [("hget", self.layout.budget(t, s, day), "spent") for t, s in scopes])
+        return {(s.kind, s.name): int(v or 0) for (_, s), v in zip(scopes, values, strict=True)}
 
     async def _read(self, op: str, commands: list[tuple[str, ...]]) -> list[Any]:
         """Several reads in one non-transactional pipeline (split by slot on a cluster)."""

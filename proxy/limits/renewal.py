@@ -55,8 +55,9 @@ class Renewer:
 
     async def _renew(self, ticket: Ticket) -> bool:
         started = time.monotonic()
-        renewal = Renewal(ticket.request_id, ticket.team_scope, ticket.key_scope, ticket.decision.day,
-                          self.lease_ttl_ms)
+        renewal = Renewal(
+            ticket.request_id, ticket.team_scope, ticket.key_scope, ticket.decision.day, self.lease_ttl_ms
+        )
         renewed = await ticket.store.renew(renewal)
         if renewed:
             ticket.renewed_at = started

@@ -145,8 +145,7 @@ class RespClient:
         attempt = self._connecting
         if attempt is None:
             if loop.time() < self._retry_at:
-                raise RespUnreachable(f"Redis unreachable; next connect attempt in "
-                                      f"{self._retry_at - loop.time():.2f}s")
+                raise RespUnreachable(f"Redis unreachable; next connect attempt in {self._retry_at - loop.time():.2f}s")
             attempt = self._connecting = loop.create_task(self._connect())
             attempt.add_done_callback(_retrieve)
         try:

@@ -15,8 +15,9 @@ from ..pricing import usd_to_micros
 from .types import ScopeKind, ScopeLimits
 
 
-def scope_limits(kind: ScopeKind, name: str, limits: Limits, budget_usd: Decimal | None, divisor: int = 1,
-                 alert_ratio: float = 1.0) -> ScopeLimits:
+def scope_limits(
+    kind: ScopeKind, name: str, limits: Limits, budget_usd: Decimal | None, divisor: int = 1, alert_ratio: float = 1.0
+) -> ScopeLimits:
     """One scope's limits, each divided by `divisor` (at least 1 where there is a limit)."""
 
     def part(value: int | None) -> int | None:
@@ -53,8 +54,10 @@ def scopes_for(config: Config, key_name: str) -> Scopes:
     ratio, replicas = config.budget_alert_ratio, config.store.replicas
 
     def both(divisor: int) -> tuple[ScopeLimits, ScopeLimits]:
-        return (scope_limits("key", key_name, key.limits, key.daily_budget_usd, divisor, ratio),
-                scope_limits("team", key.team, team.limits, team.daily_budget_usd, divisor, ratio))
+        return (
+            scope_limits("key", key_name, key.limits, key.daily_budget_usd, divisor, ratio),
+            scope_limits("team", key.team, team.limits, team.daily_budget_usd, divisor, ratio),
+        )
 
     (key_scope, team_scope), (fallback_key, fallback_team) = both(1), both(replicas)
     return Scopes(key_scope, team_scope, fallback_key, fallback_team)

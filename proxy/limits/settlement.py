@@ -32,8 +32,15 @@ class Settler:
         self.unsettled += 1
         self._all_settled.clear()
 
-    async def settle(self, ticket: Ticket, model: str, usage: Usage, cost_micros: int,
-                     tags: tuple[tuple[str, str], ...] = (), succeeded: bool = True) -> Settled | None:
+    async def settle(
+        self,
+        ticket: Ticket,
+        model: str,
+        usage: Usage,
+        cost_micros: int,
+        tags: tuple[tuple[str, str], ...] = (),
+        succeeded: bool = True,
+    ) -> Settled | None:
         """Reconcile the ticket once; None when it was settled already or the store is out."""
         if ticket.settled:
             return None
@@ -45,10 +52,26 @@ class Settler:
             if self.unsettled == 0:
                 self._all_settled.set()
 
-    async def _settle(self, ticket: Ticket, model: str, usage: Usage, cost_micros: int,
-                      tags: tuple[tuple[str, str], ...], succeeded: bool) -> Settled | None:
-        settlement = Settlement(ticket.request_id, ticket.team_scope, ticket.key_scope, model, ticket.decision.day,
-                                usage, cost_micros, tags, succeeded)
+    async def _settle(
+        self,
+        ticket: Ticket,
+        model: str,
+        usage: Usage,
+        cost_micros: int,
+        tags: tuple[tuple[str, str], ...],
+        succeeded: bool,
+    ) -> Settled | None:
+        settlement = Settlement(
+            ticket.request_id,
+            ticket.team_scope,
+            ticket.key_scope,
+            model,
+            ticket.decision.day,
+            usage,
+            cost_micros,
+            tags,
+            succeeded,
+        )
         if ticket.degraded:
             await ticket.store.settle(settlement)  # the fallback store (limits / replicas) never fails
             # the shared store gets the real limits, alert thresholds too

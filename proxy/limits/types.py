@@ -57,7 +57,7 @@ class BudgetDay:
     def label_at(self, now_s: float) -> str:
         """The candidate containing `now_s` (the last one that has started), as the store chooses."""
         label = self.labels[0]
-        for name, start in zip(self.labels, self.starts):
+        for name, start in zip(self.labels, self.starts, strict=False):
             if now_s >= start:
                 label = name
         return label
@@ -176,8 +176,9 @@ class Store(Protocol):
     async def usage(self, day: str, teams: list[str]) -> dict[str, Any]:
         """The day's ledger: see `proxy.limits.ledger` for its shape."""
 
-    async def budget_spent(self, day: str, teams_and_keys: Mapping[str, Iterable[str]]
-                           ) -> dict[tuple[ScopeKind, str], int]:
+    async def budget_spent(
+        self, day: str, teams_and_keys: Mapping[str, Iterable[str]]
+    ) -> dict[tuple[ScopeKind, str], int]:
         """Settled spend in micros on `day`, {(kind, name): micros}, for {team: [keys]}."""
 
     async def ping(self) -> None: ...

@@ -88,22 +88,32 @@ class MessageCall:
         return Tally(output.input_tokens, output.output_tokens, output.cached_tokens, output.cache_write_tokens)
 
     def script(self) -> Script:
-        delta: dict[str, Any] = {"type": "message_delta",
-                                 "delta": {"stop_reason": self.stop_reason, "stop_sequence": None}}
+        delta: dict[str, Any] = {
+            "type": "message_delta",
+            "delta": {"stop_reason": self.stop_reason, "stop_sequence": None},
+        }
         if self.report_usage:
             usage = usage_object(self.output, self.output.output_tokens)
-            delta["usage"] = {name: usage[name] for name in ("input_tokens", "cache_creation_input_tokens",
-                                                             "cache_read_input_tokens", "output_tokens")}
+            delta["usage"] = {
+                name: usage[name]
+                for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
+            }
         return Script(
             head=[
                 named_event("message_start", {"type": "message_start", "message": self.message(final=False)}),
-                named_event("content_block_start", {"type": "content_block_start", "index": 0,
-                                                    "content_block": {"type": "text", "text": ""}}),
+                named_event(
+                    "content_block_start",
+                    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                ),
                 named_event("ping", {"type": "ping"}),
             ],
-            deltas=[named_event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                        "delta": {"type": "text_delta", "text": word}})
-                    for word in self.output.words],
+            deltas=[
+                named_event(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}},
+                )
+                for word in self.output.words
+            ],
             tail=[
                 named_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
                 named_event("message_delta", delta),
@@ -111,5 +121,6 @@ class MessageCall:
             ],
             tally=self.tally(),
             error_frame=lambda _after: named_event(
-                "error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+                "error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+            ),
         )

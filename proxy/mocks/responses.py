@@ -21,8 +21,10 @@ from .common import Output, Script, Tally, named_event, plan_output, text_tokens
 def usage_object(output: Output) -> dict[str, Any]:
     return {
         "input_tokens": output.input_tokens,
-        "input_tokens_details": {"cached_tokens": output.cached_tokens,
-                                 "cache_write_tokens": output.cache_write_tokens},
+        "input_tokens_details": {
+            "cached_tokens": output.cached_tokens,
+            "cache_write_tokens": output.cache_write_tokens,
+        },
         "output_tokens": output.output_tokens,
         "output_tokens_details": {"reasoning_tokens": output.reasoning_tokens},
         "total_tokens": output.input_tokens + output.output_tokens,
@@ -30,8 +32,13 @@ def usage_object(output: Output) -> dict[str, Any]:
 
 
 def tally(output: Output) -> Tally:
-    return Tally(output.input_tokens, output.output_tokens, output.cached_tokens, output.cache_write_tokens,
-                 output.reasoning_tokens)
+    return Tally(
+        output.input_tokens,
+        output.output_tokens,
+        output.cached_tokens,
+        output.cache_write_tokens,
+        output.reasoning_tokens,
+    )
 
 
 def input_items(body: dict[str, Any], ident: int) -> list[dict[str, Any]]:
@@ -139,17 +146,19 @@ class ResponseCall:
         deltas: list[tuple[str, dict[str, Any]]] = []
         tail: list[tuple[str, dict[str, Any]]] = []
         if self.has_message:
-            frames.append(("response.output_item.added",
-                           {"output_index": index, "item": self.message_item("in_progress", None)}))
+            frames.append(
+                ("response.output_item.added", {"output_index": index, "item": self.message_item("in_progress", None)})
+            )
             frames.append(("response.content_part.added", where | {"content_index": 0, "part": self.text_part("")}))
-            deltas = [("response.output_text.delta", where | {"content_index": 0, "delta": word, "logprobs": []})
-                      for word in self.output.words]
+            deltas = [
+                ("response.output_text.delta", where | {"content_index": 0, "delta": word, "logprobs": []})
+                for word in self.output.words
+            ]
             text = self.output.text
             tail = [
                 ("response.output_text.done", where | {"content_index": 0, "text": text, "logprobs": []}),
                 ("response.content_part.done", where | {"content_index": 0, "part": self.text_part(text)}),
-                ("response.output_item.done",
-                 {"output_index": index, "item": self.message_item(self.status, text)}),
+                ("response.output_item.done", {"output_index": index, "item": self.message_item(self.status, text)}),
             ]
         tail.append((f"response.{self.status}", {"response": self.response()}))
 
@@ -161,13 +170,16 @@ class ResponseCall:
         encoded = [frame(name, payload, sequence) for sequence, (name, payload) in enumerate(ordered)]
 
         def error_frame(after: int) -> bytes:
-            return frame("error", {"code": "server_error", "message": "mock fault: the model failed mid-stream",
-                                   "param": None}, head_count + after)
+            return frame(
+                "error",
+                {"code": "server_error", "message": "mock fault: the model failed mid-stream", "param": None},
+                head_count + after,
+            )
 
         return Script(
             head=encoded[:head_count],
-            deltas=encoded[head_count:head_count + len(deltas)],
-            tail=encoded[head_count + len(deltas):],
+            deltas=encoded[head_count : head_count + len(deltas)],
+            tail=encoded[head_count + len(deltas) :],
             tally=self.tally(),
             error_frame=error_frame,
         )

@@ -27,10 +27,25 @@ class AuditRecord(BaseModel):
     changes: dict[str, Any] = {}
 
 
-def record(at_ms: int, admin: str, action: Action, kind: Literal["key", "team"], target: str,
-           team: str | None, changes: dict[str, Any]) -> AuditRecord:
-    entry = AuditRecord(at_ms=at_ms, admin=admin, action=action, kind=kind, target=target, team=team,
-                        changes=json.loads(json.dumps(changes, default=str)))
-    log.info("registry %s %s %r by admin %r (fields: %s)", action, kind, target, admin,
-             ", ".join(sorted(changes)) or "-")
+def record(
+    at_ms: int,
+    admin: str,
+    action: Action,
+    kind: Literal["key", "team"],
+    target: str,
+    team: str | None,
+    changes: dict[str, Any],
+) -> AuditRecord:
+    entry = AuditRecord(
+        at_ms=at_ms,
+        admin=admin,
+        action=action,
+        kind=kind,
+        target=target,
+        team=team,
+        changes=json.loads(json.dumps(changes, default=str)),
+    )
+    log.info(
+        "registry %s %s %r by admin %r (fields: %s)", action, kind, target, admin, ", ".join(sorted(changes)) or "-"
+    )
     return entry

@@ -54,8 +54,13 @@ class CachedKey:
 
 
 class RegistryCache:
-    def __init__(self, backend: RegistryBackend, *, poll_interval_s: float = POLL_INTERVAL_S,
-                 clock_ms: Callable[[], int] = wall_clock_ms) -> None:
+    def __init__(
+        self,
+        backend: RegistryBackend,
+        *,
+        poll_interval_s: float = POLL_INTERVAL_S,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
         self.backend = backend
         self.poll_interval_s = poll_interval_s
         self._clock_ms = clock_ms

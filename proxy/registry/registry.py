@@ -15,24 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .audit import AuditRecord, record
-from .entries import (
-    Credential,
-    KeyEntry,
-    KeyPatch,
-    KeySpec,
-    TeamEntry,
-    TeamPatch,
-    TeamSpec,
-    stored_json,
-)
-from .errors import (
-    Conflict,
-    ManagedByConfig,
-    NameTaken,
-    NotFound,
-    RegistryError,
-    UnknownTeam,
-)
+from .entries import Credential, KeyEntry, KeyPatch, KeySpec, TeamEntry, TeamPatch, TeamSpec, stored_json
+from .errors import Conflict, ManagedByConfig, NameTaken, NotFound, RegistryError, UnknownTeam
 from .snapshot import Snapshot, decode
 from .store import Fence, RegistryBackend
 
@@ -58,9 +42,14 @@ class Created:
 
 
 class Registry:
-    def __init__(self, backend: RegistryBackend, *, config_keys: Collection[str] = (),
-                 config_teams: Collection[str] = (),
-                 on_change: Callable[[], Awaitable[object]] | None = None) -> None:
+    def __init__(
+        self,
+        backend: RegistryBackend,
+        *,
+        config_keys: Collection[str] = (),
+        config_teams: Collection[str] = (),
+        on_change: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
         self.backend = backend
         self.set_config_names(config_keys, config_teams)
         self._on_change = on_change  # e.g. this replica's RegistryCache.refresh
@@ -134,8 +123,10 @@ class Registry:
         now = await self.backend.now_ms()
         ends = now + grace_s * 1000
         secret = new_secret()
-        older = [c.model_copy(update={"until_ms": ends if c.until_ms is None else min(c.until_ms, ends)})
-                 for c in current.credentials]
+        older = [
+            c.model_copy(update={"until_ms": ends if c.until_ms is None else min(c.until_ms, ends)})
+            for c in current.credentials
+        ]
         fresh = Credential(id=secrets.token_hex(8), sha256=sha256_hex(secret))
         entry = _live_credentials(current.model_copy(update={"credentials": [fresh, *older], "updated_ms": now}), now)
         audit = record(now, admin, "rotate", "key", name, current.team, {"grace_s": grace_s})
@@ -162,8 +153,9 @@ class Registry:
         entry = TeamEntry(**spec.model_dump(), created_ms=now, updated_ms=now)
         audit = record(now, admin, "create", "team", spec.name, spec.name, spec.model_dump(exclude={"name"}))
         try:
-            version = await self.backend.write("teams", spec.name, None, stored_json(entry),
-                                               audit.model_dump_json(), now)
+            version = await self.backend.write(
+                "teams", spec.name, None, stored_json(entry), audit.model_dump_json(), now
+            )
         except Conflict:
             raise NameTaken(f"A team named {spec.name!r} already exists.") from None
         await self._changed()
@@ -174,8 +166,7 @@ class Registry:
         now = await self.backend.now_ms()
         entry = current.model_copy(update={**_fields(patch), "updated_ms": now})
         audit = record(now, admin, "update", "team", name, name, patch.model_dump(exclude_unset=True))
-        version = await self.backend.write("teams", name, current.rev, stored_json(entry),
-                                           audit.model_dump_json(), now)
+        version = await self.backend.write("teams", name, current.rev, stored_json(entry), audit.model_dump_json(), now)
         await self._changed()
         return entry.model_copy(update={"rev": version})
 
@@ -195,15 +186,22 @@ class Registry:
         if name in config_names:
             raise ManagedByConfig(f"The {kind} {name!r} is defined in the config file; change it there.")
 
-    async def _write_key(self, entry: KeyEntry, expected_rev: int | None, audit: AuditRecord, now: int,
-                         ended: Collection[Credential] = ()) -> int:
+    async def _write_key(
+        self,
+        entry: KeyEntry,
+        expected_rev: int | None,
+        audit: AuditRecord,
+        now: int,
+        ended: Collection[Credential] = (),
+    ) -> int:
         kept = {c.id for c in entry.credentials}
         fences: list[Fence] = [(entry.team, c.id, entry.ends_ms(c)) for c in entry.credentials]
         fences += [(entry.team, c.id, 0) for c in ended if c.id not in kept]
         await self.backend.set_fences(fences, now)
         try:
-            version = await self.backend.write("keys", entry.name, expected_rev, stored_json(entry),
-                                               audit.model_dump_json(), now)
+            version = await self.backend.write(
+                "keys", entry.name, expected_rev, stored_json(entry), audit.model_dump_json(), now
+            )
         except Conflict:
             if expected_rev is not None:
                 await self._refence(entry.name, now)
@@ -231,4 +229,3 @@ def _live_credentials(entry: KeyEntry, now: int) -> KeyEntry:
     """Without the credentials whose grace is over."""
     live = [c for c in entry.credentials if c.until_ms is None or c.until_ms > now]
     return entry.model_copy(update={"credentials": live})
-

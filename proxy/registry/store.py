@@ -47,8 +47,9 @@ class RegistryBackend(Protocol):
     async def load(self) -> RawSnapshot: ...
     async def changed_since(self, kind: Kind, version: int) -> list[str]: ...
     async def entries(self, kind: Kind, names: Sequence[str]) -> dict[str, tuple[str, int]]: ...
-    async def write(self, kind: Kind, name: str, expected_rev: int | None, entry_json: str | None,
-                    audit_json: str, now_ms: int) -> int: ...
+    async def write(
+        self, kind: Kind, name: str, expected_rev: int | None, entry_json: str | None, audit_json: str, now_ms: int
+    ) -> int: ...
     async def audit(self, limit: int) -> list[str]: ...
     async def set_fences(self, fences: Sequence[Fence], now_ms: int) -> None: ...
     async def close(self) -> None: ...
@@ -64,21 +65,29 @@ def _entries(values: dict[Any, Any], revs: dict[Any, Any]) -> dict[str, tuple[st
 
 
 class RedisRegistryBackend:
-    def __init__(self, client: aioredis.Redis | aioredis.RedisCluster, *,
-                 layout: RegistryLayout | None = None) -> None:
+    def __init__(self, client: aioredis.Redis | aioredis.RedisCluster, *, layout: RegistryLayout | None = None) -> None:
         self.client = client
         self.layout = layout or RegistryLayout()
         source = resources.files("proxy.registry").joinpath("lua", "write.lua").read_text(encoding="utf-8")
         self._write = client.register_script(source)
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_ms: int = DEFAULT_TIMEOUT_MS, cluster: bool = False,
-                 layout: RegistryLayout | None = None) -> RedisRegistryBackend:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout_ms: int = DEFAULT_TIMEOUT_MS,
+        cluster: bool = False,
+        layout: RegistryLayout | None = None,
+    ) -> RedisRegistryBackend:
         """A backend on its own client: short timeouts, no retry after a timeout (a write is not
         repeated blind); `redis+cluster://` (or `cluster=True`) builds a RedisCluster client."""
         timeout = timeout_ms / 1000
-        options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
-                                   "retry": Retry(NoBackoff(), 0)}
+        options: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
         if url.startswith("redis+cluster://"):
             url, cluster = "redis://" + url.removeprefix("redis+cluster://"), True
         if cluster:
@@ -129,13 +138,19 @@ class RedisRegistryBackend:
             revs = await self.client.hmget(self.layout.revs(kind), list(names))
         except DRIVER_ERRORS as exc:
             raise StoreFailed(f"the store did not answer ({type(exc).__name__})") from None
-        return {name: (_text(v), int(r or 0)) for name, v, r in zip(names, values, revs, strict=True)
-                if v is not None}
+        return {name: (_text(v), int(r or 0)) for name, v, r in zip(names, values, revs, strict=True) if v is not None}
 
-    async def write(self, kind: Kind, name: str, expected_rev: int | None, entry_json: str | None,
-                    audit_json: str, now_ms: int) -> int:
-        args = [name, "" if expected_rev is None else expected_rev, entry_json or "", audit_json, now_ms,
-                AUDIT_RETENTION_MS]
+    async def write(
+        self, kind: Kind, name: str, expected_rev: int | None, entry_json: str | None, audit_json: str, now_ms: int
+    ) -> int:
+        args = [
+            name,
+            "" if expected_rev is None else expected_rev,
+            entry_json or "",
+            audit_json,
+            now_ms,
+            AUDIT_RETENTION_MS,
+        ]
         try:
             done, value = await self._write(keys=self.layout.write_keys(kind), args=args)
         except DRIVER_ERRORS as exc:
@@ -171,8 +186,9 @@ class MemoryRegistryBackend:
     """The registry of a single process. `fences` (e.g. `MemoryStore`'s Keyspace, anything with
     `call(now_ms, command, *args)`) receives the fence keys, so its admit script can read them."""
 
-    def __init__(self, *, clock_ms: Callable[[], int] | None = None, fences: Any = None,
-                 layout: RegistryLayout | None = None) -> None:
+    def __init__(
+        self, *, clock_ms: Callable[[], int] | None = None, fences: Any = None, layout: RegistryLayout | None = None
+    ) -> None:
         self.layout = layout or RegistryLayout()
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._fences = fences
@@ -197,8 +213,9 @@ class MemoryRegistryBackend:
         stored = self._entries[kind]
         return {name: stored[name] for name in names if name in stored}
 
-    async def write(self, kind: Kind, name: str, expected_rev: int | None, entry_json: str | None,
-                    audit_json: str, now_ms: int) -> int:
+    async def write(
+        self, kind: Kind, name: str, expected_rev: int | None, entry_json: str | None, audit_json: str, now_ms: int
+    ) -> int:
         entries = self._entries[kind]
         current = entries[name][1] if name in entries else -1
         if (expected_rev is None and name in entries) or (expected_rev is not None and current != expected_rev):

@@ -26,7 +26,9 @@ LIMIT_TYPES = {"rpm": "requests", "tpm": "tokens", "parallel": "parallel_request
 async def admit(limiter: Limiter, caller: Caller, call: Call, model: Model) -> Ticket:
     """The ticket of an admitted call; raises the client's error for a refusal."""
     admitted = await limiter.admit(
-        new_request_id(), caller.scopes, reserved_tokens(call.prompt_tokens, call.max_output),
+        new_request_id(),
+        caller.scopes,
+        reserved_tokens(call.prompt_tokens, call.max_output),
         reservation_micros(model.price_per_mtok, call.prompt_tokens, call.max_output),
     )
     if isinstance(admitted, Refusal):
@@ -37,8 +39,9 @@ async def admit(limiter: Limiter, caller: Caller, call: Call, model: Model) -> T
 def refusal_error(refusal: Refusal) -> ProxyError:
     decision = refusal.decision
     if decision is None:
-        return StoreUnavailable("The rate-limit store is unavailable; please retry shortly.",
-                                headers={"retry-after": "1"})
+        return StoreUnavailable(
+            "The rate-limit store is unavailable; please retry shortly.", headers={"retry-after": "1"}
+        )
     headers = rate_limit_headers(decision)
     scopes = refusal.scopes
     who = f"key '{scopes.key.name}'" if decision.scope == "key" else f"team '{scopes.team.name}'"
@@ -57,11 +60,13 @@ def refusal_error(refusal: Refusal) -> ProxyError:
         return RateLimited(
             f"Request too large for {who}: it needs more {LIMIT_NAMES[reason]} than the limit's capacity "
             "allows, so it can never be admitted. Reduce the prompt or max_tokens.",
-            limit_type=limit_type, headers=headers,
+            limit_type=limit_type,
+            headers=headers,
         )
     headers.update(retry_headers(decision.retry_after_ms))
     return RateLimited(
         f"Rate limit reached for {who} on {LIMIT_NAMES[reason]}. Please try again in "
         f"{openai_duration(decision.retry_after_ms)}.",
-        limit_type=limit_type, headers=headers,
+        limit_type=limit_type,
+        headers=headers,
     )

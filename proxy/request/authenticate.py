@@ -58,7 +58,9 @@ class KeyRing:
             if digest is None:  # its key_env is unset: the key cannot be used
                 continue
             models = frozenset(key.models) if key.models is not None else None
-            self._by_hash[digest] = Caller(name, key.team, key, config.teams[key.team], models, scopes_for(config, name))
+            self._by_hash[digest] = Caller(
+                name, key.team, key, config.teams[key.team], models, scopes_for(config, name)
+            )
         self.admin_hash = config.admin_sha256(env)
 
     def authenticate(self, presented: str | None) -> Caller:

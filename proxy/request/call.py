@@ -34,7 +34,8 @@ def _is_int(value: object) -> bool:
 
 def _type_error(param: str, expected: str, value: object) -> InvalidRequest:
     return InvalidRequest(
-        f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)} instead.", param=param,
+        f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)} instead.",
+        param=param,
         code="invalid_type",
     )
 
@@ -62,12 +63,14 @@ def _positive_int(body: dict[str, Any], param: str, ceiling: int) -> int | None:
     if value < 1:
         raise InvalidRequest(
             f"Invalid '{param}': integer below minimum value. Expected a value >= 1, but got {value} instead.",
-            param=param, code="integer_below_min_value",
+            param=param,
+            code="integer_below_min_value",
         )
     if value > ceiling:
         raise InvalidRequest(
             f"Invalid '{param}': integer above maximum value. Expected a value <= {ceiling}, but got {value} instead.",
-            param=param, code="integer_above_max_value",
+            param=param,
+            code="integer_above_max_value",
         )
     return value
 
@@ -76,14 +79,20 @@ def _check_messages(messages: object) -> None:
     if not isinstance(messages, list):
         raise _type_error("messages", "an array", messages)
     if not messages:
-        raise InvalidRequest("Invalid 'messages': empty array. Expected an array with minimum length 1.",
-                             param="messages", code="empty_array")
+        raise InvalidRequest(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1.",
+            param="messages",
+            code="empty_array",
+        )
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise _type_error(f"messages[{i}]", "an object", message)
         if not isinstance(message.get("role"), str):
-            raise InvalidRequest(f"Missing required parameter: 'messages[{i}].role'.", param=f"messages[{i}].role",
-                                 code="missing_required_parameter")
+            raise InvalidRequest(
+                f"Missing required parameter: 'messages[{i}].role'.",
+                param=f"messages[{i}].role",
+                code="missing_required_parameter",
+            )
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise _type_error(f"messages[{i}].content", "one of a string or array of objects", content)
@@ -92,9 +101,13 @@ def _check_messages(messages: object) -> None:
 def _check_text_input(param: str, value: object) -> None:
     if isinstance(value, str):
         return
-    if isinstance(value, list) and value and all(
-        isinstance(item, str) or _is_int(item) or (isinstance(item, list) and all(_is_int(x) for x in item))
-        for item in value
+    if (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(item, str) or _is_int(item) or (isinstance(item, list) and all(_is_int(x) for x in item))
+            for item in value
+        )
     ):
         return
     raise _type_error(param, "a string or an array of strings or tokens", value)

@@ -20,13 +20,7 @@ from typing import Any
 import orjson
 
 from ..config import Model
-from ..errors import (
-    UpstreamBroken,
-    UpstreamConnectError,
-    UpstreamError,
-    UpstreamReadTimeout,
-    UpstreamTimeout,
-)
+from ..errors import UpstreamBroken, UpstreamConnectError, UpstreamError, UpstreamReadTimeout, UpstreamTimeout
 from ..upstream.client import UpstreamClient, UpstreamResponse
 from ..upstream.hop_by_hop import forwarded_headers
 from .call import Call
@@ -34,11 +28,29 @@ from .call import Call
 log = logging.getLogger("proxy.upstream")
 CREDENTIALS_REFUSED = frozenset({401, 403})
 PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
-DROP_REQUEST_HEADERS = frozenset({
-    "host", "content-length", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-    "trailer", "transfer-encoding", "upgrade", "authorization", "api-key", "accept-encoding", "cookie",
-    "x-proxy-tags", "openai-organization", "openai-project", "x-forwarded-for", "x-real-ip",
-})
+DROP_REQUEST_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "authorization",
+        "api-key",
+        "accept-encoding",
+        "cookie",
+        "x-proxy-tags",
+        "openai-organization",
+        "openai-project",
+        "x-forwarded-for",
+        "x-real-ip",
+    }
+)
 DEFAULT_DEADLINE_S = 600.0
 
 
@@ -83,8 +95,15 @@ def deadline_of(headers: Mapping[str, str]) -> float:
     return time.monotonic() + budget
 
 
-async def fetch(call: Call, model: Model, body: dict[str, Any], headers: dict[str, str], deadline: float,
-                attempts: Attempts, upstreams: dict[str, UpstreamClient]) -> tuple[UpstreamResponse, bytes | None]:
+async def fetch(
+    call: Call,
+    model: Model,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    deadline: float,
+    attempts: Attempts,
+    upstreams: dict[str, UpstreamClient],
+) -> tuple[UpstreamResponse, bytes | None]:
     """The upstream's answer: its whole body, or (payload None) a stream ready to relay."""
     response = await open_upstream(PATHS[call.endpoint], body, model, upstreams, headers, deadline, attempts)
     if call.stream and response.status == 200:

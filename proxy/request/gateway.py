@@ -91,8 +91,9 @@ class Gateway:
         self.observer.finished(outcome)
         return error_response(error, outcome.request_id, outcome.ticket.headers if outcome.ticket else None)
 
-    async def _forward(self, request: Request, call: Call, model: Model, ticket: Ticket, outcome: Outcome,
-                       snapshot: Snapshot) -> Response | SSEResponse:
+    async def _forward(
+        self, request: Request, call: Call, model: Model, ticket: Ticket, outcome: Outcome, snapshot: Snapshot
+    ) -> Response | SSEResponse:
         """Forward, then relay; settles here unless a response was handed over (it settles itself)."""
         price = model.price_per_mtok  # the price at admission: a reload may drop the model
         settle = self.settler.settle
@@ -101,9 +102,17 @@ class Gateway:
         # the body is read: from now on the client can only say that it left; if it does before
         # the response starts, stop waiting on (or retrying) the upstream at once
         watcher = asyncio.ensure_future(_client_leaves(request.receive))
-        fetch = asyncio.ensure_future(forward.fetch(call, model, forward.upstream_body(call), headers,
-                                                    forward.deadline_of(request.headers), outcome.attempts,
-                                                    snapshot.upstreams))
+        fetch = asyncio.ensure_future(
+            forward.fetch(
+                call,
+                model,
+                forward.upstream_body(call),
+                headers,
+                forward.deadline_of(request.headers),
+                outcome.attempts,
+                snapshot.upstreams,
+            )
+        )
         try:
             await asyncio.wait((fetch, watcher), return_when=asyncio.FIRST_COMPLETED)
             if not fetch.done():
@@ -114,16 +123,26 @@ class Gateway:
             if payload is None:  # a stream
                 produced = StreamUsage()
                 reply = stream_response(
-                    response, call, outcome, ticket.headers, produced,
-                    settle=lambda: _leaving(snapshot, settle(ticket, call, price, produced.usage, outcome)))
+                    response,
+                    call,
+                    outcome,
+                    ticket.headers,
+                    produced,
+                    settle=lambda: _leaving(snapshot, settle(ticket, call, price, produced.usage, outcome)),
+                )
             else:
                 outcome.upstream_finished_at = time.monotonic()
                 usage = usage_of(response.status, payload, call)
                 outcome.status = response.status
                 if snapshot.config.log_bodies:
                     outcome.response_body = payload
-                reply = passthrough(response, payload, outcome.request_id, ticket.headers,
-                                    settle=lambda: _leaving(snapshot, settle(ticket, call, price, usage, outcome)))
+                reply = passthrough(
+                    response,
+                    payload,
+                    outcome.request_id,
+                    ticket.headers,
+                    settle=lambda: _leaving(snapshot, settle(ticket, call, price, usage, outcome)),
+                )
             handed_over = True
             return reply
         finally:

@@ -35,8 +35,9 @@ MAX_JSON_DEPTH = 128
 def _too_large(limit: int) -> BodyTooLarge:
     # `connection: close` makes uvicorn hang up after the 413 instead of reading (and discarding)
     # the rest of the body to keep the connection alive: a 1 GiB upload stops at the limit.
-    return BodyTooLarge(f"Request body is larger than the proxy's limit of {limit} bytes.",
-                        headers={"connection": "close"})
+    return BodyTooLarge(
+        f"Request body is larger than the proxy's limit of {limit} bytes.", headers={"connection": "close"}
+    )
 
 
 async def read_call(request: Request, endpoint: str, caller: Caller, config: Config) -> tuple[Call, Model]:
@@ -47,8 +48,7 @@ async def read_call(request: Request, endpoint: str, caller: Caller, config: Con
     model = config.models.get(name) if isinstance(name, str) else None
     call = parse_call(endpoint, body, model.default_max_tokens if model else None)
     if model is None:
-        raise ModelNotFound(f"The model `{call.model}` does not exist or you do not have access to it.",
-                            param="model")
+        raise ModelNotFound(f"The model `{call.model}` does not exist or you do not have access to it.", param="model")
     if not caller.may_use(call.model):
         raise ModelNotAllowed(f"This key is not allowed to use the model `{call.model}`.", param="model")
     call.prompt_tokens = apply_context_policy(model, endpoint, body, call.prompt_tokens, call.max_output)

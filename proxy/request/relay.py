@@ -24,12 +24,22 @@ from .call import Call
 log = logging.getLogger("proxy.gateway")
 
 PASS_RESPONSE_HEADERS = ("openai-processing-ms", "openai-version", "openai-model")
-SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-               (b"x-accel-buffering", b"no")]
-STREAM_CUT = {"error": {"message": "The upstream stream was interrupted before it finished.",
-                        "type": "server_error", "param": None, "code": "upstream_error"}}
-INTERNAL_ERROR = {"error": {"message": "The proxy had an internal error.", "type": "server_error", "param": None,
-                            "code": None}}
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+STREAM_CUT = {
+    "error": {
+        "message": "The upstream stream was interrupted before it finished.",
+        "type": "server_error",
+        "param": None,
+        "code": "upstream_error",
+    }
+}
+INTERNAL_ERROR = {
+    "error": {"message": "The proxy had an internal error.", "type": "server_error", "param": None, "code": None}
+}
 
 
 class StreamUsage:
@@ -41,26 +51,35 @@ class StreamUsage:
         self.usage = Usage()
 
 
-def stream_response(response: UpstreamResponse, call: Call, outcome: Outcome, rate_headers: Mapping[str, str],
-                    produced: StreamUsage, settle: Settle) -> SSEResponse:
+def stream_response(
+    response: UpstreamResponse,
+    call: Call,
+    outcome: Outcome,
+    rate_headers: Mapping[str, str],
+    produced: StreamUsage,
+    settle: Settle,
+) -> SSEResponse:
     headers = list(SSE_HEADERS)
     headers.append((b"x-request-id", outcome.request_id.encode("latin-1")))
     headers.extend((k.encode(), v.encode()) for k, v in rate_headers.items())
     return SSEResponse(relay_stream(response, call, outcome, produced), 200, headers, settle=settle)
 
 
-def passthrough(response: UpstreamResponse, payload: bytes, request_id: str, rate_headers: Mapping[str, str],
-                settle: Settle) -> SettlingResponse:
+def passthrough(
+    response: UpstreamResponse, payload: bytes, request_id: str, rate_headers: Mapping[str, str], settle: Settle
+) -> SettlingResponse:
     """A buffered answer as the upstream sent it, with the few upstream headers worth passing on."""
-    headers = {name: value for name in PASS_RESPONSE_HEADERS
-               if (value := response.headers.get(name)) is not None and _header_safe(value)}
+    headers = {
+        name: value
+        for name in PASS_RESPONSE_HEADERS
+        if (value := response.headers.get(name)) is not None and _header_safe(value)
+    }
     headers["x-request-id"] = request_id
     headers.update(rate_headers)
     media_type = response.headers.get("content-type", "application/json")
     if not _header_safe(media_type):
         media_type = "application/json"
-    return SettlingResponse(payload, status_code=response.status, headers=headers, media_type=media_type,
-                            settle=settle)
+    return SettlingResponse(payload, status_code=response.status, headers=headers, media_type=media_type, settle=settle)
 
 
 def _header_safe(value: str) -> bool:
@@ -68,8 +87,9 @@ def _header_safe(value: str) -> bool:
     return value.isprintable() and all(ord(c) < 256 for c in value)
 
 
-async def relay_stream(response: UpstreamResponse, call: Call, outcome: Outcome,
-                       produced: StreamUsage) -> AsyncGenerator[bytes, None]:
+async def relay_stream(
+    response: UpstreamResponse, call: Call, outcome: Outcome, produced: StreamUsage
+) -> AsyncGenerator[bytes, None]:
     """The upstream's events as they arrive; `produced` gets the usage once the stream ends
     (reported, or estimated when cut short)."""
     splitter = sse.EventSplitter()

@@ -60,8 +60,16 @@ class Settler:
         self.observer = observer
         self.budgets = budgets
 
-    async def settle(self, ticket: Ticket, call: Call, price: Price, usage: Usage, outcome: Outcome,
-                     succeeded: bool = True, notify: bool = True) -> None:
+    async def settle(
+        self,
+        ticket: Ticket,
+        call: Call,
+        price: Price,
+        usage: Usage,
+        outcome: Outcome,
+        succeeded: bool = True,
+        notify: bool = True,
+    ) -> None:
         """Settle once; `notify=False` when the caller reports the outcome itself (a failed call)."""
         if ticket.settled:
             return

@@ -65,7 +65,7 @@ def _buffered(content: aiohttp.StreamReader) -> bytes:
     its public read_nowait() raises too; `_read_nowait` is the one way to those bytes."""
     try:
         return content._read_nowait(-1)
-    except Exception:  # noqa: BLE001 - a private method: anything it raises means "nothing more"
+    except Exception:
         return b""
 
 
@@ -80,13 +80,12 @@ class UpstreamClient:
         self._resolver = resolver  # None: aiohttp's default (the system's resolver)
         url = URL(config.base_url)
         self._dns_key = (url.raw_host or "", url.port or 0)
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=config.connect_timeout_s, sock_read=config.timeout_s
-        )
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout_s, sock_read=config.timeout_s)
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=DNS_CACHE_TTL_S,
-                                         resolver=self._resolver)
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_connections, ttl_dns_cache=DNS_CACHE_TTL_S, resolver=self._resolver
+        )
         self._connector = connector
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, auto_decompress=True, skip_auto_headers=("User-Agent",)
@@ -120,8 +119,12 @@ class UpstreamClient:
             timeout = aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s, sock_read=read_timeout)
         try:
             response = await self._session.request(
-                method, self.base_url + path, data=body, headers={**headers, **self.auth_headers()},
-                timeout=timeout, allow_redirects=False,
+                method,
+                self.base_url + path,
+                data=body,
+                headers={**headers, **self.auth_headers()},
+                timeout=timeout,
+                allow_redirects=False,
             )
         except aiohttp.ServerTimeoutError as exc:
             if isinstance(exc, aiohttp.ConnectionTimeoutError):

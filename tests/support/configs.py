@@ -16,11 +16,23 @@ KEYS = {"alice": "sk-proxy-alice-1111", "bob": "sk-proxy-bob-2222", "carol": "sk
 def config_dict(upstream_url: str, *, redis_url: str | None = None, second_upstream: str | None = None) -> dict:
     from proxy.request.authenticate import sha256_hex
 
-    upstreams = {"mock": {"base_url": upstream_url, "api_key": UPSTREAM_KEY, "max_retries": 2,
-                          "timeout_s": 5, "connect_timeout_s": 1}}
+    upstreams = {
+        "mock": {
+            "base_url": upstream_url,
+            "api_key": UPSTREAM_KEY,
+            "max_retries": 2,
+            "timeout_s": 5,
+            "connect_timeout_s": 1,
+        }
+    }
     if second_upstream:
-        upstreams["backup"] = {"base_url": second_upstream, "api_key": UPSTREAM_KEY, "max_retries": 0,
-                               "timeout_s": 5, "connect_timeout_s": 1}
+        upstreams["backup"] = {
+            "base_url": second_upstream,
+            "api_key": UPSTREAM_KEY,
+            "max_retries": 0,
+            "timeout_s": 5,
+            "connect_timeout_s": 1,
+        }
     chat_targets = [{"upstream": "mock", "model": "gpt-4o-mini"}]
     if second_upstream:
         chat_targets.append({"upstream": "backup", "model": "gpt-4o"})
@@ -30,14 +42,26 @@ def config_dict(upstream_url: str, *, redis_url: str | None = None, second_upstr
         "store": {"redis_url": redis_url} if redis_url else {},
         "upstreams": upstreams,
         "models": {
-            "chat-model": {"targets": chat_targets, "context_window": 4096, "default_max_tokens": 64,
-                           "price_per_mtok": {"input": "0.27", "output": "1.10", "cached_input": "0.07"}},
-            "text-model": {"targets": [{"upstream": "mock", "model": "gpt-3.5-turbo-instruct"}],
-                           "price_per_mtok": {"input": "1.5", "output": "2"}},
-            "embed-model": {"targets": [{"upstream": "mock", "model": "text-embedding-3-small"}],
-                            "price_per_mtok": {"input": "0.02"}},
-            "small-model": {"targets": [{"upstream": "mock", "model": "gpt-4o-mini"}], "context_window": 100,
-                            "default_max_tokens": 16, "context_overflow": "truncate"},
+            "chat-model": {
+                "targets": chat_targets,
+                "context_window": 4096,
+                "default_max_tokens": 64,
+                "price_per_mtok": {"input": "0.27", "output": "1.10", "cached_input": "0.07"},
+            },
+            "text-model": {
+                "targets": [{"upstream": "mock", "model": "gpt-3.5-turbo-instruct"}],
+                "price_per_mtok": {"input": "1.5", "output": "2"},
+            },
+            "embed-model": {
+                "targets": [{"upstream": "mock", "model": "text-embedding-3-small"}],
+                "price_per_mtok": {"input": "0.02"},
+            },
+            "small-model": {
+                "targets": [{"upstream": "mock", "model": "gpt-4o-mini"}],
+                "context_window": 100,
+                "default_max_tokens": 16,
+                "context_overflow": "truncate",
+            },
         },
         "teams": {"platform": {"limits": {}}, "research": {"limits": {}}},
         "keys": {
@@ -56,8 +80,9 @@ def exact_store(data: dict) -> dict:
     return data
 
 
-def make_config(upstream_url: str, *, redis_url: str | None = None, second_upstream: str | None = None,
-                patch=None) -> Config:
+def make_config(
+    upstream_url: str, *, redis_url: str | None = None, second_upstream: str | None = None, patch=None
+) -> Config:
     data = config_dict(upstream_url, redis_url=redis_url, second_upstream=second_upstream)
     if patch is not None:
         data = copy.deepcopy(data)

@@ -15,8 +15,10 @@ import httpx
 import orjson
 
 INVALID = "invalid_request_error"
-NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header using "
-          "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+NO_KEY = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization header using "
+    "Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
 WRONG_KEY = "Incorrect API key provided."
 
 _CLOCK_PARTS = {

@@ -28,8 +28,16 @@ STOP_TIMEOUT_S = 10.0
 class Process:
     """One child process on 127.0.0.1:`port`, ready once GET `health_path` answers 200."""
 
-    def __init__(self, argv: list[str], port: int, health_path: str, *, name: str,
-                 workdir: Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        port: int,
+        health_path: str,
+        *,
+        name: str,
+        workdir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.argv = argv
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -113,8 +121,14 @@ def write_config(path: Path, data: dict) -> Path:
     return path
 
 
-def proxy_process(config_path: Path, *, name: str = "proxy", port: int | None = None, argv0: list[str] | None = None,
-                  env: dict[str, str] | None = None) -> Process:
+def proxy_process(
+    config_path: Path,
+    *,
+    name: str = "proxy",
+    port: int | None = None,
+    argv0: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Process:
     """`python -m proxy serve --config FILE --port P` (or `argv0 serve ...`, e.g. the `llm-proxy` script)."""
     port = port or free_port()
     command = argv0 or [sys.executable, "-m", "proxy"]

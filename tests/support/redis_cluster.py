@@ -75,16 +75,39 @@ class RedisCluster:
         os.makedirs(node_dir, exist_ok=True)  # a restarted node rejoins from its nodes.conf
         with open(os.path.join(node_dir, "redis.log"), "ab") as log:
             return subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "no",
-                 "--cluster-enabled", "yes", "--cluster-config-file", os.path.join(node_dir, "nodes.conf"),
-                 "--cluster-node-timeout", "5000", "--save", "", "--appendonly", "no", "--dir", node_dir],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    "redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--protected-mode",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    os.path.join(node_dir, "nodes.conf"),
+                    "--cluster-node-timeout",
+                    "5000",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    node_dir,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
 
     def _create(self) -> None:
         nodes = [f"127.0.0.1:{port}" for port in self.ports]
-        result = subprocess.run(["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "0",
-                                 "--cluster-yes"], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed:\n{result.stdout}\n{result.stderr}")
 
@@ -122,16 +145,16 @@ class RedisCluster:
                 except redis.RedisError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis cluster node {port} did not {what} in {READY_TIMEOUT_S}s:\n"
-                                       f"{self.log(port)}")
+                    raise RuntimeError(
+                        f"redis cluster node {port} did not {what} in {READY_TIMEOUT_S}s:\n{self.log(port)}"
+                    )
                 time.sleep(0.05)
         finally:
             client.close()
 
     def log(self, port: int) -> str:
         try:
-            with open(os.path.join(self.workdir, str(port), "redis.log"), encoding="utf-8",
-                      errors="replace") as f:
+            with open(os.path.join(self.workdir, str(port), "redis.log"), encoding="utf-8", errors="replace") as f:
                 return f.read()
         except FileNotFoundError:
             return ""

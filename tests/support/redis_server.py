@@ -50,12 +50,26 @@ class RedisServer:
         if self.running:
             return
         if self.real:
-            durability = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else [
-                "--appendonly", "no"]
+            durability = (
+                ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+            )
             self._process = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 *durability, "--dir", self.workdir, "--protected-mode", "no"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    "redis-server",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    *durability,
+                    "--dir",
+                    self.workdir,
+                    "--protected-mode",
+                    "no",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
         else:
             from fakeredis import TcpFakeServer

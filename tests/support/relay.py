@@ -58,8 +58,10 @@ class Relay:
         link = _Link()
         self._writers |= {writer, up_writer}
         self._links.add(link)
-        pipes = [asyncio.ensure_future(self._to_server(reader, up_writer, link)),
-                 asyncio.ensure_future(self._pipe(up_reader, writer))]
+        pipes = [
+            asyncio.ensure_future(self._to_server(reader, up_writer, link)),
+            asyncio.ensure_future(self._pipe(up_reader, writer)),
+        ]
         try:
             await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -23,8 +23,16 @@ class ProxyServer:
         self.base_url = self.url + "/v1"
         # the protocol `llm-proxy serve` uses, with the app's `server:` settings
         self.guard = ConnectionGuard(app.state.snapshots.config.server)
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
-                                lifespan="on", timeout_graceful_shutdown=5, http=self.guard.protocol())
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+            http=self.guard.protocol(),
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
