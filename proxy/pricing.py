@@ -17,7 +17,7 @@ Token classes (`PricedUsage`) are disjoint, each priced at the price of the same
     cache_write   Anthropic cache_creation_input_tokens                       price.cache_write
     output        completion tokens that are not reasoning tokens             price.output
     reasoning     reasoning tokens (OpenAI counts them inside
-                  completion_tokens: `from_openai` takes them out once)       price.reasoning
+                  completion_tokens: `from_usage` takes them out once)       price.reasoning
 
 A tier (`price.tiers`, "above_input_tokens") applies to the whole request when its prompt
 (input + cached_input + cache_write) exceeds the threshold; the highest such tier wins.
@@ -55,38 +55,21 @@ class PricedUsage:
         return max(self.input, 0) + max(self.cached_input, 0) + max(self.cache_write, 0)
 
     @classmethod
-    def from_openai(
-        cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, reasoning_tokens: int = 0
-    ) -> PricedUsage:
-        """OpenAI (and DeepSeek) counts: cached within prompt, reasoning within completion.
-
-        A count larger than the total it is part of is read as all of it; negatives are 0.
-        """
-        prompt, completion = max(prompt_tokens, 0), max(completion_tokens, 0)
-        cached = min(max(cached_tokens, 0), prompt)
-        reasoning = min(max(reasoning_tokens, 0), completion)
-        return cls(input=prompt - cached, cached_input=cached, output=completion - reasoning, reasoning=reasoning)
-
-    @classmethod
-    def from_anthropic(
-        cls,
-        input_tokens: int,
-        output_tokens: int,
-        cache_read_input_tokens: int = 0,
-        cache_creation_input_tokens: int = 0,
-    ) -> PricedUsage:
-        """Anthropic counts: `input_tokens` excludes cache reads and writes; no separate reasoning count."""
-        return cls(
-            input=max(input_tokens, 0),
-            cached_input=max(cache_read_input_tokens, 0),
-            cache_write=max(cache_creation_input_tokens, 0),
-            output=max(output_tokens, 0),
-        )
-
-    @classmethod
     def from_usage(cls, usage: Usage) -> PricedUsage:
-        """The limiter's `Usage` (prompt, completion, cached within prompt)."""
-        return cls.from_openai(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+        """The project's `Usage`: cached and cache-write tokens within the prompt, reasoning
+        within the completion; each class is taken out of its total once (a part larger than
+        what is left of its total is read as all of it; negatives are 0)."""
+        prompt, completion = max(usage.prompt_tokens, 0), max(usage.completion_tokens, 0)
+        cached = min(max(usage.cached_tokens, 0), prompt)
+        written = min(max(usage.cache_write_tokens, 0), prompt - cached)
+        reasoning = min(max(usage.reasoning_tokens, 0), completion)
+        return cls(
+            input=prompt - cached - written,
+            cached_input=cached,
+            cache_write=written,
+            output=completion - reasoning,
+            reasoning=reasoning,
+        )
 
     def __add__(self, other: PricedUsage) -> PricedUsage:
         return PricedUsage(

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .config import Price, _message, _path
 from .errors import ConfigError
+from .limits.types import Usage
 from .price_catalog import catalog
 from .pricing import PricedUsage, cost_micros, micros_to_usd
 
@@ -133,7 +134,7 @@ def ledger_models(reports: Iterable[Mapping[str, Any]]) -> list[LedgerModel]:
                     ):
                         line[i] += metrics.get(metric, 0)
     return [
-        LedgerModel(model, PricedUsage.from_openai(prompt, completion, cached), spend, requests)
+        LedgerModel(model, PricedUsage.from_usage(Usage(prompt, completion, cached)), spend, requests)
         for model, (prompt, completion, cached, spend, requests) in totals.items()
     ]
 

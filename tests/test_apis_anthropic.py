@@ -9,14 +9,25 @@ import pytest
 from anthropic.types.shared import ErrorResponse
 
 from proxy.apis.anthropic import MessagesCall, MessagesStreamMeter, error_event, parse_messages_call, usage_from_message
-from proxy.apis.usage import ApiUsage
 from proxy.errors import InvalidRequest
+from proxy.limits.types import Usage
 from proxy.mocks.anthropic import MessageCall
 from proxy.upstream.sse import EventSplitter
 
 USER = {"role": "user", "content": "abcd"}  # 4 overhead + 1 text
 PRIMING = 3
 IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+
+
+def usage_of(
+    input_tokens: int = 0,
+    cached_input_tokens: int = 0,
+    cache_write_tokens: int = 0,
+    output_tokens: int = 0,
+    reasoning_tokens: int = 0,
+) -> Usage:
+    """The project's Usage from the agent APIs' own names for its parts."""
+    return Usage(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
 
 
 @pytest.mark.parametrize(
@@ -112,12 +123,12 @@ def test_refusals_are_worded_as_anthropic_words_them(fields, message):
                     "output_tokens": 16,
                 }
             },
-            ApiUsage(10, 3, 2, 16, 0),
+            usage_of(10, 3, 2, 16, 0),
         ),
-        ({"usage": {"input_tokens": 5, "output_tokens": 1}}, ApiUsage(5, 0, 0, 1, 0)),
+        ({"usage": {"input_tokens": 5, "output_tokens": 1}}, usage_of(5, 0, 0, 1, 0)),
         (
             {"usage": {"input_tokens": 5, "cache_creation_input_tokens": None, "output_tokens": "7"}},
-            ApiUsage(5, 0, 0, 0, 0),
+            usage_of(5, 0, 0, 0, 0),
         ),
         ({"usage": None}, None),
         ({}, None),
@@ -177,7 +188,7 @@ def test_a_later_message_delta_replaces_the_input_split():
     meter = MessagesStreamMeter(99)
     for payload in (start, delta):
         meter.feed(f"event: {payload['type']}\n".encode() + b"data: " + orjson.dumps(payload) + b"\n\n")
-    assert meter.usage() == ApiUsage(10, 6, 0, 20, 0)
+    assert meter.usage() == usage_of(10, 6, 0, 20, 0)
 
 
 @pytest.mark.parametrize("sent", [0, 1, 5, 16])
@@ -187,13 +198,13 @@ def test_cut_after_message_start_keeps_its_input_and_estimates_output(sent):
     meter, _ = meter_of(b"".join(script.head + script.deltas[:sent]))
     produced = len("".join(f"word{i}" if i == 0 else f" word{i}" for i in range(sent)))
     assert not meter.finished
-    assert meter.usage() == ApiUsage(10, 4, 0, max(1, -(-produced // 4)), 0)
+    assert meter.usage() == usage_of(10, 4, 0, max(1, -(-produced // 4)), 0)
 
 
 def test_cut_before_message_start_uses_the_estimate():
     meter = MessagesStreamMeter(12)
     meter.feed(b'event: ping\ndata: {"type": "ping"}\n\n')
-    assert meter.usage() == ApiUsage(input_tokens=12)
+    assert meter.usage() == usage_of(input_tokens=12)
 
 
 def test_events_without_event_lines_are_read_by_type():
@@ -201,7 +212,7 @@ def test_events_without_event_lines_are_read_by_type():
     script = call.script()
     bare = re.sub(rb"event: [^\n]*\n", b"", b"".join(script.head + script.deltas[:3]))
     meter, _ = meter_of(bare)
-    assert meter.usage() == ApiUsage(10, 0, 3, 5, 0)  # "word0 word1 word2" is 17 characters
+    assert meter.usage() == usage_of(10, 0, 3, 5, 0)  # "word0 word1 word2" is 17 characters
 
 
 def test_error_event_parses_as_the_sdk_reads_it():

@@ -9,13 +9,24 @@ import pytest
 from openai.types.responses import ResponseErrorEvent
 
 from proxy.apis.responses import ResponsesCall, ResponsesStreamMeter, parse_responses_call, usage_from_response
-from proxy.apis.usage import ApiUsage
 from proxy.errors import InvalidRequest
+from proxy.limits.types import Usage
 from proxy.mocks.responses import ResponseCall
 from proxy.upstream.sse import EventSplitter
 
 DEFAULT = 64
 IMAGE = {"type": "input_image", "image_url": "https://example.com/a.png"}
+
+
+def usage_of(
+    input_tokens: int = 0,
+    cached_input_tokens: int = 0,
+    cache_write_tokens: int = 0,
+    output_tokens: int = 0,
+    reasoning_tokens: int = 0,
+) -> Usage:
+    """The project's Usage from the agent APIs' own names for its parts."""
+    return Usage(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
 
 
 @pytest.mark.parametrize(
@@ -122,9 +133,9 @@ def test_refusals_name_the_param(body, param, code, message):
                     "total_tokens": 19,
                 }
             },
-            ApiUsage(10, 4, 2, 9, 3),
+            usage_of(10, 4, 2, 9, 3),
         ),
-        ({"usage": {"input_tokens": 10, "output_tokens": 9}}, ApiUsage(10, 0, 0, 9, 0)),
+        ({"usage": {"input_tokens": 10, "output_tokens": 9}}, usage_of(10, 0, 0, 9, 0)),
         (
             {
                 "usage": {
@@ -134,9 +145,9 @@ def test_refusals_name_the_param(body, param, code, message):
                     "output_tokens_details": {"reasoning_tokens": 4},
                 }
             },
-            ApiUsage(5, 5, 0, 1, 1),
+            usage_of(5, 5, 0, 1, 1),
         ),  # clamped
-        ({"usage": {"input_tokens": "10", "input_tokens_details": None, "output_tokens": -1}}, ApiUsage()),
+        ({"usage": {"input_tokens": "10", "input_tokens_details": None, "output_tokens": -1}}, usage_of()),
         ({"usage": None}, None),
         ({}, None),
         ("not an object", None),
@@ -189,7 +200,7 @@ def test_stream_cut_before_the_final_event_is_charged_what_was_produced(sent):
     meter, _ = meter_of(b"".join(script.head + script.deltas[:sent]), prompt_tokens=12)
     produced = len("".join(f"word{i}" if i == 0 else f" word{i}" for i in range(sent)))
     assert not meter.finished
-    assert meter.usage() == ApiUsage(input_tokens=12, output_tokens=-(-produced // 4))
+    assert meter.usage() == usage_of(input_tokens=12, output_tokens=-(-produced // 4))
 
 
 def test_failed_response_without_usage_is_estimated():
@@ -202,7 +213,7 @@ def test_failed_response_without_usage_is_estimated():
     meter = ResponsesStreamMeter(5)
     for payload in (delta, failed):
         meter.feed(b"event: " + payload["type"].encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n")
-    assert meter.usage() == ApiUsage(input_tokens=5, output_tokens=2)
+    assert meter.usage() == usage_of(input_tokens=5, output_tokens=2)
 
 
 def test_events_without_event_lines_are_read_by_type():

@@ -234,13 +234,12 @@ TWO_TIERS = Price(
 def test_openai_counts_take_reasoning_out_of_completion_once(
     counts: tuple[int, int, int, int], expected: PricedUsage
 ) -> None:
-    assert PricedUsage.from_openai(*counts) == expected
+    prompt, completion, cached, reasoning = counts
+    assert PricedUsage.from_usage(Usage(prompt, completion, cached, reasoning_tokens=reasoning)) == expected
 
 
-def test_anthropic_counts_are_already_disjoint() -> None:
-    usage = PricedUsage.from_anthropic(
-        input_tokens=50, output_tokens=400, cache_read_input_tokens=10_000, cache_creation_input_tokens=2_000
-    )
+def test_cache_reads_and_writes_come_out_of_the_prompt() -> None:
+    usage = PricedUsage.from_usage(Usage(12_050, 400, cached_tokens=10_000, cache_write_tokens=2_000))
     assert usage == PricedUsage(input=50, cached_input=10_000, cache_write=2_000, output=400)
     assert usage.prompt_tokens == 12_050
 
@@ -253,7 +252,7 @@ def test_anthropic_counts_are_already_disjoint() -> None:
         # cache_write defaults to input: 2000 x 2
         (O3, PricedUsage(cache_write=2_000), 4_000),
         # reasoning defaults to output: (200 + 300) x 8, never more (OpenAI counts it inside completion)
-        (O3, PricedUsage.from_openai(0, 500, 0, 300), 4_000),
+        (O3, PricedUsage.from_usage(Usage(0, 500, reasoning_tokens=300)), 4_000),
         (REASONING_PRICED, PricedUsage(output=10, reasoning=10), 70),  # 10 x 2 + 10 x 5
         # the tier: prompt 200000 is not above 200000; 200001 is, and every token is at tier prices
         (SONNET, PricedUsage(input=200_000, output=1_000), 615_000),

@@ -7,16 +7,17 @@ Refusals are `InvalidRequest`s worded as Anthropic words them (`<field>: Field r
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
 from ..errors import InvalidRequest
+from ..limits.types import Usage
 from ..tokens import REPLY_PRIMING_TOKENS
 from .estimate import items_tokens, json_tokens
 from .responses import event_name, event_payload
-from .usage import ApiUsage, count, estimated_output
+from .usage import count, estimated_output
 
 MAX_TOKENS_CEILING = 2**31 - 1
 # the produced text of a content_block_delta: text, a tool's partial JSON, thinking
@@ -95,7 +96,7 @@ def parse_messages_call(body: dict[str, Any], *, count_tokens: bool = False) -> 
     )
 
 
-def usage_from_message(message: Any) -> ApiUsage | None:
+def usage_from_message(message: Any) -> Usage | None:
     """The `usage` of a message (a plain reply, or message_start's `message`); None if absent."""
     usage = message.get("usage") if isinstance(message, dict) else None
     if not isinstance(usage, dict):
@@ -103,11 +104,11 @@ def usage_from_message(message: Any) -> ApiUsage | None:
     uncached = count(usage.get("input_tokens"))
     written = count(usage.get("cache_creation_input_tokens"))
     read = count(usage.get("cache_read_input_tokens"))
-    return ApiUsage(
-        input_tokens=uncached + written + read,
-        cached_input_tokens=read,
+    return Usage(
+        prompt_tokens=uncached + written + read,
+        completion_tokens=count(usage.get("output_tokens")),
+        cached_tokens=read,
         cache_write_tokens=written,
-        output_tokens=count(usage.get("output_tokens")),
     )
 
 
@@ -160,14 +161,14 @@ class MessagesStreamMeter:
         """The upstream reported the final output count (message_delta)."""
         return self._delta_seen
 
-    def usage(self) -> ApiUsage:
+    def usage(self) -> Usage:
         reported = usage_from_message({"usage": self._usage}) if self._started or self._delta_seen else None
         if reported is None:
-            return ApiUsage(input_tokens=self._prompt_tokens, output_tokens=estimated_output(self._chars))
+            return Usage(prompt_tokens=self._prompt_tokens, completion_tokens=estimated_output(self._chars))
         if self._delta_seen:
             return reported
-        output = max(reported.output_tokens, estimated_output(self._chars))
-        return ApiUsage(reported.input_tokens, reported.cached_input_tokens, reported.cache_write_tokens, output)
+        output = max(reported.completion_tokens, estimated_output(self._chars))
+        return replace(reported, completion_tokens=output)
 
 
 def error_event(error_type: str, message: str) -> bytes:

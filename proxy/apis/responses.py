@@ -12,8 +12,9 @@ from typing import Any
 import orjson
 
 from ..errors import InvalidRequest
+from ..limits.types import Usage
 from .estimate import items_tokens, json_tokens
-from .usage import ApiUsage, count, estimated_output
+from .usage import count, estimated_output
 
 MAX_OUTPUT_TOKENS_CEILING = 2**31 - 1
 FINAL_EVENTS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
@@ -110,7 +111,7 @@ def parse_responses_call(body: dict[str, Any], default_max_tokens: int) -> Respo
     )
 
 
-def usage_from_response(response: Any) -> ApiUsage | None:
+def usage_from_response(response: Any) -> Usage | None:
     """The `usage` of a response object (plain reply, or the `response` of a final event); None if absent."""
     usage = response.get("usage") if isinstance(response, dict) else None
     if not isinstance(usage, dict):
@@ -122,11 +123,11 @@ def usage_from_response(response: Any) -> ApiUsage | None:
     prompt = count(usage.get("input_tokens"))
     output = count(usage.get("output_tokens"))
     cached = min(count(input_details.get("cached_tokens")), prompt)
-    return ApiUsage(
-        input_tokens=prompt,
-        cached_input_tokens=cached,
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=output,
+        cached_tokens=cached,
         cache_write_tokens=min(count(input_details.get("cache_write_tokens")), prompt - cached),
-        output_tokens=output,
         reasoning_tokens=min(count(output_details.get("reasoning_tokens")), output),
     )
 
@@ -161,7 +162,7 @@ class ResponsesStreamMeter:
     def __init__(self, prompt_tokens: int) -> None:
         self._prompt_tokens = prompt_tokens
         self._chars = 0
-        self._reported: ApiUsage | None = None
+        self._reported: Usage | None = None
         self._last = b""  # the last event, read for its sequence_number only if an error event follows
 
     def feed(self, event: bytes) -> None:
@@ -185,10 +186,10 @@ class ResponsesStreamMeter:
         """The upstream reported the final usage."""
         return self._reported is not None
 
-    def usage(self) -> ApiUsage:
+    def usage(self) -> Usage:
         if self._reported is not None:
             return self._reported
-        return ApiUsage(input_tokens=self._prompt_tokens, output_tokens=estimated_output(self._chars))
+        return Usage(prompt_tokens=self._prompt_tokens, completion_tokens=estimated_output(self._chars))
 
     def error_event(self, message: str, code: str = "upstream_error") -> bytes:
         """The `error` event that ends a stream the upstream broke, numbered after the last event seen."""

@@ -116,9 +116,16 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """One request's tokens, in OpenAI's vocabulary whichever API reported them: `prompt_tokens`
+    is the whole prompt, cached or not (for Anthropic: input + cache creation + cache read);
+    `cached_tokens` (read from the prompt cache) and `cache_write_tokens` (written to it) are
+    parts of it; `reasoning_tokens` are part of `completion_tokens`."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
