@@ -220,6 +220,20 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
+def running_grace_s(app: object) -> float | None:
+    """The `shutdown_grace_s` of the config the app runs *now* (a reload may have changed it), or
+    None when `app` is not ours; uvicorn may have wrapped it in middleware (each keeps `.app`)."""
+    for _ in range(8):
+        state = getattr(app, "state", None)
+        holder = getattr(state, "snapshots", None) if state is not None else None
+        if isinstance(holder, SnapshotHolder):
+            return float(holder.config.shutdown_grace_s)
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
 def app_from_env() -> ProxyApp:
     """The uvicorn factory for `llm-proxy serve` (each worker builds its own app)."""
     path = os.environ["LLM_PROXY_CONFIG"]

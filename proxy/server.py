@@ -6,8 +6,10 @@ import importlib.util
 import os
 import resource
 import signal
+import socket
 import sys
 import tempfile
+from typing import Any
 
 import uvicorn
 
@@ -18,6 +20,7 @@ from .logs import logging_config
 from .metrics import MULTIPROC_ENV
 
 FACTORY = "proxy.app:app_from_env"
+STARTUP_FAILURE = 3  # uvicorn's exit status when the app does not start
 
 
 def _fastest(module: str, fast: str, default: str) -> str:
@@ -48,6 +51,19 @@ def raise_open_files_limit() -> None:
             pass
 
 
+class FollowingServer(uvicorn.Server):
+    """uvicorn's server, whose graceful shutdown waits the `shutdown_grace_s` of the config the
+    app runs when the shutdown starts, not the one it started with (a SIGHUP may change it)."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        from .app import running_grace_s
+
+        grace = running_grace_s(self.config.loaded_app)
+        if grace is not None:
+            self.config.timeout_graceful_shutdown = grace  # type: ignore[assignment]  # seconds, float works
+        await super().shutdown(sockets=sockets)
+
+
 def serve(config: Config, *, host: str, port: int, workers: int = 1) -> None:
     """Serve the config in $LLM_PROXY_CONFIG (each worker loads it through the factory).
 
@@ -59,19 +75,27 @@ def serve(config: Config, *, host: str, port: int, workers: int = 1) -> None:
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; by then everything is settled
     # and flushed, so the re-raised signal ends the process with status 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    uvicorn.run(
-        FACTORY,
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop=_fastest("uvloop", "uvloop", "asyncio"),
+    settings: dict[str, Any] = {
+        "factory": True,
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "loop": _fastest("uvloop", "uvloop", "asyncio"),
         # httptools, with header limits and timeouts; uvicorn annotates a class, calls any factory
-        http=ConnectionGuard(config.server).protocol(),  # type: ignore[arg-type]
-        log_level=config.log_level,
-        log_config=logging_config(config.log_level),
-        access_log=False,
+        "http": ConnectionGuard(config.server).protocol(),
+        "log_level": config.log_level,
+        "log_config": logging_config(config.log_level),
+        "access_log": False,
         # uvicorn annotates int, hands the value to asyncio.wait_for (seconds as a float work)
-        timeout_graceful_shutdown=config.shutdown_grace_s,  # type: ignore[arg-type]
-        server_header=False,
-    )
+        "timeout_graceful_shutdown": config.shutdown_grace_s,
+        "server_header": False,
+    }
+    if workers > 1:
+        # uvicorn's supervisor builds each worker's server itself: the grace period a worker waits
+        # is the one of the config file when that worker was started
+        uvicorn.run(FACTORY, **settings)
+        return
+    server = FollowingServer(uvicorn.Config(FACTORY, **settings))
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)

@@ -123,3 +123,25 @@ def test_a_stream_longer_than_the_grace_period_is_cut_and_settled(mock_upstream,
     assert settled["requests"] == 1 and 0 < settled["completion_tokens"] < 60  # what was produced
     assert parallel_slots(redis_url) == 0
     assert "unsettled at shutdown" not in proxy.output()
+
+
+def test_the_grace_period_follows_a_reload(mock_upstream, tmp_path, redis_url):
+    """Started with a 1 s grace, reloaded (SIGHUP) to 15 s: a 3 s stream in flight at SIGTERM
+    finishes with [DONE] (with the grace it started with, it would be cut after 1 s)."""
+    proxy, thread, events = streaming_proxy(
+        mock_upstream, tmp_path, redis_url, 1, {"chunk_delay_s": 0.1, "chunks": 30}
+    )
+    data = config_dict(mock_upstream.url, redis_url=redis_url)
+    data["shutdown_grace_s"] = 15
+    write_config(tmp_path / "config.yaml", data)
+    proxy.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "config reloaded" not in proxy.output():
+        assert time.monotonic() < deadline, proxy.output()
+        time.sleep(0.05)
+    proxy.signal(signal.SIGTERM)
+    assert proxy.popen.wait(30) == 0
+    thread.join(20)
+    body = b"".join(e for e in events if isinstance(e, bytes))
+    assert body.endswith(b"data: [DONE]\n\n"), "the stream was cut after the grace period the proxy started with"
+    assert ledger_total(redis_url) == {"requests": 1, "completion_tokens": 30}
