@@ -143,6 +143,34 @@ async def test_a_refused_auth_closes_its_socket():
         await server.wait_closed()
 
 
+async def test_a_reply_nobody_asked_for_fails_the_call_and_names_it(caplog):
+    """Redis in protected mode answers a connection with DENIED before any command: the call fails
+    as a connection error that quotes it (no IndexError, no transport traceback)."""
+    denied = b"-DENIED Redis is running in protected mode because protected mode is enabled\r\n"
+
+    async def deny(reader, writer):
+        writer.write(denied)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+
+    server = await asyncio.start_server(deny, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = RespClient(f"redis://127.0.0.1:{port}/0", timeout_s=2)
+    try:
+        for _ in range(3):
+            with pytest.raises((RespConnectionError, RespReplyError), match="DENIED"):
+                await client.call("PING")
+                await asyncio.sleep(0.05)  # DENIED may arrive before or after the PING is written
+                await client.call("PING")
+            await asyncio.sleep(0.6)  # past the reconnect back-off
+        assert not [r for r in caplog.records if "Fatal error" in r.getMessage() or r.exc_info], caplog.text
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_peer_that_closes_between_calls_is_a_connection_error():
     """The server closes the socket right after a reply: the next call must raise
     RespConnectionError (uvloop raised RuntimeError writing to the closed transport)."""

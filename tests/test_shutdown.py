@@ -128,9 +128,7 @@ def test_a_stream_longer_than_the_grace_period_is_cut_and_settled(mock_upstream,
 def test_the_grace_period_follows_a_reload(mock_upstream, tmp_path, redis_url):
     """Started with a 1 s grace, reloaded (SIGHUP) to 15 s: a 3 s stream in flight at SIGTERM
     finishes with [DONE] (with the grace it started with, it would be cut after 1 s)."""
-    proxy, thread, events = streaming_proxy(
-        mock_upstream, tmp_path, redis_url, 1, {"chunk_delay_s": 0.1, "chunks": 30}
-    )
+    proxy, thread, events = streaming_proxy(mock_upstream, tmp_path, redis_url, 1, {"chunk_delay_s": 0.1, "chunks": 30})
     data = config_dict(mock_upstream.url, redis_url=redis_url)
     data["shutdown_grace_s"] = 15
     write_config(tmp_path / "config.yaml", data)

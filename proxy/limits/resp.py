@@ -49,6 +49,7 @@ class _Protocol(asyncio.Protocol):
         self.pending: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.unrequested: object = None  # a reply that came with no call waiting for it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -56,13 +57,22 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
+            if not self.pending:
+                # a reply nobody asked for: Redis refusing the connection as it opens (protected
+                # mode's DENIED) or a lost reply shifting the stream; nothing more here can be trusted
+                self.unrequested = reply
+                self.abort()
+                return
             future = self.pending.popleft()
             if not future.done():
                 future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        error = RespConnectionError(f"connection lost: {exc!r}" if exc else "connection closed")
+        if self.unrequested is not None:
+            error = RespConnectionError(f"Redis sent a reply nobody asked for: {self.unrequested!r}")
+        else:
+            error = RespConnectionError(f"connection lost: {exc!r}" if exc else "connection closed")
         while self.pending:
             future = self.pending.popleft()
             if not future.done():
@@ -117,6 +127,8 @@ class RespClient:
         loop = asyncio.get_running_loop()
         transport = protocol.transport
         if protocol.closed or transport is None or transport.is_closing():
+            if protocol.unrequested is not None:
+                raise RespUnreachable(f"Redis sent a reply nobody asked for: {protocol.unrequested!r}")
             raise RespUnreachable("connection closed")
         try:
             transport.write(hiredis.pack_command(args))
