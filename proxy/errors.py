@@ -12,6 +12,14 @@
     │   ├── UpstreamConnectError      no connection could be made (refused, DNS, connect timeout)
     │   ├── UpstreamReadTimeout       the upstream stopped sending for longer than its read timeout
     │   └── UpstreamBroken            the connection broke while the response was being read
+    ├── TokenRejected                 a JWT that identifies no one (`proxy.identity`); `reason`
+    ├── RegistryError         400     runtime keys and teams (`proxy.registry`); `status`, `code`
+    │   ├── RegistryNotFound  404     not_found
+    │   ├── ManagedByConfig   409     managed_by_config (the name belongs to the config file)
+    │   ├── NameTaken         409     name_taken (a runtime entry has it)
+    │   ├── RegistryConflict  409     conflict (changed concurrently, or still in use)
+    │   ├── UnknownTeam       400     unknown_team
+    │   └── RegistryUnavailable 503   store_unavailable (the store did not answer)
     └── ProxyError                    an answer to the client, shaped as OpenAI shapes its own:
         │                             {"error": {"message", "type", "param", "code"}}
         ├── InvalidRequest      400     invalid_request_error
@@ -38,6 +46,8 @@ stays private to `proxy.limits.keyspace`.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import orjson
 
 
@@ -47,6 +57,81 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+# -- identity from JWTs ---------------------------------------------------------------------------
+TokenReason = Literal[
+    "expired",
+    "not_yet_valid",
+    "wrong_issuer",
+    "wrong_audience",
+    "bad_signature",
+    "unknown_key",
+    "unsupported_algorithm",
+    "malformed",
+    "missing_claim",
+]
+
+TOKEN_MESSAGES: dict[TokenReason, str] = {
+    "expired": "The token has expired.",
+    "not_yet_valid": "The token is not valid yet (nbf is in the future).",
+    "wrong_issuer": "The token was issued by an issuer this proxy does not trust.",
+    "wrong_audience": "The token is not meant for this proxy (wrong audience).",
+    "bad_signature": "The token's signature does not verify.",
+    "unknown_key": "The token was signed by a key the identity provider does not publish.",
+    "unsupported_algorithm": "The token's algorithm is not accepted (RS256 and ES256 only).",
+    "malformed": "The token is malformed.",
+    "missing_claim": "The token lacks a required claim.",
+}
+
+
+class TokenRejected(Exception):
+    """A JWT that does not identify anyone; `reason` says why, `message` is safe to return."""
+
+    def __init__(self, reason: TokenReason, detail: str | None = None) -> None:
+        self.reason: TokenReason = reason
+        self.message = TOKEN_MESSAGES[reason] if detail is None else f"{TOKEN_MESSAGES[reason][:-1]}: {detail}."
+        super().__init__(self.message)
+
+
+# -- runtime keys and teams: messages name entries, never a key or a digest -----------------------
+class RegistryError(Exception):
+    status = 400
+    code = "invalid_request"
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+
+class RegistryNotFound(RegistryError):
+    status = 404
+    code = "not_found"
+
+
+class ManagedByConfig(RegistryError):
+    status = 409
+    code = "managed_by_config"
+
+
+class NameTaken(RegistryError):
+    status = 409
+    code = "name_taken"
+
+
+class RegistryConflict(RegistryError):
+    status = 409
+    code = "conflict"
+
+
+class UnknownTeam(RegistryError):
+    status = 400
+    code = "unknown_team"
+
+
+class RegistryUnavailable(RegistryError):
+    status = 503
+    code = "store_unavailable"
 
 
 # -- the rate-limit store -------------------------------------------------------------------------
