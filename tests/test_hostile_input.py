@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 
@@ -644,6 +644,7 @@ def test_duplicated_and_odd_authorization_headers(proxy, values):
         ]
     ),
 )
+@example(value=b"! ", name=b"x-request-id")  # found by hypothesis: a trailing space is OWS, not the id
 def test_odd_bytes_in_header_values(proxy, mock, name, value):
     headers = [(b"authorization", AUTH["authorization"].encode()), (b"content-type", b"application/json")]
     if name == b"authorization":

@@ -29,7 +29,9 @@ CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], 
 HEADERS = {"Authorization": f"Bearer {KEYS['alice']}"}
 TEAM_PREFIX = "llmrl:{platform}:"
 CONCURRENCY = 30
-TIMEOUT_MS = 250
+# 400, not the 250: on these shared 2 cores a healthy call can pass 250 ms under load, which
+# would fail the healthy phase; the bound is relative to the timeout (queueing took 30 x the timeout)
+TIMEOUT_MS = 400
 ANSWER_BOUND_S = (TIMEOUT_MS + 100) / 1000
 OUTAGE_S = 5.5
 HEALTHY_S = 1.5

@@ -42,7 +42,7 @@ def new_request_id() -> str:
 def request_id_of(request: Request) -> str:
     """The id echoed to the client, logged and sent upstream: the client's own when it gave one.
     Never a store key: a client could reuse it (see `new_request_id` for the limiter's)."""
-    given = request.headers.get("x-request-id", "")
+    given = request.headers.get("x-request-id", "").strip(" \t")  # a field value excludes its surrounding OWS
     if 0 < len(given) <= 128 and given.isprintable():
         return given
     return new_request_id()
