@@ -66,14 +66,34 @@ class ProxyApp(FastAPI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.call_routes: dict[str, Route] = {}
+        self.azure_route: Route | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            route = self.call_routes.get(scope["path"])
+            path: str = scope["path"]
+            route = self.call_routes.get(path)
+            if route is None and self.azure_route is not None and azure_call(path) is not None:
+                route = self.azure_route
             if route is not None:
                 await route(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+
+AZURE_PREFIX = "/openai/deployments/"
+AZURE_ENDPOINTS = {"chat/completions": "chat", "embeddings": "embeddings"}
+
+
+def azure_call(path: str) -> tuple[str, str] | None:
+    """(deployment, endpoint) of an Azure-style path `/openai/deployments/{d}/chat/completions`
+    (or `/embeddings`); None for any other path."""
+    if not path.startswith(AZURE_PREFIX):
+        return None
+    deployment, _, rest = path[len(AZURE_PREFIX) :].partition("/")
+    endpoint = AZURE_ENDPOINTS.get(rest)
+    if not deployment or endpoint is None:
+        return None
+    return deployment, endpoint
 
 
 def create_app(
@@ -132,9 +152,13 @@ def create_app(
         ("/v1/chat/completions", "chat"),
         ("/v1/completions", "completions"),
         ("/v1/embeddings", "embeddings"),
+        ("/v1/responses", "responses"),
+        ("/v1/messages", "messages"),
+        ("/v1/messages/count_tokens", "count_tokens"),
     ):
         app.call_routes[path] = _call_route(gateway, endpoint)
         app.add_route(path, _method_not_allowed, methods=["GET", "PUT", "PATCH", "DELETE"])
+    app.azure_route = _azure_route(gateway)
     models_api.add_routes(app, snapshots)
     app.include_router(ops_api.router(snapshots, store, metrics))
     app.include_router(admin_api.router(snapshots, store, calendar))
@@ -175,6 +199,25 @@ def _call_route(gateway: Gateway, endpoint: str) -> Route:
         await response(scope, receive, send)
 
     route.__name__ = f"v1_{endpoint}"
+    return route
+
+
+def _azure_route(gateway: Gateway) -> Route:
+    """Azure-style clients: chat and embeddings, the model named as the path's deployment."""
+
+    async def route(scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        found = azure_call(scope["path"])
+        assert found is not None  # ProxyApp routes only Azure paths here
+        deployment, endpoint = found
+        response: Response | Route
+        try:
+            response = await gateway.handle(request, endpoint, deployment)
+        except Exception:
+            log.exception("unexpected error on POST %s", scope["path"])
+            response = error_response(ProxyError("The proxy had an internal error."), request_id_of(request))
+        await response(scope, receive, send)
+
     return route
 
 

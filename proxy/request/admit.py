@@ -9,6 +9,9 @@ response really used. A refusal from the limiter becomes the client's error here
 
 from __future__ import annotations
 
+import time
+
+from ..apis import anthropic_errors
 from ..config import Model
 from ..errors import BudgetExceeded, ProxyError, RateLimited, StoreUnavailable
 from ..http.responses import new_request_id
@@ -32,8 +35,16 @@ async def admit(limiter: Limiter, caller: Caller, call: Call, model: Model) -> T
         reservation_micros(model.price_per_mtok, call.prompt_tokens, call.max_output),
     )
     if isinstance(admitted, Refusal):
-        raise refusal_error(admitted)
+        error = refusal_error(admitted)
+        if call.api == "anthropic" and admitted.decision is not None:
+            error.headers |= anthropic_errors.rate_limit_headers(admitted.decision, now_ms())
+        raise error
     return admitted
+
+
+def now_ms() -> int:
+    """For the RFC 3339 resets of Anthropic's headers (the bucket state's own clock gives the rest)."""
+    return int(time.time() * 1000)
 
 
 def refusal_error(refusal: Refusal) -> ProxyError:

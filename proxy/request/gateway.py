@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive
 
+from ..apis import anthropic_errors
 from ..config import Model
 from ..errors import ClientClosedRequest, ProxyError
 from ..http.responses import SSEResponse, error_response, request_id_of
@@ -28,9 +29,10 @@ from ..observe import Observer, Outcome
 from ..snapshot import Snapshot, SnapshotHolder
 from ..tags import parse_tags
 from . import forward
-from .admit import admit
+from .admit import admit, now_ms
+from .agent_relay import agent_stream_response
 from .authenticate import presented_key
-from .call import Call
+from .call import API_OF, Call
 from .read import read_call
 from .relay import StreamUsage, passthrough, stream_response
 from .settle import Settler, usage_of
@@ -59,14 +61,14 @@ class Gateway:
         self.limiter = settler.limiter
         self.observer = observer
 
-    async def handle(self, request: Request, endpoint: str) -> Response | SSEResponse:
+    async def handle(self, request: Request, endpoint: str, deployment: str | None = None) -> Response | SSEResponse:
         snapshot = self.snapshots.current
         snapshot.enter()
         outcome = Outcome(request_id=request_id_of(request), endpoint=endpoint, started_at=time.monotonic())
         handed_over = False
         try:
             caller = outcome.caller = snapshot.keyring.authenticate(presented_key(request.headers))
-            call, model = await read_call(request, endpoint, caller, snapshot.config)
+            call, model = await read_call(request, endpoint, caller, snapshot.config, deployment)
             outcome.model, outcome.stream = call.model, call.stream
             if snapshot.config.log_bodies:
                 outcome.request_body = call.body
@@ -89,6 +91,8 @@ class Gateway:
     def _failed(self, outcome: Outcome, error: ProxyError) -> Response:
         outcome.fail(error)
         self.observer.finished(outcome)
+        if API_OF[outcome.endpoint] == "anthropic":
+            return anthropic_error_response(error, outcome)
         return error_response(error, outcome.request_id, outcome.ticket.headers if outcome.ticket else None)
 
     async def _forward(
@@ -97,7 +101,8 @@ class Gateway:
         """Forward, then relay; settles here unless a response was handed over (it settles itself)."""
         price = model.price_per_mtok  # the price at admission: a reload may drop the model
         settle = self.settler.settle
-        headers = forward.upstream_headers(request.headers, outcome.request_id)
+        headers = forward.upstream_headers(request.headers, outcome.request_id, call.api)
+        rate_headers = reply_headers(call, ticket, outcome.request_id)
         handed_over = False
         # the body is read: from now on the client can only say that it left; if it does before
         # the response starts, stop waiting on (or retrying) the upstream at once
@@ -122,11 +127,12 @@ class Gateway:
             reply: Response | SSEResponse
             if payload is None:  # a stream
                 produced = StreamUsage()
-                reply = stream_response(
+                relay = stream_response if call.endpoint in ("chat", "completions") else agent_stream_response
+                reply = relay(
                     response,
                     call,
                     outcome,
-                    ticket.headers,
+                    rate_headers,
                     produced,
                     settle=lambda: _leaving(snapshot, settle(ticket, call, price, produced.usage, outcome)),
                 )
@@ -140,7 +146,7 @@ class Gateway:
                     response,
                     payload,
                     outcome.request_id,
-                    ticket.headers,
+                    rate_headers,
                     settle=lambda: _leaving(snapshot, settle(ticket, call, price, usage, outcome)),
                 )
             handed_over = True
@@ -152,3 +158,19 @@ class Gateway:
                 await asyncio.gather(fetch, return_exceptions=True)
             if not handed_over:  # nothing was produced for the client: nothing is charged
                 await asyncio.shield(settle(ticket, call, price, Usage(), outcome, succeeded=False, notify=False))
+
+
+def reply_headers(call: Call, ticket: Ticket, request_id: str) -> dict[str, str]:
+    """The rate-limit state of the tightest buckets, in the caller's API's own headers."""
+    if call.api == "anthropic":
+        return {"request-id": request_id} | anthropic_errors.rate_limit_headers(ticket.decision, now_ms())
+    return ticket.headers
+
+
+def anthropic_error_response(error: ProxyError, outcome: Outcome) -> Response:
+    """An error on the Messages paths, in Anthropic's shape, with its `request-id` and rate-limit state."""
+    status, body, headers = anthropic_errors.anthropic_error(error, outcome.request_id)
+    if outcome.ticket is not None:
+        headers |= anthropic_errors.rate_limit_headers(outcome.ticket.decision, now_ms())
+    headers["request-id"] = headers["x-request-id"] = outcome.request_id
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
