@@ -317,3 +317,40 @@ def test_a_key_in_x_api_key_never_reaches_an_openai_upstream(proxy, mock_upstrea
     )
     assert response.status_code == 200
     assert KEYS["alice"] not in orjson.dumps(mock_upstream.requests[-1]).decode()
+
+
+def test_anthropic_sdk_retries_a_rate_limit_refusal(mock_upstream, start_proxy):
+    # 10 requests a second, a burst of 1: the second call waits ~100 ms (retry-after-ms) and passes
+    config = make_config(mock_upstream.url, patch=agent_models(mock_upstream.url, rpm=600, rpm_burst=1))
+    server, recorder = start_proxy(config)
+    with claude(server, max_retries=3) as sdk:
+        for _ in range(2):
+            assert sdk.messages.create(model="claude-model", max_tokens=5, messages=MESSAGES).content
+    statuses = [o.status for o in recorder.outcomes]
+    assert statuses.count(200) == 2 and 429 in statuses
+    refused = httpx.post(
+        server.url + "/v1/messages",
+        json={"model": "claude-model", "max_tokens": 5, "messages": MESSAGES},
+        headers={"x-api-key": KEYS["alice"]},
+    )
+    if refused.status_code == 429:  # not when the bucket refilled meanwhile
+        assert anthropic_reply(refused)[:2] == (429, "rate_limit_error")
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.headers["anthropic-ratelimit-requests-remaining"] == "0"
+        assert RFC3339.match(refused.headers["anthropic-ratelimit-requests-reset"])
+
+
+def test_anthropic_sdk_does_not_retry_a_budget_refusal(mock_upstream, start_proxy):
+    # 64 output tokens at $15/Mtok reserve 960 µ$: more than the key's 100 µ$ budget
+    def patch(data: dict) -> None:
+        agent_models(mock_upstream.url)(data)
+        data["keys"]["alice"]["daily_budget_usd"] = "0.0001"
+
+    server, recorder = start_proxy(make_config(mock_upstream.url, patch=patch))
+    with claude(server, max_retries=3) as sdk, pytest.raises(anthropic.RateLimitError) as refused:
+        sdk.messages.create(model="claude-model", max_tokens=64, messages=MESSAGES)
+    assert refused.value.body["error"]["type"] == "rate_limit_error"
+    assert refused.value.body["error"]["message"].startswith("Daily budget exceeded for key 'alice'")
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert len(recorder.outcomes) == 1, "the SDK retried a budget refusal"
+    assert mock_upstream.requests == []
