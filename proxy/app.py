@@ -30,12 +30,14 @@ from .http.responses import error_response, request_id_of
 from .limits.days import BudgetCalendar
 from .limits.limiter import Limiter
 from .limits.memory_store import MemoryStore
+from .limits.response_owners import owners_for
 from .limits.types import Store
 from .metrics import Metrics
 from .observe import Observer, Observers, RequestLog
 from .reload import Reloader
 from .request.gateway import Gateway
 from .request.settle import Settler
+from .request.stored import StoredResponses
 from .snapshot import SnapshotHolder, build_snapshot
 
 Route = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -113,7 +115,10 @@ def create_app(
     budgets = BudgetWatch(snapshots, store, metrics, calendar)
     request_log = RequestLog(config.log_level)
     observers = Observers(request_log, metrics, *([observer] if observer else []))
-    gateway = Gateway(snapshots, Settler(limiter, observers, budgets), observers)
+    owners = owners_for(store, config.response_retention_days)
+    settler = Settler(limiter, observers, budgets)
+    gateway = Gateway(snapshots, settler, observers, owners)
+    stored = StoredResponses(snapshots, settler, observers, owners)
     reloader = Reloader(snapshots, limiter, config_path, environ, request_log)
 
     @contextlib.asynccontextmanager
@@ -159,6 +164,9 @@ def create_app(
         app.call_routes[path] = _call_route(gateway, endpoint)
         app.add_route(path, _method_not_allowed, methods=["GET", "PUT", "PATCH", "DELETE"])
     app.azure_route = _azure_route(gateway)
+    app.add_route("/v1/responses/{response_id}", stored.handle, methods=["GET", "DELETE"])
+    app.add_route("/v1/responses/{response_id}/cancel", stored.handle, methods=["POST"])
+    app.add_route("/v1/responses/{response_id}/input_items", stored.handle, methods=["GET"])
     models_api.add_routes(app, snapshots)
     app.include_router(ops_api.router(snapshots, store, metrics))
     app.include_router(admin_api.router(snapshots, store, calendar))

@@ -441,6 +441,7 @@ class Config(_Strict):
     budget_alert_ratio: Number = Field(0.8, gt=0, le=1)
     alert_webhook_url: str | None = None
     spend_retention_days: Integer = Field(35, gt=0)
+    response_retention_days: Integer = Field(30, gt=0)  # how long a response id leads to its creator
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_bodies: bool = False
     shutdown_grace_s: Number = Field(30, ge=0)

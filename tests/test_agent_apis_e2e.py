@@ -354,3 +354,87 @@ def test_anthropic_sdk_does_not_retry_a_budget_refusal(mock_upstream, start_prox
     assert refused.value.response.headers["x-should-retry"] == "false"
     assert len(recorder.outcomes) == 1, "the SDK retried a budget refusal"
     assert mock_upstream.requests == []
+
+
+# --- stored responses: only the creating team, at the creating upstream --------------------------
+
+
+def test_stored_responses_are_served_to_the_creating_team_only(proxy, mock_upstream):
+    with oai(proxy) as sdk:
+        created = sdk.responses.with_raw_response.create(model="chat-model", input=PROMPT)
+        response = created.parse()
+        read = sdk.responses.with_raw_response.retrieve(response.id)
+        assert read.parse().id == response.id
+        assert read.headers["x-ratelimit-limit-requests"] == created.headers["x-ratelimit-limit-requests"]
+        items = sdk.responses.input_items.list(response.id)
+        assert items.data
+        assert sdk.responses.cancel(response.id).id == response.id
+    with openai.OpenAI(base_url=proxy.base_url, api_key=KEYS["bob"], max_retries=0) as same_team:
+        assert same_team.responses.retrieve(response.id).id == response.id
+    sent = mock_upstream.requests[-1]
+    assert sent["method"] == "GET" and sent["headers"]["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    before = len(mock_upstream.requests)
+    with openai.OpenAI(base_url=proxy.base_url, api_key=KEYS["carol"], max_retries=0) as other_team:
+        for attempt in (
+            lambda: other_team.responses.retrieve(response.id),
+            lambda: other_team.responses.delete(response.id),
+            lambda: other_team.responses.input_items.list(response.id),
+            lambda: other_team.responses.create(model="chat-model", input="more", previous_response_id=response.id),
+            lambda: other_team.responses.retrieve("resp_never_seen"),
+        ):
+            with pytest.raises(openai.NotFoundError) as missing:
+                attempt()
+            assert missing.value.body["message"] in (
+                f"No response found with id '{response.id}'.",
+                "No response found with id 'resp_never_seen'.",
+            )
+    assert len(mock_upstream.requests) == before, "another team's call reached the upstream"
+    with oai(proxy) as sdk:
+        sdk.responses.delete(response.id)
+    reads = [o for o in outcomes(proxy, 10) if o.endpoint == "responses"]
+    assert all(o.cost_micros == 0 for o in reads[1:])
+
+
+def test_a_streamed_response_can_be_read_back_at_once(proxy):
+    with oai(proxy) as sdk:
+        events = list(sdk.responses.create(model="chat-model", input=PROMPT, stream=True))
+        created = events[-1].response
+        assert sdk.responses.retrieve(created.id).id == created.id
+
+
+def test_store_false_responses_are_not_remembered(proxy, mock_upstream):
+    with oai(proxy) as sdk:
+        response = sdk.responses.create(model="chat-model", input=PROMPT, store=False)
+        with pytest.raises(openai.NotFoundError) as missing:
+            sdk.responses.retrieve(response.id)
+    assert missing.value.body["message"] == f"No response found with id '{response.id}'."  # the proxy's
+    assert len(mock_upstream.requests) == 1
+
+
+def test_previous_response_id_goes_to_the_target_that_created_it(mock_upstream, start_proxy):
+    from proxy.mock_upstream import MockUpstream
+
+    with MockUpstream() as backup:
+        config = make_config(mock_upstream.url, second_upstream=backup.url)
+        server, _ = start_proxy(config)
+        mock_upstream.add_faults([{"status": 500}] * 3)  # the first target fails: the fallback creates it
+        with oai(server) as sdk:
+            first = sdk.responses.create(model="chat-model", input=PROMPT)
+            assert backup.requests[-1]["body"]["model"] == "gpt-4o"
+            mock_upstream.clear()
+            second = sdk.responses.create(model="chat-model", input="and then?", previous_response_id=first.id)
+        assert second.output_text
+        assert mock_upstream.requests == []
+        assert backup.requests[-1]["body"]["previous_response_id"] == first.id
+        assert backup.requests[-1]["body"]["model"] == "gpt-4o"
+
+
+def test_reads_of_stored_responses_count_in_the_request_bucket(mock_upstream, start_proxy):
+    server, recorder = start_proxy(make_config(mock_upstream.url, patch=agent_models(mock_upstream.url, rpm=2)))
+    with oai(server) as sdk:
+        response = sdk.responses.create(model="chat-model", input=PROMPT)
+        sdk.responses.retrieve(response.id)
+        with pytest.raises(openai.RateLimitError):
+            sdk.responses.retrieve(response.id)
+    server.recorder = recorder
+    assert [o.cost_micros for o in outcomes(server, 3)][1:] == [0, 0]

@@ -26,13 +26,14 @@ LIMIT_NAMES = {"rpm": "requests per minute", "tpm": "tokens per minute", "parall
 LIMIT_TYPES = {"rpm": "requests", "tpm": "tokens", "parallel": "parallel_requests"}
 
 
-async def admit(limiter: Limiter, caller: Caller, call: Call, model: Model) -> Ticket:
-    """The ticket of an admitted call; raises the client's error for a refusal."""
+async def admit(limiter: Limiter, caller: Caller, call: Call, model: Model | None) -> Ticket:
+    """The ticket of an admitted call; raises the client's error for a refusal. Without a model
+    (a read of a stored response) it counts one request and reserves nothing."""
     admitted = await limiter.admit(
         new_request_id(),
         caller.scopes,
         reserved_tokens(call.prompt_tokens, call.max_output),
-        reservation_micros(model.price_per_mtok, call.prompt_tokens, call.max_output),
+        reservation_micros(model.price_per_mtok, call.prompt_tokens, call.max_output) if model else 0,
     )
     if isinstance(admitted, Refusal):
         error = refusal_error(admitted)

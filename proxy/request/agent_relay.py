@@ -9,8 +9,9 @@ was produced. A stream that breaks, times out or hits a bug ends with the API's 
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Protocol
 
 from ..apis.anthropic import MessagesStreamMeter
@@ -30,6 +31,10 @@ log = logging.getLogger("proxy.gateway")
 STREAM_CUT = "The upstream stream was interrupted before it finished."
 STREAM_TIMEOUT = "The upstream stopped sending before the stream finished."
 INTERNAL_ERROR = "The proxy had an internal error."
+_RESPONSE_ID = re.compile(rb'"id": ?"(resp_[^"\\]{1,200})"')
+
+
+Created = Callable[[str], Awaitable[None]]  # told a stored response's id before the client sees it
 
 
 class Meter(Protocol):
@@ -48,11 +53,13 @@ def agent_stream_response(
     reply_headers: Mapping[str, str],
     produced: StreamUsage,
     settle: Settle,
+    on_created: Created | None = None,
 ) -> SSEResponse:
     headers = list(SSE_HEADERS)
     headers.append((b"x-request-id", outcome.request_id.encode("latin-1")))
     headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in reply_headers.items())
-    return SSEResponse(relay_events(response, call, outcome, produced), 200, headers, settle=settle)
+    events = relay_events(response, call, outcome, produced, on_created)
+    return SSEResponse(events, 200, headers, settle=settle)
 
 
 def _error_event(call: Call, meter: Meter, message: str, timed_out: bool = False) -> bytes:
@@ -62,7 +69,7 @@ def _error_event(call: Call, meter: Meter, message: str, timed_out: bool = False
 
 
 async def relay_events(
-    response: UpstreamResponse, call: Call, outcome: Outcome, produced: StreamUsage
+    response: UpstreamResponse, call: Call, outcome: Outcome, produced: StreamUsage, on_created: Created | None = None
 ) -> AsyncGenerator[bytes, None]:
     """The upstream's events as they arrive; `produced` gets the usage once the stream ends."""
     meter: Meter = (
@@ -75,6 +82,7 @@ async def relay_events(
     ended_by_error = False  # the upstream's own `error` event was the last one relayed
     outcome.status = 200
     events: list[bytes] = []
+    want_id = on_created is not None
     try:
         async for chunk in response.iter_chunks():
             events = splitter.feed(chunk)
@@ -82,6 +90,12 @@ async def relay_events(
                 continue
             for event in events:
                 meter.feed(event)
+            if want_id:  # response.created comes first and names the response
+                want_id = False
+                found = _RESPONSE_ID.search(events[0])
+                produced.response_id = found.group(1).decode() if found else None
+                if produced.response_id is not None and on_created is not None:
+                    await on_created(produced.response_id)
             ended_by_error = event_name(events[-1]) == b"error"
             if outcome.first_byte_at == 0.0:
                 outcome.first_byte_at = time.monotonic()

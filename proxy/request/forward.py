@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from ..config import Model
+from ..config import Model, Target
 from ..errors import UpstreamBroken, UpstreamConnectError, UpstreamError, UpstreamReadTimeout, UpstreamTimeout
 from ..upstream.client import UpstreamClient, UpstreamResponse
 from ..upstream.hop_by_hop import forwarded_headers
@@ -117,9 +117,12 @@ async def fetch(
     deadline: float,
     attempts: Attempts,
     upstreams: dict[str, UpstreamClient],
+    pinned: Target | None = None,
 ) -> tuple[UpstreamResponse, bytes | None]:
-    """The upstream's answer: its whole body, or (payload None) a stream ready to relay."""
-    response = await open_upstream(PATHS[call.endpoint], body, model, upstreams, headers, deadline, attempts)
+    """The upstream's answer: its whole body, or (payload None) a stream ready to relay. A call
+    `pinned` to the target that holds its previous response goes there only."""
+    targets = [pinned] if pinned is not None else model.targets
+    response = await open_upstream(PATHS[call.endpoint], body, targets, upstreams, headers, deadline, attempts)
     if call.stream and response.status == 200:
         return response, None
     try:
@@ -138,7 +141,7 @@ async def fetch(
 async def open_upstream(
     path: str,
     body: dict[str, Any],
-    model: Model,
+    targets: list[Target],
     upstreams: dict[str, UpstreamClient],
     headers: dict[str, str],
     deadline: float,
@@ -148,7 +151,7 @@ async def open_upstream(
     last_failure = "no upstream was tried"
     timed_out = False
     overloaded: UpstreamResponse | None = None  # the last 529, passed on if nothing better comes
-    for target in model.targets:
+    for target in targets:
         client = upstreams[target.upstream]
         payload = orjson.dumps({**body, "model": target.model})
         for attempt in range(client.config.max_retries + 1):
