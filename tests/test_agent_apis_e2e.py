@@ -438,3 +438,29 @@ def test_reads_of_stored_responses_count_in_the_request_bucket(mock_upstream, st
             sdk.responses.retrieve(response.id)
     server.recorder = recorder
     assert [o.cost_micros for o in outcomes(server, 3)][1:] == [0, 0]
+
+
+def test_openai_agents_sdk_with_its_default_model(mock_upstream, start_proxy):
+    from agents import Agent, RunConfig, Runner
+    from agents.models import get_default_model
+    from agents.models.openai_provider import OpenAIProvider
+
+    default = get_default_model()
+
+    def patch(data: dict) -> None:  # the SDK's default model, as an operator would configure it
+        data["models"][default] = {"targets": [{"upstream": "mock", "model": "gpt-4o-mini"}]}
+
+    server, recorder = start_proxy(make_config(mock_upstream.url, patch=patch))
+    server.recorder = recorder
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key=KEYS["alice"], max_retries=0)
+    provider = OpenAIProvider(openai_client=client, use_responses=True)
+    result = Runner.run_sync(
+        Agent(name="helper", instructions="Answer briefly."),
+        "say hi",
+        run_config=RunConfig(model_provider=provider, tracing_disabled=True),
+    )
+    assert result.final_output.startswith("word0")
+    (outcome,) = outcomes(server, 1)
+    assert (outcome.endpoint, outcome.model, outcome.stream) == ("responses", default, False)
+    assert outcome.usage.completion_tokens > 0
+    assert mock_upstream.requests[-1]["path"] == "/v1/responses"
