@@ -464,3 +464,23 @@ def test_openai_agents_sdk_with_its_default_model(mock_upstream, start_proxy):
     assert (outcome.endpoint, outcome.model, outcome.stream) == ("responses", default, False)
     assert outcome.usage.completion_tokens > 0
     assert mock_upstream.requests[-1]["path"] == "/v1/responses"
+
+
+def test_requests_are_counted_by_endpoint(proxy):
+    from tests.support.metrics import samples
+
+    with claude(proxy) as sdk:
+        sdk.messages.create(model="claude-model", max_tokens=5, messages=MESSAGES)
+        sdk.messages.count_tokens(model="claude-model", messages=MESSAGES)
+    with oai(proxy) as sdk:
+        sdk.responses.create(model="chat-model", input=PROMPT)
+        sdk.chat.completions.create(model="chat-model", messages=MESSAGES)
+    outcomes(proxy, 4)
+    found = samples(httpx.get(proxy.url + "/metrics").text)["llm_proxy_requests_total"]
+    counted = {(labels["endpoint"], labels["model"], labels["status"]): value for labels, value in found}
+    assert counted == {
+        ("messages", "claude-model", "200"): 1.0,
+        ("count_tokens", "claude-model", "200"): 1.0,
+        ("responses", "chat-model", "200"): 1.0,
+        ("chat", "chat-model", "200"): 1.0,
+    }
