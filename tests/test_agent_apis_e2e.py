@@ -484,3 +484,35 @@ def test_requests_are_counted_by_endpoint(proxy):
         ("responses", "chat-model", "200"): 1.0,
         ("chat", "chat-model", "200"): 1.0,
     }
+
+
+def test_messages_upstream_failure_is_an_anthropic_api_error(proxy, mock_upstream):
+    mock_upstream.add_faults([{"close_connection": True}] * 3)
+    with claude(proxy) as sdk, pytest.raises(anthropic.APIStatusError) as failed:
+        sdk.messages.create(model="claude-model", max_tokens=5, messages=MESSAGES)
+    assert failed.value.status_code == 502
+    assert failed.value.body["error"] == {
+        "type": "api_error",
+        "message": "The upstream failed: upstream 'claude' broke the connection.",
+    }
+    assert failed.value.response.headers["request-id"]
+    assert RFC3339.match(failed.value.response.headers["anthropic-ratelimit-tokens-reset"])
+    (outcome,) = outcomes(proxy, 1)
+    assert outcome.cost_micros == 0
+
+
+def test_messages_stream_cut_ends_with_an_anthropic_error_event(proxy):
+    with httpx.stream(
+        "POST",
+        proxy.url + "/v1/messages",
+        json={"model": "claude-model", "max_tokens": 64, "messages": MESSAGES, "stream": True},
+        headers={"x-api-key": KEYS["alice"], **fault(cut_after_chunks=5)},
+    ) as response:
+        text = response.read().decode()
+    last = text.rstrip("\n").split("\n\n")[-1]
+    assert last == (
+        'event: error\ndata: {"type":"error","error":{"type":"api_error",'
+        '"message":"The upstream stream was interrupted before it finished."}}'
+    )
+    (outcome,) = outcomes(proxy, 1)
+    assert outcome.stream_error == "stream_cut" and outcome.usage.completion_tokens > 0
