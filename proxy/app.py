@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from .apis import anthropic_errors
 from .budgets import BudgetWatch
 from .config import Config, load_config
 from .errors import InvalidRequest, MethodNotAllowed, NotFound, ProxyError
@@ -82,6 +83,7 @@ class ProxyApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+ANTHROPIC_PATH = "/v1/messages"
 AZURE_PREFIX = "/openai/deployments/"
 AZURE_ENDPOINTS = {"chat/completions": "chat", "embeddings": "embeddings"}
 
@@ -230,14 +232,23 @@ def _azure_route(gateway: Gateway) -> Route:
 
 
 async def _method_not_allowed(request: Request) -> Response:
-    return error_response(
-        MethodNotAllowed(f"Method {request.method} is not allowed for {request.url.path}."), request_id_of(request)
-    )
+    return _error_for(request, MethodNotAllowed(f"Method {request.method} is not allowed for {request.url.path}."))
+
+
+def _error_for(request: Request, error: ProxyError) -> Response:
+    """OpenAI's error shape, or Anthropic's under /v1/messages (its clients read only that)."""
+    request_id = request_id_of(request)
+    path = request.url.path
+    if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"):
+        status, body, headers = anthropic_errors.anthropic_error(error, request_id)
+        headers["request-id"] = headers["x-request-id"] = request_id
+        return Response(body, status_code=status, headers=headers, media_type="application/json")
+    return error_response(error, request_id)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     def respond(request: Request, error: ProxyError) -> Response:
-        return error_response(error, request_id_of(request))
+        return _error_for(request, error)
 
     async def proxy_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProxyError)  # Starlette routes by the class registered below

@@ -516,3 +516,13 @@ def test_messages_stream_cut_ends_with_an_anthropic_error_event(proxy):
     )
     (outcome,) = outcomes(proxy, 1)
     assert outcome.stream_error == "stream_cut" and outcome.usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"), [("GET", "/v1/messages", 405), ("POST", "/v1/messages/batches", 404)]
+)
+def test_other_calls_under_messages_are_anthropic_shaped(proxy, mock_upstream, method, path, status):
+    response = httpx.request(method, proxy.url + path, headers={"x-api-key": KEYS["alice"]})
+    kind = "not_found_error" if status == 404 else "invalid_request_error"
+    assert anthropic_reply(response)[:2] == (status, kind)
+    assert mock_upstream.requests == []
