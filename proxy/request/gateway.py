@@ -77,7 +77,7 @@ class Gateway:
             if snapshot.config.log_bodies:
                 outcome.request_body = call.body
             outcome.tags = parse_tags(request.headers.get("x-proxy-tags"), call.body)
-            pinned = await self._pinned(call, caller)
+            pinned = await self._pinned(call, caller) if call.endpoint == "responses" else None
             ticket = outcome.ticket = await admit(self.limiter, caller, call, model)
             self.observer.admitted(outcome)
             reply = await self._forward(request, call, model, ticket, outcome, snapshot, pinned)
