@@ -506,7 +506,8 @@ class Config(_Strict):
                     problems.append(f"models.{name}.targets.{i}.upstream: unknown upstream {target.upstream!r}")
             apis = {self.upstreams[t.upstream].api for t in model.targets if t.upstream in self.upstreams}
             if len(apis) > 1:
-                problems.append(f"models.{name}.targets: targets must share one api, not {sorted(apis)}")
+                mixed = " and ".join(sorted(apis))
+                problems.append(f"models.{name}.targets: every target's upstream must speak one api, not {mixed}")
         for name, key in self.keys.items():
             if key.team not in self.teams:
                 problems.append(f"keys.{name}.team: unknown team {key.team!r}")
