@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from .apis import anthropic_errors
 from .budgets import BudgetWatch
 from .config import Config, load_config
 from .errors import InvalidRequest, MethodNotAllowed, NotFound, ProxyError
@@ -30,12 +31,14 @@ from .http.responses import error_response, request_id_of
 from .limits.days import BudgetCalendar
 from .limits.limiter import Limiter
 from .limits.memory_store import MemoryStore
+from .limits.response_owners import owners_for
 from .limits.types import Store
 from .metrics import Metrics
 from .observe import Observer, Observers, RequestLog
 from .reload import Reloader
 from .request.gateway import Gateway
 from .request.settle import Settler
+from .request.stored import StoredResponses
 from .snapshot import SnapshotHolder, build_snapshot
 
 Route = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -66,14 +69,35 @@ class ProxyApp(FastAPI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.call_routes: dict[str, Route] = {}
+        self.azure_route: Route | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            route = self.call_routes.get(scope["path"])
+            path: str = scope["path"]
+            route = self.call_routes.get(path)
+            if route is None and self.azure_route is not None and azure_call(path) is not None:
+                route = self.azure_route
             if route is not None:
                 await route(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+
+ANTHROPIC_PATH = "/v1/messages"
+AZURE_PREFIX = "/openai/deployments/"
+AZURE_ENDPOINTS = {"chat/completions": "chat", "embeddings": "embeddings"}
+
+
+def azure_call(path: str) -> tuple[str, str] | None:
+    """(deployment, endpoint) of an Azure-style path `/openai/deployments/{d}/chat/completions`
+    (or `/embeddings`); None for any other path."""
+    if not path.startswith(AZURE_PREFIX):
+        return None
+    deployment, _, rest = path[len(AZURE_PREFIX) :].partition("/")
+    endpoint = AZURE_ENDPOINTS.get(rest)
+    if not deployment or endpoint is None:
+        return None
+    return deployment, endpoint
 
 
 def create_app(
@@ -93,7 +117,10 @@ def create_app(
     budgets = BudgetWatch(snapshots, store, metrics, calendar)
     request_log = RequestLog(config.log_level)
     observers = Observers(request_log, metrics, *([observer] if observer else []))
-    gateway = Gateway(snapshots, Settler(limiter, observers, budgets), observers)
+    owners = owners_for(store, config.response_retention_days)
+    settler = Settler(limiter, observers, budgets)
+    gateway = Gateway(snapshots, settler, observers, owners)
+    stored = StoredResponses(snapshots, settler, observers, owners)
     reloader = Reloader(snapshots, limiter, config_path, environ, request_log)
 
     @contextlib.asynccontextmanager
@@ -132,9 +159,16 @@ def create_app(
         ("/v1/chat/completions", "chat"),
         ("/v1/completions", "completions"),
         ("/v1/embeddings", "embeddings"),
+        ("/v1/responses", "responses"),
+        ("/v1/messages", "messages"),
+        ("/v1/messages/count_tokens", "count_tokens"),
     ):
         app.call_routes[path] = _call_route(gateway, endpoint)
         app.add_route(path, _method_not_allowed, methods=["GET", "PUT", "PATCH", "DELETE"])
+    app.azure_route = _azure_route(gateway)
+    app.add_route("/v1/responses/{response_id}", stored.handle, methods=["GET", "DELETE"])
+    app.add_route("/v1/responses/{response_id}/cancel", stored.handle, methods=["POST"])
+    app.add_route("/v1/responses/{response_id}/input_items", stored.handle, methods=["GET"])
     models_api.add_routes(app, snapshots)
     app.include_router(ops_api.router(snapshots, store, metrics))
     app.include_router(admin_api.router(snapshots, store, calendar))
@@ -178,15 +212,43 @@ def _call_route(gateway: Gateway, endpoint: str) -> Route:
     return route
 
 
+def _azure_route(gateway: Gateway) -> Route:
+    """Azure-style clients: chat and embeddings, the model named as the path's deployment."""
+
+    async def route(scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        found = azure_call(scope["path"])
+        assert found is not None  # ProxyApp routes only Azure paths here
+        deployment, endpoint = found
+        response: Response | Route
+        try:
+            response = await gateway.handle(request, endpoint, deployment)
+        except Exception:
+            log.exception("unexpected error on POST %s", scope["path"])
+            response = error_response(ProxyError("The proxy had an internal error."), request_id_of(request))
+        await response(scope, receive, send)
+
+    return route
+
+
 async def _method_not_allowed(request: Request) -> Response:
-    return error_response(
-        MethodNotAllowed(f"Method {request.method} is not allowed for {request.url.path}."), request_id_of(request)
-    )
+    return _error_for(request, MethodNotAllowed(f"Method {request.method} is not allowed for {request.url.path}."))
+
+
+def _error_for(request: Request, error: ProxyError) -> Response:
+    """OpenAI's error shape, or Anthropic's under /v1/messages (its clients read only that)."""
+    request_id = request_id_of(request)
+    path = request.url.path
+    if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"):
+        status, body, headers = anthropic_errors.anthropic_error(error, request_id)
+        headers["request-id"] = headers["x-request-id"] = request_id
+        return Response(body, status_code=status, headers=headers, media_type="application/json")
+    return error_response(error, request_id)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     def respond(request: Request, error: ProxyError) -> Response:
-        return error_response(error, request_id_of(request))
+        return _error_for(request, error)
 
     async def proxy_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProxyError)  # Starlette routes by the class registered below

@@ -113,7 +113,12 @@ class Store(_Strict):
 
 
 class Upstream(_Strict):
+    """`api: anthropic`: `base_url` as the Anthropic SDK takes it (no `/v1`); the proxy calls
+    `{base_url}/v1/messages` with `x-api-key`. `api: openai`: `base_url` ends where OpenAI's
+    `/v1` does."""
+
     base_url: str
+    api: Literal["openai", "anthropic"] = "openai"
     api_key: str | None = None
     api_key_env: str | None = None
     timeout_s: Number = Field(120, gt=0)
@@ -436,6 +441,7 @@ class Config(_Strict):
     budget_alert_ratio: Number = Field(0.8, gt=0, le=1)
     alert_webhook_url: str | None = None
     spend_retention_days: Integer = Field(35, gt=0)
+    response_retention_days: Integer = Field(30, gt=0)  # how long a response id leads to its creator
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_bodies: bool = False
     shutdown_grace_s: Number = Field(30, ge=0)
@@ -498,6 +504,10 @@ class Config(_Strict):
             for i, target in enumerate(model.targets):
                 if target.upstream not in self.upstreams:
                     problems.append(f"models.{name}.targets.{i}.upstream: unknown upstream {target.upstream!r}")
+            apis = {self.upstreams[t.upstream].api for t in model.targets if t.upstream in self.upstreams}
+            if len(apis) > 1:
+                mixed = " and ".join(sorted(apis))
+                problems.append(f"models.{name}.targets: every target's upstream must speak one api, not {mixed}")
         for name, key in self.keys.items():
             if key.team not in self.teams:
                 problems.append(f"keys.{name}.team: unknown team {key.team!r}")
@@ -505,6 +515,10 @@ class Config(_Strict):
                 if model_name not in self.models:
                     problems.append(f"keys.{name}.models: unknown model {model_name!r}")
         return problems
+
+    def api_of(self, model: Model) -> str:
+        """The API a model's targets speak (`openai` or `anthropic`): it serves that API's endpoints."""
+        return self.upstreams[model.targets[0].upstream].api
 
     def _shared_key_problems(self, environ: Mapping[str, str]) -> list[str]:
         """One key in two entries: the second would authenticate as the first (never printed)."""

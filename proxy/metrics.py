@@ -42,7 +42,11 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "llm_proxy_requests", "Requests answered, by final status.", ["team", "key", "model", "status"], registry=r
+            "llm_proxy_requests",
+            "Requests answered, by final status and endpoint (chat, completions, embeddings, responses, messages, "
+            "count_tokens).",
+            ["team", "key", "model", "status", "endpoint"],
+            registry=r,
         )
         self.duration = Histogram(
             "llm_proxy_request_duration_seconds",
@@ -128,7 +132,7 @@ class Metrics:
         model = outcome.model
         if outcome.ticket is not None:
             self.inflight.labels(team).dec()
-        self.requests.labels(team, key, model, str(outcome.status)).inc()
+        self.requests.labels(team, key, model, str(outcome.status), outcome.endpoint).inc()
         if outcome.rejection:
             self.rejections.labels(team, key, outcome.rejection).inc()
         attempts = outcome.attempts

@@ -40,6 +40,8 @@ REFUSED: dict[str, tuple[dict[str, str], list[str]]] = {
         ],
     ),
     "same_key_value.yaml": ({}, ["keys.bob.key: same key as keys.alice.key"]),
+    "unknown_api.yaml": ({}, ["upstreams.other.api: must be 'openai' or 'anthropic'"]),
+    "mixed_apis.yaml": ({}, ["models.m.targets: every target's upstream must speak one api, not anthropic and openai"]),
     "same_key_hash.yaml": (
         {"LLMP_TEST_CAROL_KEY": "sk-proxy-same", "LLMP_TEST_ADMIN_KEY": "sk-admin-too"},
         [

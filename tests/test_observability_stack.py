@@ -37,7 +37,7 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": 
 
 # proxy/metrics.py, as exposed (counters with _total): the public contract.
 METRICS = {
-    "llm_proxy_requests_total": {"team", "key", "model", "status"},
+    "llm_proxy_requests_total": {"team", "key", "model", "status", "endpoint"},
     "llm_proxy_request_duration_seconds": {"team", "model", "stream"},
     "llm_proxy_time_to_first_token_seconds": {"team", "model"},
     "llm_proxy_upstream_duration_seconds": {"upstream", "model"},

@@ -9,6 +9,9 @@ response really used. A refusal from the limiter becomes the client's error here
 
 from __future__ import annotations
 
+import time
+
+from ..apis import anthropic_errors
 from ..config import Model
 from ..errors import BudgetExceeded, ProxyError, RateLimited, StoreUnavailable
 from ..http.responses import new_request_id
@@ -23,17 +26,26 @@ LIMIT_NAMES = {"rpm": "requests per minute", "tpm": "tokens per minute", "parall
 LIMIT_TYPES = {"rpm": "requests", "tpm": "tokens", "parallel": "parallel_requests"}
 
 
-async def admit(limiter: Limiter, caller: Caller, call: Call, model: Model) -> Ticket:
-    """The ticket of an admitted call; raises the client's error for a refusal."""
+async def admit(limiter: Limiter, caller: Caller, call: Call, model: Model | None) -> Ticket:
+    """The ticket of an admitted call; raises the client's error for a refusal. Without a model
+    (a read of a stored response) it counts one request and reserves nothing."""
     admitted = await limiter.admit(
         new_request_id(),
         caller.scopes,
         reserved_tokens(call.prompt_tokens, call.max_output),
-        reservation_micros(model.price_per_mtok, call.prompt_tokens, call.max_output),
+        reservation_micros(model.price_per_mtok, call.prompt_tokens, call.max_output) if model else 0,
     )
     if isinstance(admitted, Refusal):
-        raise refusal_error(admitted)
+        error = refusal_error(admitted)
+        if call.api == "anthropic" and admitted.decision is not None:
+            error.headers |= anthropic_errors.rate_limit_headers(admitted.decision, now_ms())
+        raise error
     return admitted
+
+
+def now_ms() -> int:
+    """For the RFC 3339 resets of Anthropic's headers (the bucket state's own clock gives the rest)."""
+    return int(time.time() * 1000)
 
 
 def refusal_error(refusal: Refusal) -> ProxyError:

@@ -81,12 +81,13 @@ class KeyRing:
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:
-    """The key from `Authorization: Bearer KEY` or `api-key: KEY` (Azure style)."""
+    """The key from `Authorization: Bearer KEY`, `api-key: KEY` (Azure style) or `x-api-key: KEY`
+    (Anthropic style)."""
     authorization = headers.get("authorization")
     if authorization:
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
         return None
-    api_key = headers.get("api-key")
+    api_key = headers.get("api-key") or headers.get("x-api-key")
     return api_key.strip() if api_key else None

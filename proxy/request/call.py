@@ -9,23 +9,44 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..apis.anthropic import parse_messages_call
+from ..apis.responses import parse_responses_call
 from ..errors import InvalidRequest
 from ..tokens import estimate_prompt_tokens, max_output_tokens
 
 MAX_TOKENS_CEILING = 2**31 - 1
 MAX_N = 128
 REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+# the API each endpoint belongs to: a model serves the endpoints of its targets' API
+API_OF = {
+    "chat": "openai",
+    "completions": "openai",
+    "embeddings": "openai",
+    "responses": "openai",
+    "messages": "anthropic",
+    "count_tokens": "anthropic",
+}
+API_ENDPOINTS = {"openai": "/v1/chat/completions or /v1/responses", "anthropic": "/v1/messages"}
 
 
 @dataclass(slots=True)
 class Call:
-    endpoint: str  # chat | completions | embeddings
+    endpoint: str  # chat | completions | embeddings | responses | messages | count_tokens
     body: dict[str, Any]
     model: str
     stream: bool
     client_wants_usage: bool  # stream_options.include_usage set by the client
     prompt_tokens: int
     max_output: int  # reserved completion tokens (n × max_tokens)
+
+    @property
+    def api(self) -> str:
+        return API_OF[self.endpoint]
+
+    @property
+    def charged(self) -> bool:
+        """count_tokens is counted in the request buckets and never charged."""
+        return self.endpoint != "count_tokens"
 
 
 def _is_int(value: object) -> bool:
@@ -115,6 +136,8 @@ def _check_text_input(param: str, value: object) -> None:
 
 def parse_call(endpoint: str, body: dict[str, Any], default_max_tokens: int | None = None) -> Call:
     """Validates what the proxy reads; raises InvalidRequest with `param` on the first problem."""
+    if endpoint in ("responses", "messages", "count_tokens"):
+        return _agent_call(endpoint, body, default_max_tokens or 0)
     model = body.get("model")
     if model is None:
         raise InvalidRequest("you must provide a model parameter", param="model", code="missing_required_parameter")
@@ -155,3 +178,14 @@ def parse_call(endpoint: str, body: dict[str, Any], default_max_tokens: int | No
         prompt_tokens=estimate_prompt_tokens(endpoint, body),
         max_output=0 if endpoint == "embeddings" else max_output_tokens(body, default_max_tokens or 0),
     )
+
+
+def _agent_call(endpoint: str, body: dict[str, Any], default_max_tokens: int) -> Call:
+    """A Responses or Messages call (their own readers, `proxy.apis`); count_tokens reserves nothing."""
+    if endpoint == "responses":
+        read = parse_responses_call(body, default_max_tokens)
+        return Call(endpoint, body, read.model, read.stream, True, read.prompt_tokens, read.max_output)
+    counting = endpoint == "count_tokens"
+    message = parse_messages_call(body, count_tokens=counting)
+    prompt = 0 if counting else message.prompt_tokens
+    return Call(endpoint, body, message.model, message.stream, True, prompt, message.max_output)

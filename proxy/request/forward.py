@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from ..config import Model
+from ..config import Model, Target
 from ..errors import UpstreamBroken, UpstreamConnectError, UpstreamError, UpstreamReadTimeout, UpstreamTimeout
 from ..upstream.client import UpstreamClient, UpstreamResponse
 from ..upstream.hop_by_hop import forwarded_headers
@@ -27,7 +27,17 @@ from .call import Call
 
 log = logging.getLogger("proxy.upstream")
 CREDENTIALS_REFUSED = frozenset({401, 403})
-PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+# after the upstream's base_url: OpenAI's ends with /v1, Anthropic's (as its SDK takes it) does not
+PATHS = {
+    "chat": "/chat/completions",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+    "responses": "/responses",
+    "messages": "/v1/messages",
+    "count_tokens": "/v1/messages/count_tokens",
+}
+ANTHROPIC_VERSION = "2023-06-01"  # when the client names none
+OVERLOADED = 529  # Anthropic's overloaded_error: retried, then passed on as it came
 DROP_REQUEST_HEADERS = frozenset(
     {
         "host",
@@ -42,6 +52,7 @@ DROP_REQUEST_HEADERS = frozenset(
         "upgrade",
         "authorization",
         "api-key",
+        "x-api-key",
         "accept-encoding",
         "cookie",
         "x-proxy-tags",
@@ -70,16 +81,19 @@ class Attempts:
 def upstream_body(call: Call) -> dict[str, Any]:
     """The body to send on: a stream always asks for usage (the relay drops it if the client did not)."""
     body = call.body
-    if call.stream:
+    if call.stream and call.endpoint in ("chat", "completions"):
         options = body.get("stream_options") or {}
         body = {**body, "stream_options": {**options, "include_usage": True}}
     return body
 
 
-def upstream_headers(headers: Mapping[str, str], request_id: str) -> dict[str, str]:
-    """The client's headers that go on (no credentials, no hop-by-hop ones), with our request id."""
+def upstream_headers(headers: Mapping[str, str], request_id: str, api: str = "openai") -> dict[str, str]:
+    """The client's headers that go on (no credentials, no hop-by-hop ones), with our request id;
+    an Anthropic call names its API version (the client's, else the default)."""
     kept = forwarded_headers(headers.items(), DROP_REQUEST_HEADERS)
     kept["x-request-id"] = request_id
+    if api == "anthropic" and "anthropic-version" not in kept:
+        kept["anthropic-version"] = ANTHROPIC_VERSION
     return kept
 
 
@@ -103,9 +117,12 @@ async def fetch(
     deadline: float,
     attempts: Attempts,
     upstreams: dict[str, UpstreamClient],
+    pinned: Target | None = None,
 ) -> tuple[UpstreamResponse, bytes | None]:
-    """The upstream's answer: its whole body, or (payload None) a stream ready to relay."""
-    response = await open_upstream(PATHS[call.endpoint], body, model, upstreams, headers, deadline, attempts)
+    """The upstream's answer: its whole body, or (payload None) a stream ready to relay. A call
+    `pinned` to the target that holds its previous response goes there only."""
+    targets = [pinned] if pinned is not None else model.targets
+    response = await open_upstream(PATHS[call.endpoint], body, targets, upstreams, headers, deadline, attempts)
     if call.stream and response.status == 200:
         return response, None
     try:
@@ -124,7 +141,7 @@ async def fetch(
 async def open_upstream(
     path: str,
     body: dict[str, Any],
-    model: Model,
+    targets: list[Target],
     upstreams: dict[str, UpstreamClient],
     headers: dict[str, str],
     deadline: float,
@@ -133,7 +150,8 @@ async def open_upstream(
     """The first good (or non-retryable) upstream response; raises UpstreamError/UpstreamTimeout."""
     last_failure = "no upstream was tried"
     timed_out = False
-    for target in model.targets:
+    overloaded: UpstreamResponse | None = None  # the last 529, passed on if nothing better comes
+    for target in targets:
         client = upstreams[target.upstream]
         payload = orjson.dumps({**body, "model": target.model})
         for attempt in range(client.config.max_retries + 1):
@@ -166,9 +184,14 @@ async def open_upstream(
                     last_failure, timed_out = f"upstream '{target.upstream}' refused the proxy's credentials", False
                     break  # the same key would be refused again: on to the next target
                 if response.status not in RETRYABLE_STATUSES:
+                    _close(overloaded)
                     return response
                 wait = server_delay(response.headers)
-                response.close()
+                if response.status == OVERLOADED and attempt == client.config.max_retries:
+                    _close(overloaded)
+                    overloaded = response
+                else:
+                    response.close()
                 kind, timed_out = f"http_{response.status}", False
                 last_failure = f"upstream '{target.upstream}' answered {response.status}"
             attempts.errors.append((target.upstream, kind))
@@ -180,13 +203,20 @@ async def open_upstream(
             await asyncio.sleep(delay)
             attempts.retries += 1  # counted once it happens: a client may leave during the wait
             attempts.reasons.append((target.upstream, kind))
+    if overloaded is not None:
+        return overloaded
     if timed_out:
         raise UpstreamTimeout(f"The upstream did not answer in time ({last_failure}).")
     raise UpstreamError(f"The upstream failed: {last_failure}.")
 
 
+def _close(response: UpstreamResponse | None) -> None:
+    if response is not None:
+        response.close()
+
+
 # -- when and how long to wait before trying again ------------------------------------------------
-RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, OVERLOADED})
 BASE_DELAY_S = 0.25
 MAX_DELAY_S = 8.0
 MAX_SERVER_DELAY_S = 60.0

@@ -13,27 +13,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive
 
-from ..config import Model
-from ..errors import ClientClosedRequest, ProxyError
+from ..apis import anthropic_errors
+from ..config import Model, Target
+from ..errors import ClientClosedRequest, ProxyError, StoreError
 from ..http.responses import SSEResponse, error_response, request_id_of
 from ..limits.admission import Ticket
+from ..limits.response_owners import Owner, ResponseOwners
 from ..limits.types import Usage
 from ..observe import Observer, Outcome
 from ..snapshot import Snapshot, SnapshotHolder
 from ..tags import parse_tags
 from . import forward
-from .admit import admit
-from .authenticate import presented_key
-from .call import Call
+from .admit import admit, now_ms
+from .agent_relay import agent_stream_response
+from .authenticate import Caller, presented_key
+from .call import API_OF, Call
 from .read import read_call
 from .relay import StreamUsage, passthrough, stream_response
 from .settle import Settler, usage_of
+from .stored import owner_of
 
 log = logging.getLogger("proxy.gateway")
 
@@ -53,27 +58,29 @@ async def _leaving(snapshot: Snapshot, settling: Awaitable[None]) -> None:
 
 
 class Gateway:
-    def __init__(self, snapshots: SnapshotHolder, settler: Settler, observer: Observer) -> None:
+    def __init__(self, snapshots: SnapshotHolder, settler: Settler, observer: Observer, owners: ResponseOwners) -> None:
         self.snapshots = snapshots
         self.settler = settler
         self.limiter = settler.limiter
         self.observer = observer
+        self.owners = owners
 
-    async def handle(self, request: Request, endpoint: str) -> Response | SSEResponse:
+    async def handle(self, request: Request, endpoint: str, deployment: str | None = None) -> Response | SSEResponse:
         snapshot = self.snapshots.current
         snapshot.enter()
         outcome = Outcome(request_id=request_id_of(request), endpoint=endpoint, started_at=time.monotonic())
         handed_over = False
         try:
             caller = outcome.caller = snapshot.keyring.authenticate(presented_key(request.headers))
-            call, model = await read_call(request, endpoint, caller, snapshot.config)
+            call, model = await read_call(request, endpoint, caller, snapshot.config, deployment)
             outcome.model, outcome.stream = call.model, call.stream
             if snapshot.config.log_bodies:
                 outcome.request_body = call.body
             outcome.tags = parse_tags(request.headers.get("x-proxy-tags"), call.body)
+            pinned = await self._pinned(call, caller) if call.endpoint == "responses" else None
             ticket = outcome.ticket = await admit(self.limiter, caller, call, model)
             self.observer.admitted(outcome)
-            reply = await self._forward(request, call, model, ticket, outcome, snapshot)
+            reply = await self._forward(request, call, model, ticket, outcome, snapshot, pinned)
             handed_over = True  # the reply leaves the snapshot once it has settled
             return reply
         except ProxyError as error:
@@ -89,15 +96,50 @@ class Gateway:
     def _failed(self, outcome: Outcome, error: ProxyError) -> Response:
         outcome.fail(error)
         self.observer.finished(outcome)
+        if API_OF[outcome.endpoint] == "anthropic":
+            return anthropic_error_response(error, outcome)
         return error_response(error, outcome.request_id, outcome.ticket.headers if outcome.ticket else None)
 
+    async def _pinned(self, call: Call, caller: Caller) -> Target | None:
+        """A Responses call continuing a stored response goes to the target that holds it."""
+        previous = call.body.get("previous_response_id") if call.endpoint == "responses" else None
+        if not isinstance(previous, str):
+            return None
+        owner = await owner_of(self.owners, previous, caller, param="previous_response_id")
+        return Target(upstream=owner.upstream, model=owner.target_model)
+
+    def _remembering(self, call: Call, outcome: Outcome) -> Callable[[str], Awaitable[None]] | None:
+        """For a Responses call the upstream stores: remember who created the response (one write)."""
+        if call.endpoint != "responses" or call.body.get("store") is False or outcome.caller is None:
+            return None
+        owner = Owner(outcome.caller.team_name, call.model, "", "")
+
+        async def remember(response_id: str) -> None:
+            attempts = outcome.attempts
+            created = Owner(owner.team, owner.model, attempts.upstream, attempts.target_model)
+            try:
+                await self.owners.remember(response_id, created)
+            except StoreError as exc:  # the response stands; only later reads of it will 404
+                log.warning("could not remember the creator of a response: %s", exc)
+
+        return remember
+
     async def _forward(
-        self, request: Request, call: Call, model: Model, ticket: Ticket, outcome: Outcome, snapshot: Snapshot
+        self,
+        request: Request,
+        call: Call,
+        model: Model,
+        ticket: Ticket,
+        outcome: Outcome,
+        snapshot: Snapshot,
+        pinned: Target | None = None,
     ) -> Response | SSEResponse:
         """Forward, then relay; settles here unless a response was handed over (it settles itself)."""
         price = model.price_per_mtok  # the price at admission: a reload may drop the model
         settle = self.settler.settle
-        headers = forward.upstream_headers(request.headers, outcome.request_id)
+        headers = forward.upstream_headers(request.headers, outcome.request_id, call.api)
+        rate_headers = reply_headers(call, ticket, outcome.request_id)
+        remember = self._remembering(call, outcome)
         handed_over = False
         # the body is read: from now on the client can only say that it left; if it does before
         # the response starts, stop waiting on (or retrying) the upstream at once
@@ -111,6 +153,7 @@ class Gateway:
                 forward.deadline_of(request.headers),
                 outcome.attempts,
                 snapshot.upstreams,
+                pinned,
             )
         )
         try:
@@ -122,25 +165,28 @@ class Gateway:
             reply: Response | SSEResponse
             if payload is None:  # a stream
                 produced = StreamUsage()
-                reply = stream_response(
-                    response,
-                    call,
-                    outcome,
-                    ticket.headers,
-                    produced,
-                    settle=lambda: _leaving(snapshot, settle(ticket, call, price, produced.usage, outcome)),
-                )
+                settling = lambda: _leaving(snapshot, settle(ticket, call, price, produced.usage, outcome))  # noqa: E731
+                if call.endpoint in ("chat", "completions"):
+                    reply = stream_response(response, call, outcome, rate_headers, produced, settle=settling)
+                else:
+                    reply = agent_stream_response(
+                        response, call, outcome, rate_headers, produced, settle=settling, on_created=remember
+                    )
             else:
                 outcome.upstream_finished_at = time.monotonic()
                 usage = usage_of(response.status, payload, call)
                 outcome.status = response.status
                 if snapshot.config.log_bodies:
                     outcome.response_body = payload
+                if remember is not None and response.status == 200:
+                    created = response_id_in(payload)
+                    if created is not None:
+                        await remember(created)
                 reply = passthrough(
                     response,
                     payload,
                     outcome.request_id,
-                    ticket.headers,
+                    rate_headers,
                     settle=lambda: _leaving(snapshot, settle(ticket, call, price, usage, outcome)),
                 )
             handed_over = True
@@ -152,3 +198,28 @@ class Gateway:
                 await asyncio.gather(fetch, return_exceptions=True)
             if not handed_over:  # nothing was produced for the client: nothing is charged
                 await asyncio.shield(settle(ticket, call, price, Usage(), outcome, succeeded=False, notify=False))
+
+
+def response_id_in(payload: bytes) -> str | None:
+    try:
+        parsed = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    found = parsed.get("id") if isinstance(parsed, dict) else None
+    return found if isinstance(found, str) and found else None
+
+
+def reply_headers(call: Call, ticket: Ticket, request_id: str) -> dict[str, str]:
+    """The rate-limit state of the tightest buckets, in the caller's API's own headers."""
+    if call.api == "anthropic":
+        return {"request-id": request_id} | anthropic_errors.rate_limit_headers(ticket.decision, now_ms())
+    return ticket.headers
+
+
+def anthropic_error_response(error: ProxyError, outcome: Outcome) -> Response:
+    """An error on the Messages paths, in Anthropic's shape, with its `request-id` and rate-limit state."""
+    status, body, headers = anthropic_errors.anthropic_error(error, outcome.request_id)
+    if outcome.ticket is not None:
+        headers |= anthropic_errors.rate_limit_headers(outcome.ticket.decision, now_ms())
+    headers["request-id"] = headers["x-request-id"] = outcome.request_id
+    return Response(body, status_code=status, headers=headers, media_type="application/json")

@@ -25,7 +25,7 @@ from ..errors import (
 )
 from ..tokens import message_tokens
 from .authenticate import Caller
-from .call import Call, parse_call
+from .call import API_ENDPOINTS, Call, parse_call
 
 # The body is re-encoded for the upstream, and orjson.dumps refuses more than 254 levels (while
 # orjson.loads takes 1024): anything deeper must be refused here, as the client's error.
@@ -40,10 +40,15 @@ def _too_large(limit: int) -> BodyTooLarge:
     )
 
 
-async def read_call(request: Request, endpoint: str, caller: Caller, config: Config) -> tuple[Call, Model]:
-    """The call the client sent, with the model config it names (as of the request's snapshot)."""
+async def read_call(
+    request: Request, endpoint: str, caller: Caller, config: Config, deployment: str | None = None
+) -> tuple[Call, Model]:
+    """The call the client sent, with the model config it names (as of the request's snapshot);
+    an Azure-style path names the model as its `deployment`."""
     raw = await read_body(request, config.max_body_bytes)
     body = parse_json_object(raw)
+    if deployment is not None:
+        body["model"] = deployment
     name = body.get("model")
     model = config.models.get(name) if isinstance(name, str) else None
     call = parse_call(endpoint, body, model.default_max_tokens if model else None)
@@ -51,6 +56,11 @@ async def read_call(request: Request, endpoint: str, caller: Caller, config: Con
         raise ModelNotFound(f"The model `{call.model}` does not exist or you do not have access to it.", param="model")
     if not caller.may_use(call.model):
         raise ModelNotAllowed(f"This key is not allowed to use the model `{call.model}`.", param="model")
+    api = config.api_of(model)
+    if api != call.api:
+        raise InvalidRequest(
+            f"The model `{call.model}` is served by the {api} API: call it on {API_ENDPOINTS[api]}.", param="model"
+        )
     call.prompt_tokens = apply_context_policy(model, endpoint, body, call.prompt_tokens, call.max_output)
     return call, model
 

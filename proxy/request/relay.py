@@ -45,10 +45,11 @@ INTERNAL_ERROR = {
 class StreamUsage:
     """What a relayed stream produced, filled in when it ends."""
 
-    __slots__ = ("usage",)
+    __slots__ = ("response_id", "usage")
 
     def __init__(self) -> None:
         self.usage = Usage()
+        self.response_id: str | None = None  # a Responses stream's, from response.created
 
 
 def stream_response(

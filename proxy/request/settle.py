@@ -12,6 +12,8 @@ import time
 
 import orjson
 
+from ..apis.anthropic import usage_from_message
+from ..apis.responses import usage_from_response
 from ..budgets import BudgetWatch
 from ..config import Price
 from ..limits.admission import Ticket
@@ -34,7 +36,14 @@ def usage_of(status: int, payload: bytes, call: Call) -> Usage:
         parsed = orjson.loads(payload)
     except orjson.JSONDecodeError:
         parsed = None
-    usage = sse.usage_from(parsed) if isinstance(parsed, dict) else None
+    if not call.charged:
+        return Usage()
+    if call.endpoint == "responses":
+        usage = usage_from_response(parsed)
+    elif call.endpoint == "messages":
+        usage = usage_from_message(parsed)
+    else:
+        usage = sse.usage_from(parsed) if isinstance(parsed, dict) else None
     if usage is not None:
         return usage
     return Usage(call.prompt_tokens, _estimate_completion(parsed), 0)

@@ -106,7 +106,11 @@ class UpstreamClient:
             self._connector.clear_dns_cache(*self._dns_key)
 
     def auth_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        if not self._api_key:
+            return {}
+        if self.config.api == "anthropic":
+            return {"x-api-key": self._api_key}
+        return {"Authorization": f"Bearer {self._api_key}"}
 
     async def send(
         self, method: str, path: str, body: bytes | None, headers: dict[str, str], *, read_timeout: float | None = None

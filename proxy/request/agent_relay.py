@@ -1,0 +1,127 @@
+"""The relay stage for the agent APIs: a Responses or Messages stream, event by event, unchanged.
+
+Events (their `event:` lines, Anthropic's `ping`s) pass through as they came; a meter from
+`proxy.apis` reads the usage from them: the final event's, or, for a stream cut before it, what
+was produced. A stream that breaks, times out or hits a bug ends with the API's own `error` event
+(unless the upstream already ended it with one).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from typing import Protocol
+
+from ..apis.anthropic import MessagesStreamMeter
+from ..apis.anthropic import error_event as anthropic_error_event
+from ..apis.responses import ResponsesStreamMeter, event_name
+from ..errors import UpstreamBroken, UpstreamReadTimeout
+from ..http.responses import Settle, SSEResponse
+from ..limits.types import Usage
+from ..observe import Outcome
+from ..upstream import sse
+from ..upstream.client import UpstreamResponse
+from .call import Call
+from .relay import SSE_HEADERS, StreamUsage
+
+log = logging.getLogger("proxy.gateway")
+
+STREAM_CUT = "The upstream stream was interrupted before it finished."
+STREAM_TIMEOUT = "The upstream stopped sending before the stream finished."
+INTERNAL_ERROR = "The proxy had an internal error."
+_RESPONSE_ID = re.compile(rb'"id": ?"(resp_[^"\\]{1,200})"')
+
+
+Created = Callable[[str], Awaitable[None]]  # told a stored response's id before the client sees it
+
+
+class Meter(Protocol):
+    def feed(self, event: bytes) -> None: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    def usage(self) -> Usage: ...
+
+
+def agent_stream_response(
+    response: UpstreamResponse,
+    call: Call,
+    outcome: Outcome,
+    reply_headers: Mapping[str, str],
+    produced: StreamUsage,
+    settle: Settle,
+    on_created: Created | None = None,
+) -> SSEResponse:
+    headers = list(SSE_HEADERS)
+    headers.append((b"x-request-id", outcome.request_id.encode("latin-1")))
+    headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in reply_headers.items())
+    events = relay_events(response, call, outcome, produced, on_created)
+    return SSEResponse(events, 200, headers, settle=settle)
+
+
+def _error_event(call: Call, meter: Meter, message: str, timed_out: bool = False) -> bytes:
+    if isinstance(meter, ResponsesStreamMeter):
+        return meter.error_event(message, "upstream_timeout" if timed_out else "upstream_error")
+    return anthropic_error_event("timeout_error" if timed_out else "api_error", message)
+
+
+async def relay_events(
+    response: UpstreamResponse, call: Call, outcome: Outcome, produced: StreamUsage, on_created: Created | None = None
+) -> AsyncGenerator[bytes, None]:
+    """The upstream's events as they arrive; `produced` gets the usage once the stream ends."""
+    meter: Meter = (
+        ResponsesStreamMeter(call.prompt_tokens)
+        if call.endpoint == "responses"
+        else MessagesStreamMeter(call.prompt_tokens)
+    )
+    splitter = sse.EventSplitter()
+    completed = False
+    ended_by_error = False  # the upstream's own `error` event was the last one relayed
+    outcome.status = 200
+    events: list[bytes] = []
+    want_id = on_created is not None
+    try:
+        async for chunk in response.iter_chunks():
+            events = splitter.feed(chunk)
+            if not events:
+                continue
+            for event in events:
+                meter.feed(event)
+            if want_id:  # response.created comes first and names the response
+                want_id = False
+                found = _RESPONSE_ID.search(events[0])
+                produced.response_id = found.group(1).decode() if found else None
+                if produced.response_id is not None and on_created is not None:
+                    await on_created(produced.response_id)
+            ended_by_error = event_name(events[-1]) == b"error"
+            if outcome.first_byte_at == 0.0:
+                outcome.first_byte_at = time.monotonic()
+            relayed, events = b"".join(events), []
+            yield relayed
+        if not meter.finished:
+            raise UpstreamBroken("the stream ended before its final event")
+        completed = True
+    except (UpstreamBroken, UpstreamReadTimeout) as exc:
+        timed_out = isinstance(exc, UpstreamReadTimeout)
+        outcome.attempts.errors.append((outcome.attempts.upstream, "timeout" if timed_out else "stream_cut"))
+        outcome.stream_error = "timeout" if timed_out else "stream_cut"
+        if not ended_by_error:
+            yield _error_event(call, meter, STREAM_TIMEOUT if timed_out else STREAM_CUT, timed_out)
+    except Exception:  # a bug: logged once, told to the client, settled like a cut stream
+        log.exception("unexpected error relaying the stream of request %s", outcome.request_id)
+        outcome.stream_error = "internal_error"
+        if events:  # the events before the failing one, metered already
+            yield b"".join(events)
+        yield _error_event(call, meter, INTERNAL_ERROR)
+    finally:
+        if completed:
+            response.release()
+        else:
+            response.close()  # cancels the upstream request
+        outcome.upstream_finished_at = time.monotonic()
+        if not completed and outcome.stream_error is None:
+            outcome.client_gone = True
+        produced.usage = meter.usage()

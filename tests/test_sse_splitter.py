@@ -1,0 +1,40 @@
+"""EventSplitter: whole events, each with its blank line, however the network chunks the bytes;
+the fast path (no CR anywhere) agrees with the general one."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.upstream.sse import EventSplitter
+
+END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+def reference(stream: bytes) -> tuple[list[bytes], bytes]:
+    events, start = [], 0
+    for match in END.finditer(stream):
+        events.append(stream[start : match.end()])
+        start = match.end()
+    return events, stream[start:]
+
+
+@given(
+    st.lists(st.sampled_from([b"data: x", b"\n", b"\r", b"\n\n", b"event: e", b"\r\n\r\n", b"{}"]), max_size=30),
+    st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=30),
+)
+def test_any_chunking_gives_the_reference_events(parts: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(parts)
+    splitter = EventSplitter()
+    events: list[bytes] = []
+    position, index = 0, 0
+    while position < len(stream):
+        size = cuts[index % len(cuts)]
+        events += splitter.feed(stream[position : position + size])
+        position, index = position + size, index + 1
+    expected, rest = reference(stream)
+    assert events == expected
+    assert b"".join(events) + splitter._buffer == stream
+    assert splitter._buffer == rest
