@@ -18,6 +18,7 @@
         │   └── ContextLengthExceeded   400 context_length_exceeded
         ├── InvalidApiKey       401     invalid_api_key
         ├── AdminRequired       403     admin_key_required
+        │   └── OutOfScope      403     out_of_scope (a team-scoped admin key, another team)
         ├── ModelNotAllowed     403     model_not_allowed
         ├── NotFound            404     not_found (unknown route)
         │   └── ModelNotFound   404     model_not_found
@@ -135,6 +136,10 @@ class AdminRequired(ProxyError):
     status = 403
     type = "invalid_request_error"
     code = "admin_key_required"
+
+
+class OutOfScope(AdminRequired):
+    code = "out_of_scope"
 
 
 class ModelNotAllowed(ProxyError):
