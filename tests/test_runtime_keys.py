@@ -6,6 +6,10 @@ guarantees are in tests/test_runtime_replicas.py."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -187,3 +191,57 @@ def test_me_reports_the_ledger(server):
     assert secret not in me.text and sha256_hex(secret) not in me.text
     anonymous = httpx.get(server.base_url + "/me", timeout=10)
     assert error_of(anonymous) == (401, "invalid_request_error", "invalid_api_key")
+
+
+def cli(server, *argv: str, admin_key: str | None = ADMIN_KEY) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "LLM_PROXY_ADMIN_KEY"}
+    if admin_key is not None:
+        env["LLM_PROXY_ADMIN_KEY"] = admin_key
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *argv, "--url", server.url], capture_output=True, text=True, env=env, timeout=30
+    )
+
+
+def test_the_cli_manages_keys_and_teams(server):
+    made = cli(server, "teams", "create", "lab", "--rpm", "60", "--daily-usd", "2")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.split("\n")[1].split() == ["lab", "api", "rpm", "60", "2"]
+    created = cli(server, "keys", "create", "bot", "--team", "lab", "--tpm", "5000", "--models", "chat-model", "--json")
+    assert created.returncode == 0, created.stderr
+    secret = json.loads(created.stdout)["key"]
+    assert chat(server, secret).status_code == 200
+    listing = cli(server, "keys", "list", "--team", "lab")
+    assert listing.returncode == 0 and listing.stdout.split("\n")[1].split()[:3] == ["bot", "lab", "api"]
+    assert secret not in listing.stdout
+    shown = json.loads(cli(server, "keys", "show", "alice", "--json").stdout)
+    assert shown["source"] == "config"
+    assert cli(server, "keys", "update", "bot", "--rpm", "1").returncode == 0
+    rotated = cli(server, "keys", "rotate", "bot", "--grace-s", "0", "--json")
+    assert rotated.returncode == 0 and json.loads(rotated.stdout)["key"] != secret
+    assert cli(server, "keys", "revoke", "bot").returncode == 0
+    assert cli(server, "teams", "delete", "lab").returncode == 0
+    assert [t["name"] for t in json.loads(cli(server, "teams", "list", "--json").stdout)] == ["platform", "research"]
+
+
+def test_cli_errors_are_one_line(server):
+    for argv, admin_key, line in (
+        (
+            ("keys", "update", "alice", "--rpm", "1"),
+            ADMIN_KEY,
+            "llm-proxy keys update: {url} answered 409 "
+            "(managed_by_config): The key 'alice' is defined in the config file; change it there.",
+        ),
+        (
+            ("keys", "show", "ghost"),
+            ADMIN_KEY,
+            "llm-proxy keys show: {url} answered 404 (not_found): No key named 'ghost'.",
+        ),
+        (("teams", "list"), None, "llm-proxy teams list: set LLM_PROXY_ADMIN_KEY to an admin key"),
+        (
+            ("keys", "list"),
+            KEYS["alice"],
+            "llm-proxy keys list: {url} answered 403 (admin_key_required): This key may not use the admin API.",
+        ),
+    ):
+        result = cli(server, *argv, admin_key=admin_key)
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", line.format(url=server.url) + "\n")
