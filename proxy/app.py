@@ -27,6 +27,7 @@ from .config import Config, load_config
 from .errors import InvalidRequest, MethodNotAllowed, NotFound, ProxyError
 from .http import admin_api, me_api, models_api, ops_api, registry_api
 from .http.responses import error_response, request_id_of
+from .identity import JwksCache, JwtVerifier
 from .limits.days import BudgetCalendar
 from .limits.limiter import Limiter
 from .limits.memory_store import MemoryStore
@@ -43,6 +44,7 @@ from .registry import (
 )
 from .reload import Reloader
 from .request.gateway import Gateway
+from .request.jwt_callers import JwtCallers
 from .request.runtime_keys import RuntimeKeys
 from .request.settle import Settler
 from .snapshot import SnapshotHolder, build_snapshot
@@ -108,13 +110,17 @@ def create_app(
     budgets = BudgetWatch(snapshots, store, metrics, calendar)
     request_log = RequestLog(config.log_level)
     observers = Observers(request_log, metrics, *([observer] if observer else []))
-    gateway = Gateway(snapshots, Settler(limiter, observers, budgets), observers)
+    jwks = JwksCache(config.auth.jwt) if config.auth.jwt else None
+    jwt = JwtCallers(JwtVerifier(config.auth.jwt, jwks), runtime) if config.auth.jwt and jwks else None
+    gateway = Gateway(snapshots, Settler(limiter, observers, budgets), observers, jwt)
     reloader = Reloader(snapshots, limiter, config_path, environ, request_log)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for client in snapshots.current.upstreams.values():
             await client.start()
+        if jwks is not None:
+            await jwks.start()
         await _load_registry(registry_cache)
         registry_cache.start()
         limiter.start()
@@ -157,7 +163,7 @@ def create_app(
         app.call_routes[path] = _call_route(gateway, endpoint)
         app.add_route(path, _method_not_allowed, methods=["GET", "PUT", "PATCH", "DELETE"])
     models_api.add_routes(app, snapshots)
-    me_api.add_routes(app, snapshots, store, calendar)
+    me_api.add_routes(app, snapshots, store, calendar, jwt)
     app.include_router(ops_api.router(snapshots, store, metrics))
     app.include_router(admin_api.router(snapshots, store, calendar, runtime))
     app.include_router(registry_api.router(snapshots, registry, runtime))

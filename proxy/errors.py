@@ -19,6 +19,7 @@
         ├── InvalidApiKey       401     invalid_api_key
         ├── AdminRequired       403     admin_key_required
         │   └── OutOfScope      403     out_of_scope (a team-scoped admin key, another team)
+        ├── UnknownTeam         403     unknown_team (a JWT whose team claim names no team)
         ├── ModelNotAllowed     403     model_not_allowed
         ├── NotFound            404     not_found (unknown route)
         │   └── ModelNotFound   404     model_not_found
@@ -140,6 +141,12 @@ class AdminRequired(ProxyError):
 
 class OutOfScope(AdminRequired):
     code = "out_of_scope"
+
+
+class UnknownTeam(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "unknown_team"
 
 
 class ModelNotAllowed(ProxyError):

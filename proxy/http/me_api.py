@@ -21,6 +21,7 @@ from ..limits.days import BudgetCalendar
 from ..limits.types import Store
 from ..pricing import usd_to_micros
 from ..request.authenticate import Caller, presented_key
+from ..request.jwt_callers import JwtCallers, identify
 from ..snapshot import SnapshotHolder
 from .responses import error_response, request_id_of
 
@@ -58,6 +59,7 @@ async def me(caller: Caller, snapshots: SnapshotHolder, store: Store, calendar: 
         "object": "proxy.me",
         "name": caller.key_name,
         "team": caller.team_name,
+        "end_user": caller.end_user,
         "models": sorted(m for m in config.models if caller.may_use(m)),
         "limits": {
             "key": caller.key.limits.model_dump(exclude_none=True),
@@ -67,11 +69,14 @@ async def me(caller: Caller, snapshots: SnapshotHolder, store: Store, calendar: 
     }
 
 
-def add_routes(app: Starlette, snapshots: SnapshotHolder, store: Store, calendar: BudgetCalendar) -> None:
+def add_routes(
+    app: Starlette, snapshots: SnapshotHolder, store: Store, calendar: BudgetCalendar, jwt: JwtCallers | None = None
+) -> None:
     async def get_me(request: Request) -> Response:
         request_id = request_id_of(request)
         try:
-            caller = snapshots.current.keyring.authenticate(presented_key(request.headers))
+            snapshot = snapshots.current
+            caller = await identify(snapshot.keyring, snapshot.config, presented_key(request.headers), jwt)
             try:
                 body = await me(caller, snapshots, store, calendar)
             except StoreError:

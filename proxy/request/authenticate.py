@@ -41,6 +41,7 @@ class Caller:
     team: Team
     allowed_models: frozenset[str] | None  # None: every model
     scopes: Scopes  # the limits admission checks, from the same config
+    end_user: str | None = None  # who a JWT names (its user_claim); None for a proxy key
 
     @property
     def limits(self) -> Limits:

@@ -31,6 +31,7 @@ from . import forward
 from .admit import admit
 from .authenticate import presented_key
 from .call import Call
+from .jwt_callers import JwtCallers, identify
 from .read import read_call
 from .relay import StreamUsage, passthrough, stream_response
 from .settle import Settler, usage_of
@@ -53,8 +54,11 @@ async def _leaving(snapshot: Snapshot, settling: Awaitable[None]) -> None:
 
 
 class Gateway:
-    def __init__(self, snapshots: SnapshotHolder, settler: Settler, observer: Observer) -> None:
+    def __init__(
+        self, snapshots: SnapshotHolder, settler: Settler, observer: Observer, jwt: JwtCallers | None = None
+    ) -> None:
         self.snapshots = snapshots
+        self.jwt = jwt
         self.settler = settler
         self.limiter = settler.limiter
         self.observer = observer
@@ -65,7 +69,8 @@ class Gateway:
         outcome = Outcome(request_id=request_id_of(request), endpoint=endpoint, started_at=time.monotonic())
         handed_over = False
         try:
-            caller = outcome.caller = snapshot.keyring.authenticate(presented_key(request.headers))
+            presented = presented_key(request.headers)
+            caller = outcome.caller = await identify(snapshot.keyring, snapshot.config, presented, self.jwt)
             call, model = await read_call(request, endpoint, caller, snapshot.config)
             outcome.model, outcome.stream = call.model, call.stream
             if snapshot.config.log_bodies:
