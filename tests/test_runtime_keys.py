@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import openai
@@ -245,3 +246,15 @@ def test_cli_errors_are_one_line(server):
     ):
         result = cli(server, *argv, admin_key=admin_key)
         assert (result.returncode, result.stdout, result.stderr) == (1, "", line.format(url=server.url) + "\n")
+
+
+def test_an_expired_key_is_refused(server):
+    expires = datetime.now(UTC) + timedelta(seconds=1.5)
+    made = admin(
+        server, "POST", "/admin/keys", json={"name": "temp", "team": "platform", "expires_at": expires.isoformat()}
+    )
+    assert made.status_code == 201, made.text
+    secret = made.json()["key"]
+    assert chat(server, secret).status_code == 200
+    time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.05)
+    assert error_of(chat(server, secret)) == (401, "invalid_request_error", "invalid_api_key")
