@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from proxy.identity.jwks import MIN_REFRESH_INTERVAL_S
-from tests.support.configs import make_config
+from tests.support.configs import ADMIN_KEY, make_config
 from tests.test_identity_jwt import AUDIENCE, ISSUER, JwksServer, Signer
 
 CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
@@ -79,6 +79,9 @@ def test_a_token_is_a_caller_of_its_team_and_end_user_budgets_apply(server, sign
     assert me["limits"]["team"]["rpm"] == 100
     assert [w["spent_micros"] for w in me["budgets"] if w["scope"] == "key"] == [11]
     assert [w["spent_micros"] for w in me["budgets"] if w["scope"] == "team"] == [22]
+    usage = httpx.get(server.url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+    tags = usage.json()["teams"]["platform"]["tags"]  # the token's user is the request's end user
+    assert tags["user=ana@example.com"]["requests"] == 1 and tags["user=bo@example.com"]["requests"] == 1
 
 
 def test_a_rotated_signing_key_is_picked_up(server, jwks_server):

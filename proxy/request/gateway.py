@@ -75,7 +75,7 @@ class Gateway:
             outcome.model, outcome.stream = call.model, call.stream
             if snapshot.config.log_bodies:
                 outcome.request_body = call.body
-            outcome.tags = parse_tags(request.headers.get("x-proxy-tags"), call.body)
+            outcome.tags = parse_tags(request.headers.get("x-proxy-tags"), call.body, caller.end_user)
             ticket = outcome.ticket = await admit(self.limiter, caller, call, model)
             self.observer.admitted(outcome)
             reply = await self._forward(request, call, model, ticket, outcome, snapshot)
