@@ -2,7 +2,7 @@
 one replica works on the others within a second; a revoked key is refused by every replica from
 the moment its revocation returns (the fence in the admit script, not the caches' poll), which the
 mock's request count and the ledger confirm; a rotated-out key stops on every replica when its
-grace ends."""
+grace ends. On one Redis and on a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -29,10 +29,16 @@ def mock(tmp_path_factory):
     process.stop()
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def store_url(request) -> str:
+    """The replicas' shared store: one Redis, or a Redis Cluster (the fence shares the team's slot)."""
+    return str(request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url"))
+
+
 @pytest.fixture
-def urls(tmp_path, redis_url, mock):
+def urls(tmp_path, store_url, mock):
     mock.clear()
-    data = exact_store(config_dict(mock.base_url, redis_url=redis_url))
+    data = exact_store(config_dict(mock.base_url, redis_url=store_url))
     data["shutdown_grace_s"] = 1
     data["admin_keys"] = {"ops": {"key_sha256": sha256_hex("sk-admin-ops-7777")}}
     processes = start_proxies(write_config(tmp_path / "config.yaml", data), REPLICAS)
