@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from ..errors import ProxyError, StoreError, StoreUnavailable
 from ..limits.days import BudgetCalendar
-from ..limits.types import Store
+from ..limits.types import ScopeKind, Store
 from ..pricing import usd_to_micros
 from ..request.authenticate import Caller, presented_key
 from ..request.jwt_callers import JwtCallers, identify
@@ -48,13 +48,15 @@ async def me(caller: Caller, snapshots: SnapshotHolder, store: Store, calendar: 
     config = snapshots.config
     day, _, ends_s = calendar.today_bounds()
     spent = await store.budget_spent(day, {caller.team_name: [caller.key_name]})
-    windows = []
-    for scope, name, budget in (
+    scopes: tuple[tuple[ScopeKind, str, Decimal | None], ...] = (
         ("key", caller.key_name, caller.key.daily_budget_usd),
         ("team", caller.team_name, caller.team.daily_budget_usd),
-    ):
-        if budget is not None:
-            windows.append(_window(scope, name, budget, spent.get((scope, name), 0), day, ends_s))  # type: ignore[arg-type]
+    )
+    windows = [
+        _window(kind, name, budget, spent.get((kind, name), 0), day, ends_s)
+        for kind, name, budget in scopes
+        if budget is not None
+    ]
     return {
         "object": "proxy.me",
         "name": caller.key_name,
