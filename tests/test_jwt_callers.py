@@ -112,3 +112,18 @@ def test_refused_tokens_say_why_without_echoing_the_token(server, signer, claims
     assert refusal(response) == expected
     for segment in token.split("."):
         assert segment not in response.text
+
+
+def test_a_runtime_team_and_its_end_user_defaults_serve_tokens(server, signer):
+    token = signer.sign(team="lab", sub="di@example.com")
+    assert refusal(chat(server, token))[:2] == (403, "unknown_team")
+    created = httpx.post(
+        server.url + "/admin/teams",
+        json={"name": "lab", "end_user_defaults": {"budgets": {"daily_usd": "0.000020"}}},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=10,
+    )
+    assert created.status_code == 201, created.text
+    assert chat(server, token).status_code == 200
+    assert refusal(chat(server, token))[:2] == (429, "insufficient_quota")  # di's own day budget
+    assert chat(server, signer.sign(team="lab", sub="ed@example.com")).status_code == 200
