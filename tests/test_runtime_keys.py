@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -137,7 +138,8 @@ def test_a_scoped_admin_manages_only_its_team(server):
     assert error_of(user) == (403, "invalid_request_error", "admin_key_required")
 
 
-def test_every_change_is_audited_without_a_secret(server):
+def test_every_change_is_audited_without_a_secret(server, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.registry")
     calls = [
         ("POST", "/admin/teams", {"name": "lab", "limits": {"rpm": 50}}),
         ("PATCH", "/admin/teams/lab", {"budgets": {"daily_usd": "5"}}),
@@ -162,8 +164,16 @@ def test_every_change_is_audited_without_a_secret(server):
         ("delete", "team", "lab", "admin"),
     ]
     assert records[3]["changes"] == {"limits": {"tpm": 1000}}  # newest first: the key's update
+    logged = [r.getMessage() for r in caplog.records if r.name == "proxy.registry"]
+    assert logged[:3] == [
+        "registry create team 'lab' by admin 'admin' (fields: budgets, end_user_defaults, limits, metadata)",
+        "registry update team 'lab' by admin 'admin' (fields: budgets)",
+        "registry create key 'k' by admin 'admin' (fields: budgets, expires_at, limits, metadata, models, team)",
+    ]
+    assert len(logged) == 7
     for secret in secrets:
-        assert secret not in audit.text and hashlib.sha256(secret.encode()).hexdigest() not in audit.text
+        for text in (audit.text, *logged):
+            assert secret not in text and hashlib.sha256(secret.encode()).hexdigest() not in text
 
 
 def test_me_reports_the_ledger(server):
