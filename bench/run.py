@@ -276,6 +276,28 @@ def proxy_config(upstream_port: int, redis_url: str, log_level: str) -> dict:
     }
 
 
+async def load_runtime_keys(redis_url: str, count: int) -> str:
+    """`count` runtime keys of team bench in the registry (as `POST /admin/keys` makes them, with
+    the bench key's limits and budget); returns the last one's plain key."""
+    from proxy.registry import KeySpec, RedisRegistryBackend, Registry
+
+    backend = RedisRegistryBackend.from_url(redis_url, timeout_ms=5000)
+    registry = Registry(backend, config_keys=["bench-key"], config_teams=["bench"])
+    limits = {"rpm": 100_000_000, "tpm": 10_000_000_000, "max_parallel": 100_000}
+    last = ""
+    try:
+        for start in range(0, count, 50):
+            specs = [
+                KeySpec(name=f"rt-{i:06d}", team="bench", limits=limits, budgets={"daily_usd": 1_000_000})
+                for i in range(start, min(count, start + 50))
+            ]
+            created = await asyncio.gather(*(registry.create_key(spec, admin="bench") for spec in specs))
+            last = created[-1].key
+    finally:
+        await backend.close()
+    return last
+
+
 class Stack:
     def __init__(self, args, workdir: Path):
         self.args, self.workdir, self.processes = args, workdir, []
@@ -290,8 +312,15 @@ class Stack:
         return process
 
     def start(self) -> None:
+        global KEY
         self.start_upstream([sys.executable, str(HERE / "fake_upstream.py")])
-        self.start_proxy(proxy_config(self.upstream_port, self.start_redis(), self.args.log_level))
+        redis_url = self.start_redis()
+        if self.args.runtime_keys:  # loaded before the proxy starts: it loads them before serving
+            started = time.monotonic()
+            KEY = asyncio.run(load_runtime_keys(redis_url, self.args.runtime_keys))
+            took = time.monotonic() - started
+            print(f"{self.args.runtime_keys} runtime keys created in {took:.1f} s; the load uses the last")
+        self.start_proxy(proxy_config(self.upstream_port, redis_url, self.args.log_level))
 
     def start_upstream(self, argv: list[str]) -> None:
         """`argv --port P`: the fake upstream, or any server that takes --port."""
@@ -419,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--log-level", default="info", help="the proxy's log_level (info: one JSON line a request)")
     parser.add_argument("--redis-url")
+    parser.add_argument(
+        "--runtime-keys", type=int, default=0, metavar="N", help="load N runtime keys first; the load uses one of them"
+    )
     parser.add_argument("--json", dest="json_path", default=str(HERE / "results" / "latest.json"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -450,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     output = {
         "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()},
         "workers": args.workers,
+        "runtime_keys": args.runtime_keys,
         "seconds": args.seconds,
         "results": [asdict(r) for r in results],
         "slow_streams": memory,

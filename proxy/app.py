@@ -26,8 +26,9 @@ from .apis import anthropic_errors
 from .budgets import BudgetWatch
 from .config import Config, load_config
 from .errors import InvalidRequest, MethodNotAllowed, NotFound, ProxyError
-from .http import admin_api, models_api, ops_api
+from .http import admin_api, me_api, models_api, ops_api, registry_api
 from .http.responses import error_response, request_id_of
+from .identity import JwksCache, JwtVerifier
 from .limits.days import BudgetCalendar
 from .limits.limiter import Limiter
 from .limits.memory_store import MemoryStore
@@ -35,8 +36,18 @@ from .limits.response_owners import owners_for
 from .limits.types import Store
 from .metrics import Metrics
 from .observe import Observer, Observers, RequestLog
+from .registry import (
+    MemoryRegistryBackend,
+    RedisRegistryBackend,
+    Registry,
+    RegistryBackend,
+    RegistryCache,
+    RegistryError,
+)
 from .reload import Reloader
 from .request.gateway import Gateway
+from .request.jwt_callers import JwtCallers
+from .request.runtime_keys import RuntimeKeys
 from .request.settle import Settler
 from .request.stored import StoredResponses
 from .snapshot import SnapshotHolder, build_snapshot
@@ -109,7 +120,13 @@ def create_app(
     config_path: str | None = None,
 ) -> ProxyApp:
     store = store if store is not None else build_store(config)
-    snapshots = SnapshotHolder(build_snapshot(config, environ))
+    registry_backend = build_registry_backend(config, store)
+    registry_cache = RegistryCache(registry_backend)
+    runtime = RuntimeKeys(registry_cache)
+    registry = Registry(
+        registry_backend, config_keys=config.keys, config_teams=config.teams, on_change=registry_cache.refresh
+    )
+    snapshots = SnapshotHolder(build_snapshot(config, environ, runtime=runtime))
     calendar = BudgetCalendar(lambda: snapshots.config.budget_timezone, store.clock_us)
     fallback = MemoryStore(retention_days=config.spend_retention_days)
     metrics = Metrics()
@@ -119,14 +136,20 @@ def create_app(
     observers = Observers(request_log, metrics, *([observer] if observer else []))
     owners = owners_for(store, config.response_retention_days)
     settler = Settler(limiter, observers, budgets)
-    gateway = Gateway(snapshots, settler, observers, owners)
-    stored = StoredResponses(snapshots, settler, observers, owners)
+    jwks = JwksCache(config.auth.jwt) if config.auth.jwt else None
+    jwt = JwtCallers(JwtVerifier(config.auth.jwt, jwks), runtime) if config.auth.jwt and jwks else None
+    gateway = Gateway(snapshots, settler, observers, owners, jwt)
+    stored = StoredResponses(snapshots, settler, observers, owners, jwt)
     reloader = Reloader(snapshots, limiter, config_path, environ, request_log)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for client in snapshots.current.upstreams.values():
             await client.start()
+        if jwks is not None:
+            await jwks.start()
+        await _load_registry(registry_cache)
+        registry_cache.start()
         limiter.start()
         budgets.start()
         hangup = _on_sighup(reloader)
@@ -134,12 +157,14 @@ def create_app(
             yield
         finally:
             hangup()
+            await registry_cache.stop()
             await budgets.close()
             await limiter.close(flush_for_s=max(1.0, snapshots.config.shutdown_grace_s))  # a reload may change it
             await reloader.close()  # after the last settlement: a request may still use a replaced client
             for client in snapshots.current.upstreams.values():
                 await client.close()
             await store.close()
+            await registry_backend.close()
             metrics.worker_exited()
 
     app = ProxyApp(
@@ -154,6 +179,8 @@ def create_app(
     app.state.limiter = limiter
     app.state.store = store
     app.state.reloader = reloader
+    app.state.registry = registry
+    app.state.registry_cache = registry_cache
 
     for path, endpoint in (
         ("/v1/chat/completions", "chat"),
@@ -170,10 +197,31 @@ def create_app(
     app.add_route("/v1/responses/{response_id}/cancel", stored.handle, methods=["POST"])
     app.add_route("/v1/responses/{response_id}/input_items", stored.handle, methods=["GET"])
     models_api.add_routes(app, snapshots)
+    me_api.add_routes(app, snapshots, store, calendar, jwt)
     app.include_router(ops_api.router(snapshots, store, metrics))
-    app.include_router(admin_api.router(snapshots, store, calendar))
+    app.include_router(admin_api.router(snapshots, store, calendar, runtime))
+    app.include_router(registry_api.router(snapshots, registry, runtime))
     _install_error_handlers(app)
     return app
+
+
+def build_registry_backend(config: Config, store: Store) -> RegistryBackend:
+    """The registry beside the counters: Redis when the store is Redis (every replica shares it),
+    else this process, its fences written into the in-process store so its admit script sees them."""
+    if config.store.redis_url is not None and not isinstance(store, MemoryStore):
+        return RedisRegistryBackend.from_url(
+            config.store.redis_url, timeout_ms=config.store.timeout_ms, cluster=config.store.is_cluster
+        )
+    return MemoryRegistryBackend(fences=store.keys if isinstance(store, MemoryStore) else None)
+
+
+async def _load_registry(cache: RegistryCache) -> None:
+    """Load the runtime keys before serving; a store that does not answer yet is not fatal (the
+    background poll catches up, and config keys work meanwhile)."""
+    try:
+        await cache.refresh()
+    except RegistryError as exc:
+        log.warning("registry not loaded at startup (%s); retrying in the background", exc.message)
 
 
 def _on_sighup(reloader: Reloader) -> Callable[[], object]:
@@ -250,6 +298,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     def respond(request: Request, error: ProxyError) -> Response:
         return _error_for(request, error)
 
+    async def registry_refusal(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RegistryError)  # Starlette routes by the class registered below
+        return respond(request, registry_api.registry_error(exc))
+
     async def proxy_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProxyError)  # Starlette routes by the class registered below
         return respond(request, exc)
@@ -277,6 +329,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return respond(request, error)
 
     app.add_exception_handler(ProxyError, proxy_error)
+    app.add_exception_handler(RegistryError, registry_refusal)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, unexpected)

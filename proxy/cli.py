@@ -1,4 +1,4 @@
-"""`llm-proxy`: serve, demo, check-config, prices, new-key, hash-key, usage."""
+"""`llm-proxy`: serve, demo, check-config, prices, new-key, hash-key, usage, keys, teams."""
 
 from __future__ import annotations
 
@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--what-if", metavar="PRICES.yaml", help="re-price the month's tokens at these prices")
     usage.add_argument("--month", help="YYYY-MM for --what-if (default: this month in budget_timezone)")
     usage.set_defaults(func=cmd_usage)
+
+    from .registry_cli import add_parsers
+
+    add_parsers(commands)
     return parser
 
 

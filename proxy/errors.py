@@ -18,7 +18,7 @@
     │   ├── ManagedByConfig   409     managed_by_config (the name belongs to the config file)
     │   ├── NameTaken         409     name_taken (a runtime entry has it)
     │   ├── RegistryConflict  409     conflict (changed concurrently, or still in use)
-    │   ├── UnknownTeam       400     unknown_team
+    │   ├── RegistryUnknownTeam 400   unknown_team
     │   └── RegistryUnavailable 503   store_unavailable (the store did not answer)
     └── ProxyError                    an answer to the client, shaped as OpenAI shapes its own:
         │                             {"error": {"message", "type", "param", "code"}}
@@ -26,6 +26,8 @@
         │   └── ContextLengthExceeded   400 context_length_exceeded
         ├── InvalidApiKey       401     invalid_api_key
         ├── AdminRequired       403     admin_key_required
+        │   └── OutOfScope      403     out_of_scope (a team-scoped admin key, another team)
+        ├── UnknownTeam         403     unknown_team (a JWT whose team claim names no team)
         ├── ModelNotAllowed     403     model_not_allowed
         ├── NotFound            404     not_found (unknown route)
         │   └── ModelNotFound   404     model_not_found
@@ -124,7 +126,7 @@ class RegistryConflict(RegistryError):
     code = "conflict"
 
 
-class UnknownTeam(RegistryError):
+class RegistryUnknownTeam(RegistryError):
     status = 400
     code = "unknown_team"
 
@@ -220,6 +222,16 @@ class AdminRequired(ProxyError):
     status = 403
     type = "invalid_request_error"
     code = "admin_key_required"
+
+
+class OutOfScope(AdminRequired):
+    code = "out_of_scope"
+
+
+class UnknownTeam(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "unknown_team"
 
 
 class ModelNotAllowed(ProxyError):

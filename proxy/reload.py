@@ -78,7 +78,7 @@ class Reloader:
             if config.listen != running.listen:
                 log.warning("listen changed: it takes effect at the next restart")
             running_clients = self.snapshots.current.upstreams
-            snapshot = build_snapshot(config, self.environ, running_clients)
+            snapshot = build_snapshot(config, self.environ, running_clients, self.snapshots.current.keyring.runtime)
             for name, client in snapshot.upstreams.items():
                 if client is not running_clients.get(name):
                     await client.start()  # the keyring is built: nothing can fail after this

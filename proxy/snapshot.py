@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .config import Config
-from .request.authenticate import KeyRing
+from .request.authenticate import KeyRing, RuntimeLookup
 from .upstream.client import UpstreamClient
 
 
@@ -39,11 +39,14 @@ class Snapshot:
 
 
 def build_snapshot(
-    config: Config, environ: Mapping[str, str] | None = None, running: Mapping[str, UpstreamClient] | None = None
+    config: Config,
+    environ: Mapping[str, str] | None = None,
+    running: Mapping[str, UpstreamClient] | None = None,
+    runtime: RuntimeLookup | None = None,
 ) -> Snapshot:
     """The setup of `config`: its keyring, and its upstream clients (a running client whose
     settings did not change is kept; new ones still need `start()`)."""
-    keyring = KeyRing(config, environ)
+    keyring = KeyRing(config, environ, runtime)
     upstreams = {}
     for name, upstream in config.upstreams.items():
         current = (running or {}).get(name)

@@ -14,8 +14,11 @@ def _valid(name: str, value: str) -> bool:
     return bool(_PART.match(name)) and bool(_PART.match(value))
 
 
-def parse_tags(header: str | None, body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+def parse_tags(header: str | None, body: dict[str, Any], end_user: str | None = None) -> tuple[tuple[str, str], ...]:
+    """The request's tags; `end_user` (a verified JWT's user) is its `user` tag, whatever it says."""
     tags: dict[str, str] = {}
+    if end_user is not None and _valid("user", end_user):
+        tags["user"] = end_user
     if header:
         for item in header.split(","):
             name, sep, value = item.strip().partition("=")

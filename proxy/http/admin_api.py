@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import date
 from typing import Any
 
@@ -12,7 +13,9 @@ from pydantic import BaseModel
 from ..errors import AdminRequired, InvalidApiKey, InvalidRequest, StoreError, StoreUnavailable
 from ..limits.days import BudgetCalendar
 from ..limits.types import Store
+from ..registry.permissions import Admin
 from ..request.authenticate import presented_key
+from ..request.runtime_keys import RuntimeKeys, only_team, with_runtime
 from ..snapshot import SnapshotHolder
 from ..usage_report import keys_overview, usage_overview
 
@@ -40,25 +43,39 @@ ERRORS: dict[
 }
 
 
-def router(snapshots: SnapshotHolder, store: Store, calendar: BudgetCalendar) -> APIRouter:
-    def require_admin(request: Request) -> None:
+def admin_dependency(snapshots: SnapshotHolder) -> Callable[[Request], Admin]:
+    """The admin key presented (by name and scope); 401 for no or an unknown key, 403 for a user key."""
+
+    def require_admin(request: Request) -> Admin:
         presented = presented_key(request.headers)
         if not presented:
             raise InvalidApiKey("The admin API needs the admin key as `Authorization: Bearer ...`.")
         keyring = snapshots.current.keyring
-        if keyring.is_admin(presented):
-            return
+        admin = keyring.admin(presented)
+        if admin is not None:
+            return admin
         keyring.authenticate(presented)  # 401 for a key nobody knows
         raise AdminRequired("This key may not use the admin API.")
 
+    return require_admin
+
+
+def router(
+    snapshots: SnapshotHolder, store: Store, calendar: BudgetCalendar, runtime: RuntimeKeys | None = None
+) -> APIRouter:
+    require_admin = admin_dependency(snapshots)
     api = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)], responses=ERRORS)
 
     @api.get("/usage")
     async def usage(
         date_: str | None = Query(None, alias="date", description="YYYY-MM-DD, default today"),
+        admin: Admin = Depends(require_admin),
     ) -> dict[str, Any]:
-        """Spend, budget, remaining, requests and tokens per team and key, per model and per tag."""
-        config = snapshots.config
+        """Spend, budget, remaining, requests and tokens per team and key, per model and per tag
+        (a team-scoped admin key: its team only)."""
+        config = with_runtime(snapshots.config, runtime)
+        if admin.team is not None:
+            config = only_team(config, admin.team)
         day = date_ or calendar.today()
         if not DATE.match(day):
             raise InvalidRequest("`date` must be YYYY-MM-DD.", param="date")
@@ -73,8 +90,21 @@ def router(snapshots: SnapshotHolder, store: Store, calendar: BudgetCalendar) ->
         return usage_overview(config, report)
 
     @api.get("/keys")
-    async def keys() -> dict[str, Any]:
-        """Keys by name with their team, limits, budget and models; teams likewise. No key material."""
-        return keys_overview(snapshots.config)
+    async def keys(admin: Admin = Depends(require_admin)) -> dict[str, Any]:
+        """Keys by name with their team, limits, budget, models and `source` (config | api); teams
+        likewise (a team-scoped admin key: its team only). No key material."""
+        overview = keys_overview(snapshots.config)
+        for section in ("teams", "keys"):
+            for entry in overview[section].values():
+                entry["source"] = "config"
+        if runtime is not None:
+            for name, team in runtime.cache.teams.items():
+                overview["teams"].setdefault(name, team.public())
+            for name, key in runtime.cache.keys.items():
+                overview["keys"].setdefault(name, key.public())
+        if admin.team is not None:
+            overview["teams"] = {n: t for n, t in overview["teams"].items() if n == admin.team}
+            overview["keys"] = {n: k for n, k in overview["keys"].items() if k["team"] == admin.team}
+        return overview
 
     return api

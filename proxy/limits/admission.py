@@ -101,7 +101,9 @@ class Admitter:
         if days.labels != self._seen_days:  # a new day: forget what was seen on days gone by
             self._seen_days = days.labels
             self.seen_committed = {m: v for m, v in self.seen_committed.items() if m[3] in days.labels}
-        admission = Admission(request_id, scopes.team, scopes.key, tokens, cost_micros, days, self.lease_ttl_ms)
+        admission = Admission(
+            request_id, scopes.team, scopes.key, tokens, cost_micros, days, self.lease_ttl_ms, scopes.credential_id
+        )
         store: Store = self.store
         degraded = False
         try:

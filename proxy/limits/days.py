@@ -71,3 +71,8 @@ class BudgetCalendar:
     def today(self) -> str:
         """Today's label, `YYYY-MM-DD`."""
         return self._around(self.now_s())[0].labels[1]
+
+    def today_bounds(self) -> tuple[str, int, int]:
+        """Today's label with its start and end (epoch seconds)."""
+        days = self._around(self.now_s())[0]
+        return days.labels[1], days.starts[1], days.starts[2]

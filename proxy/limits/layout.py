@@ -8,6 +8,7 @@ one Redis Cluster slot:
     llmrl:{T}:t:par | llmrl:{T}:k:<key>:par     parallel leases  zset request id -> expiry ms
     llmrl:{T}:t:b:<day> | ...k:<key>:b:<day>    budget day       hash spent, held, h:<id> -> micros
     ...:b:<day>:leases                          budget holds     zset request id -> expiry ms
+    llmrl:{T}:x:<credential id>                 revocation fence string ms from which it is refused
     llmrl:{T}:r:<request id>                    reservation      hash tokens, cost, day, exp, kt, tt
     llmrl:{T}:d:<request id>                    settled marker   string (settled or abandoned:
                                                                  a later admit of the id is a no-op)
@@ -56,6 +57,11 @@ class Layout:
     def ledger(self, team: str, day: str) -> str:
         return f"{self.team(team)}:ledger:{day}"
 
+    def fence(self, team: str, credential_id: str | None) -> str:
+        """A runtime credential's revocation fence (proxy.registry.layout); config keys name one
+        that is never written."""
+        return f"{self.team(team)}:x:{credential_id or '-'}"
+
     def admit_keys(self, a: Admission) -> list[str]:
         t = a.team.name
         key, team = self.scope(t, a.key), self.scope(t, a.team)
@@ -71,6 +77,7 @@ class Layout:
         for day in a.days.labels:
             kb, tb = self.budget(t, a.key, day), self.budget(t, a.team, day)
             keys += [kb, f"{kb}:leases", tb, f"{tb}:leases"]
+        keys.append(self.fence(t, a.credential_id))  # second-to-last: the caller's revocation fence
         keys.append(f"{self.team(t)}:d:{a.request_id}")  # last: the settled marker
         return keys
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from decimal import Decimal
 
-from ..config import Config, Limits
+from ..config import Config, Key, Limits, Team
 from ..pricing import usd_to_micros
 from .types import ScopeKind, ScopeLimits
 
@@ -46,18 +46,25 @@ class Scopes:
     team: ScopeLimits
     fallback_key: ScopeLimits
     fallback_team: ScopeLimits
+    credential_id: str | None = None  # a runtime key's credential (its revocation fence); config keys: None
 
 
 def scopes_for(config: Config, key_name: str) -> Scopes:
     key = config.keys[key_name]
-    team = config.teams[key.team]
+    return scopes_of(config, key_name, key, key.team, config.teams[key.team])
+
+
+def scopes_of(
+    config: Config, key_name: str, key: Key, team_name: str, team: Team, credential_id: str | None = None
+) -> Scopes:
+    """The scopes of a key and its team, config or runtime (`credential_id`: its fence)."""
     ratio, replicas = config.budget_alert_ratio, config.store.replicas
 
     def both(divisor: int) -> tuple[ScopeLimits, ScopeLimits]:
         return (
             scope_limits("key", key_name, key.limits, key.daily_budget_usd, divisor, ratio),
-            scope_limits("team", key.team, team.limits, team.daily_budget_usd, divisor, ratio),
+            scope_limits("team", team_name, team.limits, team.daily_budget_usd, divisor, ratio),
         )
 
     (key_scope, team_scope), (fallback_key, fallback_team) = both(1), both(replicas)
-    return Scopes(key_scope, team_scope, fallback_key, fallback_team)
+    return Scopes(key_scope, team_scope, fallback_key, fallback_team, credential_id)

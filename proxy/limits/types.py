@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-Reason = Literal["rpm", "tpm", "parallel", "budget"]
+Reason = Literal["rpm", "tpm", "parallel", "budget", "revoked"]
 ScopeKind = Literal["key", "team"]
 
 
@@ -72,6 +72,7 @@ class Admission:
     cost_micros: int  # reserved worst-case cost
     days: BudgetDay
     lease_ttl_ms: int = 900_000
+    credential_id: str | None = None  # a runtime key's credential: names the fence admit checks
 
 
 @dataclass(frozen=True, slots=True)

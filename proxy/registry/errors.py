@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from ..errors import ManagedByConfig, NameTaken, RegistryError, UnknownTeam
+from ..errors import ManagedByConfig, NameTaken, RegistryError
 from ..errors import RegistryConflict as Conflict
 from ..errors import RegistryNotFound as NotFound
 from ..errors import RegistryUnavailable as StoreFailed
+from ..errors import RegistryUnknownTeam as UnknownTeam
 
 __all__ = ["Conflict", "ManagedByConfig", "NameTaken", "NotFound", "RegistryError", "StoreFailed", "UnknownTeam"]

@@ -13,7 +13,7 @@ import time
 
 from ..apis import anthropic_errors
 from ..config import Model
-from ..errors import BudgetExceeded, ProxyError, RateLimited, StoreUnavailable
+from ..errors import BudgetExceeded, InvalidApiKey, ProxyError, RateLimited, StoreUnavailable
 from ..http.responses import new_request_id
 from ..limits.admission import Refusal, Ticket
 from ..limits.headers import openai_duration, rate_limit_headers, retry_headers
@@ -54,6 +54,8 @@ def refusal_error(refusal: Refusal) -> ProxyError:
         return StoreUnavailable(
             "The rate-limit store is unavailable; please retry shortly.", headers={"retry-after": "1"}
         )
+    if decision.reason == "revoked":  # the fence: revoked, expired or rotated out, by the store's clock
+        return InvalidApiKey("Incorrect API key provided.")
     headers = rate_limit_headers(decision)
     scopes = refusal.scopes
     who = f"key '{scopes.key.name}'" if decision.scope == "key" else f"team '{scopes.team.name}'"

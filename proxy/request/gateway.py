@@ -35,6 +35,7 @@ from .admit import admit, now_ms
 from .agent_relay import agent_stream_response
 from .authenticate import Caller, presented_key
 from .call import API_OF, Call
+from .jwt_callers import JwtCallers, identify
 from .read import read_call
 from .relay import StreamUsage, passthrough, stream_response
 from .settle import Settler, usage_of
@@ -58,8 +59,16 @@ async def _leaving(snapshot: Snapshot, settling: Awaitable[None]) -> None:
 
 
 class Gateway:
-    def __init__(self, snapshots: SnapshotHolder, settler: Settler, observer: Observer, owners: ResponseOwners) -> None:
+    def __init__(
+        self,
+        snapshots: SnapshotHolder,
+        settler: Settler,
+        observer: Observer,
+        owners: ResponseOwners,
+        jwt: JwtCallers | None = None,
+    ) -> None:
         self.snapshots = snapshots
+        self.jwt = jwt
         self.settler = settler
         self.limiter = settler.limiter
         self.observer = observer
@@ -71,12 +80,13 @@ class Gateway:
         outcome = Outcome(request_id=request_id_of(request), endpoint=endpoint, started_at=time.monotonic())
         handed_over = False
         try:
-            caller = outcome.caller = snapshot.keyring.authenticate(presented_key(request.headers))
+            presented = presented_key(request.headers)
+            caller = outcome.caller = await identify(snapshot.keyring, snapshot.config, presented, self.jwt)
             call, model = await read_call(request, endpoint, caller, snapshot.config, deployment)
             outcome.model, outcome.stream = call.model, call.stream
             if snapshot.config.log_bodies:
                 outcome.request_body = call.body
-            outcome.tags = parse_tags(request.headers.get("x-proxy-tags"), call.body)
+            outcome.tags = parse_tags(request.headers.get("x-proxy-tags"), call.body, caller.end_user)
             pinned = await self._pinned(call, caller) if call.endpoint == "responses" else None
             ticket = outcome.ticket = await admit(self.limiter, caller, call, model)
             self.observer.admitted(outcome)

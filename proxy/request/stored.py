@@ -36,6 +36,7 @@ from .admit import admit
 from .authenticate import Caller, presented_key
 from .call import Call
 from .forward import deadline_of, upstream_headers
+from .jwt_callers import JwtCallers, identify
 from .relay import passthrough
 from .settle import Settler
 
@@ -58,7 +59,15 @@ async def owner_of(owners: ResponseOwners, response_id: str, caller: Caller, par
 
 
 class StoredResponses:
-    def __init__(self, snapshots: SnapshotHolder, settler: Settler, observer: Observer, owners: ResponseOwners) -> None:
+    def __init__(
+        self,
+        snapshots: SnapshotHolder,
+        settler: Settler,
+        observer: Observer,
+        owners: ResponseOwners,
+        jwt: JwtCallers | None = None,
+    ) -> None:
+        self.jwt = jwt
         self.snapshots = snapshots
         self.settler = settler
         self.observer = observer
@@ -71,7 +80,8 @@ class StoredResponses:
         snapshot.enter()
         outcome = Outcome(request_id=request_id_of(request), endpoint="responses", started_at=time.monotonic())
         try:
-            caller = outcome.caller = snapshot.keyring.authenticate(presented_key(request.headers))
+            presented = presented_key(request.headers)
+            caller = outcome.caller = await identify(snapshot.keyring, snapshot.config, presented, self.jwt)
             owner = await owner_of(self.owners, response_id, caller)
             client = snapshot.upstreams.get(owner.upstream)
             if client is None:  # a reload removed the upstream that holds it

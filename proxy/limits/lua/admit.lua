@@ -35,6 +35,13 @@ else
   now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- the caller's revocation fence (second-to-last key; never written for config keys): a revoked,
+-- expired or rotated-out runtime credential is refused from the moment the store says so
+local refused_from = tonumber(redis.call('GET', KEYS[#KEYS - 1]) or '')
+if refused_from ~= nil and now_ms >= refused_from then
+  return {0, 'revoked', 'key', 0, 1, UNLIMITED, 0, 0, UNLIMITED, 0, 0, 0, 0, '', 0, UNLIMITED, UNLIMITED}
+end
+
 local function refill(level, ts, rate, capacity)
   local cap = capacity * UNITS
   if level == nil or ts == nil then return cap end

@@ -1,0 +1,270 @@
+"""Runtime keys and teams through the whole proxy: the admin API (scoped admins, config entries
+read-only, audit), the request path (limits and budgets from the runtime entry, rotation grace,
+revocation by the fence), and `/v1/me` against the ledger. In-process store; the multi-replica
+guarantees are in tests/test_runtime_replicas.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import openai
+import pytest
+
+from proxy.request.authenticate import sha256_hex
+from tests.support.configs import ADMIN_KEY, KEYS, make_config
+
+PLATFORM_ADMIN = "sk-admin-platform-5555"
+CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+COST = 11  # micro-dollars the mock's reply costs at chat-model's price (see test_budgets_e2e)
+
+
+def scoped_admins(data: dict) -> None:
+    data["admin_keys"] = {"platform-ops": {"key_sha256": sha256_hex(PLATFORM_ADMIN), "scope": {"team": "platform"}}}
+
+
+@pytest.fixture
+def server(mock_upstream, start_proxy):
+    server, _ = start_proxy(make_config(mock_upstream.url, patch=scoped_admins))
+    return server
+
+
+def admin(server, method: str, path: str, key: str = ADMIN_KEY, **kwargs) -> httpx.Response:
+    return httpx.request(method, server.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=10, **kwargs)
+
+
+def chat(server, key: str, body: dict = CHAT) -> httpx.Response:
+    return httpx.post(
+        server.base_url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=10
+    )
+
+
+def error_of(response: httpx.Response) -> tuple[int, str, str]:
+    error = response.json()["error"]
+    return response.status_code, error["type"], error["code"]
+
+
+def test_a_created_key_serves_at_once_under_its_own_limits(server):
+    created = admin(server, "POST", "/admin/keys", json={"name": "ci", "team": "platform", "limits": {"rpm": 2}})
+    assert created.status_code == 201, created.text
+    body = created.json()
+    secret = body.pop("key")
+    assert secret.startswith("sk-proxy-") and body["source"] == "api" and body["team"] == "platform"
+    assert "credentials" not in body and sha256_hex(secret) not in created.text
+
+    client = openai.OpenAI(base_url=server.base_url, api_key=secret, max_retries=0)
+    assert client.chat.completions.create(**CHAT).choices
+    assert chat(server, secret).status_code == 200
+    refused = chat(server, secret)
+    assert error_of(refused) == (429, "requests", "rate_limit_exceeded")
+    assert "key 'ci'" in refused.json()["error"]["message"]  # the runtime key's own scope refused it
+
+
+def test_a_runtime_team_carries_its_budget(server):
+    team = admin(server, "POST", "/admin/teams", json={"name": "lab", "budgets": {"daily_usd": "0.000020"}})
+    assert team.status_code == 201
+    secret = admin(server, "POST", "/admin/keys", json={"name": "lab-bot", "team": "lab"}).json()["key"]
+    assert chat(server, secret).status_code == 200  # reserves 14, costs 11
+    refused = chat(server, secret)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+    assert "team 'lab'" in refused.json()["error"]["message"]
+
+
+def test_revoked_and_rotated_keys(server):
+    first = admin(server, "POST", "/admin/keys", json={"name": "svc", "team": "research"}).json()["key"]
+    rotated = admin(server, "POST", "/admin/keys/svc/rotate", json={"grace_s": 1})
+    assert rotated.status_code == 200, rotated.text
+    second = rotated.json()["key"]
+    assert chat(server, first).status_code == 200 and chat(server, second).status_code == 200  # within the grace
+    time.sleep(1.1)
+    assert error_of(chat(server, first)) == (401, "invalid_request_error", "invalid_api_key")
+    assert chat(server, second).status_code == 200
+
+    assert admin(server, "DELETE", "/admin/keys/svc").json() == {"name": "svc", "revoked": True}
+    refused = chat(server, second)
+    assert error_of(refused) == (401, "invalid_request_error", "invalid_api_key")
+    assert refused.json()["error"]["message"] == "Incorrect API key provided."
+    assert admin(server, "GET", "/admin/keys/svc").status_code == 404
+
+
+def test_config_entries_are_read_only(server):
+    shown = admin(server, "GET", "/admin/keys/alice")
+    assert shown.status_code == 200 and shown.json()["source"] == "config"
+    for method, path, body in (
+        ("PATCH", "/admin/keys/alice", {"limits": {"rpm": 1}}),
+        ("POST", "/admin/keys/alice/rotate", {"grace_s": 0}),
+        ("DELETE", "/admin/keys/alice", None),
+        ("POST", "/admin/keys", {"name": "alice", "team": "platform"}),
+        ("POST", "/admin/teams", {"name": "platform"}),
+        ("PATCH", "/admin/teams/research", {"limits": {"rpm": 1}}),
+    ):
+        refused = admin(server, method, path, json=body)
+        assert error_of(refused) == (409, "invalid_request_error", "managed_by_config"), (method, path)
+    listing = admin(server, "GET", "/admin/keys").json()
+    assert listing["keys"]["alice"]["source"] == "config"
+    assert chat(server, KEYS["alice"]).status_code == 200
+
+
+def test_a_scoped_admin_manages_only_its_team(server):
+    made = admin(server, "POST", "/admin/keys", PLATFORM_ADMIN, json={"name": "p1", "team": "platform"})
+    assert made.status_code == 201
+    assert admin(server, "POST", "/admin/keys", json={"name": "r1", "team": "research"}).status_code == 201
+    for method, path, body in (
+        ("POST", "/admin/keys", {"name": "r2", "team": "research"}),
+        ("GET", "/admin/keys/r1", None),
+        ("PATCH", "/admin/keys/r1", {"limits": {"rpm": 1}}),
+        ("POST", "/admin/keys/r1/rotate", {"grace_s": 0}),
+        ("DELETE", "/admin/keys/r1", None),
+        ("GET", "/admin/keys/carol", None),
+        ("POST", "/admin/teams", {"name": "new-team"}),
+        ("GET", "/admin/teams/research", None),
+    ):
+        refused = admin(server, method, path, PLATFORM_ADMIN, json=body)
+        assert error_of(refused) == (403, "invalid_request_error", "out_of_scope"), (method, path, refused.text)
+    listing = admin(server, "GET", "/admin/keys", PLATFORM_ADMIN).json()
+    assert set(listing["keys"]) == {"alice", "bob", "p1"} and set(listing["teams"]) == {"platform"}
+    usage = admin(server, "GET", "/admin/usage", PLATFORM_ADMIN).json()
+    assert set(usage["teams"]) == {"platform"}
+    audit = admin(server, "GET", "/admin/audit", PLATFORM_ADMIN).json()["data"]
+    assert [(r["action"], r["target"]) for r in audit] == [("create", "p1")]
+    user = admin(server, "GET", "/admin/keys", KEYS["alice"])
+    assert error_of(user) == (403, "invalid_request_error", "admin_key_required")
+
+
+def test_every_change_is_audited_without_a_secret(server, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.registry")
+    calls = [
+        ("POST", "/admin/teams", {"name": "lab", "limits": {"rpm": 50}}),
+        ("PATCH", "/admin/teams/lab", {"budgets": {"daily_usd": "5"}}),
+        ("POST", "/admin/keys", {"name": "k", "team": "lab", "metadata": {"owner": "ana"}}),
+        ("PATCH", "/admin/keys/k", {"limits": {"tpm": 1000}}),
+        ("POST", "/admin/keys/k/rotate", {"grace_s": 0}),
+        ("DELETE", "/admin/keys/k", None),
+        ("DELETE", "/admin/teams/lab", None),
+    ]
+    replies = [admin(server, method, path, json=body) for method, path, body in calls]
+    assert [r.status_code for r in replies] == [201, 200, 201, 200, 200, 200, 200]
+    secrets = [r.json()["key"] for r in replies if "key" in r.json()]
+    audit = admin(server, "GET", "/admin/audit")
+    records = audit.json()["data"]
+    assert [(r["action"], r["kind"], r["target"], r["admin"]) for r in reversed(records)] == [
+        ("create", "team", "lab", "admin"),
+        ("update", "team", "lab", "admin"),
+        ("create", "key", "k", "admin"),
+        ("update", "key", "k", "admin"),
+        ("rotate", "key", "k", "admin"),
+        ("revoke", "key", "k", "admin"),
+        ("delete", "team", "lab", "admin"),
+    ]
+    assert records[3]["changes"] == {"limits": {"tpm": 1000}}  # newest first: the key's update
+    logged = [r.getMessage() for r in caplog.records if r.name == "proxy.registry"]
+    assert logged[:3] == [
+        "registry create team 'lab' by admin 'admin' (fields: budgets, end_user_defaults, limits, metadata)",
+        "registry update team 'lab' by admin 'admin' (fields: budgets)",
+        "registry create key 'k' by admin 'admin' (fields: budgets, expires_at, limits, metadata, models, team)",
+    ]
+    assert len(logged) == 7
+    for secret in secrets:
+        for text in (audit.text, *logged):
+            assert secret not in text and hashlib.sha256(secret.encode()).hexdigest() not in text
+
+
+def test_me_reports_the_ledger(server):
+    admin(server, "POST", "/admin/teams", json={"name": "lab", "budgets": {"daily_usd": "1"}, "limits": {"rpm": 100}})
+    secret = admin(
+        server,
+        "POST",
+        "/admin/keys",
+        json={"name": "me-key", "team": "lab", "budgets": {"daily_usd": "0.5"}, "models": ["chat-model"]},
+    ).json()["key"]
+    for _ in range(3):
+        assert chat(server, secret).status_code == 200
+    server.wait_settled()
+    me = httpx.get(server.base_url + "/me", headers={"Authorization": f"Bearer {secret}"}, timeout=10)
+    assert me.status_code == 200, me.text
+    body = me.json()
+    assert (body["name"], body["team"], body["models"]) == ("me-key", "lab", ["chat-model"])
+    assert body["limits"] == {"key": {"enforce": True}, "team": {"rpm": 100, "enforce": True}}
+    usage = admin(server, "GET", "/admin/usage").json()["teams"]["lab"]
+    windows = {(w["scope"], w["window"]): w for w in body["budgets"]}
+    assert windows[("key", "day")]["spent_micros"] == usage["keys"]["me-key"]["spend_micros"] == 3 * COST
+    assert windows[("team", "day")]["spent_micros"] == usage["spend_micros"] == 3 * COST
+    assert windows[("key", "day")]["remaining_micros"] == 500_000 - 3 * COST
+    assert windows[("team", "day")]["remaining_micros"] == 1_000_000 - 3 * COST
+    assert windows[("key", "day")]["resets_at"].endswith("Z")
+    assert secret not in me.text and sha256_hex(secret) not in me.text
+    anonymous = httpx.get(server.base_url + "/me", timeout=10)
+    assert error_of(anonymous) == (401, "invalid_request_error", "invalid_api_key")
+
+
+def cli(server, *argv: str, admin_key: str | None = ADMIN_KEY) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "LLM_PROXY_ADMIN_KEY"}
+    if admin_key is not None:
+        env["LLM_PROXY_ADMIN_KEY"] = admin_key
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *argv, "--url", server.url], capture_output=True, text=True, env=env, timeout=30
+    )
+
+
+def test_the_cli_manages_keys_and_teams(server):
+    made = cli(server, "teams", "create", "lab", "--rpm", "60", "--daily-usd", "2")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.split("\n")[1].split() == ["lab", "api", "rpm", "60", "2"]
+    created = cli(server, "keys", "create", "bot", "--team", "lab", "--tpm", "5000", "--models", "chat-model", "--json")
+    assert created.returncode == 0, created.stderr
+    secret = json.loads(created.stdout)["key"]
+    assert chat(server, secret).status_code == 200
+    listing = cli(server, "keys", "list", "--team", "lab")
+    assert listing.returncode == 0 and listing.stdout.split("\n")[1].split()[:3] == ["bot", "lab", "api"]
+    assert secret not in listing.stdout
+    shown = json.loads(cli(server, "keys", "show", "alice", "--json").stdout)
+    assert shown["source"] == "config"
+    assert cli(server, "keys", "update", "bot", "--rpm", "1").returncode == 0
+    rotated = cli(server, "keys", "rotate", "bot", "--grace-s", "0", "--json")
+    assert rotated.returncode == 0 and json.loads(rotated.stdout)["key"] != secret
+    assert cli(server, "keys", "revoke", "bot").returncode == 0
+    assert cli(server, "teams", "delete", "lab").returncode == 0
+    assert [t["name"] for t in json.loads(cli(server, "teams", "list", "--json").stdout)] == ["platform", "research"]
+
+
+def test_cli_errors_are_one_line(server):
+    for argv, admin_key, line in (
+        (
+            ("keys", "update", "alice", "--rpm", "1"),
+            ADMIN_KEY,
+            "llm-proxy keys update: {url} answered 409 "
+            "(managed_by_config): The key 'alice' is defined in the config file; change it there.",
+        ),
+        (
+            ("keys", "show", "ghost"),
+            ADMIN_KEY,
+            "llm-proxy keys show: {url} answered 404 (not_found): No key named 'ghost'.",
+        ),
+        (("teams", "list"), None, "llm-proxy teams list: set LLM_PROXY_ADMIN_KEY to an admin key"),
+        (
+            ("keys", "list"),
+            KEYS["alice"],
+            "llm-proxy keys list: {url} answered 403 (admin_key_required): This key may not use the admin API.",
+        ),
+    ):
+        result = cli(server, *argv, admin_key=admin_key)
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", line.format(url=server.url) + "\n")
+
+
+def test_an_expired_key_is_refused(server):
+    expires = datetime.now(UTC) + timedelta(seconds=1.5)
+    made = admin(
+        server, "POST", "/admin/keys", json={"name": "temp", "team": "platform", "expires_at": expires.isoformat()}
+    )
+    assert made.status_code == 201, made.text
+    secret = made.json()["key"]
+    assert chat(server, secret).status_code == 200
+    time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.05)
+    assert error_of(chat(server, secret)) == (401, "invalid_request_error", "invalid_api_key")

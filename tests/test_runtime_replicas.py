@@ -1,0 +1,152 @@
+"""Runtime keys across three real `llm-proxy serve` replicas on one real Redis: a key created on
+one replica works on the others within a second; a revoked key is refused by every replica from
+the moment its revocation returns (the fence in the admit script, not the caches' poll), which the
+mock's request count and the ledger confirm; a rotated-out key stops on every replica when its
+grace ends. On one Redis and on a Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from proxy.request.authenticate import sha256_hex
+from tests.support.configs import ADMIN_KEY, config_dict, exact_store
+from tests.support.processes import MockProcess, start_proxies, stop_all, write_config
+
+REPLICAS = 3
+VISIBLE_WITHIN_S = 1.0  # the promise: a change reaches every replica within this
+CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+CLIENTS = 12
+
+
+@pytest.fixture(scope="module")
+def mock(tmp_path_factory):
+    process = MockProcess(workdir=tmp_path_factory.mktemp("mock")).start().wait_ready()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def store_url(request) -> str:
+    """The replicas' shared store: one Redis, or a Redis Cluster (the fence shares the team's slot)."""
+    return str(request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url"))
+
+
+@pytest.fixture
+def urls(tmp_path, store_url, mock):
+    mock.clear()
+    data = exact_store(config_dict(mock.base_url, redis_url=store_url))
+    data["shutdown_grace_s"] = 1
+    data["admin_keys"] = {"ops": {"key_sha256": sha256_hex("sk-admin-ops-7777")}}
+    processes = start_proxies(write_config(tmp_path / "config.yaml", data), REPLICAS)
+    yield [p.url for p in processes]
+    stop_all(processes)
+    for process in processes:
+        assert "Traceback" not in process.output(), process.output()
+
+
+def admin(url: str, method: str, path: str, **kwargs) -> httpx.Response:
+    return httpx.request(method, url + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10, **kwargs)
+
+
+def chat(url: str, key: str) -> int:
+    return httpx.post(
+        url + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"}, timeout=10
+    ).status_code
+
+
+def research_requests(url: str) -> int:
+    """Requests the ledger booked today for team research."""
+    return int(admin(url, "GET", "/admin/usage").json()["teams"]["research"]["requests"])
+
+
+def seconds_until(status: int, url: str, key: str, limit_s: float = 5.0) -> float:
+    """How long after now `url` first answers `key` with `status` (polled every 20 ms)."""
+    started = time.monotonic()
+    while chat(url, key) != status:
+        if time.monotonic() - started > limit_s:
+            return float("inf")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def test_a_key_created_on_one_replica_works_on_the_others_within_a_second(urls):
+    created = admin(urls[0], "POST", "/admin/keys", json={"name": "fresh", "team": "platform"})
+    assert created.status_code == 201, created.text
+    secret = created.json()["key"]
+    waits = [seconds_until(200, url, secret) for url in urls[1:]]
+    assert max(waits) < VISIBLE_WITHIN_S, waits
+    listing = admin(urls[2], "GET", "/admin/keys").json()["keys"]
+    assert listing["fresh"]["source"] == "api" and listing["alice"]["source"] == "config"
+
+
+def test_a_revoked_key_is_refused_everywhere_and_nothing_is_admitted_after(urls, mock):
+    secret = admin(urls[0], "POST", "/admin/keys", json={"name": "doomed", "team": "research"}).json()["key"]
+    for url in urls:
+        assert seconds_until(200, url, secret) < VISIBLE_WITHIN_S
+    mock.clear()
+    booked_before = research_requests(urls[0])
+    calls: list[tuple[float, int]] = []  # (sent, status) by monotonic time
+    revoked_at: list[float] = []
+
+    async def client(http: httpx.AsyncClient, index: int) -> None:
+        n = index
+        while not revoked_at or time.monotonic() < revoked_at[0] + VISIBLE_WITHIN_S + 0.5:
+            sent = time.monotonic()
+            reply = await http.post(
+                urls[n % REPLICAS] + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {secret}"}
+            )
+            calls.append((sent, reply.status_code))
+            n += 1
+
+    async def revoker(http: httpx.AsyncClient) -> None:
+        await asyncio.sleep(0.5)
+        reply = await http.delete(urls[1] + "/admin/keys/doomed", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        assert reply.status_code == 200, reply.text
+        revoked_at.append(time.monotonic())
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=10) as http:
+            await asyncio.gather(revoker(http), *(client(http, i) for i in range(CLIENTS)))
+
+    asyncio.run(run())
+    after = [status for sent, status in calls if sent >= revoked_at[0]]
+    before = [status for sent, status in calls if sent < revoked_at[0]]
+    assert after and set(after) == {401}, sorted(set(after))  # refused at once, by every replica
+    assert 200 in before
+    admitted = sum(1 for _, status in calls if status == 200)
+    assert mock.stats()["requests"] == admitted  # nothing reached the upstream that the client did not get
+    deadline = time.monotonic() + 2  # the last responses settle just after they are sent
+    while research_requests(urls[2]) - booked_before != admitted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert research_requests(urls[2]) - booked_before == admitted  # the ledger agrees
+
+
+def test_a_rotated_key_works_everywhere_until_its_grace_ends(urls):
+    old = admin(urls[0], "POST", "/admin/keys", json={"name": "svc", "team": "platform"}).json()["key"]
+    rotated = admin(urls[1], "POST", "/admin/keys/svc/rotate", json={"grace_s": 2})
+    assert rotated.status_code == 200, rotated.text
+    ends = time.monotonic() + 2
+    new = rotated.json()["key"]
+    for url in urls:
+        assert seconds_until(200, url, new) < VISIBLE_WITHIN_S
+        assert chat(url, old) == 200  # still within its grace
+    time.sleep(max(0.0, ends - time.monotonic()))
+    for url in urls:
+        assert chat(url, old) == 401  # the fence ends it by the store's clock, on every replica
+        assert chat(url, new) == 200
+
+
+def test_an_unscoped_admin_key_from_config_is_named_in_the_audit(urls):
+    reply = httpx.post(
+        urls[2] + "/admin/teams",
+        json={"name": "lab"},
+        headers={"Authorization": "Bearer sk-admin-ops-7777"},
+        timeout=10,
+    )
+    assert reply.status_code == 201, reply.text
+    records = admin(urls[0], "GET", "/admin/audit").json()["data"]
+    assert [(r["admin"], r["action"], r["target"]) for r in records] == [("ops", "create", "lab")]
