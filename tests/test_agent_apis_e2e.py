@@ -326,7 +326,8 @@ def test_anthropic_sdk_retries_a_rate_limit_refusal(mock_upstream, start_proxy):
     with claude(server, max_retries=3) as sdk:
         for _ in range(2):
             assert sdk.messages.create(model="claude-model", max_tokens=5, messages=MESSAGES).content
-    statuses = [o.status for o in recorder.outcomes]
+    server.recorder = recorder
+    statuses = [o.status for o in outcomes(server, 3)]  # settled (and reported) after the last byte
     assert statuses.count(200) == 2 and 429 in statuses
     refused = httpx.post(
         server.url + "/v1/messages",
