@@ -14,13 +14,17 @@ import asyncio
 import itertools
 import random
 import time
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import fakeredis
 import pytest
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
+from proxy.budget_windows import label_of_day
 from proxy.errors import StoreError
+from proxy.limits.days import candidate_days
 from proxy.limits.memory_store import MemoryStore
 from proxy.limits.redis_store import CLUSTER_MAX_CONNECTIONS, RedisStore
 from proxy.limits.types import (
@@ -33,6 +37,7 @@ from proxy.limits.types import (
     Settled,
     Settlement,
     Usage,
+    WindowBudget,
 )
 from tests.support.ports import free_port
 
@@ -696,3 +701,123 @@ async def test_tags_past_the_ledger_cap_fold_into_overflow(store, monkeypatch):
     assert set(tags) == {"user=u0", "user=u1", "user=u2", "user=u3", "user=u4", "other=overflow"}
     assert tags["user=u0"]["requests"] == 2 and tags["other=overflow"]["requests"] == 7
     assert sum(line["spend_micros"] for line in tags.values()) == 13
+
+
+# -- window budgets: every window of every scope, in the same admission -------------------------
+
+
+def window_days(at: datetime) -> BudgetDay:
+    """The candidate days a replica whose clock reads `at` offers (yesterday, today, tomorrow)."""
+    return candidate_days(ZoneInfo("UTC"), at)
+
+
+def on_cluster(store) -> bool:
+    return isinstance(getattr(store, "client", None), RedisCluster)
+
+
+async def admit_window(
+    store, days: BudgetDay, windows: tuple[WindowBudget, ...], cost: int, team_name: str = "platform"
+):
+    a = Admission(f"req-{next(_ids)}", team(team_name), key(), 0, cost, days, windows=windows)
+    return a, await store.admit(a)
+
+
+async def settle_window(store, a: Admission, decision: Decision, cost: int) -> Settled:
+    return await store.settle(
+        Settlement(a.request_id, a.team, a.key, "gpt-4o", decision.day, Usage(), cost, windows=a.windows)
+    )
+
+
+@pytest.mark.parametrize(
+    ("window", "last_minute", "boundary"),
+    [
+        ("week", datetime(2023, 11, 19, 23, 59, tzinfo=UTC), "2023-W47"),  # Sunday -> Monday
+        ("month", datetime(2023, 11, 30, 23, 59, tzinfo=UTC), "2023-12"),  # Nov 30 -> Dec 1
+    ],
+)
+async def test_a_window_budget_holds_to_the_boundary_then_starts_afresh(store, clock, window, last_minute, boundary):
+    """The window follows the store's clock: a replica still offering the old day's candidates
+    after the boundary has its request booked in the new window, which starts from zero."""
+    clock.us = int(last_minute.timestamp()) * 1_000_000
+    days = window_days(last_minute)
+    windows = (WindowBudget("team", "platform", window, 100),)
+    a, first = await admit_window(store, days, windows, 60)
+    assert first.admitted
+    assert (await settle_window(store, a, first, 60)).window_spent_micros == (60,)
+    _, refused = await admit_window(store, days, windows, 60)
+    assert (refused.admitted, refused.scope, refused.reason, refused.window) == (False, "window", "budget", 0)
+    assert (refused.window_spent_micros, refused.window_limit_micros) == (60, 100)
+    clock.advance(60_000)  # the store's clock passes the boundary; the replica's candidates do not move
+    a, fresh = await admit_window(store, days, windows, 60)
+    assert fresh.admitted and label_of_day(window, fresh.day) == boundary
+    assert (await settle_window(store, a, fresh, 60)).window_spent_micros == (60,)
+
+
+async def test_every_window_budget_of_every_scope_is_checked_and_booked(store, clock):
+    """Day, week and month budgets of the team, the key and an end user, and the org's: the
+    tightest refuses, and settlement books the cost in each."""
+    now = datetime.fromtimestamp(clock() / 1e6, UTC)
+    windows = (
+        WindowBudget("team", "platform", "week", 1000),
+        WindowBudget("key", "ci-bot", "month", 1000),
+        WindowBudget("end_user", "user-7", "day", 150),
+        WindowBudget("team", "platform", "month", 1000),
+    )
+    if not on_cluster(store):  # an org budget needs standalone Redis (config refuses it on a cluster)
+        windows += (WindowBudget("org", "", "month", 1000),)
+    a, decision = await admit_window(store, window_days(now), windows, 100)
+    assert decision.admitted
+    settled = await settle_window(store, a, decision, 100)
+    assert settled.window_spent_micros == (100,) * len(windows)
+    _, refused = await admit_window(store, window_days(now), windows, 100)
+    assert (refused.admitted, refused.window, refused.window_spent_micros) == (False, 2, 100)
+    other_user = (*windows[:2], WindowBudget("end_user", "user-8", "day", 150), *windows[3:])
+    _, admitted = await admit_window(store, window_days(now), other_user, 100)
+    assert admitted.admitted  # another end user of the same team has a budget of its own
+
+
+async def test_a_shadow_budget_never_refuses_but_says_it_would_have(store, clock):
+    now = datetime.fromtimestamp(clock() / 1e6, UTC)
+    windows = (
+        WindowBudget("team", "platform", "week", 1_000),
+        WindowBudget("key", "ci-bot", "month", 50, enforce=False),
+    )
+    a, decision = await admit_window(store, window_days(now), windows, 100)
+    assert (decision.admitted, decision.shadow) == (True, (1,))
+    assert (await settle_window(store, a, decision, 100)).window_spent_micros == (100, 100)
+
+
+@real_and_memory
+async def test_a_window_budget_is_exact_under_100_concurrent_admissions(store, clock):
+    """100 end users' worth of racing on one end user's day budget and a team's month budget:
+    exactly as many admitted as fit, and the booked spend is the budget."""
+    now = datetime.fromtimestamp(clock() / 1e6, UTC)
+    windows = (WindowBudget("end_user", "racer", "day", 1_000), WindowBudget("team", "platform", "month", 5_000))
+    days = window_days(now)
+
+    async def one() -> bool:
+        a, decision = await admit_window(store, days, windows, 10)
+        if decision.admitted:
+            await settle_window(store, a, decision, 10)
+        return decision.admitted
+
+    admitted = await asyncio.gather(*(one() for _ in range(150)))
+    assert sum(admitted) == 100
+    a, last = await admit_window(store, days, (WindowBudget("end_user", "racer", "day", 10**9),), 0)
+    assert (await settle_window(store, a, last, 0)).window_spent_micros == (1_000,)
+
+
+async def test_window_holds_are_released_by_an_abandoned_admission_and_renewed_with_the_request(store, clock):
+    now = datetime.fromtimestamp(clock() / 1e6, UTC)
+    windows = (WindowBudget("team", "platform", "month", 100),)
+    a, decision = await admit_window(store, window_days(now), windows, 100)
+    assert decision.admitted
+    clock.advance(800_000)
+    assert await store.renew(Renewal(a.request_id, a.team, a.key, decision.day, 900_000, windows))
+    clock.advance(800_000)  # past the first lease, within the renewed one: still held
+    assert not (await admit_window(store, window_days(now), windows, 100))[1].admitted
+    abandoned = Settlement(
+        a.request_id, a.team, a.key, "", decision.day, Usage(), 0, abandoned=True, succeeded=False, windows=windows
+    )
+    assert (await store.settle(abandoned)).window_spent_micros == (0,)
+    assert (await admit_window(store, window_days(now), windows, 100))[1].admitted

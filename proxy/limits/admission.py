@@ -27,7 +27,7 @@ from .health import StoreHealth
 from .journal import Journal
 from .memory_store import MemoryStore
 from .scopes import Scopes
-from .types import Admission, BudgetDay, Decision, ScopeLimits, Settlement, Store, Usage
+from .types import Admission, BudgetDay, Decision, ScopeLimits, Settlement, Store, Usage, WindowBudget
 
 
 @dataclass(slots=True)
@@ -43,6 +43,18 @@ class Ticket:
     degraded: bool = False  # admitted by the fallback store during an outage
     settled: bool = field(default=False)
     renewed_at: float = 0.0  # monotonic time of admission, then of the last lease renewal
+    shared_windows: tuple[WindowBudget, ...] = ()  # its window budgets in the shared store
+    fallback_windows: tuple[WindowBudget, ...] = ()  # ... and in the fallback (divided by the replicas)
+
+    @property
+    def windows(self) -> tuple[WindowBudget, ...]:
+        """Its window budgets in the store that admitted it."""
+        return self.fallback_windows if self.degraded else self.shared_windows
+
+    @property
+    def shadow_windows(self) -> tuple[WindowBudget, ...]:
+        """The budgets in shadow mode that would have refused it."""
+        return tuple(self.windows[i] for i in self.decision.shadow)
 
     @property
     def key_scope(self) -> ScopeLimits:
@@ -65,6 +77,14 @@ class Refusal:
 
     scopes: Scopes
     decision: Decision | None
+    windows: tuple[WindowBudget, ...] = ()  # the window budgets it was checked against
+    resets_at: int = 0  # when the refusing window budget's window ends (epoch seconds)
+
+    @property
+    def window(self) -> WindowBudget | None:
+        """The window budget that refused it, if one did."""
+        index = None if self.decision is None else self.decision.window
+        return None if index is None else self.windows[index]
 
 
 Mark = tuple[str, str, str, str]  # (team, scope kind, scope name, day)
@@ -96,12 +116,17 @@ class Admitter:
         self._seeded: set[Mark] = set()  # fallback budgets seeded in the outage numbered `_seeded_in`
         self._seeded_in = 0
 
-    async def admit(self, request_id: str, scopes: Scopes, tokens: int, cost_micros: int) -> Ticket | Refusal:
+    async def admit(
+        self, request_id: str, scopes: Scopes, tokens: int, cost_micros: int, end_user: str | None = None
+    ) -> Ticket | Refusal:
         days = self.calendar.candidates()
+        windows, fallback_windows = scopes.for_end_user(end_user)
         if days.labels != self._seen_days:  # a new day: forget what was seen on days gone by
             self._seen_days = days.labels
             self.seen_committed = {m: v for m, v in self.seen_committed.items() if m[3] in days.labels}
-        admission = Admission(request_id, scopes.team, scopes.key, tokens, cost_micros, days, self.lease_ttl_ms)
+        admission = Admission(
+            request_id, scopes.team, scopes.key, tokens, cost_micros, days, self.lease_ttl_ms, windows
+        )
         store: Store = self.store
         degraded = False
         try:
@@ -117,19 +142,40 @@ class Admitter:
             if not self.allow_on_outage or self.fallback is None:
                 if sent:
                     self._abandon(admission)
-                return Refusal(scopes, None)
+                return Refusal(scopes, None, windows)
             self._seed_fallback(self.fallback, scopes, days)
             decision = await self.fallback.admit(
                 Admission(
-                    request_id, scopes.fallback_team, scopes.fallback_key, tokens, cost_micros, days, self.lease_ttl_ms
+                    request_id,
+                    scopes.fallback_team,
+                    scopes.fallback_key,
+                    tokens,
+                    cost_micros,
+                    days,
+                    self.lease_ttl_ms,
+                    fallback_windows,
                 )
             )
             if sent and not decision.admitted:
                 self._abandon(admission)
             store, degraded = self.fallback, True
         if not decision.admitted:
-            return Refusal(scopes, decision)
-        return Ticket(request_id, scopes, decision, tokens, cost_micros, store, degraded)
+            checked = fallback_windows if degraded else windows
+            resets_at = 0
+            if decision.window is not None:
+                resets_at = self.calendar.window_end(checked[decision.window].window, decision.day)
+            return Refusal(scopes, decision, checked, resets_at)
+        return Ticket(
+            request_id,
+            scopes,
+            decision,
+            tokens,
+            cost_micros,
+            store,
+            degraded,
+            shared_windows=windows,
+            fallback_windows=fallback_windows,
+        )
 
     def _saw(self, scopes: Scopes, decision: Decision) -> None:
         team = scopes.team.name
@@ -172,5 +218,6 @@ class Admitter:
                 0,
                 succeeded=False,
                 abandoned=True,
+                windows=admission.windows,
             )
         )

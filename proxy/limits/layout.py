@@ -12,6 +12,9 @@ one Redis Cluster slot:
     llmrl:{T}:d:<request id>                    settled marker   string (settled or abandoned:
                                                                  a later admit of the id is a no-op)
     llmrl:{T}:ledger:<day>                      spend ledger     hash, see proxy.limits.ledger
+    llmrl:{T}:t:w:<label> | ...k:<key>:w:<label> a window budget  hash and :leases as a budget day;
+    llmrl:{T}:u:<end user>:w:<label>             label "2026-12-01", "2026-W49" or "2026-12"
+    llmrl:{org}:w:<label>                        the org's: outside every team's slot (see README)
 
 MemoryStore keeps the same names in its own keyspace, and returns the same reply array.
 
@@ -24,7 +27,20 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from .types import Admission, BucketState, Decision, Reason, Renewal, ScopeKind, ScopeLimits, Settled, Settlement
+from ..budget_windows import label_of_day
+from .types import (
+    WINDOW_DAYS,
+    Admission,
+    BucketState,
+    Decision,
+    Reason,
+    RefusingScope,
+    Renewal,
+    ScopeLimits,
+    Settled,
+    Settlement,
+    WindowBudget,
+)
 
 DEFAULT_PREFIX = "llmrl"
 DAY_MARGIN_MS = 2 * 86_400_000  # a budget day's records outlive the day by this much
@@ -53,6 +69,24 @@ class Layout:
     def budget(self, team: str, s: ScopeLimits, day: str) -> str:
         return f"{self.scope(team, s)}:b:{day}"
 
+    def window_budget(self, team: str, w: WindowBudget, day: str) -> str:
+        """The budget hash of `w` in the window containing `day`."""
+        label = label_of_day(w.window, day)
+        if w.scope == "org":
+            return f"{self.prefix}:{{org}}:w:{label}"
+        if w.scope == "team":
+            return f"{self.team(team)}:t:w:{label}"
+        kind = "k" if w.scope == "key" else "u"
+        return f"{self.team(team)}:{kind}:{w.name}:w:{label}"
+
+    def _window_keys(self, team: str, windows: tuple[WindowBudget, ...], days: tuple[str, ...]) -> list[str]:
+        keys: list[str] = []
+        for w in windows:
+            for day in days:
+                budget = self.window_budget(team, w, day)
+                keys += [budget, f"{budget}:leases"]
+        return keys
+
     def ledger(self, team: str, day: str) -> str:
         return f"{self.team(team)}:ledger:{day}"
 
@@ -71,6 +105,7 @@ class Layout:
         for day in a.days.labels:
             kb, tb = self.budget(t, a.key, day), self.budget(t, a.team, day)
             keys += [kb, f"{kb}:leases", tb, f"{tb}:leases"]
+        keys += self._window_keys(t, a.windows, a.days.labels)
         keys.append(f"{self.team(t)}:d:{a.request_id}")  # last: the settled marker
         return keys
 
@@ -90,6 +125,7 @@ class Layout:
             tb,
             f"{tb}:leases",
             self.ledger(t, s.day),
+            *self._window_keys(t, s.windows, (s.day,)),
         ]
 
     def renew_keys(self, r: Renewal) -> list[str]:
@@ -101,6 +137,7 @@ class Layout:
             f"{self.scope(t, r.team)}:par",
             f"{kb}:leases",
             f"{tb}:leases",
+            *self._window_keys(t, r.windows, (r.day,))[1::2],
         ]
 
 
@@ -116,6 +153,7 @@ ADMIT_ARGS = (
     *(f"key_{name}" for name in LIMIT_ARGS),
     *(f"team_{name}" for name in LIMIT_ARGS),
     "day_count",
+    "window_count",
 )
 # settle.lua's ARGV; after them, the request's tags as `name=value`
 SETTLE_ARGS = (
@@ -138,6 +176,7 @@ SETTLE_ARGS = (
     "team_alert",
     "ledger_max_fields",
     "abandon",
+    "window_count",
 )
 RENEW_ARGS = ("now_us", "request_id", "lease_ttl_ms")  # renew.lua's ARGV
 
@@ -172,8 +211,12 @@ def admit_args(a: Admission, now_us: int | None) -> list[Arg]:
         **_limits("key_", a.key),
         **_limits("team_", a.team),
         "day_count": len(a.days.labels),
+        "window_count": len(a.windows),
     }
-    return [*(named[name] for name in ADMIT_ARGS), *a.days.labels, *a.days.starts]
+    windows: list[Arg] = []
+    for w in a.windows:
+        windows += [w.micros, 1 if w.enforce else 0, (WINDOW_DAYS[w.window] - 1) * 86_400_000]
+    return [*(named[name] for name in ADMIT_ARGS), *a.days.labels, *a.days.starts, *windows]
 
 
 def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list[Arg]:
@@ -198,8 +241,10 @@ def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list[Ar
         "team_alert": _or_unlimited(s.team.alert_micros),
         "ledger_max_fields": LEDGER_MAX_FIELDS,
         "abandon": 1 if s.abandoned else 0,
+        "window_count": len(s.windows),
     }
-    return [*(named[name] for name in SETTLE_ARGS), *(f"{k}={v}" for k, v in s.tags)]
+    alerts = [_or_unlimited(w.alert_micros) for w in s.windows]
+    return [*(named[name] for name in SETTLE_ARGS), *alerts, *(f"{k}={v}" for k, v in s.tags)]
 
 
 def renew_args(r: Renewal, now_us: int | None) -> list[Arg]:
@@ -219,8 +264,16 @@ def decode_settled(reply: ScriptReply) -> Settled:
     """The settle reply: 0 for a duplicate, else [1, key spent, team spent, key crossed, team crossed]."""
     if not isinstance(reply, (list, tuple)):
         return Settled(False)
-    applied, key_spent, team_spent, key_crossed, team_crossed = (int(x) for x in reply)
-    return Settled(bool(applied), key_spent, team_spent, bool(key_crossed), bool(team_crossed))
+    applied, key_spent, team_spent, key_crossed, team_crossed, *windows = (int(x) for x in reply)
+    return Settled(
+        bool(applied),
+        key_spent,
+        team_spent,
+        bool(key_crossed),
+        bool(team_crossed),
+        tuple(windows[0::2]),
+        tuple(bool(x) for x in windows[1::2]),
+    )
 
 
 def _text(value: bytes | str) -> str:
@@ -248,10 +301,11 @@ def decode_decision(reply: ScriptReply) -> Decision:
     admitted, reason, scope, retry, never, *rest = reply
     rq, tk = rest[0:3], rest[3:6]
     spent, limit, day, day_reset, key_committed, team_committed = rest[6:12]
+    window, window_spent, window_limit, shadow = rest[12:16]
     return Decision(
         admitted=bool(int(admitted)),
         reason=cast(Reason, _text(reason)) or None,  # the script answers one of these
-        scope=cast(ScopeKind, _text(scope)) or None,
+        scope=cast(RefusingScope, _text(scope)) or None,
         retry_after_ms=int(retry),
         never_fits=bool(int(never)),
         requests=_bucket(*rq),
@@ -262,4 +316,8 @@ def decode_decision(reply: ScriptReply) -> Decision:
         day_reset_s=int(day_reset),
         key_committed_micros=_unless_unlimited(key_committed),
         team_committed_micros=_unless_unlimited(team_committed),
+        window=int(window) - 1 if int(window) else None,
+        window_spent_micros=int(window_spent),
+        window_limit_micros=int(window_limit),
+        shadow=tuple(int(w) - 1 for w in _text(shadow).split(",") if w),
     )

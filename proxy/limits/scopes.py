@@ -7,12 +7,12 @@ of the snapshot it started on, and admission does no config arithmetic per reque
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
-from ..config import Config, Limits
+from ..config import Budget, Config, Limits
 from ..pricing import usd_to_micros
-from .types import ScopeKind, ScopeLimits
+from .types import BudgetScope, ScopeKind, ScopeLimits, WindowBudget
 
 
 def scope_limits(
@@ -37,27 +37,84 @@ def scope_limits(
     )
 
 
+def window_budgets(
+    scope: BudgetScope, name: str, budgets: tuple[Budget, ...], divisor: int = 1, alert_ratio: float = 1.0
+) -> tuple[WindowBudget, ...]:
+    """The budgets of one scope as window budgets, each divided by `divisor` (at least 1 micro)."""
+    found = []
+    for budget in budgets:
+        micros = max(1, usd_to_micros(budget.usd) // divisor)
+        alert = math.ceil(micros * alert_ratio)
+        found.append(WindowBudget(scope, name, budget.window, micros, budget.enforce, alert))
+    return tuple(found)
+
+
+def _day_budget(budgets: tuple[Budget, ...]) -> tuple[Decimal | None, tuple[Budget, ...]]:
+    """A key's or team's enforced day budget (kept by the scope itself, and seeded into the
+    fallback from what the store last reported), and its other budgets (window budgets)."""
+    for budget in budgets:
+        if budget.window == "day" and budget.enforce:
+            return budget.usd, tuple(b for b in budgets if b is not budget)
+    return None, budgets
+
+
 @dataclass(frozen=True, slots=True)
 class Scopes:
-    """A key's and its team's limits; the fallback ones are what one replica of `store.replicas`
-    may admit while the shared store is out (`on_redis_error: allow`)."""
+    """A key's and its team's limits, and every window budget that applies to its requests (the
+    end users' with an empty name: `for_end_user` names them); the fallback ones are what one
+    replica of `store.replicas` may admit while the shared store is out (`on_redis_error: allow`)."""
 
     key: ScopeLimits
     team: ScopeLimits
     fallback_key: ScopeLimits
     fallback_team: ScopeLimits
+    windows: tuple[WindowBudget, ...] = ()
+    fallback_windows: tuple[WindowBudget, ...] = ()
+    end_user: tuple[WindowBudget, ...] = ()
+    fallback_end_user: tuple[WindowBudget, ...] = ()
+
+    def for_end_user(self, end_user: str | None) -> tuple[tuple[WindowBudget, ...], tuple[WindowBudget, ...]]:
+        """The window budgets of a request from `end_user` (None: none known), and their fallback."""
+        if not end_user or not self.end_user:
+            return self.windows, self.fallback_windows
+        return (
+            self.windows + tuple(replace(w, name=end_user) for w in self.end_user),
+            self.fallback_windows + tuple(replace(w, name=end_user) for w in self.fallback_end_user),
+        )
 
 
 def scopes_for(config: Config, key_name: str) -> Scopes:
     key = config.keys[key_name]
     team = config.teams[key.team]
     ratio, replicas = config.budget_alert_ratio, config.store.replicas
+    if config.alerts is not None:
+        ratio = min(config.alerts.thresholds)
+    key_day, key_windows = _day_budget(key.all_budgets())
+    team_day, team_windows = _day_budget(team.all_budgets())
+    org_budgets = config.org.all_budgets() if config.org is not None else ()
+    end_user_budgets = team.end_users.all_budgets() if team.end_users is not None else ()
 
     def both(divisor: int) -> tuple[ScopeLimits, ScopeLimits]:
         return (
-            scope_limits("key", key_name, key.limits, key.daily_budget_usd, divisor, ratio),
-            scope_limits("team", key.team, team.limits, team.daily_budget_usd, divisor, ratio),
+            scope_limits("key", key_name, key.limits, key_day, divisor, ratio),
+            scope_limits("team", key.team, team.limits, team_day, divisor, ratio),
+        )
+
+    def windows(divisor: int) -> tuple[WindowBudget, ...]:
+        return (
+            window_budgets("org", "", org_budgets, divisor, ratio)
+            + window_budgets("team", key.team, team_windows, divisor, ratio)
+            + window_budgets("key", key_name, key_windows, divisor, ratio)
         )
 
     (key_scope, team_scope), (fallback_key, fallback_team) = both(1), both(replicas)
-    return Scopes(key_scope, team_scope, fallback_key, fallback_team)
+    return Scopes(
+        key_scope,
+        team_scope,
+        fallback_key,
+        fallback_team,
+        windows(1),
+        windows(replicas),
+        window_budgets("end_user", "", end_user_budgets, 1, ratio),
+        window_budgets("end_user", "", end_user_budgets, replicas, ratio),
+    )

@@ -15,8 +15,31 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from ..budget_windows import Window
+
 Reason = Literal["rpm", "tpm", "parallel", "budget"]
 ScopeKind = Literal["key", "team"]
+# who refused: a key's or team's limit or enforced day budget, or one of the window budgets
+RefusingScope = Literal["key", "team", "window"]
+BudgetScope = Literal["org", "team", "key", "end_user"]
+WINDOW_DAYS: dict[Window, int] = {"day": 1, "week": 7, "month": 31}  # the longest each can be
+
+
+@dataclass(frozen=True, slots=True)
+class WindowBudget:
+    """A budget over a calendar window of one scope, checked in the same admission as the limits.
+
+    Every budget that is not a key's or team's enforced day budget is one of these: week and month
+    windows, the org's and each end user's budgets, and shadow ones (`enforce=False`: a would-be
+    refusal is reported in `Decision.shadow`, never made). The store books it in the window that
+    contains the day it chose."""
+
+    scope: BudgetScope
+    name: str  # the key's, team's or end user's name; "" for the org
+    window: Window
+    micros: int
+    enforce: bool = True
+    alert_micros: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +95,7 @@ class Admission:
     cost_micros: int  # reserved worst-case cost
     days: BudgetDay
     lease_ttl_ms: int = 900_000
+    windows: tuple[WindowBudget, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +107,7 @@ class Renewal:
     key: ScopeLimits
     day: str  # the budget day its admission chose (where its budget holds are)
     lease_ttl_ms: int
+    windows: tuple[WindowBudget, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +123,7 @@ class BucketState:
 class Decision:
     admitted: bool
     reason: Reason | None = None
-    scope: ScopeKind | None = None  # which scope refused
+    scope: RefusingScope | None = None  # which scope refused
     retry_after_ms: int = 0  # exact wait before the same request would be admitted
     never_fits: bool = False  # the request exceeds a bucket's capacity: waiting won't help
     requests: BucketState | None = None  # tightest request bucket of key and team
@@ -112,6 +137,10 @@ class Decision:
     stale: bool = False
     key_committed_micros: int | None = None  # the key's spent + held on that day; None without a budget
     team_committed_micros: int | None = None
+    window: int | None = None  # the index in `Admission.windows` of the window budget that refused
+    window_spent_micros: int = 0  # its spent + held, and its limit
+    window_limit_micros: int = 0
+    shadow: tuple[int, ...] = ()  # indices of the shadow window budgets that would have refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +175,7 @@ class Settlement:
     # the admit's reply was lost and the request went nowhere: release whatever that admit may
     # have reserved, mark the id settled (so the admit, if it arrives later, is a no-op), book nothing
     abandoned: bool = False
+    windows: tuple[WindowBudget, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +187,8 @@ class Settled:
     team_spent_micros: int = 0
     key_crossed: bool = False  # this settlement pushed the key past its alert threshold (once a day)
     team_crossed: bool = False
+    window_spent_micros: tuple[int, ...] = ()  # each window budget's settled spend after this request
+    window_crossed: tuple[bool, ...] = ()  # ... and whether this settlement crossed its alert threshold
 
     def __bool__(self) -> bool:
         return self.applied

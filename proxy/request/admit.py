@@ -9,31 +9,59 @@ response really used. A refusal from the limiter becomes the client's error here
 
 from __future__ import annotations
 
-from ..config import Model
+import logging
+from collections.abc import Mapping, Sequence
+
+from ..budget_refusal import budget_refusal
+from ..config import Config, Model
 from ..errors import BudgetExceeded, ProxyError, RateLimited, StoreUnavailable
 from ..http.responses import new_request_id
 from ..limits.admission import Refusal, Ticket
 from ..limits.headers import openai_duration, rate_limit_headers, retry_headers
 from ..limits.limiter import Limiter, reserved_tokens
-from ..pricing import format_usd, reservation_micros
+from ..limits.types import WindowBudget
+from ..pricing import format_usd, micros_to_usd, reservation_micros
 from .authenticate import Caller
 from .call import Call
+from .end_user import end_user_of
+
+log = logging.getLogger("proxy.limits")
 
 LIMIT_NAMES = {"rpm": "requests per minute", "tpm": "tokens per minute", "parallel": "parallel requests"}
 LIMIT_TYPES = {"rpm": "requests", "tpm": "tokens", "parallel": "parallel_requests"}
 
 
-async def admit(limiter: Limiter, caller: Caller, call: Call, model: Model) -> Ticket:
+async def admit(
+    limiter: Limiter, caller: Caller, call: Call, model: Model, config: Config, headers: Mapping[str, str]
+) -> Ticket:
     """The ticket of an admitted call; raises the client's error for a refusal."""
+    scopes = caller.scopes
+    end_user = end_user_of(call.body, headers, config.end_user_identity) if scopes.end_user else None
     admitted = await limiter.admit(
         new_request_id(),
-        caller.scopes,
+        scopes,
         reserved_tokens(call.prompt_tokens, call.max_output),
         reservation_micros(model.price_per_mtok, call.prompt_tokens, call.max_output),
+        end_user,
     )
     if isinstance(admitted, Refusal):
         raise refusal_error(admitted)
+    if admitted.decision.shadow:
+        shadow_refusals(admitted.shadow_windows, caller.team_name)
     return admitted
+
+
+def shadow_refusals(windows: Sequence[WindowBudget], team: str) -> None:
+    """Log the budgets in shadow mode (`enforce: false`) that would have refused this request."""
+    for w in windows:
+        log.warning(
+            "shadow mode: the %s %s budget of %s %s would have refused a request of team %s",
+            w.window,
+            f"${micros_to_usd(w.micros)}",
+            w.scope,
+            "" if w.scope in ("org", "end_user") else w.name,
+            team,
+        )
 
 
 def refusal_error(refusal: Refusal) -> ProxyError:
@@ -44,6 +72,14 @@ def refusal_error(refusal: Refusal) -> ProxyError:
         )
     headers = rate_limit_headers(decision)
     scopes = refusal.scopes
+    window = refusal.window
+    if window is not None:
+        headers["x-should-retry"] = "false"
+        name = scopes.team.name if window.scope == "team" else window.name
+        message = budget_refusal(
+            window.scope, name, decision.window_spent_micros, window.micros, window.window, refusal.resets_at
+        )
+        return BudgetExceeded(message, headers=headers)
     who = f"key '{scopes.key.name}'" if decision.scope == "key" else f"team '{scopes.team.name}'"
     if decision.reason == "budget":
         headers["x-should-retry"] = "false"

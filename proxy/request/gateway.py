@@ -71,7 +71,7 @@ class Gateway:
             if snapshot.config.log_bodies:
                 outcome.request_body = call.body
             outcome.tags = parse_tags(request.headers.get("x-proxy-tags"), call.body)
-            ticket = outcome.ticket = await admit(self.limiter, caller, call, model)
+            ticket = outcome.ticket = await admit(self.limiter, caller, call, model, snapshot.config, request.headers)
             self.observer.admitted(outcome)
             reply = await self._forward(request, call, model, ticket, outcome, snapshot)
             handed_over = True  # the reply leaves the snapshot once it has settled

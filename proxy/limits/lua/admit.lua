@@ -5,11 +5,14 @@ if redis.replicate_commands then pcall(redis.replicate_commands) end
 
 -- ARGV by name, in the order of proxy/limits/layout.py ADMIT_ARGS (tests/test_layout.py checks
 -- that they agree); after them come day_count day labels, then
--- day_count + 1 day starts (epoch seconds)
+-- day_count + 1 day starts (epoch seconds), then window_count window budgets (any scope and
+-- window beyond the key's and team's enforced day budgets) as {limit, enforce, extra_ttl_ms}
+-- each. Window budget w has 2 * day_count keys before the marker: for each candidate day, its
+-- window's budget hash and holds (the window containing that day, named by layout.py)
 local ARG_NAMES = {'now_us', 'request_id', 'tokens', 'cost', 'lease_ttl_ms', 'day_margin_ms',
   'key_rpm', 'key_request_capacity', 'key_tpm', 'key_token_capacity', 'key_max_parallel',
   'key_budget', 'team_rpm', 'team_request_capacity', 'team_tpm', 'team_token_capacity',
-  'team_max_parallel', 'team_budget', 'day_count'}
+  'team_max_parallel', 'team_budget', 'day_count', 'window_count'}
 local args = {}
 for i, name in ipairs(ARG_NAMES) do args[name] = ARGV[i] end
 local UNLIMITED = -1  -- layout.UNLIMITED: a limit the scope does not have
@@ -128,12 +131,38 @@ for _, sc in ipairs(scopes) do
   end
 end
 
+-- window budgets: the one of each containing the chosen day; `enforce` 0 is shadow mode
+local windows = {}
+local wkeys = 7 + 4 * n  -- the key and team keys, then each day's two budgets with their holds
+for w = 1, tonumber(args.window_count) do
+  local at = labels + n + n + 1 + 3 * (w - 1)
+  local base = wkeys + 2 * n * (w - 1) + 2 * (day - 1)
+  local wb = {b = KEYS[base + 1], bl = KEYS[base + 2], budget = tonumber(ARGV[at + 1]),
+    enforce = ARGV[at + 2] == '1', ttl = day_left_ms + tonumber(ARGV[at + 3]) + day_margin}
+  purge_holds(wb.b, wb.bl)
+  local v = redis.call('HMGET', wb.b, 'spent', 'held')
+  wb.committed = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0)
+  windows[w] = wb
+end
+
 -- refusal priority: budget, then a request that can never fit, then the longest wait
 local reason, scope, retry, never = nil, nil, 0, 0
 for _, sc in ipairs(scopes) do
   if reason == nil and sc.budget ~= UNLIMITED and sc.committed + cost > sc.budget then
     reason, scope, retry = 'budget', sc, day_left_ms
     if cost > sc.budget then never = 1 end
+  end
+end
+-- the refusing window budget (1-based; 0: none) and the shadow ones that would have refused
+local refused_window, shadow = 0, {}
+for w, wb in ipairs(windows) do
+  if wb.committed + cost > wb.budget then
+    if not wb.enforce then
+      shadow[#shadow + 1] = tostring(w)
+    elseif reason == nil then
+      reason, scope, retry, refused_window = 'budget', {kind = 'window'}, day_left_ms, w
+      if cost > wb.budget then never = 1 end
+    end
   end
 end
 for _, sc in ipairs(scopes) do
@@ -179,6 +208,14 @@ if reason == nil then
       extend_ttl(sc.bl, day_left_ms + day_margin)
     end
   end
+  for _, wb in ipairs(windows) do
+    redis.call('HINCRBY', wb.b, 'held', int(cost))
+    redis.call('HSET', wb.b, 'h:' .. id, int(cost))
+    redis.call('ZADD', wb.bl, int(expires), id)
+    wb.committed = wb.committed + cost
+    extend_ttl(wb.b, wb.ttl)
+    extend_ttl(wb.bl, wb.ttl)
+  end
   local kt, tt = '0', '0'
   if scopes[1].tpm ~= UNLIMITED then kt = '1' end
   if scopes[2].tpm ~= UNLIMITED then tt = '1' end
@@ -203,7 +240,9 @@ for _, sc in ipairs(scopes) do
     budget = {sc.committed, sc.budget}
   end
 end
-if reason == 'budget' then budget = {scope.committed, scope.budget} end
+if reason == 'budget' and refused_window == 0 then budget = {scope.committed, scope.budget} end
+local window_reply = {0, 0}
+if refused_window > 0 then window_reply = {windows[refused_window].committed, windows[refused_window].budget} end
 rq = rq or {UNLIMITED, 0, 0}
 tk = tk or {UNLIMITED, 0, 0}
 budget = budget or {0, 0}
@@ -214,4 +253,5 @@ if reason ~= nil then admitted, reason_s, scope_s = 0, reason, scope.kind end
 local seen = {}
 for i, sc in ipairs(scopes) do seen[i] = sc.committed or UNLIMITED end
 return {admitted, reason_s, scope_s, retry, never, rq[1], rq[2], rq[3], tk[1], tk[2], tk[3],
-  budget[1], budget[2], label, math.ceil(day_left_ms / 1000), seen[1], seen[2]}
+  budget[1], budget[2], label, math.ceil(day_left_ms / 1000), seen[1], seen[2],
+  refused_window, window_reply[1], window_reply[2], table.concat(shadow, ',')}

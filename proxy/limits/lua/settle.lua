@@ -8,11 +8,13 @@
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 
 -- ARGV by name, in the order of proxy/limits/layout.py SETTLE_ARGS (tests/test_layout.py checks
--- that they agree); after them come the request's tags, `name=value`
+-- that they agree); after them come window_count alert thresholds (one per window budget, whose
+-- budget hash and holds are KEYS 12 onwards, two each), then the request's tags, `name=value`.
+-- The reply then carries each window budget's spent and crossed flag.
 local ARG_NAMES = {'now_us', 'request_id', 'done_ttl_s', 'ledger_ttl_s', 'late_budget_ttl_s',
   'key_tpm', 'key_token_capacity', 'team_tpm', 'team_token_capacity', 'cost', 'prompt_tokens',
   'completion_tokens', 'cached_tokens', 'key_name', 'model', 'key_alert', 'team_alert',
-  'ledger_max_fields', 'abandon'}
+  'ledger_max_fields', 'abandon', 'window_count'}
 local args = {}
 for i, name in ipairs(ARG_NAMES) do args[name] = ARGV[i] end
 local UNLIMITED = -1  -- layout.UNLIMITED: a limit the scope does not have
@@ -76,6 +78,7 @@ local function release_hold(budget, leases)
 end
 
 local prompt, completion = tonumber(args.prompt_tokens), tonumber(args.completion_tokens)
+local window_count = tonumber(args.window_count)
 local rec = redis.call('HMGET', KEYS[2], 'tokens', 'exp', 'kt', 'tt')
 local reserved, expires = tonumber(rec[1]), tonumber(rec[2])
 if reserved ~= nil and expires > now_ms then
@@ -89,12 +92,18 @@ if reserved ~= nil and expires > now_ms then
   redis.call('ZREM', KEYS[6], id)
   release_hold(KEYS[7], KEYS[8])
   release_hold(KEYS[9], KEYS[10])
+  for w = 1, window_count do release_hold(KEYS[10 + 2 * w], KEYS[11 + 2 * w]) end
 end
 redis.call('DEL', KEYS[2])
 if args.abandon == '1' then
   local key_spent = tonumber(redis.call('HGET', KEYS[7], 'spent')) or 0
   local team_spent = tonumber(redis.call('HGET', KEYS[9], 'spent')) or 0
-  return {1, key_spent, team_spent, 0, 0}
+  local reply = {1, key_spent, team_spent, 0, 0}
+  for w = 1, window_count do
+    reply[#reply + 1] = tonumber(redis.call('HGET', KEYS[10 + 2 * w], 'spent')) or 0
+    reply[#reply + 1] = 0
+  end
+  return reply
 end
 
 local reply = {1, 0, 0, 0, 0}
@@ -107,6 +116,17 @@ for i, budget in ipairs({KEYS[7], KEYS[9]}) do
   if alert ~= UNLIMITED and spent >= alert and redis.call('HSETNX', budget, 'alerted', '1') == 1 then
     reply[3 + i] = 1
   end
+end
+
+for w = 1, window_count do
+  local budget = KEYS[10 + 2 * w]
+  local spent = redis.call('HINCRBY', budget, 'spent', args.cost)
+  if redis.call('TTL', budget) < 0 then redis.call('EXPIRE', budget, args.late_budget_ttl_s) end
+  local alert = tonumber(ARGV[#ARG_NAMES + w])
+  local crossed = 0
+  if alert ~= UNLIMITED and spent >= alert and redis.call('HSETNX', budget, 'alerted', '1') == 1 then crossed = 1 end
+  reply[#reply + 1] = spent
+  reply[#reply + 1] = crossed
 end
 
 local metrics = {
@@ -122,7 +142,7 @@ book('model' .. SEP .. args.key_name .. SEP .. args.model)
 -- tags come from clients: past `ledger_max_fields` fields, a team-day's ledger books new tags as one
 -- 'other=overflow' tag, so a unique `user` per request cannot grow the hash without bound
 local tags_fit = redis.call('HLEN', KEYS[11]) < tonumber(args.ledger_max_fields)
-for i = #ARG_NAMES + 1, #ARGV do
+for i = #ARG_NAMES + window_count + 1, #ARGV do
   local tag = 'tag' .. SEP .. ARGV[i]
   if tags_fit or redis.call('HEXISTS', KEYS[11], tag .. SEP .. 'requests') == 1 then
     book(tag)
