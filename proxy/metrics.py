@@ -148,6 +148,8 @@ class Metrics:
             ("prompt", usage.prompt_tokens),
             ("completion", usage.completion_tokens),
             ("cached", usage.cached_tokens),
+            ("cache_write", usage.cache_write_tokens),
+            ("reasoning", usage.reasoning_tokens),
         ):
             if value:
                 self.tokens.labels(team, key, model, kind).inc(value)

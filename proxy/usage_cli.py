@@ -25,6 +25,8 @@ NUMBERS = [
     "prompt_tokens",
     "completion_tokens",
     "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
 ]
 
 

@@ -11,7 +11,7 @@ from .config import Config
 from .pricing import micros_to_usd, usd_to_micros
 
 Report = dict[str, Any]  # a JSON object of the report
-COUNTS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens")
+COUNTS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens")
 
 
 def _usd(micros: int) -> float:

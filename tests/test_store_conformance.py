@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import random
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
@@ -413,44 +414,48 @@ async def test_late_settle_after_reservation_expired(store, clock):
 async def test_ledger(store):
     t = team()
     a, b = key("a"), key("b")
-    for k, model, tags, prompt, completion, cached, cost in [
-        (a, "gpt-4o", (("role", "x"), ("env", "ci")), 100, 20, 10, 1500),
-        (a, "gpt-4o", (("role", "x"),), 50, 5, 0, 700),
-        (a, "mini", (), 10, 1, 0, 3),
-        (b, "mini", (("role", "y"),), 7, 2, 1, 4),
+    for k, model, tags, prompt, completion, cached, cost, written, reasoning in [
+        (a, "gpt-4o", (("role", "x"), ("env", "ci")), 100, 20, 10, 1500, 0, 0),
+        (a, "gpt-4o", (("role", "x"),), 50, 5, 0, 700, 0, 0),
+        (a, "mini", (), 10, 1, 0, 3, 0, 0),
+        (b, "mini", (("role", "y"),), 7, 2, 1, 4, 3, 1),  # every priced class is booked
     ]:
         adm = admission(k, t, tokens=500, cost=5000)
         assert (await store.admit(adm)).admitted
-        assert await store.settle(settlement(adm, prompt, completion, cost, model=model, tags=tags, cached=cached))
+        usage = Usage(prompt, completion, cached, written, reasoning)
+        done = settlement(adm, cost=cost, model=model, tags=tags)
+        assert await store.settle(replace(done, usage=usage))
     failed = admission(b, t)
     assert (await store.admit(failed)).admitted
     assert await store.settle(settlement(failed, model="mini", succeeded=False))
 
-    def m(spend, requests, prompt, completion, cached):
+    def m(spend, requests, prompt, completion, cached, written=0, reasoning=0):
         return {
             "spend_micros": spend,
             "requests": requests,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "cached_tokens": cached,
+            "cache_write_tokens": written,
+            "reasoning_tokens": reasoning,
         }
 
     assert await store.usage("2023-11-15", ["platform", "nobody"]) == {
         "date": "2023-11-15",
         "teams": {
             "platform": {
-                **m(2207, 5, 167, 28, 11),
+                **m(2207, 5, 167, 28, 11, 3, 1),
                 "keys": {
                     "a": {
                         **m(2203, 3, 160, 26, 10),
                         "models": {"gpt-4o": m(2200, 2, 150, 25, 10), "mini": m(3, 1, 10, 1, 0)},
                     },
-                    "b": {**m(4, 2, 7, 2, 1), "models": {"mini": m(4, 2, 7, 2, 1)}},
+                    "b": {**m(4, 2, 7, 2, 1, 3, 1), "models": {"mini": m(4, 2, 7, 2, 1, 3, 1)}},
                 },
                 "tags": {
                     "role=x": m(2200, 2, 150, 25, 10),
                     "env=ci": m(1500, 1, 100, 20, 10),
-                    "role=y": m(4, 1, 7, 2, 1),
+                    "role=y": m(4, 1, 7, 2, 1, 3, 1),
                 },
             },
             "nobody": {**m(0, 0, 0, 0, 0), "keys": {}, "tags": {}},
@@ -688,7 +693,7 @@ async def test_settled_markers_live_minutes_not_days(store, clock):
 async def test_tags_past_the_ledger_cap_fold_into_overflow(store, monkeypatch):
     from proxy.limits import layout
 
-    monkeypatch.setattr(layout, "LEDGER_MAX_FIELDS", 40)  # the team, key, model and 5 tags of 5 fields each
+    monkeypatch.setattr(layout, "LEDGER_MAX_FIELDS", 56)  # the team, key, model and 5 tags of 7 fields each
     k, t = key(), team()
     for n in range(12):
         a = admission(k, t)

@@ -51,7 +51,7 @@ DAY_MARGIN_MS = 2 * 86_400_000  # a budget day's records outlive the day by this
 DONE_TTL_S = 15 * 60
 LATE_BUDGET_TTL_S = 3 * 86_400  # a budget day record first created by a late settlement
 UNLIMITED = -1  # a limit the scope does not have, in script arguments and replies (`UNLIMITED` in the Lua)
-LEDGER_MAX_FIELDS = 20_000  # a team-day's ledger books new tags as other=overflow past this (~4k tags)
+LEDGER_MAX_FIELDS = 20_000  # a team-day's ledger books new tags as other=overflow past this (~2.8k tags of 7 fields)
 
 
 class Layout:
@@ -170,6 +170,8 @@ SETTLE_ARGS = (
     "prompt_tokens",
     "completion_tokens",
     "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
     "key_name",
     "model",
     "key_alert",
@@ -235,6 +237,8 @@ def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list[Ar
         "prompt_tokens": s.usage.prompt_tokens,
         "completion_tokens": s.usage.completion_tokens,
         "cached_tokens": s.usage.cached_tokens,
+        "cache_write_tokens": s.usage.cache_write_tokens,
+        "reasoning_tokens": s.usage.reasoning_tokens,
         "key_name": s.key.name,
         "model": s.model,
         "key_alert": _or_unlimited(s.key.alert_micros),

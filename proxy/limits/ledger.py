@@ -13,8 +13,9 @@ Fields are `<kind> SEP <name>... SEP <metric>` with integer values (HINCRBY):
         "keys": {key: {<metrics>, "models": {model: {<metrics>}}}},
         "tags": {"role=x": {<metrics>}}}}}
 
-where <metrics> are the integers spend_micros, requests, prompt_tokens, completion_tokens and
-cached_tokens.
+where <metrics> are the integers spend_micros, requests, prompt_tokens, completion_tokens,
+cached_tokens, cache_write_tokens (both within prompt_tokens) and reasoning_tokens (within
+completion_tokens): every class the invoice prices.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from collections.abc import Mapping
 from typing import Any
 
 SEP = "\x1f"
-METRICS = ("spend_micros", "requests", "prompt_tokens", "completion_tokens", "cached_tokens")
+METRICS = (
+    "spend_micros",
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
 
 
 def _zero() -> dict[str, Any]:

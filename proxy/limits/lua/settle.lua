@@ -13,7 +13,7 @@ if redis.replicate_commands then pcall(redis.replicate_commands) end
 -- The reply then carries each window budget's spent and crossed flag.
 local ARG_NAMES = {'now_us', 'request_id', 'done_ttl_s', 'ledger_ttl_s', 'late_budget_ttl_s',
   'key_tpm', 'key_token_capacity', 'team_tpm', 'team_token_capacity', 'cost', 'prompt_tokens',
-  'completion_tokens', 'cached_tokens', 'key_name', 'model', 'key_alert', 'team_alert',
+  'completion_tokens', 'cached_tokens', 'cache_write_tokens', 'reasoning_tokens', 'key_name', 'model', 'key_alert', 'team_alert',
   'ledger_max_fields', 'abandon', 'window_count'}
 local args = {}
 for i, name in ipairs(ARG_NAMES) do args[name] = ARGV[i] end
@@ -132,6 +132,7 @@ end
 local metrics = {
   {'spend_micros', args.cost}, {'requests', '1'}, {'prompt_tokens', args.prompt_tokens},
   {'completion_tokens', args.completion_tokens}, {'cached_tokens', args.cached_tokens},
+  {'cache_write_tokens', args.cache_write_tokens}, {'reasoning_tokens', args.reasoning_tokens},
 }
 local function book(prefix)
   for _, m in ipairs(metrics) do redis.call('HINCRBY', KEYS[11], prefix .. SEP .. m[1], m[2]) end
