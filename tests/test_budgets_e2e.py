@@ -331,3 +331,24 @@ def test_reservation_covers_the_larger_of_max_tokens_and_max_completion_tokens(o
     swapped = {**CHAT, "max_tokens": 1, "max_completion_tokens": 1000}
     assert error_reply(post(server, swapped)) == nothing_spent
     assert post(server, {**CHAT, "max_tokens": 1, "max_completion_tokens": 1}).status_code == 200
+
+
+def test_a_shadow_budget_never_refuses_but_counts_and_logs_each_would_be_refusal(on_redis, caplog):
+    """`enforce: false`: every call is served; each one the budget would have refused is counted
+    as llm_proxy_rejections_total{shadow="true"} and logged (naming no key)."""
+    shadow = [{"window": "month", "usd": "0.00003", "enforce": False}]
+    server = on_redis(lambda data: data["keys"]["alice"].update(budgets=shadow))
+    with caplog.at_level("WARNING", logger="proxy.limits"):
+        # committed before each call: 0, 11, 22, 33, 44 µ$; with its 14 µ$ reservation the 3rd,
+        # 4th and 5th would pass 30 µ$
+        assert [post(server).status_code for _ in range(5)] == [200] * 5
+    server.wait_settled()
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'llm_proxy_rejections_total{key="alice",reason="budget",shadow="true",team="platform"} 3.0' in metrics
+    assert 'shadow="false"' not in metrics  # nothing was refused
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shadow mode")]
+    assert (
+        logged
+        == ["shadow mode: the monthly budget of key alice ($0.00003) would have refused a request of team platform"] * 3
+    )
+    assert not any(secret in line for line in logged for secret in KEYS.values())

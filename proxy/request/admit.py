@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-from ..budget_refusal import budget_refusal
+from ..budget_refusal import budget_refusal, usd_text
+from ..budget_windows import ADJECTIVES
 from ..config import Config, Model
 from ..errors import BudgetExceeded, ProxyError, RateLimited, StoreUnavailable
 from ..http.responses import new_request_id
@@ -20,7 +21,7 @@ from ..limits.admission import Refusal, Ticket
 from ..limits.headers import openai_duration, rate_limit_headers, retry_headers
 from ..limits.limiter import Limiter, reserved_tokens
 from ..limits.types import WindowBudget
-from ..pricing import format_usd, micros_to_usd, reservation_micros
+from ..pricing import format_usd, reservation_micros
 from .authenticate import Caller
 from .call import Call
 from .end_user import end_user_of
@@ -54,12 +55,12 @@ async def admit(
 def shadow_refusals(windows: Sequence[WindowBudget], team: str) -> None:
     """Log the budgets in shadow mode (`enforce: false`) that would have refused this request."""
     for w in windows:
+        whose = {"org": "the organisation", "end_user": "an end user"}.get(w.scope, f"{w.scope} {w.name}")
         log.warning(
-            "shadow mode: the %s %s budget of %s %s would have refused a request of team %s",
-            w.window,
-            f"${micros_to_usd(w.micros)}",
-            w.scope,
-            "" if w.scope in ("org", "end_user") else w.name,
+            "shadow mode: the %s budget of %s (%s) would have refused a request of team %s",
+            ADJECTIVES[w.window],
+            whose,
+            usd_text(w.micros),
             team,
         )
 
