@@ -79,6 +79,15 @@ def label_of_day(window: Window, day: str) -> str:
     return _label(window, _first_day(window, date.fromisoformat(day)))
 
 
+def days_of(window: Window, day: str, until: str | None = None) -> list[str]:
+    """The days ("YYYY-MM-DD") of the `window` containing `day`, up to `until` if it ends later."""
+    first = _first_day(window, date.fromisoformat(day))
+    last = _shift(window, first, 1) - timedelta(days=1)
+    if until is not None:
+        last = min(last, date.fromisoformat(until))
+    return [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
+
+
 def _start(day: date, zone: ZoneInfo) -> int:
     """The first instant of `day` in `zone`. A midnight skipped by DST resolves (fold=0, the
     offset before the change) to the instant of the change: still the day's first instant."""

@@ -28,6 +28,15 @@ CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], 
 # token and min(16, max_tokens) completion tokens. At $0.27 in and $1.10 out per Mtok, max_tokens=10
 # reserves ceil(8 × 0.27 + 10 × 1.10) = 14 µ$ and costs round(0.27 + 11) = 11 µ$.
 RESERVED, COST = 14, 11
+NUMBERS_WITHOUT_BUDGET = [
+    "spend_usd",
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+]
 
 
 def post(server, body=CHAT, key="alice", headers=None, endpoint="/chat/completions"):
@@ -243,6 +252,22 @@ def test_usage_cli_table_and_json(on_redis, tmp_path, redis_url):
         timeout=30,
     )
     assert "alice" in by_key.stdout and "1.000000" in by_key.stdout  # the key's budget column
+    post(server, {**CHAT, "user": "ann"})
+    server.wait_settled()
+    for source in (["--url", server.url], ["--config", str(config_path)]):
+        by_end_user = subprocess.run(
+            [sys.executable, "-m", "proxy", "usage", *source, "--by", "end_user", "--window", "month"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+        assert by_end_user.returncode == 0, by_end_user.stderr
+        month = datetime.now(ZoneInfo("UTC")).strftime("%Y-%m")
+        lines = by_end_user.stdout.splitlines()
+        assert lines[0] == f"usage in {month} (USD), by end_user"
+        assert lines[1].split() == ["team", "end_user", *NUMBERS_WITHOUT_BUDGET]
+        assert lines[2].split()[:4] == ["platform", "ann", "0.000011", "1"]
 
 
 def test_day_rollover_in_the_budget_timezone(on_redis):
@@ -352,3 +377,26 @@ def test_a_shadow_budget_never_refuses_but_counts_and_logs_each_would_be_refusal
         == ["shadow mode: the monthly budget of key alice ($0.00003) would have refused a request of team platform"] * 3
     )
     assert not any(secret in line for line in logged for secret in KEYS.values())
+
+
+def test_usage_by_end_user_over_a_window_lists_the_top_spenders(on_redis):
+    """End users as the request names them (safety_identifier, else user, else the header), booked
+    in the ledger and reported per window, the top spender first; never a metric label."""
+    server = on_redis(lambda data: None)
+    assert post(server, {**CHAT, "user": "ann"}).status_code == 200
+    assert post(server, {**CHAT, "user": "ann"}).status_code == 200
+    assert post(server, {**CHAT, "user": "ann", "safety_identifier": "sid-1"}).status_code == 200
+    assert post(server, headers={"x-proxy-end-user": "hdr"}).status_code == 200
+    for window in ("day", "week", "month"):
+        report = admin_get(server, "/admin/usage", window=window, by="end_user").json()
+        end_users = report["teams"]["platform"]["end_users"]
+        assert list(end_users) == ["ann", "hdr", "sid-1"]
+        assert [(u["requests"], u["spend_micros"]) for u in end_users.values()] == [(2, 2 * COST), (1, COST), (1, COST)]
+    assert admin_get(server, "/admin/usage", window="month").json()["date"] == datetime.now(ZoneInfo("UTC")).strftime(
+        "%Y-%m"
+    )
+    refused = admin_get(server, "/admin/usage", window="year")
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"] == "`window` must be day, week or month."
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "ann" not in metrics and "sid-1" not in metrics and "hdr" not in metrics

@@ -424,7 +424,7 @@ async def test_ledger(store):
         assert (await store.admit(adm)).admitted
         usage = Usage(prompt, completion, cached, written, reasoning)
         done = settlement(adm, cost=cost, model=model, tags=tags)
-        assert await store.settle(replace(done, usage=usage))
+        assert await store.settle(replace(done, usage=usage, end_user="u-7" if k is b else ""))
     failed = admission(b, t)
     assert (await store.admit(failed)).admitted
     assert await store.settle(settlement(failed, model="mini", succeeded=False))
@@ -457,8 +457,9 @@ async def test_ledger(store):
                     "env=ci": m(1500, 1, 100, 20, 10),
                     "role=y": m(4, 1, 7, 2, 1, 3, 1),
                 },
+                "end_users": {"u-7": m(4, 1, 7, 2, 1, 3, 1)},
             },
-            "nobody": {**m(0, 0, 0, 0, 0), "keys": {}, "tags": {}},
+            "nobody": {**m(0, 0, 0, 0, 0), "keys": {}, "tags": {}, "end_users": {}},
         },
     }
     assert (await store.usage("2023-11-16", ["platform"]))["teams"]["platform"]["requests"] == 0

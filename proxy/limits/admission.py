@@ -45,6 +45,7 @@ class Ticket:
     renewed_at: float = 0.0  # monotonic time of admission, then of the last lease renewal
     shared_windows: tuple[WindowBudget, ...] = ()  # its window budgets in the shared store
     fallback_windows: tuple[WindowBudget, ...] = ()  # ... and in the fallback (divided by the replicas)
+    end_user: str = ""  # who the request named as its end user, if anyone
 
     @property
     def windows(self) -> tuple[WindowBudget, ...]:
@@ -175,6 +176,7 @@ class Admitter:
             degraded,
             shared_windows=windows,
             fallback_windows=fallback_windows,
+            end_user=end_user or "",
         )
 
     def _saw(self, scopes: Scopes, decision: Decision) -> None:

@@ -179,6 +179,7 @@ SETTLE_ARGS = (
     "ledger_max_fields",
     "abandon",
     "window_count",
+    "end_user",
 )
 RENEW_ARGS = ("now_us", "request_id", "lease_ttl_ms")  # renew.lua's ARGV
 
@@ -246,6 +247,7 @@ def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list[Ar
         "ledger_max_fields": LEDGER_MAX_FIELDS,
         "abandon": 1 if s.abandoned else 0,
         "window_count": len(s.windows),
+        "end_user": s.end_user,
     }
     alerts = [_or_unlimited(w.alert_micros) for w in s.windows]
     return [*(named[name] for name in SETTLE_ARGS), *alerts, *(f"{k}={v}" for k, v in s.tags)]

@@ -72,6 +72,7 @@ class Settler:
             tags,
             succeeded,
             windows=ticket.windows,
+            end_user=ticket.end_user,
         )
         if ticket.degraded:
             await ticket.store.settle(settlement)  # the fallback store (limits / replicas) never fails

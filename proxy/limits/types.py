@@ -176,6 +176,7 @@ class Settlement:
     # have reserved, mark the id settled (so the admit, if it arrives later, is a no-op), book nothing
     abandoned: bool = False
     windows: tuple[WindowBudget, ...] = ()
+    end_user: str = ""  # who the request named as its end user ("" for none): booked in the ledger
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ async def admit(
 ) -> Ticket:
     """The ticket of an admitted call; raises the client's error for a refusal."""
     scopes = caller.scopes
-    end_user = end_user_of(call.body, headers, config.end_user_identity) if scopes.end_user else None
+    end_user = end_user_of(call.body, headers, config.end_user_identity)
     admitted = await limiter.admit(
         new_request_id(),
         scopes,

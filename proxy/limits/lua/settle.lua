@@ -14,7 +14,7 @@ if redis.replicate_commands then pcall(redis.replicate_commands) end
 local ARG_NAMES = {'now_us', 'request_id', 'done_ttl_s', 'ledger_ttl_s', 'late_budget_ttl_s',
   'key_tpm', 'key_token_capacity', 'team_tpm', 'team_token_capacity', 'cost', 'prompt_tokens',
   'completion_tokens', 'cached_tokens', 'cache_write_tokens', 'reasoning_tokens', 'key_name', 'model', 'key_alert', 'team_alert',
-  'ledger_max_fields', 'abandon', 'window_count'}
+  'ledger_max_fields', 'abandon', 'window_count', 'end_user'}
 local args = {}
 for i, name in ipairs(ARG_NAMES) do args[name] = ARGV[i] end
 local UNLIMITED = -1  -- layout.UNLIMITED: a limit the scope does not have
@@ -143,6 +143,15 @@ book('model' .. SEP .. args.key_name .. SEP .. args.model)
 -- tags come from clients: past `ledger_max_fields` fields, a team-day's ledger books new tags as one
 -- 'other=overflow' tag, so a unique `user` per request cannot grow the hash without bound
 local tags_fit = redis.call('HLEN', KEYS[11]) < tonumber(args.ledger_max_fields)
+-- the end user (if the request named one) is booked like a tag: past the cap, as 'other=overflow'
+if args.end_user ~= '' then
+  local who = 'end_user' .. SEP .. args.end_user
+  if tags_fit or redis.call('HEXISTS', KEYS[11], who .. SEP .. 'requests') == 1 then
+    book(who)
+  else
+    book('tag' .. SEP .. 'other=overflow')
+  end
+end
 for i = #ARG_NAMES + window_count + 1, #ARGV do
   local tag = 'tag' .. SEP .. ARGV[i]
   if tags_fit or redis.call('HEXISTS', KEYS[11], tag .. SEP .. 'requests') == 1 then
