@@ -400,3 +400,46 @@ def test_usage_by_end_user_over_a_window_lists_the_top_spenders(on_redis):
     assert refused.json()["error"]["message"] == "`window` must be day, week or month."
     metrics = httpx.get(server.url + "/metrics").text
     assert "ann" not in metrics and "sid-1" not in metrics and "hdr" not in metrics
+
+
+@pytest.mark.parametrize("fmt", ["json", "slack"])
+def test_window_alerts_fire_once_per_threshold_and_post_the_chosen_format(on_redis, caplog, fmt):
+    """`alerts: {thresholds, webhook_url, format}` on a team's month budget: each threshold fires
+    once (settle.lua's HSETNX per threshold), retried off the request path, never carrying a key."""
+    receiver = WebhookReceiver(fail_first=1)
+    try:
+
+        def patch(data):
+            data["teams"]["platform"]["budgets"] = [{"window": "month", "usd": "0.0001"}]
+            data["alerts"] = {"thresholds": [0.2, 0.5], "webhook_url": receiver.url, "format": fmt}
+
+        server = on_redis(patch)
+        with caplog.at_level("WARNING", logger="proxy.budgets"):
+            # spent after each call: 11, 22 (crosses 20 µ$), 33, 44, 55 (crosses 50 µ$), 66, 77
+            for _ in range(7):
+                assert post(server).status_code == 200
+            deadline = time.monotonic() + 10
+            while len(receiver.events) < 2:
+                assert time.monotonic() < deadline, f"webhooks not delivered: {receiver.events}"
+                time.sleep(0.02)
+        time.sleep(0.3)
+        month = datetime.now(ZoneInfo("UTC")).strftime("%Y-%m")
+        texts = [
+            f"budget alert: team 'platform' has spent ${spent} of its $0.0001 monthly budget for {month} ({ratio})"
+            for spent, ratio in (("0.000022", "20% threshold"), ("0.000055", "50% threshold"))
+        ]
+        assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("budget alert")] == texts
+        assert receiver.attempts == 3  # the first post failed and was retried
+        if fmt == "slack":
+            assert receiver.events == [{"text": text} for text in texts]
+        else:
+            assert [
+                (e["scope"], e["name"], e["window"], e["period"], e["spent_usd"], e["threshold"])
+                for e in receiver.events
+            ] == [
+                ("team", "platform", "month", month, "0.000022", 0.2),
+                ("team", "platform", "month", month, "0.000055", 0.5),
+            ]
+        assert not any(secret in json.dumps(receiver.events) for secret in (*KEYS.values(), UPSTREAM_KEY, ADMIN_KEY))
+    finally:
+        receiver.close()

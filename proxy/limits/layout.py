@@ -249,7 +249,7 @@ def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list[Ar
         "window_count": len(s.windows),
         "end_user": s.end_user,
     }
-    alerts = [_or_unlimited(w.alert_micros) for w in s.windows]
+    alerts = [",".join(str(t) for t in w.alerts) for w in s.windows]
     return [*(named[name] for name in SETTLE_ARGS), *alerts, *(f"{k}={v}" for k, v in s.tags)]
 
 
@@ -278,7 +278,7 @@ def decode_settled(reply: ScriptReply) -> Settled:
         bool(key_crossed),
         bool(team_crossed),
         tuple(windows[0::2]),
-        tuple(bool(x) for x in windows[1::2]),
+        tuple(windows[1::2]),
     )
 
 

@@ -38,14 +38,15 @@ def scope_limits(
 
 
 def window_budgets(
-    scope: BudgetScope, name: str, budgets: tuple[Budget, ...], divisor: int = 1, alert_ratio: float = 1.0
+    scope: BudgetScope, name: str, budgets: tuple[Budget, ...], divisor: int = 1, thresholds: tuple[float, ...] = ()
 ) -> tuple[WindowBudget, ...]:
-    """The budgets of one scope as window budgets, each divided by `divisor` (at least 1 micro)."""
+    """The budgets of one scope as window budgets, each divided by `divisor` (at least 1 micro),
+    with an alert at each threshold (a fraction of the budget)."""
     found = []
     for budget in budgets:
         micros = max(1, usd_to_micros(budget.usd) // divisor)
-        alert = math.ceil(micros * alert_ratio)
-        found.append(WindowBudget(scope, name, budget.window, micros, budget.enforce, alert))
+        alerts = tuple(math.ceil(micros * t) for t in thresholds)
+        found.append(WindowBudget(scope, name, budget.window, micros, budget.enforce, alerts))
     return tuple(found)
 
 
@@ -87,6 +88,7 @@ def scopes_for(config: Config, key_name: str) -> Scopes:
     key = config.keys[key_name]
     team = config.teams[key.team]
     ratio, replicas = config.budget_alert_ratio, config.store.replicas
+    thresholds = tuple(sorted(config.alerts.thresholds)) if config.alerts is not None else (ratio,)
     if config.alerts is not None:
         ratio = min(config.alerts.thresholds)
     key_day, key_windows = _day_budget(key.all_budgets())
@@ -102,9 +104,9 @@ def scopes_for(config: Config, key_name: str) -> Scopes:
 
     def windows(divisor: int) -> tuple[WindowBudget, ...]:
         return (
-            window_budgets("org", "", org_budgets, divisor, ratio)
-            + window_budgets("team", key.team, team_windows, divisor, ratio)
-            + window_budgets("key", key_name, key_windows, divisor, ratio)
+            window_budgets("org", "", org_budgets, divisor, thresholds)
+            + window_budgets("team", key.team, team_windows, divisor, thresholds)
+            + window_budgets("key", key_name, key_windows, divisor, thresholds)
         )
 
     (key_scope, team_scope), (fallback_key, fallback_team) = both(1), both(replicas)
@@ -115,6 +117,6 @@ def scopes_for(config: Config, key_name: str) -> Scopes:
         fallback_team,
         windows(1),
         windows(replicas),
-        window_budgets("end_user", "", end_user_budgets, 1, ratio),
-        window_budgets("end_user", "", end_user_budgets, replicas, ratio),
+        window_budgets("end_user", "", end_user_budgets, 1, thresholds),
+        window_budgets("end_user", "", end_user_budgets, replicas, thresholds),
     )

@@ -39,7 +39,7 @@ class WindowBudget:
     window: Window
     micros: int
     enforce: bool = True
-    alert_micros: int | None = None
+    alerts: tuple[int, ...] = ()  # spend thresholds (ascending) at which an alert fires once each
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +189,8 @@ class Settled:
     key_crossed: bool = False  # this settlement pushed the key past its alert threshold (once a day)
     team_crossed: bool = False
     window_spent_micros: tuple[int, ...] = ()  # each window budget's settled spend after this request
-    window_crossed: tuple[bool, ...] = ()  # ... and whether this settlement crossed its alert threshold
+    # ... and the highest of its alert thresholds this settlement crossed first (1-based; 0: none)
+    window_crossed: tuple[int, ...] = ()
 
     def __bool__(self) -> bool:
         return self.applied

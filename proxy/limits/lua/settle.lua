@@ -8,7 +8,8 @@
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 
 -- ARGV by name, in the order of proxy/limits/layout.py SETTLE_ARGS (tests/test_layout.py checks
--- that they agree); after them come window_count alert thresholds (one per window budget, whose
+-- that they agree); after them come window_count alert thresholds (one comma-separated list of
+-- spend thresholds per window budget, whose
 -- budget hash and holds are KEYS 12 onwards, two each), then the request's tags, `name=value`.
 -- The reply then carries each window budget's spent and crossed flag.
 local ARG_NAMES = {'now_us', 'request_id', 'done_ttl_s', 'ledger_ttl_s', 'late_budget_ttl_s',
@@ -122,9 +123,12 @@ for w = 1, window_count do
   local budget = KEYS[10 + 2 * w]
   local spent = redis.call('HINCRBY', budget, 'spent', args.cost)
   if redis.call('TTL', budget) < 0 then redis.call('EXPIRE', budget, args.late_budget_ttl_s) end
-  local alert = tonumber(ARGV[#ARG_NAMES + w])
-  local crossed = 0
-  if alert ~= UNLIMITED and spent >= alert and redis.call('HSETNX', budget, 'alerted', '1') == 1 then crossed = 1 end
+  -- each threshold fires once per budget window across replicas: the highest one crossed first here
+  local crossed, i = 0, 0
+  for threshold in string.gmatch(ARGV[#ARG_NAMES + w], '[^,]+') do
+    i = i + 1
+    if spent >= tonumber(threshold) and redis.call('HSETNX', budget, 'alerted:' .. i, '1') == 1 then crossed = i end
+  end
   reply[#reply + 1] = spent
   reply[#reply + 1] = crossed
 end
