@@ -443,3 +443,16 @@ def test_window_alerts_fire_once_per_threshold_and_post_the_chosen_format(on_red
         assert not any(secret in json.dumps(receiver.events) for secret in (*KEYS.values(), UPSTREAM_KEY, ADMIN_KEY))
     finally:
         receiver.close()
+
+
+def test_end_user_limits_apply_to_each_end_user_of_the_team(on_redis):
+    """`teams.NAME.end_users.limits`: each distinct end user gets its own rpm; the refusal names the
+    end user as the request did; another end user, or a request naming none, is not limited."""
+    server = on_redis(lambda data: data["teams"]["platform"].update(end_users={"limits": {"rpm": 2}}))
+    assert [post(server, {**CHAT, "user": "ann"}).status_code for _ in range(2)] == [200, 200]
+    refused = post(server, {**CHAT, "user": "ann"})
+    assert refused.status_code == 429
+    message = refused.json()["error"]["message"]
+    assert message.startswith("Rate limit reached for end user 'ann' on requests per minute. Please try again in ")
+    assert post(server, headers={"x-proxy-end-user": "bob"}).status_code == 200
+    assert [post(server).status_code for _ in range(3)] == [200, 200, 200]

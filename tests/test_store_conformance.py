@@ -827,3 +827,37 @@ async def test_window_holds_are_released_by_an_abandoned_admission_and_renewed_w
     )
     assert (await store.settle(abandoned)).window_spent_micros == (0,)
     assert (await admit_window(store, window_days(now), windows, 100))[1].admitted
+
+
+def end_user(name: str, **limits) -> ScopeLimits:
+    return ScopeLimits("end_user", name, **limits)
+
+
+async def test_each_end_user_has_limits_of_its_own(store, clock):
+    """The team's end-user limits apply to each end user separately, in the same admission."""
+    ann, bob = end_user("ann", rpm=2, max_parallel=1), end_user("bob", rpm=2, max_parallel=1)
+    first = admission(key(), team(), user=ann)
+    assert (await store.admit(first)).admitted
+    refused = await store.admit(admission(key(), team(), user=ann))
+    assert (refused.admitted, refused.reason, refused.scope) == (False, "parallel", "end_user")
+    assert (await store.admit(admission(key(), team(), user=bob))).admitted  # another end user
+    assert await store.settle(replace(settlement(first), user=ann))  # releases ann's slot
+    second = admission(key(), team(), user=ann)
+    assert (await store.admit(second)).admitted
+    assert await store.settle(replace(settlement(second), user=ann))
+    refused = await store.admit(admission(key(), team(), user=ann))  # two a minute, both used
+    assert (refused.admitted, refused.reason, refused.scope, refused.retry_after_ms) == (
+        False,
+        "rpm",
+        "end_user",
+        30_000,
+    )
+
+
+async def test_an_end_users_tokens_are_refunded_at_settlement(store, clock):
+    ann = end_user("ann", tpm=1000)
+    a = admission(key(), team(), tokens=800, user=ann)
+    assert (await store.admit(a)).admitted
+    assert (await store.admit(admission(key(), team(), tokens=300, user=ann))).scope == "end_user"
+    assert await store.settle(replace(settlement(a, prompt=50, completion=50), user=ann))  # 700 back
+    assert (await store.admit(admission(key(), team(), tokens=800, user=ann))).admitted

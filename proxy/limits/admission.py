@@ -27,7 +27,7 @@ from .health import StoreHealth
 from .journal import Journal
 from .memory_store import MemoryStore
 from .scopes import Scopes
-from .types import Admission, BudgetDay, Decision, ScopeLimits, Settlement, Store, Usage, WindowBudget
+from .types import NO_END_USER, Admission, BudgetDay, Decision, ScopeLimits, Settlement, Store, Usage, WindowBudget
 
 
 @dataclass(slots=True)
@@ -46,6 +46,12 @@ class Ticket:
     shared_windows: tuple[WindowBudget, ...] = ()  # its window budgets in the shared store
     fallback_windows: tuple[WindowBudget, ...] = ()  # ... and in the fallback (divided by the replicas)
     end_user: str = ""  # who the request named as its end user, if anyone
+    shared_user: ScopeLimits = NO_END_USER  # its end user's limits in the shared store
+    fallback_user: ScopeLimits = NO_END_USER  # ... and in the fallback
+
+    @property
+    def user_scope(self) -> ScopeLimits:
+        return self.fallback_user if self.degraded else self.shared_user
 
     @property
     def windows(self) -> tuple[WindowBudget, ...]:
@@ -80,6 +86,7 @@ class Refusal:
     decision: Decision | None
     windows: tuple[WindowBudget, ...] = ()  # the window budgets it was checked against
     resets_at: int = 0  # when the refusing window budget's window ends (epoch seconds)
+    user: ScopeLimits = NO_END_USER  # the end user's limits it was checked against
 
     @property
     def window(self) -> WindowBudget | None:
@@ -122,11 +129,12 @@ class Admitter:
     ) -> Ticket | Refusal:
         days = self.calendar.candidates()
         windows, fallback_windows = scopes.for_end_user(end_user)
+        user, fallback_user = scopes.user_for(end_user)
         if days.labels != self._seen_days:  # a new day: forget what was seen on days gone by
             self._seen_days = days.labels
             self.seen_committed = {m: v for m, v in self.seen_committed.items() if m[3] in days.labels}
         admission = Admission(
-            request_id, scopes.team, scopes.key, tokens, cost_micros, days, self.lease_ttl_ms, windows
+            request_id, scopes.team, scopes.key, tokens, cost_micros, days, self.lease_ttl_ms, windows, user
         )
         store: Store = self.store
         degraded = False
@@ -155,6 +163,7 @@ class Admitter:
                     days,
                     self.lease_ttl_ms,
                     fallback_windows,
+                    fallback_user,
                 )
             )
             if sent and not decision.admitted:
@@ -165,7 +174,7 @@ class Admitter:
             resets_at = 0
             if decision.window is not None:
                 resets_at = self.calendar.window_end(checked[decision.window].window, decision.day)
-            return Refusal(scopes, decision, checked, resets_at)
+            return Refusal(scopes, decision, checked, resets_at, fallback_user if degraded else user)
         return Ticket(
             request_id,
             scopes,
@@ -177,6 +186,8 @@ class Admitter:
             shared_windows=windows,
             fallback_windows=fallback_windows,
             end_user=end_user or "",
+            shared_user=user,
+            fallback_user=fallback_user,
         )
 
     def _saw(self, scopes: Scopes, decision: Decision) -> None:
@@ -221,5 +232,6 @@ class Admitter:
                 succeeded=False,
                 abandoned=True,
                 windows=admission.windows,
+                user=admission.user,
             )
         )

@@ -14,6 +14,7 @@ one Redis Cluster slot:
     llmrl:{T}:ledger:<day>                      spend ledger     hash, see proxy.limits.ledger
     llmrl:{T}:t:w:<label> | ...k:<key>:w:<label> a window budget  hash and :leases as a budget day;
     llmrl:{T}:u:<end user>:w:<label>             label "2026-12-01", "2026-W49" or "2026-12"
+    llmrl:{T}:u:<end user>:rq|tk|par            an end user's buckets and leases (end_users.limits)
     llmrl:{org}:w:<label>                        the org's: outside every team's slot (see README)
 
 MemoryStore keeps the same names in its own keyspace, and returns the same reply array.
@@ -64,6 +65,8 @@ class Layout:
         return f"{self.prefix}:{{{team}}}"
 
     def scope(self, team: str, s: ScopeLimits) -> str:
+        if s.kind == "end_user":
+            return f"{self.team(team)}:u:{s.name}"
         return f"{self.team(team)}:t" if s.kind == "team" else f"{self.team(team)}:k:{s.name}"
 
     def budget(self, team: str, s: ScopeLimits, day: str) -> str:
@@ -106,6 +109,8 @@ class Layout:
             kb, tb = self.budget(t, a.key, day), self.budget(t, a.team, day)
             keys += [kb, f"{kb}:leases", tb, f"{tb}:leases"]
         keys += self._window_keys(t, a.windows, a.days.labels)
+        user = self.scope(t, a.user)
+        keys += [f"{user}:rq", f"{user}:tk", f"{user}:par"]
         keys.append(f"{self.team(t)}:d:{a.request_id}")  # last: the settled marker
         return keys
 
@@ -126,6 +131,8 @@ class Layout:
             f"{tb}:leases",
             self.ledger(t, s.day),
             *self._window_keys(t, s.windows, (s.day,)),
+            f"{self.scope(t, s.user)}:tk",
+            f"{self.scope(t, s.user)}:par",  # last: the end user's parallel leases
         ]
 
     def renew_keys(self, r: Renewal) -> list[str]:
@@ -138,6 +145,7 @@ class Layout:
             f"{kb}:leases",
             f"{tb}:leases",
             *self._window_keys(t, r.windows, (r.day,))[1::2],
+            f"{self.scope(t, r.user)}:par",
         ]
 
 
@@ -152,6 +160,7 @@ ADMIT_ARGS = (
     "day_margin_ms",
     *(f"key_{name}" for name in LIMIT_ARGS),
     *(f"team_{name}" for name in LIMIT_ARGS),
+    *(f"user_{name}" for name in LIMIT_ARGS),
     "day_count",
     "window_count",
 )
@@ -166,6 +175,8 @@ SETTLE_ARGS = (
     "key_token_capacity",
     "team_tpm",
     "team_token_capacity",
+    "user_tpm",
+    "user_token_capacity",
     "cost",
     "prompt_tokens",
     "completion_tokens",
@@ -213,6 +224,7 @@ def admit_args(a: Admission, now_us: int | None) -> list[Arg]:
         "day_margin_ms": DAY_MARGIN_MS,
         **_limits("key_", a.key),
         **_limits("team_", a.team),
+        **_limits("user_", a.user),
         "day_count": len(a.days.labels),
         "window_count": len(a.windows),
     }
@@ -223,7 +235,7 @@ def admit_args(a: Admission, now_us: int | None) -> list[Arg]:
 
 
 def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list[Arg]:
-    key, team = _limits("key_", s.key), _limits("team_", s.team)
+    key, team, user = _limits("key_", s.key), _limits("team_", s.team), _limits("user_", s.user)
     named: dict[str, Arg] = {
         "now_us": "" if now_us is None else now_us,
         "request_id": s.request_id,
@@ -234,6 +246,8 @@ def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list[Ar
         "key_token_capacity": key["key_token_capacity"],
         "team_tpm": team["team_tpm"],
         "team_token_capacity": team["team_token_capacity"],
+        "user_tpm": user["user_tpm"],
+        "user_token_capacity": user["user_token_capacity"],
         "cost": s.cost_micros,
         "prompt_tokens": s.usage.prompt_tokens,
         "completion_tokens": s.usage.completion_tokens,

@@ -62,6 +62,7 @@ class Renewer:
             ticket.decision.day,
             self.lease_ttl_ms,
             ticket.windows,
+            ticket.user_scope,
         )
         renewed = await ticket.store.renew(renewal)
         if renewed:

@@ -12,7 +12,7 @@ from decimal import Decimal
 
 from ..config import Budget, Config, Limits
 from ..pricing import usd_to_micros
-from .types import BudgetScope, ScopeKind, ScopeLimits, WindowBudget
+from .types import NO_END_USER, BudgetScope, ScopeKind, ScopeLimits, WindowBudget
 
 
 def scope_limits(
@@ -73,6 +73,8 @@ class Scopes:
     fallback_windows: tuple[WindowBudget, ...] = ()
     end_user: tuple[WindowBudget, ...] = ()
     fallback_end_user: tuple[WindowBudget, ...] = ()
+    user_limits: ScopeLimits = NO_END_USER  # each end user's rpm, tpm, max_parallel (unnamed)
+    fallback_user_limits: ScopeLimits = NO_END_USER
 
     def for_end_user(self, end_user: str | None) -> tuple[tuple[WindowBudget, ...], tuple[WindowBudget, ...]]:
         """The window budgets of a request from `end_user` (None: none known), and their fallback."""
@@ -82,6 +84,12 @@ class Scopes:
             self.windows + tuple(replace(w, name=end_user) for w in self.end_user),
             self.fallback_windows + tuple(replace(w, name=end_user) for w in self.fallback_end_user),
         )
+
+    def user_for(self, end_user: str | None) -> tuple[ScopeLimits, ScopeLimits]:
+        """The limits of `end_user` (none without a name or without end-user limits), and their fallback."""
+        if not end_user or self.user_limits is NO_END_USER:
+            return NO_END_USER, NO_END_USER
+        return replace(self.user_limits, name=end_user), replace(self.fallback_user_limits, name=end_user)
 
 
 def scopes_for(config: Config, key_name: str) -> Scopes:
@@ -95,6 +103,10 @@ def scopes_for(config: Config, key_name: str) -> Scopes:
     team_day, team_windows = _day_budget(team.all_budgets())
     org_budgets = config.org.all_budgets() if config.org is not None else ()
     end_user_budgets = team.end_users.all_budgets() if team.end_users is not None else ()
+    user_limits, fallback_user_limits = NO_END_USER, NO_END_USER
+    if team.end_users is not None and team.end_users.limits != Limits():
+        user_limits = scope_limits("end_user", "", team.end_users.limits, None)
+        fallback_user_limits = scope_limits("end_user", "", team.end_users.limits, None, replicas)
 
     def both(divisor: int) -> tuple[ScopeLimits, ScopeLimits]:
         return (
@@ -119,4 +131,6 @@ def scopes_for(config: Config, key_name: str) -> Scopes:
         windows(replicas),
         window_budgets("end_user", "", end_user_budgets, 1, thresholds),
         window_budgets("end_user", "", end_user_budgets, replicas, thresholds),
+        user_limits,
+        fallback_user_limits,
     )

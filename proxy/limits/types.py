@@ -18,9 +18,9 @@ from typing import Any, Literal, Protocol
 from ..budget_windows import Window
 
 Reason = Literal["rpm", "tpm", "parallel", "budget"]
-ScopeKind = Literal["key", "team"]
+ScopeKind = Literal["key", "team", "end_user"]
 # who refused: a key's or team's limit or enforced day budget, or one of the window budgets
-RefusingScope = Literal["key", "team", "window"]
+RefusingScope = Literal["key", "team", "end_user", "window"]
 BudgetScope = Literal["org", "team", "key", "end_user"]
 WINDOW_DAYS: dict[Window, int] = {"day": 1, "week": 7, "month": 31}  # the longest each can be
 
@@ -86,6 +86,9 @@ class BudgetDay:
         return label
 
 
+NO_END_USER = ScopeLimits("end_user", "")  # a request naming no end user, or a team without end-user limits
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     request_id: str
@@ -96,6 +99,7 @@ class Admission:
     days: BudgetDay
     lease_ttl_ms: int = 900_000
     windows: tuple[WindowBudget, ...] = ()
+    user: ScopeLimits = NO_END_USER  # the end user's rpm, tpm and max_parallel
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +112,7 @@ class Renewal:
     day: str  # the budget day its admission chose (where its budget holds are)
     lease_ttl_ms: int
     windows: tuple[WindowBudget, ...] = ()
+    user: ScopeLimits = NO_END_USER
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +182,7 @@ class Settlement:
     abandoned: bool = False
     windows: tuple[WindowBudget, ...] = ()
     end_user: str = ""  # who the request named as its end user ("" for none): booked in the ledger
+    user: ScopeLimits = NO_END_USER  # the end user's limits it was admitted under
 
 
 @dataclass(frozen=True, slots=True)

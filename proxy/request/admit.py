@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-from ..budget_refusal import budget_refusal, usd_text
+from ..budget_refusal import budget_refusal, safe_name, usd_text
 from ..budget_windows import ADJECTIVES
 from ..config import Config, Model
 from ..errors import BudgetExceeded, ProxyError, RateLimited, StoreUnavailable
@@ -82,6 +82,8 @@ def refusal_error(refusal: Refusal) -> ProxyError:
         )
         return BudgetExceeded(message, headers=headers)
     who = f"key '{scopes.key.name}'" if decision.scope == "key" else f"team '{scopes.team.name}'"
+    if decision.scope == "end_user":
+        who = f"end user '{safe_name(refusal.user.name)}'"
     if decision.reason == "budget":
         headers["x-should-retry"] = "false"
         return BudgetExceeded(

@@ -12,7 +12,8 @@ if redis.replicate_commands then pcall(redis.replicate_commands) end
 local ARG_NAMES = {'now_us', 'request_id', 'tokens', 'cost', 'lease_ttl_ms', 'day_margin_ms',
   'key_rpm', 'key_request_capacity', 'key_tpm', 'key_token_capacity', 'key_max_parallel',
   'key_budget', 'team_rpm', 'team_request_capacity', 'team_tpm', 'team_token_capacity',
-  'team_max_parallel', 'team_budget', 'day_count', 'window_count'}
+  'team_max_parallel', 'team_budget', 'user_rpm', 'user_request_capacity', 'user_tpm',
+  'user_token_capacity', 'user_max_parallel', 'user_budget', 'day_count', 'window_count'}
 local args = {}
 for i, name in ipairs(ARG_NAMES) do args[name] = ARGV[i] end
 local UNLIMITED = -1  -- layout.UNLIMITED: a limit the scope does not have
@@ -112,6 +113,9 @@ if day_left_ms < 0 then day_left_ms = 0 end
 local scopes = {
   {kind = 'key', rq = KEYS[1], tk = KEYS[2], par = KEYS[3], b = KEYS[4 + 4 * day], bl = KEYS[5 + 4 * day], p = 'key_'},
   {kind = 'team', rq = KEYS[4], tk = KEYS[5], par = KEYS[6], b = KEYS[6 + 4 * day], bl = KEYS[7 + 4 * day], p = 'team_'},
+  -- the end user's limits (the team's `end_users.limits`, per end user): its three keys come just
+  -- before the marker; its budgets are window budgets
+  {kind = 'end_user', rq = KEYS[#KEYS - 3], tk = KEYS[#KEYS - 2], par = KEYS[#KEYS - 1], p = 'user_'},
 }
 
 for _, sc in ipairs(scopes) do
@@ -216,11 +220,12 @@ if reason == nil then
     extend_ttl(wb.b, wb.ttl)
     extend_ttl(wb.bl, wb.ttl)
   end
-  local kt, tt = '0', '0'
+  local kt, tt, ut = '0', '0', '0'
   if scopes[1].tpm ~= UNLIMITED then kt = '1' end
   if scopes[2].tpm ~= UNLIMITED then tt = '1' end
+  if scopes[3].tpm ~= UNLIMITED then ut = '1' end
   redis.call('HSET', KEYS[7], 'tokens', int(tokens), 'cost', int(cost), 'day', label,
-    'exp', int(expires), 'kt', kt, 'tt', tt)
+    'exp', int(expires), 'kt', kt, 'tt', tt, 'ut', ut)
   redis.call('PEXPIRE', KEYS[7], int(lease_ttl + TTL_MARGIN_MS))
 end
 

@@ -13,7 +13,7 @@ if redis.replicate_commands then pcall(redis.replicate_commands) end
 -- budget hash and holds are KEYS 12 onwards, two each), then the request's tags, `name=value`.
 -- The reply then carries each window budget's spent and crossed flag.
 local ARG_NAMES = {'now_us', 'request_id', 'done_ttl_s', 'ledger_ttl_s', 'late_budget_ttl_s',
-  'key_tpm', 'key_token_capacity', 'team_tpm', 'team_token_capacity', 'cost', 'prompt_tokens',
+  'key_tpm', 'key_token_capacity', 'team_tpm', 'team_token_capacity', 'user_tpm', 'user_token_capacity', 'cost', 'prompt_tokens',
   'completion_tokens', 'cached_tokens', 'cache_write_tokens', 'reasoning_tokens', 'key_name', 'model', 'key_alert', 'team_alert',
   'ledger_max_fields', 'abandon', 'window_count', 'end_user'}
 local args = {}
@@ -80,7 +80,7 @@ end
 
 local prompt, completion = tonumber(args.prompt_tokens), tonumber(args.completion_tokens)
 local window_count = tonumber(args.window_count)
-local rec = redis.call('HMGET', KEYS[2], 'tokens', 'exp', 'kt', 'tt')
+local rec = redis.call('HMGET', KEYS[2], 'tokens', 'exp', 'kt', 'tt', 'ut')
 local reserved, expires = tonumber(rec[1]), tonumber(rec[2])
 if reserved ~= nil and expires > now_ms then
   local diff = reserved - prompt - completion
@@ -89,8 +89,13 @@ if reserved ~= nil and expires > now_ms then
   if rec[4] == '1' and team_tpm ~= UNLIMITED then
     refund(KEYS[4], diff, team_tpm, tonumber(args.team_token_capacity))
   end
+  local user_tpm = tonumber(args.user_tpm)
+  if rec[5] == '1' and user_tpm ~= UNLIMITED then
+    refund(KEYS[#KEYS - 1], diff, user_tpm, tonumber(args.user_token_capacity))
+  end
   redis.call('ZREM', KEYS[5], id)
   redis.call('ZREM', KEYS[6], id)
+  redis.call('ZREM', KEYS[#KEYS], id)  -- the end user's parallel leases
   release_hold(KEYS[7], KEYS[8])
   release_hold(KEYS[9], KEYS[10])
   for w = 1, window_count do release_hold(KEYS[10 + 2 * w], KEYS[11 + 2 * w]) end
