@@ -143,6 +143,8 @@ class Metrics:
             return
         for _ in outcome.ticket.decision.shadow:
             self.rejections.labels(team, key, "budget", "true").inc()
+        for shadow in outcome.ticket.decision.shadow_limits:
+            self.rejections.labels(team, key, shadow.partition(":")[2], "true").inc()
         usage = outcome.usage
         for kind, value in (
             ("prompt", usage.prompt_tokens),

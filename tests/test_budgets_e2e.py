@@ -456,3 +456,14 @@ def test_end_user_limits_apply_to_each_end_user_of_the_team(on_redis):
     assert message.startswith("Rate limit reached for end user 'ann' on requests per minute. Please try again in ")
     assert post(server, headers={"x-proxy-end-user": "bob"}).status_code == 200
     assert [post(server).status_code for _ in range(3)] == [200, 200, 200]
+
+
+def test_a_limit_in_shadow_mode_never_refuses_but_counts_and_logs(on_redis, caplog):
+    server = on_redis(lambda data: data["keys"]["alice"].update(limits={"rpm": 1, "enforce": False}))
+    with caplog.at_level("WARNING", logger="proxy.limits"):
+        assert [post(server).status_code for _ in range(3)] == [200, 200, 200]
+    server.wait_settled()
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'llm_proxy_rejections_total{key="alice",reason="rpm",shadow="true",team="platform"} 2.0' in metrics
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shadow mode")]
+    assert logged == ["shadow mode: the requests per minute limit of key alice would have refused a request"] * 2

@@ -861,3 +861,17 @@ async def test_an_end_users_tokens_are_refunded_at_settlement(store, clock):
     assert (await store.admit(admission(key(), team(), tokens=300, user=ann))).scope == "end_user"
     assert await store.settle(replace(settlement(a, prompt=50, completion=50), user=ann))  # 700 back
     assert (await store.admit(admission(key(), team(), tokens=800, user=ann))).admitted
+
+
+async def test_limits_in_shadow_mode_never_refuse_but_say_what_they_would_have_refused(store, clock):
+    k = key(rpm=60, rpm_burst=1, tpm=100, max_parallel=1, enforce=False)
+    decisions = [await store.admit(admission(k, team(), tokens=60)) for _ in range(3)]
+    assert [d.admitted for d in decisions] == [True, True, True]
+    assert [d.shadow_limits for d in decisions] == [
+        (),
+        ("key:rpm", "key:tpm", "key:parallel"),
+        ("key:rpm", "key:tpm", "key:parallel"),
+    ]
+    enforced = await store.admit(admission(key("other", rpm=60, rpm_burst=1), team()))
+    assert enforced.admitted and not enforced.shadow_limits
+    assert not (await store.admit(admission(key("other", rpm=60, rpm_burst=1), team()))).admitted

@@ -149,7 +149,7 @@ class Layout:
         ]
 
 
-LIMIT_ARGS = ("rpm", "request_capacity", "tpm", "token_capacity", "max_parallel", "budget")
+LIMIT_ARGS = ("rpm", "request_capacity", "tpm", "token_capacity", "max_parallel", "budget", "enforce")
 # admit.lua's ARGV; after them, `day_count` day labels, then `day_count + 1` day starts (epoch s)
 ADMIT_ARGS = (
     "now_us",
@@ -209,6 +209,7 @@ def _limits(prefix: str, s: ScopeLimits) -> dict[str, Arg]:
         f"{prefix}token_capacity": token_capacity,
         f"{prefix}max_parallel": _or_unlimited(s.max_parallel),
         f"{prefix}budget": _or_unlimited(s.budget_micros),
+        f"{prefix}enforce": 1 if s.enforce else 0,
     }
 
 
@@ -321,7 +322,7 @@ def decode_decision(reply: ScriptReply) -> Decision:
     admitted, reason, scope, retry, never, *rest = reply
     rq, tk = rest[0:3], rest[3:6]
     spent, limit, day, day_reset, key_committed, team_committed = rest[6:12]
-    window, window_spent, window_limit, shadow = rest[12:16]
+    window, window_spent, window_limit, shadow, shadow_limits = rest[12:17]
     return Decision(
         admitted=bool(int(admitted)),
         reason=cast(Reason, _text(reason)) or None,  # the script answers one of these
@@ -340,4 +341,5 @@ def decode_decision(reply: ScriptReply) -> Decision:
         window_spent_micros=int(window_spent),
         window_limit_micros=int(window_limit),
         shadow=tuple(int(w) - 1 for w in _text(shadow).split(",") if w),
+        shadow_limits=tuple(s for s in _text(shadow_limits).split(",") if s),
     )

@@ -34,6 +34,7 @@ def scope_limits(
         max_parallel=part(limits.max_parallel),
         budget_micros=budget,
         alert_micros=None if budget is None else math.ceil(budget * alert_ratio),
+        enforce=limits.enforce,
     )
 
 

@@ -55,6 +55,7 @@ class ScopeLimits:
     max_parallel: int | None = None
     budget_micros: int | None = None  # daily budget in micro-dollars
     alert_micros: int | None = None  # spend at which the budget alert fires (budget × alert ratio)
+    enforce: bool = True  # False: its rpm, tpm and max_parallel are in shadow mode (never refuse)
 
     @property
     def request_capacity(self) -> int | None:
@@ -146,6 +147,7 @@ class Decision:
     window_spent_micros: int = 0  # its spent + held, and its limit
     window_limit_micros: int = 0
     shadow: tuple[int, ...] = ()  # indices of the shadow window budgets that would have refused
+    shadow_limits: tuple[str, ...] = ()  # "<scope>:<rpm|tpm|parallel>" a shadow limit would have refused
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,10 @@ async def admit(
         raise refusal_error(admitted)
     if admitted.decision.shadow:
         shadow_refusals(admitted.shadow_windows, caller.team_name)
+    for shadow in admitted.decision.shadow_limits:
+        scope, _, reason = shadow.partition(":")
+        whose = {"key": f"key {caller.key_name}", "team": f"team {caller.team_name}"}.get(scope, "an end user")
+        log.warning("shadow mode: the %s limit of %s would have refused a request", LIMIT_NAMES[reason], whose)
     return admitted
 
 

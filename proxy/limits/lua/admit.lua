@@ -11,9 +11,9 @@ if redis.replicate_commands then pcall(redis.replicate_commands) end
 -- window's budget hash and holds (the window containing that day, named by layout.py)
 local ARG_NAMES = {'now_us', 'request_id', 'tokens', 'cost', 'lease_ttl_ms', 'day_margin_ms',
   'key_rpm', 'key_request_capacity', 'key_tpm', 'key_token_capacity', 'key_max_parallel',
-  'key_budget', 'team_rpm', 'team_request_capacity', 'team_tpm', 'team_token_capacity',
-  'team_max_parallel', 'team_budget', 'user_rpm', 'user_request_capacity', 'user_tpm',
-  'user_token_capacity', 'user_max_parallel', 'user_budget', 'day_count', 'window_count'}
+  'key_budget', 'key_enforce', 'team_rpm', 'team_request_capacity', 'team_tpm', 'team_token_capacity',
+  'team_max_parallel', 'team_budget', 'team_enforce', 'user_rpm', 'user_request_capacity', 'user_tpm',
+  'user_token_capacity', 'user_max_parallel', 'user_budget', 'user_enforce', 'day_count', 'window_count'}
 local args = {}
 for i, name in ipairs(ARG_NAMES) do args[name] = ARGV[i] end
 local UNLIMITED = -1  -- layout.UNLIMITED: a limit the scope does not have
@@ -122,6 +122,7 @@ for _, sc in ipairs(scopes) do
   sc.rpm, sc.rq_cap = tonumber(args[sc.p .. 'rpm']), tonumber(args[sc.p .. 'request_capacity'])
   sc.tpm, sc.tk_cap = tonumber(args[sc.p .. 'tpm']), tonumber(args[sc.p .. 'token_capacity'])
   sc.max_par, sc.budget = tonumber(args[sc.p .. 'max_parallel']), tonumber(args[sc.p .. 'budget'])
+  sc.enforce = args[sc.p .. 'enforce'] ~= '0'  -- '0': its rpm, tpm and max_parallel are in shadow mode
   if sc.rpm ~= UNLIMITED then sc.rq_level = read_bucket(sc.rq, sc.rpm, sc.rq_cap) end
   if sc.tpm ~= UNLIMITED then sc.tk_level = read_bucket(sc.tk, sc.tpm, sc.tk_cap) end
   if sc.max_par ~= UNLIMITED then
@@ -169,21 +170,38 @@ for w, wb in ipairs(windows) do
     end
   end
 end
+-- a scope in shadow mode never refuses: what it would have refused for is reported ('key:rpm'),
+-- and a bucket it would have refused is left as it is
+local shadow_limits = {}
+local function would_refuse(sc, why)
+  shadow_limits[#shadow_limits + 1] = sc.kind .. ':' .. why
+  if why == 'rpm' then sc.skip_rq = true elseif why == 'tpm' then sc.skip_tk = true end
+end
 for _, sc in ipairs(scopes) do
-  if reason == nil and sc.tpm ~= UNLIMITED and tokens > sc.tk_cap then
-    reason, scope, never = 'tpm', sc, 1
+  if sc.tpm ~= UNLIMITED and tokens > sc.tk_cap then
+    if not sc.enforce then
+      would_refuse(sc, 'tpm')
+    elseif reason == nil then
+      reason, scope, never = 'tpm', sc, 1
+    end
   end
 end
 if reason == nil then
   for _, sc in ipairs(scopes) do
     local waits = {}
     if sc.rpm ~= UNLIMITED then waits[#waits + 1] = {'rpm', wait_ms(sc.rq_level, 1, sc.rpm)} end
-    if sc.tpm ~= UNLIMITED then waits[#waits + 1] = {'tpm', wait_ms(sc.tk_level, tokens, sc.tpm)} end
+    if sc.tpm ~= UNLIMITED and not sc.skip_tk then
+      waits[#waits + 1] = {'tpm', wait_ms(sc.tk_level, tokens, sc.tpm)}
+    end
     if sc.max_par ~= UNLIMITED and sc.in_flight >= sc.max_par then
       waits[#waits + 1] = {'parallel', PARALLEL_RETRY_MS}
     end
     for _, w in ipairs(waits) do
-      if w[2] > retry then reason, scope, retry = w[1], sc, w[2] end
+      if w[2] > 0 and not sc.enforce then
+        would_refuse(sc, w[1])
+      elseif w[2] > retry then
+        reason, scope, retry = w[1], sc, w[2]
+      end
     end
   end
 end
@@ -191,11 +209,11 @@ end
 if reason == nil then
   local expires = now_ms + lease_ttl
   for _, sc in ipairs(scopes) do
-    if sc.rpm ~= UNLIMITED then
+    if sc.rpm ~= UNLIMITED and not sc.skip_rq then
       sc.rq_level = sc.rq_level - UNITS
       write_bucket(sc.rq, sc.rq_level, sc.rpm, sc.rq_cap)
     end
-    if sc.tpm ~= UNLIMITED then
+    if sc.tpm ~= UNLIMITED and not sc.skip_tk then
       sc.tk_level = sc.tk_level - tokens * UNITS
       write_bucket(sc.tk, sc.tk_level, sc.tpm, sc.tk_cap)
     end
@@ -221,9 +239,10 @@ if reason == nil then
     extend_ttl(wb.bl, wb.ttl)
   end
   local kt, tt, ut = '0', '0', '0'
-  if scopes[1].tpm ~= UNLIMITED then kt = '1' end
-  if scopes[2].tpm ~= UNLIMITED then tt = '1' end
-  if scopes[3].tpm ~= UNLIMITED then ut = '1' end
+  -- which token buckets this request took from (settlement refunds only those)
+  if scopes[1].tpm ~= UNLIMITED and not scopes[1].skip_tk then kt = '1' end
+  if scopes[2].tpm ~= UNLIMITED and not scopes[2].skip_tk then tt = '1' end
+  if scopes[3].tpm ~= UNLIMITED and not scopes[3].skip_tk then ut = '1' end
   redis.call('HSET', KEYS[7], 'tokens', int(tokens), 'cost', int(cost), 'day', label,
     'exp', int(expires), 'kt', kt, 'tt', tt, 'ut', ut)
   redis.call('PEXPIRE', KEYS[7], int(lease_ttl + TTL_MARGIN_MS))
@@ -259,4 +278,4 @@ local seen = {}
 for i, sc in ipairs(scopes) do seen[i] = sc.committed or UNLIMITED end
 return {admitted, reason_s, scope_s, retry, never, rq[1], rq[2], rq[3], tk[1], tk[2], tk[3],
   budget[1], budget[2], label, math.ceil(day_left_ms / 1000), seen[1], seen[2],
-  refused_window, window_reply[1], window_reply[2], table.concat(shadow, ',')}
+  refused_window, window_reply[1], window_reply[2], table.concat(shadow, ','), table.concat(shadow_limits, ',')}
