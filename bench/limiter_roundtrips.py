@@ -32,12 +32,13 @@ import redis
 from proxy.limits.days import candidate_days
 from proxy.limits.memory_store import MemoryStore
 from proxy.limits.redis_store import RedisStore
-from proxy.limits.types import Admission, ScopeLimits, Settlement, Usage
+from proxy.limits.types import Admission, ScopeLimits, Settlement, Usage, WindowBudget
 
 CLIENT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "script")  # one call = one round trip
 NOT_COUNTED = ("info",)  # this script's own INFO calls
 WARMUP_PAIRS = 20
 HUGE = 10**12
+WINDOWS = False  # --windows
 
 
 @dataclass
@@ -86,6 +87,17 @@ class Driver:
     def __init__(self, store, concurrency: int) -> None:
         self.store = store
         self.key, self.team = scopes(uuid.uuid4().hex[:8], concurrency)
+        # with --windows: week and month budgets of key and team, the org's month, an end user's day
+        self.windows: tuple[WindowBudget, ...] = ()
+        if WINDOWS:
+            self.windows = (
+                WindowBudget("key", self.key.name, "week", HUGE),
+                WindowBudget("key", self.key.name, "month", HUGE),
+                WindowBudget("team", self.team.name, "week", HUGE),
+                WindowBudget("team", self.team.name, "month", HUGE),
+                WindowBudget("org", "", "month", HUGE),
+                WindowBudget("end_user", "bench-user", "day", HUGE),
+            )
         self.days = candidate_days(ZoneInfo("UTC"))
         self.admit_ns: list[int] = []
         self.settle_ns: list[int] = []
@@ -94,7 +106,9 @@ class Driver:
     async def pair(self, record: bool = True) -> None:
         request_id = uuid.uuid4().hex
         started = time.perf_counter_ns()
-        decision = await self.store.admit(Admission(request_id, self.team, self.key, 60, 1_000, self.days))
+        decision = await self.store.admit(
+            Admission(request_id, self.team, self.key, 60, 1_000, self.days, windows=self.windows)
+        )
         admitted = time.perf_counter_ns()
         if not decision.admitted:
             raise RuntimeError(f"bench request refused: {decision}")
@@ -106,6 +120,7 @@ class Driver:
             decision.day,
             Usage(prompt_tokens=10, completion_tokens=20),
             400,
+            windows=self.windows,
         )
         if not await self.store.settle(settlement):
             raise RuntimeError("bench settlement was a duplicate")
@@ -258,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--redis-url", help="use this Redis instead of starting one (keys are left behind)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--windows", action="store_true", help="also six window budgets (week, month, org, end user)")
     args = parser.parse_args(argv)
+    global WINDOWS
+    WINDOWS = args.windows
 
     own = None if args.redis_url else OwnRedis()
     url = args.redis_url or own.url

@@ -26,7 +26,7 @@ def usd_text(micros: int) -> str:
     return f"{sign}${whole}.{fraction.rstrip('0').ljust(2, '0')}"
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
     cleaned = "".join(ch for ch in name if ch.isprintable() and ch != "`")
     return cleaned[:MAX_NAME] + ("..." if len(cleaned) > MAX_NAME else "")
 
@@ -40,7 +40,7 @@ def budget_refusal(
 ) -> str:
     """The refusal message for the budget of scope `kind` `name` over `window`, ending at `resets_at`
     (epoch seconds). The organisation is one scope: its name is not shown."""
-    who = "The organisation" if kind == "org" else f"{SCOPE_WORDS[kind]} `{_safe_name(name)}`"
+    who = "The organisation" if kind == "org" else f"{SCOPE_WORDS[kind]} `{safe_name(name)}`"
     return (
         f"{who} has spent {usd_text(spent_micros)} of its {usd_text(budget_micros)} {ADJECTIVES[window]} "
         f"budget; it resets at {reset_text(resets_at)}."

@@ -74,6 +74,20 @@ def _label(window: Window, first: date) -> str:
     return f"{first.year:04d}-{first.month:02d}"
 
 
+def label_of_day(window: Window, day: str) -> str:
+    """The label of the `window` containing the day labelled `day` ("2026-12-01")."""
+    return _label(window, _first_day(window, date.fromisoformat(day)))
+
+
+def days_of(window: Window, day: str, until: str | None = None) -> list[str]:
+    """The days ("YYYY-MM-DD") of the `window` containing `day`, up to `until` if it ends later."""
+    first = _first_day(window, date.fromisoformat(day))
+    last = _shift(window, first, 1) - timedelta(days=1)
+    if until is not None:
+        last = min(last, date.fromisoformat(until))
+    return [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
+
+
 def _start(day: date, zone: ZoneInfo) -> int:
     """The first instant of `day` in `zone`. A midnight skipped by DST resolves (fold=0, the
     offset before the change) to the instant of the change: still the day's first instant."""
@@ -92,6 +106,11 @@ def window_at(window: Window, zone: ZoneInfo, now: datetime | float) -> Calendar
     """The `window` containing `now` (an aware datetime or epoch seconds) in `zone`."""
     first = _first_day(window, _local_day(zone, now))
     return CalendarWindow(window, _label(window, first), _start(first, zone), _start(_shift(window, first, 1), zone))
+
+
+def end_of(window: Window, day: str, zone: ZoneInfo) -> int:
+    """When the `window` containing the day labelled `day` ends in `zone` (epoch seconds)."""
+    return _start(_shift(window, _first_day(window, date.fromisoformat(day)), 1), zone)
 
 
 def candidate_windows(window: Window, zone: ZoneInfo, now: datetime | float) -> WindowCandidates:

@@ -18,11 +18,13 @@ from typing import Any
 
 import httpx
 
+from .budget_refusal import usd_text
+from .budget_windows import ADJECTIVES, label_of_day
 from .config import Config
 from .errors import StoreError
 from .limits.admission import Ticket
 from .limits.days import BudgetCalendar
-from .limits.types import ScopeKind, Settled, Store
+from .limits.types import ScopeKind, Settled, Store, WindowBudget
 from .metrics import Metrics
 from .pricing import format_usd, micros_to_usd, usd_to_micros
 from .snapshot import SnapshotHolder
@@ -80,6 +82,10 @@ class BudgetWatch:
                 self.metrics.set_budget(scope, name, budget, spent)
             if crossed:
                 self.alert(scope, name, spent, budget, day)
+        windows = zip(ticket.shared_windows, settled.window_spent_micros, settled.window_crossed, strict=False)
+        for w, window_spent, threshold in windows:
+            if threshold:
+                self.window_alert(w, window_spent, threshold, label_of_day(w.window, day))
 
     def _budgets_of_config(self) -> dict[tuple[ScopeKind, str], int]:
         if self._budgets_for is not self.config:
@@ -98,7 +104,7 @@ class BudgetWatch:
             ratio * 100,
         )
         self.metrics.set_alert(scope, name, True)
-        if self._queue is not None and self.config.alert_webhook_url:
+        if self._queue is not None and self._webhook_url():
             event = {
                 "event": "budget_alert",
                 "scope": scope,
@@ -114,6 +120,48 @@ class BudgetWatch:
                 self._queue.put_nowait(event)
             except asyncio.QueueFull:
                 log.error("budget webhook queue full: alert for %s '%s' dropped", scope, name)
+
+    def _thresholds(self) -> list[float]:
+        alerts = self.config.alerts
+        return list(alerts.thresholds) if alerts is not None else [self.config.budget_alert_ratio]
+
+    def _webhook_url(self) -> str | None:
+        alerts = self.config.alerts
+        return alerts.webhook_url if alerts is not None else self.config.alert_webhook_url
+
+    def window_alert(self, w: WindowBudget, spent: int, crossed: int, period: str) -> None:
+        """A window budget's spend crossed its `crossed`-th threshold (1-based) for the first time in
+        `period`, across every replica (settle.lua's HSETNX). Names only: never a key."""
+        thresholds = sorted(self._thresholds())
+        threshold = thresholds[min(crossed, len(thresholds)) - 1]
+        whose = "the organisation" if w.scope == "org" else f"{w.scope} '{w.name}'"
+        text = (
+            f"budget alert: {whose} has spent {usd_text(spent)} of its {usd_text(w.micros)} "
+            f"{ADJECTIVES[w.window]} budget for {period} ({threshold:.0%} threshold)"
+        )
+        log.warning("%s", text)
+        if self._queue is None or not self._webhook_url():
+            return
+        alerts = self.config.alerts
+        event: dict[str, Any]
+        if alerts is not None and alerts.format == "slack":
+            event = {"text": text}
+        else:
+            event = {
+                "event": "budget_alert",
+                "scope": w.scope,
+                "name": w.name,
+                "window": w.window,
+                "period": period,
+                "spent_usd": str(micros_to_usd(spent)),
+                "budget_usd": str(micros_to_usd(w.micros)),
+                "threshold": threshold,
+                "time": datetime.now(UTC).isoformat(),
+            }
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            log.error("budget webhook queue full: alert for %s dropped", whose)
 
     # -- the shared ledger → gauges -------------------------------------------------------------
     async def refresh(self) -> None:
@@ -144,7 +192,7 @@ class BudgetWatch:
             while True:
                 event = await self._queue.get()
                 for attempt in range(WEBHOOK_ATTEMPTS):
-                    url = self.config.alert_webhook_url  # the running config's: a reload may change it
+                    url = self._webhook_url()  # the running config's: a reload may change it
                     if not url:
                         break
                     try:

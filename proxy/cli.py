@@ -172,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-key-env", default="LLM_PROXY_ADMIN_KEY", help="environment variable holding the admin key (with --url)"
     )
     usage.add_argument("--date", help="YYYY-MM-DD (default: today in budget_timezone)")
-    usage.add_argument("--by", choices=["team", "key", "model", "tag"], default="team")
+    usage.add_argument("--by", choices=["team", "key", "model", "tag", "end_user"], default="team")
+    usage.add_argument(
+        "--window", choices=["day", "week", "month"], default="day", help="the window containing --date (default day)"
+    )
     usage.add_argument("--json", action="store_true")
     usage.add_argument("--what-if", metavar="PRICES.yaml", help="re-price the month's tokens at these prices")
     usage.add_argument("--month", help="YYYY-MM for --what-if (default: this month in budget_timezone)")

@@ -493,6 +493,11 @@ class Config(_Strict):
                 for field in ("budget_alert_ratio", "alert_webhook_url")
                 if field in self.model_fields_set
             ]
+        if self.org is not None and self.org.all_budgets() and self.store.is_cluster:
+            problems.append(
+                "org: an org budget needs standalone Redis: it is checked in the same script as every "
+                "team's limits, and on a Redis Cluster each team lives in its own slot"
+            )
         problems += self._shared_key_problems((info.context or {}).get("environ") or {})
         if problems:
             raise ConfigError(problems)

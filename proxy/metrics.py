@@ -85,7 +85,10 @@ class Metrics:
             "llm_proxy_spend_usd", "Spend at the configured prices.", ["team", "key", "model"], registry=r
         )
         self.rejections = Counter(
-            "llm_proxy_rejections", "Requests refused by the proxy.", ["team", "key", "reason"], registry=r
+            "llm_proxy_rejections",
+            'Requests refused by the proxy; shadow="true": a budget in shadow mode would have refused one.',
+            ["team", "key", "reason", "shadow"],
+            registry=r,
         )
         self.budget_spent = Gauge(
             "llm_proxy_budget_spent_usd",
@@ -134,7 +137,7 @@ class Metrics:
             self.inflight.labels(team).dec()
         self.requests.labels(team, key, model, str(outcome.status), outcome.endpoint).inc()
         if outcome.rejection:
-            self.rejections.labels(team, key, outcome.rejection).inc()
+            self.rejections.labels(team, key, outcome.rejection, "false").inc()
         attempts = outcome.attempts
         for upstream, reason in attempts.reasons:
             self.retries.labels(upstream, reason).inc()
@@ -142,11 +145,17 @@ class Metrics:
             self.upstream_errors.labels(upstream, kind).inc()
         if outcome.ticket is None:
             return
+        for _ in outcome.ticket.decision.shadow:
+            self.rejections.labels(team, key, "budget", "true").inc()
+        for shadow in outcome.ticket.decision.shadow_limits:
+            self.rejections.labels(team, key, shadow.partition(":")[2], "true").inc()
         usage = outcome.usage
         for kind, value in (
             ("prompt", usage.prompt_tokens),
             ("completion", usage.completion_tokens),
             ("cached", usage.cached_tokens),
+            ("cache_write", usage.cache_write_tokens),
+            ("reasoning", usage.reasoning_tokens),
         ):
             if value:
                 self.tokens.labels(team, key, model, kind).inc(value)

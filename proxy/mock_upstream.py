@@ -55,8 +55,8 @@ FAULT_FIELDS: dict[str, type | tuple[type, ...]] = {
     "usage_multiplier": (int, float),
     "chunks": int,
     "chunk_delay_s": (int, float),
-    "reasoning_tokens": int,  # Responses: reasoning output tokens (within the output cap)
-    "cache_write_tokens": int,  # Responses and Anthropic: input tokens written to the cache
+    "reasoning_tokens": int,  # chat and Responses: reasoning output tokens (within the completion)
+    "cache_write_tokens": int,  # input tokens written to the cache (chat: prompt_tokens_details)
     "error_after_chunks": int,  # Responses and Anthropic streams: the API's error event after N deltas
 }
 ANTHROPIC_PREFIX = "/v1/messages"
@@ -260,7 +260,10 @@ class Completion:
         }
         if self.chat:
             self.usage["prompt_tokens_details"] = {"cached_tokens": int(fault.get("cached_tokens", 0))}
-            self.usage["completion_tokens_details"] = {"reasoning_tokens": 0}
+            if "cache_write_tokens" in fault:  # as OpenAI-compatible gateways in front of Anthropic report it
+                self.usage["prompt_tokens_details"]["cache_write_tokens"] = int(fault["cache_write_tokens"])
+            reasoning = min(int(fault.get("reasoning_tokens", 0)), completion_tokens)
+            self.usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
         self.report_usage = not fault.get("no_usage")
 
     def _base(self, object_name: str) -> dict[str, Any]:

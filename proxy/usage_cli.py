@@ -11,12 +11,20 @@ from typing import Any
 import httpx
 import orjson
 
+from .budget_windows import Window
 from .cli_config import config_path, load_or_exit
 from .config import Config
 from .errors import StoreError
 from .usage_report import rows, usage_overview
+from .usage_window import window_usage
 
-COLUMNS = {"team": ["team"], "key": ["team", "key"], "model": ["team", "key", "model"], "tag": ["team", "tag"]}
+COLUMNS = {
+    "team": ["team"],
+    "key": ["team", "key"],
+    "model": ["team", "key", "model"],
+    "tag": ["team", "tag"],
+    "end_user": ["team", "end_user"],
+}
 NUMBERS = [
     "spend_usd",
     "budget_usd",
@@ -25,23 +33,25 @@ NUMBERS = [
     "prompt_tokens",
     "completion_tokens",
     "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
 ]
 
 
-async def _from_store(config: Config, day: str | None) -> dict[str, Any]:
+async def _from_store(config: Config, day: str | None, window: Window) -> dict[str, Any]:
     from .app import build_store
     from .limits.days import BudgetCalendar
 
     store = build_store(config)
     try:
-        day = day or BudgetCalendar(lambda: config.budget_timezone, store.clock_us).today()
-        return usage_overview(config, await store.usage(day, list(config.teams)))
+        today = BudgetCalendar(lambda: config.budget_timezone, store.clock_us).today()
+        return usage_overview(config, await window_usage(store, list(config.teams), day or today, window, today))
     finally:
         await store.close()
 
 
-def _from_url(url: str, admin_key: str, day: str | None) -> dict[str, Any]:
-    params = {"date": day} if day else {}
+def _from_url(url: str, admin_key: str, day: str | None, window: Window) -> dict[str, Any]:
+    params = {"date": day, "window": window} if day else {"window": window}
     try:
         response = httpx.get(
             url.rstrip("/") + "/admin/usage",
@@ -75,7 +85,7 @@ def table(overview: dict[str, Any], by: str) -> str:
     body = [[_cell(row.get(c)) for c in columns] for row in rows(overview, by)]
     widths = [max(len(c), *(len(r[i]) for r in body)) if body else len(c) for i, c in enumerate(columns)]
     lines = [
-        f"usage on {overview['date']} (USD), by {by}",
+        f"usage {'in' if len(overview['date']) < 10 else 'on'} {overview['date']} (USD), by {by}",
         "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
     ]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in body]
@@ -93,7 +103,7 @@ def run_usage(args: argparse.Namespace) -> int:
         if not admin_key:
             print(f"llm-proxy usage: set {args.admin_key_env} to the admin key", file=sys.stderr)
             return 1
-        overview = _from_url(args.url, admin_key, args.date)
+        overview = _from_url(args.url, admin_key, args.date, args.window)
     else:
         config = load_or_exit(config_path(args.config))
         if config.store.redis_url is None:
@@ -104,7 +114,7 @@ def run_usage(args: argparse.Namespace) -> int:
             )
             return 1
         try:
-            overview = asyncio.run(_from_store(config, args.date))
+            overview = asyncio.run(_from_store(config, args.date, args.window))
         except StoreError as exc:
             print(f"llm-proxy usage: Redis did not answer: {exc}", file=sys.stderr)
             return 1

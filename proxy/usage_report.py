@@ -11,7 +11,8 @@ from .config import Config
 from .pricing import micros_to_usd, usd_to_micros
 
 Report = dict[str, Any]  # a JSON object of the report
-COUNTS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens")
+TOP_END_USERS = 100  # a team's end users in a report: the top spenders
+COUNTS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens")
 
 
 def _usd(micros: int) -> float:
@@ -48,6 +49,8 @@ def usage_overview(config: Config, report: Report) -> Report:
             }
         line["keys"] = keys
         line["tags"] = {tag: _line(v) for tag, v in ledger.get("tags", {}).items()}
+        spenders = sorted(ledger.get("end_users", {}).items(), key=lambda item: (-item[1]["spend_micros"], item[0]))
+        line["end_users"] = {name: _line(v) for name, v in spenders[:TOP_END_USERS]}
         teams[team_name] = line
         for name in total:
             total[name] += ledger.get(name, 0)
@@ -79,7 +82,7 @@ def keys_overview(config: Config) -> Report:
 
 
 def rows(overview: Report, by: str) -> list[Report]:
-    """Flat rows for a table: by team, key, model or tag."""
+    """Flat rows for a table: by team, key, model, tag or end user (the top spenders first)."""
     out: list[Report] = []
     for team_name, team in overview["teams"].items():
         if by == "team":
@@ -94,8 +97,10 @@ def rows(overview: Report, by: str) -> list[Report]:
             ]
         elif by == "tag":
             out += [{"team": team_name, "tag": t, **_flat(v)} for t, v in team["tags"].items()]
+        elif by == "end_user":
+            out += [{"team": team_name, "end_user": u, **_flat(v)} for u, v in team.get("end_users", {}).items()]
     return out
 
 
 def _flat(line: Report) -> Report:
-    return {k: v for k, v in line.items() if k not in ("keys", "models", "tags", "spend_micros")}
+    return {k: v for k, v in line.items() if k not in ("keys", "models", "tags", "end_users", "spend_micros")}

@@ -120,23 +120,33 @@ def load_alternatives(text: str) -> list[Alternative]:
 def ledger_models(reports: Iterable[Mapping[str, Any]]) -> list[LedgerModel]:
     """Per-model totals summed over `usage()` reports (one per day; every team and key).
 
-    Today's ledger keeps prompt, completion and cached tokens: cache writes and reasoning tokens
-    read as 0 until it books them.
+    A day booked before the ledger kept cache writes and reasoning tokens reads them as 0.
     """
     totals: dict[str, list[int]] = {}
     for report in reports:
         for team in report["teams"].values():
             for key in team.get("keys", {}).values():
                 for model, metrics in key.get("models", {}).items():
-                    line = totals.setdefault(model, [0, 0, 0, 0, 0])
-                    for i, metric in enumerate(
-                        ("prompt_tokens", "completion_tokens", "cached_tokens", "spend_micros", "requests")
-                    ):
+                    line = totals.setdefault(model, [0] * len(LEDGER_COUNTS))
+                    for i, metric in enumerate(LEDGER_COUNTS):
                         line[i] += metrics.get(metric, 0)
     return [
-        LedgerModel(model, PricedUsage.from_usage(Usage(prompt, completion, cached)), spend, requests)
-        for model, (prompt, completion, cached, spend, requests) in totals.items()
+        LedgerModel(
+            model, PricedUsage.from_usage(Usage(prompt, completion, cached, written, reasoning)), spend, requests
+        )
+        for model, (prompt, completion, cached, written, reasoning, spend, requests) in totals.items()
     ]
+
+
+LEDGER_COUNTS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "spend_micros",
+    "requests",
+)
 
 
 def _usd(micros: int | None) -> str:

@@ -86,7 +86,7 @@ def run_what_if(args: argparse.Namespace) -> int:
             return 1
         month = args.month or datetime.now(ZoneInfo("UTC")).strftime("%Y-%m")
         days = _days_or_exit(month)
-        reports = [_from_url(args.url, admin_key, day) for day in days]
+        reports = [_from_url(args.url, admin_key, day, "day") for day in days]
     else:
         config = load_or_exit(config_path(args.config))
         if config.store.redis_url is None:

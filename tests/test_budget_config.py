@@ -144,6 +144,13 @@ def test_every_bad_budget_and_price_at_once() -> None:
         ),
         ({"alerts": {"thresholds": []}}, ["alerts.thresholds: must not be empty"]),
         (
+            {"org": {"budgets": [{"window": "month", "usd": 1}]}, "store": {"redis_url": "redis+cluster://r:6379"}},
+            [
+                "org: an org budget needs standalone Redis: it is checked in the same script as every team's "
+                "limits, and on a Redis Cluster each team lives in its own slot"
+            ],
+        ),
+        (
             {"alerts": {}, "alert_webhook_url": "http://a.example", "budget_alert_ratio": 0.5},
             [
                 "budget_alert_ratio: give alerts or budget_alert_ratio, not both",

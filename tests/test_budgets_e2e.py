@@ -28,6 +28,15 @@ CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], 
 # token and min(16, max_tokens) completion tokens. At $0.27 in and $1.10 out per Mtok, max_tokens=10
 # reserves ceil(8 × 0.27 + 10 × 1.10) = 14 µ$ and costs round(0.27 + 11) = 11 µ$.
 RESERVED, COST = 14, 11
+NUMBERS_WITHOUT_BUDGET = [
+    "spend_usd",
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+]
 
 
 def post(server, body=CHAT, key="alice", headers=None, endpoint="/chat/completions"):
@@ -243,6 +252,22 @@ def test_usage_cli_table_and_json(on_redis, tmp_path, redis_url):
         timeout=30,
     )
     assert "alice" in by_key.stdout and "1.000000" in by_key.stdout  # the key's budget column
+    post(server, {**CHAT, "user": "ann"})
+    server.wait_settled()
+    for source in (["--url", server.url], ["--config", str(config_path)]):
+        by_end_user = subprocess.run(
+            [sys.executable, "-m", "proxy", "usage", *source, "--by", "end_user", "--window", "month"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+        assert by_end_user.returncode == 0, by_end_user.stderr
+        month = datetime.now(ZoneInfo("UTC")).strftime("%Y-%m")
+        lines = by_end_user.stdout.splitlines()
+        assert lines[0] == f"usage in {month} (USD), by end_user"
+        assert lines[1].split() == ["team", "end_user", *NUMBERS_WITHOUT_BUDGET]
+        assert lines[2].split()[:4] == ["platform", "ann", "0.000011", "1"]
 
 
 def test_day_rollover_in_the_budget_timezone(on_redis):
@@ -331,3 +356,114 @@ def test_reservation_covers_the_larger_of_max_tokens_and_max_completion_tokens(o
     swapped = {**CHAT, "max_tokens": 1, "max_completion_tokens": 1000}
     assert error_reply(post(server, swapped)) == nothing_spent
     assert post(server, {**CHAT, "max_tokens": 1, "max_completion_tokens": 1}).status_code == 200
+
+
+def test_a_shadow_budget_never_refuses_but_counts_and_logs_each_would_be_refusal(on_redis, caplog):
+    """`enforce: false`: every call is served; each one the budget would have refused is counted
+    as llm_proxy_rejections_total{shadow="true"} and logged (naming no key)."""
+    shadow = [{"window": "month", "usd": "0.00003", "enforce": False}]
+    server = on_redis(lambda data: data["keys"]["alice"].update(budgets=shadow))
+    with caplog.at_level("WARNING", logger="proxy.limits"):
+        # committed before each call: 0, 11, 22, 33, 44 µ$; with its 14 µ$ reservation the 3rd,
+        # 4th and 5th would pass 30 µ$
+        assert [post(server).status_code for _ in range(5)] == [200] * 5
+    server.wait_settled()
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'llm_proxy_rejections_total{key="alice",reason="budget",shadow="true",team="platform"} 3.0' in metrics
+    assert 'shadow="false"' not in metrics  # nothing was refused
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shadow mode")]
+    assert (
+        logged
+        == ["shadow mode: the monthly budget of key alice ($0.00003) would have refused a request of team platform"] * 3
+    )
+    assert not any(secret in line for line in logged for secret in KEYS.values())
+
+
+def test_usage_by_end_user_over_a_window_lists_the_top_spenders(on_redis):
+    """End users as the request names them (safety_identifier, else user, else the header), booked
+    in the ledger and reported per window, the top spender first; never a metric label."""
+    server = on_redis(lambda data: None)
+    assert post(server, {**CHAT, "user": "ann"}).status_code == 200
+    assert post(server, {**CHAT, "user": "ann"}).status_code == 200
+    assert post(server, {**CHAT, "user": "ann", "safety_identifier": "sid-1"}).status_code == 200
+    assert post(server, headers={"x-proxy-end-user": "hdr"}).status_code == 200
+    for window in ("day", "week", "month"):
+        report = admin_get(server, "/admin/usage", window=window, by="end_user").json()
+        end_users = report["teams"]["platform"]["end_users"]
+        assert list(end_users) == ["ann", "hdr", "sid-1"]
+        assert [(u["requests"], u["spend_micros"]) for u in end_users.values()] == [(2, 2 * COST), (1, COST), (1, COST)]
+    assert admin_get(server, "/admin/usage", window="month").json()["date"] == datetime.now(ZoneInfo("UTC")).strftime(
+        "%Y-%m"
+    )
+    refused = admin_get(server, "/admin/usage", window="year")
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"] == "`window` must be day, week or month."
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "ann" not in metrics and "sid-1" not in metrics and "hdr" not in metrics
+
+
+@pytest.mark.parametrize("fmt", ["json", "slack"])
+def test_window_alerts_fire_once_per_threshold_and_post_the_chosen_format(on_redis, caplog, fmt):
+    """`alerts: {thresholds, webhook_url, format}` on a team's month budget: each threshold fires
+    once (settle.lua's HSETNX per threshold), retried off the request path, never carrying a key."""
+    receiver = WebhookReceiver(fail_first=1)
+    try:
+
+        def patch(data):
+            data["teams"]["platform"]["budgets"] = [{"window": "month", "usd": "0.0001"}]
+            data["alerts"] = {"thresholds": [0.2, 0.5], "webhook_url": receiver.url, "format": fmt}
+
+        server = on_redis(patch)
+        with caplog.at_level("WARNING", logger="proxy.budgets"):
+            # spent after each call: 11, 22 (crosses 20 µ$), 33, 44, 55 (crosses 50 µ$), 66, 77
+            for _ in range(7):
+                assert post(server).status_code == 200
+            deadline = time.monotonic() + 10
+            while len(receiver.events) < 2:
+                assert time.monotonic() < deadline, f"webhooks not delivered: {receiver.events}"
+                time.sleep(0.02)
+        time.sleep(0.3)
+        month = datetime.now(ZoneInfo("UTC")).strftime("%Y-%m")
+        texts = [
+            f"budget alert: team 'platform' has spent ${spent} of its $0.0001 monthly budget for {month} ({ratio})"
+            for spent, ratio in (("0.000022", "20% threshold"), ("0.000055", "50% threshold"))
+        ]
+        assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("budget alert")] == texts
+        assert receiver.attempts == 3  # the first post failed and was retried
+        if fmt == "slack":
+            assert receiver.events == [{"text": text} for text in texts]
+        else:
+            assert [
+                (e["scope"], e["name"], e["window"], e["period"], e["spent_usd"], e["threshold"])
+                for e in receiver.events
+            ] == [
+                ("team", "platform", "month", month, "0.000022", 0.2),
+                ("team", "platform", "month", month, "0.000055", 0.5),
+            ]
+        assert not any(secret in json.dumps(receiver.events) for secret in (*KEYS.values(), UPSTREAM_KEY, ADMIN_KEY))
+    finally:
+        receiver.close()
+
+
+def test_end_user_limits_apply_to_each_end_user_of_the_team(on_redis):
+    """`teams.NAME.end_users.limits`: each distinct end user gets its own rpm; the refusal names the
+    end user as the request did; another end user, or a request naming none, is not limited."""
+    server = on_redis(lambda data: data["teams"]["platform"].update(end_users={"limits": {"rpm": 2}}))
+    assert [post(server, {**CHAT, "user": "ann"}).status_code for _ in range(2)] == [200, 200]
+    refused = post(server, {**CHAT, "user": "ann"})
+    assert refused.status_code == 429
+    message = refused.json()["error"]["message"]
+    assert message.startswith("Rate limit reached for end user 'ann' on requests per minute. Please try again in ")
+    assert post(server, headers={"x-proxy-end-user": "bob"}).status_code == 200
+    assert [post(server).status_code for _ in range(3)] == [200, 200, 200]
+
+
+def test_a_limit_in_shadow_mode_never_refuses_but_counts_and_logs(on_redis, caplog):
+    server = on_redis(lambda data: data["keys"]["alice"].update(limits={"rpm": 1, "enforce": False}))
+    with caplog.at_level("WARNING", logger="proxy.limits"):
+        assert [post(server).status_code for _ in range(3)] == [200, 200, 200]
+    server.wait_settled()
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'llm_proxy_rejections_total{key="alice",reason="rpm",shadow="true",team="platform"} 2.0' in metrics
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shadow mode")]
+    assert logged == ["shadow mode: the requests per minute limit of key alice would have refused a request"] * 2

@@ -134,6 +134,8 @@ def test_each_script_reads_its_arguments_in_the_order_layout_builds_them(script:
     source = (LUA / script).read_text(encoding="utf-8")
     assert "UNLIMITED" not in source or f"local UNLIMITED = {layout.UNLIMITED}" in source
     body = source[source.index("for i, name in ipairs(ARG_NAMES)") :]
-    # past the named ones, a script indexes ARGV only relative to them (a day's label or start, a tag)
+    # past the named ones, a script indexes ARGV only relative to them (a day's label or start, a
+    # window budget's arguments, an alert threshold, a tag)
     refs = re.findall(r"ARGV\[[^\]]*\]", body)
-    assert all(ref == "ARGV[i]" or ref.startswith("ARGV[labels") for ref in refs), refs
+    relative = ("ARGV[labels", "ARGV[at ", "ARGV[#ARG_NAMES ")
+    assert all(ref == "ARGV[i]" or ref.startswith(relative) for ref in refs), refs

@@ -44,7 +44,7 @@ METRICS = {
     "llm_proxy_overhead_seconds": set(),
     "llm_proxy_tokens_total": {"team", "key", "model", "kind"},
     "llm_proxy_spend_usd_total": {"team", "key", "model"},
-    "llm_proxy_rejections_total": {"team", "key", "reason"},
+    "llm_proxy_rejections_total": {"team", "key", "reason", "shadow"},
     "llm_proxy_budget_spent_usd": {"scope", "name"},
     "llm_proxy_budget_limit_usd": {"scope", "name"},
     "llm_proxy_budget_alert": {"scope", "name"},

@@ -14,13 +14,18 @@ import asyncio
 import itertools
 import random
 import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import fakeredis
 import pytest
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
+from proxy.budget_windows import label_of_day
 from proxy.errors import StoreError
+from proxy.limits.days import candidate_days
 from proxy.limits.memory_store import MemoryStore
 from proxy.limits.redis_store import CLUSTER_MAX_CONNECTIONS, RedisStore
 from proxy.limits.types import (
@@ -33,6 +38,7 @@ from proxy.limits.types import (
     Settled,
     Settlement,
     Usage,
+    WindowBudget,
 )
 from tests.support.ports import free_port
 
@@ -408,47 +414,52 @@ async def test_late_settle_after_reservation_expired(store, clock):
 async def test_ledger(store):
     t = team()
     a, b = key("a"), key("b")
-    for k, model, tags, prompt, completion, cached, cost in [
-        (a, "gpt-4o", (("role", "x"), ("env", "ci")), 100, 20, 10, 1500),
-        (a, "gpt-4o", (("role", "x"),), 50, 5, 0, 700),
-        (a, "mini", (), 10, 1, 0, 3),
-        (b, "mini", (("role", "y"),), 7, 2, 1, 4),
+    for k, model, tags, prompt, completion, cached, cost, written, reasoning in [
+        (a, "gpt-4o", (("role", "x"), ("env", "ci")), 100, 20, 10, 1500, 0, 0),
+        (a, "gpt-4o", (("role", "x"),), 50, 5, 0, 700, 0, 0),
+        (a, "mini", (), 10, 1, 0, 3, 0, 0),
+        (b, "mini", (("role", "y"),), 7, 2, 1, 4, 3, 1),  # every priced class is booked
     ]:
         adm = admission(k, t, tokens=500, cost=5000)
         assert (await store.admit(adm)).admitted
-        assert await store.settle(settlement(adm, prompt, completion, cost, model=model, tags=tags, cached=cached))
+        usage = Usage(prompt, completion, cached, written, reasoning)
+        done = settlement(adm, cost=cost, model=model, tags=tags)
+        assert await store.settle(replace(done, usage=usage, end_user="u-7" if k is b else ""))
     failed = admission(b, t)
     assert (await store.admit(failed)).admitted
     assert await store.settle(settlement(failed, model="mini", succeeded=False))
 
-    def m(spend, requests, prompt, completion, cached):
+    def m(spend, requests, prompt, completion, cached, written=0, reasoning=0):
         return {
             "spend_micros": spend,
             "requests": requests,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "cached_tokens": cached,
+            "cache_write_tokens": written,
+            "reasoning_tokens": reasoning,
         }
 
     assert await store.usage("2023-11-15", ["platform", "nobody"]) == {
         "date": "2023-11-15",
         "teams": {
             "platform": {
-                **m(2207, 5, 167, 28, 11),
+                **m(2207, 5, 167, 28, 11, 3, 1),
                 "keys": {
                     "a": {
                         **m(2203, 3, 160, 26, 10),
                         "models": {"gpt-4o": m(2200, 2, 150, 25, 10), "mini": m(3, 1, 10, 1, 0)},
                     },
-                    "b": {**m(4, 2, 7, 2, 1), "models": {"mini": m(4, 2, 7, 2, 1)}},
+                    "b": {**m(4, 2, 7, 2, 1, 3, 1), "models": {"mini": m(4, 2, 7, 2, 1, 3, 1)}},
                 },
                 "tags": {
                     "role=x": m(2200, 2, 150, 25, 10),
                     "env=ci": m(1500, 1, 100, 20, 10),
-                    "role=y": m(4, 1, 7, 2, 1),
+                    "role=y": m(4, 1, 7, 2, 1, 3, 1),
                 },
+                "end_users": {"u-7": m(4, 1, 7, 2, 1, 3, 1)},
             },
-            "nobody": {**m(0, 0, 0, 0, 0), "keys": {}, "tags": {}},
+            "nobody": {**m(0, 0, 0, 0, 0), "keys": {}, "tags": {}, "end_users": {}},
         },
     }
     assert (await store.usage("2023-11-16", ["platform"]))["teams"]["platform"]["requests"] == 0
@@ -683,7 +694,7 @@ async def test_settled_markers_live_minutes_not_days(store, clock):
 async def test_tags_past_the_ledger_cap_fold_into_overflow(store, monkeypatch):
     from proxy.limits import layout
 
-    monkeypatch.setattr(layout, "LEDGER_MAX_FIELDS", 40)  # the team, key, model and 5 tags of 5 fields each
+    monkeypatch.setattr(layout, "LEDGER_MAX_FIELDS", 56)  # the team, key, model and 5 tags of 7 fields each
     k, t = key(), team()
     for n in range(12):
         a = admission(k, t)
@@ -696,3 +707,171 @@ async def test_tags_past_the_ledger_cap_fold_into_overflow(store, monkeypatch):
     assert set(tags) == {"user=u0", "user=u1", "user=u2", "user=u3", "user=u4", "other=overflow"}
     assert tags["user=u0"]["requests"] == 2 and tags["other=overflow"]["requests"] == 7
     assert sum(line["spend_micros"] for line in tags.values()) == 13
+
+
+# -- window budgets: every window of every scope, in the same admission -------------------------
+
+
+def window_days(at: datetime) -> BudgetDay:
+    """The candidate days a replica whose clock reads `at` offers (yesterday, today, tomorrow)."""
+    return candidate_days(ZoneInfo("UTC"), at)
+
+
+def on_cluster(store) -> bool:
+    return isinstance(getattr(store, "client", None), RedisCluster)
+
+
+async def admit_window(
+    store, days: BudgetDay, windows: tuple[WindowBudget, ...], cost: int, team_name: str = "platform"
+):
+    a = Admission(f"req-{next(_ids)}", team(team_name), key(), 0, cost, days, windows=windows)
+    return a, await store.admit(a)
+
+
+async def settle_window(store, a: Admission, decision: Decision, cost: int) -> Settled:
+    return await store.settle(
+        Settlement(a.request_id, a.team, a.key, "gpt-4o", decision.day, Usage(), cost, windows=a.windows)
+    )
+
+
+@pytest.mark.parametrize(
+    ("window", "last_minute", "boundary"),
+    [
+        ("week", datetime(2023, 11, 19, 23, 59, tzinfo=UTC), "2023-W47"),  # Sunday -> Monday
+        ("month", datetime(2023, 11, 30, 23, 59, tzinfo=UTC), "2023-12"),  # Nov 30 -> Dec 1
+    ],
+)
+async def test_a_window_budget_holds_to_the_boundary_then_starts_afresh(store, clock, window, last_minute, boundary):
+    """The window follows the store's clock: a replica still offering the old day's candidates
+    after the boundary has its request booked in the new window, which starts from zero."""
+    clock.us = int(last_minute.timestamp()) * 1_000_000
+    days = window_days(last_minute)
+    windows = (WindowBudget("team", "platform", window, 100),)
+    a, first = await admit_window(store, days, windows, 60)
+    assert first.admitted
+    assert (await settle_window(store, a, first, 60)).window_spent_micros == (60,)
+    _, refused = await admit_window(store, days, windows, 60)
+    assert (refused.admitted, refused.scope, refused.reason, refused.window) == (False, "window", "budget", 0)
+    assert (refused.window_spent_micros, refused.window_limit_micros) == (60, 100)
+    clock.advance(60_000)  # the store's clock passes the boundary; the replica's candidates do not move
+    a, fresh = await admit_window(store, days, windows, 60)
+    assert fresh.admitted and label_of_day(window, fresh.day) == boundary
+    assert (await settle_window(store, a, fresh, 60)).window_spent_micros == (60,)
+
+
+async def test_every_window_budget_of_every_scope_is_checked_and_booked(store, clock):
+    """Day, week and month budgets of the team, the key and an end user, and the org's: the
+    tightest refuses, and settlement books the cost in each."""
+    now = datetime.fromtimestamp(clock() / 1e6, UTC)
+    windows = (
+        WindowBudget("team", "platform", "week", 1000),
+        WindowBudget("key", "ci-bot", "month", 1000),
+        WindowBudget("end_user", "user-7", "day", 150),
+        WindowBudget("team", "platform", "month", 1000),
+    )
+    if not on_cluster(store):  # an org budget needs standalone Redis (config refuses it on a cluster)
+        windows += (WindowBudget("org", "", "month", 1000),)
+    a, decision = await admit_window(store, window_days(now), windows, 100)
+    assert decision.admitted
+    settled = await settle_window(store, a, decision, 100)
+    assert settled.window_spent_micros == (100,) * len(windows)
+    _, refused = await admit_window(store, window_days(now), windows, 100)
+    assert (refused.admitted, refused.window, refused.window_spent_micros) == (False, 2, 100)
+    other_user = (*windows[:2], WindowBudget("end_user", "user-8", "day", 150), *windows[3:])
+    _, admitted = await admit_window(store, window_days(now), other_user, 100)
+    assert admitted.admitted  # another end user of the same team has a budget of its own
+
+
+async def test_a_shadow_budget_never_refuses_but_says_it_would_have(store, clock):
+    now = datetime.fromtimestamp(clock() / 1e6, UTC)
+    windows = (
+        WindowBudget("team", "platform", "week", 1_000),
+        WindowBudget("key", "ci-bot", "month", 50, enforce=False),
+    )
+    a, decision = await admit_window(store, window_days(now), windows, 100)
+    assert (decision.admitted, decision.shadow) == (True, (1,))
+    assert (await settle_window(store, a, decision, 100)).window_spent_micros == (100, 100)
+
+
+@real_and_memory
+async def test_a_window_budget_is_exact_under_100_concurrent_admissions(store, clock):
+    """100 end users' worth of racing on one end user's day budget and a team's month budget:
+    exactly as many admitted as fit, and the booked spend is the budget."""
+    now = datetime.fromtimestamp(clock() / 1e6, UTC)
+    windows = (WindowBudget("end_user", "racer", "day", 1_000), WindowBudget("team", "platform", "month", 5_000))
+    days = window_days(now)
+
+    async def one() -> bool:
+        a, decision = await admit_window(store, days, windows, 10)
+        if decision.admitted:
+            await settle_window(store, a, decision, 10)
+        return decision.admitted
+
+    admitted = await asyncio.gather(*(one() for _ in range(150)))
+    assert sum(admitted) == 100
+    a, last = await admit_window(store, days, (WindowBudget("end_user", "racer", "day", 10**9),), 0)
+    assert (await settle_window(store, a, last, 0)).window_spent_micros == (1_000,)
+
+
+async def test_window_holds_are_released_by_an_abandoned_admission_and_renewed_with_the_request(store, clock):
+    now = datetime.fromtimestamp(clock() / 1e6, UTC)
+    windows = (WindowBudget("team", "platform", "month", 100),)
+    a, decision = await admit_window(store, window_days(now), windows, 100)
+    assert decision.admitted
+    clock.advance(800_000)
+    assert await store.renew(Renewal(a.request_id, a.team, a.key, decision.day, 900_000, windows))
+    clock.advance(800_000)  # past the first lease, within the renewed one: still held
+    assert not (await admit_window(store, window_days(now), windows, 100))[1].admitted
+    abandoned = Settlement(
+        a.request_id, a.team, a.key, "", decision.day, Usage(), 0, abandoned=True, succeeded=False, windows=windows
+    )
+    assert (await store.settle(abandoned)).window_spent_micros == (0,)
+    assert (await admit_window(store, window_days(now), windows, 100))[1].admitted
+
+
+def end_user(name: str, **limits) -> ScopeLimits:
+    return ScopeLimits("end_user", name, **limits)
+
+
+async def test_each_end_user_has_limits_of_its_own(store, clock):
+    """The team's end-user limits apply to each end user separately, in the same admission."""
+    ann, bob = end_user("ann", rpm=2, max_parallel=1), end_user("bob", rpm=2, max_parallel=1)
+    first = admission(key(), team(), user=ann)
+    assert (await store.admit(first)).admitted
+    refused = await store.admit(admission(key(), team(), user=ann))
+    assert (refused.admitted, refused.reason, refused.scope) == (False, "parallel", "end_user")
+    assert (await store.admit(admission(key(), team(), user=bob))).admitted  # another end user
+    assert await store.settle(replace(settlement(first), user=ann))  # releases ann's slot
+    second = admission(key(), team(), user=ann)
+    assert (await store.admit(second)).admitted
+    assert await store.settle(replace(settlement(second), user=ann))
+    refused = await store.admit(admission(key(), team(), user=ann))  # two a minute, both used
+    assert (refused.admitted, refused.reason, refused.scope, refused.retry_after_ms) == (
+        False,
+        "rpm",
+        "end_user",
+        30_000,
+    )
+
+
+async def test_an_end_users_tokens_are_refunded_at_settlement(store, clock):
+    ann = end_user("ann", tpm=1000)
+    a = admission(key(), team(), tokens=800, user=ann)
+    assert (await store.admit(a)).admitted
+    assert (await store.admit(admission(key(), team(), tokens=300, user=ann))).scope == "end_user"
+    assert await store.settle(replace(settlement(a, prompt=50, completion=50), user=ann))  # 700 back
+    assert (await store.admit(admission(key(), team(), tokens=800, user=ann))).admitted
+
+
+async def test_limits_in_shadow_mode_never_refuse_but_say_what_they_would_have_refused(store, clock):
+    k = key(rpm=60, rpm_burst=1, tpm=100, max_parallel=1, enforce=False)
+    decisions = [await store.admit(admission(k, team(), tokens=60)) for _ in range(3)]
+    assert [d.admitted for d in decisions] == [True, True, True]
+    assert [d.shadow_limits for d in decisions] == [
+        (),
+        ("key:rpm", "key:tpm", "key:parallel"),
+        ("key:rpm", "key:tpm", "key:parallel"),
+    ]
+    enforced = await store.admit(admission(key("other", rpm=60, rpm_burst=1), team()))
+    assert enforced.admitted and not enforced.shadow_limits
+    assert not (await store.admit(admission(key("other", rpm=60, rpm_burst=1), team()))).admitted

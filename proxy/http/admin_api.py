@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 
+from ..budget_windows import WINDOWS
 from ..errors import AdminRequired, InvalidApiKey, InvalidRequest, StoreError, StoreUnavailable
 from ..limits.days import BudgetCalendar
 from ..limits.types import Store
@@ -18,6 +19,7 @@ from ..request.authenticate import presented_key
 from ..request.runtime_keys import RuntimeKeys, only_team, with_runtime
 from ..snapshot import SnapshotHolder
 from ..usage_report import keys_overview, usage_overview
+from ..usage_window import window_usage
 
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -69,10 +71,13 @@ def router(
     @api.get("/usage")
     async def usage(
         date_: str | None = Query(None, alias="date", description="YYYY-MM-DD, default today"),
+        window: str = Query("day", description="day, week or month: the window containing `date`"),
+        by: str | None = Query(None, description="end_user: each team's end users, the top spenders first"),
         admin: Admin = Depends(require_admin),
     ) -> dict[str, Any]:
-        """Spend, budget, remaining, requests and tokens per team and key, per model and per tag
-        (a team-scoped admin key: its team only)."""
+        """Spend, budget, remaining, requests and tokens per team and key, per model, per tag and per
+        end user (the top spenders), over the day, week or month containing `date` (a team-scoped
+        admin key: its team only)."""
         config = with_runtime(snapshots.config, runtime)
         if admin.team is not None:
             config = only_team(config, admin.team)
@@ -83,8 +88,12 @@ def router(
             date.fromisoformat(day)
         except ValueError:
             raise InvalidRequest("`date` is not a calendar date.", param="date") from None
+        if window not in WINDOWS:
+            raise InvalidRequest("`window` must be day, week or month.", param="window")
+        if by not in (None, "team", "key", "model", "tag", "end_user"):
+            raise InvalidRequest("`by` must be team, key, model, tag or end_user.", param="by")
         try:
-            report = await store.usage(day, list(config.teams))
+            report = await window_usage(store, list(config.teams), day, window, calendar.today())
         except StoreError:
             raise StoreUnavailable("The usage ledger is unavailable; please retry shortly.") from None
         return usage_overview(config, report)

@@ -27,7 +27,7 @@ from .health import StoreHealth
 from .journal import Journal
 from .memory_store import MemoryStore
 from .scopes import Scopes
-from .types import Admission, BudgetDay, Decision, ScopeLimits, Settlement, Store, Usage
+from .types import NO_END_USER, Admission, BudgetDay, Decision, ScopeLimits, Settlement, Store, Usage, WindowBudget
 
 
 @dataclass(slots=True)
@@ -43,6 +43,25 @@ class Ticket:
     degraded: bool = False  # admitted by the fallback store during an outage
     settled: bool = field(default=False)
     renewed_at: float = 0.0  # monotonic time of admission, then of the last lease renewal
+    shared_windows: tuple[WindowBudget, ...] = ()  # its window budgets in the shared store
+    fallback_windows: tuple[WindowBudget, ...] = ()  # ... and in the fallback (divided by the replicas)
+    end_user: str = ""  # who the request named as its end user, if anyone
+    shared_user: ScopeLimits = NO_END_USER  # its end user's limits in the shared store
+    fallback_user: ScopeLimits = NO_END_USER  # ... and in the fallback
+
+    @property
+    def user_scope(self) -> ScopeLimits:
+        return self.fallback_user if self.degraded else self.shared_user
+
+    @property
+    def windows(self) -> tuple[WindowBudget, ...]:
+        """Its window budgets in the store that admitted it."""
+        return self.fallback_windows if self.degraded else self.shared_windows
+
+    @property
+    def shadow_windows(self) -> tuple[WindowBudget, ...]:
+        """The budgets in shadow mode that would have refused it."""
+        return tuple(self.windows[i] for i in self.decision.shadow)
 
     @property
     def key_scope(self) -> ScopeLimits:
@@ -65,6 +84,15 @@ class Refusal:
 
     scopes: Scopes
     decision: Decision | None
+    windows: tuple[WindowBudget, ...] = ()  # the window budgets it was checked against
+    resets_at: int = 0  # when the refusing window budget's window ends (epoch seconds)
+    user: ScopeLimits = NO_END_USER  # the end user's limits it was checked against
+
+    @property
+    def window(self) -> WindowBudget | None:
+        """The window budget that refused it, if one did."""
+        index = None if self.decision is None else self.decision.window
+        return None if index is None else self.windows[index]
 
 
 Mark = tuple[str, str, str, str]  # (team, scope kind, scope name, day)
@@ -96,13 +124,26 @@ class Admitter:
         self._seeded: set[Mark] = set()  # fallback budgets seeded in the outage numbered `_seeded_in`
         self._seeded_in = 0
 
-    async def admit(self, request_id: str, scopes: Scopes, tokens: int, cost_micros: int) -> Ticket | Refusal:
+    async def admit(
+        self, request_id: str, scopes: Scopes, tokens: int, cost_micros: int, end_user: str | None = None
+    ) -> Ticket | Refusal:
         days = self.calendar.candidates()
+        windows, fallback_windows = scopes.for_end_user(end_user)
+        user, fallback_user = scopes.user_for(end_user)
         if days.labels != self._seen_days:  # a new day: forget what was seen on days gone by
             self._seen_days = days.labels
             self.seen_committed = {m: v for m, v in self.seen_committed.items() if m[3] in days.labels}
         admission = Admission(
-            request_id, scopes.team, scopes.key, tokens, cost_micros, days, self.lease_ttl_ms, scopes.credential_id
+            request_id,
+            scopes.team,
+            scopes.key,
+            tokens,
+            cost_micros,
+            days,
+            self.lease_ttl_ms,
+            windows,
+            user,
+            scopes.credential_id,
         )
         store: Store = self.store
         degraded = False
@@ -119,19 +160,44 @@ class Admitter:
             if not self.allow_on_outage or self.fallback is None:
                 if sent:
                     self._abandon(admission)
-                return Refusal(scopes, None)
+                return Refusal(scopes, None, windows)
             self._seed_fallback(self.fallback, scopes, days)
             decision = await self.fallback.admit(
                 Admission(
-                    request_id, scopes.fallback_team, scopes.fallback_key, tokens, cost_micros, days, self.lease_ttl_ms
+                    request_id,
+                    scopes.fallback_team,
+                    scopes.fallback_key,
+                    tokens,
+                    cost_micros,
+                    days,
+                    self.lease_ttl_ms,
+                    fallback_windows,
+                    fallback_user,
                 )
             )
             if sent and not decision.admitted:
                 self._abandon(admission)
             store, degraded = self.fallback, True
         if not decision.admitted:
-            return Refusal(scopes, decision)
-        return Ticket(request_id, scopes, decision, tokens, cost_micros, store, degraded)
+            checked = fallback_windows if degraded else windows
+            resets_at = 0
+            if decision.window is not None:
+                resets_at = self.calendar.window_end(checked[decision.window].window, decision.day)
+            return Refusal(scopes, decision, checked, resets_at, fallback_user if degraded else user)
+        return Ticket(
+            request_id,
+            scopes,
+            decision,
+            tokens,
+            cost_micros,
+            store,
+            degraded,
+            shared_windows=windows,
+            fallback_windows=fallback_windows,
+            end_user=end_user or "",
+            shared_user=user,
+            fallback_user=fallback_user,
+        )
 
     def _saw(self, scopes: Scopes, decision: Decision) -> None:
         team = scopes.team.name
@@ -174,5 +240,7 @@ class Admitter:
                 0,
                 succeeded=False,
                 abandoned=True,
+                windows=admission.windows,
+                user=admission.user,
             )
         )

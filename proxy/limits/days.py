@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+from ..budget_windows import Window, end_of
 from .types import BudgetDay
 
 DAY_EDGE_S = 3600  # this close to midnight, admission offers the store three candidate days
@@ -67,6 +68,11 @@ class BudgetCalendar:
         if days.starts[1] + DAY_EDGE_S <= now < days.starts[2] - DAY_EDGE_S:
             return today_only
         return days
+
+    def window_end(self, window: Window, day: str) -> int:
+        """When the `window` containing the day labelled `day` ends (epoch seconds)."""
+        self._around(self.now_s())
+        return end_of(window, day, self._zone)
 
     def today(self) -> str:
         """Today's label, `YYYY-MM-DD`."""

@@ -13,6 +13,10 @@ one Redis Cluster slot:
     llmrl:{T}:d:<request id>                    settled marker   string (settled or abandoned:
                                                                  a later admit of the id is a no-op)
     llmrl:{T}:ledger:<day>                      spend ledger     hash, see proxy.limits.ledger
+    llmrl:{T}:t:w:<label> | ...k:<key>:w:<label> a window budget  hash and :leases as a budget day;
+    llmrl:{T}:u:<end user>:w:<label>             label "2026-12-01", "2026-W49" or "2026-12"
+    llmrl:{T}:u:<end user>:rq|tk|par            an end user's buckets and leases (end_users.limits)
+    llmrl:{org}:w:<label>                        the org's: outside every team's slot (see README)
 
 MemoryStore keeps the same names in its own keyspace, and returns the same reply array.
 
@@ -25,7 +29,20 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from .types import Admission, BucketState, Decision, Reason, Renewal, ScopeKind, ScopeLimits, Settled, Settlement
+from ..budget_windows import label_of_day
+from .types import (
+    WINDOW_DAYS,
+    Admission,
+    BucketState,
+    Decision,
+    Reason,
+    RefusingScope,
+    Renewal,
+    ScopeLimits,
+    Settled,
+    Settlement,
+    WindowBudget,
+)
 
 DEFAULT_PREFIX = "llmrl"
 DAY_MARGIN_MS = 2 * 86_400_000  # a budget day's records outlive the day by this much
@@ -36,7 +53,7 @@ DAY_MARGIN_MS = 2 * 86_400_000  # a budget day's records outlive the day by this
 DONE_TTL_S = 15 * 60
 LATE_BUDGET_TTL_S = 3 * 86_400  # a budget day record first created by a late settlement
 UNLIMITED = -1  # a limit the scope does not have, in script arguments and replies (`UNLIMITED` in the Lua)
-LEDGER_MAX_FIELDS = 20_000  # a team-day's ledger books new tags as other=overflow past this (~4k tags)
+LEDGER_MAX_FIELDS = 20_000  # a team-day's ledger books new tags as other=overflow past this (~2.8k tags of 7 fields)
 
 
 class Layout:
@@ -49,10 +66,30 @@ class Layout:
         return f"{self.prefix}:{{{team}}}"
 
     def scope(self, team: str, s: ScopeLimits) -> str:
+        if s.kind == "end_user":
+            return f"{self.team(team)}:u:{s.name}"
         return f"{self.team(team)}:t" if s.kind == "team" else f"{self.team(team)}:k:{s.name}"
 
     def budget(self, team: str, s: ScopeLimits, day: str) -> str:
         return f"{self.scope(team, s)}:b:{day}"
+
+    def window_budget(self, team: str, w: WindowBudget, day: str) -> str:
+        """The budget hash of `w` in the window containing `day`."""
+        label = label_of_day(w.window, day)
+        if w.scope == "org":
+            return f"{self.prefix}:{{org}}:w:{label}"
+        if w.scope == "team":
+            return f"{self.team(team)}:t:w:{label}"
+        kind = "k" if w.scope == "key" else "u"
+        return f"{self.team(team)}:{kind}:{w.name}:w:{label}"
+
+    def _window_keys(self, team: str, windows: tuple[WindowBudget, ...], days: tuple[str, ...]) -> list[str]:
+        keys: list[str] = []
+        for w in windows:
+            for day in days:
+                budget = self.window_budget(team, w, day)
+                keys += [budget, f"{budget}:leases"]
+        return keys
 
     def ledger(self, team: str, day: str) -> str:
         return f"{self.team(team)}:ledger:{day}"
@@ -77,6 +114,9 @@ class Layout:
         for day in a.days.labels:
             kb, tb = self.budget(t, a.key, day), self.budget(t, a.team, day)
             keys += [kb, f"{kb}:leases", tb, f"{tb}:leases"]
+        keys += self._window_keys(t, a.windows, a.days.labels)
+        user = self.scope(t, a.user)
+        keys += [f"{user}:rq", f"{user}:tk", f"{user}:par"]
         keys.append(self.fence(t, a.credential_id))  # second-to-last: the caller's revocation fence
         keys.append(f"{self.team(t)}:d:{a.request_id}")  # last: the settled marker
         return keys
@@ -97,6 +137,9 @@ class Layout:
             tb,
             f"{tb}:leases",
             self.ledger(t, s.day),
+            *self._window_keys(t, s.windows, (s.day,)),
+            f"{self.scope(t, s.user)}:tk",
+            f"{self.scope(t, s.user)}:par",  # last: the end user's parallel leases
         ]
 
     def renew_keys(self, r: Renewal) -> list[str]:
@@ -108,10 +151,12 @@ class Layout:
             f"{self.scope(t, r.team)}:par",
             f"{kb}:leases",
             f"{tb}:leases",
+            *self._window_keys(t, r.windows, (r.day,))[1::2],
+            f"{self.scope(t, r.user)}:par",
         ]
 
 
-LIMIT_ARGS = ("rpm", "request_capacity", "tpm", "token_capacity", "max_parallel", "budget")
+LIMIT_ARGS = ("rpm", "request_capacity", "tpm", "token_capacity", "max_parallel", "budget", "enforce")
 # admit.lua's ARGV; after them, `day_count` day labels, then `day_count + 1` day starts (epoch s)
 ADMIT_ARGS = (
     "now_us",
@@ -122,7 +167,9 @@ ADMIT_ARGS = (
     "day_margin_ms",
     *(f"key_{name}" for name in LIMIT_ARGS),
     *(f"team_{name}" for name in LIMIT_ARGS),
+    *(f"user_{name}" for name in LIMIT_ARGS),
     "day_count",
+    "window_count",
 )
 # settle.lua's ARGV; after them, the request's tags as `name=value`
 SETTLE_ARGS = (
@@ -135,16 +182,22 @@ SETTLE_ARGS = (
     "key_token_capacity",
     "team_tpm",
     "team_token_capacity",
+    "user_tpm",
+    "user_token_capacity",
     "cost",
     "prompt_tokens",
     "completion_tokens",
     "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
     "key_name",
     "model",
     "key_alert",
     "team_alert",
     "ledger_max_fields",
     "abandon",
+    "window_count",
+    "end_user",
 )
 RENEW_ARGS = ("now_us", "request_id", "lease_ttl_ms")  # renew.lua's ARGV
 
@@ -163,6 +216,7 @@ def _limits(prefix: str, s: ScopeLimits) -> dict[str, Arg]:
         f"{prefix}token_capacity": token_capacity,
         f"{prefix}max_parallel": _or_unlimited(s.max_parallel),
         f"{prefix}budget": _or_unlimited(s.budget_micros),
+        f"{prefix}enforce": 1 if s.enforce else 0,
     }
 
 
@@ -178,13 +232,18 @@ def admit_args(a: Admission, now_us: int | None) -> list[Arg]:
         "day_margin_ms": DAY_MARGIN_MS,
         **_limits("key_", a.key),
         **_limits("team_", a.team),
+        **_limits("user_", a.user),
         "day_count": len(a.days.labels),
+        "window_count": len(a.windows),
     }
-    return [*(named[name] for name in ADMIT_ARGS), *a.days.labels, *a.days.starts]
+    windows: list[Arg] = []
+    for w in a.windows:
+        windows += [w.micros, 1 if w.enforce else 0, (WINDOW_DAYS[w.window] - 1) * 86_400_000]
+    return [*(named[name] for name in ADMIT_ARGS), *a.days.labels, *a.days.starts, *windows]
 
 
 def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list[Arg]:
-    key, team = _limits("key_", s.key), _limits("team_", s.team)
+    key, team, user = _limits("key_", s.key), _limits("team_", s.team), _limits("user_", s.user)
     named: dict[str, Arg] = {
         "now_us": "" if now_us is None else now_us,
         "request_id": s.request_id,
@@ -195,18 +254,25 @@ def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list[Ar
         "key_token_capacity": key["key_token_capacity"],
         "team_tpm": team["team_tpm"],
         "team_token_capacity": team["team_token_capacity"],
+        "user_tpm": user["user_tpm"],
+        "user_token_capacity": user["user_token_capacity"],
         "cost": s.cost_micros,
         "prompt_tokens": s.usage.prompt_tokens,
         "completion_tokens": s.usage.completion_tokens,
         "cached_tokens": s.usage.cached_tokens,
+        "cache_write_tokens": s.usage.cache_write_tokens,
+        "reasoning_tokens": s.usage.reasoning_tokens,
         "key_name": s.key.name,
         "model": s.model,
         "key_alert": _or_unlimited(s.key.alert_micros),
         "team_alert": _or_unlimited(s.team.alert_micros),
         "ledger_max_fields": LEDGER_MAX_FIELDS,
         "abandon": 1 if s.abandoned else 0,
+        "window_count": len(s.windows),
+        "end_user": s.end_user,
     }
-    return [*(named[name] for name in SETTLE_ARGS), *(f"{k}={v}" for k, v in s.tags)]
+    alerts = [",".join(str(t) for t in w.alerts) for w in s.windows]
+    return [*(named[name] for name in SETTLE_ARGS), *alerts, *(f"{k}={v}" for k, v in s.tags)]
 
 
 def renew_args(r: Renewal, now_us: int | None) -> list[Arg]:
@@ -226,8 +292,16 @@ def decode_settled(reply: ScriptReply) -> Settled:
     """The settle reply: 0 for a duplicate, else [1, key spent, team spent, key crossed, team crossed]."""
     if not isinstance(reply, (list, tuple)):
         return Settled(False)
-    applied, key_spent, team_spent, key_crossed, team_crossed = (int(x) for x in reply)
-    return Settled(bool(applied), key_spent, team_spent, bool(key_crossed), bool(team_crossed))
+    applied, key_spent, team_spent, key_crossed, team_crossed, *windows = (int(x) for x in reply)
+    return Settled(
+        bool(applied),
+        key_spent,
+        team_spent,
+        bool(key_crossed),
+        bool(team_crossed),
+        tuple(windows[0::2]),
+        tuple(windows[1::2]),
+    )
 
 
 def _text(value: bytes | str) -> str:
@@ -255,10 +329,11 @@ def decode_decision(reply: ScriptReply) -> Decision:
     admitted, reason, scope, retry, never, *rest = reply
     rq, tk = rest[0:3], rest[3:6]
     spent, limit, day, day_reset, key_committed, team_committed = rest[6:12]
+    window, window_spent, window_limit, shadow, shadow_limits = rest[12:17]
     return Decision(
         admitted=bool(int(admitted)),
         reason=cast(Reason, _text(reason)) or None,  # the script answers one of these
-        scope=cast(ScopeKind, _text(scope)) or None,
+        scope=cast(RefusingScope, _text(scope)) or None,
         retry_after_ms=int(retry),
         never_fits=bool(int(never)),
         requests=_bucket(*rq),
@@ -269,4 +344,9 @@ def decode_decision(reply: ScriptReply) -> Decision:
         day_reset_s=int(day_reset),
         key_committed_micros=_unless_unlimited(key_committed),
         team_committed_micros=_unless_unlimited(team_committed),
+        window=int(window) - 1 if int(window) else None,
+        window_spent_micros=int(window_spent),
+        window_limit_micros=int(window_limit),
+        shadow=tuple(int(w) - 1 for w in _text(shadow).split(",") if w),
+        shadow_limits=tuple(s for s in _text(shadow_limits).split(",") if s),
     )

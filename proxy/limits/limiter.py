@@ -69,8 +69,10 @@ class Limiter:
     def seen_committed(self) -> dict[Mark, int]:
         return self.admitter.seen_committed
 
-    async def admit(self, request_id: str, scopes: Scopes, tokens: int, cost_micros: int) -> Ticket | Refusal:
-        admitted = await self.admitter.admit(request_id, scopes, tokens, cost_micros)
+    async def admit(
+        self, request_id: str, scopes: Scopes, tokens: int, cost_micros: int, end_user: str | None = None
+    ) -> Ticket | Refusal:
+        admitted = await self.admitter.admit(request_id, scopes, tokens, cost_micros, end_user)
         if isinstance(admitted, Ticket):
             self.settler.opened()
             self.renewer.follow(admitted)

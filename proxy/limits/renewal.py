@@ -56,7 +56,13 @@ class Renewer:
     async def _renew(self, ticket: Ticket) -> bool:
         started = time.monotonic()
         renewal = Renewal(
-            ticket.request_id, ticket.team_scope, ticket.key_scope, ticket.decision.day, self.lease_ttl_ms
+            ticket.request_id,
+            ticket.team_scope,
+            ticket.key_scope,
+            ticket.decision.day,
+            self.lease_ttl_ms,
+            ticket.windows,
+            ticket.user_scope,
         )
         renewed = await ticket.store.renew(renewal)
         if renewed:

@@ -71,11 +71,20 @@ class Settler:
             cost_micros,
             tags,
             succeeded,
+            windows=ticket.windows,
+            end_user=ticket.end_user,
+            user=ticket.user_scope,
         )
         if ticket.degraded:
             await ticket.store.settle(settlement)  # the fallback store (limits / replicas) never fails
             # the shared store gets the real limits, alert thresholds too
-            settlement = replace(settlement, key=ticket.scopes.key, team=ticket.scopes.team)
+            settlement = replace(
+                settlement,
+                key=ticket.scopes.key,
+                team=ticket.scopes.team,
+                windows=ticket.shared_windows,
+                user=ticket.shared_user,
+            )
         try:
             settled = await self.store.settle(settlement)
             self.health.answered()

@@ -15,8 +15,31 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from ..budget_windows import Window
+
 Reason = Literal["rpm", "tpm", "parallel", "budget", "revoked"]
-ScopeKind = Literal["key", "team"]
+ScopeKind = Literal["key", "team", "end_user"]
+# who refused: a key's or team's limit or enforced day budget, or one of the window budgets
+RefusingScope = Literal["key", "team", "end_user", "window"]
+BudgetScope = Literal["org", "team", "key", "end_user"]
+WINDOW_DAYS: dict[Window, int] = {"day": 1, "week": 7, "month": 31}  # the longest each can be
+
+
+@dataclass(frozen=True, slots=True)
+class WindowBudget:
+    """A budget over a calendar window of one scope, checked in the same admission as the limits.
+
+    Every budget that is not a key's or team's enforced day budget is one of these: week and month
+    windows, the org's and each end user's budgets, and shadow ones (`enforce=False`: a would-be
+    refusal is reported in `Decision.shadow`, never made). The store books it in the window that
+    contains the day it chose."""
+
+    scope: BudgetScope
+    name: str  # the key's, team's or end user's name; "" for the org
+    window: Window
+    micros: int
+    enforce: bool = True
+    alerts: tuple[int, ...] = ()  # spend thresholds (ascending) at which an alert fires once each
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +55,7 @@ class ScopeLimits:
     max_parallel: int | None = None
     budget_micros: int | None = None  # daily budget in micro-dollars
     alert_micros: int | None = None  # spend at which the budget alert fires (budget × alert ratio)
+    enforce: bool = True  # False: its rpm, tpm and max_parallel are in shadow mode (never refuse)
 
     @property
     def request_capacity(self) -> int | None:
@@ -63,6 +87,9 @@ class BudgetDay:
         return label
 
 
+NO_END_USER = ScopeLimits("end_user", "")  # a request naming no end user, or a team without end-user limits
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     request_id: str
@@ -72,6 +99,8 @@ class Admission:
     cost_micros: int  # reserved worst-case cost
     days: BudgetDay
     lease_ttl_ms: int = 900_000
+    windows: tuple[WindowBudget, ...] = ()
+    user: ScopeLimits = NO_END_USER  # the end user's rpm, tpm and max_parallel
     credential_id: str | None = None  # a runtime key's credential: names the fence admit checks
 
 
@@ -84,6 +113,8 @@ class Renewal:
     key: ScopeLimits
     day: str  # the budget day its admission chose (where its budget holds are)
     lease_ttl_ms: int
+    windows: tuple[WindowBudget, ...] = ()
+    user: ScopeLimits = NO_END_USER
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +130,7 @@ class BucketState:
 class Decision:
     admitted: bool
     reason: Reason | None = None
-    scope: ScopeKind | None = None  # which scope refused
+    scope: RefusingScope | None = None  # which scope refused
     retry_after_ms: int = 0  # exact wait before the same request would be admitted
     never_fits: bool = False  # the request exceeds a bucket's capacity: waiting won't help
     requests: BucketState | None = None  # tightest request bucket of key and team
@@ -113,6 +144,11 @@ class Decision:
     stale: bool = False
     key_committed_micros: int | None = None  # the key's spent + held on that day; None without a budget
     team_committed_micros: int | None = None
+    window: int | None = None  # the index in `Admission.windows` of the window budget that refused
+    window_spent_micros: int = 0  # its spent + held, and its limit
+    window_limit_micros: int = 0
+    shadow: tuple[int, ...] = ()  # indices of the shadow window budgets that would have refused
+    shadow_limits: tuple[str, ...] = ()  # "<scope>:<rpm|tpm|parallel>" a shadow limit would have refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +183,9 @@ class Settlement:
     # the admit's reply was lost and the request went nowhere: release whatever that admit may
     # have reserved, mark the id settled (so the admit, if it arrives later, is a no-op), book nothing
     abandoned: bool = False
+    windows: tuple[WindowBudget, ...] = ()
+    end_user: str = ""  # who the request named as its end user ("" for none): booked in the ledger
+    user: ScopeLimits = NO_END_USER  # the end user's limits it was admitted under
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +197,9 @@ class Settled:
     team_spent_micros: int = 0
     key_crossed: bool = False  # this settlement pushed the key past its alert threshold (once a day)
     team_crossed: bool = False
+    window_spent_micros: tuple[int, ...] = ()  # each window budget's settled spend after this request
+    # ... and the highest of its alert thresholds this settlement crossed first (1-based; 0: none)
+    window_crossed: tuple[int, ...] = ()
 
     def __bool__(self) -> bool:
         return self.applied

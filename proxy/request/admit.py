@@ -9,43 +9,76 @@ response really used. A refusal from the limiter becomes the client's error here
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Mapping, Sequence
 
 from ..apis import anthropic_errors
-from ..config import Model
+from ..budget_refusal import budget_refusal, safe_name, usd_text
+from ..budget_windows import ADJECTIVES
+from ..config import Config, Model
 from ..errors import BudgetExceeded, InvalidApiKey, ProxyError, RateLimited, StoreUnavailable
 from ..http.responses import new_request_id
 from ..limits.admission import Refusal, Ticket
 from ..limits.headers import openai_duration, rate_limit_headers, retry_headers
 from ..limits.limiter import Limiter, reserved_tokens
+from ..limits.types import WindowBudget
 from ..pricing import format_usd, reservation_micros
 from .authenticate import Caller
 from .call import Call
+from .end_user import end_user_of
+
+log = logging.getLogger("proxy.limits")
 
 LIMIT_NAMES = {"rpm": "requests per minute", "tpm": "tokens per minute", "parallel": "parallel requests"}
 LIMIT_TYPES = {"rpm": "requests", "tpm": "tokens", "parallel": "parallel_requests"}
 
 
-async def admit(limiter: Limiter, caller: Caller, call: Call, model: Model | None) -> Ticket:
+async def admit(
+    limiter: Limiter, caller: Caller, call: Call, model: Model | None, config: Config, headers: Mapping[str, str]
+) -> Ticket:
     """The ticket of an admitted call; raises the client's error for a refusal. Without a model
     (a read of a stored response) it counts one request and reserves nothing."""
+    scopes = caller.scopes
+    # a JWT names its end user (its claim); otherwise the request may (safety_identifier, user, header)
+    end_user = caller.end_user or end_user_of(call.body, headers, config.end_user_identity)
     admitted = await limiter.admit(
         new_request_id(),
-        caller.scopes,
+        scopes,
         reserved_tokens(call.prompt_tokens, call.max_output),
         reservation_micros(model.price_per_mtok, call.prompt_tokens, call.max_output) if model else 0,
+        end_user,
     )
     if isinstance(admitted, Refusal):
         error = refusal_error(admitted)
         if call.api == "anthropic" and admitted.decision is not None:
             error.headers |= anthropic_errors.rate_limit_headers(admitted.decision, now_ms())
         raise error
+    if admitted.decision.shadow:
+        shadow_refusals(admitted.shadow_windows, caller.team_name)
+    for shadow in admitted.decision.shadow_limits:
+        scope, _, reason = shadow.partition(":")
+        whose = {"key": f"key {caller.key_name}", "team": f"team {caller.team_name}"}.get(scope, "an end user")
+        log.warning("shadow mode: the %s limit of %s would have refused a request", LIMIT_NAMES[reason], whose)
     return admitted
 
 
 def now_ms() -> int:
     """For the RFC 3339 resets of Anthropic's headers (the bucket state's own clock gives the rest)."""
     return int(time.time() * 1000)
+
+
+def shadow_refusals(windows: Sequence[WindowBudget], team: str) -> None:
+    """Log the budgets in shadow mode (`enforce: false`) that would have refused this request."""
+    for w in windows:
+        whose = {"org": "the organisation", "end_user": "an end user"}.get(w.scope, f"{w.scope} {w.name}")
+        log.warning(
+            "shadow mode: the %s budget of %s (%s) would have refused a request of team %s",
+            ADJECTIVES[w.window],
+            whose,
+            usd_text(w.micros),
+            team,
+        )
 
 
 def refusal_error(refusal: Refusal) -> ProxyError:
@@ -58,7 +91,17 @@ def refusal_error(refusal: Refusal) -> ProxyError:
         return InvalidApiKey("Incorrect API key provided.")
     headers = rate_limit_headers(decision)
     scopes = refusal.scopes
+    window = refusal.window
+    if window is not None:
+        headers["x-should-retry"] = "false"
+        name = scopes.team.name if window.scope == "team" else window.name
+        message = budget_refusal(
+            window.scope, name, decision.window_spent_micros, window.micros, window.window, refusal.resets_at
+        )
+        return BudgetExceeded(message, headers=headers)
     who = f"key '{scopes.key.name}'" if decision.scope == "key" else f"team '{scopes.team.name}'"
+    if decision.scope == "end_user":
+        who = f"end user '{safe_name(refusal.user.name)}'"
     if decision.reason == "budget":
         headers["x-should-retry"] = "false"
         return BudgetExceeded(

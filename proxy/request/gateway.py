@@ -88,7 +88,7 @@ class Gateway:
                 outcome.request_body = call.body
             outcome.tags = parse_tags(request.headers.get("x-proxy-tags"), call.body, caller.end_user)
             pinned = await self._pinned(call, caller) if call.endpoint == "responses" else None
-            ticket = outcome.ticket = await admit(self.limiter, caller, call, model)
+            ticket = outcome.ticket = await admit(self.limiter, caller, call, model, snapshot.config, request.headers)
             self.observer.admitted(outcome)
             reply = await self._forward(request, call, model, ticket, outcome, snapshot, pinned)
             handed_over = True  # the reply leaves the snapshot once it has settled

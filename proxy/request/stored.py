@@ -88,7 +88,9 @@ class StoredResponses:
                 raise NotFound(f"No response found with id '{response_id}'.")
             call = Call("responses", {}, owner.model, False, False, 0, 0)
             outcome.model = owner.model
-            ticket = outcome.ticket = await admit(self.settler.limiter, caller, call, None)
+            ticket = outcome.ticket = await admit(
+                self.settler.limiter, caller, call, None, snapshot.config, request.headers
+            )
             self.observer.admitted(outcome)
             outcome.attempts.upstream, outcome.attempts.target_model = owner.upstream, owner.target_model
             try:

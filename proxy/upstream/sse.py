@@ -81,7 +81,11 @@ def usage_from(payload: dict[str, Any]) -> Usage | None:
     cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0
     if cached == 0:  # DeepSeek reports cache hits at the top level
         cached = _count(usage.get("prompt_cache_hit_tokens"))
-    return Usage(prompt, completion, min(cached, prompt))
+    written = _count(details.get("cache_write_tokens")) if isinstance(details, dict) else 0
+    output = usage.get("completion_tokens_details")
+    reasoning = _count(output.get("reasoning_tokens")) if isinstance(output, dict) else 0
+    cached = min(cached, prompt)
+    return Usage(prompt, completion, cached, min(written, prompt - cached), min(reasoning, completion))
 
 
 def _count(value: object) -> int:

@@ -5,11 +5,15 @@ if redis.replicate_commands then pcall(redis.replicate_commands) end
 
 -- ARGV by name, in the order of proxy/limits/layout.py ADMIT_ARGS (tests/test_layout.py checks
 -- that they agree); after them come day_count day labels, then
--- day_count + 1 day starts (epoch seconds)
+-- day_count + 1 day starts (epoch seconds), then window_count window budgets (any scope and
+-- window beyond the key's and team's enforced day budgets) as {limit, enforce, extra_ttl_ms}
+-- each. Window budget w has 2 * day_count keys before the marker: for each candidate day, its
+-- window's budget hash and holds (the window containing that day, named by layout.py)
 local ARG_NAMES = {'now_us', 'request_id', 'tokens', 'cost', 'lease_ttl_ms', 'day_margin_ms',
   'key_rpm', 'key_request_capacity', 'key_tpm', 'key_token_capacity', 'key_max_parallel',
-  'key_budget', 'team_rpm', 'team_request_capacity', 'team_tpm', 'team_token_capacity',
-  'team_max_parallel', 'team_budget', 'day_count'}
+  'key_budget', 'key_enforce', 'team_rpm', 'team_request_capacity', 'team_tpm', 'team_token_capacity',
+  'team_max_parallel', 'team_budget', 'team_enforce', 'user_rpm', 'user_request_capacity', 'user_tpm',
+  'user_token_capacity', 'user_max_parallel', 'user_budget', 'user_enforce', 'day_count', 'window_count'}
 local args = {}
 for i, name in ipairs(ARG_NAMES) do args[name] = ARGV[i] end
 local UNLIMITED = -1  -- layout.UNLIMITED: a limit the scope does not have
@@ -116,12 +120,16 @@ if day_left_ms < 0 then day_left_ms = 0 end
 local scopes = {
   {kind = 'key', rq = KEYS[1], tk = KEYS[2], par = KEYS[3], b = KEYS[4 + 4 * day], bl = KEYS[5 + 4 * day], p = 'key_'},
   {kind = 'team', rq = KEYS[4], tk = KEYS[5], par = KEYS[6], b = KEYS[6 + 4 * day], bl = KEYS[7 + 4 * day], p = 'team_'},
+  -- the end user's limits (the team's `end_users.limits`, per end user): its three keys come just
+  -- before the marker; its budgets are window budgets
+  {kind = 'end_user', rq = KEYS[#KEYS - 4], tk = KEYS[#KEYS - 3], par = KEYS[#KEYS - 2], p = 'user_'},
 }
 
 for _, sc in ipairs(scopes) do
   sc.rpm, sc.rq_cap = tonumber(args[sc.p .. 'rpm']), tonumber(args[sc.p .. 'request_capacity'])
   sc.tpm, sc.tk_cap = tonumber(args[sc.p .. 'tpm']), tonumber(args[sc.p .. 'token_capacity'])
   sc.max_par, sc.budget = tonumber(args[sc.p .. 'max_parallel']), tonumber(args[sc.p .. 'budget'])
+  sc.enforce = args[sc.p .. 'enforce'] ~= '0'  -- '0': its rpm, tpm and max_parallel are in shadow mode
   if sc.rpm ~= UNLIMITED then sc.rq_level = read_bucket(sc.rq, sc.rpm, sc.rq_cap) end
   if sc.tpm ~= UNLIMITED then sc.tk_level = read_bucket(sc.tk, sc.tpm, sc.tk_cap) end
   if sc.max_par ~= UNLIMITED then
@@ -135,6 +143,20 @@ for _, sc in ipairs(scopes) do
   end
 end
 
+-- window budgets: the one of each containing the chosen day; `enforce` 0 is shadow mode
+local windows = {}
+local wkeys = 7 + 4 * n  -- the key and team keys, then each day's two budgets with their holds
+for w = 1, tonumber(args.window_count) do
+  local at = labels + n + n + 1 + 3 * (w - 1)
+  local base = wkeys + 2 * n * (w - 1) + 2 * (day - 1)
+  local wb = {b = KEYS[base + 1], bl = KEYS[base + 2], budget = tonumber(ARGV[at + 1]),
+    enforce = ARGV[at + 2] == '1', ttl = day_left_ms + tonumber(ARGV[at + 3]) + day_margin}
+  purge_holds(wb.b, wb.bl)
+  local v = redis.call('HMGET', wb.b, 'spent', 'held')
+  wb.committed = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0)
+  windows[w] = wb
+end
+
 -- refusal priority: budget, then a request that can never fit, then the longest wait
 local reason, scope, retry, never = nil, nil, 0, 0
 for _, sc in ipairs(scopes) do
@@ -143,21 +165,50 @@ for _, sc in ipairs(scopes) do
     if cost > sc.budget then never = 1 end
   end
 end
+-- the refusing window budget (1-based; 0: none) and the shadow ones that would have refused
+local refused_window, shadow = 0, {}
+for w, wb in ipairs(windows) do
+  if wb.committed + cost > wb.budget then
+    if not wb.enforce then
+      shadow[#shadow + 1] = tostring(w)
+    elseif reason == nil then
+      reason, scope, retry, refused_window = 'budget', {kind = 'window'}, day_left_ms, w
+      if cost > wb.budget then never = 1 end
+    end
+  end
+end
+-- a scope in shadow mode never refuses: what it would have refused for is reported ('key:rpm'),
+-- and a bucket it would have refused is left as it is
+local shadow_limits = {}
+local function would_refuse(sc, why)
+  shadow_limits[#shadow_limits + 1] = sc.kind .. ':' .. why
+  if why == 'rpm' then sc.skip_rq = true elseif why == 'tpm' then sc.skip_tk = true end
+end
 for _, sc in ipairs(scopes) do
-  if reason == nil and sc.tpm ~= UNLIMITED and tokens > sc.tk_cap then
-    reason, scope, never = 'tpm', sc, 1
+  if sc.tpm ~= UNLIMITED and tokens > sc.tk_cap then
+    if not sc.enforce then
+      would_refuse(sc, 'tpm')
+    elseif reason == nil then
+      reason, scope, never = 'tpm', sc, 1
+    end
   end
 end
 if reason == nil then
   for _, sc in ipairs(scopes) do
     local waits = {}
     if sc.rpm ~= UNLIMITED then waits[#waits + 1] = {'rpm', wait_ms(sc.rq_level, 1, sc.rpm)} end
-    if sc.tpm ~= UNLIMITED then waits[#waits + 1] = {'tpm', wait_ms(sc.tk_level, tokens, sc.tpm)} end
+    if sc.tpm ~= UNLIMITED and not sc.skip_tk then
+      waits[#waits + 1] = {'tpm', wait_ms(sc.tk_level, tokens, sc.tpm)}
+    end
     if sc.max_par ~= UNLIMITED and sc.in_flight >= sc.max_par then
       waits[#waits + 1] = {'parallel', PARALLEL_RETRY_MS}
     end
     for _, w in ipairs(waits) do
-      if w[2] > retry then reason, scope, retry = w[1], sc, w[2] end
+      if w[2] > 0 and not sc.enforce then
+        would_refuse(sc, w[1])
+      elseif w[2] > retry then
+        reason, scope, retry = w[1], sc, w[2]
+      end
     end
   end
 end
@@ -165,11 +216,11 @@ end
 if reason == nil then
   local expires = now_ms + lease_ttl
   for _, sc in ipairs(scopes) do
-    if sc.rpm ~= UNLIMITED then
+    if sc.rpm ~= UNLIMITED and not sc.skip_rq then
       sc.rq_level = sc.rq_level - UNITS
       write_bucket(sc.rq, sc.rq_level, sc.rpm, sc.rq_cap)
     end
-    if sc.tpm ~= UNLIMITED then
+    if sc.tpm ~= UNLIMITED and not sc.skip_tk then
       sc.tk_level = sc.tk_level - tokens * UNITS
       write_bucket(sc.tk, sc.tk_level, sc.tpm, sc.tk_cap)
     end
@@ -186,11 +237,21 @@ if reason == nil then
       extend_ttl(sc.bl, day_left_ms + day_margin)
     end
   end
-  local kt, tt = '0', '0'
-  if scopes[1].tpm ~= UNLIMITED then kt = '1' end
-  if scopes[2].tpm ~= UNLIMITED then tt = '1' end
+  for _, wb in ipairs(windows) do
+    redis.call('HINCRBY', wb.b, 'held', int(cost))
+    redis.call('HSET', wb.b, 'h:' .. id, int(cost))
+    redis.call('ZADD', wb.bl, int(expires), id)
+    wb.committed = wb.committed + cost
+    extend_ttl(wb.b, wb.ttl)
+    extend_ttl(wb.bl, wb.ttl)
+  end
+  local kt, tt, ut = '0', '0', '0'
+  -- which token buckets this request took from (settlement refunds only those)
+  if scopes[1].tpm ~= UNLIMITED and not scopes[1].skip_tk then kt = '1' end
+  if scopes[2].tpm ~= UNLIMITED and not scopes[2].skip_tk then tt = '1' end
+  if scopes[3].tpm ~= UNLIMITED and not scopes[3].skip_tk then ut = '1' end
   redis.call('HSET', KEYS[7], 'tokens', int(tokens), 'cost', int(cost), 'day', label,
-    'exp', int(expires), 'kt', kt, 'tt', tt)
+    'exp', int(expires), 'kt', kt, 'tt', tt, 'ut', ut)
   redis.call('PEXPIRE', KEYS[7], int(lease_ttl + TTL_MARGIN_MS))
 end
 
@@ -210,7 +271,9 @@ for _, sc in ipairs(scopes) do
     budget = {sc.committed, sc.budget}
   end
 end
-if reason == 'budget' then budget = {scope.committed, scope.budget} end
+if reason == 'budget' and refused_window == 0 then budget = {scope.committed, scope.budget} end
+local window_reply = {0, 0}
+if refused_window > 0 then window_reply = {windows[refused_window].committed, windows[refused_window].budget} end
 rq = rq or {UNLIMITED, 0, 0}
 tk = tk or {UNLIMITED, 0, 0}
 budget = budget or {0, 0}
@@ -221,4 +284,5 @@ if reason ~= nil then admitted, reason_s, scope_s = 0, reason, scope.kind end
 local seen = {}
 for i, sc in ipairs(scopes) do seen[i] = sc.committed or UNLIMITED end
 return {admitted, reason_s, scope_s, retry, never, rq[1], rq[2], rq[3], tk[1], tk[2], tk[3],
-  budget[1], budget[2], label, math.ceil(day_left_ms / 1000), seen[1], seen[2]}
+  budget[1], budget[2], label, math.ceil(day_left_ms / 1000), seen[1], seen[2],
+  refused_window, window_reply[1], window_reply[2], table.concat(shadow, ','), table.concat(shadow_limits, ',')}

@@ -34,7 +34,7 @@ if exp == nil or exp <= now_ms then return 0 end
 local expires = now_ms + lease_ttl
 redis.call('HSET', KEYS[1], 'exp', int(expires))
 redis.call('PEXPIRE', KEYS[1], int(lease_ttl + TTL_MARGIN_MS))
-for i = 2, 5 do
+for i = 2, #KEYS do  -- parallel leases of key and team, then budget holds (day, then windows)
   if redis.call('ZADD', KEYS[i], 'XX', 'CH', int(expires), id) == 1 then
     if redis.call('PTTL', KEYS[i]) < lease_ttl + TTL_MARGIN_MS then
       redis.call('PEXPIRE', KEYS[i], int(lease_ttl + TTL_MARGIN_MS))

@@ -8,11 +8,14 @@
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 
 -- ARGV by name, in the order of proxy/limits/layout.py SETTLE_ARGS (tests/test_layout.py checks
--- that they agree); after them come the request's tags, `name=value`
+-- that they agree); after them come window_count alert thresholds (one comma-separated list of
+-- spend thresholds per window budget, whose
+-- budget hash and holds are KEYS 12 onwards, two each), then the request's tags, `name=value`.
+-- The reply then carries each window budget's spent and crossed flag.
 local ARG_NAMES = {'now_us', 'request_id', 'done_ttl_s', 'ledger_ttl_s', 'late_budget_ttl_s',
-  'key_tpm', 'key_token_capacity', 'team_tpm', 'team_token_capacity', 'cost', 'prompt_tokens',
-  'completion_tokens', 'cached_tokens', 'key_name', 'model', 'key_alert', 'team_alert',
-  'ledger_max_fields', 'abandon'}
+  'key_tpm', 'key_token_capacity', 'team_tpm', 'team_token_capacity', 'user_tpm', 'user_token_capacity', 'cost', 'prompt_tokens',
+  'completion_tokens', 'cached_tokens', 'cache_write_tokens', 'reasoning_tokens', 'key_name', 'model', 'key_alert', 'team_alert',
+  'ledger_max_fields', 'abandon', 'window_count', 'end_user'}
 local args = {}
 for i, name in ipairs(ARG_NAMES) do args[name] = ARGV[i] end
 local UNLIMITED = -1  -- layout.UNLIMITED: a limit the scope does not have
@@ -76,7 +79,8 @@ local function release_hold(budget, leases)
 end
 
 local prompt, completion = tonumber(args.prompt_tokens), tonumber(args.completion_tokens)
-local rec = redis.call('HMGET', KEYS[2], 'tokens', 'exp', 'kt', 'tt')
+local window_count = tonumber(args.window_count)
+local rec = redis.call('HMGET', KEYS[2], 'tokens', 'exp', 'kt', 'tt', 'ut')
 local reserved, expires = tonumber(rec[1]), tonumber(rec[2])
 if reserved ~= nil and expires > now_ms then
   local diff = reserved - prompt - completion
@@ -85,16 +89,27 @@ if reserved ~= nil and expires > now_ms then
   if rec[4] == '1' and team_tpm ~= UNLIMITED then
     refund(KEYS[4], diff, team_tpm, tonumber(args.team_token_capacity))
   end
+  local user_tpm = tonumber(args.user_tpm)
+  if rec[5] == '1' and user_tpm ~= UNLIMITED then
+    refund(KEYS[#KEYS - 1], diff, user_tpm, tonumber(args.user_token_capacity))
+  end
   redis.call('ZREM', KEYS[5], id)
   redis.call('ZREM', KEYS[6], id)
+  redis.call('ZREM', KEYS[#KEYS], id)  -- the end user's parallel leases
   release_hold(KEYS[7], KEYS[8])
   release_hold(KEYS[9], KEYS[10])
+  for w = 1, window_count do release_hold(KEYS[10 + 2 * w], KEYS[11 + 2 * w]) end
 end
 redis.call('DEL', KEYS[2])
 if args.abandon == '1' then
   local key_spent = tonumber(redis.call('HGET', KEYS[7], 'spent')) or 0
   local team_spent = tonumber(redis.call('HGET', KEYS[9], 'spent')) or 0
-  return {1, key_spent, team_spent, 0, 0}
+  local reply = {1, key_spent, team_spent, 0, 0}
+  for w = 1, window_count do
+    reply[#reply + 1] = tonumber(redis.call('HGET', KEYS[10 + 2 * w], 'spent')) or 0
+    reply[#reply + 1] = 0
+  end
+  return reply
 end
 
 local reply = {1, 0, 0, 0, 0}
@@ -109,9 +124,24 @@ for i, budget in ipairs({KEYS[7], KEYS[9]}) do
   end
 end
 
+for w = 1, window_count do
+  local budget = KEYS[10 + 2 * w]
+  local spent = redis.call('HINCRBY', budget, 'spent', args.cost)
+  if redis.call('TTL', budget) < 0 then redis.call('EXPIRE', budget, args.late_budget_ttl_s) end
+  -- each threshold fires once per budget window across replicas: the highest one crossed first here
+  local crossed, i = 0, 0
+  for threshold in string.gmatch(ARGV[#ARG_NAMES + w], '[^,]+') do
+    i = i + 1
+    if spent >= tonumber(threshold) and redis.call('HSETNX', budget, 'alerted:' .. i, '1') == 1 then crossed = i end
+  end
+  reply[#reply + 1] = spent
+  reply[#reply + 1] = crossed
+end
+
 local metrics = {
   {'spend_micros', args.cost}, {'requests', '1'}, {'prompt_tokens', args.prompt_tokens},
   {'completion_tokens', args.completion_tokens}, {'cached_tokens', args.cached_tokens},
+  {'cache_write_tokens', args.cache_write_tokens}, {'reasoning_tokens', args.reasoning_tokens},
 }
 local function book(prefix)
   for _, m in ipairs(metrics) do redis.call('HINCRBY', KEYS[11], prefix .. SEP .. m[1], m[2]) end
@@ -122,7 +152,16 @@ book('model' .. SEP .. args.key_name .. SEP .. args.model)
 -- tags come from clients: past `ledger_max_fields` fields, a team-day's ledger books new tags as one
 -- 'other=overflow' tag, so a unique `user` per request cannot grow the hash without bound
 local tags_fit = redis.call('HLEN', KEYS[11]) < tonumber(args.ledger_max_fields)
-for i = #ARG_NAMES + 1, #ARGV do
+-- the end user (if the request named one) is booked like a tag: past the cap, as 'other=overflow'
+if args.end_user ~= '' then
+  local who = 'end_user' .. SEP .. args.end_user
+  if tags_fit or redis.call('HEXISTS', KEYS[11], who .. SEP .. 'requests') == 1 then
+    book(who)
+  else
+    book('tag' .. SEP .. 'other=overflow')
+  end
+end
+for i = #ARG_NAMES + window_count + 1, #ARGV do
   local tag = 'tag' .. SEP .. ARGV[i]
   if tags_fit or redis.call('HEXISTS', KEYS[11], tag .. SEP .. 'requests') == 1 then
     book(tag)
