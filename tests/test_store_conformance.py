@@ -875,3 +875,23 @@ async def test_limits_in_shadow_mode_never_refuse_but_say_what_they_would_have_r
     enforced = await store.admit(admission(key("other", rpm=60, rpm_burst=1), team()))
     assert enforced.admitted and not enforced.shadow_limits
     assert not (await store.admit(admission(key("other", rpm=60, rpm_burst=1), team()))).admitted
+
+
+# -- the revocation fence of runtime keys -----------------------------------------------------
+
+
+async def _set_raw(store, name: str, value: str) -> None:
+    if isinstance(store, MemoryStore):
+        store.keys.call(store.clock_us() // 1000, "SET", name, value)
+    else:
+        await store.client.set(name, value)
+
+
+async def test_a_fenced_credential_is_refused_and_its_reply_decodes_whole(store, clock):
+    """The fence's early reply has the whole admit reply's shape (a shorter one broke decoding
+    once the reply grew): the decision says `revoked` by the key, and nothing was consumed."""
+    await _set_raw(store, store.layout.fence("platform", "cred-1"), "0")
+    fenced = await store.admit(admission(key(rpm=10, rpm_burst=1), team(), credential_id="cred-1"))
+    assert (fenced.admitted, fenced.reason, fenced.scope, fenced.never_fits) == (False, "revoked", "key", True)
+    other = await store.admit(admission(key(rpm=10, rpm_burst=1), team(), credential_id="cred-2"))
+    assert other.admitted and other.requests is not None and other.requests.remaining == 0

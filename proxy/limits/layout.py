@@ -323,7 +323,8 @@ def decode_decision(reply: ScriptReply) -> Decision:
     """The admit reply: 0 when the request id was already settled or abandoned (nothing changed),
     else [admitted, reason, scope, retry_after_ms, never_fits, request limit, remaining, reset_ms,
     token limit, remaining, reset_ms, budget committed, budget limit, day, day_reset_s, key
-    committed, team committed]."""
+    committed, team committed, refusing window, its spent, its limit, shadow windows, shadow
+    limits]."""
     if not isinstance(reply, (list, tuple)):
         return STALE
     admitted, reason, scope, retry, never, *rest = reply

@@ -43,7 +43,8 @@ end
 -- expired or rotated-out runtime credential is refused from the moment the store says so
 local refused_from = tonumber(redis.call('GET', KEYS[#KEYS - 1]) or '')
 if refused_from ~= nil and now_ms >= refused_from then
-  return {0, 'revoked', 'key', 0, 1, UNLIMITED, 0, 0, UNLIMITED, 0, 0, 0, 0, '', 0, UNLIMITED, UNLIMITED}
+  -- the whole reply's shape (see the last line): layout.decode_decision reads every field
+  return {0, 'revoked', 'key', 0, 1, UNLIMITED, 0, 0, UNLIMITED, 0, 0, 0, 0, '', 0, UNLIMITED, UNLIMITED, 0, 0, 0, '', ''}
 end
 
 local function refill(level, ts, rate, capacity)
