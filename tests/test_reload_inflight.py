@@ -190,8 +190,12 @@ def test_reload_applies_log_level_and_webhook_url(serve, mock_upstream):
         wait_for(lambda: second.events, "the alert at the new webhook URL")
         assert [event["name"] for event in second.events] == ["alice"] and not first.events
 
-        requests = [orjson.loads(line) for line in process.output().splitlines() if line.startswith(REQUEST_LINE)]
-        assert len(requests) == 5, "the request log did not follow log_level: info"
+        def request_lines() -> list[dict]:
+            return [orjson.loads(line) for line in process.output().splitlines() if line.startswith(REQUEST_LINE)]
+
+        # a request's log line is written when it settles, after its last byte: wait for the fifth
+        wait_for(lambda: len(request_lines()) >= 5, "the request log to follow log_level: info")
+        assert len(request_lines()) == 5, "the request log did not follow log_level: info"
         wait_for(
             lambda: "upstream client 'mock' replaced by a reload: closed" in process.output(),
             "an info log line of the replaced client's closing",
