@@ -114,8 +114,10 @@ def settle_journal(server) -> None:
 @pytest.fixture
 def own_redis():
     """A Redis of this test's own: the traffic kills and restarts it (set up before the proxy, so it
-    outlives the proxy's shutdown flush)."""
-    server = RedisServer()
+    outlives the proxy's shutdown flush). Persistent, as deployed (AOF): the budget gauges are
+    refreshed from Redis every 15 s, and a restart that wiped the day's spend would zero bob's alert
+    whenever a refresh fell between the restart and the scrape (it did, once in CI)."""
+    server = RedisServer(persistent=True)
     yield server
     server.stop()
 
