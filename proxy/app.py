@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .apis import anthropic_errors
-from .budgets import BudgetWatch
+from .budgets.watch import BudgetWatch
 from .config import Config, load_config
 from .errors import InvalidRequest, MethodNotAllowed, NotFound, ProxyError
 from .http import admin_api, me_api, models_api, ops_api, registry_api

@@ -30,7 +30,7 @@ from pydantic_core import ErrorDetails
 
 from .config_yaml import load_yaml
 from .errors import ConfigError
-from .price_catalog import catalog_price_fields
+from .pricing.catalog import catalog_price_fields
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_PORT = 8080
@@ -167,7 +167,7 @@ class PriceTier(_Strict):
 
 class Price(_Strict):
     """USD per million tokens. `cached_input` (cache reads) and `cache_write` default to `input`,
-    `reasoning` to `output`; `proxy.pricing` says which tokens each price applies to."""
+    `reasoning` to `output`; `proxy.pricing.cost` says which tokens each price applies to."""
 
     input: Decimal = Field(Decimal(0), ge=0)
     output: Decimal = Field(Decimal(0), ge=0)

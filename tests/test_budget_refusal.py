@@ -7,8 +7,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from proxy.budget_refusal import budget_refusal, usd_text
-from proxy.budget_windows import window_at
+from proxy.budgets.refusal import budget_refusal, usd_text
+from proxy.budgets.windows import window_at
 
 
 def _at(*parts: int) -> int:

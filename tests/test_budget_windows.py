@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from proxy.budget_windows import WINDOWS, CalendarWindow, Window, candidate_windows, window_at
+from proxy.budgets.windows import WINDOWS, CalendarWindow, Window, candidate_windows, window_at
 
 UTC_ZONE = ZoneInfo("UTC")
 BERLIN = ZoneInfo("Europe/Berlin")

@@ -148,7 +148,7 @@ def test_alert_threshold_logs_once_sets_gauge_and_posts_webhook(on_redis, caplog
     receiver = WebhookReceiver(fail_first=1)
     try:
         server = on_redis(budget(key_usd="0.0001", budget_alert_ratio=0.5, alert_webhook_url=receiver.url))
-        with caplog.at_level("WARNING", logger="proxy.budgets"):
+        with caplog.at_level("WARNING", logger="proxy.budgets.watch"):
             for _ in range(8):
                 assert post(server).status_code == 200
             deadline = time.monotonic() + 5
@@ -414,7 +414,7 @@ def test_window_alerts_fire_once_per_threshold_and_post_the_chosen_format(on_red
             data["alerts"] = {"thresholds": [0.2, 0.5], "webhook_url": receiver.url, "format": fmt}
 
         server = on_redis(patch)
-        with caplog.at_level("WARNING", logger="proxy.budgets"):
+        with caplog.at_level("WARNING", logger="proxy.budgets.watch"):
             # spent after each call: 11, 22 (crosses 20 µ$), 33, 44, 55 (crosses 50 µ$), 66, 77
             for _ in range(7):
                 assert post(server).status_code == 200

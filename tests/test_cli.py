@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from proxy.cli import main
+from proxy.cli.commands import main
 from tests.support.ports import free_port
 
 ROOT = Path(__file__).parent.parent

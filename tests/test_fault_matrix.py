@@ -30,7 +30,7 @@ import redis
 
 from proxy.limits.redis_store import RedisStore
 from proxy.limits.types import Usage
-from proxy.pricing import cost_micros
+from proxy.pricing.cost import cost_micros
 from proxy.tokens import estimate_text_tokens
 from tests.support.clock import Clock
 from tests.support.configs import ADMIN_KEY, KEYS, make_config

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from proxy.cli import build_parser
+from proxy.cli.commands import build_parser
 from proxy.config import Config, load_config_text
 from tests.support.configs import example_environ
 

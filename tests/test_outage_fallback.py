@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from proxy.pricing import reservation_micros, usd_to_micros
+from proxy.pricing.cost import reservation_micros, usd_to_micros
 from proxy.request.call import parse_call
 from tests.support.configs import KEYS, make_config
 from tests.support.ports import free_port

@@ -165,7 +165,7 @@ def test_dockerfile_copies_only_existing_package_files() -> None:
 def test_the_image_demo_listens_where_docker_run_p_reaches_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """`docker run -p 8080:8080 IMAGE demo`: inside the image the demo binds 0.0.0.0, outside 127.0.0.1.
     (CI's .ci/docker/image_checks.py runs exactly that and calls it from the host.)"""
-    from proxy.cli import DEMO_HOST_ENV, build_parser
+    from proxy.cli.commands import DEMO_HOST_ENV, build_parser
 
     (env,) = _instruction("ENV")
     assert f"{DEMO_HOST_ENV}=0.0.0.0" in env.split()

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from proxy.config import ConfigError, Price, parse_config
-from proxy.price_catalog import CATALOG_RESOURCE, catalog
-from proxy.pricing import PricedUsage, cost_micros
+from proxy.pricing.catalog import CATALOG_RESOURCE, catalog
+from proxy.pricing.cost import PricedUsage, cost_micros
 
 ROOT = Path(__file__).parent.parent
 UPSTREAMS = {"mock": {"base_url": "http://127.0.0.1:9/v1"}}

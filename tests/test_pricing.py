@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from proxy.config import Price, PriceTier
 from proxy.limits.types import Usage
-from proxy.pricing import (
+from proxy.pricing.cost import (
     PricedUsage,
     cached_input_price,
     cost_micros,

@@ -23,7 +23,7 @@ import pytest
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
-from proxy.budget_windows import label_of_day
+from proxy.budgets.windows import label_of_day
 from proxy.errors import StoreError
 from proxy.limits.days import candidate_days
 from proxy.limits.memory_store import MemoryStore

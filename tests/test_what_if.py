@@ -7,8 +7,8 @@ from decimal import Decimal
 import pytest
 
 from proxy.config import ConfigError, Price, PriceTier
-from proxy.pricing import PricedUsage
-from proxy.what_if import (
+from proxy.pricing.cost import PricedUsage
+from proxy.pricing.what_if import (
     Alternative,
     LedgerModel,
     WhatIfRow,

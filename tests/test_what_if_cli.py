@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from proxy.what_if_cli import month_days
+from proxy.cli.what_if import month_days
 from tests.support.configs import ADMIN_KEY, KEYS, config_dict, make_config
 
 ROOT = Path(__file__).parent.parent

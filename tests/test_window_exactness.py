@@ -17,8 +17,8 @@ import openai
 import pytest
 import redis
 
-from proxy.budget_refusal import budget_refusal
-from proxy.budget_windows import Window, window_at
+from proxy.budgets.refusal import budget_refusal
+from proxy.budgets.windows import Window, window_at
 from tests.support.configs import ADMIN_KEY, KEYS, config_dict, exact_store
 from tests.support.processes import MockProcess, start_proxies, stop_all, write_config
 

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 
-from ..budget_windows import WINDOWS
+from ..budgets.windows import WINDOWS
 from ..errors import AdminRequired, InvalidApiKey, InvalidRequest, StoreError, StoreUnavailable
 from ..limits.days import BudgetCalendar
 from ..limits.types import Store
@@ -18,8 +18,8 @@ from ..registry.permissions import Admin
 from ..request.authenticate import presented_key
 from ..request.runtime_keys import RuntimeKeys, only_team, with_runtime
 from ..snapshot import SnapshotHolder
-from ..usage_report import keys_overview, usage_overview
-from ..usage_window import window_usage
+from ..usage.report import keys_overview, usage_overview
+from ..usage.window import window_usage
 
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from ..errors import ProxyError, StoreError, StoreUnavailable
 from ..limits.days import BudgetCalendar
 from ..limits.types import ScopeKind, Store
-from ..pricing import usd_to_micros
+from ..pricing.cost import usd_to_micros
 from ..request.authenticate import Caller, presented_key
 from ..request.jwt_callers import JwtCallers, identify
 from ..snapshot import SnapshotHolder

@@ -18,7 +18,7 @@ from ..registry.permissions import Admin, audit_team_filter, may_manage_keys_of,
 from ..registry.registry import MAX_GRACE_S
 from ..request.runtime_keys import RuntimeKeys
 from ..snapshot import SnapshotHolder
-from ..usage_report import keys_overview
+from ..usage.report import keys_overview
 from .admin_api import ERRORS, admin_dependency
 
 MAX_AUDIT_LIMIT = 1000

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from ..budget_windows import Window, end_of
+from ..budgets.windows import Window, end_of
 from .types import BudgetDay
 
 DAY_EDGE_S = 3600  # this close to midnight, admission offers the store three candidate days

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from ..budget_windows import label_of_day
+from ..budgets.windows import label_of_day
 from .types import (
     WINDOW_DAYS,
     Admission,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from ..config import Budget, Config, Key, Limits, Team
-from ..pricing import usd_to_micros
+from ..pricing.cost import usd_to_micros
 from .types import NO_END_USER, BudgetScope, ScopeKind, ScopeLimits, WindowBudget
 
 

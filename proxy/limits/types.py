@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from ..budget_windows import Window
+from ..budgets.windows import Window
 
 Reason = Literal["rpm", "tpm", "parallel", "budget", "revoked"]
 ScopeKind = Literal["key", "team", "end_user"]

@@ -14,8 +14,8 @@ import time
 from collections.abc import Mapping, Sequence
 
 from ..apis import anthropic_errors
-from ..budget_refusal import budget_refusal, safe_name, usd_text
-from ..budget_windows import ADJECTIVES
+from ..budgets.refusal import budget_refusal, safe_name, usd_text
+from ..budgets.windows import ADJECTIVES
 from ..config import Config, Model
 from ..errors import BudgetExceeded, InvalidApiKey, ProxyError, RateLimited, StoreUnavailable
 from ..http.responses import new_request_id
@@ -23,7 +23,7 @@ from ..limits.admission import Refusal, Ticket
 from ..limits.headers import openai_duration, rate_limit_headers, retry_headers
 from ..limits.limiter import Limiter, reserved_tokens
 from ..limits.types import WindowBudget
-from ..pricing import format_usd, reservation_micros
+from ..pricing.cost import format_usd, reservation_micros
 from .authenticate import Caller
 from .call import Call
 from .end_user import end_user_of

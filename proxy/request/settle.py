@@ -14,13 +14,13 @@ import orjson
 
 from ..apis.anthropic import usage_from_message
 from ..apis.responses import usage_from_response
-from ..budgets import BudgetWatch
+from ..budgets.watch import BudgetWatch
 from ..config import Price
 from ..limits.admission import Ticket
 from ..limits.limiter import Limiter
 from ..limits.types import Settled, Usage
 from ..observe import Observer, Outcome
-from ..pricing import cost_micros
+from ..pricing.cost import cost_micros
 from ..tokens import estimate_text_tokens
 from ..upstream import sse
 from .call import Call

@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .config import Config
-from .pricing import micros_to_usd, usd_to_micros
+from ..config import Config
+from ..pricing.cost import micros_to_usd, usd_to_micros
 
 Report = dict[str, Any]  # a JSON object of the report
 TOP_END_USERS = 100  # a team's end users in a report: the top spenders

@@ -18,18 +18,18 @@ from typing import Any
 
 import httpx
 
-from .budget_refusal import usd_text
-from .budget_windows import ADJECTIVES, label_of_day
-from .config import Config
-from .errors import StoreError
-from .limits.admission import Ticket
-from .limits.days import BudgetCalendar
-from .limits.types import ScopeKind, Settled, Store, WindowBudget
-from .metrics import Metrics
-from .pricing import format_usd, micros_to_usd, usd_to_micros
-from .snapshot import SnapshotHolder
+from ..config import Config
+from ..errors import StoreError
+from ..limits.admission import Ticket
+from ..limits.days import BudgetCalendar
+from ..limits.types import ScopeKind, Settled, Store, WindowBudget
+from ..metrics import Metrics
+from ..pricing.cost import format_usd, micros_to_usd, usd_to_micros
+from ..snapshot import SnapshotHolder
+from .refusal import usd_text
+from .windows import ADJECTIVES, label_of_day
 
-log = logging.getLogger("proxy.budgets")
+log = logging.getLogger("proxy.budgets.watch")
 
 REFRESH_INTERVAL_S = 15.0
 WEBHOOK_QUEUE = 1000

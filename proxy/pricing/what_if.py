@@ -26,11 +26,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .config import Price, _message, _path
-from .errors import ConfigError
-from .limits.types import Usage
-from .price_catalog import catalog
-from .pricing import PricedUsage, cost_micros, micros_to_usd
+from ..config import Price, _message, _path
+from ..errors import ConfigError
+from ..limits.types import Usage
+from .catalog import catalog
+from .cost import PricedUsage, cost_micros, micros_to_usd
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """`llm-proxy usage --what-if PRICES.yaml [--month YYYY-MM]`: the month's ledger, re-priced.
 
 Reads the month's daily ledgers (from the store, or a running proxy's /admin/usage with --url),
-sums them per model and prints `proxy.what_if.reprice`'s rows: today's booked cost beside each
+sums them per model and prints `proxy.pricing.what_if.reprice`'s rows: today's booked cost beside each
 alternative's.
 """
 
@@ -20,10 +20,18 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from .cli_config import config_path, load_or_exit
-from .config import Config
-from .errors import ConfigError, StoreError
-from .what_if import Alternative, WhatIfRow, catalog_prices, ledger_models, load_alternatives, reprice, what_if_table
+from ..config import Config
+from ..errors import ConfigError, StoreError
+from ..pricing.what_if import (
+    Alternative,
+    WhatIfRow,
+    catalog_prices,
+    ledger_models,
+    load_alternatives,
+    reprice,
+    what_if_table,
+)
+from .config_file import config_path, load_or_exit
 
 
 def month_days(month: str) -> list[str]:
@@ -36,7 +44,7 @@ def month_days(month: str) -> list[str]:
 
 
 async def _reports_from_store(config: Config, days: list[str]) -> list[dict[str, Any]]:
-    from .app import build_store
+    from ..app import build_store
 
     store = build_store(config)
     try:
@@ -78,7 +86,7 @@ def run_what_if(args: argparse.Namespace) -> int:
             print(f"  {problem}", file=sys.stderr)
         return 1
     if args.url:
-        from .usage_cli import _from_url
+        from .usage import _from_url
 
         admin_key = os.environ.get(args.admin_key_env)
         if not admin_key:

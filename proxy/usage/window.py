@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .budget_windows import Window, days_of, label_of_day
-from .limits.ledger import merged
-from .limits.types import Store
+from ..budgets.windows import Window, days_of, label_of_day
+from ..limits.ledger import merged
+from ..limits.types import Store
 
 
 async def window_usage(store: Store, teams: list[str], day: str, window: Window, today: str) -> dict[str, Any]:

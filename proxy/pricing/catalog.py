@@ -1,4 +1,4 @@
-"""The price catalog shipped in the package (`proxy/prices/catalog.yaml`): public list prices.
+"""The price catalog shipped in the package (`proxy/pricing/catalog.yaml`): public list prices.
 
 Read once per process. Entries are plain data here (this module must not import `proxy.config`,
 which resolves `price: catalog` through `catalog_price_fields`).
@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-CATALOG_RESOURCE = "prices/catalog.yaml"
+CATALOG_RESOURCE = "pricing/catalog.yaml"
 
 
 @dataclass(frozen=True, slots=True)

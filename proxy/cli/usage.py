@@ -11,12 +11,12 @@ from typing import Any
 import httpx
 import orjson
 
-from .budget_windows import Window
-from .cli_config import config_path, load_or_exit
-from .config import Config
-from .errors import StoreError
-from .usage_report import rows, usage_overview
-from .usage_window import window_usage
+from ..budgets.windows import Window
+from ..config import Config
+from ..errors import StoreError
+from ..usage.report import rows, usage_overview
+from ..usage.window import window_usage
+from .config_file import config_path, load_or_exit
 
 COLUMNS = {
     "team": ["team"],
@@ -39,8 +39,8 @@ NUMBERS = [
 
 
 async def _from_store(config: Config, day: str | None, window: Window) -> dict[str, Any]:
-    from .app import build_store
-    from .limits.days import BudgetCalendar
+    from ..app import build_store
+    from ..limits.days import BudgetCalendar
 
     store = build_store(config)
     try:

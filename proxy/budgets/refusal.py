@@ -11,8 +11,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-from .budget_windows import ADJECTIVES, Window
-from .pricing import micros_to_usd
+from ..pricing.cost import micros_to_usd
+from .windows import ADJECTIVES, Window
 
 ScopeKind = Literal["org", "team", "key", "end_user"]
 SCOPE_WORDS: dict[ScopeKind, str] = {"org": "Organisation", "team": "Team", "key": "Key", "end_user": "End user"}

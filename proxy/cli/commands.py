@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from .cli_config import CONFIG_ENV, config_path, load_or_exit
-from .config import DEFAULT_PORT, Config, Limits
-from .request.authenticate import new_key, sha256_hex
+from ..config import DEFAULT_PORT, Config, Limits
+from ..request.authenticate import new_key, sha256_hex
+from .config_file import CONFIG_ENV, config_path, load_or_exit
 
 DEMO_HOST_ENV = "LLM_PROXY_DEMO_HOST"  # the image sets 0.0.0.0: `docker run -p 8080:8080 IMAGE demo`
 
@@ -24,14 +24,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "store each worker would keep its own limits, budgets and spend"
         )
     os.environ[CONFIG_ENV] = path
-    from .server import serve
+    from ..server import serve
 
     serve(config, host=args.host or config.listen.host, port=args.port or config.listen.port, workers=args.workers)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     run_demo(host=args.host, port=args.port)
     return 0
@@ -93,7 +93,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_prices(args: argparse.Namespace) -> int:
-    from .price_catalog import catalog_listing, catalog_table
+    from ..pricing.catalog import catalog_listing, catalog_table
 
     print(orjson_dumps(catalog_listing()) if args.json else catalog_table())
     return 0
@@ -123,10 +123,10 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 
 def cmd_usage(args: argparse.Namespace) -> int:
     if getattr(args, "what_if", None):  # `llm-proxy usage --what-if PRICES.yaml`
-        from .what_if_cli import run_what_if
+        from .what_if import run_what_if
 
         return run_what_if(args)
-    from .usage_cli import run_usage
+    from .usage import run_usage
 
     return run_usage(args)
 
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--month", help="YYYY-MM for --what-if (default: this month in budget_timezone)")
     usage.set_defaults(func=cmd_usage)
 
-    from .registry_cli import add_parsers
+    from .registry import add_parsers
 
     add_parsers(commands)
     return parser

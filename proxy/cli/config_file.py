@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import Config, load_config
-from .errors import ConfigError
+from ..config import Config, load_config
+from ..errors import ConfigError
 
 CONFIG_ENV = "LLM_PROXY_CONFIG"
 
