@@ -207,6 +207,15 @@ class InvalidRequest(ProxyError):
     status = 400
     type = "invalid_request_error"
 
+    @classmethod
+    def invalid_type(cls, param: str, expected: str, value: object) -> InvalidRequest:
+        """OpenAI's wording for a field of the wrong JSON type (code `invalid_type`)."""
+        return cls(
+            f"Invalid type for '{param}': expected {expected}, but got {json_type(value)} instead.",
+            param=param,
+            code="invalid_type",
+        )
+
 
 class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
@@ -301,3 +310,18 @@ class UpstreamTimeout(ProxyError):
     status = 504
     type = "server_error"
     code = "upstream_timeout"
+
+
+def json_type(value: object) -> str:
+    """A JSON value's type as OpenAI's errors name it ("a string", "an array", ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
