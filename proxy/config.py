@@ -125,6 +125,7 @@ class Upstream(_Strict):
     connect_timeout_s: Number = Field(5, gt=0)
     max_connections: Integer = Field(200, gt=0)
     max_retries: Integer = Field(2, ge=0, le=10)
+    max_hold_s: Number = Field(60, ge=0)  # the longest a 429 or a limit at zero holds a target; 0: never
 
     @field_validator("base_url")
     @classmethod

@@ -35,6 +35,7 @@ from .admit import admit, now_ms
 from .agent_relay import agent_stream_response
 from .authenticate import Caller, presented_key
 from .call import API_OF, Call
+from .holds import ProviderHolds
 from .jwt_callers import JwtCallers, identify
 from .read import read_call
 from .relay import StreamUsage, passthrough, stream_response
@@ -65,9 +66,11 @@ class Gateway:
         settler: Settler,
         observer: Observer,
         owners: ResponseOwners,
+        holds: ProviderHolds,
         jwt: JwtCallers | None = None,
     ) -> None:
         self.snapshots = snapshots
+        self.holds = holds
         self.jwt = jwt
         self.settler = settler
         self.limiter = settler.limiter
@@ -88,6 +91,7 @@ class Gateway:
                 outcome.request_body = call.body
             outcome.tags = parse_tags(request.headers.get("x-proxy-tags"), call.body, caller.end_user)
             pinned = await self._pinned(call, caller) if call.endpoint == "responses" else None
+            self.holds.refuse_if_held([pinned] if pinned is not None else model.targets)
             ticket = outcome.ticket = await admit(self.limiter, caller, call, model, snapshot.config, request.headers)
             self.observer.admitted(outcome)
             reply = await self._forward(request, call, model, ticket, outcome, snapshot, pinned)
@@ -163,6 +167,7 @@ class Gateway:
                 forward.deadline_of(request.headers),
                 outcome.attempts,
                 snapshot.upstreams,
+                self.holds,
                 pinned,
             )
         )
