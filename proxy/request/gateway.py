@@ -34,6 +34,7 @@ from . import forward
 from .admit import admit, now_ms
 from .agent_relay import agent_stream_response
 from .authenticate import Caller, presented_key
+from .budget_fallback import admit_within_budget
 from .call import API_OF, Call
 from .holds import ProviderHolds
 from .jwt_callers import JwtCallers, identify
@@ -43,6 +44,7 @@ from .settle import Settler, usage_of
 from .stored import owner_of
 
 log = logging.getLogger("proxy.gateway")
+FALLBACK_HEADER = "x-proxy-fallback"  # `budget`: the model's budget fallback served the call
 
 
 async def _client_leaves(receive: Receive) -> None:
@@ -92,7 +94,13 @@ class Gateway:
             outcome.tags = parse_tags(request.headers.get("x-proxy-tags"), call.body, caller.end_user)
             pinned = await self._pinned(call, caller) if call.endpoint == "responses" else None
             self.holds.refuse_if_held([pinned] if pinned is not None else model.targets)
-            ticket = outcome.ticket = await admit(self.limiter, caller, call, model, snapshot.config, request.headers)
+            if pinned is None and model.on_budget_exhausted is not None:  # a budget refusal may fall back
+                ticket, call, model = await admit_within_budget(
+                    self.limiter, caller, call, model, snapshot.config, request.headers
+                )
+            else:
+                ticket = await admit(self.limiter, caller, call, model, snapshot.config, request.headers)
+            outcome.ticket, outcome.model = ticket, call.model
             self.observer.admitted(outcome)
             reply = await self._forward(request, call, model, ticket, outcome, snapshot, pinned)
             handed_over = True  # the reply leaves the snapshot once it has settled
@@ -227,8 +235,12 @@ def response_id_in(payload: bytes) -> str | None:
 def reply_headers(call: Call, ticket: Ticket, request_id: str) -> dict[str, str]:
     """The rate-limit state of the tightest buckets, in the caller's API's own headers."""
     if call.api == "anthropic":
-        return {"request-id": request_id} | anthropic_errors.rate_limit_headers(ticket.decision, now_ms())
-    return ticket.headers
+        headers = {"request-id": request_id} | anthropic_errors.rate_limit_headers(ticket.decision, now_ms())
+    else:
+        headers = ticket.headers
+    if call.fallback_from is not None:
+        headers[FALLBACK_HEADER] = "budget"
+    return headers
 
 
 def anthropic_error_response(error: ProxyError, outcome: Outcome) -> Response:
