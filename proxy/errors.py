@@ -35,6 +35,7 @@
         ├── BodyTooLarge        413     request_too_large
         ├── ClientClosedRequest 499     the client left mid-body (nginx's code; nobody reads the answer)
         ├── RateLimited         429     type requests | tokens | parallel_requests
+        │   └── UpstreamHeld    429     the provider's own limit ran out: held until its reset
         ├── BudgetExceeded      429     insufficient_quota, never retried
         ├── UpstreamError       502     upstream_error
         ├── StoreUnavailable    503     store_unavailable
@@ -286,6 +287,10 @@ class RateLimited(ProxyError):
     def __init__(self, message: str, *, limit_type: str, headers: dict[str, str] | None = None):
         super().__init__(message, headers=headers)
         self.type = limit_type
+
+
+class UpstreamHeld(RateLimited):
+    """Every target of the model is held: its provider answered 429 or showed a limit at zero."""
 
 
 class BudgetExceeded(ProxyError):

@@ -38,6 +38,7 @@ class Call:
     client_wants_usage: bool  # stream_options.include_usage set by the client
     prompt_tokens: int
     max_output: int  # reserved completion tokens (n × max_tokens)
+    fallback_from: str | None = None  # the model asked for, when its budget fallback serves the call
 
     @property
     def api(self) -> str:
