@@ -20,13 +20,18 @@ from zoneinfo import ZoneInfo
 
 import fakeredis
 import pytest
+import redis.asyncio as aioredis
+from lupa.lua51 import LuaError
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import ResponseError
 
 from proxy.budgets.windows import label_of_day
 from proxy.errors import StoreError
+from proxy.limits import scripts
 from proxy.limits.days import candidate_days
-from proxy.limits.memory_store import MemoryStore
+from proxy.limits.keyspace import Keyspace
+from proxy.limits.memory_store import MemoryStore, _Lua
 from proxy.limits.redis_store import CLUSTER_MAX_CONNECTIONS, RedisStore
 from proxy.limits.types import (
     Admission,
@@ -527,6 +532,22 @@ async def test_script_reloaded_after_flush(store):
     a = admission(key(), team())
     await store.client.script_flush()
     assert await store.settle(settlement(a))
+
+
+async def test_a_script_error_names_the_line_of_its_own_file(redis_url):
+    """The prelude shares each script's first line, so Redis and the in-process Lua both name an
+    error on line 3 of a script file line 3 (and the prelude's `named` is in scope)."""
+    source = scripts.assemble("-- a script\nlocal args = named({'a'}, ARGV)\nreturn args.missing + 1\n")
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        with pytest.raises(ResponseError, match=r":3: attempt to perform arithmetic on field 'missing'"):
+            await client.eval(source, 0, "1")
+    finally:
+        await client.aclose()
+    lua = _Lua(Keyspace())
+    function = lua._compile(source)
+    with pytest.raises(LuaError, match=r":3: attempt to perform arithmetic on field 'missing'"):
+        function(lua.runtime.table_from([]), lua.runtime.table_from(["1"]))
 
 
 @pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])

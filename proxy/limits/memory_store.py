@@ -48,10 +48,9 @@ class _Lua:
         self._table = self.runtime.table_from
         redis = self.runtime.table_from({"call": self._call, "pcall": self._pcall, "replicate_commands": lambda: True})
         self.runtime.globals().redis = redis
-        # a script sees KEYS and ARGV as tables: each file becomes a function of the two
-        self._compile = self.runtime.eval(
-            "function(source) return loadstring('local KEYS, ARGV = ...\\n' .. source) end"
-        )
+        # a script sees KEYS and ARGV as tables: each becomes a function of the two (declared on
+        # its first line, so its error line numbers are Redis' too)
+        self._compile = self.runtime.eval("function(source) return loadstring('local KEYS, ARGV = ... ' .. source) end")
         self._functions: dict[str, Any] = {}
 
     def run(self, name: str, keys: Sequence[str], args: Sequence[object], now_ms: int) -> Reply:
