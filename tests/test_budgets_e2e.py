@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from zoneinfo import ZoneInfo
 
@@ -54,6 +54,11 @@ def admin_get(server, path, key=ADMIN_KEY, **params):
     return httpx.get(server.url + path, params=params, headers=headers, timeout=10)
 
 
+def next_midnight_utc():
+    """When today's budget ends in the test configs' `budget_timezone` (UTC), as a refusal writes it."""
+    return (datetime.now(UTC).date() + timedelta(days=1)).strftime("%Y-%m-%dT00:00:00Z")
+
+
 def budget(key_usd=None, team_usd=None, **extra):
     def patch(data):
         if key_usd is not None:
@@ -81,16 +86,16 @@ def test_budget_cut_off_is_exact_and_not_retried(on_redis):
     server = on_redis(budget(key_usd="0.0001"))  # 100 µ$
     statuses = [post(server).status_code for _ in range(12)]
     assert statuses == [200] * 8 + [429] * 4  # 8 × 11 µ$ = 88 spent; 88 + 14 reserved > 100
+    midnights = {next_midnight_utc()}
     refused = post(server)
+    midnights.add(next_midnight_utc())
     expected = openai_error(
-        clocked(
-            "Daily budget exceeded for key 'alice': spent $0.000088 of $0.000100 on {day}; "
-            "the budget resets in {duration}."
-        ),
+        clocked("Key `alice` has spent $0.000088 of its $0.0001 daily budget; it resets at {instant}."),
         "insufficient_quota",
         "insufficient_quota",
     )
     assert error_reply(refused) == (429, expected)
+    assert refused.json()["error"]["message"][-len("2026-12-02T00:00:00Z.") : -1] in midnights
     assert refused.headers["x-should-retry"] == "false"
     before = len(server.recorder.outcomes)
     with (
@@ -277,9 +282,18 @@ def test_day_rollover_in_the_budget_timezone(on_redis):
     server = on_redis(budget(key_usd="0.00003", budget_timezone="America/New_York"), clock=clock)
     assert [post(server).status_code for _ in range(3)] == [200, 200, 429]
     clock.advance(9)
-    assert post(server).status_code == 429
+    refused = post(server)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["message"] == (  # New York's midnight in EST (UTC-5), in UTC
+        "Key `alice` has spent $0.000022 of its $0.00003 daily budget; it resets at 2026-03-08T05:00:00Z."
+    )
     clock.advance(1)  # 2026-03-08 00:00 in New York
-    assert [post(server).status_code for _ in range(3)] == [200, 200, 429]
+    assert [post(server).status_code for _ in range(2)] == [200, 200]
+    refused = post(server)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["message"] == (  # a 23-hour day: the next midnight is in EDT (UTC-4)
+        "Key `alice` has spent $0.000022 of its $0.00003 daily budget; it resets at 2026-03-09T04:00:00Z."
+    )
     before = admin_get(server, "/admin/usage", date="2026-03-07").json()["teams"]["platform"]["keys"]["alice"]
     after = admin_get(server, "/admin/usage", date="2026-03-08").json()["teams"]["platform"]["keys"]["alice"]
     assert before["spend_micros"] == after["spend_micros"] == 2 * COST
@@ -343,10 +357,7 @@ def test_reservation_covers_the_larger_of_max_tokens_and_max_completion_tokens(o
     nothing_spent = (
         429,
         openai_error(
-            clocked(
-                "Daily budget exceeded for key 'alice': spent $0.000000 of $0.000100 on {day}; the budget resets in "
-                "{duration}."
-            ),
+            clocked("Key `alice` has spent $0.00 of its $0.0001 daily budget; it resets at {instant}."),
             "insufficient_quota",
             "insufficient_quota",
         ),

@@ -85,7 +85,7 @@ class Refusal:
     scopes: Scopes
     decision: Decision | None
     windows: tuple[WindowBudget, ...] = ()  # the window budgets it was checked against
-    resets_at: int = 0  # when the refusing window budget's window ends (epoch seconds)
+    resets_at: int = 0  # when the refusing budget's window ends (epoch seconds)
     user: ScopeLimits = NO_END_USER  # the end user's limits it was checked against
 
     @property
@@ -183,6 +183,8 @@ class Admitter:
             resets_at = 0
             if decision.window is not None:
                 resets_at = self.calendar.window_end(checked[decision.window].window, decision.day)
+            elif decision.reason == "budget":  # a key's or team's enforced day budget
+                resets_at = self.calendar.window_end("day", decision.day)
             return Refusal(scopes, decision, checked, resets_at, fallback_user if degraded else user)
         return Ticket(
             request_id,
