@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from tests.support.configs import KEYS, UPSTREAM_KEY, make_config
+from tests.support.errors import clocked
 
 PROMPT = "x" * 40
 MESSAGES = [{"role": "user", "content": PROMPT}]
@@ -351,7 +352,9 @@ def test_anthropic_sdk_does_not_retry_a_budget_refusal(mock_upstream, start_prox
     with claude(server, max_retries=3) as sdk, pytest.raises(anthropic.RateLimitError) as refused:
         sdk.messages.create(model="claude-model", max_tokens=64, messages=MESSAGES)
     assert refused.value.body["error"]["type"] == "rate_limit_error"
-    assert refused.value.body["error"]["message"].startswith("Daily budget exceeded for key 'alice'")
+    assert refused.value.body["error"]["message"] == clocked(
+        "Key `alice` has spent $0.00 of its $0.0001 daily budget; it resets at {instant}."
+    )
     assert refused.value.response.headers["x-should-retry"] == "false"
     assert len(recorder.outcomes) == 1, "the SDK retried a budget refusal"
     assert mock_upstream.requests == []

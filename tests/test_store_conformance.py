@@ -794,10 +794,15 @@ async def test_every_window_budget_of_every_scope_is_checked_and_booked(store, c
         windows += (WindowBudget("org", "", "month", 1000),)
     a, decision = await admit_window(store, window_days(now), windows, 100)
     assert decision.admitted
+    assert decision.windows_committed_micros == (100,) * len(windows)  # each one's spent + held, this hold too
     settled = await settle_window(store, a, decision, 100)
     assert settled.window_spent_micros == (100,) * len(windows)
+    a, decision = await admit_window(store, window_days(now), windows, 40)
+    assert decision.admitted and decision.windows_committed_micros == (140,) * len(windows)
+    assert (await settle_window(store, a, decision, 20)).window_spent_micros == (120,) * len(windows)
     _, refused = await admit_window(store, window_days(now), windows, 100)
-    assert (refused.admitted, refused.window, refused.window_spent_micros) == (False, 2, 100)
+    assert (refused.admitted, refused.window, refused.window_spent_micros) == (False, 2, 120)
+    assert refused.windows_committed_micros == (120,) * len(windows)  # each one's, refused too
     other_user = (*windows[:2], WindowBudget("end_user", "user-8", "day", 150), *windows[3:])
     _, admitted = await admit_window(store, window_days(now), other_user, 100)
     assert admitted.admitted  # another end user of the same team has a budget of its own

@@ -384,13 +384,13 @@ def decode_decision(reply: ScriptReply) -> Decision:
     else [admitted, reason, scope, retry_after_ms, never_fits, request limit, remaining, reset_ms,
     token limit, remaining, reset_ms, budget committed, budget limit, day, day_reset_s, key
     committed, team committed, refusing window, its spent, its limit, shadow windows, shadow
-    limits]."""
+    limits, each window's committed]."""
     if not isinstance(reply, (list, tuple)):
         return STALE
     admitted, reason, scope, retry, never, *rest = reply
     rq, tk = rest[0:3], rest[3:6]
     spent, limit, day, day_reset, key_committed, team_committed = rest[6:12]
-    window, window_spent, window_limit, shadow, shadow_limits = rest[12:17]
+    window, window_spent, window_limit, shadow, shadow_limits, windows_committed = rest[12:18]
     return Decision(
         admitted=bool(int(admitted)),
         reason=cast(Reason, _text(reason)) or None,  # the script answers one of these
@@ -410,4 +410,5 @@ def decode_decision(reply: ScriptReply) -> Decision:
         window_limit_micros=int(window_limit),
         shadow=tuple(int(w) - 1 for w in _text(shadow).split(",") if w),
         shadow_limits=tuple(s for s in _text(shadow_limits).split(",") if s),
+        windows_committed_micros=tuple(int(c) for c in _text(windows_committed).split(",") if c),
     )

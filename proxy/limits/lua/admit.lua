@@ -42,7 +42,7 @@ local now_ms = clock_ms(args.now_us)
 local refused_from = tonumber(redis.call('GET', K.fence) or '')
 if refused_from ~= nil and now_ms >= refused_from then
   -- the whole reply's shape (see the last line): layout.decode_decision reads every field
-  return {0, 'revoked', 'key', 0, 1, UNLIMITED, 0, 0, UNLIMITED, 0, 0, 0, 0, '', 0, UNLIMITED, UNLIMITED, 0, 0, 0, '', ''}
+  return {0, 'revoked', 'key', 0, 1, UNLIMITED, 0, 0, UNLIMITED, 0, 0, 0, 0, '', 0, UNLIMITED, UNLIMITED, 0, 0, 0, '', '', ''}
 end
 
 local PARALLEL_RETRY_MS = 1000  -- a refusal for max_parallel: retry after this
@@ -263,6 +263,10 @@ if reason ~= nil then admitted, reason_s, scope_s = 0, reason, scope.kind end
 -- each scope's committed spend (spent + held), UNLIMITED without a budget: the fallback starts from it
 local seen = {}
 for i, sc in ipairs(scopes) do seen[i] = sc.committed or UNLIMITED end
+-- ... and each window budget's, in order, as "c1,c2,...": the fallback starts those from it too
+local windows_seen = {}
+for w, wb in ipairs(windows) do windows_seen[w] = int(wb.committed) end
 return {admitted, reason_s, scope_s, retry, never, rq[1], rq[2], rq[3], tk[1], tk[2], tk[3],
   budget[1], budget[2], label, math.ceil(day_left_ms / 1000), seen[1], seen[2],
-  refused_window, window_reply[1], window_reply[2], table.concat(shadow, ','), table.concat(shadow_limits, ',')}
+  refused_window, window_reply[1], window_reply[2], table.concat(shadow, ','), table.concat(shadow_limits, ','),
+  table.concat(windows_seen, ',')}
