@@ -112,8 +112,7 @@ def test_when_neither_fits_the_usual_insufficient_quota(start, mock_upstream):
         oai(server).chat.completions.create(model="big-model", messages=HI, max_tokens=10)
     expected = openai_error(
         clocked(
-            "Daily budget exceeded for key 'alice': spent $0.000000 of $0.000010 on {day}; "
-            "the budget resets in {duration}."
+            "Key `alice` has spent $0.00 of its $0.00001 daily budget; it resets at {instant}."
         ),
         "insufficient_quota",
         "insufficient_quota",
