@@ -131,7 +131,14 @@ def create_app(
     calendar = BudgetCalendar(lambda: snapshots.config.budget_timezone, store.clock_us)
     fallback = MemoryStore(retention_days=config.spend_retention_days)
     metrics = Metrics()
-    limiter = Limiter(config, store, fallback=fallback, calendar=calendar, on_store_error=metrics.store_error)
+    limiter = Limiter(
+        config,
+        store,
+        fallback=fallback,
+        calendar=calendar,
+        on_store_error=metrics.store_error,
+        on_quota=metrics.set_quota_left,
+    )
     budgets = BudgetWatch(snapshots, store, metrics, calendar)
     request_log = RequestLog(config.log_level)
     observers = Observers(request_log, metrics, *([observer] if observer else []))

@@ -112,6 +112,20 @@ class Store(_Strict):
         return self.cluster or (self.redis_url or "").startswith("redis+cluster://")
 
 
+class Quota(_Strict):
+    """A provider's quota (`upstreams.NAME.limits`, a target's `limits`): per minute, no burst."""
+
+    rpm: Integer | None = Field(None, gt=0)
+    tpm: Integer | None = Field(None, gt=0)
+    max_parallel: Integer | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _limits_something(self) -> Quota:
+        if self.rpm is None and self.tpm is None and self.max_parallel is None:
+            raise ValueError("give rpm, tpm or max_parallel (a quota without them limits nothing)")
+        return self
+
+
 class Upstream(_Strict):
     """`api: anthropic`: `base_url` as the Anthropic SDK takes it (no `/v1`); the proxy calls
     `{base_url}/v1/messages` with `x-api-key`. `api: openai`: `base_url` ends where OpenAI's
@@ -126,6 +140,7 @@ class Upstream(_Strict):
     max_connections: Integer = Field(200, gt=0)
     max_retries: Integer = Field(2, ge=0, le=10)
     max_hold_s: Number = Field(60, ge=0)  # the longest a 429 or a limit at zero holds a target; 0: never
+    limits: Quota | None = None  # the provider account's quota, shared by every model sent here
 
     @field_validator("base_url")
     @classmethod
@@ -152,6 +167,7 @@ class Upstream(_Strict):
 class Target(_Strict):
     upstream: str
     model: str
+    limits: Quota | None = None  # this deployment's quota (the upstream and model), on top of the upstream's
 
 
 class PriceTier(_Strict):
@@ -507,6 +523,7 @@ class Config(_Strict):
                 "org: an org budget needs standalone Redis: it is checked in the same script as every "
                 "team's limits, and on a Redis Cluster each team lives in its own slot"
             )
+        problems += self._quota_problems()
         problems += self._shared_key_problems((info.context or {}).get("environ") or {})
         if problems:
             raise ConfigError(problems)
@@ -561,6 +578,33 @@ class Config(_Strict):
             if chain[-1] == name and frozenset(chain) not in cycles:
                 cycles.add(frozenset(chain))
                 problems.append(f"{where}: a cycle ({' -> '.join(chain)}): a fallback chain must end")
+        return problems
+
+    def _quota_problems(self) -> list[str]:
+        """Upstream quotas live outside every team's slot (a Cluster cannot check them in the same
+        script), and a deployment has one quota, however many targets name it."""
+        cluster = (
+            ": an upstream quota needs standalone Redis: it is checked in the same script as every team's "
+            "limits, and on a Redis Cluster each team lives in its own slot"
+        )
+        problems = []
+        for name, upstream in self.upstreams.items():
+            if upstream.limits is not None and self.store.is_cluster:
+                problems.append(f"upstreams.{name}.limits{cluster}")
+        declared: dict[tuple[str, str], tuple[str, Quota]] = {}
+        for name, model in self.models.items():
+            for i, target in enumerate(model.targets):
+                if target.limits is None:
+                    continue
+                where = f"models.{name}.targets.{i}.limits"
+                if self.store.is_cluster:
+                    problems.append(f"{where}{cluster}")
+                first = declared.setdefault((target.upstream, target.model), (where, target.limits))
+                if first[1] != target.limits:
+                    problems.append(
+                        f"{where}: {first[0]} gives upstream {target.upstream!r} and model {target.model!r} "
+                        "other limits: one deployment has one quota"
+                    )
         return problems
 
     def api_of(self, model: Model) -> str:

@@ -35,7 +35,8 @@
         ├── BodyTooLarge        413     request_too_large
         ├── ClientClosedRequest 499     the client left mid-body (nginx's code; nobody reads the answer)
         ├── RateLimited         429     type requests | tokens | parallel_requests
-        │   └── UpstreamHeld    429     the provider's own limit ran out: held until its reset
+        │   ├── UpstreamHeld    429     the provider's own limit ran out: held until its reset
+        │   └── UpstreamQuotaReached 429 no candidate target's upstream quota has room
         ├── BudgetExceeded      429     insufficient_quota, never retried
         ├── UpstreamError       502     upstream_error
         ├── StoreUnavailable    503     store_unavailable
@@ -291,6 +292,11 @@ class RateLimited(ProxyError):
 
 class UpstreamHeld(RateLimited):
     """Every target of the model is held: its provider answered 429 or showed a limit at zero."""
+
+
+class UpstreamQuotaReached(RateLimited):
+    """No candidate target of the model has room in its upstream quota (`upstreams.NAME.limits`,
+    a target's `limits`)."""
 
 
 class BudgetExceeded(ProxyError):

@@ -19,6 +19,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from .limits.layout import UNLIMITED
+from .limits.types import QuotaLeft, QuotaLimits
 from .observe import Outcome
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -27,6 +29,7 @@ OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MICROS = 1_000_000
 STORE_OPS = ("admit", "settle", "flush", "renew")
+QUOTA_LIMITS = ("requests", "tokens", "parallel")  # the `limit` label of an upstream quota's remaining
 
 
 def multiprocess_dir() -> str | None:
@@ -120,6 +123,14 @@ class Metrics:
         self.upstream_errors = Counter(
             "llm_proxy_upstream_errors", "Failed upstream attempts.", ["upstream", "kind"], registry=r
         )
+        self.quota_remaining = Gauge(
+            "llm_proxy_upstream_quota_remaining",
+            "What an upstream quota had left after the latest admission against it: limit requests | tokens "
+            "| parallel; model \"\" is the upstream account's quota, else a target's (its deployment's).",
+            ["upstream", "model", "limit"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.store_errors = Counter("llm_proxy_store_errors", "Rate-limit store calls that failed.", ["op"], registry=r)
         for op in STORE_OPS:  # present from the start, so increase() sees the very first error
             self.store_errors.labels(op)
@@ -175,6 +186,14 @@ class Metrics:
 
     def store_error(self, op: str) -> None:
         self.store_errors.labels(op).inc()
+
+    # -- upstream quotas ----------------------------------------------------------------------
+    def set_quota_left(self, scopes: tuple[QuotaLimits, ...], left: tuple[QuotaLeft, ...]) -> None:
+        """Each quota scope's remaining requests, tokens and parallel slots, as the store replied."""
+        for scope, remaining in zip(scopes, left, strict=False):
+            for limit, value in zip(QUOTA_LIMITS, remaining, strict=True):
+                if value != UNLIMITED:
+                    self.quota_remaining.labels(scope.upstream, scope.model, limit).set(value)
 
     # -- budgets ------------------------------------------------------------------------------
     def set_budget(self, scope: str, name: str, limit_micros: int | None, spent_micros: int | None = None) -> None:

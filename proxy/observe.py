@@ -20,6 +20,7 @@ from .errors import (
     ProxyError,
     RateLimited,
     UpstreamHeld,
+    UpstreamQuotaReached,
 )
 from .limits.types import Usage
 from .request.forward import Attempts
@@ -32,7 +33,7 @@ RATE_LIMIT_REASONS = {"requests": "rpm", "tokens": "tpm", "parallel_requests": "
 
 
 def rejection_reason(error: ProxyError) -> str | None:
-    if isinstance(error, UpstreamHeld):
+    if isinstance(error, (UpstreamHeld, UpstreamQuotaReached)):  # the provider's capacity, told or ours
         return "upstream"
     if isinstance(error, RateLimited):
         return RATE_LIMIT_REASONS.get(error.type, "rpm")

@@ -111,9 +111,7 @@ def test_when_neither_fits_the_usual_insufficient_quota(start, mock_upstream):
     with pytest.raises(openai.RateLimitError) as refused:
         oai(server).chat.completions.create(model="big-model", messages=HI, max_tokens=10)
     expected = openai_error(
-        clocked(
-            "Key `alice` has spent $0.00 of its $0.00001 daily budget; it resets at {instant}."
-        ),
+        clocked("Key `alice` has spent $0.00 of its $0.00001 daily budget; it resets at {instant}."),
         "insufficient_quota",
         "insufficient_quota",
     )

@@ -53,6 +53,28 @@ REFUSED: dict[str, tuple[dict[str, str], list[str]]] = {
             "models.itself.on_budget_exhausted.fallback_model: a cycle (itself -> itself): a fallback chain must end",
         ],
     ),
+    "upstream_quota_shapes.yaml": (
+        {},
+        [
+            "upstreams.azure.limits: give rpm, tpm or max_parallel (a quota without them limits nothing)",
+            "upstreams.spare.limits.rpm: must be > 0",
+            "upstreams.spare.limits.rpm_burst: unknown field",
+            "models.big.targets.0.limits.tpm: must be an integer",
+        ],
+    ),
+    "upstream_quotas_on_cluster.yaml": (
+        {},
+        [
+            "upstreams.openai.limits: an upstream quota needs standalone Redis: it is checked in the same script "
+            "as every team's limits, and on a Redis Cluster each team lives in its own slot",
+            "models.big.targets.1.limits: an upstream quota needs standalone Redis: it is checked in the same "
+            "script as every team's limits, and on a Redis Cluster each team lives in its own slot",
+            "models.small.targets.0.limits: an upstream quota needs standalone Redis: it is checked in the same "
+            "script as every team's limits, and on a Redis Cluster each team lives in its own slot",
+            "models.small.targets.0.limits: models.big.targets.1.limits gives upstream 'azure' and model "
+            "'gpt-4o' other limits: one deployment has one quota",
+        ],
+    ),
     "same_key_hash.yaml": (
         {"LLMP_TEST_CAROL_KEY": "sk-proxy-same", "LLMP_TEST_ADMIN_KEY": "sk-admin-too"},
         [

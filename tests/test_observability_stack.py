@@ -52,6 +52,7 @@ METRICS = {
     "llm_proxy_upstream_retries_total": {"upstream", "reason"},
     "llm_proxy_upstream_errors_total": {"upstream", "kind"},
     "llm_proxy_store_errors_total": {"op"},
+    "llm_proxy_upstream_quota_remaining": {"upstream", "model", "limit"},
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 
@@ -133,6 +134,7 @@ def traffic(own_redis, mock_upstream, start_proxy):
         data["teams"]["research"]["daily_budget_usd"] = "1"
         data["keys"]["bob"]["daily_budget_usd"] = str(BOB_BUDGET_USD)
         data["keys"]["carol"]["limits"] = {"rpm": 1}
+        data["upstreams"]["mock"]["limits"] = {"rpm": 1000, "tpm": 1_000_000}  # never reached here
 
     server, _ = start_proxy(make_config(mock_upstream.url, patch=patch))
     statuses = {"plain": post(server).status_code, "stream": stream(server).status_code}

@@ -1,4 +1,5 @@
-"""Admission: reserve a request's worst case against its key's and team's limits and budgets.
+"""Admission: reserve a request's worst case against its key's and team's limits and budgets, and
+against the upstream quotas of the first of its candidate targets that has room (`quotas.py`).
 
 The store decides (one script, one round trip). When it cannot answer, `on_redis_error` says
 what happens: `allow` admits through this process's fallback store with the limits divided by
@@ -18,6 +19,7 @@ reaches Redis the same way.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import StoreUnreachable
@@ -26,9 +28,25 @@ from .headers import rate_limit_headers
 from .health import StoreHealth
 from .journal import Journal
 from .memory_store import MemoryStore
+from .quotas import NO_QUOTAS, QuotaCandidates
 from .scopes import Scopes
 from .seen import SeenCommitted
-from .types import NO_END_USER, Admission, Decision, ScopeLimits, Settlement, Store, Usage, WindowBudget
+from .types import (
+    NO_END_USER,
+    Admission,
+    Candidates,
+    Decision,
+    QuotaLeft,
+    QuotaLimits,
+    ScopeLimits,
+    Settlement,
+    Store,
+    Usage,
+    WindowBudget,
+)
+
+# told each quota scope's remaining capacity after every admission the shared store decided
+QuotaWatcher = Callable[[tuple[QuotaLimits, ...], tuple[QuotaLeft, ...]], None]
 
 
 @dataclass(slots=True)
@@ -49,10 +67,16 @@ class Ticket:
     end_user: str = ""  # who the request named as its end user, if anyone
     shared_user: ScopeLimits = NO_END_USER  # its end user's limits in the shared store
     fallback_user: ScopeLimits = NO_END_USER  # ... and in the fallback
+    quotas: QuotaCandidates = NO_QUOTAS  # its candidate targets; `decision.target` is the one it took
 
     @property
     def user_scope(self) -> ScopeLimits:
         return self.fallback_user if self.degraded else self.shared_user
+
+    @property
+    def quota_scopes(self) -> Candidates:
+        """Its candidates' quota scopes in the store that admitted it."""
+        return self.quotas.fallback if self.degraded else self.quotas.shared
 
     @property
     def windows(self) -> tuple[WindowBudget, ...]:
@@ -88,6 +112,7 @@ class Refusal:
     windows: tuple[WindowBudget, ...] = ()  # the window budgets it was checked against
     resets_at: int = 0  # when the refusing budget's window ends (epoch seconds)
     user: ScopeLimits = NO_END_USER  # the end user's limits it was checked against
+    quotas: QuotaCandidates = NO_QUOTAS  # the candidate targets it was checked against
 
     @property
     def window(self) -> WindowBudget | None:
@@ -108,8 +133,10 @@ class Admitter:
         calendar: BudgetCalendar,
         journal: Journal,
         health: StoreHealth,
+        on_quota: QuotaWatcher | None = None,
     ) -> None:
         self.store = store
+        self.on_quota = on_quota
         self.fallback = fallback
         self.allow_on_outage = allow_on_outage
         self.replicas = replicas
@@ -120,7 +147,13 @@ class Admitter:
         self.seen = SeenCommitted()  # what the store last reported committed: the fallback starts from it
 
     async def admit(
-        self, request_id: str, scopes: Scopes, tokens: int, cost_micros: int, end_user: str | None = None
+        self,
+        request_id: str,
+        scopes: Scopes,
+        tokens: int,
+        cost_micros: int,
+        end_user: str | None = None,
+        quotas: QuotaCandidates = NO_QUOTAS,
     ) -> Ticket | Refusal:
         days = self.calendar.candidates()
         windows, fallback_windows = scopes.for_end_user(end_user)
@@ -137,6 +170,7 @@ class Admitter:
             windows,
             user,
             scopes.credential_id,
+            quotas.shared,
         )
         store: Store = self.store
         degraded = False
@@ -144,6 +178,8 @@ class Admitter:
             decision = await store.admit(admission)
             self.health.answered()
             self.seen.saw(scopes, windows, decision)
+            if quotas.shared and self.on_quota is not None:
+                self.on_quota(tuple(q for candidate in quotas.shared for q in candidate), decision.quota_left)
         except asyncio.CancelledError:
             self._abandon(admission)
             raise
@@ -166,6 +202,7 @@ class Admitter:
                     self.lease_ttl_ms,
                     fallback_windows,
                     fallback_user,
+                    quotas=quotas.fallback,
                 )
             )
             if sent and not decision.admitted:
@@ -178,7 +215,7 @@ class Admitter:
                 resets_at = self.calendar.window_end(checked[decision.window].window, decision.day)
             elif decision.reason == "budget":  # a key's or team's enforced day budget
                 resets_at = self.calendar.window_end("day", decision.day)
-            return Refusal(scopes, decision, checked, resets_at, fallback_user if degraded else user)
+            return Refusal(scopes, decision, checked, resets_at, fallback_user if degraded else user, quotas)
         return Ticket(
             request_id,
             scopes,
@@ -192,6 +229,7 @@ class Admitter:
             end_user=end_user or "",
             shared_user=user,
             fallback_user=fallback_user,
+            quotas=quotas,
         )
 
     def _abandon(self, admission: Admission) -> None:
@@ -209,5 +247,6 @@ class Admitter:
                 abandoned=True,
                 windows=admission.windows,
                 user=admission.user,
+                quotas=admission.quotas,
             )
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import orjson
 from starlette.requests import Request
@@ -25,6 +25,7 @@ from ..config import Model, Target
 from ..errors import ClientClosedRequest, ProxyError, StoreError
 from ..http.responses import SSEResponse, error_response, request_id_of
 from ..limits.admission import Ticket
+from ..limits.quotas import NO_QUOTAS, QuotaCandidates
 from ..limits.response_owners import Owner, ResponseOwners
 from ..limits.types import Usage
 from ..observe import Observer, Outcome
@@ -94,12 +95,16 @@ class Gateway:
             outcome.tags = parse_tags(request.headers.get("x-proxy-tags"), call.body, caller.end_user)
             pinned = await self._pinned(call, caller) if call.endpoint == "responses" else None
             self.holds.refuse_if_held([pinned] if pinned is not None else model.targets)
+            quotas_of = self._quotas_of(snapshot)
             if pinned is None and model.on_budget_exhausted is not None:  # a budget refusal may fall back
                 ticket, call, model = await admit_within_budget(
-                    self.limiter, caller, call, model, snapshot.config, request.headers
+                    self.limiter, caller, call, model, snapshot.config, request.headers, quotas_of
                 )
             else:
-                ticket = await admit(self.limiter, caller, call, model, snapshot.config, request.headers)
+                targets = [pinned] if pinned is not None else model.targets
+                ticket = await admit(
+                    self.limiter, caller, call, model, snapshot.config, request.headers, quotas_of(targets)
+                )
             outcome.ticket, outcome.model = ticket, call.model
             self.observer.admitted(outcome)
             reply = await self._forward(request, call, model, ticket, outcome, snapshot, pinned)
@@ -121,6 +126,18 @@ class Gateway:
         if API_OF[outcome.endpoint] == "anthropic":
             return anthropic_error_response(error, outcome)
         return error_response(error, outcome.request_id, outcome.ticket.headers if outcome.ticket else None)
+
+    def _quotas_of(self, snapshot: Snapshot) -> Callable[[Sequence[Target]], QuotaCandidates]:
+        """A model's candidate targets for its upstream quotas: those its provider has not held (all
+        of them when every one is held: forward waits out a short hold)."""
+
+        def quotas_of(targets: Sequence[Target]) -> QuotaCandidates:
+            if not snapshot.quotas:
+                return NO_QUOTAS
+            free = [target for target in targets if self.holds.remaining(target) <= 0]
+            return snapshot.quotas.candidates(free or targets)
+
+        return quotas_of
 
     async def _pinned(self, call: Call, caller: Caller) -> Target | None:
         """A Responses call continuing a stored response goes to the target that holds it."""
@@ -162,6 +179,9 @@ class Gateway:
         headers = forward.upstream_headers(request.headers, outcome.request_id, call.api)
         rate_headers = reply_headers(call, ticket, outcome.request_id)
         remember = self._remembering(call, outcome)
+        targets = [pinned] if pinned is not None else model.targets
+        if ticket.quotas.targets:  # from the target admission took (its upstream quota)
+            targets = snapshot.quotas.forward_targets(ticket.quotas, ticket.decision.target, targets)
         handed_over = False
         # the body is read: from now on the client can only say that it left; if it does before
         # the response starts, stop waiting on (or retrying) the upstream at once
@@ -176,7 +196,7 @@ class Gateway:
                 outcome.attempts,
                 snapshot.upstreams,
                 self.holds,
-                pinned,
+                targets,
             )
         )
         try:
