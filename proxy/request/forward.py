@@ -61,6 +61,7 @@ DROP_REQUEST_HEADERS = frozenset(
         "accept-encoding",
         "cookie",
         "x-proxy-tags",
+        "x-proxy-priority",
         "openai-organization",
         "openai-project",
         "x-forwarded-for",
