@@ -632,11 +632,11 @@ def interpolate_env(text: str, environ: Mapping[str, str] | None = None) -> str:
 def _message(error: ErrorDetails) -> str:
     kind, ctx = error["type"], error.get("ctx", {})
     if kind == "greater_than":
-        return f"must be > {ctx['gt']}"
+        return f"must be > {_bound(ctx['gt'])}"
     if kind == "greater_than_equal":
-        return f"must be >= {ctx['ge']}"
+        return f"must be >= {_bound(ctx['ge'])}"
     if kind == "less_than_equal":
-        return f"must be <= {ctx['le']}"
+        return f"must be <= {_bound(ctx['le'])}"
     if kind == "extra_forbidden":
         return "unknown field"
     if kind == "missing":
@@ -650,6 +650,11 @@ def _message(error: ErrorDetails) -> str:
     if kind == "bool_parsing":
         return "must be true or false"
     return error["msg"].removeprefix("Value error, ")
+
+
+def _bound(value: Any) -> Any:
+    """`0`, not `0.0`, for a number field's whole bound."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _path(loc: tuple[Any, ...]) -> str:
