@@ -300,3 +300,21 @@ def test_a_held_upstream_is_waited_out_in_the_queue(mock_upstream, redis_url, st
     assert served.choices[0].message.content
     assert time.monotonic() - held_at > 1.0  # it waited for the hold to end
     assert len(mock_upstream.requests) == 2 and mock_upstream.stats()["rate_limited"] == 0
+
+
+def test_a_budget_fallback_still_serves_a_key_that_may_wait(mock_upstream, redis_url, start_proxy):
+    """The budget refuses chat-model at once (no wait); its fallback (small-model, no price) fits."""
+
+    def patch(data: dict) -> None:
+        queued(wait_ms=5000, redis_url=redis_url)(data)
+        data["keys"]["alice"]["daily_budget_usd"] = "0.00001"
+        data["models"]["chat-model"]["on_budget_exhausted"] = {"fallback_model": "small-model"}
+
+    server, _ = start_proxy(make_config(mock_upstream.url, patch=patch))
+    assert chat(server).status_code == 200
+    server.wait_settled()
+    sent = time.monotonic()
+    served = chat(server)
+    assert time.monotonic() - sent < 0.5
+    assert served.status_code == 200 and served.headers["x-proxy-fallback"] == "budget"
+    assert waiting(server) == 0
