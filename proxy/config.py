@@ -34,6 +34,8 @@ from .pricing.catalog import catalog_price_fields
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_PORT = 8080
+DEFAULT_MAX_QUEUE = 100  # waiters per team and replica
+MAX_WAIT_MS = 600_000  # ten minutes: the longest a client's own timeout is likely to allow
 ENV_VAR_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
@@ -285,6 +287,8 @@ class Limits(_Strict):
     rpm_burst: Integer | None = Field(None, gt=0)  # bucket capacities (default: one minute's worth)
     tpm_burst: Integer | None = Field(None, gt=0)
     enforce: bool = True  # false: shadow mode (would-be refusals are counted and logged, never made)
+    # how long a request these limits refuse may wait for capacity (key's, else team's; unset: 0, refuse at once)
+    max_wait_ms: Integer | None = Field(None, ge=0, le=MAX_WAIT_MS)
 
     @field_validator("rpm_burst", "tpm_burst")
     @classmethod
@@ -296,6 +300,7 @@ class Limits(_Strict):
 
 
 Window = Literal["day", "week", "month"]
+Priority = Literal["high", "normal", "low"]
 EndUserSource = Literal["safety_identifier", "user", "x-proxy-end-user"]
 
 
@@ -339,6 +344,13 @@ class EndUsers(_Budgeted):
 
     limits: Limits = Limits()
 
+    @field_validator("limits")
+    @classmethod
+    def _no_wait_of_its_own(cls, limits: Limits) -> Limits:
+        if limits.max_wait_ms is not None:
+            raise ValueError("max_wait_ms is set on the key or the team: an end user's requests wait as theirs do")
+        return limits
+
 
 class Org(_Budgeted):
     """All traffic through this deployment."""
@@ -371,6 +383,8 @@ class Alerts(_Strict):
 class Team(_Budgeted):
     limits: Limits = Limits()
     end_users: EndUsers | None = None
+    share: Number = Field(1, gt=0)  # its weight when teams wait for the same capacity
+    max_queue: Integer = Field(DEFAULT_MAX_QUEUE, ge=0)  # its waiters per replica; beyond: 429 at once
 
 
 class Key(_Budgeted):
@@ -380,6 +394,7 @@ class Key(_Budgeted):
     key: str | None = Field(None, min_length=1)
     limits: Limits = Limits()
     models: list[str] | None = None
+    priority: Priority = "normal"  # its requests' class in the queue (a request may ask for a lower one)
 
     @model_validator(mode="after")
     def _one_key_source(self) -> Key:
@@ -661,11 +676,11 @@ def interpolate_env(text: str, environ: Mapping[str, str] | None = None) -> str:
 def _message(error: ErrorDetails) -> str:
     kind, ctx = error["type"], error.get("ctx", {})
     if kind == "greater_than":
-        return f"must be > {ctx['gt']}"
+        return f"must be > {_bound(ctx['gt'])}"
     if kind == "greater_than_equal":
-        return f"must be >= {ctx['ge']}"
+        return f"must be >= {_bound(ctx['ge'])}"
     if kind == "less_than_equal":
-        return f"must be <= {ctx['le']}"
+        return f"must be <= {_bound(ctx['le'])}"
     if kind == "extra_forbidden":
         return "unknown field"
     if kind == "missing":
@@ -679,6 +694,11 @@ def _message(error: ErrorDetails) -> str:
     if kind == "bool_parsing":
         return "must be true or false"
     return error["msg"].removeprefix("Value error, ")
+
+
+def _bound(value: Any) -> Any:
+    """`0`, not `0.0`, for a number field's whole bound."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _path(loc: tuple[Any, ...]) -> str:

@@ -50,6 +50,7 @@ stays private to `proxy.limits.keyspace`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import orjson
@@ -279,15 +280,33 @@ class ClientClosedRequest(ProxyError):
     code = "client_closed_request"
 
 
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """When a rate-limited request could be admitted, for the queue (`proxy.request.queue`).
+
+    `after_ms` is exact for a request or token bucket and a provider's hold; for a parallel slot
+    (`exact=False`) it is only a time to look again, since a slot frees when a request ends.
+    `blockers` name what refused it (`("key", name)`, `("team", name)`, `("end_user", team, name)`,
+    `("target", upstream, model)`): a waiter behind it that shares one does not overtake it."""
+
+    after_ms: int
+    exact: bool
+    blockers: frozenset[tuple[str, ...]]
+
+
 class RateLimited(ProxyError):
-    """429 for a request, token or parallel bucket; `type` is set per refusal."""
+    """429 for a request, token or parallel bucket; `type` is set per refusal. `retry`: when it
+    could be admitted (None: never, as it is)."""
 
     status = 429
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, limit_type: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self, message: str, *, limit_type: str, headers: dict[str, str] | None = None, retry: Retry | None = None
+    ):
         super().__init__(message, headers=headers)
         self.type = limit_type
+        self.retry = retry
 
 
 class UpstreamHeld(RateLimited):

@@ -25,6 +25,7 @@ from .observe import Outcome
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+QUEUE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MICROS = 1_000_000
@@ -131,6 +132,20 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.queue_wait = Histogram(
+            "llm_proxy_queue_wait_seconds",
+            "Time requests waited in the queue for capacity (limits.max_wait_ms), admitted or not.",
+            ["team"],
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth_gauge = Gauge(
+            "llm_proxy_queue_depth",
+            "Requests waiting in the queue for capacity now.",
+            ["team"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.store_errors = Counter("llm_proxy_store_errors", "Rate-limit store calls that failed.", ["op"], registry=r)
         for op in STORE_OPS:  # present from the start, so increase() sees the very first error
             self.store_errors.labels(op)
@@ -182,7 +197,15 @@ class Metrics:
             self.upstream_duration.labels(attempts.upstream, attempts.target_model).observe(
                 outcome.upstream_finished_at - attempts.last_attempt_at
             )
-            self.overhead.observe(max(0.0, outcome.finished_at - outcome.started_at - upstream_time))
+            waited = upstream_time + outcome.queued_s  # neither is the proxy's own time
+            self.overhead.observe(max(0.0, outcome.finished_at - outcome.started_at - waited))
+
+    # -- the queue ----------------------------------------------------------------------------
+    def queue_depth(self, team: str, depth: int) -> None:
+        self.queue_depth_gauge.labels(team).set(depth)
+
+    def queue_waited(self, team: str, seconds: float) -> None:
+        self.queue_wait.labels(team).observe(seconds)
 
     def store_error(self, op: str) -> None:
         self.store_errors.labels(op).inc()

@@ -143,6 +143,19 @@ REFUSED: dict[str, tuple[dict[str, str], list[str]]] = {
             "alerts.format: must be 'json' or 'slack'",
         ],
     ),
+    "queue.yaml": (
+        {},
+        [
+            "teams.t.limits.max_wait_ms: must be >= 0",
+            "teams.t.share: must be > 0",
+            "teams.t.max_queue: must be >= 0",
+            "teams.u.limits.max_wait_ms: must be <= 600000",
+            "teams.u.end_users.limits: max_wait_ms is set on the key or the team: an end user's requests wait "
+            "as theirs do",
+            "keys.alice.limits.max_wait_ms: must be an integer",
+            "keys.alice.priority: must be 'high', 'normal' or 'low'",
+        ],
+    ),
     "everything_at_once.yaml": (
         {},
         [

@@ -19,7 +19,15 @@ from ..apis import anthropic_errors
 from ..budgets.refusal import ScopeKind, budget_refusal, safe_name, usd_text
 from ..budgets.windows import ADJECTIVES
 from ..config import Config, Model, Target
-from ..errors import BudgetExceeded, InvalidApiKey, ProxyError, RateLimited, StoreUnavailable, UpstreamQuotaReached
+from ..errors import (
+    BudgetExceeded,
+    InvalidApiKey,
+    ProxyError,
+    RateLimited,
+    Retry,
+    StoreUnavailable,
+    UpstreamQuotaReached,
+)
 from ..http.responses import new_request_id
 from ..limits.admission import Refusal, Ticket
 from ..limits.headers import openai_duration, rate_limit_headers, retry_headers
@@ -143,6 +151,7 @@ def refusal_error(refusal: Refusal) -> ProxyError:
         f"{openai_duration(decision.retry_after_ms)}.",
         limit_type=limit_type,
         headers=headers,
+        retry=Retry(decision.retry_after_ms, reason != "parallel", frozenset({refusing_scope(refusal)})),
     )
 
 
@@ -169,4 +178,16 @@ def upstream_quota_refusal(
         f"on {LIMIT_NAMES[reason]}. Please try again in {openai_duration(decision.retry_after_ms)}.",
         limit_type=limit_type,
         headers=headers,
+        # a caller that may wait (limits.max_wait_ms) queues on every candidate target, as for a hold
+        retry=Retry(
+            decision.retry_after_ms, reason != "parallel", frozenset(("target", t.upstream, t.model) for t in targets)
+        ),
     )
+
+
+def refusing_scope(refusal: Refusal) -> tuple[str, ...]:
+    """What refused, as the queue names it: ("key", name), ("team", name) or ("end_user", team, name)."""
+    scopes, scope = refusal.scopes, refusal.decision.scope if refusal.decision else None
+    if scope == "end_user":
+        return ("end_user", scopes.team.name, refusal.user.name)
+    return ("key", scopes.key.name) if scope == "key" else ("team", scopes.team.name)

@@ -63,6 +63,7 @@ DROP_REQUEST_HEADERS = frozenset(
         "accept-encoding",
         "cookie",
         "x-proxy-tags",
+        "x-proxy-priority",
         "openai-organization",
         "openai-project",
         "x-forwarded-for",

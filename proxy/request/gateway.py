@@ -37,8 +37,10 @@ from .agent_relay import agent_stream_response
 from .authenticate import Caller, presented_key
 from .budget_fallback import admit_within_budget
 from .call import API_OF, Call
+from .end_user import end_user_of
 from .holds import ProviderHolds
 from .jwt_callers import JwtCallers, identify
+from .queue import Entry, WaitQueue, priority_rank
 from .read import read_call
 from .relay import StreamUsage, passthrough, stream_response
 from .settle import Settler, usage_of
@@ -71,9 +73,11 @@ class Gateway:
         owners: ResponseOwners,
         holds: ProviderHolds,
         jwt: JwtCallers | None = None,
+        queue: WaitQueue | None = None,
     ) -> None:
         self.snapshots = snapshots
         self.holds = holds
+        self.queue = queue or WaitQueue()
         self.jwt = jwt
         self.settler = settler
         self.limiter = settler.limiter
@@ -94,17 +98,11 @@ class Gateway:
                 outcome.request_body = call.body
             outcome.tags = parse_tags(request.headers.get("x-proxy-tags"), call.body, caller.end_user)
             pinned = await self._pinned(call, caller) if call.endpoint == "responses" else None
-            self.holds.refuse_if_held([pinned] if pinned is not None else model.targets)
-            quotas_of = self._quotas_of(snapshot)
-            if pinned is None and model.on_budget_exhausted is not None:  # a budget refusal may fall back
-                ticket, call, model = await admit_within_budget(
-                    self.limiter, caller, call, model, snapshot.config, request.headers, quotas_of
-                )
+            if caller.max_wait_ms:
+                ticket, call, model = await self._queued(request, caller, call, model, snapshot, pinned, outcome)
             else:
-                targets = [pinned] if pinned is not None else model.targets
-                ticket = await admit(
-                    self.limiter, caller, call, model, snapshot.config, request.headers, quotas_of(targets)
-                )
+                self.holds.refuse_if_held([pinned] if pinned is not None else model.targets)
+                ticket, call, model = await self._admit(request, caller, call, model, snapshot, pinned)
             outcome.ticket, outcome.model = ticket, call.model
             self.observer.admitted(outcome)
             reply = await self._forward(request, call, model, ticket, outcome, snapshot, pinned)
@@ -119,6 +117,71 @@ class Gateway:
         finally:
             if not handed_over:
                 snapshot.leave()
+
+    async def _admit(
+        self, request: Request, caller: Caller, call: Call, model: Model, snapshot: Snapshot, pinned: Target | None
+    ) -> tuple[Ticket, Call, Model]:
+        """Admitted (by the model's budget fallback, maybe), or the client's error."""
+        quotas_of = self._quotas_of(snapshot)
+        if pinned is None and model.on_budget_exhausted is not None:  # a budget refusal may fall back
+            return await admit_within_budget(
+                self.limiter, caller, call, model, snapshot.config, request.headers, quotas_of
+            )
+        targets = [pinned] if pinned is not None else model.targets
+        ticket = await admit(self.limiter, caller, call, model, snapshot.config, request.headers, quotas_of(targets))
+        return ticket, call, model
+
+    async def _queued(
+        self,
+        request: Request,
+        caller: Caller,
+        call: Call,
+        model: Model,
+        snapshot: Snapshot,
+        pinned: Target | None,
+        outcome: Outcome,
+    ) -> tuple[Ticket, Call, Model]:
+        """`_admit` for a caller whose refused requests may wait (`limits.max_wait_ms`), until the
+        client leaves."""
+        targets = [pinned] if pinned is not None else model.targets
+        end_user = caller.end_user or end_user_of(call.body, request.headers, snapshot.config.end_user_identity)
+        scopes: set[tuple[str, ...]] = {("key", caller.key_name), ("team", caller.team_name)}
+        scopes |= {("target", target.upstream, target.model) for target in targets}
+        if end_user:
+            scopes.add(("end_user", caller.team_name, end_user))
+        entry = Entry(
+            team=caller.team_name,
+            rank=priority_rank(caller.key.priority, request.headers),
+            max_wait_s=caller.max_wait_ms / 1000,
+            max_queue=caller.team.max_queue,
+            share=caller.team.share,
+            scopes=frozenset(scopes),
+        )
+
+        async def attempt() -> tuple[Ticket, Call, Model]:
+            self.holds.refuse_if_held(targets)
+            return await self._admit(request, caller, call, model, snapshot, pinned)
+
+        async def release(admitted: tuple[Ticket, Call, Model]) -> None:
+            ticket, served, by = admitted  # admitted as the client left: nothing was sent, nothing is charged
+            await self.settler.settle(ticket, served, by.price_per_mtok, Usage(), outcome, False, notify=False)
+
+        def waited(seconds: float) -> None:
+            outcome.queued_s = seconds
+
+        waiting = asyncio.ensure_future(self.queue.admit(entry, attempt, release, waited))
+        leaving = asyncio.ensure_future(_client_leaves(request.receive))
+        try:
+            await asyncio.wait((waiting, leaving), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            leaving.cancel()
+            if not waiting.done():
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+        if waiting.cancelled():
+            outcome.client_gone = True
+            raise ClientClosedRequest("The client closed the connection while its request waited for capacity.")
+        return waiting.result()
 
     def _failed(self, outcome: Outcome, error: ProxyError) -> Response:
         outcome.fail(error)
