@@ -318,3 +318,23 @@ def test_a_budget_fallback_still_serves_a_key_that_may_wait(mock_upstream, redis
     assert time.monotonic() - sent < 0.5
     assert served.status_code == 200 and served.headers["x-proxy-fallback"] == "budget"
     assert waiting(server) == 0
+
+
+def test_a_full_upstream_quota_is_waited_for_in_the_queue(mock_upstream, redis_url, start_proxy):
+    """The upstream's own quota (max_parallel 1) is taken by a slow stream: a caller that may wait
+    queues on the model's target and is served when the stream ends; one that may not is refused."""
+
+    def patch(data: dict) -> None:
+        queued(wait_ms=4000, redis_url=redis_url)(data)
+        data["keys"]["alice"]["limits"] = {"max_wait_ms": 4000}  # no key limit: only the quota refuses
+        data["upstreams"]["mock"]["limits"] = {"max_parallel": 1}
+
+    server, _ = start_proxy(make_config(mock_upstream.url, patch=patch))
+    holder = hold_the_slot(server, mock_upstream)
+    refused = chat(server, "bob", content="bob")  # bob may not wait
+    assert refused.status_code == 429 and "upstream quota of 'mock'" in refused.json()["error"]["message"]
+    waiter = Background(lambda: chat(server, content="waiter"))
+    until(lambda: waiting(server) == 1, what="the waiter to queue on the upstream quota")
+    assert waiter.result().status_code == 200 and holder.result().status_code == 200
+    assert waiter.finished_at >= holder.finished_at - 0.05  # admitted only once the quota's slot freed
+    assert contents(mock_upstream) == ["holder", "waiter"]
