@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette import routing
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -193,9 +194,12 @@ def create_app(
         app.call_routes[path] = _call_route(gateway, endpoint)
         app.add_route(path, _method_not_allowed, methods=["GET", "PUT", "PATCH", "DELETE"])
     app.azure_route = _azure_route(gateway)
-    app.add_route("/v1/responses/{response_id}", stored.handle, methods=["GET", "DELETE"])
-    app.add_route("/v1/responses/{response_id}/cancel", stored.handle, methods=["POST"])
-    app.add_route("/v1/responses/{response_id}/input_items", stored.handle, methods=["GET"])
+    for path, methods in (
+        ("/v1/responses/{response_id}", ["GET", "DELETE"]),
+        ("/v1/responses/{response_id}/cancel", ["POST"]),
+        ("/v1/responses/{response_id}/input_items", ["GET"]),
+    ):  # a starlette Route: add_route is typed for Responses only, and GET ?stream=true streams
+        app.router.routes.append(routing.Route(path, stored.handle, methods=methods))
     models_api.add_routes(app, snapshots)
     me_api.add_routes(app, snapshots, store, calendar, jwt)
     app.include_router(ops_api.router(snapshots, store, metrics))

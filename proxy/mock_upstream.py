@@ -522,7 +522,7 @@ async def stored_response_route(
         return error_response(404, f"Response with id '{response_id}' not found.", headers)
     if request.method == "GET" and not action and request.query.get("stream") == "true":
         after = request.query.get("starting_after")
-        if after is not None and not after.isdigit():
+        if after is not None and not (after.isascii() and after.isdigit() and len(after) <= 18):
             message = f"Invalid 'starting_after': expected a non-negative integer, but got '{after}' instead."
             return error_response(400, message, headers)
         script = responses_api.replay(stored["script"], None if after is None else int(after))

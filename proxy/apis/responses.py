@@ -208,12 +208,18 @@ class ResponsesStreamMeter:
 
     def error_event(self, message: str, code: str = "upstream_error") -> bytes:
         """The `error` event that ends a stream the upstream broke, numbered after the last event seen."""
-        last = _SEQUENCE.search(events_in(self._last)[-1]) if self._last else None
-        payload = {
-            "type": "error",
-            "code": code,
-            "message": message,
-            "param": None,
-            "sequence_number": int(last.group(1)) + 1 if last else 0,
-        }
-        return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
+        return error_event_after(self._last, message, code)
+
+
+def error_event_after(last: bytes, message: str, code: str = "upstream_error", first: int = 0) -> bytes:
+    """The `error` event that ends a stream the upstream broke, numbered after the last event of
+    `last` (the last block of complete events relayed), or `first` when none was."""
+    found = _SEQUENCE.search(events_in(last)[-1]) if last else None
+    payload = {
+        "type": "error",
+        "code": code,
+        "message": message,
+        "param": None,
+        "sequence_number": int(found.group(1)) + 1 if found else first,
+    }
+    return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"

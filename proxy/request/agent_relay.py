@@ -17,7 +17,7 @@ from typing import Protocol
 
 from ..apis.anthropic import MessagesStreamMeter
 from ..apis.anthropic import error_event as anthropic_error_event
-from ..apis.responses import ResponsesStreamMeter, event_name
+from ..apis.responses import ResponsesStreamMeter, error_event_after, event_name
 from ..errors import UpstreamBroken, UpstreamReadTimeout
 from ..http.responses import Settle, SSEResponse
 from ..limits.types import Usage
@@ -128,3 +128,51 @@ async def relay_events(
         if not completed and outcome.stream_error is None:
             outcome.client_gone = True
         produced.usage = meter.usage()
+
+
+def replay_response(
+    response: UpstreamResponse, outcome: Outcome, reply_headers: Mapping[str, str], first: int, settle: Settle
+) -> SSEResponse:
+    """GET /v1/responses/{id}?stream=true: a stored response's events as the upstream streams them."""
+    headers = list(SSE_HEADERS)
+    headers.append((b"x-request-id", outcome.request_id.encode("latin-1")))
+    headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in reply_headers.items())
+    return SSEResponse(replay_events(response, outcome, first), 200, headers, settle=settle)
+
+
+async def replay_events(response: UpstreamResponse, outcome: Outcome, first: int) -> AsyncGenerator[bytes, None]:
+    """The events of a stored response as they arrive, unchanged, all those one read completed in
+    one write. Nothing is metered (the request that created the response was charged); a stream
+    the upstream breaks ends with an `error` event numbered after the last one relayed (`first`
+    when none was)."""
+    splitter = sse.EventSplitter()
+    completed = False
+    outcome.status = 200
+    last = b""
+    try:
+        async for chunk in response.iter_chunks():
+            if block := splitter.feed_block(chunk):
+                if outcome.first_byte_at == 0.0:
+                    outcome.first_byte_at = time.monotonic()
+                last = block
+                yield block
+        completed = True  # the upstream ended the response: a replay may end before a final event
+    except (UpstreamBroken, UpstreamReadTimeout) as exc:
+        timed_out = isinstance(exc, UpstreamReadTimeout)
+        outcome.attempts.errors.append((outcome.attempts.upstream, "timeout" if timed_out else "stream_cut"))
+        outcome.stream_error = "timeout" if timed_out else "stream_cut"
+        if not _ends_with_error(last):
+            message, code = (STREAM_TIMEOUT, "upstream_timeout") if timed_out else (STREAM_CUT, "upstream_error")
+            yield error_event_after(last, message, code, first)
+    except Exception:  # a bug: logged once, told to the client
+        log.exception("unexpected error relaying the stream of request %s", outcome.request_id)
+        outcome.stream_error = "internal_error"
+        yield error_event_after(last, INTERNAL_ERROR, first=first)
+    finally:
+        if completed:
+            response.release()
+        else:
+            response.close()
+        outcome.upstream_finished_at = time.monotonic()
+        if not completed and outcome.stream_error is None:
+            outcome.client_gone = True
