@@ -96,8 +96,9 @@ def test_a_stream_without_usage_is_charged_its_text():
     assert meter.usage() == Usage(5, 3, 0)  # 9 characters / 4, rounded up
 
 
-@given(st.text())
-def test_texts_characters_are_those_of_its_json_string(text: str) -> None:
+@given(st.text(), st.sampled_from(["content", "reasoning_content", "text"]), st.booleans())
+def test_texts_characters_are_those_of_its_json_string(text: str, key: str, spaced: bool) -> None:
     meter = ChatStreamMeter(0, keep_usage=False)
-    meter.feed(chunk({"choices": [{"index": 0, "delta": {"content": text}}], "usage": None}))
-    assert meter.usage().completion_tokens == -(-(len(orjson.dumps(text)) - 2) // 4)
+    meter.feed(chunk({"choices": [{"index": 0, "delta": {key: text}}], "usage": None}, spaced))
+    escaped = json.dumps(text).encode() if spaced else orjson.dumps(text)
+    assert meter.usage().completion_tokens == -(-(len(escaped) - 2) // 4)

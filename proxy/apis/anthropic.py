@@ -15,7 +15,7 @@ import orjson
 from ..errors import InvalidRequest
 from ..limits.types import Usage
 from ..tokens import REPLY_PRIMING_TOKENS
-from ..upstream.sse import events_in
+from ..upstream.sse import split_marked
 from .estimate import items_tokens, json_tokens
 from .responses import event_name, event_payload
 from .usage import count, estimated_output
@@ -137,13 +137,16 @@ class MessagesStreamMeter:
         self._delta_seen = False
 
     def feed(self, block: bytes) -> None:
-        """One or more complete events: a block without the events that carry usage or open a
-        content block has its produced text counted in one pass, with no object per event."""
-        if _MESSAGE_EVENT in block or _BLOCK_START in block:
-            for event in events_in(block):
-                self._feed_event(event)
-        else:
+        """One or more complete events: those that carry usage or open a content block are read one
+        by one, the text of all the others is counted in one pass, with no object per event."""
+        if _MESSAGE_EVENT not in block and _BLOCK_START not in block:
             self._count_text(block)
+            return
+        for piece, one in split_marked(block, (_MESSAGE_EVENT, _BLOCK_START)):
+            if one:
+                self._feed_event(piece)
+            else:
+                self._count_text(piece)
 
     def _feed_event(self, event: bytes) -> None:
         name = event_name(event)

@@ -13,7 +13,7 @@ import orjson
 
 from ..errors import InvalidRequest
 from ..limits.types import Usage
-from ..upstream.sse import events_in
+from ..upstream.sse import events_in, split_marked
 from .estimate import items_tokens, json_tokens
 from .usage import count, estimated_output
 
@@ -161,7 +161,7 @@ class ResponsesStreamMeter:
     produced deltas.
 
     Only the events that carry the response object (created, in_progress, the final ones) are
-    read one by one, found by a bytes check; the deltas of any other block are counted in one
+    read one by one, found by a bytes check; the deltas of all the others are counted in one
     pass, with no object per event. Events without an `event:` line are read by their data's `type`.
     """
 
@@ -174,11 +174,14 @@ class ResponsesStreamMeter:
         self._last = b""  # the last block, read for its last sequence_number only if an error event follows
 
     def feed(self, block: bytes) -> None:
-        if _RESPONSE_OBJECT in block:
-            for event in events_in(block):
-                self._feed_event(event)
-        else:  # deltas and other events that carry no usage
+        if _RESPONSE_OBJECT not in block:  # deltas and other events that carry no usage
             self._chars += sum(map(len, _DELTA.findall(block)))
+        else:
+            for piece, one in split_marked(block, (_RESPONSE_OBJECT,)):
+                if one:
+                    self._feed_event(piece)
+                else:
+                    self._chars += sum(map(len, _DELTA.findall(piece)))
         self._last = block
 
     def _feed_event(self, event: bytes) -> None:
