@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -354,6 +355,13 @@ def running_grace_s(app: object) -> float | None:
 
 
 def app_from_env() -> ProxyApp:
-    """The uvicorn factory for `llm-proxy serve` (each worker builds its own app)."""
+    """The uvicorn factory for `llm-proxy serve` (each worker builds its own app).
+
+    Once the app is built, the ~100k objects of the modules and the app (live as long as the
+    process) are moved out of the garbage collector's sight (`gc.freeze`): a full collection no
+    longer scans them, which took ~70 ms of CPU, a pause of every stream, each time one ran."""
     path = os.environ["LLM_PROXY_CONFIG"]
-    return create_app(load_config(path), config_path=path)
+    app = create_app(load_config(path), config_path=path)
+    gc.collect()  # what is garbage already is not frozen
+    gc.freeze()
+    return app
