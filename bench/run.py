@@ -109,14 +109,19 @@ def process_tree(pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    total = 0
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and sys CPU seconds of a process and its children."""
+    user = system = 0
     for p in process_tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
         except OSError:
-            pass
-    return total / CLK_TCK
+            continue
+        user, system = user + int(fields[11]), system + int(fields[12])  # utime, stime
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def rss_mb(pid: int) -> float:

@@ -5,8 +5,9 @@ request is logged and consumes one fault (the `x-mock-fault` header first, else 
 The usage sums in `/_mock/stats` count only usage the mock actually reported in a response.
 
 Besides chat, completions, embeddings and models it serves the Responses API (POST /v1/responses,
-plain and streamed; GET and DELETE /v1/responses/{id}, POST .../cancel, GET .../input_items for
-the responses it created) and the Anthropic Messages API (POST /v1/messages, plain and streamed;
+plain and streamed; GET and DELETE /v1/responses/{id}, GET ?stream=true[&starting_after=N] to
+stream a response's events again, POST .../cancel, GET .../input_items for the responses it
+created) and the Anthropic Messages API (POST /v1/messages, plain and streamed;
 POST /v1/messages/count_tokens), whose errors are Anthropic-shaped. The wire formats are built in
 `proxy.mocks`; the faults apply to every route alike (a `status` of 529 is Anthropic's
 overloaded_error; `error_after_chunks` ends a stream with the API's error event).
@@ -274,9 +275,9 @@ class MockState:
             ):
                 self._stats[name] += getattr(tally, name)
 
-    def store_response(self, response: dict[str, Any], items: list[dict[str, Any]]) -> None:
+    def store_response(self, response: dict[str, Any], items: list[dict[str, Any]], script: Script) -> None:
         with self._lock:
-            self._responses[response["id"]] = {"response": response, "input_items": items}
+            self._responses[response["id"]] = {"response": response, "input_items": items, "script": script}
             if len(self._responses) > MAX_LOGGED_REQUESTS:  # the oldest go, as logged requests do
                 del self._responses[next(iter(self._responses))]
 
@@ -573,14 +574,17 @@ async def create_response(
         return error_response(400, f"invalid request parameter: {exc}", headers)
     final = call.response()
     if final["store"]:
-        state.store_response(final, responses_api.input_items(body, ident))
+        state.store_response(final, responses_api.input_items(body, ident), call.script())
     return await send_script_or_body(
         request, body.get("stream") is True, call.script(), final, call.tally(), fault, headers
     )
 
 
-def stored_response_route(request: web.Request, headers: dict[str, str]) -> web.Response:
-    """GET|DELETE /v1/responses/{id}, POST /v1/responses/{id}/cancel, GET .../input_items."""
+async def stored_response_route(
+    request: web.Request, fault: dict[str, Any], headers: dict[str, str]
+) -> web.StreamResponse:
+    """GET|DELETE /v1/responses/{id} (GET ?stream=true[&starting_after=N]: its events again),
+    POST /v1/responses/{id}/cancel, GET .../input_items."""
     state = request.app[STATE]
     parts = request.path.removeprefix("/v1/responses/").split("/")
     response_id, action = parts[0], "/".join(parts[1:])
@@ -590,6 +594,13 @@ def stored_response_route(request: web.Request, headers: dict[str, str]) -> web.
         return error_response(404, f"Unknown request URL: {request.method} {request.path}", headers)
     if stored is None:
         return error_response(404, f"Response with id '{response_id}' not found.", headers)
+    if request.method == "GET" and not action and request.query.get("stream") == "true":
+        after = request.query.get("starting_after")
+        if after is not None and not (after.isascii() and after.isdigit() and len(after) <= 18):
+            message = f"Invalid 'starting_after': expected a non-negative integer, but got '{after}' instead."
+            return error_response(400, message, headers)
+        script = responses_api.replay(stored["script"], None if after is None else int(after))
+        return await send_script_or_body(request, True, script, stored["response"], None, fault, headers)
     if request.method == "DELETE":
         state.delete_response(response_id)
         reply: Any = {"id": response_id, "object": "response.deleted", "deleted": True}
@@ -737,7 +748,7 @@ async def route(request: web.Request, body: Any, fault: dict[str, Any], headers:
             return error_response(400, "the request body must be a JSON object", headers)
         return await create_response(request, body, fault, headers)
     if path.startswith("/v1/responses/"):
-        return stored_response_route(request, headers)
+        return await stored_response_route(request, fault, headers)
     if method == "POST" and path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         if not isinstance(body, dict):
             return error_response(400, "the request body must be a JSON object", headers)

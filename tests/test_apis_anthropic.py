@@ -7,6 +7,8 @@ import re
 import orjson
 import pytest
 from anthropic.types.shared import ErrorResponse
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.apis.anthropic import MessagesCall, MessagesStreamMeter, error_event, parse_messages_call, usage_from_message
 from proxy.errors import InvalidRequest
@@ -153,9 +155,10 @@ def meter_of(stream: bytes, piece: int = 5, prompt_tokens: int = 99) -> tuple[Me
     splitter = EventSplitter()
     relayed = []
     for start in range(0, len(stream), piece):
-        for event in splitter.feed(stream[start : start + piece]):
-            meter.feed(event)
-            relayed.append(event)
+        block = splitter.feed_block(stream[start : start + piece])
+        if block:
+            meter.feed(block)
+            relayed.append(block)
     return meter, b"".join(relayed)
 
 
@@ -222,3 +225,91 @@ def test_error_event_parses_as_the_sdk_reads_it():
     parsed = ErrorResponse.model_validate(orjson.loads(data.removeprefix(b"data: ")))
     assert (parsed.type, parsed.error.type) == ("error", "api_error")
     assert parsed.error.message == "The upstream stream was interrupted before it finished."
+
+
+def sse_event(payload: dict, named: bool = True) -> bytes:
+    name = b"event: " + payload["type"].encode() + b"\n" if named else b""
+    return name + b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def tricky_stream(named: bool) -> list[bytes]:
+    """Text naming the events the meter reads one by one, a content block that opens with text (not
+    produced here), thinking and a tool's partial JSON: only content_block_delta's text counts."""
+    usage = {"input_tokens": 5, "cache_read_input_tokens": 2, "output_tokens": 1}
+    delta = {"type": "content_block_delta", "index": 0}
+    payloads = [
+        {"type": "message_start", "message": {"id": "msg_1", "content": [], "usage": usage}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": "not produced"}},
+        {"type": "ping"},
+        delta | {"delta": {"type": "text_delta", "text": '"message_delta" and "usage": {'}},
+        delta | {"delta": {"type": "thinking_delta", "thinking": '"content_block_start"'}},
+        delta | {"delta": {"type": "input_json_delta", "partial_json": '{"a": "\u00e9"}'}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 30}},
+        {"type": "message_stop"},
+    ]
+    return [sse_event(payload, named) for payload in payloads]
+
+
+def mock_events(fault: dict) -> list[bytes]:
+    script = mock_call(fault).script()
+    return script.head + script.deltas[:6] + script.tail
+
+
+STREAMS = [
+    mock_events({}),
+    mock_events({"cached_tokens": 3, "cache_write_tokens": 2}),
+    [re.sub(rb"event: [^\n]*\n", b"", event) for event in mock_events({})],
+    tricky_stream(named=True),
+    tricky_stream(named=False),
+]
+
+
+def one_by_one(events: list[bytes]) -> MessagesStreamMeter:
+    """The reference: each event read alone, on the meter's own per-event path."""
+    meter = MessagesStreamMeter(7)
+    for event in events:
+        meter._feed_event(event)
+    return meter
+
+
+def assert_metered_alike(blocks: MessagesStreamMeter, events: list[bytes]) -> None:
+    reference = one_by_one(events)
+    assert (blocks.usage(), blocks.finished) == (reference.usage(), reference.finished)
+
+
+@pytest.mark.parametrize("stream", range(len(STREAMS)))
+@pytest.mark.parametrize("group", [1, 2, 3, 100])
+def test_blocks_of_whole_events_are_metered_as_their_events_one_by_one(stream: int, group: int) -> None:
+    """A block is read as its events one at a time, the stream cut after any event."""
+    for cut in range(len(STREAMS[stream]) + 1):
+        events, blocks = STREAMS[stream][:cut], MessagesStreamMeter(7)
+        for start in range(0, cut, group):
+            blocks.feed(b"".join(events[start : start + group]))
+        assert_metered_alike(blocks, events)
+
+
+@given(
+    st.sampled_from(range(len(STREAMS))),
+    st.integers(min_value=0, max_value=20),
+    st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=20),
+)
+def test_any_network_chunking_is_metered_as_the_events_one_by_one(stream: int, cut: int, pieces: list[int]) -> None:
+    events = STREAMS[stream][:cut]
+    data, blocks = b"".join(events), MessagesStreamMeter(7)
+    splitter, position, index = EventSplitter(), 0, 0
+    while position < len(data):
+        size = pieces[index % len(pieces)]
+        block = splitter.feed_block(data[position : position + size])
+        if block:
+            blocks.feed(block)
+        position, index = position + size, index + 1
+    assert_metered_alike(blocks, events)
+
+
+def test_only_content_block_deltas_are_produced_text():
+    for named in (True, False):
+        meter, _ = meter_of(b"".join(tricky_stream(named)[:6]), piece=1000, prompt_tokens=4)
+        texts = [b'\\"message_delta\\" and \\"usage\\": {', b'\\"content_block_start\\"']
+        chars = sum(map(len, texts)) + len(orjson.dumps('{"a": "\u00e9"}')) - 2
+        assert meter.usage() == usage_of(7, 2, 0, -(-chars // 4), 0)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from openai.types.responses import ResponseErrorEvent
 
 from proxy.apis.responses import ResponsesCall, ResponsesStreamMeter, parse_responses_call, usage_from_response
@@ -169,9 +172,10 @@ def meter_of(stream: bytes, piece: int = 7, prompt_tokens: int = 99) -> tuple[Re
     splitter = EventSplitter()
     relayed = []
     for start in range(0, len(stream), piece):
-        for event in splitter.feed(stream[start : start + piece]):
-            meter.feed(event)
-            relayed.append(event)
+        block = splitter.feed_block(stream[start : start + piece])
+        if block:
+            meter.feed(block)
+            relayed.append(block)
     assert b"".join(relayed) == stream  # every byte came out as part of a whole event
     return meter, b"".join(relayed)
 
@@ -231,3 +235,108 @@ def test_error_event_follows_the_last_sequence_number():
     assert event.startswith(b"event: error\ndata: ") and event.endswith(b"\n\n")
     parsed = ResponseErrorEvent.model_validate(orjson.loads(event.split(b"data: ", 1)[1]))
     assert (parsed.sequence_number, parsed.code) == (len(script.head) + 2, "upstream_error")
+
+
+def sse_event(payload: dict, named: bool = True) -> bytes:
+    name = b"event: " + payload["type"].encode() + b"\n" if named else b""
+    return name + b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def tricky_stream(named: bool) -> list[bytes]:
+    """Deltas whose text names the markers the meter looks for, a delta-less event with text, and
+    metadata keyed `delta` in the response object: only the deltas of delta events count."""
+    response = {"id": "resp_1", "status": "in_progress", "metadata": {"delta": "not produced"}, "usage": None}
+    texts = ['"response": {"usage"', "response.completed", "event: error\n\n", "\u00e9t\u00e9 \\ fin"]
+    payloads = [
+        {"type": "response.created", "sequence_number": 0, "response": response},
+        {"type": "response.output_text.delta", "sequence_number": 1, "delta": texts[0]},
+        {"type": "response.output_text.done", "sequence_number": 2, "text": "abc"},
+        {"type": "response.output_text.delta", "sequence_number": 3, "delta": texts[1]},
+        {"type": "response.function_call_arguments.delta", "sequence_number": 4, "delta": texts[2]},
+        {"type": "response.output_text.delta", "sequence_number": 5, "delta": texts[3]},
+        {
+            "type": "response.completed",
+            "sequence_number": 6,
+            "response": response | {"status": "completed", "usage": {"input_tokens": 3, "output_tokens": 9}},
+        },
+    ]
+    return [sse_event(payload, named) for payload in payloads]
+
+
+def mock_events(fault: dict, **fields) -> list[bytes]:
+    script = ResponseCall({"model": "m", "input": "x" * 40, **fields}, fault, chunks=6, ident=1).script()
+    return script.head + script.deltas + script.tail
+
+
+STREAMS = [
+    mock_events({}),
+    mock_events({"reasoning_tokens": 3, "cached_tokens": 4}, max_output_tokens=5),
+    [re.sub(rb"event: [^\n]*\n", b"", event) for event in mock_events({})],
+    tricky_stream(named=True),
+    tricky_stream(named=False),
+]
+
+
+def one_by_one(events: list[bytes]) -> ResponsesStreamMeter:
+    """The reference: each event read alone, on the meter's own per-event path."""
+    meter = ResponsesStreamMeter(7)
+    for event in events:
+        meter._feed_event(event)
+        meter._last = event
+    return meter
+
+
+def assert_metered_alike(blocks: ResponsesStreamMeter, events: list[bytes]) -> None:
+    reference = one_by_one(events)
+    assert (blocks.usage(), blocks.finished) == (reference.usage(), reference.finished)
+    assert blocks.error_event("cut") == reference.error_event("cut")
+
+
+@pytest.mark.parametrize("stream", range(len(STREAMS)))
+@pytest.mark.parametrize("group", [1, 2, 3, 100])
+def test_blocks_of_whole_events_are_metered_as_their_events_one_by_one(stream: int, group: int) -> None:
+    """A block is read as its events one at a time (the same usage, the same error event after
+    them), the stream cut after any event."""
+    for cut in range(len(STREAMS[stream]) + 1):
+        events, blocks = STREAMS[stream][:cut], ResponsesStreamMeter(7)
+        for start in range(0, cut, group):
+            blocks.feed(b"".join(events[start : start + group]))
+        assert_metered_alike(blocks, events)
+
+
+@given(
+    st.sampled_from(range(len(STREAMS))),
+    st.integers(min_value=0, max_value=20),
+    st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=20),
+)
+def test_any_network_chunking_is_metered_as_the_events_one_by_one(stream: int, cut: int, pieces: list[int]) -> None:
+    events = STREAMS[stream][:cut]
+    data, blocks = b"".join(events), ResponsesStreamMeter(7)
+    splitter, position, index = EventSplitter(), 0, 0
+    while position < len(data):
+        size = pieces[index % len(pieces)]
+        block = splitter.feed_block(data[position : position + size])
+        if block:
+            blocks.feed(block)
+        position, index = position + size, index + 1
+    assert_metered_alike(blocks, events)
+
+
+def test_only_the_deltas_of_delta_events_are_produced_text():
+    for named in (True, False):
+        meter, _ = meter_of(b"".join(tricky_stream(named)[:6]), piece=1000, prompt_tokens=4)
+        escaped = [b'\\"response\\": {\\"usage\\"', b"response.completed", b"event: error\\n\\n"]
+        chars = sum(map(len, escaped)) + len(orjson.dumps("\u00e9t\u00e9 \\ fin")) - 2
+        assert meter.usage() == usage_of(input_tokens=4, output_tokens=-(-chars // 4))
+
+
+@given(st.text())
+def test_a_deltas_characters_are_those_of_its_json_string(text: str) -> None:
+    """Quotes, backslashes and escapes inside the delta never end it early or late."""
+    payload = {"type": "response.output_text.delta", "sequence_number": 1, "delta": text, "logprobs": []}
+    for spaced in (False, True):
+        data = json.dumps(payload).encode() if spaced else orjson.dumps(payload)
+        meter = ResponsesStreamMeter(0)
+        meter.feed(b"event: response.output_text.delta\ndata: " + data + b"\n\n")
+        escaped = json.dumps(text) if spaced else orjson.dumps(text).decode()
+        assert meter.usage().completion_tokens == -(-(len(escaped.encode()) - 2) // 4)

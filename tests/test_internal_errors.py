@@ -74,8 +74,9 @@ def test_a_bug_after_admission_is_settled_counted_and_logged_once(proxy_with_log
     assert len(tracebacks(caplog, Bug)) == 1, [r.getMessage() for r in caplog.records]
 
 
-def test_a_bug_inside_a_stream_is_logged_told_and_settled(proxy_with_log, monkeypatch, caplog):
+def test_a_bug_inside_a_stream_is_logged_told_and_settled(proxy_with_log, mock_upstream, monkeypatch, caplog):
     server, recorder, logged = proxy_with_log
+    mock_upstream.add_faults([{"chunk_delay_s": 0.05}])  # each event its own read: one block each
     calls = {"n": 0}
     real = sse.text_length
 
@@ -97,7 +98,7 @@ def test_a_bug_inside_a_stream_is_logged_told_and_settled(proxy_with_log, monkey
                 received.append(chunk)
         server.wait_settled()
     assert caught.value.body == openai_error("The proxy had an internal error.", "server_error", None)["error"]
-    assert len(received) == 2  # the events before the failing one
+    assert len(received) == 2  # the blocks before the failing one
     outcome = recorder.outcomes[-1]
     assert outcome.ticket.settled and outcome.stream_error == "internal_error"
     assert outcome.usage.completion_tokens > 0  # charged what was relayed (chars / 4)

@@ -181,6 +181,35 @@ def test_stored_responses_retrieve_cancel_items_delete(oai):
     assert refused.value.body["param"] == "previous_response_id"
 
 
+def test_a_stored_response_streams_again_from_any_sequence_number(oai, mock, http):
+    created = list(oai.responses.create(model="m", input=PROMPT, stream=True))
+    response_id = created[0].response.id
+    again = list(oai.responses.retrieve(response_id, stream=True))
+    assert [event.model_dump() for event in again] == [event.model_dump() for event in created]
+    later = list(oai.responses.retrieve(response_id, stream=True, starting_after=5))
+    assert [event.sequence_number for event in later] == list(range(6, len(RESPONSE_EVENTS)))
+    assert later[-1].response.usage == created[-1].response.usage
+    assert list(oai.responses.retrieve(response_id, stream=True, starting_after=len(RESPONSE_EVENTS))) == []
+    assert mock.stats()["completion_tokens"] == 16  # a replay reports no new usage
+    assert oai.responses.retrieve(response_id).output_text == WORDS  # without stream=true: the object
+    refused = http.get(f"/v1/responses/{response_id}", params={"stream": "true", "starting_after": "x"})
+    assert refused.status_code == 400
+    with pytest.raises(openai.NotFoundError):
+        list(oai.responses.retrieve("resp_unknown", stream=True))
+
+
+def test_a_replayed_stream_takes_the_stream_faults(oai):
+    response_id = oai.responses.create(model="m", input=PROMPT).id
+    replay = oai.responses.retrieve(
+        response_id, stream=True, starting_after=3, extra_headers=fault(error_after_chunks=2)
+    )
+    assert [(event.type, event.sequence_number) for event in replay] == [
+        ("response.output_text.delta", 4),
+        ("response.output_text.delta", 5),
+        ("error", 6),
+    ]
+
+
 def test_unstored_response_is_not_retrievable(oai):
     created = oai.responses.create(model="m", input=PROMPT, store=False)
     with pytest.raises(openai.NotFoundError):

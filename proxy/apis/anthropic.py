@@ -15,13 +15,20 @@ import orjson
 from ..errors import InvalidRequest
 from ..limits.types import Usage
 from ..tokens import REPLY_PRIMING_TOKENS, json_tokens
+from ..upstream.sse import split_marked
 from .estimate import items_tokens
 from .responses import event_name, event_payload
 from .usage import count, estimated_output
 
 MAX_TOKENS_CEILING = 2**31 - 1
-# the produced text of a content_block_delta: text, a tool's partial JSON, thinking
-_DELTA_TEXT = re.compile(rb'"(?:text|partial_json|thinking)": ?"((?:[^"\\]|\\.)*)"')
+# the produced text of a content_block_delta: text, a tool's partial JSON, thinking (the JSON
+# string's loop unrolled: no branch per character, ~8x faster on long text)
+_DELTA_TEXT = re.compile(rb'"(?:text|partial_json|thinking)": ?"([^"\\]*(?:\\.[^"\\]*)*)"')
+# the events read one by one, found by their JSON type (a JSON string's quotes are escaped, so text
+# never matches): message_start and message_delta carry the usage (message_stop comes along), and
+# content_block_start's block may hold text that was not produced in this stream
+_MESSAGE_EVENT = b'"message_'
+_BLOCK_START = b'"content_block_start"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +136,19 @@ class MessagesStreamMeter:
         self._started = False
         self._delta_seen = False
 
-    def feed(self, event: bytes) -> None:
+    def feed(self, block: bytes) -> None:
+        """One or more complete events: those that carry usage or open a content block are read one
+        by one, the text of all the others is counted in one pass, with no object per event."""
+        if _MESSAGE_EVENT not in block and _BLOCK_START not in block:
+            self._count_text(block)
+            return
+        for piece, one in split_marked(block, (_MESSAGE_EVENT, _BLOCK_START)):
+            if one:
+                self._feed_event(piece)
+            else:
+                self._count_text(piece)
+
+    def _feed_event(self, event: bytes) -> None:
         name = event_name(event)
         if name in (b"content_block_delta", b"ping"):
             self._count_text(event)
@@ -152,9 +171,8 @@ class MessagesStreamMeter:
                 self._usage.update({key: value for key, value in usage.items() if value is not None})
                 self._delta_seen = "output_tokens" in usage
 
-    def _count_text(self, event: bytes) -> None:
-        for match in _DELTA_TEXT.finditer(event):
-            self._chars += len(match.group(1))
+    def _count_text(self, events: bytes) -> None:
+        self._chars += sum(map(len, _DELTA_TEXT.findall(events)))
 
     @property
     def finished(self) -> bool:

@@ -14,13 +14,18 @@ import orjson
 from ..errors import InvalidRequest
 from ..limits.types import Usage
 from ..tokens import json_tokens
+from ..upstream.sse import events_in, split_marked
 from .estimate import items_tokens
 from .usage import count, estimated_output
 
 MAX_OUTPUT_TOKENS_CEILING = 2**31 - 1
 FINAL_EVENTS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
-_DELTA = re.compile(rb'"delta": ?"((?:[^"\\]|\\.)*)"')
+# a delta's JSON string, its loop unrolled (no branch per character: ~8x faster on long text)
+_DELTA = re.compile(rb'"delta": ?"([^"\\]*(?:\\.[^"\\]*)*)"')
 _SEQUENCE = re.compile(rb'"sequence_number": ?(\d+)')
+# the key of the response object, which only the lifecycle events carry (created, in_progress and
+# the final ones, with the usage); a JSON string's quotes are escaped, so text never matches it
+_RESPONSE_OBJECT = b'"response":'
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +134,14 @@ def event_payload(event: bytes) -> dict[str, Any] | None:
 
 
 class ResponsesStreamMeter:
-    """Fed every event of a streamed response (unchanged bytes, one complete event each), it yields
-    the usage at the end: the final event's (response.completed / .incomplete / .failed), or,
-    when the stream was cut before it, `prompt_tokens` and the characters / 4 of produced deltas.
+    """Fed every event of a streamed response (unchanged bytes, one or more complete events per
+    `feed`), it yields the usage at the end: the final event's (response.completed / .incomplete /
+    .failed), or, when the stream was cut before it, `prompt_tokens` and the characters / 4 of
+    produced deltas.
 
-    Events without an `event:` line are read by their data's `type`.
+    Only the events that carry the response object (created, in_progress, the final ones) are
+    read one by one, found by a bytes check; the deltas of all the others are counted in one
+    pass, with no object per event. Events without an `event:` line are read by their data's `type`.
     """
 
     __slots__ = ("_chars", "_last", "_prompt_tokens", "_reported")
@@ -142,9 +150,20 @@ class ResponsesStreamMeter:
         self._prompt_tokens = prompt_tokens
         self._chars = 0
         self._reported: Usage | None = None
-        self._last = b""  # the last event, read for its sequence_number only if an error event follows
+        self._last = b""  # the last block, read for its last sequence_number only if an error event follows
 
-    def feed(self, event: bytes) -> None:
+    def feed(self, block: bytes) -> None:
+        if _RESPONSE_OBJECT not in block:  # deltas and other events that carry no usage
+            self._chars += sum(map(len, _DELTA.findall(block)))
+        else:
+            for piece, one in split_marked(block, (_RESPONSE_OBJECT,)):
+                if one:
+                    self._feed_event(piece)
+                else:
+                    self._chars += sum(map(len, _DELTA.findall(piece)))
+        self._last = block
+
+    def _feed_event(self, event: bytes) -> None:
         name = event_name(event)
         if not name:
             payload = event_payload(event)
@@ -158,7 +177,6 @@ class ResponsesStreamMeter:
             payload = event_payload(event)
             if payload is not None:
                 self._reported = usage_from_response(payload.get("response")) or self._reported
-        self._last = event
 
     @property
     def finished(self) -> bool:
@@ -172,12 +190,18 @@ class ResponsesStreamMeter:
 
     def error_event(self, message: str, code: str = "upstream_error") -> bytes:
         """The `error` event that ends a stream the upstream broke, numbered after the last event seen."""
-        last = _SEQUENCE.search(self._last)
-        payload = {
-            "type": "error",
-            "code": code,
-            "message": message,
-            "param": None,
-            "sequence_number": int(last.group(1)) + 1 if last else 0,
-        }
-        return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
+        return error_event_after(self._last, message, code)
+
+
+def error_event_after(last: bytes, message: str, code: str = "upstream_error", first: int = 0) -> bytes:
+    """The `error` event that ends a stream the upstream broke, numbered after the last event of
+    `last` (the last block of complete events relayed), or `first` when none was."""
+    found = _SEQUENCE.search(events_in(last)[-1]) if last else None
+    payload = {
+        "type": "error",
+        "code": code,
+        "message": message,
+        "param": None,
+        "sequence_number": int(found.group(1)) + 1 if found else first,
+    }
+    return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"

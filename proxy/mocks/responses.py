@@ -7,7 +7,8 @@ message), response.content_part.added, response.output_text.delta per word,
 response.output_text.done, response.content_part.done, response.output_item.done, then
 response.completed, or response.incomplete (reason max_output_tokens) when the cap cut the text.
 Unlike the real API, any `max_output_tokens` >= 0 is accepted (the real minimum is 16), so tests
-can ask for short replies.
+can ask for short replies, and any stored response can be streamed again (`replay`), not only a
+background one.
 """
 
 from __future__ import annotations
@@ -183,3 +184,19 @@ class ResponseCall:
             tally=self.tally(),
             error_frame=error_frame,
         )
+
+
+def replay(script: Script, starting_after: int | None) -> Script:
+    """A stored response's stream as GET /v1/responses/{id}?stream=true sends it again: the events
+    after sequence number `starting_after` (all of them without it), reporting no new usage."""
+    skip = 0 if starting_after is None else starting_after + 1
+    head_skip = min(skip, len(script.head))
+    delta_skip = min(skip - head_skip, len(script.deltas))
+    tail_skip = skip - head_skip - delta_skip
+    return Script(
+        head=script.head[head_skip:],
+        deltas=script.deltas[delta_skip:],
+        tail=script.tail[tail_skip:],
+        tally=None,
+        error_frame=lambda after: script.error_frame(delta_skip + after),
+    )

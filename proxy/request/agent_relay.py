@@ -1,9 +1,10 @@
-"""The relay stage for the agent APIs: a Responses or Messages stream, event by event, unchanged.
+"""The relay stage for the agent APIs: a Responses or Messages stream, as it comes, unchanged.
 
-Events (their `event:` lines, Anthropic's `ping`s) pass through as they came; a meter from
-`proxy.apis` reads the usage from them: the final event's, or, for a stream cut before it, what
-was produced. A stream that breaks, times out or hits a bug ends with the API's own `error` event
-(unless the upstream already ended it with one).
+Events (their `event:` lines, Anthropic's `ping`s) pass through as they came, all the events one
+upstream read completed in one write, never part of an event; a meter from `proxy.apis` reads the
+usage from those blocks: the final event's, or, for a stream cut before it, what was produced.
+A stream that breaks, times out or hits a bug ends with the API's own `error` event (unless the
+upstream already ended it with one).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Protocol
 
 from ..apis.anthropic import MessagesStreamMeter
 from ..apis.anthropic import error_event as anthropic_error_event
-from ..apis.responses import ResponsesStreamMeter, event_name
+from ..apis.responses import ResponsesStreamMeter, error_event_after, event_name
 from ..errors import UpstreamBroken, UpstreamReadTimeout
 from ..http.responses import Settle, SSEResponse
 from ..limits.types import Usage
@@ -38,7 +39,7 @@ Created = Callable[[str], Awaitable[None]]  # told a stored response's id before
 
 
 class Meter(Protocol):
-    def feed(self, event: bytes) -> None: ...
+    def feed(self, block: bytes) -> None: ...  # one or more complete events
 
     @property
     def finished(self) -> bool: ...
@@ -62,6 +63,10 @@ def agent_stream_response(
     return SSEResponse(events, 200, headers, settle=settle)
 
 
+def _ends_with_error(block: bytes) -> bool:
+    return bool(block) and event_name(sse.events_in(block)[-1]) == b"error"
+
+
 def _error_event(call: Call, meter: Meter, message: str, timed_out: bool = False) -> bytes:
     if isinstance(meter, ResponsesStreamMeter):
         return meter.error_event(message, "upstream_timeout" if timed_out else "upstream_error")
@@ -71,7 +76,8 @@ def _error_event(call: Call, meter: Meter, message: str, timed_out: bool = False
 async def relay_events(
     response: UpstreamResponse, call: Call, outcome: Outcome, produced: StreamUsage, on_created: Created | None = None
 ) -> AsyncGenerator[bytes, None]:
-    """The upstream's events as they arrive; `produced` gets the usage once the stream ends."""
+    """The upstream's events as they arrive, all those one read completed in one write (never
+    part of an event); `produced` gets the usage once the stream ends."""
     meter: Meter = (
         ResponsesStreamMeter(call.prompt_tokens)
         if call.endpoint == "responses"
@@ -79,28 +85,25 @@ async def relay_events(
     )
     splitter = sse.EventSplitter()
     completed = False
-    ended_by_error = False  # the upstream's own `error` event was the last one relayed
     outcome.status = 200
-    events: list[bytes] = []
+    block = last = b""  # the block being relayed; the last one relayed
     want_id = on_created is not None
     try:
         async for chunk in response.iter_chunks():
-            events = splitter.feed(chunk)
-            if not events:
+            block = splitter.feed_block(chunk)
+            if not block:
                 continue
-            for event in events:
-                meter.feed(event)
+            meter.feed(block)
             if want_id:  # response.created comes first and names the response
                 want_id = False
-                found = _RESPONSE_ID.search(events[0])
+                found = _RESPONSE_ID.search(block)
                 produced.response_id = found.group(1).decode() if found else None
                 if produced.response_id is not None and on_created is not None:
                     await on_created(produced.response_id)
-            ended_by_error = event_name(events[-1]) == b"error"
             if outcome.first_byte_at == 0.0:
                 outcome.first_byte_at = time.monotonic()
-            relayed, events = b"".join(events), []
-            yield relayed
+            last, block = block, b""
+            yield last
         if not meter.finished:
             raise UpstreamBroken("the stream ended before its final event")
         completed = True
@@ -108,13 +111,13 @@ async def relay_events(
         timed_out = isinstance(exc, UpstreamReadTimeout)
         outcome.attempts.errors.append((outcome.attempts.upstream, "timeout" if timed_out else "stream_cut"))
         outcome.stream_error = "timeout" if timed_out else "stream_cut"
-        if not ended_by_error:
+        if not _ends_with_error(last):  # the upstream's own `error` event already ended it
             yield _error_event(call, meter, STREAM_TIMEOUT if timed_out else STREAM_CUT, timed_out)
     except Exception:  # a bug: logged once, told to the client, settled like a cut stream
         log.exception("unexpected error relaying the stream of request %s", outcome.request_id)
         outcome.stream_error = "internal_error"
-        if events:  # the events before the failing one, metered already
-            yield b"".join(events)
+        if block:  # the events not relayed yet (metered, or being metered, when it failed)
+            yield block
         yield _error_event(call, meter, INTERNAL_ERROR)
     finally:
         if completed:
@@ -125,3 +128,51 @@ async def relay_events(
         if not completed and outcome.stream_error is None:
             outcome.client_gone = True
         produced.usage = meter.usage()
+
+
+def replay_response(
+    response: UpstreamResponse, outcome: Outcome, reply_headers: Mapping[str, str], first: int, settle: Settle
+) -> SSEResponse:
+    """GET /v1/responses/{id}?stream=true: a stored response's events as the upstream streams them."""
+    headers = list(SSE_HEADERS)
+    headers.append((b"x-request-id", outcome.request_id.encode("latin-1")))
+    headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in reply_headers.items())
+    return SSEResponse(replay_events(response, outcome, first), 200, headers, settle=settle)
+
+
+async def replay_events(response: UpstreamResponse, outcome: Outcome, first: int) -> AsyncGenerator[bytes, None]:
+    """The events of a stored response as they arrive, unchanged, all those one read completed in
+    one write. Nothing is metered (the request that created the response was charged); a stream
+    the upstream breaks ends with an `error` event numbered after the last one relayed (`first`
+    when none was)."""
+    splitter = sse.EventSplitter()
+    completed = False
+    outcome.status = 200
+    last = b""
+    try:
+        async for chunk in response.iter_chunks():
+            if block := splitter.feed_block(chunk):
+                if outcome.first_byte_at == 0.0:
+                    outcome.first_byte_at = time.monotonic()
+                last = block
+                yield block
+        completed = True  # the upstream ended the response: a replay may end before a final event
+    except (UpstreamBroken, UpstreamReadTimeout) as exc:
+        timed_out = isinstance(exc, UpstreamReadTimeout)
+        outcome.attempts.errors.append((outcome.attempts.upstream, "timeout" if timed_out else "stream_cut"))
+        outcome.stream_error = "timeout" if timed_out else "stream_cut"
+        if not _ends_with_error(last):
+            message, code = (STREAM_TIMEOUT, "upstream_timeout") if timed_out else (STREAM_CUT, "upstream_error")
+            yield error_event_after(last, message, code, first)
+    except Exception:  # a bug: logged once, told to the client
+        log.exception("unexpected error relaying the stream of request %s", outcome.request_id)
+        outcome.stream_error = "internal_error"
+        yield error_event_after(last, INTERNAL_ERROR, first=first)
+    finally:
+        if completed:
+            response.release()
+        else:
+            response.close()
+        outcome.upstream_finished_at = time.monotonic()
+        if not completed and outcome.stream_error is None:
+            outcome.client_gone = True

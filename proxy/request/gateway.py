@@ -43,7 +43,7 @@ from .jwt_callers import JwtCallers, identify
 from .queue import Entry, WaitQueue, priority_rank
 from .read import read_call
 from .relay import StreamUsage, passthrough, stream_response
-from .settle import Settler, usage_of
+from .settle import Settler, then_leave, usage_of
 from .stored import owner_of
 
 log = logging.getLogger("proxy.gateway")
@@ -54,14 +54,6 @@ async def _client_leaves(receive: Receive) -> None:
     """Returns when the client disconnects (the request body has been read already)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-async def _leaving(snapshot: Snapshot, settling: Awaitable[None]) -> None:
-    """Settle, then let go of the snapshot the request ran on."""
-    try:
-        await settling
-    finally:
-        snapshot.leave()
 
 
 class Gateway:
@@ -271,7 +263,7 @@ class Gateway:
             reply: Response | SSEResponse
             if payload is None:  # a stream
                 produced = StreamUsage()
-                settling = lambda: _leaving(snapshot, settle(ticket, call, price, produced.usage, outcome))  # noqa: E731
+                settling = lambda: then_leave(snapshot, settle(ticket, call, price, produced.usage, outcome))  # noqa: E731
                 if call.endpoint in ("chat", "completions"):
                     reply = stream_response(response, call, outcome, rate_headers, produced, settle=settling)
                 else:
@@ -293,7 +285,7 @@ class Gateway:
                     payload,
                     outcome.request_id,
                     rate_headers,
-                    settle=lambda: _leaving(snapshot, settle(ticket, call, price, usage, outcome)),
+                    settle=lambda: then_leave(snapshot, settle(ticket, call, price, usage, outcome)),
                 )
             handed_over = True
             return reply

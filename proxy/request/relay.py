@@ -1,10 +1,11 @@
 """The relay stage: the upstream's answer to the client, a stream event by event or a body whole.
 
-A stream is relayed as its events arrive (never re-chunked beyond whole events). The usage chunk
-the proxy asked for is dropped when the client did not ask for it; a stream that breaks, times
-out or hits a bug ends with an OpenAI-shaped error event. When it ends, for whatever reason,
-`StreamUsage` holds what it produced (reported, or estimated from the relayed text) for the
-response to settle after its last byte.
+A stream is relayed as its events arrive: all the events one upstream read completed in one write,
+never part of an event. The usage chunk the proxy asked for is dropped when the client did not
+ask for it (`sse.ChatStreamMeter`); a stream that breaks, times out or hits a bug ends with an
+OpenAI-shaped error event. When it ends, for whatever reason, `StreamUsage` holds what it
+produced (reported, or estimated from the relayed text) for the response to settle after its
+last byte.
 """
 
 from __future__ import annotations
@@ -91,38 +92,20 @@ def _header_safe(value: str) -> bool:
 async def relay_stream(
     response: UpstreamResponse, call: Call, outcome: Outcome, produced: StreamUsage
 ) -> AsyncGenerator[bytes, None]:
-    """The upstream's events as they arrive; `produced` gets the usage once the stream ends
-    (reported, or estimated when cut short)."""
+    """The upstream's events as they arrive, all those one read completed in one write; `produced`
+    gets the usage once the stream ends (reported, or estimated when cut short)."""
     splitter = sse.EventSplitter()
-    usage: Usage | None = None
-    text_chars = 0  # for an estimate when the upstream reports no usage
-    keep_usage = call.client_wants_usage
+    meter = sse.ChatStreamMeter(call.prompt_tokens, keep_usage=call.client_wants_usage)
     completed = False
     outcome.status = 200
-    out: list[bytes] = []
     try:
         async for chunk in response.iter_chunks():
-            out = []
-            for event in splitter.feed(chunk):
-                if sse.carries_usage(event):
-                    parsed = sse.parse_event(event)
-                    found = sse.usage_from(parsed) if parsed else None
-                    if found is not None:
-                        usage = found
-                        if not keep_usage and parsed is not None and not parsed.get("choices"):
-                            continue  # the usage-only chunk the client did not ask for
-                elif not keep_usage:
-                    event = sse.strip_null_usage(event)
-                if sse.is_done(event):
-                    completed = True
-                else:
-                    text_chars += sse.text_length(event)
-                out.append(event)
-            if out:
+            block = splitter.feed_block(chunk)
+            if block and (block := meter.feed(block)):
+                completed = meter.done  # [DONE] relayed: a client leaving now left a finished stream
                 if outcome.first_byte_at == 0.0:
                     outcome.first_byte_at = time.monotonic()
-                relayed, out = b"".join(out), []
-                yield relayed
+                yield block
         if not completed:
             raise UpstreamBroken("the stream ended without [DONE]")
     except (UpstreamBroken, UpstreamReadTimeout) as exc:
@@ -133,8 +116,6 @@ async def relay_stream(
     except Exception:  # a bug: logged once, told to the client, settled like a cut stream
         log.exception("unexpected error relaying the stream of request %s", outcome.request_id)
         outcome.stream_error = "internal_error"
-        if out:  # the events before the failing one, counted in text_chars already
-            yield b"".join(out)
         yield sse.error_event(INTERNAL_ERROR)
     finally:
         if completed:
@@ -144,6 +125,4 @@ async def relay_stream(
         outcome.upstream_finished_at = time.monotonic()
         if not completed and outcome.stream_error is None:
             outcome.client_gone = True
-        if usage is None:  # cut short, or an upstream that reports none: characters / 4
-            usage = Usage(call.prompt_tokens, -(-text_chars // 4), 0)
-        produced.usage = usage
+        produced.usage = meter.usage()

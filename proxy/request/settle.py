@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 
@@ -22,6 +22,7 @@ from ..limits.limiter import Limiter
 from ..limits.types import Settled, Usage
 from ..observe import Observer, Outcome
 from ..pricing.cost import cost_micros
+from ..snapshot import Snapshot
 from ..tokens import estimate_text_tokens
 from ..upstream import sse
 from .call import Call
@@ -101,3 +102,11 @@ class Settler:
             self.observer.finished(outcome)
         if settled:
             self.budgets.on_settled(ticket, settled)
+
+
+async def then_leave(snapshot: Snapshot, settling: Awaitable[None]) -> None:
+    """Settle, then let go of the snapshot the request ran on (a response that settles itself)."""
+    try:
+        await settling
+    finally:
+        snapshot.leave()
