@@ -98,6 +98,31 @@ class Refusal:
 Mark = tuple[str, str, str, str]  # (team, scope kind, scope name, day)
 
 
+def shared_admission(
+    request_id: str,
+    scopes: Scopes,
+    end_user: str | None,
+    days: BudgetDay,
+    tokens: int = 0,
+    cost_micros: int = 0,
+    lease_ttl_ms: int = 900_000,
+) -> Admission:
+    """What the shared store checks for a request of `scopes` from `end_user`: the key's, team's
+    and end user's limits and every window budget. A peek (`GET /v1/me`) reads the same."""
+    return Admission(
+        request_id,
+        scopes.team,
+        scopes.key,
+        tokens,
+        cost_micros,
+        days,
+        lease_ttl_ms,
+        scopes.for_end_user(end_user)[0],
+        scopes.user_for(end_user)[0],
+        scopes.credential_id,
+    )
+
+
 class Admitter:
     def __init__(
         self,
@@ -128,23 +153,13 @@ class Admitter:
         self, request_id: str, scopes: Scopes, tokens: int, cost_micros: int, end_user: str | None = None
     ) -> Ticket | Refusal:
         days = self.calendar.candidates()
-        windows, fallback_windows = scopes.for_end_user(end_user)
-        user, fallback_user = scopes.user_for(end_user)
+        admission = shared_admission(request_id, scopes, end_user, days, tokens, cost_micros, self.lease_ttl_ms)
+        windows, user = admission.windows, admission.user
+        _, fallback_windows = scopes.for_end_user(end_user)
+        _, fallback_user = scopes.user_for(end_user)
         if days.labels != self._seen_days:  # a new day: forget what was seen on days gone by
             self._seen_days = days.labels
             self.seen_committed = {m: v for m, v in self.seen_committed.items() if m[3] in days.labels}
-        admission = Admission(
-            request_id,
-            scopes.team,
-            scopes.key,
-            tokens,
-            cost_micros,
-            days,
-            self.lease_ttl_ms,
-            windows,
-            user,
-            scopes.credential_id,
-        )
         store: Store = self.store
         degraded = False
         try:

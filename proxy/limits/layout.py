@@ -34,11 +34,14 @@ from .types import (
     WINDOW_DAYS,
     Admission,
     BucketState,
+    BudgetState,
     Decision,
+    Peek,
     Reason,
     RefusingScope,
     Renewal,
     ScopeLimits,
+    ScopeState,
     Settled,
     Settlement,
     WindowBudget,
@@ -170,6 +173,7 @@ ADMIT_ARGS = (
     *(f"user_{name}" for name in LIMIT_ARGS),
     "day_count",
     "window_count",
+    "dry_run",  # 1: a peek (`peek_args`), answered with what the admit would read, nothing written
 )
 # settle.lua's ARGV; after them, the request's tags as `name=value`
 SETTLE_ARGS = (
@@ -220,7 +224,7 @@ def _limits(prefix: str, s: ScopeLimits) -> dict[str, Arg]:
     }
 
 
-def admit_args(a: Admission, now_us: int | None) -> list[Arg]:
+def admit_args(a: Admission, now_us: int | None, dry_run: bool = False) -> list[Arg]:
     if len(a.days.starts) != len(a.days.labels) + 1 or not a.days.labels:
         raise ValueError("BudgetDay needs one more start than labels, and at least one label")
     named: dict[str, Arg] = {
@@ -235,11 +239,17 @@ def admit_args(a: Admission, now_us: int | None) -> list[Arg]:
         **_limits("user_", a.user),
         "day_count": len(a.days.labels),
         "window_count": len(a.windows),
+        "dry_run": 1 if dry_run else 0,
     }
     windows: list[Arg] = []
     for w in a.windows:
         windows += [w.micros, 1 if w.enforce else 0, (WINDOW_DAYS[w.window] - 1) * 86_400_000]
     return [*(named[name] for name in ADMIT_ARGS), *a.days.labels, *a.days.starts, *windows]
+
+
+def peek_args(a: Admission, now_us: int | None) -> list[Arg]:
+    """admit.lua's ARGV for a peek of `a` (`decode_peek` reads the reply)."""
+    return admit_args(a, now_us, dry_run=True)
 
 
 def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list[Arg]:
@@ -351,3 +361,32 @@ def decode_decision(reply: ScriptReply) -> Decision:
         shadow=tuple(int(w) - 1 for w in _text(shadow).split(",") if w),
         shadow_limits=tuple(s for s in _text(shadow_limits).split(",") if s),
     )
+
+
+def _scope_state(reply: list[ScriptReply]) -> ScopeState:
+    rq, tk = reply[0:3], reply[3:6]
+    max_parallel, in_flight, budget, spent, held = (int(x) for x in reply[6:11])
+    return ScopeState(
+        requests=_bucket(*rq),
+        tokens=_bucket(*tk),
+        max_parallel=None if max_parallel == UNLIMITED else max_parallel,
+        in_flight=in_flight,
+        budget=None if budget == UNLIMITED else BudgetState(budget, spent, held),
+    )
+
+
+PEEK_SCOPE_FIELDS = 11  # per scope: request bucket (3), token bucket (3), max_parallel, in flight, budget (3)
+
+
+def decode_peek(reply: ScriptReply, windows: tuple[WindowBudget, ...]) -> Peek:
+    """The admit script's reply to a peek: ['peek', day, day_reset_ms, then for the key, the team and
+    the end user PEEK_SCOPE_FIELDS each, then each window budget's spent and held]. Any other reply
+    is one of the admit's early answers: the credential's fence (revoked)."""
+    if not isinstance(reply, (list, tuple)) or _text(reply[0]) != "peek":
+        return Peek(revoked=decode_decision(reply).reason == "revoked")
+    day, day_reset_ms = _text(reply[1]), int(reply[2])
+    n = PEEK_SCOPE_FIELDS
+    key, team, user = (_scope_state(list(reply[3 + i * n : 3 + (i + 1) * n])) for i in range(3))
+    rest = [int(x) for x in reply[3 + 3 * n :]]
+    states = tuple(BudgetState(w.micros, rest[2 * i], rest[2 * i + 1]) for i, w in enumerate(windows))
+    return Peek(day, day_reset_ms, key, team, user, states)
