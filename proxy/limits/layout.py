@@ -381,7 +381,8 @@ PEEK_SCOPE_FIELDS = 11  # per scope: request bucket (3), token bucket (3), max_p
 def decode_peek(reply: ScriptReply, windows: tuple[WindowBudget, ...]) -> Peek:
     """The admit script's reply to a peek: ['peek', day, day_reset_ms, then for the key, the team and
     the end user PEEK_SCOPE_FIELDS each, then each window budget's spent and held]. Any other reply
-    is one of the admit's early answers: the credential's fence (revoked)."""
+    is one of the admit's early answers: the credential's fence (revoked), or 0 for a request id
+    already settled (a peek's id is fresh, so never; it would read as empty)."""
     if not isinstance(reply, (list, tuple)) or _text(reply[0]) != "peek":
         return Peek(revoked=decode_decision(reply).reason == "revoked")
     day, day_reset_ms = _text(reply[1]), int(reply[2])

@@ -1,6 +1,7 @@
 -- admit: check every limit of a key and its team; consume from all of them only if all pass.
 -- KEYS and ARGV are laid out by proxy/limits/layout.py (admit_keys, admit_args); the reply is
--- decoded by layout.decode_decision. Redis runs it, and so does MemoryStore (embedded Lua 5.1).
+-- decoded by layout.decode_decision (a peek's, `dry_run`, by layout.decode_peek). Redis runs it,
+-- and so does MemoryStore (embedded Lua 5.1).
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 
 -- ARGV by name, in the order of proxy/limits/layout.py ADMIT_ARGS (tests/test_layout.py checks
