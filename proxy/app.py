@@ -46,6 +46,7 @@ from .registry import (
 )
 from .reload import Reloader
 from .request.gateway import Gateway
+from .request.holds import ProviderHolds
 from .request.jwt_callers import JwtCallers
 from .request.runtime_keys import RuntimeKeys
 from .request.settle import Settler
@@ -138,7 +139,7 @@ def create_app(
     settler = Settler(limiter, observers, budgets)
     jwks = JwksCache(config.auth.jwt) if config.auth.jwt else None
     jwt = JwtCallers(JwtVerifier(config.auth.jwt, jwks), runtime) if config.auth.jwt and jwks else None
-    gateway = Gateway(snapshots, settler, observers, owners, jwt)
+    gateway = Gateway(snapshots, settler, observers, owners, ProviderHolds(), jwt)
     stored = StoredResponses(snapshots, settler, observers, owners, jwt)
     reloader = Reloader(snapshots, limiter, config_path, environ, request_log)
 

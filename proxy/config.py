@@ -125,6 +125,7 @@ class Upstream(_Strict):
     connect_timeout_s: Number = Field(5, gt=0)
     max_connections: Integer = Field(200, gt=0)
     max_retries: Integer = Field(2, ge=0, le=10)
+    max_hold_s: Number = Field(60, ge=0)  # the longest a 429 or a limit at zero holds a target; 0: never
 
     @field_validator("base_url")
     @classmethod
@@ -189,6 +190,13 @@ class CatalogPrice(_Strict):
     catalog: str = Field(min_length=1)
 
 
+class BudgetFallback(_Strict):
+    """`on_budget_exhausted`: a request its budget refuses on this model is served by `fallback_model`
+    (of the same api) when it fits there."""
+
+    fallback_model: str = Field(min_length=1)
+
+
 class Model(_Strict):
     """`price: catalog` (the entry named like the first target's model) or `price: {catalog: NAME}`
     takes the price from the shipped catalog (`llm-proxy prices`); `price_per_mtok` fields given
@@ -200,6 +208,7 @@ class Model(_Strict):
     price: Literal["catalog"] | CatalogPrice | None = None
     price_per_mtok: Price = Price()
     context_overflow: Literal["reject", "truncate"] = "reject"
+    on_budget_exhausted: BudgetFallback | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -513,12 +522,45 @@ class Config(_Strict):
             if len(apis) > 1:
                 mixed = " and ".join(sorted(apis))
                 problems.append(f"models.{name}.targets: every target's upstream must speak one api, not {mixed}")
+        problems += self._budget_fallback_problems()
         for name, key in self.keys.items():
             if key.team not in self.teams:
                 problems.append(f"keys.{name}.team: unknown team {key.team!r}")
             for model_name in key.models or ():
                 if model_name not in self.models:
                     problems.append(f"keys.{name}.models: unknown model {model_name!r}")
+        return problems
+
+    def _budget_fallback_problems(self) -> list[str]:
+        """A fallback model must exist, answer the same endpoints, and not lead back (one hop is
+        taken per request, but a cycle says the config does not know which model is the cheap one)."""
+        problems = []
+        cycles: set[frozenset[str]] = set()
+        for name, model in self.models.items():
+            if model.on_budget_exhausted is None:
+                continue
+            where = f"models.{name}.on_budget_exhausted.fallback_model"
+            fallback = model.on_budget_exhausted.fallback_model
+            if fallback not in self.models:
+                problems.append(f"{where}: unknown model {fallback!r}")
+                continue
+            pair = (model, self.models[fallback])
+            if all(t.upstream in self.upstreams for m in pair for t in m.targets):
+                ours, theirs = (self.api_of(m) for m in pair)
+                if ours != theirs:
+                    problems.append(
+                        f"{where}: {fallback!r} speaks the {theirs} api and this model {ours}: "
+                        "a fallback must answer the same calls"
+                    )
+            chain = [name, fallback]
+            while chain[-1] not in chain[:-1]:
+                following = self.models.get(chain[-1])
+                if following is None or following.on_budget_exhausted is None:
+                    break
+                chain.append(following.on_budget_exhausted.fallback_model)
+            if chain[-1] == name and frozenset(chain) not in cycles:
+                cycles.add(frozenset(chain))
+                problems.append(f"{where}: a cycle ({' -> '.join(chain)}): a fallback chain must end")
         return problems
 
     def api_of(self, model: Model) -> str:

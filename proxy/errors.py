@@ -35,6 +35,7 @@
         ├── BodyTooLarge        413     request_too_large
         ├── ClientClosedRequest 499     the client left mid-body (nginx's code; nobody reads the answer)
         ├── RateLimited         429     type requests | tokens | parallel_requests
+        │   └── UpstreamHeld    429     the provider's own limit ran out: held until its reset
         ├── BudgetExceeded      429     insufficient_quota, never retried
         ├── UpstreamError       502     upstream_error
         ├── StoreUnavailable    503     store_unavailable
@@ -207,6 +208,15 @@ class InvalidRequest(ProxyError):
     status = 400
     type = "invalid_request_error"
 
+    @classmethod
+    def invalid_type(cls, param: str, expected: str, value: object) -> InvalidRequest:
+        """OpenAI's wording for a field of the wrong JSON type (code `invalid_type`)."""
+        return cls(
+            f"Invalid type for '{param}': expected {expected}, but got {json_type(value)} instead.",
+            param=param,
+            code="invalid_type",
+        )
+
 
 class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
@@ -279,6 +289,10 @@ class RateLimited(ProxyError):
         self.type = limit_type
 
 
+class UpstreamHeld(RateLimited):
+    """Every target of the model is held: its provider answered 429 or showed a limit at zero."""
+
+
 class BudgetExceeded(ProxyError):
     status = 429
     type = "insufficient_quota"
@@ -301,3 +315,18 @@ class UpstreamTimeout(ProxyError):
     status = 504
     type = "server_error"
     code = "upstream_timeout"
+
+
+def json_type(value: object) -> str:
+    """A JSON value's type as OpenAI's errors name it ("a string", "an array", ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"

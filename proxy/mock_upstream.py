@@ -11,7 +11,14 @@ POST /v1/messages/count_tokens), whose errors are Anthropic-shaped. The wire for
 `proxy.mocks`; the faults apply to every route alike (a `status` of 529 is Anthropic's
 overloaded_error; `error_after_chunks` ends a stream with the API's error event).
 
-Control endpoints: GET|DELETE /_mock/requests, GET|DELETE /_mock/stats, POST|DELETE /_mock/faults.
+A quota of its own, like a provider account's (`POST /_mock/quota {"requests": N, "window_s": S}`,
+or `--quota-requests N --quota-window-s S`): N requests per fixed window of S seconds from the
+window's first request, each answer showing what is left (OpenAI's `x-ratelimit-*-requests`,
+Anthropic's `anthropic-ratelimit-requests-*` with an RFC 3339 reset), and past it a 429 with
+`retry-after` (and OpenAI's `retry-after-ms`), counted in the stats as `rate_limited`.
+
+Control endpoints: GET|DELETE /_mock/requests, GET|DELETE /_mock/stats, POST|DELETE /_mock/faults,
+POST|DELETE /_mock/quota.
 """
 
 from __future__ import annotations
@@ -21,10 +28,13 @@ import asyncio
 import base64
 import hashlib
 import itertools
+import math
 import struct
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -58,6 +68,7 @@ FAULT_FIELDS: dict[str, type | tuple[type, ...]] = {
     "reasoning_tokens": int,  # chat and Responses: reasoning output tokens (within the completion)
     "cache_write_tokens": int,  # input tokens written to the cache (chat: prompt_tokens_details)
     "error_after_chunks": int,  # Responses and Anthropic streams: the API's error event after N deltas
+    "headers": dict,  # extra response headers (string values), e.g. a provider's rate-limit headers
 }
 ANTHROPIC_PREFIX = "/v1/messages"
 ANTHROPIC_VERSION_HEADER = "anthropic-version"
@@ -81,6 +92,8 @@ def validate_fault(fault: Any) -> dict[str, Any]:
             raise ValueError(f"unknown fault field {name!r}")
         if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             raise ValueError(f"fault field {name!r} has the wrong type: {value!r}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in fault.get("headers", {}).items()):
+        raise ValueError("fault field 'headers' must map header names to strings")
     return fault
 
 
@@ -117,11 +130,54 @@ def embedding_vector(text: str, dimensions: int) -> list[float]:
     return [round(byte / 127.5 - 1.0, 6) for byte in digest[:dimensions]]
 
 
+@dataclass(slots=True)
+class Quota:
+    """`requests` per fixed window of `window_s` seconds, the window starting at its first request."""
+
+    requests: int
+    window_s: float
+    started: float = 0.0
+    used: int = 0
+
+    def take(self, now: float) -> tuple[bool, int, float]:
+        """(admitted, remaining, seconds until the window resets) for one more request."""
+        if not self.started or now >= self.started + self.window_s:
+            self.started, self.used = now, 0
+        admitted = self.used < self.requests
+        if admitted:
+            self.used += 1
+        return admitted, self.requests - self.used, self.started + self.window_s - now
+
+
+def quota_headers(anthropic: bool, quota: Quota, remaining: int, reset_s: float, refused: bool) -> dict[str, str]:
+    """What a provider shows of its request limit, in the API's own headers."""
+    millis = max(1, math.ceil(reset_s * 1000))
+    if anthropic:
+        instant = datetime.fromtimestamp(time.time() + reset_s, UTC).isoformat().replace("+00:00", "Z")
+        headers = {
+            "anthropic-ratelimit-requests-limit": str(quota.requests),
+            "anthropic-ratelimit-requests-remaining": str(remaining),
+            "anthropic-ratelimit-requests-reset": instant,
+        }
+    else:
+        headers = {
+            "x-ratelimit-limit-requests": str(quota.requests),
+            "x-ratelimit-remaining-requests": str(remaining),
+            "x-ratelimit-reset-requests": f"{millis}ms",
+        }
+        if refused:
+            headers["retry-after-ms"] = str(millis)
+    if refused:
+        headers["retry-after"] = str(math.ceil(millis / 1000))
+    return headers
+
+
 class MockState:
     """Everything the mock remembers, guarded by one lock so other threads may read and reset it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._quota: Quota | None = None
         self._faults: deque[dict[str, Any]] = deque()
         self._requests: deque[dict[str, Any]] = deque(maxlen=MAX_LOGGED_REQUESTS)
         self._ids = itertools.count(1)
@@ -141,6 +197,7 @@ class MockState:
                 "streams_started",
                 "streams_completed",
                 "streams_cancelled",
+                "rate_limited",
             ),
             0,
         )
@@ -153,6 +210,22 @@ class MockState:
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+
+    def set_quota(self, requests: int | None, window_s: float = 60.0) -> None:
+        """N requests per window (None: no quota), starting a fresh window."""
+        with self._lock:
+            self._quota = None if requests is None else Quota(requests, window_s)
+
+    def take_quota(self, anthropic: bool) -> tuple[bool, dict[str, str]]:
+        """Whether the quota admits one more request, and the headers that show it."""
+        with self._lock:
+            quota = self._quota
+            if quota is None:
+                return True, {}
+            admitted, remaining, reset_s = quota.take(time.monotonic())
+            if not admitted:
+                self._stats["rate_limited"] += 1
+            return admitted, quota_headers(anthropic, quota, remaining, reset_s, refused=not admitted)
 
     def next_fault(self) -> dict[str, Any]:
         with self._lock:
@@ -225,6 +298,7 @@ class MockState:
             self._requests.clear()
             self._stats = self._zero_stats()
             self._responses.clear()
+            self._quota = None
 
 
 STATE = web.AppKey("mock_state", MockState)
@@ -628,6 +702,10 @@ async def handle_v1(request: web.Request) -> web.StreamResponse:
         }
     )
     headers = {"request-id": f"req_mock{state.next_id():08d}"} if is_anthropic(request) else {}
+    admitted, shown = state.take_quota(is_anthropic(request))
+    headers |= shown
+    if not admitted:
+        return api_error(request, 429, "mock quota: request limit reached for this window", headers)
     if FAULT_HEADER in request.headers:
         try:
             fault = validate_fault(orjson.loads(request.headers[FAULT_HEADER]))
@@ -640,7 +718,7 @@ async def handle_v1(request: web.Request) -> web.StreamResponse:
         return web.Response()
     if fault.get("first_byte_delay_s"):
         await asyncio.sleep(fault["first_byte_delay_s"])
-    headers |= retry_headers(fault)
+    headers |= retry_headers(fault) | fault.get("headers", {})
     if "status" in fault:
         return api_error(request, fault["status"], f"mock fault: status {fault['status']}", headers)
     if fault.get("malformed_json"):
@@ -714,9 +792,28 @@ async def delete_faults(request: web.Request) -> web.Response:
     return json_response({"ok": True})
 
 
-def create_mock_app(*, chunk_delay_s: float = 0.0, chunks: int = DEFAULT_CHUNKS) -> web.Application:
+async def post_quota(request: web.Request) -> web.Response:
+    quota = await read_json(request)
+    requests, window_s = (quota.get("requests"), quota.get("window_s", 60)) if isinstance(quota, dict) else (0, 0)
+    valid = isinstance(requests, int) and not isinstance(requests, bool) and requests >= 0
+    if not valid or not isinstance(window_s, int | float) or isinstance(window_s, bool) or window_s <= 0:
+        return error_response(400, 'POST /_mock/quota takes {"requests": N >= 0, "window_s": S > 0}')
+    request.app[STATE].set_quota(requests, float(window_s))
+    return json_response({"ok": True})
+
+
+async def delete_quota(request: web.Request) -> web.Response:
+    request.app[STATE].set_quota(None)
+    return json_response({"ok": True})
+
+
+def create_mock_app(
+    *, chunk_delay_s: float = 0.0, chunks: int = DEFAULT_CHUNKS, quota: tuple[int, float] | None = None
+) -> web.Application:
     app = web.Application()
     app[STATE] = MockState()
+    if quota is not None:
+        app[STATE].set_quota(*quota)
     app[SETTINGS] = {"chunk_delay_s": chunk_delay_s, "chunks": chunks}
     app.router.add_get("/_mock/requests", get_requests)
     app.router.add_delete("/_mock/requests", delete_requests)
@@ -724,6 +821,8 @@ def create_mock_app(*, chunk_delay_s: float = 0.0, chunks: int = DEFAULT_CHUNKS)
     app.router.add_delete("/_mock/stats", delete_stats)
     app.router.add_post("/_mock/faults", post_faults)
     app.router.add_delete("/_mock/faults", delete_faults)
+    app.router.add_post("/_mock/quota", post_quota)
+    app.router.add_delete("/_mock/quota", delete_quota)
     app.router.add_route("*", "/v1/{tail:.*}", handle_v1)
     return app
 
@@ -794,8 +893,12 @@ class MockUpstream:
     def add_faults(self, faults: list[dict[str, Any]]) -> None:
         self._state.add_faults(faults)
 
+    def set_quota(self, requests: int | None, window_s: float = 60.0) -> None:
+        """A quota of its own: `requests` per fixed window of `window_s` seconds (None: none)."""
+        self._state.set_quota(requests, window_s)
+
     def clear(self) -> None:
-        """Forget queued faults, logged requests and stats."""
+        """Forget queued faults, logged requests, stats and the quota."""
         self._state.clear()
 
     @property
@@ -812,8 +915,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
     parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, help="words per reply")
+    parser.add_argument("--quota-requests", type=int, default=None, help="requests per window; past it, 429")
+    parser.add_argument("--quota-window-s", type=float, default=60.0, help="the quota's window in seconds")
     args = parser.parse_args(argv)
-    app = create_mock_app(chunk_delay_s=args.chunk_delay, chunks=args.chunks)
+    quota = None if args.quota_requests is None else (args.quota_requests, args.quota_window_s)
+    app = create_mock_app(chunk_delay_s=args.chunk_delay, chunks=args.chunks, quota=quota)
     web.run_app(
         app,
         host=args.host,

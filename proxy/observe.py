@@ -19,6 +19,7 @@ from .errors import (
     ModelNotFound,
     ProxyError,
     RateLimited,
+    UpstreamHeld,
 )
 from .limits.types import Usage
 from .request.forward import Attempts
@@ -31,6 +32,8 @@ RATE_LIMIT_REASONS = {"requests": "rpm", "tokens": "tpm", "parallel_requests": "
 
 
 def rejection_reason(error: ProxyError) -> str | None:
+    if isinstance(error, UpstreamHeld):
+        return "upstream"
     if isinstance(error, RateLimited):
         return RATE_LIMIT_REASONS.get(error.type, "rpm")
     if isinstance(error, BudgetExceeded):

@@ -66,8 +66,8 @@ def message_tokens(message: Any) -> int:
     return total
 
 
-def _json_tokens(value: Any) -> int:
-    """Structured prompt parts (tool definitions, a response schema): their JSON text / 4."""
+def json_tokens(value: Any) -> int:
+    """Structured prompt parts (tool definitions, a response schema, a tool's JSON input): their JSON text / 4."""
     if value is None:
         return 0
     try:
@@ -78,7 +78,7 @@ def _json_tokens(value: Any) -> int:
 
 def _chat_tokens(body: dict[str, Any]) -> int:
     messages = body.get("messages")
-    structured = sum(_json_tokens(body.get(field)) for field in STRUCTURED_PROMPT_FIELDS)
+    structured = sum(json_tokens(body.get(field)) for field in STRUCTURED_PROMPT_FIELDS)
     if not isinstance(messages, list):
         return structured
     return sum(message_tokens(message) for message in messages) + REPLY_PRIMING_TOKENS + structured

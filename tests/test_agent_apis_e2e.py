@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from tests.support.configs import KEYS, UPSTREAM_KEY, make_config
+from tests.support.errors import clocked
 
 PROMPT = "x" * 40
 MESSAGES = [{"role": "user", "content": PROMPT}]
@@ -117,7 +118,7 @@ def test_responses_stream_raw_bytes_are_the_upstreams(proxy, mock_upstream):
     body = {"model": "chat-model", "input": PROMPT, "stream": True}
     through = httpx.post(proxy.base_url + "/responses", json=body, headers={"authorization": f"Bearer {KEYS['alice']}"})
     direct = httpx.post(mock_upstream.url + "/responses", json=body | {"model": "gpt-4o-mini"})
-    scrub = re.compile(r'"(id|created_at|item_id)":("[^"]*"|\d+)')
+    scrub = re.compile(r'"(id|created_at|completed_at|item_id)":("[^"]*"|\d+)')
     assert scrub.sub("", through.text) == scrub.sub("", direct.text)
     assert through.text.count("event: ") == direct.text.count("event: ") > 10
 
@@ -351,7 +352,9 @@ def test_anthropic_sdk_does_not_retry_a_budget_refusal(mock_upstream, start_prox
     with claude(server, max_retries=3) as sdk, pytest.raises(anthropic.RateLimitError) as refused:
         sdk.messages.create(model="claude-model", max_tokens=64, messages=MESSAGES)
     assert refused.value.body["error"]["type"] == "rate_limit_error"
-    assert refused.value.body["error"]["message"].startswith("Daily budget exceeded for key 'alice'")
+    assert refused.value.body["error"]["message"] == clocked(
+        "Key `alice` has spent $0.00 of its $0.0001 daily budget; it resets at {instant}."
+    )
     assert refused.value.response.headers["x-should-retry"] == "false"
     assert len(recorder.outcomes) == 1, "the SDK retried a budget refusal"
     assert mock_upstream.requests == []

@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -168,7 +169,8 @@ def test_budget_refusal_stops_the_role_and_is_reported(example, mock_upstream, s
     report = run(example, server, concurrency=1)
 
     stopped = report["stopped_roles"]
-    assert stopped and all("Daily budget exceeded for key 'alice'" in why for why in stopped.values())
+    refusal = r"Key `alice` has spent \$0\.000\d+ of its \$0\.0004 daily budget; it resets at \S+Z\."
+    assert stopped and all(re.fullmatch(refusal, why) for why in stopped.values()), stopped
     for role in stopped:
         assert report["roles"][role]["status"] == "budget_exhausted"
     statuses = {task["status"] for task in report["tasks"]}

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from zoneinfo import ZoneInfo
 
@@ -54,6 +54,11 @@ def admin_get(server, path, key=ADMIN_KEY, **params):
     return httpx.get(server.url + path, params=params, headers=headers, timeout=10)
 
 
+def next_midnight_utc():
+    """When today's budget ends in the test configs' `budget_timezone` (UTC), as a refusal writes it."""
+    return (datetime.now(UTC).date() + timedelta(days=1)).strftime("%Y-%m-%dT00:00:00Z")
+
+
 def budget(key_usd=None, team_usd=None, **extra):
     def patch(data):
         if key_usd is not None:
@@ -81,16 +86,16 @@ def test_budget_cut_off_is_exact_and_not_retried(on_redis):
     server = on_redis(budget(key_usd="0.0001"))  # 100 µ$
     statuses = [post(server).status_code for _ in range(12)]
     assert statuses == [200] * 8 + [429] * 4  # 8 × 11 µ$ = 88 spent; 88 + 14 reserved > 100
+    midnights = {next_midnight_utc()}
     refused = post(server)
+    midnights.add(next_midnight_utc())
     expected = openai_error(
-        clocked(
-            "Daily budget exceeded for key 'alice': spent $0.000088 of $0.000100 on {day}; "
-            "the budget resets in {duration}."
-        ),
+        clocked("Key `alice` has spent $0.000088 of its $0.0001 daily budget; it resets at {instant}."),
         "insufficient_quota",
         "insufficient_quota",
     )
     assert error_reply(refused) == (429, expected)
+    assert refused.json()["error"]["message"][-len("2026-12-02T00:00:00Z.") : -1] in midnights
     assert refused.headers["x-should-retry"] == "false"
     before = len(server.recorder.outcomes)
     with (
@@ -277,9 +282,18 @@ def test_day_rollover_in_the_budget_timezone(on_redis):
     server = on_redis(budget(key_usd="0.00003", budget_timezone="America/New_York"), clock=clock)
     assert [post(server).status_code for _ in range(3)] == [200, 200, 429]
     clock.advance(9)
-    assert post(server).status_code == 429
+    refused = post(server)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["message"] == (  # New York's midnight in EST (UTC-5), in UTC
+        "Key `alice` has spent $0.000022 of its $0.00003 daily budget; it resets at 2026-03-08T05:00:00Z."
+    )
     clock.advance(1)  # 2026-03-08 00:00 in New York
-    assert [post(server).status_code for _ in range(3)] == [200, 200, 429]
+    assert [post(server).status_code for _ in range(2)] == [200, 200]
+    refused = post(server)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["message"] == (  # a 23-hour day: the next midnight is in EDT (UTC-4)
+        "Key `alice` has spent $0.000022 of its $0.00003 daily budget; it resets at 2026-03-09T04:00:00Z."
+    )
     before = admin_get(server, "/admin/usage", date="2026-03-07").json()["teams"]["platform"]["keys"]["alice"]
     after = admin_get(server, "/admin/usage", date="2026-03-08").json()["teams"]["platform"]["keys"]["alice"]
     assert before["spend_micros"] == after["spend_micros"] == 2 * COST
@@ -343,10 +357,7 @@ def test_reservation_covers_the_larger_of_max_tokens_and_max_completion_tokens(o
     nothing_spent = (
         429,
         openai_error(
-            clocked(
-                "Daily budget exceeded for key 'alice': spent $0.000000 of $0.000100 on {day}; the budget resets in "
-                "{duration}."
-            ),
+            clocked("Key `alice` has spent $0.00 of its $0.0001 daily budget; it resets at {instant}."),
             "insufficient_quota",
             "insufficient_quota",
         ),
@@ -389,9 +400,11 @@ def test_usage_by_end_user_over_a_window_lists_the_top_spenders(on_redis):
     assert post(server, headers={"x-proxy-end-user": "hdr"}).status_code == 200
     for window in ("day", "week", "month"):
         report = admin_get(server, "/admin/usage", window=window, by="end_user").json()
-        end_users = report["teams"]["platform"]["end_users"]
-        assert list(end_users) == ["ann", "hdr", "sid-1"]
-        assert [(u["requests"], u["spend_micros"]) for u in end_users.values()] == [(2, 2 * COST), (1, COST), (1, COST)]
+        assert [(r["team"], r["end_user"], r["requests"], r["spend_micros"]) for r in report["rows"]] == [
+            ("platform", "ann", 2, 2 * COST),
+            ("platform", "hdr", 1, COST),
+            ("platform", "sid-1", 1, COST),
+        ]
     assert admin_get(server, "/admin/usage", window="month").json()["date"] == datetime.now(ZoneInfo("UTC")).strftime(
         "%Y-%m"
     )
@@ -400,6 +413,122 @@ def test_usage_by_end_user_over_a_window_lists_the_top_spenders(on_redis):
     assert refused.json()["error"]["message"] == "`window` must be day, week or month."
     metrics = httpx.get(server.url + "/metrics").text
     assert "ann" not in metrics and "sid-1" not in metrics and "hdr" not in metrics
+
+
+PLATFORM_ADMIN = "sk-admin-platform-5555"
+
+
+def grouping_setup(redis_url):
+    def patch(data):
+        budget(key_usd="1", team_usd="10")(data)
+        data["admin_keys"] = {
+            "platform-ops": {
+                "key_sha256": hashlib.sha256(PLATFORM_ADMIN.encode()).hexdigest(),
+                "scope": {"team": "platform"},
+            }
+        }
+
+    return patch
+
+
+def cli_table(config_path, by):
+    """`llm-proxy usage --config FILE --by BY` (straight from the store): its header and rows, split."""
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "usage", "--config", str(config_path), "--by", by],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    return lines[1].split(), [line.split() for line in lines[2:-1]]
+
+
+def as_cells(row, columns):
+    """A row of the API's answer as the CLI prints it."""
+    return ["-" if row[c] is None else f"{row[c]:.6f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+
+
+def test_admin_usage_by_answers_with_the_clis_rows(on_redis, redis_url, tmp_path):
+    """`/admin/usage?by=...` answers with the rows `llm-proxy usage --by` prints (here read by the
+    CLI straight from Redis), each team's end users the top spender first; a team-scoped admin sees
+    its team only; without `by` the answer is the nested report the CLI's `--json` prints."""
+    patch = grouping_setup(redis_url)
+    server = on_redis(patch)
+    end_users = [
+        ("alice", {"user": "ann"}, {"x-proxy-tags": "role=auditor"}),
+        ("alice", {"user": "ann", "metadata": {"role": "analyst"}}, {}),
+        ("bob", {"user": "ann"}, {}),
+        ("bob", {"safety_identifier": "sid-1", "user": "ann"}, {"x-proxy-tags": "role=auditor,workflow=nightly"}),
+        ("alice", {}, {"x-proxy-end-user": "hdr"}),
+        ("bob", {}, {"x-proxy-end-user": "hdr"}),
+        ("carol", {"user": "zed"}, {}),
+    ]
+    for key, extra, headers in end_users:
+        assert post(server, {**CHAT, **extra}, key=key, headers=headers).status_code == 200
+    text = {"model": "text-model", "prompt": "hello there", "max_tokens": 4}
+    assert post(server, text, endpoint="/completions").status_code == 200  # another model, no end user
+    config_path = tmp_path / "config.json"  # JSON is YAML
+    data = config_dict("http://127.0.0.1:9/v1", redis_url=redis_url)
+    patch(data)
+    config_path.write_text(json.dumps(data))
+
+    nested = admin_get(server, "/admin/usage").json()
+    assert set(nested) == {"date", "currency", "total", "teams"}
+    cli_json = subprocess.run(
+        [sys.executable, "-m", "proxy", "usage", "--config", str(config_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert cli_json.returncode == 0, cli_json.stderr
+    assert json.loads(cli_json.stdout) == nested
+    for by in ("team", "key", "model", "tag", "end_user"):
+        answer = admin_get(server, "/admin/usage", by=by).json()
+        assert {k: v for k, v in answer.items() if k != "rows"} == {
+            "date": nested["date"],
+            "currency": "USD",
+            "by": by,
+            "total": nested["total"],
+        }
+        columns, cli_rows = cli_table(config_path, by)
+        assert [as_cells(row, columns) for row in answer["rows"]] == cli_rows, by
+        assert cli_rows, by
+    rows = {by: admin_get(server, "/admin/usage", by=by).json()["rows"] for by in ("key", "model", "tag", "end_user")}
+    assert [(r["team"], r["end_user"], r["requests"], r["spend_micros"]) for r in rows["end_user"]] == [
+        ("platform", "ann", 3, 3 * COST),  # safety_identifier comes before user: sid-1 is not ann
+        ("platform", "hdr", 2, 2 * COST),
+        ("platform", "sid-1", 1, COST),
+        ("research", "zed", 1, COST),
+    ]
+    assert [(r["team"], r["key"], r["requests"], r["budget_usd"]) for r in rows["key"]] == [
+        ("platform", "alice", 4, 1.0),
+        ("platform", "bob", 3, None),
+        ("research", "carol", 1, None),
+    ]
+    assert [(r["key"], r["model"], r["requests"]) for r in rows["model"]] == [
+        ("alice", "chat-model", 3),
+        ("alice", "text-model", 1),
+        ("bob", "chat-model", 3),
+        ("carol", "chat-model", 1),
+    ]
+    assert {(r["tag"], r["requests"]) for r in rows["tag"]} == {
+        ("role=auditor", 2),
+        ("role=analyst", 1),
+        ("workflow=nightly", 1),
+        ("user=ann", 4),
+        ("user=zed", 1),
+    }
+
+    scoped = admin_get(server, "/admin/usage", key=PLATFORM_ADMIN, by="end_user").json()
+    assert [r["end_user"] for r in scoped["rows"]] == ["ann", "hdr", "sid-1"]
+    assert scoped["total"]["spend_micros"] == nested["teams"]["platform"]["spend_micros"]
+    assert error_reply(admin_get(server, "/admin/usage", by="user")) == (
+        400,
+        openai_error("`by` must be team, key, model, tag or end_user.", INVALID, None, "by"),
+    )
+    metrics = httpx.get(server.url + "/metrics").text
+    assert not any(name in metrics for name in ("ann", "sid-1", "hdr", "zed"))
 
 
 @pytest.mark.parametrize("fmt", ["json", "slack"])

@@ -42,6 +42,17 @@ REFUSED: dict[str, tuple[dict[str, str], list[str]]] = {
     "same_key_value.yaml": ({}, ["keys.bob.key: same key as keys.alice.key"]),
     "unknown_api.yaml": ({}, ["upstreams.other.api: must be 'openai' or 'anthropic'"]),
     "mixed_apis.yaml": ({}, ["models.m.targets: every target's upstream must speak one api, not anthropic and openai"]),
+    "budget_fallback.yaml": (
+        {},
+        [
+            "models.big.on_budget_exhausted.fallback_model: unknown model 'ghost'",
+            "models.opus.on_budget_exhausted.fallback_model: 'small' speaks the openai api and this model "
+            "anthropic: a fallback must answer the same calls",
+            "models.small.on_budget_exhausted.fallback_model: a cycle (small -> tiny -> small): a fallback chain "
+            "must end",
+            "models.itself.on_budget_exhausted.fallback_model: a cycle (itself -> itself): a fallback chain must end",
+        ],
+    ),
     "same_key_hash.yaml": (
         {"LLMP_TEST_CAROL_KEY": "sk-proxy-same", "LLMP_TEST_ADMIN_KEY": "sk-admin-too"},
         [

@@ -116,12 +116,12 @@ def test_the_store_layer_answers_with_decisions_not_http_errors() -> None:
 LUA = PACKAGE / "limits" / "lua"
 
 
-def lua_arg_names(script: str) -> list[str]:
-    """The names a script reads its ARGV into: its `local ARG_NAMES = {...}` table."""
+def lua_names(script: str, table: str = "ARG_NAMES") -> list[str]:
+    """The names a script reads its ARGV or KEYS into: its `local <table> = {...}` table."""
     source = (LUA / script).read_text(encoding="utf-8")
-    start = source.index("local ARG_NAMES = {")
-    table = source[start : source.index("}", start)]
-    return [part.strip().strip("'") for part in table.split("{", 1)[1].split(",")]
+    start = source.index(f"local {table} = {{")
+    body = source[start : source.index("}", start)]
+    return [part.strip().strip("'") for part in body.split("{", 1)[1].split(",")]
 
 
 @pytest.mark.parametrize(
@@ -130,12 +130,115 @@ def lua_arg_names(script: str) -> list[str]:
 def test_each_script_reads_its_arguments_in_the_order_layout_builds_them(script: str, names: str) -> None:
     from proxy.limits import layout
 
-    assert lua_arg_names(script) == list(getattr(layout, names))
+    assert lua_names(script) == list(getattr(layout, names))
     source = (LUA / script).read_text(encoding="utf-8")
-    assert "UNLIMITED" not in source or f"local UNLIMITED = {layout.UNLIMITED}" in source
-    body = source[source.index("for i, name in ipairs(ARG_NAMES)") :]
+    body = source[source.index("local args = named(ARG_NAMES, ARGV)") :]
     # past the named ones, a script indexes ARGV only relative to them (a day's label or start, a
     # window budget's arguments, an alert threshold, a tag)
     refs = re.findall(r"ARGV\[[^\]]*\]", body)
     relative = ("ARGV[labels", "ARGV[at ", "ARGV[#ARG_NAMES ")
     assert all(ref == "ARGV[i]" or ref.startswith(relative) for ref in refs), refs
+
+
+KEY_TABLES = {  # a script's KEYS tables and the layout.py names they follow
+    "admit.lua": {
+        "KEY_NAMES": "ADMIT_KEYS",
+        "DAY_KEY_NAMES": "ADMIT_DAY_KEYS",
+        "WINDOW_KEY_NAMES": "ADMIT_WINDOW_KEYS",
+    },
+    "settle.lua": {"KEY_NAMES": "SETTLE_KEYS", "WINDOW_KEY_NAMES": "SETTLE_WINDOW_KEYS"},
+    "renew.lua": {"KEY_NAMES": "RENEW_KEYS", "WINDOW_KEY_NAMES": "RENEW_WINDOW_KEYS"},
+}
+
+
+@pytest.mark.parametrize("script", sorted(KEY_TABLES))
+def test_each_script_reads_its_keys_by_the_names_layout_builds_them_from(script: str) -> None:
+    from proxy.limits import layout
+
+    for table, names in KEY_TABLES[script].items():
+        assert lua_names(script, table) == list(getattr(layout, names)), table
+    source = (LUA / script).read_text(encoding="utf-8")
+    # no key by position: the fixed keys are read into `K` by name, a variable section through
+    # its helper (`day_budgets(d)`, `window_budget(w[, d])`), each a `named(..., KEYS, offset)`
+    assert "KEYS[" not in source
+    refs = re.findall(r".*\bKEYS\b.*", source)
+    code = [ref for ref in refs if not ref.lstrip().startswith("--")]
+    assert code and all("named(" in ref or "#KEYS - #KEY_NAMES" in ref for ref in code), code
+
+
+def test_the_key_builders_put_each_key_under_its_name() -> None:
+    from proxy.limits import layout
+    from proxy.limits.types import Admission, BudgetDay, Renewal, ScopeLimits, Settlement, Usage, WindowBudget
+
+    k, t, u = ScopeLimits("key", "ci-bot"), ScopeLimits("team", "platform"), ScopeLimits("end_user", "u1")
+    w = (WindowBudget("team", "platform", "week", 10), WindowBudget("org", "", "month", 10))
+    first, second = "2026-12-06", "2026-12-07"  # a Sunday and a Monday: two weeks, one month
+    days = BudgetDay((first, second), (0, 86_400, 172_800))
+    a = Admission("r1", t, k, 0, 0, days, user=u, credential_id="c1", windows=w)
+    s = Settlement("r1", t, k, "gpt-4o", second, Usage(), 0, user=u, windows=w)
+    r = Renewal("r1", t, k, second, 1000, user=u, windows=w)
+    p = "llmrl:{platform}"
+    expected = {
+        "key_requests": f"{p}:k:ci-bot:rq",
+        "key_tokens": f"{p}:k:ci-bot:tk",
+        "key_parallel": f"{p}:k:ci-bot:par",
+        "team_requests": f"{p}:t:rq",
+        "team_tokens": f"{p}:t:tk",
+        "team_parallel": f"{p}:t:par",
+        "user_requests": f"{p}:u:u1:rq",
+        "user_tokens": f"{p}:u:u1:tk",
+        "user_parallel": f"{p}:u:u1:par",
+        "reservation": f"{p}:r:r1",
+        "fence": f"{p}:x:c1",
+        "settled_marker": f"{p}:d:r1",
+        "ledger": f"{p}:ledger:{second}",
+    }
+
+    def day(label: str) -> dict[str, str]:
+        return {
+            "key_budget": f"{p}:k:ci-bot:b:{label}",
+            "key_budget_holds": f"{p}:k:ci-bot:b:{label}:leases",
+            "team_budget": f"{p}:t:b:{label}",
+            "team_budget_holds": f"{p}:t:b:{label}:leases",
+        }
+
+    def window(i: int, label: str) -> dict[str, str]:
+        budget = (f"{p}:t:w:2026-W{49 if label == first else 50}", "llmrl:{org}:w:2026-12")[i]
+        return {"budget": budget, "holds": f"{budget}:leases"}
+
+    admit = [expected[n] for n in layout.ADMIT_KEYS]
+    admit += [day(label)[n] for label in (first, second) for n in layout.ADMIT_DAY_KEYS]
+    admit += [window(i, label)[n] for i in (0, 1) for label in (first, second) for n in layout.ADMIT_WINDOW_KEYS]
+    assert layout.Layout().admit_keys(a) == admit
+    settle = [{**expected, **day(second)}[n] for n in layout.SETTLE_KEYS]
+    settle += [window(i, second)[n] for i in (0, 1) for n in layout.SETTLE_WINDOW_KEYS]
+    assert layout.Layout().settle_keys(s) == settle
+    renew = [{**expected, **day(second)}[n] for n in layout.RENEW_KEYS]
+    renew += [window(i, second)[n] for i in (0, 1) for n in layout.RENEW_WINDOW_KEYS]
+    assert layout.Layout().renew_keys(r) == renew
+
+
+def test_what_the_scripts_share_is_written_once_in_the_prelude() -> None:
+    from proxy.limits import layout, scripts
+
+    prelude = (LUA / scripts.PRELUDE).read_text(encoding="utf-8")
+    assert f"local UNLIMITED = {layout.UNLIMITED}\n" in prelude
+    shared = re.findall(r"^local (?:function )?(\w+)", prelude, re.MULTILINE)
+    assert {"UNLIMITED", "UNITS", "TTL_MARGIN_MS", "int", "named", "clock_ms", "refill", "reset_ms"} <= set(shared)
+    for script in (scripts.ADMIT, scripts.SETTLE, scripts.RENEW):
+        own = (LUA / script).read_text(encoding="utf-8")
+        assert not [name for name in shared if re.search(rf"^local (function )?{name}\b", own, re.MULTILINE)], script
+        assert "replicate_commands" not in own and "'TIME'" not in own
+        # the prelude shares the script's first line: a line number in an error is the file's
+        assembled = scripts.source(script)
+        assert assembled.endswith(own) and len(assembled.splitlines()) == len(own.splitlines())
+
+
+def test_the_prelude_refuses_a_line_it_cannot_join() -> None:
+    from proxy.limits import scripts
+
+    assert scripts.one_line("-- note\nlocal a = 1\n\n  local b = 2\n") == "local a = 1 local b = 2"
+    with pytest.raises(ValueError, match="swallow"):
+        scripts.one_line("local a = 1  -- one\nlocal b = 2\n")
+    with pytest.raises(ValueError, match="swallow"):
+        scripts.one_line("local a = [[\nx]]\n")

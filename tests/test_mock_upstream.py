@@ -289,6 +289,7 @@ def test_stats_sum_reported_usage(mock, client, http):
         "streams_started": 2,
         "streams_completed": 2,
         "streams_cancelled": 0,
+        "rate_limited": 0,
     }
     http.delete("/_mock/stats")
     assert set(mock.stats().values()) == {0}
@@ -327,3 +328,31 @@ def test_command_line():
         process.terminate()
         process.wait(timeout=5)
         process.stdout.close()
+
+
+def test_a_quota_of_its_own_answers_429_past_it_and_shows_what_is_left(mock, http):
+    """As a provider account does: each answer shows the requests left and when they come back;
+    past the quota a 429 with retry-after, until the window resets."""
+    assert http.post("/_mock/quota", json={"requests": 2, "window_s": 1}).json() == {"ok": True}
+    chat = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    first, second, third = (http.post("/v1/chat/completions", json=chat) for _ in range(3))
+    assert (first.status_code, first.headers["x-ratelimit-remaining-requests"]) == (200, "1")
+    assert (second.status_code, second.headers["x-ratelimit-remaining-requests"]) == (200, "0")
+    assert third.status_code == 429 and third.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 0 < int(third.headers["retry-after-ms"]) <= 1000 and third.headers["retry-after"] == "1"
+    assert third.headers["x-ratelimit-limit-requests"] == "2"
+    assert float(third.headers["x-ratelimit-reset-requests"].removesuffix("ms")) <= 1000
+    anthropic = http.post(
+        "/v1/messages",
+        json={"model": "claude", "max_tokens": 5, "messages": MESSAGES},
+        headers={"x-api-key": "x", "anthropic-version": "2023-06-01"},
+    )
+    assert anthropic.status_code == 429 and anthropic.json()["error"]["type"] == "rate_limit_error"
+    assert anthropic.headers["anthropic-ratelimit-requests-remaining"] == "0"
+    assert anthropic.headers["anthropic-ratelimit-requests-reset"].endswith("Z")
+    assert mock.stats()["rate_limited"] == 2
+    time.sleep(float(third.headers["retry-after-ms"]) / 1000 + 0.05)
+    assert http.post("/v1/chat/completions", json=chat).status_code == 200
+    assert http.post("/_mock/quota", json={"requests": -1}).status_code == 400
+    http.delete("/_mock/quota")
+    assert all(http.post("/v1/chat/completions", json=chat).status_code == 200 for _ in range(3))

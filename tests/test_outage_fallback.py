@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from proxy.budgets.windows import label_of_day
 from proxy.pricing.cost import reservation_micros, usd_to_micros
 from proxy.request.call import parse_call
 from tests.support.configs import KEYS, make_config
@@ -214,6 +215,69 @@ def test_budgets_keep_their_spend_through_an_outage(replicas, mock_upstream, sta
         print(
             f"\nreplicas={replicas}: research served {served} requests, {outage_spend} µ$ during the outage "
             f"(bound {bound} µ$; seen committed {research_seen} µ$)"
+        )
+        assert served >= 1
+        assert outage_spend <= bound
+    finally:
+        redis_server.start()
+
+
+@pytest.mark.parametrize("replicas", [1, REPLICAS])
+def test_window_budgets_keep_their_spend_through_an_outage(
+    replicas, mock_upstream, start_proxy, redis_server, redis_url
+):
+    """A team's month budget and an end user's week budget exhausted through Redis stay refused
+    while Redis is down (allow mode): the fallback starts every window budget from the spend last
+    seen committed, divided by the replicas; another end user spends at most what was left."""
+    team_usd = user_usd = "0.0006"  # a request reserves ~71 µ$ and costs ~18 µ$
+    body = {**CHAT, "max_tokens": 64}
+
+    def patch(data: dict) -> None:
+        data["store"] = {"redis_url": redis_url, "on_redis_error": "allow", "timeout_ms": 100, "replicas": replicas}
+        data["teams"]["platform"]["budgets"] = [{"window": "month", "usd": team_usd}]
+        data["teams"]["research"]["end_users"] = {"budgets": [{"window": "week", "usd": user_usd}]}
+
+    server, recorder = start_proxy(make_config(mock_upstream.url, patch=patch))
+    limiter = server.app.state.limiter
+
+    def spend_until_refused(key: str, extra: dict) -> tuple[int, httpx.Response]:
+        for served in range(100):
+            answer = post(server, {**body, **extra}, key=key)
+            server.wait_settled()
+            if answer.status_code != 200:
+                return served, answer
+        raise AssertionError("never refused")
+
+    assert spend_until_refused("alice", {})[0] >= 1  # the platform team spends its month through Redis
+    assert spend_until_refused("carol", {"user": "ann"})[0] >= 1  # ann spends her week
+    for _ in range(2):  # ben spends part of his
+        assert post(server, {**body, "user": "ben"}, key="carol").status_code == 200
+    server.wait_settled()
+    day = recorder.outcomes[-1].ticket.decision.day
+    ben_seen = limiter.seen_committed[("research", "end_user week", "ben", label_of_day("week", day))]
+    spent_before = sum(o.cost_micros for o in recorder.outcomes)
+
+    redis_server.kill()
+    try:
+        refusals = [
+            ("alice", {}, "Team `platform` has spent $", "monthly budget"),
+            ("bob", {}, "Team `platform` has spent $", "monthly budget"),
+            ("carol", {"user": "ann"}, "End user `ann` has spent $", "weekly budget"),
+        ]
+        for key, extra, who, window in refusals:
+            refused = post(server, {**body, **extra}, key=key)
+            assert refused.status_code == 429, f"{who}...{window}: admitted during the outage"
+            assert error_of(refused) == (429, "insufficient_quota", "insufficient_quota"), refused.text
+            message = refused.json()["error"]["message"]
+            assert message.startswith(who) and window in message, message
+            assert refused.headers.get("x-should-retry") == "false"
+        served, refused = spend_until_refused("carol", {"user": "ben"})  # from what ben had left, divided
+        assert error_of(refused) == (429, "insufficient_quota", "insufficient_quota")
+        outage_spend = sum(o.cost_micros for o in recorder.outcomes) - spent_before
+        bound = usd_to_micros(user_usd) // replicas - math.ceil(ben_seen / replicas)
+        print(
+            f"\nreplicas={replicas}: ben served {served} requests, {outage_spend} µ$ during the outage "
+            f"(bound {bound} µ$; seen committed {ben_seen} µ$)"
         )
         assert served >= 1
         assert outage_spend <= bound

@@ -4,6 +4,8 @@ HTTP errors itself."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import orjson
 import pytest
 
@@ -23,6 +25,8 @@ RATE_HEADERS = {
     "x-ratelimit-remaining-tokens": "10",
     "x-ratelimit-reset-tokens": "1m0s",
 }
+
+DAY_END = int(datetime(2026, 12, 2, tzinfo=UTC).timestamp())  # when the budget day 2026-12-01 ends (UTC)
 
 CASES = [
     (
@@ -76,8 +80,28 @@ CASES = [
         ),
         429,
         {
-            "message": "Daily budget exceeded for team 'platform': spent $4.990000 of $5.000000 on 2026-12-01; "
-            "the budget resets in 1h2m3s.",
+            "message": "Team `platform` has spent $4.99 of its $5.00 daily budget; it resets at 2026-12-02T00:00:00Z.",
+            "type": "insufficient_quota",
+            "param": None,
+            "code": "insufficient_quota",
+        },
+        {**RATE_HEADERS, "x-should-retry": "false"},
+    ),
+    (
+        "the key's budget",
+        Decision(
+            False,
+            "budget",
+            "key",
+            budget_spent_micros=120_000,
+            budget_limit_micros=150_000,
+            day="2026-12-01",
+            day_reset_s=3723,
+            **BUCKETS,
+        ),
+        429,
+        {
+            "message": "Key `alice` has spent $0.12 of its $0.15 daily budget; it resets at 2026-12-02T00:00:00Z.",
             "type": "insufficient_quota",
             "param": None,
             "code": "insufficient_quota",
@@ -101,7 +125,7 @@ CASES = [
 
 @pytest.mark.parametrize(("case", "decision", "status", "error", "headers"), CASES, ids=[c[0] for c in CASES])
 def test_a_refusal_becomes_the_clients_error(case, decision, status, error, headers) -> None:
-    refused = refusal_error(Refusal(SCOPES, decision))
+    refused = refusal_error(Refusal(SCOPES, decision, resets_at=DAY_END))
     assert refused.status == status
     assert orjson.loads(refused.body_bytes()) == {"error": error}
     assert refused.headers == headers

@@ -20,6 +20,7 @@ import pytest
 
 from proxy.request.authenticate import sha256_hex
 from tests.support.configs import ADMIN_KEY, KEYS, make_config
+from tests.support.errors import clocked
 
 PLATFORM_ADMIN = "sk-admin-platform-5555"
 CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
@@ -74,7 +75,9 @@ def test_a_runtime_team_carries_its_budget(server):
     assert chat(server, secret).status_code == 200  # reserves 14, costs 11
     refused = chat(server, secret)
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
-    assert "team 'lab'" in refused.json()["error"]["message"]
+    assert refused.json()["error"]["message"] == clocked(
+        "Team `lab` has spent $0.000011 of its $0.00002 daily budget; it resets at {instant}."
+    )
 
 
 def test_revoked_and_rotated_keys(server):

@@ -21,13 +21,18 @@ from zoneinfo import ZoneInfo
 
 import fakeredis
 import pytest
+import redis.asyncio as aioredis
+from lupa.lua51 import LuaError
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import ResponseError
 
 from proxy.budgets.windows import label_of_day
 from proxy.errors import StoreError
+from proxy.limits import scripts
 from proxy.limits.days import candidate_days
-from proxy.limits.memory_store import MemoryStore
+from proxy.limits.keyspace import Keyspace
+from proxy.limits.memory_store import MemoryStore, _Lua
 from proxy.limits.redis_store import CLUSTER_MAX_CONNECTIONS, RedisStore
 from proxy.limits.types import (
     Admission,
@@ -531,6 +536,22 @@ async def test_script_reloaded_after_flush(store):
     assert await store.settle(settlement(a))
 
 
+async def test_a_script_error_names_the_line_of_its_own_file(redis_url):
+    """The prelude shares each script's first line, so Redis and the in-process Lua both name an
+    error on line 3 of a script file line 3 (and the prelude's `named` is in scope)."""
+    source = scripts.assemble("-- a script\nlocal args = named({'a'}, ARGV)\nreturn args.missing + 1\n")
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        with pytest.raises(ResponseError, match=r":3: attempt to perform arithmetic on field 'missing'"):
+            await client.eval(source, 0, "1")
+    finally:
+        await client.aclose()
+    lua = _Lua(Keyspace())
+    function = lua._compile(source)
+    with pytest.raises(LuaError, match=r":3: attempt to perform arithmetic on field 'missing'"):
+        function(lua.runtime.table_from([]), lua.runtime.table_from(["1"]))
+
+
 @pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
 async def test_unreachable_redis_raises_store_error(scheme):
     store = RedisStore.from_url(f"{scheme}://127.0.0.1:{free_port()}/0", timeout_ms=200)
@@ -775,10 +796,15 @@ async def test_every_window_budget_of_every_scope_is_checked_and_booked(store, c
         windows += (WindowBudget("org", "", "month", 1000),)
     a, decision = await admit_window(store, window_days(now), windows, 100)
     assert decision.admitted
+    assert decision.windows_committed_micros == (100,) * len(windows)  # each one's spent + held, this hold too
     settled = await settle_window(store, a, decision, 100)
     assert settled.window_spent_micros == (100,) * len(windows)
+    a, decision = await admit_window(store, window_days(now), windows, 40)
+    assert decision.admitted and decision.windows_committed_micros == (140,) * len(windows)
+    assert (await settle_window(store, a, decision, 20)).window_spent_micros == (120,) * len(windows)
     _, refused = await admit_window(store, window_days(now), windows, 100)
-    assert (refused.admitted, refused.window, refused.window_spent_micros) == (False, 2, 100)
+    assert (refused.admitted, refused.window, refused.window_spent_micros) == (False, 2, 120)
+    assert refused.windows_committed_micros == (120,) * len(windows)  # each one's, refused too
     other_user = (*windows[:2], WindowBudget("end_user", "user-8", "day", 150), *windows[3:])
     _, admitted = await admit_window(store, window_days(now), other_user, 100)
     assert admitted.admitted  # another end user of the same team has a budget of its own

@@ -14,8 +14,8 @@ import orjson
 
 from ..errors import InvalidRequest
 from ..limits.types import Usage
-from ..tokens import REPLY_PRIMING_TOKENS
-from .estimate import items_tokens, json_tokens
+from ..tokens import REPLY_PRIMING_TOKENS, json_tokens
+from .estimate import items_tokens
 from .responses import event_name, event_payload
 from .usage import count, estimated_output
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
-from ..tokens import IMAGE_PART_TOKENS, MESSAGE_OVERHEAD_TOKENS, estimate_text_tokens
+from ..tokens import IMAGE_PART_TOKENS, MESSAGE_OVERHEAD_TOKENS, estimate_text_tokens, json_tokens
 
 # fields whose string value the model reads as text, in Responses items and Anthropic blocks
 TEXT_FIELDS = ("text", "content", "arguments", "output", "name", "input", "thinking", "refusal", "summary")
@@ -18,16 +16,6 @@ TEXT_FIELDS = ("text", "content", "arguments", "output", "name", "input", "think
 NESTED_FIELDS = ("content", "output", "summary")
 IMAGE_TYPES = frozenset({"input_image", "image", "image_url", "document", "input_file"})
 MAX_DEPTH = 8  # parts nest a few levels at most; the body reader already bounds JSON depth
-
-
-def json_tokens(value: Any) -> int:
-    """Structured prompt parts (tool definitions, a tool's JSON input): their JSON text / 4."""
-    if value is None:
-        return 0
-    try:
-        return estimate_text_tokens(orjson.dumps(value).decode())
-    except (orjson.JSONEncodeError, TypeError):
-        return 0
 
 
 def part_tokens(part: Any, depth: int = 0) -> int:

@@ -13,7 +13,8 @@ import orjson
 
 from ..errors import InvalidRequest
 from ..limits.types import Usage
-from .estimate import items_tokens, json_tokens
+from ..tokens import json_tokens
+from .estimate import items_tokens
 from .usage import count, estimated_output
 
 MAX_OUTPUT_TOKENS_CEILING = 2**31 - 1
@@ -31,28 +32,6 @@ class ResponsesCall:
     max_output: int  # reserved output: max_output_tokens, else the default
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-def _type_error(param: str, expected: str, value: Any) -> InvalidRequest:
-    return InvalidRequest(
-        f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)} instead.",
-        param=param,
-        code="invalid_type",
-    )
-
-
 def _missing(param: str) -> InvalidRequest:
     return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
 
@@ -60,7 +39,7 @@ def _missing(param: str) -> InvalidRequest:
 def _optional(body: dict[str, Any], param: str, kind: type, expected: str) -> Any:
     value = body.get(param)
     if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
-        raise _type_error(param, expected, value)
+        raise InvalidRequest.invalid_type(param, expected, value)
     return value
 
 
@@ -70,18 +49,18 @@ def parse_responses_call(body: dict[str, Any], default_max_tokens: int) -> Respo
     if model is None:
         raise _missing("model")
     if not isinstance(model, str) or not model:
-        raise _type_error("model", "a string", model)
+        raise InvalidRequest.invalid_type("model", "a string", model)
     previous = _optional(body, "previous_response_id", str, "a string")
     prompt = body.get("input")
     if prompt is None and previous is None and body.get("prompt") is None and body.get("conversation") is None:
         raise _missing("input")
     if prompt is not None:
         if not isinstance(prompt, (str, list)):
-            raise _type_error("input", "one of a string or array of input items", prompt)
+            raise InvalidRequest.invalid_type("input", "one of a string or array of input items", prompt)
         if isinstance(prompt, list):
             for index, item in enumerate(prompt):
                 if not isinstance(item, dict):
-                    raise _type_error(f"input[{index}]", "an object", item)
+                    raise InvalidRequest.invalid_type(f"input[{index}]", "an object", item)
     instructions = _optional(body, "instructions", str, "a string")
     tools = _optional(body, "tools", list, "an array")
     stream = bool(_optional(body, "stream", bool, "a boolean"))

@@ -18,7 +18,7 @@ from ..usage.report import rows, usage_overview
 from ..usage.window import window_usage
 from .config_file import config_path, load_or_exit
 
-COLUMNS = {
+COLUMNS = {  # one per `report.GROUPINGS`
     "team": ["team"],
     "key": ["team", "key"],
     "model": ["team", "key", "model"],

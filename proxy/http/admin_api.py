@@ -18,7 +18,7 @@ from ..registry.permissions import Admin
 from ..request.authenticate import presented_key
 from ..request.runtime_keys import RuntimeKeys, only_team, with_runtime
 from ..snapshot import SnapshotHolder
-from ..usage.report import keys_overview, usage_overview
+from ..usage.report import GROUPINGS, grouped, keys_overview, usage_overview
 from ..usage.window import window_usage
 
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -72,12 +72,25 @@ def router(
     async def usage(
         date_: str | None = Query(None, alias="date", description="YYYY-MM-DD, default today"),
         window: str = Query("day", description="day, week or month: the window containing `date`"),
-        by: str | None = Query(None, description="end_user: each team's end users, the top spenders first"),
+        by: str | None = Query(
+            None,
+            description="team, key, model, tag or end_user: answer with that grouping's rows "
+            "(`{date, currency, by, total, rows}`) instead of the nested report",
+        ),
         admin: Admin = Depends(require_admin),
     ) -> dict[str, Any]:
         """Spend, budget, remaining, requests and tokens per team and key, per model, per tag and per
         end user (the top spenders), over the day, week or month containing `date` (a team-scoped
-        admin key: its team only)."""
+        admin key: its team only).
+
+        Without `by`: `{date, currency, total, teams: {team: {..., keys: {key: {..., models}}, tags,
+        end_users}}}`. With `by`, the rows `llm-proxy usage --by` prints: `{date, currency, by,
+        total, rows: [...]}`, one row per team (`by=team`), per team and key (`key`), per team, key
+        and model (`model`), per team and tag (`tag`) or per team and end user (`end_user`: each
+        team's top 100 spenders, the top spender first); each row names its group (`team`, `key`,
+        `model`, `tag`, `end_user`) beside `spend_usd`, `spend_micros`, `budget_usd`,
+        `remaining_usd` (a team's or key's day budget; null otherwise), `requests` and the token
+        counts."""
         config = with_runtime(snapshots.config, runtime)
         if admin.team is not None:
             config = only_team(config, admin.team)
@@ -90,13 +103,14 @@ def router(
             raise InvalidRequest("`date` is not a calendar date.", param="date") from None
         if window not in WINDOWS:
             raise InvalidRequest("`window` must be day, week or month.", param="window")
-        if by not in (None, "team", "key", "model", "tag", "end_user"):
+        if by is not None and by not in GROUPINGS:
             raise InvalidRequest("`by` must be team, key, model, tag or end_user.", param="by")
         try:
             report = await window_usage(store, list(config.teams), day, window, calendar.today())
         except StoreError:
             raise StoreUnavailable("The usage ledger is unavailable; please retry shortly.") from None
-        return usage_overview(config, report)
+        overview = usage_overview(config, report)
+        return overview if by is None else grouped(overview, by)
 
     @api.get("/keys")
     async def keys(admin: Admin = Depends(require_admin)) -> dict[str, Any]:

@@ -2,9 +2,9 @@
 
 The store decides (one script, one round trip). When it cannot answer, `on_redis_error` says
 what happens: `allow` admits through this process's fallback store with the limits divided by
-`store.replicas`, `deny` refuses. The fallback starts each budget from the spend this replica
-last saw committed in the store for that scope and day (divided by `store.replicas` like the
-limits), so a budget exhausted before an outage stays refused during it. The answer is a
+`store.replicas`, `deny` refuses. The fallback starts every budget from the spend this replica
+last saw committed in the store for that scope and window (divided by `store.replicas` like the
+limits; `seen.py`), so a budget exhausted before an outage stays refused during it. The answer is a
 `Ticket` or a `Refusal`, never an HTTP error: the request path says what a refusal means to the
 client.
 
@@ -27,6 +27,7 @@ from .health import StoreHealth
 from .journal import Journal
 from .memory_store import MemoryStore
 from .scopes import Scopes
+from .seen import SeenCommitted
 from .types import NO_END_USER, Admission, BudgetDay, Decision, ScopeLimits, Settlement, Store, Usage, WindowBudget
 
 
@@ -85,7 +86,7 @@ class Refusal:
     scopes: Scopes
     decision: Decision | None
     windows: tuple[WindowBudget, ...] = ()  # the window budgets it was checked against
-    resets_at: int = 0  # when the refusing window budget's window ends (epoch seconds)
+    resets_at: int = 0  # when the refusing budget's window ends (epoch seconds)
     user: ScopeLimits = NO_END_USER  # the end user's limits it was checked against
 
     @property
@@ -93,9 +94,6 @@ class Refusal:
         """The window budget that refused it, if one did."""
         index = None if self.decision is None else self.decision.window
         return None if index is None else self.windows[index]
-
-
-Mark = tuple[str, str, str, str]  # (team, scope kind, scope name, day)
 
 
 def shared_admission(
@@ -144,10 +142,7 @@ class Admitter:
         self.calendar = calendar
         self.journal = journal
         self.health = health
-        self.seen_committed: dict[Mark, int] = {}  # spent + held the store last reported
-        self._seen_days: tuple[str, ...] = ()
-        self._seeded: set[Mark] = set()  # fallback budgets seeded in the outage numbered `_seeded_in`
-        self._seeded_in = 0
+        self.seen = SeenCommitted()  # what the store last reported committed: the fallback starts from it
 
     async def admit(
         self, request_id: str, scopes: Scopes, tokens: int, cost_micros: int, end_user: str | None = None
@@ -157,15 +152,13 @@ class Admitter:
         windows, user = admission.windows, admission.user
         _, fallback_windows = scopes.for_end_user(end_user)
         _, fallback_user = scopes.user_for(end_user)
-        if days.labels != self._seen_days:  # a new day: forget what was seen on days gone by
-            self._seen_days = days.labels
-            self.seen_committed = {m: v for m, v in self.seen_committed.items() if m[3] in days.labels}
+        self.seen.new_days(days)
         store: Store = self.store
         degraded = False
         try:
             decision = await store.admit(admission)
             self.health.answered()
-            self._saw(scopes, decision)
+            self.seen.saw(scopes, windows, decision)
         except asyncio.CancelledError:
             self._abandon(admission)
             raise
@@ -176,7 +169,7 @@ class Admitter:
                 if sent:
                     self._abandon(admission)
                 return Refusal(scopes, None, windows)
-            self._seed_fallback(self.fallback, scopes, days)
+            self.seen.seed(self.fallback, scopes, fallback_windows, days, self.replicas, self.health.outages)
             decision = await self.fallback.admit(
                 Admission(
                     request_id,
@@ -198,6 +191,8 @@ class Admitter:
             resets_at = 0
             if decision.window is not None:
                 resets_at = self.calendar.window_end(checked[decision.window].window, decision.day)
+            elif decision.reason == "budget":  # a key's or team's enforced day budget
+                resets_at = self.calendar.window_end("day", decision.day)
             return Refusal(scopes, decision, checked, resets_at, fallback_user if degraded else user)
         return Ticket(
             request_id,
@@ -213,34 +208,6 @@ class Admitter:
             shared_user=user,
             fallback_user=fallback_user,
         )
-
-    def _saw(self, scopes: Scopes, decision: Decision) -> None:
-        team = scopes.team.name
-        for scope, committed in (
-            (scopes.key, decision.key_committed_micros),
-            (scopes.team, decision.team_committed_micros),
-        ):
-            if committed is not None:
-                self.seen_committed[(team, scope.kind, scope.name, decision.day)] = committed
-
-    def _seed_fallback(self, fallback: MemoryStore, scopes: Scopes, days: BudgetDay) -> None:
-        """The first time in an outage a budget scope and day reach the fallback, start it from the
-        spend last seen committed in the store, divided by the replicas like the budget itself: the
-        replicas together cannot pass budget - seen (plus what this replica never saw)."""
-        if self._seeded_in != self.health.outages:  # a new outage: seed again from what was seen since
-            self._seeded, self._seeded_in = set(), self.health.outages
-        team = scopes.team.name
-        for scope in (scopes.fallback_key, scopes.fallback_team):
-            if scope.budget_micros is None:
-                continue
-            for day in days.labels:
-                mark = (team, scope.kind, scope.name, day)
-                if mark in self._seeded:
-                    continue
-                self._seeded.add(mark)
-                seen = self.seen_committed.get(mark)
-                if seen:
-                    fallback.seed_spent(team, scope, day, -(-seen // self.replicas))
 
     def _abandon(self, admission: Admission) -> None:
         """Journal the release of an admission whose reply was lost (see the module docstring)."""

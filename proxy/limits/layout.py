@@ -20,13 +20,19 @@ one Redis Cluster slot:
 
 MemoryStore keeps the same names in its own keyspace, and returns the same reply array.
 
-Each script's ARGV is named once, here (`ADMIT_ARGS`, `SETTLE_ARGS`): the `*_args` functions
-build ARGV from these names, and each script reads its arguments into named fields in the same
-order (its `ARG_NAMES` table, checked against these by tests/test_layout.py).
+Each script's ARGV and KEYS are named once, here. ARGV: `ADMIT_ARGS`, `SETTLE_ARGS`,
+`RENEW_ARGS`, from which the `*_args` functions build it. KEYS: the fixed keys (`ADMIT_KEYS`,
+`SETTLE_KEYS`, `RENEW_KEYS`) first, then the variable sections, each a group of named keys
+repeated per candidate day (`ADMIT_DAY_KEYS`) or per window budget (`*_WINDOW_KEYS`), from which
+the `*_keys` methods build it. Each script reads both into named fields in the same order (its
+`ARG_NAMES`, `KEY_NAMES`, `DAY_KEY_NAMES` and `WINDOW_KEY_NAMES` tables, checked against these by
+tests/test_layout.py), and reaches a variable section only through its small helpers
+(`day_budgets(d)`, `window_budget(w, d)`).
 """
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Any, cast
 
 from ..budgets.windows import label_of_day
@@ -86,12 +92,26 @@ class Layout:
         kind = "k" if w.scope == "key" else "u"
         return f"{self.team(team)}:{kind}:{w.name}:w:{label}"
 
-    def _window_keys(self, team: str, windows: tuple[WindowBudget, ...], days: tuple[str, ...]) -> list[str]:
+    def _day_budgets(self, team: str, key: ScopeLimits, team_scope: ScopeLimits, day: str) -> dict[str, str]:
+        """The key's and the team's budget of `day` with their holds, by their `ADMIT_DAY_KEYS` names."""
+        kb, tb = self.budget(team, key, day), self.budget(team, team_scope, day)
+        return {
+            "key_budget": kb,
+            "key_budget_holds": f"{kb}:leases",
+            "team_budget": tb,
+            "team_budget_holds": f"{tb}:leases",
+        }
+
+    def _window_keys(
+        self, team: str, windows: tuple[WindowBudget, ...], days: tuple[str, ...], names: tuple[str, ...]
+    ) -> list[str]:
+        """For each window budget, for each day, its window's keys named by `names` (of "budget", "holds")."""
         keys: list[str] = []
         for w in windows:
             for day in days:
                 budget = self.window_budget(team, w, day)
-                keys += [budget, f"{budget}:leases"]
+                named = {"budget": budget, "holds": f"{budget}:leases"}
+                keys += [named[name] for name in names]
         return keys
 
     def ledger(self, team: str, day: str) -> str:
@@ -104,60 +124,100 @@ class Layout:
 
     def admit_keys(self, a: Admission) -> list[str]:
         t = a.team.name
-        key, team = self.scope(t, a.key), self.scope(t, a.team)
-        keys = [
-            f"{key}:rq",
-            f"{key}:tk",
-            f"{key}:par",
-            f"{team}:rq",
-            f"{team}:tk",
-            f"{team}:par",
-            f"{self.team(t)}:r:{a.request_id}",
-        ]
+        key, team, user = self.scope(t, a.key), self.scope(t, a.team), self.scope(t, a.user)
+        named = {
+            "key_requests": f"{key}:rq",
+            "key_tokens": f"{key}:tk",
+            "key_parallel": f"{key}:par",
+            "team_requests": f"{team}:rq",
+            "team_tokens": f"{team}:tk",
+            "team_parallel": f"{team}:par",
+            "user_requests": f"{user}:rq",
+            "user_tokens": f"{user}:tk",
+            "user_parallel": f"{user}:par",
+            "reservation": f"{self.team(t)}:r:{a.request_id}",
+            "fence": self.fence(t, a.credential_id),
+            "settled_marker": f"{self.team(t)}:d:{a.request_id}",
+        }
+        keys = list(_IN_ADMIT_ORDER(named))
         for day in a.days.labels:
-            kb, tb = self.budget(t, a.key, day), self.budget(t, a.team, day)
-            keys += [kb, f"{kb}:leases", tb, f"{tb}:leases"]
-        keys += self._window_keys(t, a.windows, a.days.labels)
-        user = self.scope(t, a.user)
-        keys += [f"{user}:rq", f"{user}:tk", f"{user}:par"]
-        keys.append(self.fence(t, a.credential_id))  # second-to-last: the caller's revocation fence
-        keys.append(f"{self.team(t)}:d:{a.request_id}")  # last: the settled marker
-        return keys
+            keys += _IN_DAY_ORDER(self._day_budgets(t, a.key, a.team, day))
+        return keys + self._window_keys(t, a.windows, a.days.labels, ADMIT_WINDOW_KEYS)
 
     def settle_keys(self, s: Settlement) -> list[str]:
         t = s.team.name
-        key, team = self.scope(t, s.key), self.scope(t, s.team)
-        kb, tb = self.budget(t, s.key, s.day), self.budget(t, s.team, s.day)
-        return [
-            f"{self.team(t)}:d:{s.request_id}",
-            f"{self.team(t)}:r:{s.request_id}",
-            f"{key}:tk",
-            f"{team}:tk",
-            f"{key}:par",
-            f"{team}:par",
-            kb,
-            f"{kb}:leases",
-            tb,
-            f"{tb}:leases",
-            self.ledger(t, s.day),
-            *self._window_keys(t, s.windows, (s.day,)),
-            f"{self.scope(t, s.user)}:tk",
-            f"{self.scope(t, s.user)}:par",  # last: the end user's parallel leases
-        ]
+        key, team, user = self.scope(t, s.key), self.scope(t, s.team), self.scope(t, s.user)
+        named = {
+            "settled_marker": f"{self.team(t)}:d:{s.request_id}",
+            "reservation": f"{self.team(t)}:r:{s.request_id}",
+            "key_tokens": f"{key}:tk",
+            "team_tokens": f"{team}:tk",
+            "user_tokens": f"{user}:tk",
+            "key_parallel": f"{key}:par",
+            "team_parallel": f"{team}:par",
+            "user_parallel": f"{user}:par",
+            **self._day_budgets(t, s.key, s.team, s.day),
+            "ledger": self.ledger(t, s.day),
+        }
+        keys = list(_IN_SETTLE_ORDER(named))
+        return keys + self._window_keys(t, s.windows, (s.day,), SETTLE_WINDOW_KEYS)
 
     def renew_keys(self, r: Renewal) -> list[str]:
         t = r.team.name
-        kb, tb = self.budget(t, r.key, r.day), self.budget(t, r.team, r.day)
-        return [
-            f"{self.team(t)}:r:{r.request_id}",
-            f"{self.scope(t, r.key)}:par",
-            f"{self.scope(t, r.team)}:par",
-            f"{kb}:leases",
-            f"{tb}:leases",
-            *self._window_keys(t, r.windows, (r.day,))[1::2],
-            f"{self.scope(t, r.user)}:par",
-        ]
+        named = {
+            "reservation": f"{self.team(t)}:r:{r.request_id}",
+            "key_parallel": f"{self.scope(t, r.key)}:par",
+            "team_parallel": f"{self.scope(t, r.team)}:par",
+            "user_parallel": f"{self.scope(t, r.user)}:par",
+            **self._day_budgets(t, r.key, r.team, r.day),
+        }
+        keys = list(_IN_RENEW_ORDER(named))
+        return keys + self._window_keys(t, r.windows, (r.day,), RENEW_WINDOW_KEYS)
 
+
+# Each script's KEYS: its fixed keys by name, then its variable sections, each a repeated group of
+# named keys. The scripts read them by these names (their KEY_NAMES, DAY_KEY_NAMES and
+# WINDOW_KEY_NAMES tables, checked against these by tests/test_layout.py).
+# admit.lua: these; then ADMIT_DAY_KEYS for each candidate day (`day_count`, in order); then
+# ADMIT_WINDOW_KEYS for each window budget (in order) and, within it, each candidate day (the
+# budget of its window containing that day)
+ADMIT_KEYS = (
+    "key_requests",
+    "key_tokens",
+    "key_parallel",
+    "team_requests",
+    "team_tokens",
+    "team_parallel",
+    "user_requests",
+    "user_tokens",
+    "user_parallel",
+    "reservation",
+    "fence",  # the caller's revocation fence
+    "settled_marker",
+)
+ADMIT_DAY_KEYS = ("key_budget", "key_budget_holds", "team_budget", "team_budget_holds")
+ADMIT_WINDOW_KEYS = ("budget", "holds")
+# settle.lua: these (the budgets and ledger of the request's day); then SETTLE_WINDOW_KEYS for
+# each window budget (its window containing the request's day)
+SETTLE_KEYS = (
+    "settled_marker",
+    "reservation",
+    "key_tokens",
+    "team_tokens",
+    "user_tokens",
+    "key_parallel",
+    "team_parallel",
+    "user_parallel",
+    *ADMIT_DAY_KEYS,
+    "ledger",
+)
+SETTLE_WINDOW_KEYS = ("budget", "holds")
+# renew.lua: these (the holds of the request's day); then RENEW_WINDOW_KEYS for each window budget
+RENEW_KEYS = ("reservation", "key_parallel", "team_parallel", "user_parallel", "key_budget_holds", "team_budget_holds")
+RENEW_WINDOW_KEYS = ("holds",)
+# a dict of keys by name to the tuple of its values in a script's order, at C speed (the hot path)
+_IN_ADMIT_ORDER, _IN_DAY_ORDER = itemgetter(*ADMIT_KEYS), itemgetter(*ADMIT_DAY_KEYS)
+_IN_SETTLE_ORDER, _IN_RENEW_ORDER = itemgetter(*SETTLE_KEYS), itemgetter(*RENEW_KEYS)
 
 LIMIT_ARGS = ("rpm", "request_capacity", "tpm", "token_capacity", "max_parallel", "budget", "enforce")
 # admit.lua's ARGV; after them, `day_count` day labels, then `day_count + 1` day starts (epoch s)
@@ -334,13 +394,13 @@ def decode_decision(reply: ScriptReply) -> Decision:
     else [admitted, reason, scope, retry_after_ms, never_fits, request limit, remaining, reset_ms,
     token limit, remaining, reset_ms, budget committed, budget limit, day, day_reset_s, key
     committed, team committed, refusing window, its spent, its limit, shadow windows, shadow
-    limits]."""
+    limits, each window's committed]."""
     if not isinstance(reply, (list, tuple)):
         return STALE
     admitted, reason, scope, retry, never, *rest = reply
     rq, tk = rest[0:3], rest[3:6]
     spent, limit, day, day_reset, key_committed, team_committed = rest[6:12]
-    window, window_spent, window_limit, shadow, shadow_limits = rest[12:17]
+    window, window_spent, window_limit, shadow, shadow_limits, windows_committed = rest[12:18]
     return Decision(
         admitted=bool(int(admitted)),
         reason=cast(Reason, _text(reason)) or None,  # the script answers one of these
@@ -360,6 +420,7 @@ def decode_decision(reply: ScriptReply) -> Decision:
         window_limit_micros=int(window_limit),
         shadow=tuple(int(w) - 1 for w in _text(shadow).split(",") if w),
         shadow_limits=tuple(s for s in _text(shadow_limits).split(",") if s),
+        windows_committed_micros=tuple(int(c) for c in _text(windows_committed).split(",") if c),
     )
 
 

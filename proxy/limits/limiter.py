@@ -18,13 +18,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ..config import Config
-from .admission import Admitter, Mark, Refusal, Ticket
+from .admission import Admitter, Refusal, Ticket
 from .days import BudgetCalendar
 from .health import StoreHealth
 from .journal import FLUSH_INTERVAL_S, Journal
 from .memory_store import MemoryStore
 from .renewal import Renewer
 from .scopes import Scopes
+from .seen import Mark
 from .settlement import Settler
 from .types import Settled, Store, Usage
 
@@ -67,7 +68,7 @@ class Limiter:
 
     @property
     def seen_committed(self) -> dict[Mark, int]:
-        return self.admitter.seen_committed
+        return self.admitter.seen.committed
 
     async def admit(
         self, request_id: str, scopes: Scopes, tokens: int, cost_micros: int, end_user: str | None = None

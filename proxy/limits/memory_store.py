@@ -18,6 +18,7 @@ from lupa import lua51
 from . import scripts
 from .keyspace import CommandError, Keyspace, Reply, Status
 from .layout import (
+    DAY_MARGIN_MS,
     DEFAULT_PREFIX,
     LATE_BUDGET_TTL_S,
     Layout,
@@ -30,7 +31,18 @@ from .layout import (
     settle_args,
 )
 from .ledger import usage_report
-from .types import Admission, Decision, Peek, Renewal, ScopeKind, ScopeLimits, Settled, Settlement
+from .types import (
+    WINDOW_DAYS,
+    Admission,
+    Decision,
+    Peek,
+    Renewal,
+    ScopeKind,
+    ScopeLimits,
+    Settled,
+    Settlement,
+    WindowBudget,
+)
 
 DEFAULT_RETENTION_DAYS = 35
 
@@ -50,10 +62,9 @@ class _Lua:
         self._table = self.runtime.table_from
         redis = self.runtime.table_from({"call": self._call, "pcall": self._pcall, "replicate_commands": lambda: True})
         self.runtime.globals().redis = redis
-        # a script sees KEYS and ARGV as tables: each file becomes a function of the two
-        self._compile = self.runtime.eval(
-            "function(source) return loadstring('local KEYS, ARGV = ...\\n' .. source) end"
-        )
+        # a script sees KEYS and ARGV as tables: each becomes a function of the two (declared on
+        # its first line, so its error line numbers are Redis' too)
+        self._compile = self.runtime.eval("function(source) return loadstring('local KEYS, ARGV = ... ' .. source) end")
         self._functions: dict[str, Any] = {}
 
     def run(self, name: str, keys: Sequence[str], args: Sequence[object], now_ms: int) -> Reply:
@@ -156,13 +167,21 @@ class MemoryStore:
     def seed_spent(self, team: str, scope: ScopeLimits, day: str, spent_micros: int) -> None:
         """Start a scope's budget day from at least `spent_micros` (what Redis last said was
         committed, divided among the replicas), so an outage does not reset a budget to zero."""
+        self._seed(self.layout.budget(team, scope, day), spent_micros, LATE_BUDGET_TTL_S * 1000)
+
+    def seed_window_spent(self, team: str, window: WindowBudget, day: str, spent_micros: int) -> None:
+        """Start a window budget, in the window containing `day`, from at least `spent_micros`
+        (as `seed_spent`); kept at least as long as the window lasts."""
+        ttl_ms = WINDOW_DAYS[window.window] * 86_400_000 + DAY_MARGIN_MS
+        self._seed(self.layout.window_budget(team, window, day), spent_micros, ttl_ms)
+
+    def _seed(self, name: str, spent_micros: int, ttl_ms: int) -> None:
         now_ms = self._now_us() // 1000
-        name = self.layout.budget(team, scope, day)
         spent = self.keys.call(now_ms, "HGET", name, "spent")
         if not isinstance(spent, str) or int(spent) < spent_micros:
             self.keys.call(now_ms, "HSET", name, "spent", str(spent_micros))
-        if self.keys.pttl(name, now_ms) < LATE_BUDGET_TTL_S * 1000:
-            self.keys.call(now_ms, "PEXPIRE", name, str(LATE_BUDGET_TTL_S * 1000))
+        if self.keys.pttl(name, now_ms) < ttl_ms:
+            self.keys.call(now_ms, "PEXPIRE", name, str(ttl_ms))
 
     async def usage(self, day: str, teams: list[str]) -> dict[str, Any]:
         now_ms = self._now_us() // 1000

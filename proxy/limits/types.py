@@ -149,6 +149,8 @@ class Decision:
     window_limit_micros: int = 0
     shadow: tuple[int, ...] = ()  # indices of the shadow window budgets that would have refused
     shadow_limits: tuple[str, ...] = ()  # "<scope>:<rpm|tpm|parallel>" a shadow limit would have refused
+    # each of `Admission.windows`' spent + held in the window containing `day` (the fallback starts from it)
+    windows_committed_micros: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from ..apis import anthropic_errors
-from ..budgets.refusal import budget_refusal, safe_name, usd_text
+from ..budgets.refusal import ScopeKind, budget_refusal, safe_name, usd_text
 from ..budgets.windows import ADJECTIVES
 from ..config import Config, Model
 from ..errors import BudgetExceeded, InvalidApiKey, ProxyError, RateLimited, StoreUnavailable
@@ -23,7 +23,7 @@ from ..limits.admission import Refusal, Ticket
 from ..limits.headers import openai_duration, rate_limit_headers, retry_headers
 from ..limits.limiter import Limiter, reserved_tokens
 from ..limits.types import WindowBudget
-from ..pricing.cost import format_usd, reservation_micros
+from ..pricing.cost import reservation_micros
 from .authenticate import Caller
 from .call import Call
 from .end_user import end_user_of
@@ -99,17 +99,21 @@ def refusal_error(refusal: Refusal) -> ProxyError:
             window.scope, name, decision.window_spent_micros, window.micros, window.window, refusal.resets_at
         )
         return BudgetExceeded(message, headers=headers)
+    if decision.reason == "budget":  # the key's or team's enforced day budget
+        headers["x-should-retry"] = "false"
+        kind: ScopeKind = "key" if decision.scope == "key" else "team"
+        message = budget_refusal(
+            kind,
+            scopes.key.name if kind == "key" else scopes.team.name,
+            decision.budget_spent_micros,
+            decision.budget_limit_micros,
+            "day",
+            refusal.resets_at,
+        )
+        return BudgetExceeded(message, headers=headers)
     who = f"key '{scopes.key.name}'" if decision.scope == "key" else f"team '{scopes.team.name}'"
     if decision.scope == "end_user":
         who = f"end user '{safe_name(refusal.user.name)}'"
-    if decision.reason == "budget":
-        headers["x-should-retry"] = "false"
-        return BudgetExceeded(
-            f"Daily budget exceeded for {who}: spent {format_usd(decision.budget_spent_micros)} of "
-            f"{format_usd(decision.budget_limit_micros)} on {decision.day}; the budget resets in "
-            f"{openai_duration(decision.day_reset_s * 1000)}.",
-            headers=headers,
-        )
     reason = decision.reason or "rpm"
     limit_type = LIMIT_TYPES[reason]
     if decision.never_fits:

@@ -38,6 +38,7 @@ class Call:
     client_wants_usage: bool  # stream_options.include_usage set by the client
     prompt_tokens: int
     max_output: int  # reserved completion tokens (n × max_tokens)
+    fallback_from: str | None = None  # the model asked for, when its budget fallback serves the call
 
     @property
     def api(self) -> str:
@@ -53,34 +54,12 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _type_error(param: str, expected: str, value: object) -> InvalidRequest:
-    return InvalidRequest(
-        f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)} instead.",
-        param=param,
-        code="invalid_type",
-    )
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
 def _positive_int(body: dict[str, Any], param: str, ceiling: int) -> int | None:
     value: object = body.get(param)
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool):
-        raise _type_error(param, "an integer", value)
+        raise InvalidRequest.invalid_type(param, "an integer", value)
     if value < 1:
         raise InvalidRequest(
             f"Invalid '{param}': integer below minimum value. Expected a value >= 1, but got {value} instead.",
@@ -98,7 +77,7 @@ def _positive_int(body: dict[str, Any], param: str, ceiling: int) -> int | None:
 
 def _check_messages(messages: object) -> None:
     if not isinstance(messages, list):
-        raise _type_error("messages", "an array", messages)
+        raise InvalidRequest.invalid_type("messages", "an array", messages)
     if not messages:
         raise InvalidRequest(
             "Invalid 'messages': empty array. Expected an array with minimum length 1.",
@@ -107,7 +86,7 @@ def _check_messages(messages: object) -> None:
         )
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise _type_error(f"messages[{i}]", "an object", message)
+            raise InvalidRequest.invalid_type(f"messages[{i}]", "an object", message)
         if not isinstance(message.get("role"), str):
             raise InvalidRequest(
                 f"Missing required parameter: 'messages[{i}].role'.",
@@ -116,7 +95,7 @@ def _check_messages(messages: object) -> None:
             )
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
-            raise _type_error(f"messages[{i}].content", "one of a string or array of objects", content)
+            raise InvalidRequest.invalid_type(f"messages[{i}].content", "one of a string or array of objects", content)
 
 
 def _check_text_input(param: str, value: object) -> None:
@@ -131,7 +110,7 @@ def _check_text_input(param: str, value: object) -> None:
         )
     ):
         return
-    raise _type_error(param, "a string or an array of strings or tokens", value)
+    raise InvalidRequest.invalid_type(param, "a string or an array of strings or tokens", value)
 
 
 def parse_call(endpoint: str, body: dict[str, Any], default_max_tokens: int | None = None) -> Call:
@@ -142,7 +121,7 @@ def parse_call(endpoint: str, body: dict[str, Any], default_max_tokens: int | No
     if model is None:
         raise InvalidRequest("you must provide a model parameter", param="model", code="missing_required_parameter")
     if not isinstance(model, str) or not model:
-        raise _type_error("model", "a string", model)
+        raise InvalidRequest.invalid_type("model", "a string", model)
     field = REQUIRED_FIELD[endpoint]
     if field not in body:
         raise InvalidRequest(f"Missing required parameter: '{field}'.", param=field, code="missing_required_parameter")
@@ -154,17 +133,17 @@ def parse_call(endpoint: str, body: dict[str, Any], default_max_tokens: int | No
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
-        raise _type_error("stream", "a boolean", stream)
+        raise InvalidRequest.invalid_type("stream", "a boolean", stream)
     if endpoint == "embeddings":
         stream = False
     wants_usage = False
     options = body.get("stream_options")
     if options is not None:
         if not isinstance(options, dict):
-            raise _type_error("stream_options", "an object", options)
+            raise InvalidRequest.invalid_type("stream_options", "an object", options)
         include = options.get("include_usage")
         if include is not None and not isinstance(include, bool):
-            raise _type_error("stream_options.include_usage", "a boolean", include)
+            raise InvalidRequest.invalid_type("stream_options.include_usage", "a boolean", include)
         wants_usage = bool(include)
     for param in ("max_tokens", "max_completion_tokens"):
         _positive_int(body, param, MAX_TOKENS_CEILING)

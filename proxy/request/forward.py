@@ -5,6 +5,10 @@ times, waiting what the upstream asked for (`retry-after-ms`, `Retry-After`) or 
 backoff with full jitter, all within the client's own deadline. Everything here happens before
 a byte reaches the client, so every failure is still retryable. Non-retryable answers (2xx, and
 4xx other than 429) are returned as they are; a buffered answer is read whole here.
+
+A target its provider has said is out of capacity (`holds`) is skipped for the next one without
+being sent anything; when every target left is held, a short hold is waited out, a longer one
+refuses the request (`proxy.request.holds`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ..errors import UpstreamBroken, UpstreamConnectError, UpstreamError, Upstre
 from ..upstream.client import UpstreamClient, UpstreamResponse
 from ..upstream.hop_by_hop import forwarded_headers
 from .call import Call
+from .holds import HOLD_WAIT_S, ProviderHolds
 
 log = logging.getLogger("proxy.upstream")
 CREDENTIALS_REFUSED = frozenset({401, 403})
@@ -117,12 +122,13 @@ async def fetch(
     deadline: float,
     attempts: Attempts,
     upstreams: dict[str, UpstreamClient],
+    holds: ProviderHolds,
     pinned: Target | None = None,
 ) -> tuple[UpstreamResponse, bytes | None]:
     """The upstream's answer: its whole body, or (payload None) a stream ready to relay. A call
     `pinned` to the target that holds its previous response goes there only."""
     targets = [pinned] if pinned is not None else model.targets
-    response = await open_upstream(PATHS[call.endpoint], body, targets, upstreams, headers, deadline, attempts)
+    response = await open_upstream(PATHS[call.endpoint], body, targets, upstreams, headers, deadline, attempts, holds)
     if call.stream and response.status == 200:
         return response, None
     try:
@@ -146,12 +152,34 @@ async def open_upstream(
     headers: dict[str, str],
     deadline: float,
     attempts: Attempts,
+    holds: ProviderHolds,
 ) -> UpstreamResponse:
-    """The first good (or non-retryable) upstream response; raises UpstreamError/UpstreamTimeout."""
+    """The first good (or non-retryable) upstream response; raises UpstreamError/UpstreamTimeout,
+    or UpstreamHeld when every target left is held for longer than a short wait."""
+    overloaded: list[UpstreamResponse] = []  # the last 529, passed on if nothing better comes
+    try:
+        return await _first_answer(path, body, targets, upstreams, headers, deadline, attempts, holds, overloaded)
+    except BaseException:
+        _close(overloaded[0] if overloaded else None)
+        raise
+
+
+async def _first_answer(
+    path: str,
+    body: dict[str, Any],
+    targets: list[Target],
+    upstreams: dict[str, UpstreamClient],
+    headers: dict[str, str],
+    deadline: float,
+    attempts: Attempts,
+    holds: ProviderHolds,
+    overloaded: list[UpstreamResponse],
+) -> UpstreamResponse:
     last_failure = "no upstream was tried"
     timed_out = False
-    overloaded: UpstreamResponse | None = None  # the last 529, passed on if nothing better comes
-    for target in targets:
+    for index, target in enumerate(targets):
+        if not await _until_free(holds, targets, index, deadline):
+            continue  # held: a later target is free
         client = upstreams[target.upstream]
         payload = orjson.dumps({**body, "model": target.model})
         for attempt in range(client.config.max_retries + 1):
@@ -175,6 +203,7 @@ async def open_upstream(
                 log.warning("upstream %s: connection broke: %s", target.upstream, exc)
                 kind, last_failure, timed_out = "broken", f"upstream '{target.upstream}' broke the connection", False
             else:
+                holds.follow(target, client.config.api, client.config.max_hold_s, response.status, response.headers)
                 if response.status in CREDENTIALS_REFUSED:
                     # the proxy's own upstream key was refused: not the client's to see (the body
                     # may quote part of that key) nor to blame on the client's key (401)
@@ -184,12 +213,12 @@ async def open_upstream(
                     last_failure, timed_out = f"upstream '{target.upstream}' refused the proxy's credentials", False
                     break  # the same key would be refused again: on to the next target
                 if response.status not in RETRYABLE_STATUSES:
-                    _close(overloaded)
+                    _close(overloaded.pop() if overloaded else None)
                     return response
                 wait = server_delay(response.headers)
                 if response.status == OVERLOADED and attempt == client.config.max_retries:
-                    _close(overloaded)
-                    overloaded = response
+                    _close(overloaded.pop() if overloaded else None)
+                    overloaded.append(response)
                 else:
                     response.close()
                 kind, timed_out = f"http_{response.status}", False
@@ -197,17 +226,36 @@ async def open_upstream(
             attempts.errors.append((target.upstream, kind))
             if attempt == client.config.max_retries:
                 break
-            delay = wait if wait is not None else backoff_delay(attempt)
-            if time.monotonic() + delay >= deadline:
-                break
-            await asyncio.sleep(delay)
+            if holds.remaining(target) > 0:  # its provider said when: another target, or that wait
+                if not await _until_free(holds, targets, index, deadline):
+                    break
+            else:
+                delay = wait if wait is not None else backoff_delay(attempt)
+                if time.monotonic() + delay >= deadline:
+                    break
+                await asyncio.sleep(delay)
             attempts.retries += 1  # counted once it happens: a client may leave during the wait
             attempts.reasons.append((target.upstream, kind))
-    if overloaded is not None:
-        return overloaded
+    if overloaded:
+        return overloaded.pop()
     if timed_out:
         raise UpstreamTimeout(f"The upstream did not answer in time ({last_failure}).")
     raise UpstreamError(f"The upstream failed: {last_failure}.")
+
+
+async def _until_free(holds: ProviderHolds, targets: list[Target], index: int, deadline: float) -> bool:
+    """True once `targets[index]` may be sent to (now, or after a short hold); False to skip it for
+    a later target that is free. Raises UpstreamHeld when it and every later target are held
+    longer than `HOLD_WAIT_S` (or past the deadline)."""
+    held = holds.remaining(targets[index])
+    if held <= 0:
+        return True
+    if holds.any_free(targets[index + 1 :]):
+        return False
+    if held > HOLD_WAIT_S or time.monotonic() + held >= deadline:
+        raise holds.refusal(targets[index:])
+    await asyncio.sleep(held)
+    return True
 
 
 def _close(response: UpstreamResponse | None) -> None:

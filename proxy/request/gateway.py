@@ -34,7 +34,9 @@ from . import forward
 from .admit import admit, now_ms
 from .agent_relay import agent_stream_response
 from .authenticate import Caller, presented_key
+from .budget_fallback import admit_within_budget
 from .call import API_OF, Call
+from .holds import ProviderHolds
 from .jwt_callers import JwtCallers, identify
 from .read import read_call
 from .relay import StreamUsage, passthrough, stream_response
@@ -42,6 +44,7 @@ from .settle import Settler, usage_of
 from .stored import owner_of
 
 log = logging.getLogger("proxy.gateway")
+FALLBACK_HEADER = "x-proxy-fallback"  # `budget`: the model's budget fallback served the call
 
 
 async def _client_leaves(receive: Receive) -> None:
@@ -65,9 +68,11 @@ class Gateway:
         settler: Settler,
         observer: Observer,
         owners: ResponseOwners,
+        holds: ProviderHolds,
         jwt: JwtCallers | None = None,
     ) -> None:
         self.snapshots = snapshots
+        self.holds = holds
         self.jwt = jwt
         self.settler = settler
         self.limiter = settler.limiter
@@ -88,7 +93,14 @@ class Gateway:
                 outcome.request_body = call.body
             outcome.tags = parse_tags(request.headers.get("x-proxy-tags"), call.body, caller.end_user)
             pinned = await self._pinned(call, caller) if call.endpoint == "responses" else None
-            ticket = outcome.ticket = await admit(self.limiter, caller, call, model, snapshot.config, request.headers)
+            self.holds.refuse_if_held([pinned] if pinned is not None else model.targets)
+            if pinned is None and model.on_budget_exhausted is not None:  # a budget refusal may fall back
+                ticket, call, model = await admit_within_budget(
+                    self.limiter, caller, call, model, snapshot.config, request.headers
+                )
+            else:
+                ticket = await admit(self.limiter, caller, call, model, snapshot.config, request.headers)
+            outcome.ticket, outcome.model = ticket, call.model
             self.observer.admitted(outcome)
             reply = await self._forward(request, call, model, ticket, outcome, snapshot, pinned)
             handed_over = True  # the reply leaves the snapshot once it has settled
@@ -163,6 +175,7 @@ class Gateway:
                 forward.deadline_of(request.headers),
                 outcome.attempts,
                 snapshot.upstreams,
+                self.holds,
                 pinned,
             )
         )
@@ -222,8 +235,12 @@ def response_id_in(payload: bytes) -> str | None:
 def reply_headers(call: Call, ticket: Ticket, request_id: str) -> dict[str, str]:
     """The rate-limit state of the tightest buckets, in the caller's API's own headers."""
     if call.api == "anthropic":
-        return {"request-id": request_id} | anthropic_errors.rate_limit_headers(ticket.decision, now_ms())
-    return ticket.headers
+        headers = {"request-id": request_id} | anthropic_errors.rate_limit_headers(ticket.decision, now_ms())
+    else:
+        headers = ticket.headers
+    if call.fallback_from is not None:
+        headers[FALLBACK_HEADER] = "budget"
+    return headers
 
 
 def anthropic_error_response(error: ProxyError, outcome: Outcome) -> Response:

@@ -81,8 +81,28 @@ def keys_overview(config: Config) -> Report:
     }
 
 
+GROUPINGS = ("team", "key", "model", "tag", "end_user")
+
+
+def grouped(overview: Report, by: str) -> Report:
+    """The overview as one grouping's rows (the admin API's `?by=`, the CLI's `--by` table):
+    `{"date", "currency", "by", "total", "rows": [...]}`, each row naming its group (see `rows`)."""
+    return {
+        "date": overview["date"],
+        "currency": overview["currency"],
+        "by": by,
+        "total": overview["total"],
+        "rows": rows(overview, by),
+    }
+
+
 def rows(overview: Report, by: str) -> list[Report]:
-    """Flat rows for a table: by team, key, model, tag or end user (the top spenders first)."""
+    """Flat rows for a table: by team, key, model, tag or end user (the top spenders first).
+
+    Each row names its group (`team`; with `key`; with `key` and `model`; with `tag`; with
+    `end_user`) beside the figures of `_line`; a team's or key's carries its budget and remaining,
+    the others None. Teams and keys in config order, models and tags as the ledger has them, each
+    team's end users (its top `TOP_END_USERS`) the top spender first."""
     out: list[Report] = []
     for team_name, team in overview["teams"].items():
         if by == "team":
@@ -103,4 +123,4 @@ def rows(overview: Report, by: str) -> list[Report]:
 
 
 def _flat(line: Report) -> Report:
-    return {k: v for k, v in line.items() if k not in ("keys", "models", "tags", "end_users", "spend_micros")}
+    return {k: v for k, v in line.items() if k not in ("keys", "models", "tags", "end_users")}

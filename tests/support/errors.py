@@ -2,8 +2,8 @@
 
     assert error_reply(response) == (401, openai_error(WRONG_KEY, INVALID, "invalid_api_key"))
 
-A message that names a wall-clock day or duration (a budget's reset, say) is matched with
-`clocked("... on {day}; resets in {duration}.")`: every other character must be exact.
+A message that names a wall-clock instant (a budget's reset, say) is matched with
+`clocked("...; it resets at {instant}.")`: every other character must be exact.
 """
 
 from __future__ import annotations
@@ -21,10 +21,7 @@ NO_KEY = (
 )
 WRONG_KEY = "Incorrect API key provided."
 
-_CLOCK_PARTS = {
-    "{day}": r"\d{4}-\d{2}-\d{2}",
-    "{duration}": r"(\d+h)?(\d+m)?\d+(\.\d+)?m?s",  # Go-style, as OpenAI writes them: 20ms, 1.5s, 1h2m3s
-}
+_CLOCK_PARTS = {"{instant}": r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z"}  # RFC 3339, in UTC
 
 
 def openai_error(message: str | Matching, type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
@@ -52,6 +49,6 @@ class Matching:
 
 
 def clocked(template: str) -> Matching:
-    """`template` exactly, except that `{day}` and `{duration}` stand for any day or duration."""
-    pieces = re.split(r"(\{day\}|\{duration\})", template)
+    """`template` exactly, except that `{instant}` stands for any instant in UTC."""
+    pieces = re.split(r"(\{instant\})", template)
     return Matching("".join(_CLOCK_PARTS.get(piece) or re.escape(piece) for piece in pieces))

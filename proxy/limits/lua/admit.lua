@@ -1,77 +1,61 @@
 -- admit: check every limit of a key and its team; consume from all of them only if all pass.
 -- KEYS and ARGV are laid out by proxy/limits/layout.py (admit_keys, admit_args); the reply is
 -- decoded by layout.decode_decision (a peek's, `dry_run`, by layout.decode_peek). Redis runs it,
--- and so does MemoryStore (embedded Lua 5.1).
-if redis.replicate_commands then pcall(redis.replicate_commands) end
+-- and so does MemoryStore (embedded Lua 5.1), both after prelude.lua (UNLIMITED, UNITS, int,
+-- named, clock_ms and the bucket rules).
 
 -- ARGV by name, in the order of proxy/limits/layout.py ADMIT_ARGS (tests/test_layout.py checks
 -- that they agree); after them come day_count day labels, then
 -- day_count + 1 day starts (epoch seconds), then window_count window budgets (any scope and
--- window beyond the key's and team's enforced day budgets) as {limit, enforce, extra_ttl_ms}
--- each. Window budget w has 2 * day_count keys before the marker: for each candidate day, its
--- window's budget hash and holds (the window containing that day, named by layout.py)
+-- window beyond the key's and team's enforced day budgets) as {limit, enforce, extra_ttl_ms} each
 local ARG_NAMES = {'now_us', 'request_id', 'tokens', 'cost', 'lease_ttl_ms', 'day_margin_ms',
   'key_rpm', 'key_request_capacity', 'key_tpm', 'key_token_capacity', 'key_max_parallel',
   'key_budget', 'key_enforce', 'team_rpm', 'team_request_capacity', 'team_tpm', 'team_token_capacity',
   'team_max_parallel', 'team_budget', 'team_enforce', 'user_rpm', 'user_request_capacity', 'user_tpm',
   'user_token_capacity', 'user_max_parallel', 'user_budget', 'user_enforce', 'day_count', 'window_count',
   'dry_run'}
-local args = {}
-for i, name in ipairs(ARG_NAMES) do args[name] = ARGV[i] end
+local args = named(ARG_NAMES, ARGV)
+local n = tonumber(args.day_count)
 -- a peek (`GET /v1/me`): every figure read as this admit would read it, nothing written, the
 -- peek's reply returned (see its `return` below)
 local dry_run = args.dry_run == '1'
-local UNLIMITED = -1  -- layout.UNLIMITED: a limit the scope does not have
 
--- 0, and nothing changes, when the request id was already settled or abandoned (its marker, the
--- last key, exists): an admit that reached Redis after its caller gave up on it
-if redis.call('EXISTS', KEYS[#KEYS]) == 1 then return 0 end
-
-local UNITS = 60000
-local TTL_MARGIN_MS = 1000
-local PARALLEL_RETRY_MS = 1000
-
-local function int(x)
-  if x == 0 then return '0' end
-  return string.format('%.0f', x)
+-- KEYS by name, in the order of layout.py ADMIT_KEYS (checked like ARG_NAMES)
+local KEY_NAMES = {'key_requests', 'key_tokens', 'key_parallel', 'team_requests', 'team_tokens',
+  'team_parallel', 'user_requests', 'user_tokens', 'user_parallel', 'reservation', 'fence', 'settled_marker'}
+local K = named(KEY_NAMES, KEYS)
+-- after them, for each of the n candidate days, its budgets (layout.py ADMIT_DAY_KEYS)
+local DAY_KEY_NAMES = {'key_budget', 'key_budget_holds', 'team_budget', 'team_budget_holds'}
+local function day_budgets(d)
+  return named(DAY_KEY_NAMES, KEYS, #KEY_NAMES + #DAY_KEY_NAMES * (d - 1))
+end
+-- after those, for each window budget w and each candidate day d, the budget of w's window that
+-- contains d (layout.py ADMIT_WINDOW_KEYS)
+local WINDOW_KEY_NAMES = {'budget', 'holds'}
+local function window_budget(w, d)
+  return named(WINDOW_KEY_NAMES, KEYS, #KEY_NAMES + #DAY_KEY_NAMES * n + #WINDOW_KEY_NAMES * (n * (w - 1) + d - 1))
 end
 
-local now_ms
-if args.now_us ~= '' then
-  now_ms = math.floor(tonumber(args.now_us) / 1000)
-else
-  local t = redis.call('TIME')
-  now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+-- 0, and nothing changes, when the request id was already settled or abandoned (its marker
+-- exists): an admit that reached Redis after its caller gave up on it
+if redis.call('EXISTS', K.settled_marker) == 1 then return 0 end
 
--- the caller's revocation fence (second-to-last key; never written for config keys): a revoked,
--- expired or rotated-out runtime credential is refused from the moment the store says so
-local refused_from = tonumber(redis.call('GET', KEYS[#KEYS - 1]) or '')
+local now_ms = clock_ms(args.now_us)
+
+-- the caller's revocation fence (never written for config keys): a revoked, expired or
+-- rotated-out runtime credential is refused from the moment the store says so
+local refused_from = tonumber(redis.call('GET', K.fence) or '')
 if refused_from ~= nil and now_ms >= refused_from then
   -- the whole reply's shape (see the last line): layout.decode_decision reads every field
-  return {0, 'revoked', 'key', 0, 1, UNLIMITED, 0, 0, UNLIMITED, 0, 0, 0, 0, '', 0, UNLIMITED, UNLIMITED, 0, 0, 0, '', ''}
+  return {0, 'revoked', 'key', 0, 1, UNLIMITED, 0, 0, UNLIMITED, 0, 0, 0, 0, '', 0, UNLIMITED, UNLIMITED, 0, 0, 0, '', '', ''}
 end
 
-local function refill(level, ts, rate, capacity)
-  local cap = capacity * UNITS
-  if level == nil or ts == nil then return cap end
-  local elapsed = now_ms - ts
-  if elapsed < 0 then elapsed = 0 end
-  local l = level + elapsed * rate
-  if l > cap then l = cap end
-  return l
-end
+local PARALLEL_RETRY_MS = 1000  -- a refusal for max_parallel: retry after this
 
 local function wait_ms(level, cost, rate)
   local need = cost * UNITS
   if level >= need then return 0 end
   return math.ceil((need - level) / rate)
-end
-
-local function reset_ms(level, rate, capacity)
-  local missing = capacity * UNITS - level
-  if missing <= 0 then return 0 end
-  return math.ceil(missing / rate)
 end
 
 local function remaining(level)
@@ -82,12 +66,7 @@ end
 
 local function read_bucket(key, rate, capacity)
   local v = redis.call('HMGET', key, 'l', 't')
-  return refill(tonumber(v[1]), tonumber(v[2]), rate, capacity)
-end
-
-local function write_bucket(key, level, rate, capacity)
-  redis.call('HSET', key, 'l', int(level), 't', int(now_ms))
-  redis.call('PEXPIRE', key, int(reset_ms(level, rate, capacity) + TTL_MARGIN_MS))
+  return refill(tonumber(v[1]), tonumber(v[2]), rate, capacity, now_ms)
 end
 
 local function extend_ttl(key, ms)
@@ -125,7 +104,6 @@ local lease_ttl = tonumber(args.lease_ttl_ms)
 local day_margin = tonumber(args.day_margin_ms)
 
 -- the budget day containing now: the last candidate that has started
-local n = tonumber(args.day_count)
 local labels = #ARG_NAMES  -- day i: label ARGV[labels + i], start ARGV[labels + n + i]
 local day = 1
 for i = 1, n do
@@ -135,12 +113,14 @@ local label = ARGV[labels + day]
 local day_left_ms = tonumber(ARGV[labels + n + day + 1]) * 1000 - now_ms
 if day_left_ms < 0 then day_left_ms = 0 end
 
+local today = day_budgets(day)
 local scopes = {
-  {kind = 'key', rq = KEYS[1], tk = KEYS[2], par = KEYS[3], b = KEYS[4 + 4 * day], bl = KEYS[5 + 4 * day], p = 'key_'},
-  {kind = 'team', rq = KEYS[4], tk = KEYS[5], par = KEYS[6], b = KEYS[6 + 4 * day], bl = KEYS[7 + 4 * day], p = 'team_'},
-  -- the end user's limits (the team's `end_users.limits`, per end user): its three keys come just
-  -- before the marker; its budgets are window budgets
-  {kind = 'end_user', rq = KEYS[#KEYS - 4], tk = KEYS[#KEYS - 3], par = KEYS[#KEYS - 2], p = 'user_'},
+  {kind = 'key', rq = K.key_requests, tk = K.key_tokens, par = K.key_parallel,
+    b = today.key_budget, bl = today.key_budget_holds, p = 'key_'},
+  {kind = 'team', rq = K.team_requests, tk = K.team_tokens, par = K.team_parallel,
+    b = today.team_budget, bl = today.team_budget_holds, p = 'team_'},
+  -- the end user's limits (the team's `end_users.limits`, per end user); its budgets are window budgets
+  {kind = 'end_user', rq = K.user_requests, tk = K.user_tokens, par = K.user_parallel, p = 'user_'},
 }
 
 for _, sc in ipairs(scopes) do
@@ -164,11 +144,10 @@ end
 
 -- window budgets: the one of each containing the chosen day; `enforce` 0 is shadow mode
 local windows = {}
-local wkeys = 7 + 4 * n  -- the key and team keys, then each day's two budgets with their holds
 for w = 1, tonumber(args.window_count) do
   local at = labels + n + n + 1 + 3 * (w - 1)
-  local base = wkeys + 2 * n * (w - 1) + 2 * (day - 1)
-  local wb = {b = KEYS[base + 1], bl = KEYS[base + 2], budget = tonumber(ARGV[at + 1]),
+  local keys = window_budget(w, day)
+  local wb = {b = keys.budget, bl = keys.holds, budget = tonumber(ARGV[at + 1]),
     enforce = ARGV[at + 2] == '1', ttl = day_left_ms + tonumber(ARGV[at + 3]) + day_margin}
   wb.spent, wb.held = read_budget(wb.b, wb.bl)
   wb.committed = wb.spent + wb.held
@@ -255,11 +234,11 @@ if reason == nil then
   for _, sc in ipairs(scopes) do
     if sc.rpm ~= UNLIMITED and not sc.skip_rq then
       sc.rq_level = sc.rq_level - UNITS
-      write_bucket(sc.rq, sc.rq_level, sc.rpm, sc.rq_cap)
+      write_bucket(sc.rq, sc.rq_level, sc.rpm, sc.rq_cap, now_ms)
     end
     if sc.tpm ~= UNLIMITED and not sc.skip_tk then
       sc.tk_level = sc.tk_level - tokens * UNITS
-      write_bucket(sc.tk, sc.tk_level, sc.tpm, sc.tk_cap)
+      write_bucket(sc.tk, sc.tk_level, sc.tpm, sc.tk_cap, now_ms)
     end
     if sc.max_par ~= UNLIMITED then
       redis.call('ZADD', sc.par, int(expires), id)
@@ -287,9 +266,9 @@ if reason == nil then
   if scopes[1].tpm ~= UNLIMITED and not scopes[1].skip_tk then kt = '1' end
   if scopes[2].tpm ~= UNLIMITED and not scopes[2].skip_tk then tt = '1' end
   if scopes[3].tpm ~= UNLIMITED and not scopes[3].skip_tk then ut = '1' end
-  redis.call('HSET', KEYS[7], 'tokens', int(tokens), 'cost', int(cost), 'day', label,
+  redis.call('HSET', K.reservation, 'tokens', int(tokens), 'cost', int(cost), 'day', label,
     'exp', int(expires), 'kt', kt, 'tt', tt, 'ut', ut)
-  redis.call('PEXPIRE', KEYS[7], int(lease_ttl + TTL_MARGIN_MS))
+  redis.call('PEXPIRE', K.reservation, int(lease_ttl + TTL_MARGIN_MS))
 end
 
 -- the tightest bucket of each kind (lowest remaining, then longest reset) and budget scope
@@ -320,6 +299,10 @@ if reason ~= nil then admitted, reason_s, scope_s = 0, reason, scope.kind end
 -- each scope's committed spend (spent + held), UNLIMITED without a budget: the fallback starts from it
 local seen = {}
 for i, sc in ipairs(scopes) do seen[i] = sc.committed or UNLIMITED end
+-- ... and each window budget's, in order, as "c1,c2,...": the fallback starts those from it too
+local windows_seen = {}
+for w, wb in ipairs(windows) do windows_seen[w] = int(wb.committed) end
 return {admitted, reason_s, scope_s, retry, never, rq[1], rq[2], rq[3], tk[1], tk[2], tk[3],
   budget[1], budget[2], label, math.ceil(day_left_ms / 1000), seen[1], seen[2],
-  refused_window, window_reply[1], window_reply[2], table.concat(shadow, ','), table.concat(shadow_limits, ',')}
+  refused_window, window_reply[1], window_reply[2], table.concat(shadow, ','), table.concat(shadow_limits, ','),
+  table.concat(windows_seen, ',')}

@@ -3,41 +3,41 @@
 -- (renew_keys, renew_args). Renews only while the reservation record exists and has not expired:
 -- a settled request, or one whose leases already ran out (and may have been purged), is left
 -- alone. Returns 1 if renewed, else 0.
-if redis.replicate_commands then pcall(redis.replicate_commands) end
+-- Runs after prelude.lua (TTL_MARGIN_MS, int, named, clock_ms).
 
 -- ARGV by name, in the order of proxy/limits/layout.py RENEW_ARGS (tests/test_layout.py checks
 -- that they agree)
 local ARG_NAMES = {'now_us', 'request_id', 'lease_ttl_ms'}
-local args = {}
-for i, name in ipairs(ARG_NAMES) do args[name] = ARGV[i] end
+local args = named(ARG_NAMES, ARGV)
 
-local TTL_MARGIN_MS = 1000
-
-local function int(x)
-  if x == 0 then return '0' end
-  return string.format('%.0f', x)
+-- KEYS by name, in the order of layout.py RENEW_KEYS (checked like ARG_NAMES)
+local KEY_NAMES = {'reservation', 'key_parallel', 'team_parallel', 'user_parallel', 'key_budget_holds',
+  'team_budget_holds'}
+local K = named(KEY_NAMES, KEYS)
+-- after them, for each window budget, its holds in the request's day (layout.py RENEW_WINDOW_KEYS)
+local WINDOW_KEY_NAMES = {'holds'}
+local window_count = (#KEYS - #KEY_NAMES) / #WINDOW_KEY_NAMES
+local function window_budget(w)
+  return named(WINDOW_KEY_NAMES, KEYS, #KEY_NAMES + #WINDOW_KEY_NAMES * (w - 1))
 end
 
-local now_ms
-if args.now_us ~= '' then
-  now_ms = math.floor(tonumber(args.now_us) / 1000)
-else
-  local t = redis.call('TIME')
-  now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now_ms = clock_ms(args.now_us)
 
 local id = args.request_id
 local lease_ttl = tonumber(args.lease_ttl_ms)
-local exp = tonumber(redis.call('HGET', KEYS[1], 'exp'))
+local exp = tonumber(redis.call('HGET', K.reservation, 'exp'))
 if exp == nil or exp <= now_ms then return 0 end
 
 local expires = now_ms + lease_ttl
-redis.call('HSET', KEYS[1], 'exp', int(expires))
-redis.call('PEXPIRE', KEYS[1], int(lease_ttl + TTL_MARGIN_MS))
-for i = 2, #KEYS do  -- parallel leases of key and team, then budget holds (day, then windows)
-  if redis.call('ZADD', KEYS[i], 'XX', 'CH', int(expires), id) == 1 then
-    if redis.call('PTTL', KEYS[i]) < lease_ttl + TTL_MARGIN_MS then
-      redis.call('PEXPIRE', KEYS[i], int(lease_ttl + TTL_MARGIN_MS))
+redis.call('HSET', K.reservation, 'exp', int(expires))
+redis.call('PEXPIRE', K.reservation, int(lease_ttl + TTL_MARGIN_MS))
+-- every lease the request holds: parallel slots, then budget holds (the day's, then each window's)
+local leases = {K.key_parallel, K.team_parallel, K.user_parallel, K.key_budget_holds, K.team_budget_holds}
+for w = 1, window_count do leases[#leases + 1] = window_budget(w).holds end
+for _, key in ipairs(leases) do
+  if redis.call('ZADD', key, 'XX', 'CH', int(expires), id) == 1 then
+    if redis.call('PTTL', key) < lease_ttl + TTL_MARGIN_MS then
+      redis.call('PEXPIRE', key, int(lease_ttl + TTL_MARGIN_MS))
     end
   end
 end
