@@ -176,6 +176,8 @@ def test_a_keys_limits_and_budgets_with_what_remains(server):
     assert limits[("key", "alice", "day")] == 500_000 and limits[("org", "", "month")] == 5_000_000
     assert [b["enforce"] for b in body["budgets"] if b["window"] == "month" and b["scope"] == "key"] == [False]
     assert_settled_budgets_match_the_ledger(server, body)
+    head = httpx.head(server.base_url + "/me", headers={"Authorization": f"Bearer {secret}"}, timeout=10)
+    assert (head.status_code, head.content) == (200, b"")  # HEAD as on every GET route
 
     # a stream held open: one lease in use in each scope, its reservation held in every budget
     slow = orjson.dumps({"chunk_delay_s": 0.2, "chunks": 50}).decode()

@@ -206,3 +206,4 @@ def add_routes(
         tags=["self-service"],
         summary="The caller's limits and budgets",
     )
+    app.add_api_route("/v1/me", get_me, methods=["HEAD"], include_in_schema=False)  # as every GET route of ours
