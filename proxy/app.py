@@ -48,6 +48,7 @@ from .reload import Reloader
 from .request.gateway import Gateway
 from .request.holds import ProviderHolds
 from .request.jwt_callers import JwtCallers
+from .request.queue import WaitQueue
 from .request.runtime_keys import RuntimeKeys
 from .request.settle import Settler
 from .request.stored import StoredResponses
@@ -131,15 +132,23 @@ def create_app(
     calendar = BudgetCalendar(lambda: snapshots.config.budget_timezone, store.clock_us)
     fallback = MemoryStore(retention_days=config.spend_retention_days)
     metrics = Metrics()
-    limiter = Limiter(config, store, fallback=fallback, calendar=calendar, on_store_error=metrics.store_error)
+    limiter = Limiter(
+        config,
+        store,
+        fallback=fallback,
+        calendar=calendar,
+        on_store_error=metrics.store_error,
+        on_quota=metrics.set_quota_left,
+    )
     budgets = BudgetWatch(snapshots, store, metrics, calendar)
     request_log = RequestLog(config.log_level)
     observers = Observers(request_log, metrics, *([observer] if observer else []))
     owners = owners_for(store, config.response_retention_days)
-    settler = Settler(limiter, observers, budgets)
+    queue = WaitQueue(metrics)
+    settler = Settler(limiter, observers, budgets, freed=queue.freed)
     jwks = JwksCache(config.auth.jwt) if config.auth.jwt else None
     jwt = JwtCallers(JwtVerifier(config.auth.jwt, jwks), runtime) if config.auth.jwt and jwks else None
-    gateway = Gateway(snapshots, settler, observers, owners, ProviderHolds(), jwt)
+    gateway = Gateway(snapshots, settler, observers, owners, ProviderHolds(), jwt, queue)
     stored = StoredResponses(snapshots, settler, observers, owners, jwt)
     reloader = Reloader(snapshots, limiter, config_path, environ, request_log)
 
@@ -178,6 +187,7 @@ def create_app(
     )
     app.state.snapshots = snapshots
     app.state.limiter = limiter
+    app.state.queue = queue
     app.state.store = store
     app.state.reloader = reloader
     app.state.registry = registry

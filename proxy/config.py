@@ -34,6 +34,8 @@ from .pricing.catalog import catalog_price_fields
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_PORT = 8080
+DEFAULT_MAX_QUEUE = 100  # waiters per team and replica
+MAX_WAIT_MS = 600_000  # ten minutes: the longest a client's own timeout is likely to allow
 ENV_VAR_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
@@ -112,6 +114,20 @@ class Store(_Strict):
         return self.cluster or (self.redis_url or "").startswith("redis+cluster://")
 
 
+class Quota(_Strict):
+    """A provider's quota (`upstreams.NAME.limits`, a target's `limits`): per minute, no burst."""
+
+    rpm: Integer | None = Field(None, gt=0)
+    tpm: Integer | None = Field(None, gt=0)
+    max_parallel: Integer | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _limits_something(self) -> Quota:
+        if self.rpm is None and self.tpm is None and self.max_parallel is None:
+            raise ValueError("give rpm, tpm or max_parallel (a quota without them limits nothing)")
+        return self
+
+
 class Upstream(_Strict):
     """`api: anthropic`: `base_url` as the Anthropic SDK takes it (no `/v1`); the proxy calls
     `{base_url}/v1/messages` with `x-api-key`. `api: openai`: `base_url` ends where OpenAI's
@@ -126,6 +142,7 @@ class Upstream(_Strict):
     max_connections: Integer = Field(200, gt=0)
     max_retries: Integer = Field(2, ge=0, le=10)
     max_hold_s: Number = Field(60, ge=0)  # the longest a 429 or a limit at zero holds a target; 0: never
+    limits: Quota | None = None  # the provider account's quota, shared by every model sent here
 
     @field_validator("base_url")
     @classmethod
@@ -152,6 +169,7 @@ class Upstream(_Strict):
 class Target(_Strict):
     upstream: str
     model: str
+    limits: Quota | None = None  # this deployment's quota (the upstream and model), on top of the upstream's
 
 
 class PriceTier(_Strict):
@@ -269,6 +287,8 @@ class Limits(_Strict):
     rpm_burst: Integer | None = Field(None, gt=0)  # bucket capacities (default: one minute's worth)
     tpm_burst: Integer | None = Field(None, gt=0)
     enforce: bool = True  # false: shadow mode (would-be refusals are counted and logged, never made)
+    # how long a request these limits refuse may wait for capacity (key's, else team's; unset: 0, refuse at once)
+    max_wait_ms: Integer | None = Field(None, ge=0, le=MAX_WAIT_MS)
 
     @field_validator("rpm_burst", "tpm_burst")
     @classmethod
@@ -280,6 +300,7 @@ class Limits(_Strict):
 
 
 Window = Literal["day", "week", "month"]
+Priority = Literal["high", "normal", "low"]
 EndUserSource = Literal["safety_identifier", "user", "x-proxy-end-user"]
 
 
@@ -323,6 +344,13 @@ class EndUsers(_Budgeted):
 
     limits: Limits = Limits()
 
+    @field_validator("limits")
+    @classmethod
+    def _no_wait_of_its_own(cls, limits: Limits) -> Limits:
+        if limits.max_wait_ms is not None:
+            raise ValueError("max_wait_ms is set on the key or the team: an end user's requests wait as theirs do")
+        return limits
+
 
 class Org(_Budgeted):
     """All traffic through this deployment."""
@@ -355,6 +383,8 @@ class Alerts(_Strict):
 class Team(_Budgeted):
     limits: Limits = Limits()
     end_users: EndUsers | None = None
+    share: Number = Field(1, gt=0)  # its weight when teams wait for the same capacity
+    max_queue: Integer = Field(DEFAULT_MAX_QUEUE, ge=0)  # its waiters per replica; beyond: 429 at once
 
 
 class Key(_Budgeted):
@@ -364,6 +394,7 @@ class Key(_Budgeted):
     key: str | None = Field(None, min_length=1)
     limits: Limits = Limits()
     models: list[str] | None = None
+    priority: Priority = "normal"  # its requests' class in the queue (a request may ask for a lower one)
 
     @model_validator(mode="after")
     def _one_key_source(self) -> Key:
@@ -507,6 +538,7 @@ class Config(_Strict):
                 "org: an org budget needs standalone Redis: it is checked in the same script as every "
                 "team's limits, and on a Redis Cluster each team lives in its own slot"
             )
+        problems += self._quota_problems()
         problems += self._shared_key_problems((info.context or {}).get("environ") or {})
         if problems:
             raise ConfigError(problems)
@@ -563,6 +595,33 @@ class Config(_Strict):
                 problems.append(f"{where}: a cycle ({' -> '.join(chain)}): a fallback chain must end")
         return problems
 
+    def _quota_problems(self) -> list[str]:
+        """Upstream quotas live outside every team's slot (a Cluster cannot check them in the same
+        script), and a deployment has one quota, however many targets name it."""
+        cluster = (
+            ": an upstream quota needs standalone Redis: it is checked in the same script as every team's "
+            "limits, and on a Redis Cluster each team lives in its own slot"
+        )
+        problems = []
+        for name, upstream in self.upstreams.items():
+            if upstream.limits is not None and self.store.is_cluster:
+                problems.append(f"upstreams.{name}.limits{cluster}")
+        declared: dict[tuple[str, str], tuple[str, Quota]] = {}
+        for name, model in self.models.items():
+            for i, target in enumerate(model.targets):
+                if target.limits is None:
+                    continue
+                where = f"models.{name}.targets.{i}.limits"
+                if self.store.is_cluster:
+                    problems.append(f"{where}{cluster}")
+                first = declared.setdefault((target.upstream, target.model), (where, target.limits))
+                if first[1] != target.limits:
+                    problems.append(
+                        f"{where}: {first[0]} gives upstream {target.upstream!r} and model {target.model!r} "
+                        "other limits: one deployment has one quota"
+                    )
+        return problems
+
     def api_of(self, model: Model) -> str:
         """The API a model's targets speak (`openai` or `anthropic`): it serves that API's endpoints."""
         return self.upstreams[model.targets[0].upstream].api
@@ -617,11 +676,11 @@ def interpolate_env(text: str, environ: Mapping[str, str] | None = None) -> str:
 def _message(error: ErrorDetails) -> str:
     kind, ctx = error["type"], error.get("ctx", {})
     if kind == "greater_than":
-        return f"must be > {ctx['gt']}"
+        return f"must be > {_bound(ctx['gt'])}"
     if kind == "greater_than_equal":
-        return f"must be >= {ctx['ge']}"
+        return f"must be >= {_bound(ctx['ge'])}"
     if kind == "less_than_equal":
-        return f"must be <= {ctx['le']}"
+        return f"must be <= {_bound(ctx['le'])}"
     if kind == "extra_forbidden":
         return "unknown field"
     if kind == "missing":
@@ -635,6 +694,11 @@ def _message(error: ErrorDetails) -> str:
     if kind == "bool_parsing":
         return "must be true or false"
     return error["msg"].removeprefix("Value error, ")
+
+
+def _bound(value: Any) -> Any:
+    """`0`, not `0.0`, for a number field's whole bound."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _path(loc: tuple[Any, ...]) -> str:

@@ -35,7 +35,8 @@
         ├── BodyTooLarge        413     request_too_large
         ├── ClientClosedRequest 499     the client left mid-body (nginx's code; nobody reads the answer)
         ├── RateLimited         429     type requests | tokens | parallel_requests
-        │   └── UpstreamHeld    429     the provider's own limit ran out: held until its reset
+        │   ├── UpstreamHeld    429     the provider's own limit ran out: held until its reset
+        │   └── UpstreamQuotaReached 429 no candidate target's upstream quota has room
         ├── BudgetExceeded      429     insufficient_quota, never retried
         ├── UpstreamError       502     upstream_error
         ├── StoreUnavailable    503     store_unavailable
@@ -49,6 +50,7 @@ stays private to `proxy.limits.keyspace`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import orjson
@@ -278,19 +280,42 @@ class ClientClosedRequest(ProxyError):
     code = "client_closed_request"
 
 
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """When a rate-limited request could be admitted, for the queue (`proxy.request.queue`).
+
+    `after_ms` is exact for a request or token bucket and a provider's hold; for a parallel slot
+    (`exact=False`) it is only a time to look again, since a slot frees when a request ends.
+    `blockers` name what refused it (`("key", name)`, `("team", name)`, `("end_user", team, name)`,
+    `("target", upstream, model)`): a waiter behind it that shares one does not overtake it."""
+
+    after_ms: int
+    exact: bool
+    blockers: frozenset[tuple[str, ...]]
+
+
 class RateLimited(ProxyError):
-    """429 for a request, token or parallel bucket; `type` is set per refusal."""
+    """429 for a request, token or parallel bucket; `type` is set per refusal. `retry`: when it
+    could be admitted (None: never, as it is)."""
 
     status = 429
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, limit_type: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self, message: str, *, limit_type: str, headers: dict[str, str] | None = None, retry: Retry | None = None
+    ):
         super().__init__(message, headers=headers)
         self.type = limit_type
+        self.retry = retry
 
 
 class UpstreamHeld(RateLimited):
     """Every target of the model is held: its provider answered 429 or showed a limit at zero."""
+
+
+class UpstreamQuotaReached(RateLimited):
+    """No candidate target of the model has room in its upstream quota (`upstreams.NAME.limits`,
+    a target's `limits`)."""
 
 
 class BudgetExceeded(ProxyError):

@@ -19,14 +19,18 @@ from prometheus_client import (
     multiprocess,
 )
 
+from .limits.layout import UNLIMITED
+from .limits.types import QuotaLeft, QuotaLimits
 from .observe import Outcome
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+QUEUE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MICROS = 1_000_000
 STORE_OPS = ("admit", "settle", "flush", "renew")
+QUOTA_LIMITS = ("requests", "tokens", "parallel")  # the `limit` label of an upstream quota's remaining
 
 
 def multiprocess_dir() -> str | None:
@@ -120,6 +124,28 @@ class Metrics:
         self.upstream_errors = Counter(
             "llm_proxy_upstream_errors", "Failed upstream attempts.", ["upstream", "kind"], registry=r
         )
+        self.quota_remaining = Gauge(
+            "llm_proxy_upstream_quota_remaining",
+            "What an upstream quota had left after the latest admission against it: limit requests | tokens "
+            "| parallel; model \"\" is the upstream account's quota, else a target's (its deployment's).",
+            ["upstream", "model", "limit"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.queue_wait = Histogram(
+            "llm_proxy_queue_wait_seconds",
+            "Time requests waited in the queue for capacity (limits.max_wait_ms), admitted or not.",
+            ["team"],
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth_gauge = Gauge(
+            "llm_proxy_queue_depth",
+            "Requests waiting in the queue for capacity now.",
+            ["team"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.store_errors = Counter("llm_proxy_store_errors", "Rate-limit store calls that failed.", ["op"], registry=r)
         for op in STORE_OPS:  # present from the start, so increase() sees the very first error
             self.store_errors.labels(op)
@@ -171,10 +197,26 @@ class Metrics:
             self.upstream_duration.labels(attempts.upstream, attempts.target_model).observe(
                 outcome.upstream_finished_at - attempts.last_attempt_at
             )
-            self.overhead.observe(max(0.0, outcome.finished_at - outcome.started_at - upstream_time))
+            waited = upstream_time + outcome.queued_s  # neither is the proxy's own time
+            self.overhead.observe(max(0.0, outcome.finished_at - outcome.started_at - waited))
+
+    # -- the queue ----------------------------------------------------------------------------
+    def queue_depth(self, team: str, depth: int) -> None:
+        self.queue_depth_gauge.labels(team).set(depth)
+
+    def queue_waited(self, team: str, seconds: float) -> None:
+        self.queue_wait.labels(team).observe(seconds)
 
     def store_error(self, op: str) -> None:
         self.store_errors.labels(op).inc()
+
+    # -- upstream quotas ----------------------------------------------------------------------
+    def set_quota_left(self, scopes: tuple[QuotaLimits, ...], left: tuple[QuotaLeft, ...]) -> None:
+        """Each quota scope's remaining requests, tokens and parallel slots, as the store replied."""
+        for scope, remaining in zip(scopes, left, strict=False):
+            for limit, value in zip(QUOTA_LIMITS, remaining, strict=True):
+                if value != UNLIMITED:
+                    self.quota_remaining.labels(scope.upstream, scope.model, limit).set(value)
 
     # -- budgets ------------------------------------------------------------------------------
     def set_budget(self, scope: str, name: str, limit_micros: int | None, spent_micros: int | None = None) -> None:

@@ -20,6 +20,7 @@ from .errors import (
     ProxyError,
     RateLimited,
     UpstreamHeld,
+    UpstreamQuotaReached,
 )
 from .limits.types import Usage
 from .request.forward import Attempts
@@ -32,7 +33,7 @@ RATE_LIMIT_REASONS = {"requests": "rpm", "tokens": "tpm", "parallel_requests": "
 
 
 def rejection_reason(error: ProxyError) -> str | None:
-    if isinstance(error, UpstreamHeld):
+    if isinstance(error, (UpstreamHeld, UpstreamQuotaReached)):  # the provider's capacity, told or ours
         return "upstream"
     if isinstance(error, RateLimited):
         return RATE_LIMIT_REASONS.get(error.type, "rpm")
@@ -70,6 +71,7 @@ class Outcome:
     finished_at: float = 0.0  # settled, or refused
     stream_error: str | None = None
     client_gone: bool = False
+    queued_s: float = 0.0  # how long it waited in the queue for capacity
     request_body: dict[str, Any] | None = None  # only with log_bodies: true
     response_body: bytes | None = None
 
@@ -126,6 +128,7 @@ class RequestLog:
             "rejection": outcome.rejection,
             "error": outcome.error_code or outcome.stream_error,
             "client_gone": outcome.client_gone or None,
+            "queued_ms": round(outcome.queued_s * 1000, 2) if outcome.queued_s else None,
         }
         if outcome.request_body is not None:
             line["request_body"] = outcome.request_body

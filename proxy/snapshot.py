@@ -1,4 +1,5 @@
-"""The setup a request runs on: config, keyring and upstream clients, taken once when it starts.
+"""The setup a request runs on: config, keyring, upstream clients and upstream quotas, taken once
+when it starts.
 
 Everything derived from one config is built here together (`build_snapshot`) and swapped in
 one assignment (`SnapshotHolder.swap`); whatever reads the running config outside a request
@@ -17,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .config import Config
+from .limits.quotas import UpstreamQuotas
 from .request.authenticate import KeyRing, RuntimeLookup
 from .upstream.client import UpstreamClient
 
@@ -26,6 +28,7 @@ class Snapshot:
     config: Config
     keyring: KeyRing
     upstreams: dict[str, UpstreamClient]
+    quotas: UpstreamQuotas
     users: int = 0
     on_idle: Callable[[Snapshot], None] | None = None  # set once the snapshot was replaced
 
@@ -53,7 +56,7 @@ def build_snapshot(
         if current is None or current.config != upstream:
             current = UpstreamClient(name, upstream)
         upstreams[name] = current
-    return Snapshot(config, keyring, upstreams)
+    return Snapshot(config, keyring, upstreams, UpstreamQuotas(config))
 
 
 class SnapshotHolder:

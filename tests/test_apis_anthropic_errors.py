@@ -25,6 +25,7 @@ from proxy.limits.types import BucketState, Decision
         (errors.ModelNotFound("none"), 404, "not_found_error"),
         (errors.RateLimited("slow", limit_type="tokens", headers={"retry-after": "3"}), 429, "rate_limit_error"),
         (errors.BudgetExceeded("spent"), 429, "rate_limit_error"),
+        (errors.UpstreamQuotaReached("quota", limit_type="requests"), 429, "rate_limit_error"),
         (errors.UpstreamError("broken"), 502, "api_error"),
         (errors.StoreUnavailable("down"), 503, "api_error"),
         (errors.UpstreamTimeout("slow"), 504, "timeout_error"),

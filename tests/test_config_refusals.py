@@ -53,6 +53,28 @@ REFUSED: dict[str, tuple[dict[str, str], list[str]]] = {
             "models.itself.on_budget_exhausted.fallback_model: a cycle (itself -> itself): a fallback chain must end",
         ],
     ),
+    "upstream_quota_shapes.yaml": (
+        {},
+        [
+            "upstreams.azure.limits: give rpm, tpm or max_parallel (a quota without them limits nothing)",
+            "upstreams.spare.limits.rpm: must be > 0",
+            "upstreams.spare.limits.rpm_burst: unknown field",
+            "models.big.targets.0.limits.tpm: must be an integer",
+        ],
+    ),
+    "upstream_quotas_on_cluster.yaml": (
+        {},
+        [
+            "upstreams.openai.limits: an upstream quota needs standalone Redis: it is checked in the same script "
+            "as every team's limits, and on a Redis Cluster each team lives in its own slot",
+            "models.big.targets.1.limits: an upstream quota needs standalone Redis: it is checked in the same "
+            "script as every team's limits, and on a Redis Cluster each team lives in its own slot",
+            "models.small.targets.0.limits: an upstream quota needs standalone Redis: it is checked in the same "
+            "script as every team's limits, and on a Redis Cluster each team lives in its own slot",
+            "models.small.targets.0.limits: models.big.targets.1.limits gives upstream 'azure' and model "
+            "'gpt-4o' other limits: one deployment has one quota",
+        ],
+    ),
     "same_key_hash.yaml": (
         {"LLMP_TEST_CAROL_KEY": "sk-proxy-same", "LLMP_TEST_ADMIN_KEY": "sk-admin-too"},
         [
@@ -119,6 +141,19 @@ REFUSED: dict[str, tuple[dict[str, str], list[str]]] = {
             "alerts.thresholds: must increase",
             "alerts.webhook_url: must start with http:// or https://",
             "alerts.format: must be 'json' or 'slack'",
+        ],
+    ),
+    "queue.yaml": (
+        {},
+        [
+            "teams.t.limits.max_wait_ms: must be >= 0",
+            "teams.t.share: must be > 0",
+            "teams.t.max_queue: must be >= 0",
+            "teams.u.limits.max_wait_ms: must be <= 600000",
+            "teams.u.end_users.limits: max_wait_ms is set on the key or the team: an end user's requests wait "
+            "as theirs do",
+            "keys.alice.limits.max_wait_ms: must be an integer",
+            "keys.alice.priority: must be 'high', 'normal' or 'low'",
         ],
     ),
     "everything_at_once.yaml": (

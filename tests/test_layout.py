@@ -145,9 +145,20 @@ KEY_TABLES = {  # a script's KEYS tables and the layout.py names they follow
         "KEY_NAMES": "ADMIT_KEYS",
         "DAY_KEY_NAMES": "ADMIT_DAY_KEYS",
         "WINDOW_KEY_NAMES": "ADMIT_WINDOW_KEYS",
+        "QUOTA_KEY_NAMES": "ADMIT_QUOTA_KEYS",
+        "QUOTA_ARG_NAMES": "ADMIT_QUOTA_ARGS",
     },
-    "settle.lua": {"KEY_NAMES": "SETTLE_KEYS", "WINDOW_KEY_NAMES": "SETTLE_WINDOW_KEYS"},
-    "renew.lua": {"KEY_NAMES": "RENEW_KEYS", "WINDOW_KEY_NAMES": "RENEW_WINDOW_KEYS"},
+    "settle.lua": {
+        "KEY_NAMES": "SETTLE_KEYS",
+        "WINDOW_KEY_NAMES": "SETTLE_WINDOW_KEYS",
+        "QUOTA_KEY_NAMES": "SETTLE_QUOTA_KEYS",
+        "QUOTA_ARG_NAMES": "SETTLE_QUOTA_ARGS",
+    },
+    "renew.lua": {
+        "KEY_NAMES": "RENEW_KEYS",
+        "WINDOW_KEY_NAMES": "RENEW_WINDOW_KEYS",
+        "QUOTA_KEY_NAMES": "RENEW_QUOTA_KEYS",
+    },
 }
 
 
@@ -168,15 +179,26 @@ def test_each_script_reads_its_keys_by_the_names_layout_builds_them_from(script:
 
 def test_the_key_builders_put_each_key_under_its_name() -> None:
     from proxy.limits import layout
-    from proxy.limits.types import Admission, BudgetDay, Renewal, ScopeLimits, Settlement, Usage, WindowBudget
+    from proxy.limits.types import (
+        Admission,
+        BudgetDay,
+        QuotaLimits,
+        Renewal,
+        ScopeLimits,
+        Settlement,
+        Usage,
+        WindowBudget,
+    )
 
     k, t, u = ScopeLimits("key", "ci-bot"), ScopeLimits("team", "platform"), ScopeLimits("end_user", "u1")
     w = (WindowBudget("team", "platform", "week", 10), WindowBudget("org", "", "month", 10))
     first, second = "2026-12-06", "2026-12-07"  # a Sunday and a Monday: two weeks, one month
     days = BudgetDay((first, second), (0, 86_400, 172_800))
-    a = Admission("r1", t, k, 0, 0, days, user=u, credential_id="c1", windows=w)
-    s = Settlement("r1", t, k, "gpt-4o", second, Usage(), 0, user=u, windows=w)
-    r = Renewal("r1", t, k, second, 1000, user=u, windows=w)
+    account, deployment = QuotaLimits("openai", rpm=1), QuotaLimits("azure", "gpt-4o", max_parallel=1)
+    q = ((account,), (account, deployment))
+    a = Admission("r1", t, k, 0, 0, days, user=u, credential_id="c1", windows=w, quotas=q)
+    s = Settlement("r1", t, k, "gpt-4o", second, Usage(), 0, user=u, windows=w, quotas=q)
+    r = Renewal("r1", t, k, second, 1000, user=u, windows=w, quotas=q)
     p = "llmrl:{platform}"
     expected = {
         "key_requests": f"{p}:k:ci-bot:rq",
@@ -209,13 +231,35 @@ def test_the_key_builders_put_each_key_under_its_name() -> None:
     admit = [expected[n] for n in layout.ADMIT_KEYS]
     admit += [day(label)[n] for label in (first, second) for n in layout.ADMIT_DAY_KEYS]
     admit += [window(i, label)[n] for i in (0, 1) for label in (first, second) for n in layout.ADMIT_WINDOW_KEYS]
+
+    def quota(base: str) -> dict[str, str]:  # every team's: outside each team's slot
+        return {"requests": f"{base}:rq", "tokens": f"{base}:tk", "parallel": f"{base}:par"}
+
+    openai, azure = quota("llmrl:{quota}:u:openai"), quota("llmrl:{quota}:u:azure:m:gpt-4o")
+    scopes = (openai, openai, azure)  # each candidate's, in order
+    admit += [scope[n] for scope in scopes for n in layout.ADMIT_QUOTA_KEYS]
     assert layout.Layout().admit_keys(a) == admit
     settle = [{**expected, **day(second)}[n] for n in layout.SETTLE_KEYS]
     settle += [window(i, second)[n] for i in (0, 1) for n in layout.SETTLE_WINDOW_KEYS]
+    settle += [scope[n] for scope in scopes for n in layout.SETTLE_QUOTA_KEYS]
     assert layout.Layout().settle_keys(s) == settle
     renew = [{**expected, **day(second)}[n] for n in layout.RENEW_KEYS]
     renew += [window(i, second)[n] for i in (0, 1) for n in layout.RENEW_WINDOW_KEYS]
+    renew += [azure["parallel"]]  # only a scope with max_parallel holds leases
     assert layout.Layout().renew_keys(r) == renew
+    assert layout.admit_args(a, None)[-12:] == [1, 1, -1, -1, 2, 1, -1, -1, 2, -1, -1, 1]
+    assert layout.settle_args(s, None, 1)[-6:] == [1, -1, 2, -1, 2, -1]
+
+
+def test_without_upstream_quotas_an_admit_has_no_extra_key() -> None:
+    """The hot path: no quota configured, nothing added but two zero counts."""
+    from proxy.limits import layout
+    from proxy.limits.types import Admission, BudgetDay, ScopeLimits
+
+    a = Admission("r1", ScopeLimits("team", "t"), ScopeLimits("key", "k"), 0, 0, BudgetDay(("d",), (0, 1)))
+    assert len(layout.Layout().admit_keys(a)) == len(layout.ADMIT_KEYS) + len(layout.ADMIT_DAY_KEYS)
+    args = dict(zip(layout.ADMIT_ARGS, layout.admit_args(a, None), strict=False))
+    assert (args["quota_count"], args["candidate_count"]) == (0, 0)
 
 
 def test_what_the_scripts_share_is_written_once_in_the_prelude() -> None:

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -52,6 +53,9 @@ METRICS = {
     "llm_proxy_upstream_retries_total": {"upstream", "reason"},
     "llm_proxy_upstream_errors_total": {"upstream", "kind"},
     "llm_proxy_store_errors_total": {"op"},
+    "llm_proxy_upstream_quota_remaining": {"upstream", "model", "limit"},
+    "llm_proxy_queue_wait_seconds": {"team"},
+    "llm_proxy_queue_depth": {"team"},
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 
@@ -133,6 +137,8 @@ def traffic(own_redis, mock_upstream, start_proxy):
         data["teams"]["research"]["daily_budget_usd"] = "1"
         data["keys"]["bob"]["daily_budget_usd"] = str(BOB_BUDGET_USD)
         data["keys"]["carol"]["limits"] = {"rpm": 1}
+        data["upstreams"]["mock"]["limits"] = {"rpm": 1000, "tpm": 1_000_000}  # never reached here
+        data["keys"]["alice"]["limits"] = {"max_parallel": 1, "max_wait_ms": 5000}  # one request waits
 
     server, _ = start_proxy(make_config(mock_upstream.url, patch=patch))
     statuses = {"plain": post(server).status_code, "stream": stream(server).status_code}
@@ -142,6 +148,7 @@ def traffic(own_redis, mock_upstream, start_proxy):
     statuses["retried"] = post(server).status_code
     statuses["bob"] = [post(server, key="bob").status_code for _ in range(3)]
     statuses["carol"] = [post(server, key="carol").status_code for _ in range(2)]
+    statuses["queued"] = queued_pair(server, mock_upstream)
     statuses["auth"] = post(server, token="sk-proxy-nobody-0000").status_code
     statuses["model"] = post(server, {**CHAT, "model": "no-such-model"}).status_code
     assert statuses == {
@@ -151,6 +158,7 @@ def traffic(own_redis, mock_upstream, start_proxy):
         "retried": 200,
         "bob": [200, 200, 429],
         "carol": [200, 429],
+        "queued": [200, 200],
         "auth": 401,
         "model": 404,
     }
@@ -168,6 +176,20 @@ def traffic(own_redis, mock_upstream, start_proxy):
     settle_journal(server)
     after_outage = httpx.get(server.url + "/metrics", timeout=10).text
     return server, before_outage, after_outage
+
+
+def queued_pair(server, mock_upstream) -> list[int]:
+    """A slow request of alice's holds her one parallel slot; the next waits for it, then is served."""
+    mock_upstream.add_faults([{"first_byte_delay_s": 0.5}])
+    seen = len(mock_upstream.requests)
+    with ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(post, server)
+        deadline = time.monotonic() + 5
+        while len(mock_upstream.requests) == seen:
+            assert time.monotonic() < deadline, "the holder did not reach the upstream"
+            time.sleep(0.005)
+        waiter = post(server)
+        return [holder.result().status_code, waiter.status_code]
 
 
 # -- /metrics -------------------------------------------------------------------------------------
@@ -189,14 +211,14 @@ def test_counts_match_the_traffic_the_mock_and_the_ledger(traffic):
     _, before, after = traffic
     found = samples(before["metrics"])
     requests = "llm_proxy_requests_total"
-    assert total(found, requests, team="platform", key="alice", model="chat-model", status="200") == 4
+    assert total(found, requests, team="platform", key="alice", model="chat-model", status="200") == 6
     assert total(found, requests, key="alice", status="404") == 1
     assert total(found, requests, key="bob", status="200") == 2
     assert total(found, requests, key="bob", status="429") == 1
     assert total(found, requests, team="research", key="carol", status="200") == 1
     assert total(found, requests, key="carol", status="429") == 1
     assert total(found, requests, team="", key="", status="401") == 1
-    assert total(found, requests) == 11
+    assert total(found, requests) == 13
 
     rejections = {
         (labels["team"], labels["key"], labels["reason"]): value
@@ -210,7 +232,7 @@ def test_counts_match_the_traffic_the_mock_and_the_ledger(traffic):
     }
 
     mock = before["mock"]
-    assert mock["requests"] == 8  # 7 served + the 503 that was retried
+    assert mock["requests"] == 10  # 9 served + the 503 that was retried
     for kind in ("prompt", "completion", "cached"):
         assert total(found, "llm_proxy_tokens_total", kind=kind) == mock[f"{kind}_tokens"] > 0, kind
     ledger = before["usage"]["total"]
@@ -232,7 +254,7 @@ def test_counts_match_the_traffic_the_mock_and_the_ledger(traffic):
         "research": 0,
     }
 
-    admitted = 7  # every 200: 4 alice, 2 bob, 1 carol
+    admitted = 9  # every 200: 6 alice, 2 bob, 1 carol
     assert total(found, "llm_proxy_request_duration_seconds_count") == admitted
     assert total(found, "llm_proxy_request_duration_seconds_count", stream="true") == 1
     assert total(found, "llm_proxy_time_to_first_token_seconds_count", team="platform") >= 1
@@ -249,7 +271,10 @@ def test_counts_match_the_traffic_the_mock_and_the_ledger(traffic):
 
     during = samples(after)
     assert total(during, "llm_proxy_store_errors_total", op="admit") >= 1
-    assert total(during, requests, key="alice", status="200") == 5
+    assert total(during, requests, key="alice", status="200") == 7
+    assert total(found, "llm_proxy_queue_wait_seconds_count", team="platform") == 1  # the waiter
+    assert 0.2 < total(found, "llm_proxy_queue_wait_seconds_sum", team="platform") < 5
+    assert total(found, "llm_proxy_queue_depth", team="platform") == 0
 
 
 # -- Prometheus and promtool ----------------------------------------------------------------------

@@ -102,6 +102,22 @@ def test_fallback_tpm_is_the_limit_divided_by_replicas(outage):
     assert reserving(left).status_code == 200
 
 
+def test_fallback_upstream_quota_is_the_quota_divided_by_replicas(outage):
+    """An upstream quota of 9 requests a minute: 3 per replica while Redis is out, then the 429 of
+    the upstream quota (the key's headers say nothing of it)."""
+
+    def patch(data: dict) -> None:
+        data["upstreams"]["mock"]["limits"] = {"rpm": 9}
+
+    server = outage(patch)
+    assert [post(server).status_code for _ in range(3)] == [200] * 3
+    refused = post(server)
+    assert error_of(refused) == (429, "requests", "rate_limit_exceeded")
+    assert refused.json()["error"]["message"].startswith("Rate limit reached for the upstream quota of 'mock'")
+    assert refused.headers["retry-after"] == "20"  # a request every 60/3 s
+    assert "x-ratelimit-limit-requests" not in refused.headers
+
+
 def test_fallback_max_parallel_is_the_limit_divided_by_replicas(outage):
     server = outage(key_limits(max_parallel=6))  # 2 per replica
     headers = {"Authorization": f"Bearer {KEYS['alice']}", "x-mock-fault": SLOW}

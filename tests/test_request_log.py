@@ -30,6 +30,7 @@ FIELDS = {
     "rejection",
     "error",
     "client_gone",
+    "queued_ms",
 }
 SECRET_WORDS = "the secret plan is here"
 

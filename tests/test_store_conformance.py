@@ -15,6 +15,7 @@ import copy
 import itertools
 import random
 import time
+from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
@@ -32,6 +33,7 @@ from proxy.errors import StoreError
 from proxy.limits import scripts
 from proxy.limits.days import candidate_days
 from proxy.limits.keyspace import Keyspace
+from proxy.limits.layout import UNLIMITED
 from proxy.limits.memory_store import MemoryStore, _Lua
 from proxy.limits.redis_store import CLUSTER_MAX_CONNECTIONS, RedisStore
 from proxy.limits.types import (
@@ -40,6 +42,7 @@ from proxy.limits.types import (
     BudgetDay,
     BudgetState,
     Decision,
+    QuotaLimits,
     Renewal,
     ScopeLimits,
     Settled,
@@ -1036,3 +1039,153 @@ async def test_a_peek_of_a_fenced_credential_says_revoked(store, clock):
     peek = await store.peek(admission(key(rpm=10), team(), credential_id="cred-1"))
     assert peek.revoked and peek.key.requests is None
     assert not (await store.peek(admission(key(rpm=10), team(), credential_id="cred-2"))).revoked
+
+
+# -- upstream quotas: the provider's, shared by every team ---------------------------------------
+
+
+def quota(upstream: str, model: str = "", **limits) -> QuotaLimits:
+    return QuotaLimits(upstream, model, **limits)
+
+
+standalone = pytest.mark.parametrize("store", ["redis", "memory", "fakeredis"], indirect=True)
+
+
+async def test_an_upstream_quota_cannot_share_a_cluster_slot_with_a_team(cluster_url, clock):
+    """Why the config refuses upstream quotas on a Redis Cluster: their keys are every team's, so
+    no team's slot holds them, and the one admit script cannot touch both."""
+    store = RedisStore.from_url(cluster_url, timeout_ms=2000, clock_us=clock)
+    try:
+        with pytest.raises(StoreError):
+            await store.admit(admission(key(), team(), quotas=((quota("openai", rpm=10),),)))
+    finally:
+        await store.close()
+
+
+@standalone
+async def test_the_first_candidate_with_room_is_taken_and_only_it_is_consumed(store, clock):
+    """Two candidate targets: the first's quota first, then the second's, then a refusal by the
+    quota that frees first; the key's and team's limits count every admitted request."""
+    first, second = quota("openai", rpm=2, tpm=1_000), quota("azure", "gpt-4o", rpm=1)
+    candidates = ((first,), (second,))
+    k, t = key(rpm=100), team(rpm=100)
+    taken = [await store.admit(admission(k, t, tokens=10, quotas=candidates)) for _ in range(3)]
+    assert [(d.admitted, d.target) for d in taken] == [(True, 0), (True, 0), (True, 1)]
+    assert [d.quota_left for d in taken] == [
+        ((1, 990, UNLIMITED), (1, UNLIMITED, UNLIMITED)),
+        ((0, 980, UNLIMITED), (1, UNLIMITED, UNLIMITED)),
+        ((0, 980, UNLIMITED), (0, UNLIMITED, UNLIMITED)),
+    ]
+    refused = await store.admit(admission(k, t, tokens=10, quotas=candidates))
+    assert (refused.admitted, refused.scope, refused.reason, refused.retry_after_ms, refused.target) == (
+        False,
+        "upstream",
+        "rpm",
+        30_000,  # the first refills one request in 30 s, the second in 60 s
+        0,
+    )
+    assert refused.requests == BucketState(100, 97, 1_800)  # the headers stay the key's and team's
+    clock.advance(30_000)
+    assert (await store.admit(admission(k, t, tokens=10, quotas=candidates))).target == 0
+    other_team = await store.admit(admission(key("x"), team("other"), quotas=candidates))
+    assert (other_team.admitted, other_team.scope) == (False, "upstream")  # one quota for every team
+
+
+@standalone
+async def test_a_candidate_whose_every_scope_fits_is_taken(store, clock):
+    """A target's scopes are its upstream account's and its deployment's: both must fit."""
+    account = quota("openai", tpm=1_000)
+    candidates = ((account, quota("openai", "gpt-4o", rpm=1)), (account, quota("openai", "gpt-4o-mini", rpm=5)))
+    decisions = [await store.admit(admission(key(), team(), tokens=300, quotas=candidates)) for _ in range(4)]
+    assert [(d.admitted, d.target) for d in decisions] == [(True, 0), (True, 1), (True, 1), (False, 1)]
+    assert (decisions[3].scope, decisions[3].reason) == ("upstream", "tpm")  # the shared account is out
+
+
+@standalone
+async def test_a_request_no_candidate_can_ever_hold_is_refused_for_good(store, clock):
+    small, big = ((quota("a", tpm=100),),), ((quota("a", tpm=100),), (quota("b", tpm=1_000),))
+    never = await store.admit(admission(key(), team(), tokens=500, quotas=small))
+    assert (never.admitted, never.scope, never.never_fits, never.target) == (False, "upstream", True, None)
+    fits = await store.admit(admission(key(), team(), tokens=500, quotas=big))
+    assert (fits.admitted, fits.target) == (True, 1)  # the first never could: the second is taken
+
+
+@standalone
+async def test_a_key_or_budget_refusal_comes_first_and_takes_no_quota(store, clock):
+    candidates = ((quota("a", rpm=10),),)
+    k = key(rpm=60, rpm_burst=1, budget_micros=100)
+    assert (await store.admit(admission(k, team(), cost=10, quotas=candidates))).admitted
+    by_key = await store.admit(admission(k, team(), cost=10, quotas=candidates))
+    assert (by_key.scope, by_key.reason, by_key.quota_left) == ("key", "rpm", ((9, UNLIMITED, UNLIMITED),))
+    by_budget = await store.admit(admission(key("b", budget_micros=5), team(), cost=10, quotas=candidates))
+    assert (by_budget.scope, by_budget.reason, by_budget.quota_left) == ("key", "budget", ((9, UNLIMITED, UNLIMITED),))
+
+
+@standalone
+async def test_settlement_refunds_the_chosen_quota_and_frees_its_slot(store, clock):
+    candidates = ((quota("a", tpm=1_000, max_parallel=1),), (quota("b", tpm=1_000, max_parallel=1),))
+    first = admission(key(), team(), tokens=800, quotas=candidates)
+    second = admission(key(), team(), tokens=800, quotas=candidates)
+    assert (await store.admit(first)).target == 0
+    assert (await store.admit(second)).target == 1
+    refused = await store.admit(admission(key(), team(), tokens=300, quotas=candidates))
+    assert (refused.scope, refused.reason, refused.retry_after_ms) == ("upstream", "tpm", 6_000)
+    # the ticket settles only the candidate it took (the others' scopes left out)
+    assert await store.settle(replace(settlement(first, 50, 50), quotas=(candidates[0], ())))
+    again = await store.admit(admission(key(), team(), tokens=800, quotas=candidates))
+    assert (again.admitted, again.target, again.quota_left[0]) == (True, 0, (UNLIMITED, 100, 0))
+    # settling the second with every candidate named still refunds only the one it took
+    assert await store.settle(replace(settlement(second, 50, 50), quotas=candidates))
+    last = await store.admit(admission(key(), team(), tokens=100, quotas=candidates))
+    assert (last.target, last.quota_left) == (1, ((UNLIMITED, 100, 0), (UNLIMITED, 800, 0)))
+
+
+@standalone
+async def test_an_abandoned_admission_releases_the_quota_the_store_chose(store, clock):
+    """The caller never learnt which candidate its lost admit took: the reservation says."""
+    candidates = ((quota("a", max_parallel=1),), (quota("b", max_parallel=1),))
+    lost = admission(key(), team(), quotas=candidates)
+    assert (await store.admit(lost)).target == 0
+    assert (await store.admit(admission(key(), team(), quotas=candidates))).target == 1
+    abandoned = Settlement(
+        lost.request_id,
+        lost.team,
+        lost.key,
+        "",
+        "2023-11-15",
+        Usage(),
+        0,
+        succeeded=False,
+        abandoned=True,
+        quotas=candidates,
+    )
+    assert await store.settle(abandoned)
+    assert (await store.admit(admission(key(), team(), quotas=candidates))).target == 0
+
+
+@standalone
+async def test_a_long_request_keeps_its_quota_slot_while_renewed(store, clock):
+    candidates = ((quota("a", max_parallel=1),),)
+    a = admission(key(), team(), quotas=candidates)
+    decision = await store.admit(a)
+    clock.advance(800_000)
+    assert await store.renew(Renewal(a.request_id, a.team, a.key, decision.day, 900_000, quotas=candidates))
+    clock.advance(800_000)  # past the first lease, within the renewed one
+    held = await store.admit(admission(key(), team(), quotas=candidates))
+    assert (held.admitted, held.scope, held.reason) == (False, "upstream", "parallel")
+    assert await store.settle(replace(settlement(a), quotas=candidates))
+    assert (await store.admit(admission(key(), team(), quotas=candidates))).admitted
+
+
+@pytest.mark.parametrize("store", ["redis", "memory"], indirect=True)
+async def test_an_upstream_quota_is_exact_under_concurrent_admissions_of_many_teams(store, clock):
+    """150 requests of 15 teams racing for two targets: exactly what their quotas hold is admitted,
+    each target exactly its own quota."""
+    candidates = ((quota("a", rpm=40),), (quota("b", "m", rpm=1, tpm=10**6), quota("b", rpm=25)))
+
+    async def one(i: int) -> Decision:
+        return await store.admit(admission(key(f"k{i}"), team(f"t{i % 15}"), tokens=10, quotas=candidates))
+
+    decisions = await asyncio.gather(*(one(i) for i in range(150)))
+    assert Counter(d.target for d in decisions if d.admitted) == {0: 40, 1: 1}
+    assert all(d.scope == "upstream" for d in decisions if not d.admitted)

@@ -1,4 +1,5 @@
-"""Admission: reserve a request's worst case against its key's and team's limits and budgets.
+"""Admission: reserve a request's worst case against its key's and team's limits and budgets, and
+against the upstream quotas of the first of its candidate targets that has room (`quotas.py`).
 
 The store decides (one script, one round trip). When it cannot answer, `on_redis_error` says
 what happens: `allow` admits through this process's fallback store with the limits divided by
@@ -18,6 +19,7 @@ reaches Redis the same way.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import StoreUnreachable
@@ -26,9 +28,26 @@ from .headers import rate_limit_headers
 from .health import StoreHealth
 from .journal import Journal
 from .memory_store import MemoryStore
+from .quotas import NO_QUOTAS, QuotaCandidates
 from .scopes import Scopes
 from .seen import SeenCommitted
-from .types import NO_END_USER, Admission, BudgetDay, Decision, ScopeLimits, Settlement, Store, Usage, WindowBudget
+from .types import (
+    NO_END_USER,
+    Admission,
+    BudgetDay,
+    Candidates,
+    Decision,
+    QuotaLeft,
+    QuotaLimits,
+    ScopeLimits,
+    Settlement,
+    Store,
+    Usage,
+    WindowBudget,
+)
+
+# told each quota scope's remaining capacity after every admission the shared store decided
+QuotaWatcher = Callable[[tuple[QuotaLimits, ...], tuple[QuotaLeft, ...]], None]
 
 
 @dataclass(slots=True)
@@ -49,10 +68,16 @@ class Ticket:
     end_user: str = ""  # who the request named as its end user, if anyone
     shared_user: ScopeLimits = NO_END_USER  # its end user's limits in the shared store
     fallback_user: ScopeLimits = NO_END_USER  # ... and in the fallback
+    quotas: QuotaCandidates = NO_QUOTAS  # its candidate targets; `decision.target` is the one it took
 
     @property
     def user_scope(self) -> ScopeLimits:
         return self.fallback_user if self.degraded else self.shared_user
+
+    @property
+    def quota_scopes(self) -> Candidates:
+        """Its candidates' quota scopes in the store that admitted it."""
+        return self.quotas.fallback if self.degraded else self.quotas.shared
 
     @property
     def windows(self) -> tuple[WindowBudget, ...]:
@@ -88,6 +113,7 @@ class Refusal:
     windows: tuple[WindowBudget, ...] = ()  # the window budgets it was checked against
     resets_at: int = 0  # when the refusing budget's window ends (epoch seconds)
     user: ScopeLimits = NO_END_USER  # the end user's limits it was checked against
+    quotas: QuotaCandidates = NO_QUOTAS  # the candidate targets it was checked against
 
     @property
     def window(self) -> WindowBudget | None:
@@ -104,6 +130,7 @@ def shared_admission(
     tokens: int = 0,
     cost_micros: int = 0,
     lease_ttl_ms: int = 900_000,
+    quotas: Candidates = (),
 ) -> Admission:
     """What the shared store checks for a request of `scopes` from `end_user`: the key's, team's
     and end user's limits and every window budget. A peek (`GET /v1/me`) reads the same."""
@@ -118,6 +145,7 @@ def shared_admission(
         scopes.for_end_user(end_user)[0],
         scopes.user_for(end_user)[0],
         scopes.credential_id,
+        quotas,
     )
 
 
@@ -133,8 +161,10 @@ class Admitter:
         calendar: BudgetCalendar,
         journal: Journal,
         health: StoreHealth,
+        on_quota: QuotaWatcher | None = None,
     ) -> None:
         self.store = store
+        self.on_quota = on_quota
         self.fallback = fallback
         self.allow_on_outage = allow_on_outage
         self.replicas = replicas
@@ -145,10 +175,18 @@ class Admitter:
         self.seen = SeenCommitted()  # what the store last reported committed: the fallback starts from it
 
     async def admit(
-        self, request_id: str, scopes: Scopes, tokens: int, cost_micros: int, end_user: str | None = None
+        self,
+        request_id: str,
+        scopes: Scopes,
+        tokens: int,
+        cost_micros: int,
+        end_user: str | None = None,
+        quotas: QuotaCandidates = NO_QUOTAS,
     ) -> Ticket | Refusal:
         days = self.calendar.candidates()
-        admission = shared_admission(request_id, scopes, end_user, days, tokens, cost_micros, self.lease_ttl_ms)
+        admission = shared_admission(
+            request_id, scopes, end_user, days, tokens, cost_micros, self.lease_ttl_ms, quotas.shared
+        )
         windows, user = admission.windows, admission.user
         _, fallback_windows = scopes.for_end_user(end_user)
         _, fallback_user = scopes.user_for(end_user)
@@ -159,6 +197,8 @@ class Admitter:
             decision = await store.admit(admission)
             self.health.answered()
             self.seen.saw(scopes, windows, decision)
+            if quotas.shared and self.on_quota is not None:
+                self.on_quota(tuple(q for candidate in quotas.shared for q in candidate), decision.quota_left)
         except asyncio.CancelledError:
             self._abandon(admission)
             raise
@@ -181,6 +221,7 @@ class Admitter:
                     self.lease_ttl_ms,
                     fallback_windows,
                     fallback_user,
+                    quotas=quotas.fallback,
                 )
             )
             if sent and not decision.admitted:
@@ -193,7 +234,7 @@ class Admitter:
                 resets_at = self.calendar.window_end(checked[decision.window].window, decision.day)
             elif decision.reason == "budget":  # a key's or team's enforced day budget
                 resets_at = self.calendar.window_end("day", decision.day)
-            return Refusal(scopes, decision, checked, resets_at, fallback_user if degraded else user)
+            return Refusal(scopes, decision, checked, resets_at, fallback_user if degraded else user, quotas)
         return Ticket(
             request_id,
             scopes,
@@ -207,6 +248,7 @@ class Admitter:
             end_user=end_user or "",
             shared_user=user,
             fallback_user=fallback_user,
+            quotas=quotas,
         )
 
     def _abandon(self, admission: Admission) -> None:
@@ -224,5 +266,6 @@ class Admitter:
                 abandoned=True,
                 windows=admission.windows,
                 user=admission.user,
+                quotas=admission.quotas,
             )
         )

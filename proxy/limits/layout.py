@@ -17,17 +17,21 @@ one Redis Cluster slot:
     llmrl:{T}:u:<end user>:w:<label>             label "2026-12-01", "2026-W49" or "2026-12"
     llmrl:{T}:u:<end user>:rq|tk|par            an end user's buckets and leases (end_users.limits)
     llmrl:{org}:w:<label>                        the org's: outside every team's slot (see README)
+    llmrl:{quota}:u:<upstream>:rq|tk|par         an upstream account's quota (upstreams.NAME.limits)
+    llmrl:{quota}:u:<upstream>:m:<model>:rq|...  a deployment's (a target's limits): outside every
+                                                 team's slot too
 
 MemoryStore keeps the same names in its own keyspace, and returns the same reply array.
 
 Each script's ARGV and KEYS are named once, here. ARGV: `ADMIT_ARGS`, `SETTLE_ARGS`,
 `RENEW_ARGS`, from which the `*_args` functions build it. KEYS: the fixed keys (`ADMIT_KEYS`,
 `SETTLE_KEYS`, `RENEW_KEYS`) first, then the variable sections, each a group of named keys
-repeated per candidate day (`ADMIT_DAY_KEYS`) or per window budget (`*_WINDOW_KEYS`), from which
-the `*_keys` methods build it. Each script reads both into named fields in the same order (its
-`ARG_NAMES`, `KEY_NAMES`, `DAY_KEY_NAMES` and `WINDOW_KEY_NAMES` tables, checked against these by
-tests/test_layout.py), and reaches a variable section only through its small helpers
-(`day_budgets(d)`, `window_budget(w, d)`).
+repeated per candidate day (`ADMIT_DAY_KEYS`), per window budget (`*_WINDOW_KEYS`) or per
+upstream quota scope (`*_QUOTA_KEYS`, with its arguments `*_QUOTA_ARGS`), from which the `*_keys`
+methods build it. Each script reads both into named fields in the same order (its
+`ARG_NAMES`, `KEY_NAMES`, `DAY_KEY_NAMES`, `WINDOW_KEY_NAMES`, `QUOTA_KEY_NAMES` and
+`QUOTA_ARG_NAMES` tables, checked against these by tests/test_layout.py), and reaches a variable
+section only through its small helpers (`day_budgets(d)`, `window_budget(w, d)`, `quota_scope(q)`).
 """
 
 from __future__ import annotations
@@ -41,8 +45,11 @@ from .types import (
     Admission,
     BucketState,
     BudgetState,
+    Candidates,
     Decision,
     Peek,
+    QuotaLeft,
+    QuotaLimits,
     Reason,
     RefusingScope,
     Renewal,
@@ -114,6 +121,24 @@ class Layout:
                 keys += [named[name] for name in names]
         return keys
 
+    def quota(self, q: QuotaLimits) -> str:
+        """An upstream quota scope: shared by every team, so outside every team's slot."""
+        account = f"{self.prefix}:{{quota}}:u:{q.upstream}"
+        return f"{account}:m:{q.model}" if q.model else account
+
+    def _quota_keys(self, candidates: Candidates, names: tuple[str, ...], only_parallel: bool = False) -> list[str]:
+        """For each quota scope of each candidate, its keys named by `names` (of "requests",
+        "tokens", "parallel"); `only_parallel`: only the scopes with a max_parallel."""
+        keys: list[str] = []
+        for scopes in candidates:
+            for q in scopes:
+                if only_parallel and q.max_parallel is None:
+                    continue
+                base = self.quota(q)
+                named = {"requests": f"{base}:rq", "tokens": f"{base}:tk", "parallel": f"{base}:par"}
+                keys += [named[name] for name in names]
+        return keys
+
     def ledger(self, team: str, day: str) -> str:
         return f"{self.team(team)}:ledger:{day}"
 
@@ -142,7 +167,10 @@ class Layout:
         keys = list(_IN_ADMIT_ORDER(named))
         for day in a.days.labels:
             keys += _IN_DAY_ORDER(self._day_budgets(t, a.key, a.team, day))
-        return keys + self._window_keys(t, a.windows, a.days.labels, ADMIT_WINDOW_KEYS)
+        keys += self._window_keys(t, a.windows, a.days.labels, ADMIT_WINDOW_KEYS)
+        if a.quotas:
+            keys += self._quota_keys(a.quotas, ADMIT_QUOTA_KEYS)
+        return keys
 
     def settle_keys(self, s: Settlement) -> list[str]:
         t = s.team.name
@@ -160,7 +188,10 @@ class Layout:
             "ledger": self.ledger(t, s.day),
         }
         keys = list(_IN_SETTLE_ORDER(named))
-        return keys + self._window_keys(t, s.windows, (s.day,), SETTLE_WINDOW_KEYS)
+        keys += self._window_keys(t, s.windows, (s.day,), SETTLE_WINDOW_KEYS)
+        if s.quotas:
+            keys += self._quota_keys(s.quotas, SETTLE_QUOTA_KEYS)
+        return keys
 
     def renew_keys(self, r: Renewal) -> list[str]:
         t = r.team.name
@@ -172,7 +203,10 @@ class Layout:
             **self._day_budgets(t, r.key, r.team, r.day),
         }
         keys = list(_IN_RENEW_ORDER(named))
-        return keys + self._window_keys(t, r.windows, (r.day,), RENEW_WINDOW_KEYS)
+        keys += self._window_keys(t, r.windows, (r.day,), RENEW_WINDOW_KEYS)
+        if r.quotas:
+            keys += self._quota_keys(r.quotas, RENEW_QUOTA_KEYS, only_parallel=True)
+        return keys
 
 
 # Each script's KEYS: its fixed keys by name, then its variable sections, each a repeated group of
@@ -180,7 +214,8 @@ class Layout:
 # WINDOW_KEY_NAMES tables, checked against these by tests/test_layout.py).
 # admit.lua: these; then ADMIT_DAY_KEYS for each candidate day (`day_count`, in order); then
 # ADMIT_WINDOW_KEYS for each window budget (in order) and, within it, each candidate day (the
-# budget of its window containing that day)
+# budget of its window containing that day); then ADMIT_QUOTA_KEYS for each upstream quota scope
+# (`quota_count`: each candidate's scopes, candidate after candidate)
 ADMIT_KEYS = (
     "key_requests",
     "key_tokens",
@@ -197,8 +232,10 @@ ADMIT_KEYS = (
 )
 ADMIT_DAY_KEYS = ("key_budget", "key_budget_holds", "team_budget", "team_budget_holds")
 ADMIT_WINDOW_KEYS = ("budget", "holds")
+ADMIT_QUOTA_KEYS = ("requests", "tokens", "parallel")
 # settle.lua: these (the budgets and ledger of the request's day); then SETTLE_WINDOW_KEYS for
-# each window budget (its window containing the request's day)
+# each window budget (its window containing the request's day); then SETTLE_QUOTA_KEYS for each
+# upstream quota scope
 SETTLE_KEYS = (
     "settled_marker",
     "reservation",
@@ -212,15 +249,20 @@ SETTLE_KEYS = (
     "ledger",
 )
 SETTLE_WINDOW_KEYS = ("budget", "holds")
-# renew.lua: these (the holds of the request's day); then RENEW_WINDOW_KEYS for each window budget
+SETTLE_QUOTA_KEYS = ("tokens", "parallel")
+# renew.lua: these (the holds of the request's day); then RENEW_WINDOW_KEYS for each window budget;
+# then RENEW_QUOTA_KEYS for each upstream quota scope with a max_parallel (`quota_count` of them)
 RENEW_KEYS = ("reservation", "key_parallel", "team_parallel", "user_parallel", "key_budget_holds", "team_budget_holds")
 RENEW_WINDOW_KEYS = ("holds",)
+RENEW_QUOTA_KEYS = ("parallel",)
 # a dict of keys by name to the tuple of its values in a script's order, at C speed (the hot path)
 _IN_ADMIT_ORDER, _IN_DAY_ORDER = itemgetter(*ADMIT_KEYS), itemgetter(*ADMIT_DAY_KEYS)
 _IN_SETTLE_ORDER, _IN_RENEW_ORDER = itemgetter(*SETTLE_KEYS), itemgetter(*RENEW_KEYS)
 
 LIMIT_ARGS = ("rpm", "request_capacity", "tpm", "token_capacity", "max_parallel", "budget", "enforce")
-# admit.lua's ARGV; after them, `day_count` day labels, then `day_count + 1` day starts (epoch s)
+# admit.lua's ARGV; after them, `day_count` day labels, then `day_count + 1` day starts (epoch s),
+# then each window budget's three, then ADMIT_QUOTA_ARGS for each of the `quota_count` upstream
+# quota scopes (`candidate`: the 1-based candidate it belongs to, of `candidate_count`)
 ADMIT_ARGS = (
     "now_us",
     "request_id",
@@ -233,9 +275,13 @@ ADMIT_ARGS = (
     *(f"user_{name}" for name in LIMIT_ARGS),
     "day_count",
     "window_count",
+    "quota_count",
+    "candidate_count",
     "dry_run",  # 1: a peek (`peek_args`), answered with what the admit would read, nothing written
 )
-# settle.lua's ARGV; after them, the request's tags as `name=value`
+ADMIT_QUOTA_ARGS = ("candidate", "rpm", "tpm", "max_parallel")
+# settle.lua's ARGV; after them, each window budget's alert thresholds, then SETTLE_QUOTA_ARGS for
+# each of the `quota_count` upstream quota scopes, then the request's tags as `name=value`
 SETTLE_ARGS = (
     "now_us",
     "request_id",
@@ -262,8 +308,10 @@ SETTLE_ARGS = (
     "abandon",
     "window_count",
     "end_user",
+    "quota_count",
 )
-RENEW_ARGS = ("now_us", "request_id", "lease_ttl_ms")  # renew.lua's ARGV
+SETTLE_QUOTA_ARGS = ("candidate", "tpm")
+RENEW_ARGS = ("now_us", "request_id", "lease_ttl_ms", "quota_count")  # renew.lua's ARGV
 
 Arg = int | str
 ScriptReply = Any  # what a script returns, as the driver decodes it: nested lists of int, bytes, str
@@ -299,12 +347,18 @@ def admit_args(a: Admission, now_us: int | None, dry_run: bool = False) -> list[
         **_limits("user_", a.user),
         "day_count": len(a.days.labels),
         "window_count": len(a.windows),
+        "quota_count": sum(len(scopes) for scopes in a.quotas),
+        "candidate_count": len(a.quotas),
         "dry_run": 1 if dry_run else 0,
     }
     windows: list[Arg] = []
     for w in a.windows:
         windows += [w.micros, 1 if w.enforce else 0, (WINDOW_DAYS[w.window] - 1) * 86_400_000]
-    return [*(named[name] for name in ADMIT_ARGS), *a.days.labels, *a.days.starts, *windows]
+    quotas: list[Arg] = []
+    for candidate, scopes in enumerate(a.quotas, 1):
+        for q in scopes:
+            quotas += [candidate, _or_unlimited(q.rpm), _or_unlimited(q.tpm), _or_unlimited(q.max_parallel)]
+    return [*(named[name] for name in ADMIT_ARGS), *a.days.labels, *a.days.starts, *windows, *quotas]
 
 
 def peek_args(a: Admission, now_us: int | None) -> list[Arg]:
@@ -340,9 +394,14 @@ def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list[Ar
         "abandon": 1 if s.abandoned else 0,
         "window_count": len(s.windows),
         "end_user": s.end_user,
+        "quota_count": sum(len(scopes) for scopes in s.quotas),
     }
     alerts = [",".join(str(t) for t in w.alerts) for w in s.windows]
-    return [*(named[name] for name in SETTLE_ARGS), *alerts, *(f"{k}={v}" for k, v in s.tags)]
+    quotas: list[Arg] = []
+    for candidate, scopes in enumerate(s.quotas, 1):
+        for q in scopes:
+            quotas += [candidate, _or_unlimited(q.tpm)]
+    return [*(named[name] for name in SETTLE_ARGS), *alerts, *quotas, *(f"{k}={v}" for k, v in s.tags)]
 
 
 def renew_args(r: Renewal, now_us: int | None) -> list[Arg]:
@@ -350,6 +409,7 @@ def renew_args(r: Renewal, now_us: int | None) -> list[Arg]:
         "now_us": "" if now_us is None else now_us,
         "request_id": r.request_id,
         "lease_ttl_ms": r.lease_ttl_ms,
+        "quota_count": sum(1 for scopes in r.quotas for q in scopes if q.max_parallel is not None),
     }
     return [named[name] for name in RENEW_ARGS]
 
@@ -394,13 +454,15 @@ def decode_decision(reply: ScriptReply) -> Decision:
     else [admitted, reason, scope, retry_after_ms, never_fits, request limit, remaining, reset_ms,
     token limit, remaining, reset_ms, budget committed, budget limit, day, day_reset_s, key
     committed, team committed, refusing window, its spent, its limit, shadow windows, shadow
-    limits, each window's committed]."""
+    limits, each window's committed, candidate target (1-based, 0: none), [each quota scope's
+    remaining requests, tokens, parallel slots]]."""
     if not isinstance(reply, (list, tuple)):
         return STALE
     admitted, reason, scope, retry, never, *rest = reply
     rq, tk = rest[0:3], rest[3:6]
     spent, limit, day, day_reset, key_committed, team_committed = rest[6:12]
-    window, window_spent, window_limit, shadow, shadow_limits, windows_committed = rest[12:18]
+    window, window_spent, window_limit, shadow, shadow_limits, windows_committed, target, left = rest[12:20]
+    left = [int(x) for x in left]
     return Decision(
         admitted=bool(int(admitted)),
         reason=cast(Reason, _text(reason)) or None,  # the script answers one of these
@@ -421,6 +483,8 @@ def decode_decision(reply: ScriptReply) -> Decision:
         shadow=tuple(int(w) - 1 for w in _text(shadow).split(",") if w),
         shadow_limits=tuple(s for s in _text(shadow_limits).split(",") if s),
         windows_committed_micros=tuple(int(c) for c in _text(windows_committed).split(",") if c),
+        target=int(target) - 1 if int(target) else None,
+        quota_left=tuple(cast(QuotaLeft, tuple(left[i : i + 3])) for i in range(0, len(left), 3)),
     )
 
 

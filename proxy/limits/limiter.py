@@ -18,11 +18,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ..config import Config
-from .admission import Admitter, Refusal, Ticket
+from .admission import Admitter, QuotaWatcher, Refusal, Ticket
 from .days import BudgetCalendar
 from .health import StoreHealth
 from .journal import FLUSH_INTERVAL_S, Journal
 from .memory_store import MemoryStore
+from .quotas import NO_QUOTAS, QuotaCandidates
 from .renewal import Renewer
 from .scopes import Scopes
 from .seen import Mark
@@ -41,6 +42,7 @@ class Limiter:
         fallback: MemoryStore | None = None,
         calendar: BudgetCalendar | None = None,
         on_store_error: Callable[[str], None] | None = None,
+        on_quota: QuotaWatcher | None = None,
     ) -> None:
         self.store = store
         self.fallback = fallback
@@ -57,6 +59,7 @@ class Limiter:
             calendar=self.calendar,
             journal=self.journal,
             health=self.health,
+            on_quota=on_quota,
         )
         self.settler = Settler(store, self.journal, self.health)
         self.renewer = Renewer(lease_ttl_ms, self.health)
@@ -71,9 +74,15 @@ class Limiter:
         return self.admitter.seen.committed
 
     async def admit(
-        self, request_id: str, scopes: Scopes, tokens: int, cost_micros: int, end_user: str | None = None
+        self,
+        request_id: str,
+        scopes: Scopes,
+        tokens: int,
+        cost_micros: int,
+        end_user: str | None = None,
+        quotas: QuotaCandidates = NO_QUOTAS,
     ) -> Ticket | Refusal:
-        admitted = await self.admitter.admit(request_id, scopes, tokens, cost_micros, end_user)
+        admitted = await self.admitter.admit(request_id, scopes, tokens, cost_micros, end_user, quotas)
         if isinstance(admitted, Ticket):
             self.settler.opened()
             self.renewer.follow(admitted)

@@ -13,7 +13,7 @@ import time
 
 from .admission import Ticket
 from .health import StoreHealth
-from .types import Renewal
+from .types import QuotaLimits, Renewal
 
 log = logging.getLogger("proxy.limits")
 
@@ -63,6 +63,7 @@ class Renewer:
             self.lease_ttl_ms,
             ticket.windows,
             ticket.user_scope,
+            _chosen(ticket),
         )
         renewed = await ticket.store.renew(renewal)
         if renewed:
@@ -77,3 +78,9 @@ class Renewer:
                     await self.renew_leases()
                 except Exception:  # never let the renewer die
                     log.exception("lease renewal failed")
+
+
+def _chosen(ticket: Ticket) -> tuple[tuple[QuotaLimits, ...], ...]:
+    """The quota scopes of the candidate the ticket took (the only ones holding its leases)."""
+    index = ticket.decision.target
+    return () if index is None else (ticket.quota_scopes[index],)

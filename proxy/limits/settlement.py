@@ -14,7 +14,7 @@ from dataclasses import replace
 from .admission import Ticket
 from .health import StoreHealth
 from .journal import Journal
-from .types import Settled, Settlement, Store, Usage
+from .types import QuotaLimits, Settled, Settlement, Store, Usage
 
 log = logging.getLogger("proxy.limits")
 
@@ -74,6 +74,7 @@ class Settler:
             windows=ticket.windows,
             end_user=ticket.end_user,
             user=ticket.user_scope,
+            quotas=_chosen_only(ticket),
         )
         if ticket.degraded:
             await ticket.store.settle(settlement)  # the fallback store (limits / replicas) never fails
@@ -84,6 +85,7 @@ class Settler:
                 team=ticket.scopes.team,
                 windows=ticket.shared_windows,
                 user=ticket.shared_user,
+                quotas=ticket.quotas.shared,
             )
         try:
             settled = await self.store.settle(settlement)
@@ -102,3 +104,10 @@ class Settler:
             except TimeoutError:
                 return False
         return True
+
+
+def _chosen_only(ticket: Ticket) -> tuple[tuple[QuotaLimits, ...], ...]:
+    """Its candidates' quota scopes, the ones it did not take left out (the store settles only the
+    taken one's, named by its place among the candidates)."""
+    index = ticket.decision.target
+    return tuple(scopes if i == index else () for i, scopes in enumerate(ticket.quota_scopes))

@@ -19,8 +19,9 @@ from ..budgets.windows import Window
 
 Reason = Literal["rpm", "tpm", "parallel", "budget", "revoked"]
 ScopeKind = Literal["key", "team", "end_user"]
-# who refused: a key's or team's limit or enforced day budget, or one of the window budgets
-RefusingScope = Literal["key", "team", "end_user", "window"]
+# who refused: a key's or team's limit or enforced day budget, one of the window budgets, or the
+# upstream quotas of every candidate target
+RefusingScope = Literal["key", "team", "end_user", "window", "upstream"]
 BudgetScope = Literal["org", "team", "key", "end_user"]
 WINDOW_DAYS: dict[Window, int] = {"day": 1, "week": 7, "month": 31}  # the longest each can be
 
@@ -87,6 +88,24 @@ class BudgetDay:
         return label
 
 
+@dataclass(frozen=True, slots=True)
+class QuotaLimits:
+    """A provider's quota: an upstream account's (`model` "") or one deployment's (an upstream and
+    the model asked of it). Its buckets hold one minute's worth (no burst). None means unlimited."""
+
+    upstream: str
+    model: str = ""
+    rpm: int | None = None
+    tpm: int | None = None
+    max_parallel: int | None = None
+
+
+# The candidate targets of a request, in order, each as its quota scopes (a target's upstream
+# account and its deployment, those that have limits): admission takes the first that fits.
+# Empty: no quota applies (the request goes to the model's targets as they come).
+Candidates = tuple[tuple[QuotaLimits, ...], ...]
+QuotaLeft = tuple[int, int, int]  # one quota scope's remaining requests, tokens, parallel slots (UNLIMITED: none)
+
 NO_END_USER = ScopeLimits("end_user", "")  # a request naming no end user, or a team without end-user limits
 
 
@@ -102,6 +121,7 @@ class Admission:
     windows: tuple[WindowBudget, ...] = ()
     user: ScopeLimits = NO_END_USER  # the end user's rpm, tpm and max_parallel
     credential_id: str | None = None  # a runtime key's credential: names the fence admit checks
+    quotas: Candidates = ()  # the candidate targets' upstream quotas: the first that fits is taken
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +135,7 @@ class Renewal:
     lease_ttl_ms: int
     windows: tuple[WindowBudget, ...] = ()
     user: ScopeLimits = NO_END_USER
+    quotas: Candidates = ()  # as admitted: the chosen candidate's parallel leases are renewed
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +172,10 @@ class Decision:
     shadow_limits: tuple[str, ...] = ()  # "<scope>:<rpm|tpm|parallel>" a shadow limit would have refused
     # each of `Admission.windows`' spent + held in the window containing `day` (the fallback starts from it)
     windows_committed_micros: tuple[int, ...] = ()
+    # the index in `Admission.quotas` of the candidate chosen (admitted) or freeing first (refused by
+    # `upstream`); None without candidates
+    target: int | None = None
+    quota_left: tuple[QuotaLeft, ...] = ()  # each quota scope of `Admission.quotas` (flattened), after admission
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +257,9 @@ class Settlement:
     windows: tuple[WindowBudget, ...] = ()
     end_user: str = ""  # who the request named as its end user ("" for none): booked in the ledger
     user: ScopeLimits = NO_END_USER  # the end user's limits it was admitted under
+    # the candidates it was admitted against: the one admission chose gets its unused tokens back and
+    # its parallel slots released (an abandoned admission does not know which: the store does)
+    quotas: Candidates = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,11 @@
-"""The admit stage: reserve the call's worst case against its key's and team's limits and budgets.
+"""The admit stage: reserve the call's worst case against its key's and team's limits and budgets,
+and against the upstream quotas of the first candidate target with room.
 
 The reservation is the estimated prompt plus the most the call may produce (`n` x `max_tokens`),
 in tokens and in micro-dollars at the model's price; settlement later swaps it for what the
 response really used. A refusal from the limiter becomes the client's error here: 429
-`RateLimited` (a request, token or parallel limit) or `BudgetExceeded`, or 503
+`RateLimited` (a request, token or parallel limit), `UpstreamQuotaReached` (no candidate target's
+upstream quota has room: retry when the first frees) or `BudgetExceeded`, or 503
 `StoreUnavailable` when the store is out and `on_redis_error: deny`, with OpenAI's headers.
 """
 
@@ -16,13 +18,22 @@ from collections.abc import Mapping, Sequence
 from ..apis import anthropic_errors
 from ..budgets.refusal import ScopeKind, budget_refusal, safe_name, usd_text
 from ..budgets.windows import ADJECTIVES
-from ..config import Config, Model
-from ..errors import BudgetExceeded, InvalidApiKey, ProxyError, RateLimited, StoreUnavailable
+from ..config import Config, Model, Target
+from ..errors import (
+    BudgetExceeded,
+    InvalidApiKey,
+    ProxyError,
+    RateLimited,
+    Retry,
+    StoreUnavailable,
+    UpstreamQuotaReached,
+)
 from ..http.responses import new_request_id
 from ..limits.admission import Refusal, Ticket
 from ..limits.headers import openai_duration, rate_limit_headers, retry_headers
 from ..limits.limiter import Limiter, reserved_tokens
-from ..limits.types import WindowBudget
+from ..limits.quotas import NO_QUOTAS, QuotaCandidates
+from ..limits.types import Decision, WindowBudget
 from ..pricing.cost import reservation_micros
 from .authenticate import Caller
 from .call import Call
@@ -35,10 +46,17 @@ LIMIT_TYPES = {"rpm": "requests", "tpm": "tokens", "parallel": "parallel_request
 
 
 async def admit(
-    limiter: Limiter, caller: Caller, call: Call, model: Model | None, config: Config, headers: Mapping[str, str]
+    limiter: Limiter,
+    caller: Caller,
+    call: Call,
+    model: Model | None,
+    config: Config,
+    headers: Mapping[str, str],
+    quotas: QuotaCandidates = NO_QUOTAS,
 ) -> Ticket:
     """The ticket of an admitted call; raises the client's error for a refusal. Without a model
-    (a read of a stored response) it counts one request and reserves nothing."""
+    (a read of a stored response) it counts one request and reserves nothing. With `quotas`, the
+    ticket's `decision.target` is the candidate target it took."""
     scopes = caller.scopes
     # a JWT names its end user (its claim); otherwise the request may (safety_identifier, user, header)
     end_user = caller.end_user or end_user_of(call.body, headers, config.end_user_identity)
@@ -48,6 +66,7 @@ async def admit(
         reserved_tokens(call.prompt_tokens, call.max_output),
         reservation_micros(model.price_per_mtok, call.prompt_tokens, call.max_output) if model else 0,
         end_user,
+        quotas,
     )
     if isinstance(admitted, Refusal):
         error = refusal_error(admitted)
@@ -99,6 +118,8 @@ def refusal_error(refusal: Refusal) -> ProxyError:
             window.scope, name, decision.window_spent_micros, window.micros, window.window, refusal.resets_at
         )
         return BudgetExceeded(message, headers=headers)
+    if decision.scope == "upstream":
+        return upstream_quota_refusal(decision, refusal.quotas.targets, headers)
     if decision.reason == "budget":  # the key's or team's enforced day budget
         headers["x-should-retry"] = "false"
         kind: ScopeKind = "key" if decision.scope == "key" else "team"
@@ -130,4 +151,43 @@ def refusal_error(refusal: Refusal) -> ProxyError:
         f"{openai_duration(decision.retry_after_ms)}.",
         limit_type=limit_type,
         headers=headers,
+        retry=Retry(decision.retry_after_ms, reason != "parallel", frozenset({refusing_scope(refusal)})),
     )
+
+
+def upstream_quota_refusal(
+    decision: Decision, targets: Sequence[Target], headers: dict[str, str]
+) -> UpstreamQuotaReached:
+    """No candidate target's upstream quota has room: named by the one that frees first."""
+    reason = decision.reason or "rpm"
+    limit_type = LIMIT_TYPES[reason]
+    if decision.never_fits or decision.target is None:
+        headers["x-should-retry"] = "false"
+        names = ", ".join(f"'{t.upstream}'" for t in targets)
+        return UpstreamQuotaReached(
+            f"Request too large for the upstream quotas of {names}: it needs more tokens per minute than "
+            "any of them allows, so it can never be admitted. Reduce the prompt or max_tokens.",
+            limit_type=limit_type,
+            headers=headers,
+        )
+    target = targets[decision.target]
+    others = " (and every other target of the model)" if len(targets) > 1 else ""
+    headers.update(retry_headers(decision.retry_after_ms))
+    return UpstreamQuotaReached(
+        f"Rate limit reached for the upstream quota of '{target.upstream}' (model '{target.model}'){others} "
+        f"on {LIMIT_NAMES[reason]}. Please try again in {openai_duration(decision.retry_after_ms)}.",
+        limit_type=limit_type,
+        headers=headers,
+        # a caller that may wait (limits.max_wait_ms) queues on every candidate target, as for a hold
+        retry=Retry(
+            decision.retry_after_ms, reason != "parallel", frozenset(("target", t.upstream, t.model) for t in targets)
+        ),
+    )
+
+
+def refusing_scope(refusal: Refusal) -> tuple[str, ...]:
+    """What refused, as the queue names it: ("key", name), ("team", name) or ("end_user", team, name)."""
+    scopes, scope = refusal.scopes, refusal.decision.scope if refusal.decision else None
+    if scope == "end_user":
+        return ("end_user", scopes.team.name, refusal.user.name)
+    return ("key", scopes.key.name) if scope == "key" else ("team", scopes.team.name)

@@ -47,6 +47,12 @@ class Caller:
     def limits(self) -> Limits:
         return self.key.limits
 
+    @property
+    def max_wait_ms(self) -> int:
+        """How long its refused requests may wait for capacity: the key's, else its team's (0: not at all)."""
+        wait = self.key.limits.max_wait_ms
+        return (self.team.limits.max_wait_ms or 0) if wait is None else wait
+
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
 

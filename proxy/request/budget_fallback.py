@@ -13,12 +13,13 @@ fit OTHER's context window, or for a call pinned to the target holding its previ
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
-from ..config import Config, Model
+from ..config import Config, Model, Target
 from ..errors import BudgetExceeded, InvalidRequest
 from ..limits.admission import Ticket
 from ..limits.limiter import Limiter
+from ..limits.quotas import NO_QUOTAS, QuotaCandidates
 from .admit import admit
 from .authenticate import Caller
 from .call import Call, parse_call
@@ -26,18 +27,27 @@ from .read import apply_context_policy
 
 
 async def admit_within_budget(
-    limiter: Limiter, caller: Caller, call: Call, model: Model, config: Config, headers: Mapping[str, str]
+    limiter: Limiter,
+    caller: Caller,
+    call: Call,
+    model: Model,
+    config: Config,
+    headers: Mapping[str, str],
+    quotas_of: Callable[[Sequence[Target]], QuotaCandidates] = lambda _: NO_QUOTAS,
 ) -> tuple[Ticket, Call, Model]:
-    """The ticket, and the call and model that will serve it (the fallback's, when it took over)."""
+    """The ticket, and the call and model that will serve it (the fallback's, when it took over);
+    `quotas_of` gives a model's targets' upstream quotas."""
     try:
-        return await admit(limiter, caller, call, model, config, headers), call, model
+        return await admit(limiter, caller, call, model, config, headers, quotas_of(model.targets)), call, model
     except BudgetExceeded as refused:
         fallback = fallback_call(call, model, caller, config)
         if fallback is None:
             raise
         cheaper_call, cheaper = fallback
         try:
-            return await admit(limiter, caller, cheaper_call, cheaper, config, headers), cheaper_call, cheaper
+            cheaper_quotas = quotas_of(cheaper.targets)
+            ticket = await admit(limiter, caller, cheaper_call, cheaper, config, headers, cheaper_quotas)
+            return ticket, cheaper_call, cheaper
         except BudgetExceeded:
             raise refused from None
 

@@ -6,7 +6,9 @@ backoff with full jitter, all within the client's own deadline. Everything here 
 a byte reaches the client, so every failure is still retryable. Non-retryable answers (2xx, and
 4xx other than 429) are returned as they are; a buffered answer is read whole here.
 
-A target its provider has said is out of capacity (`holds`) is skipped for the next one without
+Admission may have taken a target's upstream quota: then the targets start at that one, and a later
+one with a quota of its own is never tried (`UpstreamQuotas.forward_targets`). A target its
+provider has said is out of capacity (`holds`) is skipped for the next one without
 being sent anything; when every target left is held, a short hold is waited out, a longer one
 refuses the request (`proxy.request.holds`).
 """
@@ -61,6 +63,7 @@ DROP_REQUEST_HEADERS = frozenset(
         "accept-encoding",
         "cookie",
         "x-proxy-tags",
+        "x-proxy-priority",
         "openai-organization",
         "openai-project",
         "x-forwarded-for",
@@ -123,11 +126,12 @@ async def fetch(
     attempts: Attempts,
     upstreams: dict[str, UpstreamClient],
     holds: ProviderHolds,
-    pinned: Target | None = None,
+    targets: list[Target] | None = None,
 ) -> tuple[UpstreamResponse, bytes | None]:
-    """The upstream's answer: its whole body, or (payload None) a stream ready to relay. A call
-    `pinned` to the target that holds its previous response goes there only."""
-    targets = [pinned] if pinned is not None else model.targets
+    """The upstream's answer: its whole body, or (payload None) a stream ready to relay. `targets`
+    (default: the model's) are where it may go: only the target holding a pinned call's previous
+    response, or from the one whose upstream quota admission took."""
+    targets = targets if targets is not None else model.targets
     response = await open_upstream(PATHS[call.endpoint], body, targets, upstreams, headers, deadline, attempts, holds)
     if call.stream and response.status == 200:
         return response, None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import orjson
 from starlette.requests import Request
@@ -25,6 +25,7 @@ from ..config import Model, Target
 from ..errors import ClientClosedRequest, ProxyError, StoreError
 from ..http.responses import SSEResponse, error_response, request_id_of
 from ..limits.admission import Ticket
+from ..limits.quotas import NO_QUOTAS, QuotaCandidates
 from ..limits.response_owners import Owner, ResponseOwners
 from ..limits.types import Usage
 from ..observe import Observer, Outcome
@@ -36,8 +37,10 @@ from .agent_relay import agent_stream_response
 from .authenticate import Caller, presented_key
 from .budget_fallback import admit_within_budget
 from .call import API_OF, Call
+from .end_user import end_user_of
 from .holds import ProviderHolds
 from .jwt_callers import JwtCallers, identify
+from .queue import Entry, WaitQueue, priority_rank
 from .read import read_call
 from .relay import StreamUsage, passthrough, stream_response
 from .settle import Settler, usage_of
@@ -70,9 +73,11 @@ class Gateway:
         owners: ResponseOwners,
         holds: ProviderHolds,
         jwt: JwtCallers | None = None,
+        queue: WaitQueue | None = None,
     ) -> None:
         self.snapshots = snapshots
         self.holds = holds
+        self.queue = queue or WaitQueue()
         self.jwt = jwt
         self.settler = settler
         self.limiter = settler.limiter
@@ -93,13 +98,11 @@ class Gateway:
                 outcome.request_body = call.body
             outcome.tags = parse_tags(request.headers.get("x-proxy-tags"), call.body, caller.end_user)
             pinned = await self._pinned(call, caller) if call.endpoint == "responses" else None
-            self.holds.refuse_if_held([pinned] if pinned is not None else model.targets)
-            if pinned is None and model.on_budget_exhausted is not None:  # a budget refusal may fall back
-                ticket, call, model = await admit_within_budget(
-                    self.limiter, caller, call, model, snapshot.config, request.headers
-                )
+            if caller.max_wait_ms:
+                ticket, call, model = await self._queued(request, caller, call, model, snapshot, pinned, outcome)
             else:
-                ticket = await admit(self.limiter, caller, call, model, snapshot.config, request.headers)
+                self.holds.refuse_if_held([pinned] if pinned is not None else model.targets)
+                ticket, call, model = await self._admit(request, caller, call, model, snapshot, pinned)
             outcome.ticket, outcome.model = ticket, call.model
             self.observer.admitted(outcome)
             reply = await self._forward(request, call, model, ticket, outcome, snapshot, pinned)
@@ -115,12 +118,89 @@ class Gateway:
             if not handed_over:
                 snapshot.leave()
 
+    async def _admit(
+        self, request: Request, caller: Caller, call: Call, model: Model, snapshot: Snapshot, pinned: Target | None
+    ) -> tuple[Ticket, Call, Model]:
+        """Admitted (by the model's budget fallback, maybe), or the client's error."""
+        quotas_of = self._quotas_of(snapshot)
+        if pinned is None and model.on_budget_exhausted is not None:  # a budget refusal may fall back
+            return await admit_within_budget(
+                self.limiter, caller, call, model, snapshot.config, request.headers, quotas_of
+            )
+        targets = [pinned] if pinned is not None else model.targets
+        ticket = await admit(self.limiter, caller, call, model, snapshot.config, request.headers, quotas_of(targets))
+        return ticket, call, model
+
+    async def _queued(
+        self,
+        request: Request,
+        caller: Caller,
+        call: Call,
+        model: Model,
+        snapshot: Snapshot,
+        pinned: Target | None,
+        outcome: Outcome,
+    ) -> tuple[Ticket, Call, Model]:
+        """`_admit` for a caller whose refused requests may wait (`limits.max_wait_ms`), until the
+        client leaves."""
+        targets = [pinned] if pinned is not None else model.targets
+        end_user = caller.end_user or end_user_of(call.body, request.headers, snapshot.config.end_user_identity)
+        scopes: set[tuple[str, ...]] = {("key", caller.key_name), ("team", caller.team_name)}
+        scopes |= {("target", target.upstream, target.model) for target in targets}
+        if end_user:
+            scopes.add(("end_user", caller.team_name, end_user))
+        entry = Entry(
+            team=caller.team_name,
+            rank=priority_rank(caller.key.priority, request.headers),
+            max_wait_s=caller.max_wait_ms / 1000,
+            max_queue=caller.team.max_queue,
+            share=caller.team.share,
+            scopes=frozenset(scopes),
+        )
+
+        async def attempt() -> tuple[Ticket, Call, Model]:
+            self.holds.refuse_if_held(targets)
+            return await self._admit(request, caller, call, model, snapshot, pinned)
+
+        async def release(admitted: tuple[Ticket, Call, Model]) -> None:
+            ticket, served, by = admitted  # admitted as the client left: nothing was sent, nothing is charged
+            await self.settler.settle(ticket, served, by.price_per_mtok, Usage(), outcome, False, notify=False)
+
+        def waited(seconds: float) -> None:
+            outcome.queued_s = seconds
+
+        waiting = asyncio.ensure_future(self.queue.admit(entry, attempt, release, waited))
+        leaving = asyncio.ensure_future(_client_leaves(request.receive))
+        try:
+            await asyncio.wait((waiting, leaving), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            leaving.cancel()
+            if not waiting.done():
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+        if waiting.cancelled():
+            outcome.client_gone = True
+            raise ClientClosedRequest("The client closed the connection while its request waited for capacity.")
+        return waiting.result()
+
     def _failed(self, outcome: Outcome, error: ProxyError) -> Response:
         outcome.fail(error)
         self.observer.finished(outcome)
         if API_OF[outcome.endpoint] == "anthropic":
             return anthropic_error_response(error, outcome)
         return error_response(error, outcome.request_id, outcome.ticket.headers if outcome.ticket else None)
+
+    def _quotas_of(self, snapshot: Snapshot) -> Callable[[Sequence[Target]], QuotaCandidates]:
+        """A model's candidate targets for its upstream quotas: those its provider has not held (all
+        of them when every one is held: forward waits out a short hold)."""
+
+        def quotas_of(targets: Sequence[Target]) -> QuotaCandidates:
+            if not snapshot.quotas:
+                return NO_QUOTAS
+            free = [target for target in targets if self.holds.remaining(target) <= 0]
+            return snapshot.quotas.candidates(free or targets)
+
+        return quotas_of
 
     async def _pinned(self, call: Call, caller: Caller) -> Target | None:
         """A Responses call continuing a stored response goes to the target that holds it."""
@@ -162,6 +242,9 @@ class Gateway:
         headers = forward.upstream_headers(request.headers, outcome.request_id, call.api)
         rate_headers = reply_headers(call, ticket, outcome.request_id)
         remember = self._remembering(call, outcome)
+        targets = [pinned] if pinned is not None else model.targets
+        if ticket.quotas.targets:  # from the target admission took (its upstream quota)
+            targets = snapshot.quotas.forward_targets(ticket.quotas, ticket.decision.target, targets)
         handed_over = False
         # the body is read: from now on the client can only say that it left; if it does before
         # the response starts, stop waiting on (or retrying) the upstream at once
@@ -176,7 +259,7 @@ class Gateway:
                 outcome.attempts,
                 snapshot.upstreams,
                 self.holds,
-                pinned,
+                targets,
             )
         )
         try:

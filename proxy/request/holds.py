@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from ..config import Target
-from ..errors import UpstreamHeld
+from ..errors import Retry, UpstreamHeld
 from ..limits.headers import openai_duration, retry_headers
 from ..upstream.provider_limits import HoldKind, provider_hold
 
@@ -76,6 +76,7 @@ class ProviderHolds:
             f"Please try again in {openai_duration(millis)}.",
             limit_type=kind,
             headers=retry_headers(millis),
+            retry=Retry(millis, True, frozenset(("target", t.upstream, t.model) for t in targets)),
         )
 
     def refuse_if_held(self, targets: Sequence[Target]) -> None:

@@ -31,7 +31,8 @@ def config_team_of(entry: TeamEntry) -> Team:
     defaults = entry.end_user_defaults
     end_users = None
     if defaults.limits != defaults.limits.__class__() or defaults.budgets.daily_usd is not None:
-        end_users = EndUsers(limits=defaults.limits, daily_budget_usd=defaults.budgets.daily_usd)
+        limits = defaults.limits.model_copy(update={"max_wait_ms": None})  # end users wait as their key does
+        end_users = EndUsers(limits=limits, daily_budget_usd=defaults.budgets.daily_usd)
     return Team(limits=entry.limits, daily_budget_usd=entry.budgets.daily_usd, end_users=end_users)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import orjson
 
@@ -64,10 +65,13 @@ def _estimate_completion(parsed: object) -> int:
 
 
 class Settler:
-    def __init__(self, limiter: Limiter, observer: Observer, budgets: BudgetWatch) -> None:
+    def __init__(
+        self, limiter: Limiter, observer: Observer, budgets: BudgetWatch, freed: Callable[[], None] | None = None
+    ) -> None:
         self.limiter = limiter
         self.observer = observer
         self.budgets = budgets
+        self.freed = freed  # told after each settlement: what it released may be what a waiter needs
 
     async def settle(
         self,
@@ -90,6 +94,8 @@ class Settler:
         except Exception:  # a bug: still counted, and the in-flight gauge still comes down
             log.exception("settling request %s failed", outcome.request_id)
             settled = None
+        if self.freed is not None:
+            self.freed()
         outcome.finished_at = time.monotonic()
         if notify:
             self.observer.finished(outcome)

@@ -1,4 +1,5 @@
 -- admit: check every limit of a key and its team; consume from all of them only if all pass.
+-- With upstream quotas, also take the first candidate target whose quotas fit, and consume from it.
 -- KEYS and ARGV are laid out by proxy/limits/layout.py (admit_keys, admit_args); the reply is
 -- decoded by layout.decode_decision (a peek's, `dry_run`, by layout.decode_peek). Redis runs it,
 -- and so does MemoryStore (embedded Lua 5.1), both after prelude.lua (UNLIMITED, UNITS, int,
@@ -7,13 +8,14 @@
 -- ARGV by name, in the order of proxy/limits/layout.py ADMIT_ARGS (tests/test_layout.py checks
 -- that they agree); after them come day_count day labels, then
 -- day_count + 1 day starts (epoch seconds), then window_count window budgets (any scope and
--- window beyond the key's and team's enforced day budgets) as {limit, enforce, extra_ttl_ms} each
+-- window beyond the key's and team's enforced day budgets) as {limit, enforce, extra_ttl_ms} each,
+-- then quota_count upstream quota scopes (QUOTA_ARG_NAMES each)
 local ARG_NAMES = {'now_us', 'request_id', 'tokens', 'cost', 'lease_ttl_ms', 'day_margin_ms',
   'key_rpm', 'key_request_capacity', 'key_tpm', 'key_token_capacity', 'key_max_parallel',
   'key_budget', 'key_enforce', 'team_rpm', 'team_request_capacity', 'team_tpm', 'team_token_capacity',
   'team_max_parallel', 'team_budget', 'team_enforce', 'user_rpm', 'user_request_capacity', 'user_tpm',
   'user_token_capacity', 'user_max_parallel', 'user_budget', 'user_enforce', 'day_count', 'window_count',
-  'dry_run'}
+  'quota_count', 'candidate_count', 'dry_run'}
 local args = named(ARG_NAMES, ARGV)
 local n = tonumber(args.day_count)
 -- a peek (`GET /v1/me`): every figure read as this admit would read it, nothing written, the
@@ -35,6 +37,17 @@ local WINDOW_KEY_NAMES = {'budget', 'holds'}
 local function window_budget(w, d)
   return named(WINDOW_KEY_NAMES, KEYS, #KEY_NAMES + #DAY_KEY_NAMES * n + #WINDOW_KEY_NAMES * (n * (w - 1) + d - 1))
 end
+-- after those, for each upstream quota scope q (layout.py ADMIT_QUOTA_KEYS), its buckets and leases;
+-- its arguments (ADMIT_QUOTA_ARGS) follow the window budgets' in ARGV
+local QUOTA_KEY_NAMES = {'requests', 'tokens', 'parallel'}
+local QUOTA_ARG_NAMES = {'candidate', 'rpm', 'tpm', 'max_parallel'}
+local function quota_scope(q)
+  local window_keys = #WINDOW_KEY_NAMES * n * tonumber(args.window_count)
+  local sc = named(QUOTA_KEY_NAMES, KEYS, #KEY_NAMES + #DAY_KEY_NAMES * n + window_keys + #QUOTA_KEY_NAMES * (q - 1))
+  local at = #ARG_NAMES + n + n + 1 + 3 * tonumber(args.window_count) + #QUOTA_ARG_NAMES * (q - 1)
+  for name, value in pairs(named(QUOTA_ARG_NAMES, ARGV, at)) do sc[name] = tonumber(value) end
+  return sc
+end
 
 -- 0, and nothing changes, when the request id was already settled or abandoned (its marker
 -- exists): an admit that reached Redis after its caller gave up on it
@@ -47,7 +60,8 @@ local now_ms = clock_ms(args.now_us)
 local refused_from = tonumber(redis.call('GET', K.fence) or '')
 if refused_from ~= nil and now_ms >= refused_from then
   -- the whole reply's shape (see the last line): layout.decode_decision reads every field
-  return {0, 'revoked', 'key', 0, 1, UNLIMITED, 0, 0, UNLIMITED, 0, 0, 0, 0, '', 0, UNLIMITED, UNLIMITED, 0, 0, 0, '', '', ''}
+  return {0, 'revoked', 'key', 0, 1, UNLIMITED, 0, 0, UNLIMITED, 0, 0, 0, 0, '', 0, UNLIMITED, UNLIMITED, 0, 0, 0, '', '',
+    '', 0, {}}
 end
 
 local PARALLEL_RETRY_MS = 1000  -- a refusal for max_parallel: retry after this
@@ -173,6 +187,38 @@ if dry_run then
   return reply
 end
 
+-- upstream quotas: each candidate's wait is its longest scope's (never: a scope's tpm is below the
+-- request's tokens); the first candidate that fits now is chosen
+local quotas, candidate_waits = {}, {}
+for c = 1, tonumber(args.candidate_count) do candidate_waits[c] = {ms = 0, why = nil, never = false} end
+for q = 1, tonumber(args.quota_count) do
+  local qs = quota_scope(q)
+  local cw = candidate_waits[qs.candidate]
+  local function wait(why, ms)
+    if ms > cw.ms then cw.ms, cw.why = ms, why end
+  end
+  if qs.rpm ~= UNLIMITED then
+    qs.rq_level = read_bucket(qs.requests, qs.rpm, qs.rpm)
+    wait('rpm', wait_ms(qs.rq_level, 1, qs.rpm))
+  end
+  if qs.tpm ~= UNLIMITED then
+    qs.tk_level = read_bucket(qs.tokens, qs.tpm, qs.tpm)
+    if tokens > qs.tpm then cw.never = true else wait('tpm', wait_ms(qs.tk_level, tokens, qs.tpm)) end
+  end
+  if qs.max_parallel ~= UNLIMITED then
+    redis.call('ZREMRANGEBYSCORE', qs.parallel, '-inf', int(now_ms))
+    qs.in_flight = redis.call('ZCARD', qs.parallel)
+    if qs.in_flight >= qs.max_parallel then wait('parallel', PARALLEL_RETRY_MS) end
+  end
+  quotas[q] = qs
+end
+-- the chosen candidate (0: none fits now), else the one that frees first (0: none ever fits)
+local chosen, soonest = 0, 0
+for c, cw in ipairs(candidate_waits) do
+  if not cw.never and cw.ms == 0 then chosen = c break end
+  if not cw.never and (soonest == 0 or cw.ms < candidate_waits[soonest].ms) then soonest = c end
+end
+
 -- refusal priority: budget, then a request that can never fit, then the longest wait
 local reason, scope, retry, never = nil, nil, 0, 0
 for _, sc in ipairs(scopes) do
@@ -228,6 +274,15 @@ if reason == nil then
     end
   end
 end
+-- no candidate fits: refused by the upstream quota that frees first, unless a key's or team's limit
+-- refuses for longer (or for good)
+if #candidate_waits > 0 and chosen == 0 and never == 0 and reason ~= 'budget' then
+  if soonest == 0 then
+    reason, scope, retry, never = 'tpm', {kind = 'upstream'}, 0, 1
+  elseif candidate_waits[soonest].ms > retry then
+    reason, scope, retry = candidate_waits[soonest].why, {kind = 'upstream'}, candidate_waits[soonest].ms
+  end
+end
 
 if reason == nil then
   local expires = now_ms + lease_ttl
@@ -261,13 +316,31 @@ if reason == nil then
     extend_ttl(wb.b, wb.ttl)
     extend_ttl(wb.bl, wb.ttl)
   end
+  for _, qs in ipairs(quotas) do
+    if qs.candidate == chosen then
+      if qs.rpm ~= UNLIMITED then
+        qs.rq_level = qs.rq_level - UNITS
+        write_bucket(qs.requests, qs.rq_level, qs.rpm, qs.rpm, now_ms)
+      end
+      if qs.tpm ~= UNLIMITED then
+        qs.tk_level = qs.tk_level - tokens * UNITS
+        write_bucket(qs.tokens, qs.tk_level, qs.tpm, qs.tpm, now_ms)
+      end
+      if qs.max_parallel ~= UNLIMITED then
+        redis.call('ZADD', qs.parallel, int(expires), id)
+        extend_ttl(qs.parallel, lease_ttl + TTL_MARGIN_MS)
+        qs.in_flight = qs.in_flight + 1
+      end
+    end
+  end
   local kt, tt, ut = '0', '0', '0'
-  -- which token buckets this request took from (settlement refunds only those)
+  -- which token buckets this request took from (settlement refunds only those); `q`: the candidate
+  -- whose upstream quotas it took from (0: none)
   if scopes[1].tpm ~= UNLIMITED and not scopes[1].skip_tk then kt = '1' end
   if scopes[2].tpm ~= UNLIMITED and not scopes[2].skip_tk then tt = '1' end
   if scopes[3].tpm ~= UNLIMITED and not scopes[3].skip_tk then ut = '1' end
   redis.call('HSET', K.reservation, 'tokens', int(tokens), 'cost', int(cost), 'day', label,
-    'exp', int(expires), 'kt', kt, 'tt', tt, 'ut', ut)
+    'exp', int(expires), 'kt', kt, 'tt', tt, 'ut', ut, 'q', int(chosen))
   redis.call('PEXPIRE', K.reservation, int(lease_ttl + TTL_MARGIN_MS))
 end
 
@@ -296,6 +369,15 @@ budget = budget or {0, 0}
 
 local admitted, reason_s, scope_s = 1, '', ''
 if reason ~= nil then admitted, reason_s, scope_s = 0, reason, scope.kind end
+-- the candidate taken, or (refused) the one that frees first; each quota scope's remaining capacity
+local target = chosen
+if reason ~= nil then target = soonest end
+local left = {}
+for _, qs in ipairs(quotas) do
+  left[#left + 1] = qs.rq_level and remaining(qs.rq_level) or UNLIMITED
+  left[#left + 1] = qs.tk_level and remaining(qs.tk_level) or UNLIMITED
+  left[#left + 1] = qs.in_flight and math.max(0, qs.max_parallel - qs.in_flight) or UNLIMITED
+end
 -- each scope's committed spend (spent + held), UNLIMITED without a budget: the fallback starts from it
 local seen = {}
 for i, sc in ipairs(scopes) do seen[i] = sc.committed or UNLIMITED end
@@ -305,4 +387,4 @@ for w, wb in ipairs(windows) do windows_seen[w] = int(wb.committed) end
 return {admitted, reason_s, scope_s, retry, never, rq[1], rq[2], rq[3], tk[1], tk[2], tk[3],
   budget[1], budget[2], label, math.ceil(day_left_ms / 1000), seen[1], seen[2],
   refused_window, window_reply[1], window_reply[2], table.concat(shadow, ','), table.concat(shadow_limits, ','),
-  table.concat(windows_seen, ',')}
+  table.concat(windows_seen, ','), target, left}

@@ -9,12 +9,13 @@
 
 -- ARGV by name, in the order of proxy/limits/layout.py SETTLE_ARGS (tests/test_layout.py checks
 -- that they agree); after them come window_count alert thresholds (one comma-separated list of
--- spend thresholds per window budget), then the request's tags, `name=value`.
+-- spend thresholds per window budget), then quota_count upstream quota scopes (QUOTA_ARG_NAMES
+-- each), then the request's tags, `name=value`.
 -- The reply then carries each window budget's spent and crossed flag.
 local ARG_NAMES = {'now_us', 'request_id', 'done_ttl_s', 'ledger_ttl_s', 'late_budget_ttl_s',
   'key_tpm', 'key_token_capacity', 'team_tpm', 'team_token_capacity', 'user_tpm', 'user_token_capacity', 'cost', 'prompt_tokens',
   'completion_tokens', 'cached_tokens', 'cache_write_tokens', 'reasoning_tokens', 'key_name', 'model', 'key_alert', 'team_alert',
-  'ledger_max_fields', 'abandon', 'window_count', 'end_user'}
+  'ledger_max_fields', 'abandon', 'window_count', 'end_user', 'quota_count'}
 local args = named(ARG_NAMES, ARGV)
 
 -- KEYS by name, in the order of layout.py SETTLE_KEYS (checked like ARG_NAMES)
@@ -26,6 +27,17 @@ local K = named(KEY_NAMES, KEYS)
 local WINDOW_KEY_NAMES = {'budget', 'holds'}
 local function window_budget(w)
   return named(WINDOW_KEY_NAMES, KEYS, #KEY_NAMES + #WINDOW_KEY_NAMES * (w - 1))
+end
+-- after those, for each upstream quota scope q of each candidate the admission had, its token
+-- bucket and leases (layout.py SETTLE_QUOTA_KEYS); its arguments follow the alert thresholds
+local QUOTA_KEY_NAMES = {'tokens', 'parallel'}
+local QUOTA_ARG_NAMES = {'candidate', 'tpm'}
+local function quota_scope(q)
+  local window_count = tonumber(args.window_count)
+  local sc = named(QUOTA_KEY_NAMES, KEYS, #KEY_NAMES + #WINDOW_KEY_NAMES * window_count + #QUOTA_KEY_NAMES * (q - 1))
+  local at = #ARG_NAMES + window_count + #QUOTA_ARG_NAMES * (q - 1)
+  for name, value in pairs(named(QUOTA_ARG_NAMES, ARGV, at)) do sc[name] = tonumber(value) end
+  return sc
 end
 
 local SEP = '\031'
@@ -58,7 +70,7 @@ end
 
 local prompt, completion = tonumber(args.prompt_tokens), tonumber(args.completion_tokens)
 local window_count = tonumber(args.window_count)
-local rec = redis.call('HMGET', K.reservation, 'tokens', 'exp', 'kt', 'tt', 'ut')
+local rec = redis.call('HMGET', K.reservation, 'tokens', 'exp', 'kt', 'tt', 'ut', 'q')
 local reserved, expires = tonumber(rec[1]), tonumber(rec[2])
 if reserved ~= nil and expires > now_ms then
   local diff = reserved - prompt - completion
@@ -76,6 +88,15 @@ if reserved ~= nil and expires > now_ms then
   redis.call('ZREM', K.key_parallel, id)
   redis.call('ZREM', K.team_parallel, id)
   redis.call('ZREM', K.user_parallel, id)
+  -- the upstream quotas of the candidate the admission chose: its unused tokens back, its slot free
+  local chosen = tonumber(rec[6]) or 0
+  for q = 1, tonumber(args.quota_count) do
+    local qs = quota_scope(q)
+    if qs.candidate == chosen then
+      if qs.tpm ~= UNLIMITED then refund(qs.tokens, diff, qs.tpm, qs.tpm) end
+      redis.call('ZREM', qs.parallel, id)
+    end
+  end
   release_hold(K.key_budget, K.key_budget_holds)
   release_hold(K.team_budget, K.team_budget_holds)
   for w = 1, window_count do
@@ -144,7 +165,7 @@ if args.end_user ~= '' then
     book('tag' .. SEP .. 'other=overflow')
   end
 end
-for i = #ARG_NAMES + window_count + 1, #ARGV do
+for i = #ARG_NAMES + window_count + #QUOTA_ARG_NAMES * tonumber(args.quota_count) + 1, #ARGV do
   local tag = 'tag' .. SEP .. ARGV[i]
   if tags_fit or redis.call('HEXISTS', K.ledger, tag .. SEP .. 'requests') == 1 then
     book(tag)

@@ -1,0 +1,129 @@
+"""Upstream quotas end to end: three real `llm-proxy serve` replicas on one real Redis, clients of
+several teams hammering one model with two targets, each target a mock upstream (its own process)
+with a quota of its own that answers 429 past it.
+
+With the proxy's upstream quotas configured equal to the mocks' (requests per minute; the mocks'
+window is a fixed minute, and the proxy's buckets refill one request every 60/N s, longer than the
+run: a client stops at its first refusal), the mocks never answer 429, the first target takes
+exactly its quota and the traffic beyond it goes to the second, which takes exactly its own; then
+the proxy refuses, in OpenAI's shape, with the retry-after of the quota that frees first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from proxy.request.authenticate import sha256_hex
+from tests.support.configs import config_dict, exact_store
+from tests.support.processes import MockProcess, start_proxies, stop_all, write_config
+
+REPLICAS = 3
+TEAMS = 4
+CLIENTS = 24
+FIRST_RPM, SECOND_RPM = 10, 5  # a request back every 6 s and 12 s: longer than the run
+CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+
+
+def key_of(i: int) -> str:
+    return f"sk-proxy-team{i}-quota-test"
+
+
+@pytest.fixture
+def mocks(tmp_path):
+    started = [MockProcess(workdir=tmp_path / name) for name in ("first", "second")]
+    for process in started:
+        process.workdir.mkdir()
+        process.start().wait_ready()
+    yield started
+    stop_all(started)
+
+
+def quota_config(first: MockProcess, second: MockProcess, redis_url: str) -> dict:
+    data = exact_store(config_dict(first.base_url, redis_url=redis_url, second_upstream=second.base_url))
+    data["shutdown_grace_s"] = 1
+    # following the provider off: the mocks' last answers show 0 requests left until their window
+    # ends, and a replica that saw one would refuse by its hold (reason `upstream` too) instead
+    # and no retries: a 429 (there should be none) goes on to the next target at once
+    data["upstreams"]["mock"] |= {"limits": {"rpm": FIRST_RPM}, "max_hold_s": 0, "max_retries": 0}
+    data["upstreams"]["backup"] |= {"limits": {"rpm": SECOND_RPM}, "max_hold_s": 0}
+    data["teams"] = {f"team{i}": {"limits": {}} for i in range(TEAMS)}
+    data["keys"] = {f"key{i}": {"team": f"team{i}", "key_sha256": sha256_hex(key_of(i))} for i in range(TEAMS)}
+    return data
+
+
+async def hammer(urls: list[str]) -> tuple[list[httpx.Response], float]:
+    """CLIENTS clients over the replicas and teams, each sending until the proxy first refuses it."""
+    answers: list[httpx.Response] = []
+    clients = [httpx.AsyncClient(base_url=url, timeout=10) for url in urls]
+    go = asyncio.Event()
+
+    async def client(i: int) -> None:
+        http = clients[i % REPLICAS]
+        (await http.get("/healthz")).raise_for_status()
+        await go.wait()
+        headers = {"Authorization": f"Bearer {key_of(i % TEAMS)}"}
+        while True:
+            response = await http.post("/v1/chat/completions", json=CHAT, headers=headers)
+            answers.append(response)
+            if response.status_code != 200:
+                return
+
+    tasks = [asyncio.create_task(client(i)) for i in range(CLIENTS)]
+    await asyncio.sleep(0.5)  # every client has warmed its connection
+    started = time.perf_counter()
+    go.set()
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for http in clients:
+            await http.aclose()
+    return answers, time.perf_counter() - started
+
+
+def test_the_mocks_never_answer_429_and_each_target_takes_exactly_its_quota(mocks, redis_url, tmp_path):
+    first, second = mocks
+    for mock, rpm in ((first, FIRST_RPM), (second, SECOND_RPM)):
+        httpx.post(mock.url + "/_mock/quota", json={"requests": rpm, "window_s": 60}).raise_for_status()
+    config = write_config(tmp_path / "config.yaml", quota_config(first, second, redis_url))
+    replicas = start_proxies(config, REPLICAS)
+    try:
+        answers, elapsed_s = asyncio.run(hammer([r.url for r in replicas]))
+        metrics = [httpx.get(r.url + "/metrics").text for r in replicas]
+    finally:
+        stop_all(replicas)
+    for process in replicas:
+        assert "Traceback" not in process.output(), process.output()
+    assert elapsed_s < 60 / FIRST_RPM, f"the run took {elapsed_s:.1f}s: the buckets refilled, the bound moved"
+
+    served = [a.json()["model"] for a in answers if a.status_code == 200]
+    refused = [a for a in answers if a.status_code != 200]
+    print(f"\n{len(served)} admitted, {len(refused)} refused in {elapsed_s:.2f}s")
+    assert (first.stats()["rate_limited"], second.stats()["rate_limited"]) == (0, 0)
+    assert (first.stats()["requests"], second.stats()["requests"]) == (FIRST_RPM, SECOND_RPM)
+    # the first target's quota, then the second's
+    assert (served.count("gpt-4o-mini"), served.count("gpt-4o")) == (FIRST_RPM, SECOND_RPM)
+    assert len(refused) == CLIENTS  # each client's last answer
+    for answer in refused:
+        assert answer.status_code == 429
+        error = answer.json()["error"]
+        assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+        assert error["message"].startswith(
+            "Rate limit reached for the upstream quota of 'mock' (model 'gpt-4o-mini') (and every other target"
+        )
+        # the first target frees first (a request every 6 s): the retry-after is its wait, not the second's
+        assert 0 < int(answer.headers["retry-after-ms"]) <= 60_000 // FIRST_RPM
+    rejected = sum(_sample(text, "llm_proxy_rejections_total{", 'reason="upstream"') for text in metrics)
+    assert rejected == CLIENTS
+    left = [_sample(text, "llm_proxy_upstream_quota_remaining{", 'upstream="backup"') for text in metrics]
+    assert min(left) == 0  # the replica that admitted or refused last saw the second target's quota empty
+
+
+def _sample(exposition: str, metric: str, label: str) -> float:
+    """The sum of `metric`'s samples carrying `label`."""
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines() if line.startswith(metric) and label in line
+    )
