@@ -76,7 +76,7 @@ def test_a_token_is_a_caller_of_its_team_and_end_user_budgets_apply(server, sign
     server.wait_settled()
     me = httpx.get(server.base_url + "/me", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
     assert (me["team"], me["end_user"], me["name"]) == ("platform", "ana@example.com", "user:ana@example.com")
-    assert me["limits"]["team"]["rpm"] == 100
+    assert me["limits"]["team"]["rpm"]["limit"] == 100
     assert [w["spent_micros"] for w in me["budgets"] if w["scope"] == "key"] == [11]
     assert [w["spent_micros"] for w in me["budgets"] if w["scope"] == "team"] == [22]
     usage = httpx.get(server.url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)

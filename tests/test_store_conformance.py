@@ -11,6 +11,7 @@ reads across are seconds long), and the long random workload keeps its clock ahe
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import random
 import time
@@ -39,6 +40,7 @@ from proxy.limits.types import (
     Admission,
     BucketState,
     BudgetDay,
+    BudgetState,
     Decision,
     QuotaLimits,
     Renewal,
@@ -924,6 +926,119 @@ async def test_a_fenced_credential_is_refused_and_its_reply_decodes_whole(store,
     assert (fenced.admitted, fenced.reason, fenced.scope, fenced.never_fits) == (False, "revoked", "key", True)
     other = await store.admit(admission(key(rpm=10, rpm_burst=1), team(), credential_id="cred-2"))
     assert other.admitted and other.requests is not None and other.requests.remaining == 0
+
+
+# -- peeks (`GET /v1/me`): the admit script's dry run -------------------------------------------
+
+PEEKED = {"rpm": 6, "rpm_burst": 10, "tpm": 6000, "max_parallel": 3}  # one request per 10 s, 0.1 token a ms
+
+
+def peek_scopes(scope: str, on_a_cluster: bool) -> Admission:
+    """A key, team and end user where only `scope` has limits (so every figure an admit reports is
+    its own), with a budget of 1,000 micros (an end user's is a window budget), and window budgets
+    of the other scopes, one of them in shadow mode."""
+    budget = {"budget_micros": 1000}
+    limited = {name: (PEEKED | budget if name == scope else {}) for name in ("key", "team")}
+    user = end_user("ann", **PEEKED) if scope == "end_user" else end_user("ann")
+    windows = (
+        WindowBudget("team", "platform", "week", 5000),
+        WindowBudget("key", "ci-bot", "month", 4000),
+        WindowBudget("end_user", "ann", "day", 1000 if scope == "end_user" else 3000),
+        WindowBudget("key", "ci-bot", "day", 90, enforce=False),
+    )
+    if not on_a_cluster:  # an org budget needs standalone Redis
+        windows += (WindowBudget("org", "", "month", 9000),)
+    return admission(key(**limited["key"]), team(**limited["team"]), windows=windows, user=user)
+
+
+async def peek_history(store, clock, scope: str) -> Admission:
+    """A settled request (unused tokens refunded), a request whose lease expired (its parallel
+    slot and budget holds due for release), one still in flight, and time for the buckets to
+    refill part of the way; returns the peek's admission (nothing asked, nothing reserved)."""
+    base = peek_scopes(scope, on_cluster(store))
+    settled = replace(base, request_id="req-settled", tokens=3000, cost_micros=100)
+    assert (await store.admit(settled)).admitted
+    usage = replace(settlement(settled, 500, 500, 60), windows=base.windows, end_user="ann", user=base.user)
+    assert await store.settle(usage)  # 2000 tokens back, 60 spent
+    expiring = replace(base, request_id="req-expiring", tokens=1000, cost_micros=150, lease_ttl_ms=5000)
+    assert (await store.admit(expiring)).admitted
+    assert (await store.admit(replace(base, request_id="req-open", tokens=500, cost_micros=50))).admitted
+    clock.advance(6000)  # the expiring request's lease and holds have run out; 0.6 requests, 600 tokens back
+    return replace(base, request_id="peek")
+
+
+def state_of(peek, scope: str):
+    return {"key": peek.key, "team": peek.team, "end_user": peek.user}[scope]
+
+
+@pytest.mark.parametrize("scope", ["key", "team", "end_user"])
+async def test_a_peek_reads_what_the_next_admit_sees(store, clock, scope):
+    """A peek's figures are the admit's own: a request one token or one micro beyond what the peek
+    says remains is refused, reporting the same buckets and committed spend; one that takes
+    exactly what remains is admitted; and exactly the free leases it reports can still open."""
+    peeked = await peek_history(store, clock, scope)
+    peek = await store.peek(peeked)
+    mine = state_of(peek, scope)
+    assert (peek.day, peek.revoked) == ("2023-11-15", False)
+    assert mine.requests == BucketState(10, 7, 24_000)  # 10 - 3 + 0.6, full in 2.4 requests' time
+    assert mine.tokens == BucketState(6000, 4100, 19_000)  # 6000 - 3000 + 2000 - 1000 - 500 + 600
+    assert (mine.max_parallel, mine.in_flight, mine.free_leases) == (3, 1, 2)
+    others = [state_of(peek, s) for s in ("key", "team", "end_user") if s != scope]
+    assert all(s.requests is s.tokens is s.max_parallel is None for s in others)
+    committed = BudgetState(1000, 60, 50)  # the expired request's hold of 150 is released
+    if scope == "end_user":  # its budget is a window budget
+        assert peek.key.budget is peek.team.budget is None and peek.windows[2] == committed
+    else:
+        assert mine.budget == committed
+    assert peek.windows == tuple(BudgetState(w.micros, 60, 50) for w in peeked.windows)
+
+    too_many = await store.admit(replace(peeked, request_id="req-1", tokens=mine.tokens.remaining + 1))
+    assert (too_many.admitted, too_many.reason, too_many.scope) == (False, "tpm", scope)
+    assert (too_many.requests, too_many.tokens) == (mine.requests, mine.tokens)
+    remaining = committed.remaining_micros
+    too_dear = await store.admit(replace(peeked, request_id="req-2", cost_micros=remaining + 1))
+    assert (too_dear.admitted, too_dear.reason) == (False, "budget")
+    if scope == "end_user":
+        assert (too_dear.window, too_dear.window_spent_micros, too_dear.window_limit_micros) == (2, 110, 1000)
+    else:
+        assert (too_dear.scope, too_dear.budget_spent_micros, too_dear.budget_limit_micros) == (scope, 110, 1000)
+    exact = replace(peeked, request_id="req-3", tokens=mine.tokens.remaining, cost_micros=remaining)
+    fits = await store.admit(exact)
+    assert fits.admitted and fits.tokens.remaining == 0 and fits.requests.remaining == mine.requests.remaining - 1
+    opened = [await store.admit(replace(peeked, request_id=f"req-lease-{i}")) for i in range(mine.free_leases)]
+    assert [d.admitted for d in opened] == [True] * (mine.free_leases - 1) + [False]
+    assert (opened[-1].reason, opened[-1].scope) == ("parallel", scope)
+
+
+async def _everything(store) -> dict:
+    """Every key of the store: its value and the instant it expires."""
+    if isinstance(store, MemoryStore):
+        now_ms, keys = store.clock_us() // 1000, store.keys
+        return {n: (copy.deepcopy(keys._values[n]), keys._expires.get(n)) for n in keys.names(now_ms)}
+    client = store.client
+    return {n: (await client.dump(n), await client.pexpiretime(n)) async for n in client.scan_iter(count=100)}
+
+
+@pytest.mark.parametrize("scope", ["key", "team", "end_user"])
+async def test_a_peek_changes_nothing(store, clock, scope):
+    """Not a bucket's refill, not an expired lease's release nor its budget holds', no reservation,
+    lease, hold or marker: every key and its expiry are the same after a peek."""
+    peeked = await peek_history(store, clock, scope)
+    before = await _everything(store)
+    assert len(before) >= 15
+    assert state_of(await store.peek(peeked), scope).in_flight == 1  # the expired lease is still there...
+    assert await _everything(store) == before
+    await store.peek(replace(peeked, credential_id="cred-1"))  # a fence never written reads as absent
+    assert await _everything(store) == before
+    assert (await store.admit(replace(peeked, request_id="req-after"))).admitted  # ...until an admit releases it
+    assert await _everything(store) != before
+
+
+async def test_a_peek_of_a_fenced_credential_says_revoked(store, clock):
+    await _set_raw(store, store.layout.fence("platform", "cred-1"), "0")
+    peek = await store.peek(admission(key(rpm=10), team(), credential_id="cred-1"))
+    assert peek.revoked and peek.key.requests is None
+    assert not (await store.peek(admission(key(rpm=10), team(), credential_id="cred-2"))).revoked
 
 
 # -- upstream quotas: the provider's, shared by every team ---------------------------------------

@@ -34,6 +34,7 @@ from .seen import SeenCommitted
 from .types import (
     NO_END_USER,
     Admission,
+    BudgetDay,
     Candidates,
     Decision,
     QuotaLeft,
@@ -121,6 +122,33 @@ class Refusal:
         return None if index is None else self.windows[index]
 
 
+def shared_admission(
+    request_id: str,
+    scopes: Scopes,
+    end_user: str | None,
+    days: BudgetDay,
+    tokens: int = 0,
+    cost_micros: int = 0,
+    lease_ttl_ms: int = 900_000,
+    quotas: Candidates = (),
+) -> Admission:
+    """What the shared store checks for a request of `scopes` from `end_user`: the key's, team's
+    and end user's limits and every window budget. A peek (`GET /v1/me`) reads the same."""
+    return Admission(
+        request_id,
+        scopes.team,
+        scopes.key,
+        tokens,
+        cost_micros,
+        days,
+        lease_ttl_ms,
+        scopes.for_end_user(end_user)[0],
+        scopes.user_for(end_user)[0],
+        scopes.credential_id,
+        quotas,
+    )
+
+
 class Admitter:
     def __init__(
         self,
@@ -156,22 +184,13 @@ class Admitter:
         quotas: QuotaCandidates = NO_QUOTAS,
     ) -> Ticket | Refusal:
         days = self.calendar.candidates()
-        windows, fallback_windows = scopes.for_end_user(end_user)
-        user, fallback_user = scopes.user_for(end_user)
-        self.seen.new_days(days)
-        admission = Admission(
-            request_id,
-            scopes.team,
-            scopes.key,
-            tokens,
-            cost_micros,
-            days,
-            self.lease_ttl_ms,
-            windows,
-            user,
-            scopes.credential_id,
-            quotas.shared,
+        admission = shared_admission(
+            request_id, scopes, end_user, days, tokens, cost_micros, self.lease_ttl_ms, quotas.shared
         )
+        windows, user = admission.windows, admission.user
+        _, fallback_windows = scopes.for_end_user(end_user)
+        _, fallback_user = scopes.user_for(end_user)
+        self.seen.new_days(days)
         store: Store = self.store
         degraded = False
         try:

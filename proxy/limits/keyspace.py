@@ -297,6 +297,9 @@ class Keyspace:
     def cmd_zrangebyscore(self, now_ms: int, name: str, low: str, high: str) -> Reply:
         return list(self._in_range(name, now_ms, low, high))
 
+    def cmd_zcount(self, now_ms: int, name: str, low: str, high: str) -> int:
+        return len(self._in_range(name, now_ms, low, high))
+
     def cmd_zremrangebyscore(self, now_ms: int, name: str, low: str, high: str) -> int:
         chosen = self._in_range(name, now_ms, low, high)
         return self.cmd_zrem(now_ms, name, *chosen) if chosen else 0

@@ -44,14 +44,17 @@ from .types import (
     WINDOW_DAYS,
     Admission,
     BucketState,
+    BudgetState,
     Candidates,
     Decision,
+    Peek,
     QuotaLeft,
     QuotaLimits,
     Reason,
     RefusingScope,
     Renewal,
     ScopeLimits,
+    ScopeState,
     Settled,
     Settlement,
     WindowBudget,
@@ -274,6 +277,7 @@ ADMIT_ARGS = (
     "window_count",
     "quota_count",
     "candidate_count",
+    "dry_run",  # 1: a peek (`peek_args`), answered with what the admit would read, nothing written
 )
 ADMIT_QUOTA_ARGS = ("candidate", "rpm", "tpm", "max_parallel")
 # settle.lua's ARGV; after them, each window budget's alert thresholds, then SETTLE_QUOTA_ARGS for
@@ -328,7 +332,7 @@ def _limits(prefix: str, s: ScopeLimits) -> dict[str, Arg]:
     }
 
 
-def admit_args(a: Admission, now_us: int | None) -> list[Arg]:
+def admit_args(a: Admission, now_us: int | None, dry_run: bool = False) -> list[Arg]:
     if len(a.days.starts) != len(a.days.labels) + 1 or not a.days.labels:
         raise ValueError("BudgetDay needs one more start than labels, and at least one label")
     named: dict[str, Arg] = {
@@ -345,6 +349,7 @@ def admit_args(a: Admission, now_us: int | None) -> list[Arg]:
         "window_count": len(a.windows),
         "quota_count": sum(len(scopes) for scopes in a.quotas),
         "candidate_count": len(a.quotas),
+        "dry_run": 1 if dry_run else 0,
     }
     windows: list[Arg] = []
     for w in a.windows:
@@ -354,6 +359,11 @@ def admit_args(a: Admission, now_us: int | None) -> list[Arg]:
         for q in scopes:
             quotas += [candidate, _or_unlimited(q.rpm), _or_unlimited(q.tpm), _or_unlimited(q.max_parallel)]
     return [*(named[name] for name in ADMIT_ARGS), *a.days.labels, *a.days.starts, *windows, *quotas]
+
+
+def peek_args(a: Admission, now_us: int | None) -> list[Arg]:
+    """admit.lua's ARGV for a peek of `a` (`decode_peek` reads the reply)."""
+    return admit_args(a, now_us, dry_run=True)
 
 
 def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list[Arg]:
@@ -476,3 +486,33 @@ def decode_decision(reply: ScriptReply) -> Decision:
         target=int(target) - 1 if int(target) else None,
         quota_left=tuple(cast(QuotaLeft, tuple(left[i : i + 3])) for i in range(0, len(left), 3)),
     )
+
+
+def _scope_state(reply: list[ScriptReply]) -> ScopeState:
+    rq, tk = reply[0:3], reply[3:6]
+    max_parallel, in_flight, budget, spent, held = (int(x) for x in reply[6:11])
+    return ScopeState(
+        requests=_bucket(*rq),
+        tokens=_bucket(*tk),
+        max_parallel=None if max_parallel == UNLIMITED else max_parallel,
+        in_flight=in_flight,
+        budget=None if budget == UNLIMITED else BudgetState(budget, spent, held),
+    )
+
+
+PEEK_SCOPE_FIELDS = 11  # per scope: request bucket (3), token bucket (3), max_parallel, in flight, budget (3)
+
+
+def decode_peek(reply: ScriptReply, windows: tuple[WindowBudget, ...]) -> Peek:
+    """The admit script's reply to a peek: ['peek', day, day_reset_ms, then for the key, the team and
+    the end user PEEK_SCOPE_FIELDS each, then each window budget's spent and held]. Any other reply
+    is one of the admit's early answers: the credential's fence (revoked), or 0 for a request id
+    already settled (a peek's id is fresh, so never; it would read as empty)."""
+    if not isinstance(reply, (list, tuple)) or _text(reply[0]) != "peek":
+        return Peek(revoked=decode_decision(reply).reason == "revoked")
+    day, day_reset_ms = _text(reply[1]), int(reply[2])
+    n = PEEK_SCOPE_FIELDS
+    key, team, user = (_scope_state(list(reply[3 + i * n : 3 + (i + 1) * n])) for i in range(3))
+    rest = [int(x) for x in reply[3 + 3 * n :]]
+    states = tuple(BudgetState(w.micros, rest[2 * i], rest[2 * i + 1]) for i, w in enumerate(windows))
+    return Peek(day, day_reset_ms, key, team, user, states)

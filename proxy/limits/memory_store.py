@@ -24,12 +24,25 @@ from .layout import (
     Layout,
     admit_args,
     decode_decision,
+    decode_peek,
     decode_settled,
+    peek_args,
     renew_args,
     settle_args,
 )
 from .ledger import usage_report
-from .types import WINDOW_DAYS, Admission, Decision, Renewal, ScopeKind, ScopeLimits, Settled, Settlement, WindowBudget
+from .types import (
+    WINDOW_DAYS,
+    Admission,
+    Decision,
+    Peek,
+    Renewal,
+    ScopeKind,
+    ScopeLimits,
+    Settled,
+    Settlement,
+    WindowBudget,
+)
 
 DEFAULT_RETENTION_DAYS = 35
 
@@ -135,6 +148,11 @@ class MemoryStore:
         now_us = self._now_us()
         reply = self._run(scripts.ADMIT, self.layout.admit_keys(admission), admit_args(admission, now_us), now_us)
         return decode_decision(reply)
+
+    async def peek(self, admission: Admission) -> Peek:
+        now_us = self._now_us()
+        reply = self._run(scripts.ADMIT, self.layout.admit_keys(admission), peek_args(admission, now_us), now_us)
+        return decode_peek(reply, admission.windows)
 
     async def settle(self, settlement: Settlement) -> Settled:
         now_us = self._now_us()

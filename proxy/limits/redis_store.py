@@ -26,10 +26,20 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from ..errors import RespConnectionError, RespReplyError, RespUnreachable, StoreError, StoreUnreachable
 from . import scripts
-from .layout import DEFAULT_PREFIX, Layout, admit_args, decode_decision, decode_settled, renew_args, settle_args
+from .layout import (
+    DEFAULT_PREFIX,
+    Layout,
+    admit_args,
+    decode_decision,
+    decode_peek,
+    decode_settled,
+    peek_args,
+    renew_args,
+    settle_args,
+)
 from .ledger import usage_report
 from .resp import RespClient
-from .types import Admission, Decision, Renewal, ScopeKind, ScopeLimits, Settled, Settlement
+from .types import Admission, Decision, Peek, Renewal, ScopeKind, ScopeLimits, Settled, Settlement
 
 DEFAULT_TIMEOUT_MS = 250
 DEFAULT_RETENTION_DAYS = 35
@@ -173,6 +183,16 @@ class RedisStore:
         except DRIVER_ERRORS as exc:
             raise StoreError(f"admit failed: {exc!r}") from exc
         return decode_decision(reply)
+
+    async def peek(self, admission: Admission) -> Peek:
+        """The admit script in its dry-run mode: its reads, none of its writes."""
+        keys = self.layout.admit_keys(admission)
+        args = peek_args(admission, self._now_us())
+        try:
+            reply = await self._run(lambda: self._admit(self.client, keys, args, self.scripts_connection))
+        except DRIVER_ERRORS as exc:
+            raise StoreError(f"peek failed: {exc!r}") from exc
+        return decode_peek(reply, admission.windows)
 
     async def settle(self, settlement: Settlement) -> Settled:
         keys = self.layout.settle_keys(settlement)

@@ -179,6 +179,50 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetState:
+    """A budget as admission reads it: settled spend and live holds (reservations of requests in
+    flight) in micro-dollars; a request fits while spent + held + its cost <= limit."""
+
+    limit_micros: int
+    spent_micros: int
+    held_micros: int
+
+    @property
+    def remaining_micros(self) -> int:
+        return max(0, self.limit_micros - self.spent_micros - self.held_micros)
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeState:
+    """One scope's limits as the next admission would find them; None where it has no such limit."""
+
+    requests: BucketState | None = None
+    tokens: BucketState | None = None
+    max_parallel: int | None = None
+    in_flight: int = 0  # live parallel leases
+    budget: BudgetState | None = None  # its enforced day budget
+
+    @property
+    def free_leases(self) -> int | None:
+        return None if self.max_parallel is None else max(0, self.max_parallel - self.in_flight)
+
+
+@dataclass(frozen=True, slots=True)
+class Peek:
+    """What an admission would read now, by the store's clock, with nothing consumed (`Store.peek`).
+
+    `revoked`: the caller's credential is fenced (the other fields are then empty)."""
+
+    day: str = ""  # the budget day the store chose
+    day_reset_ms: int = 0  # until that day ends
+    key: ScopeState = ScopeState()
+    team: ScopeState = ScopeState()
+    user: ScopeState = ScopeState()
+    windows: tuple[BudgetState, ...] = ()  # one per `Admission.windows`, in order
+    revoked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     """One request's tokens, in OpenAI's vocabulary whichever API reported them: `prompt_tokens`
     is the whole prompt, cached or not (for Anthropic: input + cache creation + cache read);
@@ -246,6 +290,9 @@ class Store(Protocol):
     retention_days: int  # how long a day's spend ledger is kept (a reload may change it)
 
     async def admit(self, admission: Admission) -> Decision: ...
+
+    async def peek(self, admission: Admission) -> Peek:
+        """What `admit(admission)` would read, by the same script, consuming and writing nothing."""
 
     async def settle(self, settlement: Settlement) -> Settled:
         """Reconcile one admitted request; falsy if this request id was already settled."""

@@ -1,8 +1,9 @@
 -- admit: check every limit of a key and its team; consume from all of them only if all pass.
 -- With upstream quotas, also take the first candidate target whose quotas fit, and consume from it.
 -- KEYS and ARGV are laid out by proxy/limits/layout.py (admit_keys, admit_args); the reply is
--- decoded by layout.decode_decision. Redis runs it, and so does MemoryStore (embedded Lua 5.1),
--- both after prelude.lua (UNLIMITED, UNITS, int, named, clock_ms and the bucket rules).
+-- decoded by layout.decode_decision (a peek's, `dry_run`, by layout.decode_peek). Redis runs it,
+-- and so does MemoryStore (embedded Lua 5.1), both after prelude.lua (UNLIMITED, UNITS, int,
+-- named, clock_ms and the bucket rules).
 
 -- ARGV by name, in the order of proxy/limits/layout.py ADMIT_ARGS (tests/test_layout.py checks
 -- that they agree); after them come day_count day labels, then
@@ -14,9 +15,12 @@ local ARG_NAMES = {'now_us', 'request_id', 'tokens', 'cost', 'lease_ttl_ms', 'da
   'key_budget', 'key_enforce', 'team_rpm', 'team_request_capacity', 'team_tpm', 'team_token_capacity',
   'team_max_parallel', 'team_budget', 'team_enforce', 'user_rpm', 'user_request_capacity', 'user_tpm',
   'user_token_capacity', 'user_max_parallel', 'user_budget', 'user_enforce', 'day_count', 'window_count',
-  'quota_count', 'candidate_count'}
+  'quota_count', 'candidate_count', 'dry_run'}
 local args = named(ARG_NAMES, ARGV)
 local n = tonumber(args.day_count)
+-- a peek (`GET /v1/me`): every figure read as this admit would read it, nothing written, the
+-- peek's reply returned (see its `return` below)
+local dry_run = args.dry_run == '1'
 
 -- KEYS by name, in the order of layout.py ADMIT_KEYS (checked like ARG_NAMES)
 local KEY_NAMES = {'key_requests', 'key_tokens', 'key_parallel', 'team_requests', 'team_tokens',
@@ -83,16 +87,28 @@ local function extend_ttl(key, ms)
   if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, int(ms)) end
 end
 
+-- release the holds whose lease expired; a peek only counts them
 local function purge_holds(budget, leases)
   local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', int(now_ms))
+  local unwritten = 0
   for _, id in ipairs(expired) do
     local held = tonumber(redis.call('HGET', budget, 'h:' .. id))
-    if held ~= nil then
+    if held ~= nil and dry_run then
+      unwritten = unwritten + held
+    elseif held ~= nil then
       redis.call('HINCRBY', budget, 'held', int(0 - held))
       redis.call('HDEL', budget, 'h:' .. id)
     end
   end
-  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', leases, '-inf', int(now_ms)) end
+  if #expired > 0 and not dry_run then redis.call('ZREMRANGEBYSCORE', leases, '-inf', int(now_ms)) end
+  return unwritten
+end
+
+-- a budget's settled spend and live holds
+local function read_budget(budget, leases)
+  local unwritten = purge_holds(budget, leases)
+  local v = redis.call('HMGET', budget, 'spent', 'held')
+  return tonumber(v[1]) or 0, (tonumber(v[2]) or 0) - unwritten
 end
 
 local id = args.request_id
@@ -128,14 +144,15 @@ for _, sc in ipairs(scopes) do
   sc.enforce = args[sc.p .. 'enforce'] ~= '0'  -- '0': its rpm, tpm and max_parallel are in shadow mode
   if sc.rpm ~= UNLIMITED then sc.rq_level = read_bucket(sc.rq, sc.rpm, sc.rq_cap) end
   if sc.tpm ~= UNLIMITED then sc.tk_level = read_bucket(sc.tk, sc.tpm, sc.tk_cap) end
-  if sc.max_par ~= UNLIMITED then
+  if sc.max_par ~= UNLIMITED and dry_run then
+    sc.in_flight = redis.call('ZCARD', sc.par) - redis.call('ZCOUNT', sc.par, '-inf', int(now_ms))
+  elseif sc.max_par ~= UNLIMITED then
     redis.call('ZREMRANGEBYSCORE', sc.par, '-inf', int(now_ms))
     sc.in_flight = redis.call('ZCARD', sc.par)
   end
   if sc.budget ~= UNLIMITED then
-    purge_holds(sc.b, sc.bl)
-    local v = redis.call('HMGET', sc.b, 'spent', 'held')
-    sc.committed = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0)
+    sc.spent, sc.held = read_budget(sc.b, sc.bl)
+    sc.committed = sc.spent + sc.held
   end
 end
 
@@ -146,10 +163,28 @@ for w = 1, tonumber(args.window_count) do
   local keys = window_budget(w, day)
   local wb = {b = keys.budget, bl = keys.holds, budget = tonumber(ARGV[at + 1]),
     enforce = ARGV[at + 2] == '1', ttl = day_left_ms + tonumber(ARGV[at + 3]) + day_margin}
-  purge_holds(wb.b, wb.bl)
-  local v = redis.call('HMGET', wb.b, 'spent', 'held')
-  wb.committed = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0)
+  wb.spent, wb.held = read_budget(wb.b, wb.bl)
+  wb.committed = wb.spent + wb.held
   windows[w] = wb
+end
+
+-- a peek's reply (layout.decode_peek): the day and its ms left; per scope (key, team, end user)
+-- its request and token bucket (capacity, remaining, reset_ms), max_parallel and leases in use,
+-- day budget, spent and held; then each window budget's spent and held
+if dry_run then
+  local reply = {'peek', label, day_left_ms}
+  local function add(...) for _, x in ipairs({...}) do reply[#reply + 1] = x end end
+  for _, sc in ipairs(scopes) do
+    if sc.rpm ~= UNLIMITED then
+      add(sc.rq_cap, remaining(sc.rq_level), reset_ms(sc.rq_level, sc.rpm, sc.rq_cap))
+    else add(UNLIMITED, 0, 0) end
+    if sc.tpm ~= UNLIMITED then
+      add(sc.tk_cap, remaining(sc.tk_level), reset_ms(sc.tk_level, sc.tpm, sc.tk_cap))
+    else add(UNLIMITED, 0, 0) end
+    add(sc.max_par, sc.in_flight or 0, sc.budget, sc.spent or 0, sc.held or 0)
+  end
+  for _, wb in ipairs(windows) do add(wb.spent, wb.held) end
+  return reply
 end
 
 -- upstream quotas: each candidate's wait is its longest scope's (never: a scope's tpm is below the
