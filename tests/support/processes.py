@@ -21,7 +21,7 @@ import yaml
 from .ports import free_port
 
 ROOT = Path(__file__).parent.parent.parent
-START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 60.0  # a safety net: three replicas starting on loaded cores once took more than 30 s
 STOP_TIMEOUT_S = 10.0
 
 
