@@ -159,7 +159,9 @@ def test_request_that_can_never_fit(limited):
 
 def test_parallel_cap_holds_until_the_stream_ends(limited):
     server = limited(with_limits({"max_parallel": 1}))
-    slow = orjson.dumps({"chunk_delay_s": 0.1, "chunks": 5}).decode()
+    # 2 s of stream after its first chunk for the second request to be refused in: 0.4 s was not
+    # always enough on a loaded machine, and the second request was rightly admitted after the end
+    slow = orjson.dumps({"chunk_delay_s": 0.25, "chunks": 9}).decode()
     first_chunk = threading.Event()
     result = {}
 

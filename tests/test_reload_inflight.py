@@ -41,8 +41,9 @@ def wait_for(condition, what: str, within_s: float = WAIT_S) -> None:
         time.sleep(0.02)
 
 
-def post(url: str, body: dict = CHAT, **kwargs) -> httpx.Response:
-    return httpx.post(
+def post(url: str, body: dict = CHAT, client: httpx.Client | None = None, **kwargs) -> httpx.Response:
+    send = client.post if client else httpx.post
+    return send(
         url + "/v1/chat/completions",
         json=body,
         headers={"Authorization": f"Bearer {KEYS['alice']}"},
@@ -147,13 +148,19 @@ def test_request_held_at_admission_finishes_on_its_config_when_a_reload_renames_
     )
     mock_upstream.clear()
 
-    with paused(private_redis):
-        finish = in_background(lambda: post(process.url))
-        wait_for(lambda: unread_bytes_at(private_redis.port) > 0, "the admit to reach the paused Redis")
-        write_config(path, renamed(data, "moved", second_mock.url))
-        process.signal(signal.SIGHUP)
-        wait_for(lambda: "config reloaded" in process.output(), "the reload")
-    response = finish()
+    with httpx.Client(timeout=20) as http:  # made beforehand: the request is sent at once
+        with paused(private_redis):
+            # the registry's version poll (every 0.3 s) reaches the paused Redis too, then waits for
+            # its answer: once its bytes are there, only the admit adds more (without this baseline the
+            # poll's bytes could pass for the admit, and the reload come before the request had arrived)
+            wait_for(lambda: unread_bytes_at(private_redis.port) > 0, "the registry poll to reach the paused Redis")
+            polled = unread_bytes_at(private_redis.port)
+            finish = in_background(lambda: post(process.url, client=http))
+            wait_for(lambda: unread_bytes_at(private_redis.port) > polled, "the admit to reach the paused Redis")
+            write_config(path, renamed(data, "moved", second_mock.url))
+            process.signal(signal.SIGHUP)
+            wait_for(lambda: "config reloaded" in process.output(), "the reload")
+        response = finish()
 
     assert response.status_code == 200, response.text
     assert len(mock_upstream.requests) == 1, "the held request did not run on the upstream it started with"

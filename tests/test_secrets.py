@@ -40,7 +40,8 @@ def config(upstream_url: str, redis_url: str) -> dict:
         },
         "teams": {"platform": {"daily_budget_usd": 1, "limits": {"rpm": 600}}},
         "keys": {
-            "alice": {"team": "platform", "key_env": "TEST_ALICE_KEY", "limits": {"rpm": 60, "rpm_burst": 6}},
+            # one request back every 10 s: the 8 calls in a row below exceed it however slow the machine
+            "alice": {"team": "platform", "key_env": "TEST_ALICE_KEY", "limits": {"rpm": 6, "rpm_burst": 6}},
             "bob": {"team": "platform", "key_sha256": sha256_hex(PROXY_KEYS["bob"]), "daily_budget_usd": "0.00002"},
         },
     }

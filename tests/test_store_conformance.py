@@ -53,6 +53,9 @@ from proxy.limits.types import (
 from tests.support.ports import free_port
 
 DAY_S = 86_400
+# what the stores decide is the point here, not how fast a loaded machine answers: 150 concurrent
+# calls queue for the cluster client's connections, and 2 s was not always enough under load
+STORE_TIMEOUT_MS = 10_000
 START = 19_675 * DAY_S  # 2023-11-14 00:00 UTC
 DAYS = BudgetDay(
     ("2023-11-14", "2023-11-15", "2023-11-16"), (START, START + DAY_S, START + 2 * DAY_S, START + 3 * DAY_S)
@@ -88,7 +91,7 @@ def clock() -> Clock:
 async def store(request, clock):
     if request.param in ("redis", "cluster"):
         url = request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
-        store = RedisStore.from_url(url, timeout_ms=2000, clock_us=clock)
+        store = RedisStore.from_url(url, timeout_ms=STORE_TIMEOUT_MS, clock_us=clock)
     elif request.param == "memory":
         store = MemoryStore(clock_us=clock)
     else:
@@ -617,12 +620,14 @@ async def test_stores_agree_on_a_random_workload(request, redis_url):
     clock = Clock()
     fake = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer(), lua_modules=set())
     stores = [
-        RedisStore.from_url(redis_url, timeout_ms=2000, clock_us=clock),
+        RedisStore.from_url(redis_url, timeout_ms=STORE_TIMEOUT_MS, clock_us=clock),
         MemoryStore(clock_us=clock),
         RedisStore(fake, clock_us=clock),
     ]
     try:  # and the cluster, where there is one
-        stores.append(RedisStore.from_url(request.getfixturevalue("cluster_url"), timeout_ms=2000, clock_us=clock))
+        stores.append(
+            RedisStore.from_url(request.getfixturevalue("cluster_url"), timeout_ms=STORE_TIMEOUT_MS, clock_us=clock)
+        )
     except pytest.skip.Exception:
         pass
     rng = random.Random(7)

@@ -13,6 +13,7 @@ import asyncio
 import time
 from datetime import UTC
 
+import httpx2
 import openai
 import pytest
 import redis
@@ -40,7 +41,11 @@ def mock(tmp_path):
 
 
 def sdk(url: str, key: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEYS[key], max_retries=0, timeout=20)
+    # pooled connections expire before the server's 5 s keep-alive timeout (the SDK's also expire at
+    # 5 s): one the server closes just as it is reused fails with a ReadError (it did, under load)
+    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=2)
+    http = openai.DefaultAsyncHttpxClient(limits=limits)
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEYS[key], max_retries=0, timeout=20, http_client=http)
 
 
 async def stream_once(client: openai.AsyncOpenAI, user: str | None) -> bool:

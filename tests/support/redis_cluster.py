@@ -1,5 +1,5 @@
 """A private Redis Cluster per test session: three `redis-server --cluster-enabled yes` masters on
-free loopback ports, joined with `redis-cli --cluster create ... --cluster-replicas 0`.
+free loopback ports (tests/support/ports.py), joined with `redis-cli --cluster create ... --cluster-replicas 0`.
 
 Needs `redis-server` and `redis-cli` (Debian: redis-server brings redis-tools). Without them the
 `redis_cluster` fixture skips, unless `LLM_PROXY_REQUIRE_CLUSTER=1` (set by .ci/run) makes it fail.
@@ -8,19 +8,17 @@ Needs `redis-server` and `redis-cli` (Debian: redis-server brings redis-tools). 
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 
 import redis
 
+from .ports import cluster_node_ports
+
 MASTERS = 3
 READY_TIMEOUT_S = 20.0
-BUS_OFFSET = 10_000  # a node's cluster bus listens on its port + 10000, so ports stay <= 55535
-PORT_RANGE = (20_000, 55_535)
 
 
 def cluster_available() -> bool:
@@ -31,32 +29,12 @@ def cluster_required() -> bool:
     return os.environ.get("LLM_PROXY_REQUIRE_CLUSTER", "") not in ("", "0")
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def node_ports(count: int) -> list[int]:
-    """`count` ports that are free, and whose cluster bus ports (+10000) are free too."""
-    ports: list[int] = []
-    rng = random.Random()
-    while len(ports) < count:
-        port = rng.randrange(*PORT_RANGE)
-        if port not in ports and _bindable(port) and _bindable(port + BUS_OFFSET):
-            ports.append(port)
-    return ports
-
-
 class RedisCluster:
     """Three masters on 127.0.0.1, every slot covered, no replicas."""
 
     def __init__(self, masters: int = MASTERS) -> None:
         self.workdir = tempfile.mkdtemp(prefix="llm-proxy-cluster-")
-        self.ports = node_ports(masters)
+        self.ports = cluster_node_ports(masters)
         self.url = f"redis+cluster://127.0.0.1:{self.ports[0]}"
         self._processes: list[subprocess.Popen] = []
         try:
