@@ -180,7 +180,26 @@ def varied_traffic() -> None:
         thread.join(40)
     if 429 not in statuses:
         fail(f"20 parallel requests on max_parallel 16 were not refused: {statuses}")
-    ok(f"varied traffic sent (parallel statuses: {sorted(set(statuses))})")
+    # 6 concurrent slow requests on the research key (max_parallel 4, max_wait_ms 5000): two wait
+    waited: list[int] = []
+
+    def research_slow() -> None:
+        response = httpx.post(
+            PROXY + "/v1/chat/completions",
+            json={**CHAT, "model": "deepseek-chat"},
+            timeout=30,
+            headers={"Authorization": f"Bearer {RESEARCH_KEY}", **fault(first_byte_delay_s=1)},
+        )
+        waited.append(response.status_code)
+
+    threads = [threading.Thread(target=research_slow) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(40)
+    if waited != [200] * 6:
+        fail(f"6 requests on max_parallel 4 with max_wait_ms 5000 were not all served: {waited}")
+    ok(f"varied traffic sent (parallel statuses: {sorted(set(statuses))}; 6 on max_parallel 4 with a queue: all 200)")
 
 
 def redis_keeps_spend() -> None:
