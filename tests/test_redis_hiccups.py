@@ -33,7 +33,10 @@ CONCURRENCY = 30
 # would fail the healthy phase; the bound is relative to the timeout (queueing took 30 x the timeout)
 TIMEOUT_MS = 400
 ANSWER_BOUND_S = (TIMEOUT_MS + 100) / 1000
-OUTAGE_S = 5.5
+# 10 timeouts: past the reconnect back-off's cap (0.5 s), reached after ~2.8 s when every connect
+# attempt hangs (partition), with a whole capped attempt after it
+OUTAGE_S = 4.0
+OUTAGE_WAVES = 4  # and at least this many waves, however slowly this machine sends them
 HEALTHY_S = 1.5
 
 
@@ -71,11 +74,11 @@ async def wave(http: httpx.AsyncClient, url: str, count: int) -> list[tuple[int,
     return await asyncio.gather(*(one() for _ in range(count)))
 
 
-async def waves_for(http: httpx.AsyncClient, url: str, seconds: float) -> list[tuple[int, float]]:
-    """Waves of CONCURRENCY requests, one after the other, for `seconds`."""
+async def waves_for(http: httpx.AsyncClient, url: str, seconds: float, waves: int = 1) -> list[tuple[int, float]]:
+    """Waves of CONCURRENCY requests, one after the other, for `seconds` and at least `waves` waves."""
     results: list[tuple[int, float]] = []
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline or len(results) < waves * CONCURRENCY:
         results += await wave(http, url, CONCURRENCY)
     return results
 
@@ -98,7 +101,7 @@ def quantile(values: list[float], q: float) -> float:
 def test_unreachable_redis_answers_every_request_within_the_timeout(
     mode, fault, tmp_path, mock, redis_server: RedisServer, redis_url
 ):
-    """Waves of 30 concurrent requests for 5.5 s of outage: each is answered within `timeout_ms` +
+    """Waves of 30 concurrent requests for 4 s of outage: each is answered within `timeout_ms` +
     100 ms more than the slowest answer of the same waves on a healthy Redis (measured before and
     after, so the CPU these shared cores give the test is no part of the verdict; the store-level
     bound without it: tests/test_resp_client.py). They used to queue one timeout each: 7-15 s."""
@@ -118,7 +121,7 @@ def test_unreachable_redis_answers_every_request_within_the_timeout(
             else:
                 redis_server.kill()
             try:
-                during = await waves_for(http, proxy.url, OUTAGE_S)
+                during = await waves_for(http, proxy.url, OUTAGE_S, OUTAGE_WAVES)
             finally:
                 if relay:
                     relay.heal()
@@ -152,7 +155,6 @@ def test_unreachable_redis_answers_every_request_within_the_timeout(
         f"{quantile(healthy_s, 0.5) * 1000:.0f} ms, max {max(healthy_s) * 1000:.0f} ms"
     )
     assert max(latencies) <= ANSWER_BOUND_S + cpu_allowance, f"slowest answer {max(latencies):.3f} s"
-    assert len(during) >= 4 * CONCURRENCY  # the waves kept coming through the whole outage
 
 
 # -- item 1: no phantom leases, reservations or holds after a pause --------------------------------
