@@ -233,7 +233,7 @@ def test_the_key_builders_put_each_key_under_its_name() -> None:
     admit += [window(i, label)[n] for i in (0, 1) for label in (first, second) for n in layout.ADMIT_WINDOW_KEYS]
 
     def quota(base: str) -> dict[str, str]:  # every team's: outside each team's slot
-        return {"requests": f"{base}:rq", "tokens": f"{base}:tk", "parallel": f"{base}:par"}
+        return {"requests": f"{base}:rq", "tokens": f"{base}:tk", "parallel": f"{base}:par", "fair": f"{base}:fair"}
 
     openai, azure = quota("llmrl:{quota}:u:openai"), quota("llmrl:{quota}:u:azure:m:gpt-4o")
     scopes = (openai, openai, azure)  # each candidate's, in order

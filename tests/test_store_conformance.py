@@ -1194,3 +1194,85 @@ async def test_an_upstream_quota_is_exact_under_concurrent_admissions_of_many_te
     decisions = await asyncio.gather(*(one(i) for i in range(150)))
     assert Counter(d.target for d in decisions if d.admitted) == {0: 40, 1: 1}
     assert all(d.scope == "upstream" for d in decisions if not d.admitted)
+
+
+# -- fair shares of a contended upstream quota (teams.NAME.share) ---------------------------------
+
+FAIR = ((quota("a", tpm=60_000),),)  # gives back one 100-token request every 100 ms
+
+
+async def _ask(store, team_, tokens: int = 100):
+    k, t, share = team_
+    return await store.admit(admission(k, t, tokens=tokens, quotas=FAIR, share=share))
+
+
+async def _saturate(store, clock, teams, steps: int) -> list[str]:
+    """Every 100 ms, each team in turn asks until it is refused (a team with requests waiting);
+    the names of the teams admitted, in order."""
+    went = []
+    for _ in range(steps):
+        clock.advance(100)
+        for team_ in teams:
+            while (decision := await _ask(store, team_)).admitted:
+                went.append(team_[1].name)
+            assert (decision.scope, decision.reason) in (("upstream", "share"), ("upstream", "tpm"))
+            if decision.reason == "share":  # room for it, left to the team behind: nothing taken
+                assert decision.retry_after_ms == 100  # the quota's time to give back this request
+                assert decision.quota_left == ((UNLIMITED, 100, UNLIMITED),)
+    return went
+
+
+async def _drain(store, teams) -> None:
+    """Both teams take turns, uncontended, until the quota (60,000 tokens) is empty, each 1,000
+    tokens per unit of its share at a time (so they end level); then each is refused by it once,
+    so both wait for it."""
+    for i in range(40):
+        assert (await _ask(store, teams[i % 2], int(1_000 * teams[i % 2][2]))).admitted
+    for team_ in teams:
+        assert (await _ask(store, team_)).reason == "tpm"
+
+
+@standalone
+async def test_teams_that_wait_for_a_quota_take_it_in_proportion_to_their_shares(store, clock):
+    """Each time the quota gives back one request, both teams ask (the one with share 1 first): the
+    one behind its share goes, 1 in 3 for the first and 2 in 3 for the second. A team refused for
+    its share takes nothing."""
+    small, large = (key("s"), team("small"), 1.0), (key("l"), team("large"), 2.0)
+    await _drain(store, (small, large))
+    went = await _saturate(store, clock, (small, large), 30)
+    assert len(went) == 30  # one request a step, and one team always takes it
+    assert (went.count("small"), went.count("large")) == (10, 20)
+    # without shares (a team's default share is 1), the first to ask would take every one
+    went = await _saturate(store, clock, ((key("s"), team("small"), 1.0), (key("l"), team("large"), 1.0)), 30)
+    assert (went.count("small"), went.count("large")) == (15, 15)
+
+
+@standalone
+async def test_a_quota_nobody_else_waits_for_goes_to_whoever_asks(store, clock):
+    """The team behind its share stops asking: once its wait lapses (its refusal's retry and 200 ms
+    after it), the other team takes every request the quota gives back, however far ahead it is."""
+    small, large = (key("s"), team("small"), 1.0), (key("l"), team("large"), 2.0)
+    await _drain(store, (small, large))
+    turns = []
+    for _ in range(10):
+        clock.advance(100)
+        turns.append((await _ask(store, small)).reason)
+    # level after the drain, the small team goes once; then the large team is behind, and waits
+    # until 100 ms (its retry) + 200 ms after its refusal
+    assert turns == [None, "share", None, None, None, None, None, None, None, None]
+
+
+@standalone
+async def test_a_team_back_from_idle_gets_no_credit_for_its_idle_time(store, clock):
+    """A team that used nothing while another used the quota alone starts level with it (credit for
+    the other's last request only), not a minute behind: the two then alternate instead of the
+    newcomer taking everything."""
+    busy, back = (key("b"), team("busy"), 1.0), (key("n"), team("newcomer"), 1.0)
+    for _ in range(60):
+        assert (await _ask(store, busy, 1_000)).admitted
+    for team_ in (busy, back):
+        assert (await _ask(store, team_)).reason == "tpm"
+    went = await _saturate(store, clock, (busy, back), 30)
+    # the newcomer's credit is the busy team's last request (1,000 tokens): 10 of its own first
+    assert went[:10] == ["newcomer"] * 10
+    assert (went[10:].count("busy"), went[10:].count("newcomer")) == (10, 10)

@@ -146,6 +146,7 @@ def shared_admission(
         scopes.user_for(end_user)[0],
         scopes.credential_id,
         quotas,
+        scopes.share,
     )
 
 
@@ -222,6 +223,7 @@ class Admitter:
                     fallback_windows,
                     fallback_user,
                     quotas=quotas.fallback,
+                    share=scopes.share,
                 )
             )
             if sent and not decision.admitted:

@@ -20,6 +20,8 @@ one Redis Cluster slot:
     llmrl:{quota}:u:<upstream>:rq|tk|par         an upstream account's quota (upstreams.NAME.limits)
     llmrl:{quota}:u:<upstream>:m:<model>:rq|...  a deployment's (a target's limits): outside every
                                                  team's slot too
+    llmrl:{quota}:u:<upstream>[:m:<model>]:fair  its fair shares   hash V (virtual clock), v:<team>
+                                                 (virtual time), w:<team> (wants it until, ms)
 
 MemoryStore keeps the same names in its own keyspace, and returns the same reply array.
 
@@ -135,7 +137,12 @@ class Layout:
                 if only_parallel and q.max_parallel is None:
                     continue
                 base = self.quota(q)
-                named = {"requests": f"{base}:rq", "tokens": f"{base}:tk", "parallel": f"{base}:par"}
+                named = {
+                    "requests": f"{base}:rq",
+                    "tokens": f"{base}:tk",
+                    "parallel": f"{base}:par",
+                    "fair": f"{base}:fair",
+                }
                 keys += [named[name] for name in names]
         return keys
 
@@ -232,7 +239,7 @@ ADMIT_KEYS = (
 )
 ADMIT_DAY_KEYS = ("key_budget", "key_budget_holds", "team_budget", "team_budget_holds")
 ADMIT_WINDOW_KEYS = ("budget", "holds")
-ADMIT_QUOTA_KEYS = ("requests", "tokens", "parallel")
+ADMIT_QUOTA_KEYS = ("requests", "tokens", "parallel", "fair")
 # settle.lua: these (the budgets and ledger of the request's day); then SETTLE_WINDOW_KEYS for
 # each window budget (its window containing the request's day); then SETTLE_QUOTA_KEYS for each
 # upstream quota scope
@@ -278,6 +285,8 @@ ADMIT_ARGS = (
     "quota_count",
     "candidate_count",
     "dry_run",  # 1: a peek (`peek_args`), answered with what the admit would read, nothing written
+    "team_name",  # the team's name and its share (`teams.NAME.share`): its turn at a contended upstream quota
+    "share",
 )
 ADMIT_QUOTA_ARGS = ("candidate", "rpm", "tpm", "max_parallel")
 # settle.lua's ARGV; after them, each window budget's alert thresholds, then SETTLE_QUOTA_ARGS for
@@ -350,6 +359,8 @@ def admit_args(a: Admission, now_us: int | None, dry_run: bool = False) -> list[
         "quota_count": sum(len(scopes) for scopes in a.quotas),
         "candidate_count": len(a.quotas),
         "dry_run": 1 if dry_run else 0,
+        "team_name": a.team.name,
+        "share": repr(a.share),
     }
     windows: list[Arg] = []
     for w in a.windows:

@@ -77,6 +77,7 @@ class Scopes:
     user_limits: ScopeLimits = NO_END_USER  # each end user's rpm, tpm, max_parallel (unnamed)
     fallback_user_limits: ScopeLimits = NO_END_USER
     credential_id: str | None = None  # a runtime key's credential (its revocation fence); config keys: None
+    share: float = 1.0  # the team's weight at a contended upstream quota (`teams.NAME.share`)
 
     def for_end_user(self, end_user: str | None) -> tuple[tuple[WindowBudget, ...], tuple[WindowBudget, ...]]:
         """The window budgets of a request from `end_user` (None: none known), and their fallback."""
@@ -142,4 +143,5 @@ def scopes_of(
         user_limits,
         fallback_user_limits,
         credential_id,
+        float(team.share),
     )

@@ -17,7 +17,8 @@ from typing import Any, Literal, Protocol
 
 from ..budgets.windows import Window
 
-Reason = Literal["rpm", "tpm", "parallel", "budget", "revoked"]
+# "share": an upstream quota has room, but other teams waiting for it are behind their fair share
+Reason = Literal["rpm", "tpm", "parallel", "budget", "revoked", "share"]
 ScopeKind = Literal["key", "team", "end_user"]
 # who refused: a key's or team's limit or enforced day budget, one of the window budgets, or the
 # upstream quotas of every candidate target
@@ -122,6 +123,7 @@ class Admission:
     user: ScopeLimits = NO_END_USER  # the end user's rpm, tpm and max_parallel
     credential_id: str | None = None  # a runtime key's credential: names the fence admit checks
     quotas: Candidates = ()  # the candidate targets' upstream quotas: the first that fits is taken
+    share: float = 1.0  # the team's weight at a contended upstream quota (`teams.NAME.share`)
 
 
 @dataclass(frozen=True, slots=True)

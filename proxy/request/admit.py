@@ -119,7 +119,7 @@ def refusal_error(refusal: Refusal) -> ProxyError:
         )
         return BudgetExceeded(message, headers=headers)
     if decision.scope == "upstream":
-        return upstream_quota_refusal(decision, refusal.quotas.targets, headers)
+        return upstream_quota_refusal(decision, refusal.quotas.targets, headers, scopes.team.name)
     if decision.reason == "budget":  # the key's or team's enforced day budget
         headers["x-should-retry"] = "false"
         kind: ScopeKind = "key" if decision.scope == "key" else "team"
@@ -156,11 +156,12 @@ def refusal_error(refusal: Refusal) -> ProxyError:
 
 
 def upstream_quota_refusal(
-    decision: Decision, targets: Sequence[Target], headers: dict[str, str]
+    decision: Decision, targets: Sequence[Target], headers: dict[str, str], team: str
 ) -> UpstreamQuotaReached:
-    """No candidate target's upstream quota has room: named by the one that frees first."""
+    """No candidate target's upstream quota has room (or none for `team` now, its fair share
+    taken while other teams wait): named by the one that frees first."""
     reason = decision.reason or "rpm"
-    limit_type = LIMIT_TYPES[reason]
+    limit_type = LIMIT_TYPES.get(reason, "tokens")
     if decision.never_fits or decision.target is None:
         headers["x-should-retry"] = "false"
         names = ", ".join(f"'{t.upstream}'" for t in targets)
@@ -173,6 +174,17 @@ def upstream_quota_refusal(
     target = targets[decision.target]
     others = " (and every other target of the model)" if len(targets) > 1 else ""
     headers.update(retry_headers(decision.retry_after_ms))
+    if reason == "share":
+        # room in the quota, but other teams waiting for it are behind their share: only this team's
+        # own waiters queue behind this one (the others' turn is exactly what it waits for)
+        return UpstreamQuotaReached(
+            f"Rate limit reached for the upstream quota of '{target.upstream}' (model '{target.model}'){others}: "
+            f"other teams are waiting for it and team '{team}' has had its share for now. Please try again in "
+            f"{openai_duration(decision.retry_after_ms)}.",
+            limit_type="tokens",
+            headers=headers,
+            retry=Retry(decision.retry_after_ms, False, frozenset({("team", team)})),
+        )
     return UpstreamQuotaReached(
         f"Rate limit reached for the upstream quota of '{target.upstream}' (model '{target.model}'){others} "
         f"on {LIMIT_NAMES[reason]}. Please try again in {openai_duration(decision.retry_after_ms)}.",

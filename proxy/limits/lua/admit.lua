@@ -15,7 +15,7 @@ local ARG_NAMES = {'now_us', 'request_id', 'tokens', 'cost', 'lease_ttl_ms', 'da
   'key_budget', 'key_enforce', 'team_rpm', 'team_request_capacity', 'team_tpm', 'team_token_capacity',
   'team_max_parallel', 'team_budget', 'team_enforce', 'user_rpm', 'user_request_capacity', 'user_tpm',
   'user_token_capacity', 'user_max_parallel', 'user_budget', 'user_enforce', 'day_count', 'window_count',
-  'quota_count', 'candidate_count', 'dry_run'}
+  'quota_count', 'candidate_count', 'dry_run', 'team_name', 'share'}
 local args = named(ARG_NAMES, ARGV)
 local n = tonumber(args.day_count)
 -- a peek (`GET /v1/me`): every figure read as this admit would read it, nothing written, the
@@ -39,7 +39,7 @@ local function window_budget(w, d)
 end
 -- after those, for each upstream quota scope q (layout.py ADMIT_QUOTA_KEYS), its buckets and leases;
 -- its arguments (ADMIT_QUOTA_ARGS) follow the window budgets' in ARGV
-local QUOTA_KEY_NAMES = {'requests', 'tokens', 'parallel'}
+local QUOTA_KEY_NAMES = {'requests', 'tokens', 'parallel', 'fair'}
 local QUOTA_ARG_NAMES = {'candidate', 'rpm', 'tpm', 'max_parallel'}
 local function quota_scope(q)
   local window_keys = #WINDOW_KEY_NAMES * n * tonumber(args.window_count)
@@ -187,8 +187,44 @@ if dry_run then
   return reply
 end
 
+-- Fair shares of an upstream quota (teams.NAME.share), start-time fair queueing over its `fair`
+-- hash: each team's virtual time `v:<team>` (what it took from the quota per unit of share), until
+-- when it wants the quota `w:<team>` (a request of its was refused by the quota and will ask again
+-- then: it is waiting), and the quota's virtual clock `V` (the latest start of an admission). A
+-- request starts at max(v, V): time a team spent idle earns no credit. While another team wants
+-- the quota, a team goes only if its start is not past the lowest start of those that want it;
+-- with no other team waiting, whoever asks goes (work-conserving). A quota's teams are few.
+local WANT_MARGIN_MS = 200
+local FAIR_TTL_MS = 600000  -- an idle quota forgets its history
+local team_name, share = args.team_name, tonumber(args.share)
+local function fair_read(qs)
+  local flat = redis.call('HGETALL', qs.fair)
+  local v, want, clock = {}, {}, 0
+  for i = 1, #flat, 2 do
+    local field, value = flat[i], tonumber(flat[i + 1])
+    local kind, name = string.sub(field, 1, 2), string.sub(field, 3)
+    if kind == 'v:' then v[name] = value elseif kind == 'w:' then want[name] = value elseif field == 'V' then clock = value end
+  end
+  local low = nil
+  for name, untl in pairs(want) do
+    if name ~= team_name and untl > now_ms then
+      local start = math.max(v[name] or 0, clock)
+      if low == nil or start < low then low = start end
+    end
+  end
+  qs.fair_clock, qs.fair_start, qs.fair_low = clock, math.max(v[team_name] or 0, clock), low
+  qs.fair_want = want[team_name]
+end
+-- what a request takes from a quota in the unit its fair share counts: tokens where it has a tpm
+local function fair_units(qs)
+  if qs.tpm ~= UNLIMITED then return tokens, qs.tpm end
+  if qs.rpm ~= UNLIMITED then return 1, qs.rpm end
+  return 1, nil
+end
+
 -- upstream quotas: each candidate's wait is its longest scope's (never: a scope's tpm is below the
--- request's tokens); the first candidate that fits now is chosen
+-- request's tokens), or, when it fits, a turn for the teams behind this one ('share'); the first
+-- candidate that fits now is chosen
 local quotas, candidate_waits = {}, {}
 for c = 1, tonumber(args.candidate_count) do candidate_waits[c] = {ms = 0, why = nil, never = false} end
 for q = 1, tonumber(args.quota_count) do
@@ -211,6 +247,19 @@ for q = 1, tonumber(args.quota_count) do
     if qs.in_flight >= qs.max_parallel then wait('parallel', PARALLEL_RETRY_MS) end
   end
   quotas[q] = qs
+end
+for _, qs in ipairs(quotas) do
+  local cw = candidate_waits[qs.candidate]
+  if not cw.never and cw.ms == 0 then
+    fair_read(qs)
+    if qs.fair_low ~= nil and qs.fair_start > qs.fair_low then
+      -- another team that wants it is behind: look again once the quota has refilled this request
+      local units, per_minute = fair_units(qs)
+      local ms = 1000
+      if per_minute ~= nil then ms = math.min(1000, math.max(10, math.ceil(units * 60000 / per_minute))) end
+      cw.ms, cw.why = ms, 'share'
+    end
+  end
 end
 -- the chosen candidate (0: none fits now), else the one that frees first (0: none ever fits)
 local chosen, soonest = 0, 0
@@ -331,6 +380,10 @@ if reason == nil then
         extend_ttl(qs.parallel, lease_ttl + TTL_MARGIN_MS)
         qs.in_flight = qs.in_flight + 1
       end
+      local units = fair_units(qs)
+      redis.call('HSET', qs.fair, 'v:' .. team_name, string.format('%.3f', qs.fair_start + units / share),
+        'V', string.format('%.3f', math.max(qs.fair_clock, qs.fair_start)))
+      redis.call('PEXPIRE', qs.fair, FAIR_TTL_MS)
     end
   end
   local kt, tt, ut = '0', '0', '0'
@@ -342,6 +395,18 @@ if reason == nil then
   redis.call('HSET', K.reservation, 'tokens', int(tokens), 'cost', int(cost), 'day', label,
     'exp', int(expires), 'kt', kt, 'tt', tt, 'ut', ut, 'q', int(chosen))
   redis.call('PEXPIRE', K.reservation, int(lease_ttl + TTL_MARGIN_MS))
+end
+
+-- refused by the upstream quotas: this team wants each candidate's quota until it asks again (the
+-- refusal's retry) and a little after; the others' fair shares make room for it meanwhile
+if reason ~= nil and scope.kind == 'upstream' and never == 0 then
+  for _, qs in ipairs(quotas) do
+    local until_ms = now_ms + retry + WANT_MARGIN_MS
+    local wants = qs.fair_want
+    if qs.fair_start == nil then wants = tonumber(redis.call('HGET', qs.fair, 'w:' .. team_name)) end
+    if (wants or 0) < until_ms then redis.call('HSET', qs.fair, 'w:' .. team_name, int(until_ms)) end
+    redis.call('PEXPIRE', qs.fair, FAIR_TTL_MS)
+  end
 end
 
 -- the tightest bucket of each kind (lowest remaining, then longest reset) and budget scope
