@@ -88,6 +88,12 @@ class Metrics:
         self.spend = Counter(
             "llm_proxy_spend_usd", "Spend at the configured prices.", ["team", "key", "model"], registry=r
         )
+        self.budget_fallbacks = Counter(
+            "llm_proxy_budget_fallbacks",
+            "Requests a budget refused on `model` and its on_budget_exhausted.fallback_model admitted instead.",
+            ["model", "fallback_model"],
+            registry=r,
+        )
         self.rejections = Counter(
             "llm_proxy_rejections",
             'Requests refused by the proxy; shadow="true": a budget in shadow mode would have refused one.',
@@ -154,6 +160,8 @@ class Metrics:
     def admitted(self, outcome: Outcome) -> None:
         if outcome.caller is not None:
             self.inflight.labels(outcome.caller.team_name).inc()
+        if outcome.fallback_from is not None:
+            self.budget_fallbacks.labels(outcome.fallback_from, outcome.model).inc()
 
     def finished(self, outcome: Outcome) -> None:
         caller = outcome.caller

@@ -12,11 +12,16 @@ POST /v1/messages/count_tokens), whose errors are Anthropic-shaped. The wire for
 `proxy.mocks`; the faults apply to every route alike (a `status` of 529 is Anthropic's
 overloaded_error; `error_after_chunks` ends a stream with the API's error event).
 
-A quota of its own, like a provider account's (`POST /_mock/quota {"requests": N, "window_s": S}`,
-or `--quota-requests N --quota-window-s S`): N requests per fixed window of S seconds from the
-window's first request, each answer showing what is left (OpenAI's `x-ratelimit-*-requests`,
-Anthropic's `anthropic-ratelimit-requests-*` with an RFC 3339 reset), and past it a 429 with
-`retry-after` (and OpenAI's `retry-after-ms`), counted in the stats as `rate_limited`.
+A quota of its own, like a provider account's (`POST /_mock/quota {"requests": N, "tokens": T,
+"window_s": S}`, or `--quota-requests N --quota-tokens T --quota-window-s S`, either or both): N
+requests per fixed window of S seconds from the window's first request, and T tokens per S seconds
+as a bucket that starts full and refills continuously (T/S a second, as providers replenish token
+limits). A request's tokens are the usage its answer reports (prompt + completion, computed
+before answering; counted even under a `no_usage` fault), so a proxy that reserves the prompt
+estimate + max_tokens and settles the reported usage never holds less than the mock does. Each
+answer shows what is left (OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`,
+Anthropic's `anthropic-ratelimit-{requests,tokens}-*` with an RFC 3339 reset), and past either a
+429 with `retry-after` (and OpenAI's `retry-after-ms`), counted in the stats as `rate_limited`.
 
 Control endpoints: GET|DELETE /_mock/requests, GET|DELETE /_mock/stats, POST|DELETE /_mock/faults,
 POST|DELETE /_mock/quota.
@@ -122,6 +127,13 @@ def api_error(request: web.Request, status: int, message: str, headers: dict[str
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
+def past_token_quota(request: web.Request, tokens: int, headers: dict[str, str]) -> web.Response | None:
+    """None when the token quota admits a request of `tokens` (its headers added to `headers`), else the 429."""
+    admitted, shown = request.app[STATE].take_tokens(is_anthropic(request), tokens)
+    headers.update(shown)
+    return None if admitted else api_error(request, 429, "mock quota: token limit reached for now", headers)
+
+
 def embedding_vector(text: str, dimensions: int) -> list[float]:
     digest = b""
     counter = 0
@@ -150,26 +162,49 @@ class Quota:
         return admitted, self.requests - self.used, self.started + self.window_s - now
 
 
-def quota_headers(anthropic: bool, quota: Quota, remaining: int, reset_s: float, refused: bool) -> dict[str, str]:
-    """What a provider shows of its request limit, in the API's own headers."""
-    millis = max(1, math.ceil(reset_s * 1000))
+@dataclass(slots=True)
+class TokenQuota:
+    """`tokens` per `window_s` seconds as a bucket: full at first, refilled at tokens/window_s a second."""
+
+    tokens: int
+    window_s: float
+    level: float = 0.0
+    at: float | None = None
+
+    def take(self, amount: int, now: float) -> tuple[bool, int, float]:
+        """(admitted, remaining, seconds until full, or until `amount` fits if refused) for `amount` tokens."""
+        rate = self.tokens / self.window_s
+        level = self.tokens if self.at is None else min(self.tokens, self.level + (now - self.at) * rate)
+        admitted = amount <= level
+        if admitted:
+            level -= amount
+        self.level, self.at = level, now
+        wait_s = (self.tokens - level if admitted else amount - level) / rate
+        return admitted, math.floor(level), wait_s
+
+
+def limit_headers(anthropic: bool, kind: str, limit: int, remaining: int, reset_s: float) -> dict[str, str]:
+    """What a provider shows of one limit (`kind` requests or tokens), in the API's own headers."""
     if anthropic:
         instant = datetime.fromtimestamp(time.time() + reset_s, UTC).isoformat().replace("+00:00", "Z")
-        headers = {
-            "anthropic-ratelimit-requests-limit": str(quota.requests),
-            "anthropic-ratelimit-requests-remaining": str(remaining),
-            "anthropic-ratelimit-requests-reset": instant,
+        return {
+            f"anthropic-ratelimit-{kind}-limit": str(limit),
+            f"anthropic-ratelimit-{kind}-remaining": str(remaining),
+            f"anthropic-ratelimit-{kind}-reset": instant,
         }
-    else:
-        headers = {
-            "x-ratelimit-limit-requests": str(quota.requests),
-            "x-ratelimit-remaining-requests": str(remaining),
-            "x-ratelimit-reset-requests": f"{millis}ms",
-        }
-        if refused:
-            headers["retry-after-ms"] = str(millis)
-    if refused:
-        headers["retry-after"] = str(math.ceil(millis / 1000))
+    return {
+        f"x-ratelimit-limit-{kind}": str(limit),
+        f"x-ratelimit-remaining-{kind}": str(remaining),
+        f"x-ratelimit-reset-{kind}": f"{max(1, math.ceil(reset_s * 1000))}ms",
+    }
+
+
+def retry_after_headers(anthropic: bool, wait_s: float) -> dict[str, str]:
+    """A quota refusal's wait: `retry-after` in whole seconds (and OpenAI's `retry-after-ms`)."""
+    millis = max(1, math.ceil(wait_s * 1000))
+    headers = {"retry-after": str(math.ceil(millis / 1000))}
+    if not anthropic:
+        headers["retry-after-ms"] = str(millis)
     return headers
 
 
@@ -179,6 +214,7 @@ class MockState:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._quota: Quota | None = None
+        self._token_quota: TokenQuota | None = None
         self._faults: deque[dict[str, Any]] = deque()
         self._requests: deque[dict[str, Any]] = deque(maxlen=MAX_LOGGED_REQUESTS)
         self._ids = itertools.count(1)
@@ -212,21 +248,37 @@ class MockState:
         with self._lock:
             self._faults.clear()
 
-    def set_quota(self, requests: int | None, window_s: float = 60.0) -> None:
-        """N requests per window (None: no quota), starting a fresh window."""
+    def set_quota(self, requests: int | None, window_s: float = 60.0, tokens: int | None = None) -> None:
+        """N requests per window and T tokens per window_s (None: no such quota), starting afresh."""
         with self._lock:
             self._quota = None if requests is None else Quota(requests, window_s)
+            self._token_quota = None if tokens is None else TokenQuota(tokens, window_s)
 
     def take_quota(self, anthropic: bool) -> tuple[bool, dict[str, str]]:
-        """Whether the quota admits one more request, and the headers that show it."""
+        """Whether the request quota admits one more request, and the headers that show it."""
         with self._lock:
             quota = self._quota
             if quota is None:
                 return True, {}
             admitted, remaining, reset_s = quota.take(time.monotonic())
+            headers = limit_headers(anthropic, "requests", quota.requests, remaining, reset_s)
             if not admitted:
                 self._stats["rate_limited"] += 1
-            return admitted, quota_headers(anthropic, quota, remaining, reset_s, refused=not admitted)
+                headers |= retry_after_headers(anthropic, reset_s)
+            return admitted, headers
+
+    def take_tokens(self, anthropic: bool, tokens: int) -> tuple[bool, dict[str, str]]:
+        """Whether the token quota admits a request using `tokens`, and the headers that show it."""
+        with self._lock:
+            quota = self._token_quota
+            if quota is None:
+                return True, {}
+            admitted, remaining, wait_s = quota.take(tokens, time.monotonic())
+            headers = limit_headers(anthropic, "tokens", quota.tokens, remaining, wait_s)
+            if not admitted:
+                self._stats["rate_limited"] += 1
+                headers |= retry_after_headers(anthropic, wait_s)
+            return admitted, headers
 
     def next_fault(self) -> dict[str, Any]:
         with self._lock:
@@ -300,6 +352,7 @@ class MockState:
             self._stats = self._zero_stats()
             self._responses.clear()
             self._quota = None
+            self._token_quota = None
 
 
 STATE = web.AppKey("mock_state", MockState)
@@ -572,6 +625,9 @@ async def create_response(
         call = responses_api.ResponseCall(body, fault, request.app[SETTINGS]["chunks"], ident)
     except (TypeError, ValueError) as exc:
         return error_response(400, f"invalid request parameter: {exc}", headers)
+    refused = past_token_quota(request, call.output.input_tokens + call.output.output_tokens, headers)
+    if refused is not None:
+        return refused
     final = call.response()
     if final["store"]:
         state.store_response(final, responses_api.input_items(body, ident), call.script())
@@ -645,6 +701,9 @@ async def anthropic_route(
         call = anthropic_api.MessageCall(body, fault, request.app[SETTINGS]["chunks"], state.next_id())
     except ValueError as exc:
         return api_error(request, 400, str(exc), headers)
+    refused = past_token_quota(request, call.output.input_tokens + call.output.output_tokens, headers)
+    if refused is not None:
+        return refused
     return await send_script_or_body(
         request, body.get("stream") is True, call.script(), call.message(), call.tally(), fault, headers
     )
@@ -658,6 +717,9 @@ async def generate(
         completion = Completion(kind, body, fault, request.app[SETTINGS], state.next_id())
     except (TypeError, ValueError) as exc:
         return error_response(400, f"invalid request parameter: {exc}", headers)
+    refused = past_token_quota(request, completion.usage["total_tokens"], headers)
+    if refused is not None:
+        return refused
     if completion.stream:
         try:
             return await stream_completion(request, state, completion, headers)
@@ -687,6 +749,9 @@ def embeddings(
             encoded = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
         data.append({"object": "embedding", "index": index, "embedding": encoded})
     tokens = text_tokens(inputs)
+    refused = past_token_quota(request, tokens, headers)
+    if refused is not None:
+        return refused
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     payload = {"object": "list", "data": data, "model": body.get("model", "")}
     if not fault.get("no_usage"):
@@ -805,11 +870,18 @@ async def delete_faults(request: web.Request) -> web.Response:
 
 async def post_quota(request: web.Request) -> web.Response:
     quota = await read_json(request)
-    requests, window_s = (quota.get("requests"), quota.get("window_s", 60)) if isinstance(quota, dict) else (0, 0)
-    valid = isinstance(requests, int) and not isinstance(requests, bool) and requests >= 0
-    if not valid or not isinstance(window_s, int | float) or isinstance(window_s, bool) or window_s <= 0:
-        return error_response(400, 'POST /_mock/quota takes {"requests": N >= 0, "window_s": S > 0}')
-    request.app[STATE].set_quota(requests, float(window_s))
+    fields = quota if isinstance(quota, dict) else {}
+    requests, tokens, window_s = fields.get("requests"), fields.get("tokens"), fields.get("window_s", 60)
+
+    def count(value: Any) -> bool:
+        return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+    valid = isinstance(window_s, int | float) and not isinstance(window_s, bool) and window_s > 0
+    if not (count(requests) and count(tokens) and valid) or (requests is None and tokens is None):
+        return error_response(
+            400, 'POST /_mock/quota takes {"requests": N >= 0, "tokens": T >= 0 (either or both), "window_s": S > 0}'
+        )
+    request.app[STATE].set_quota(requests, float(window_s), tokens)
     return json_response({"ok": True})
 
 
@@ -819,8 +891,12 @@ async def delete_quota(request: web.Request) -> web.Response:
 
 
 def create_mock_app(
-    *, chunk_delay_s: float = 0.0, chunks: int = DEFAULT_CHUNKS, quota: tuple[int, float] | None = None
+    *,
+    chunk_delay_s: float = 0.0,
+    chunks: int = DEFAULT_CHUNKS,
+    quota: tuple[int | None, float, int | None] | None = None,
 ) -> web.Application:
+    """The mock app; `quota` is (requests, window_s, tokens), as `MockState.set_quota` takes them."""
     app = web.Application()
     app[STATE] = MockState()
     if quota is not None:
@@ -904,9 +980,10 @@ class MockUpstream:
     def add_faults(self, faults: list[dict[str, Any]]) -> None:
         self._state.add_faults(faults)
 
-    def set_quota(self, requests: int | None, window_s: float = 60.0) -> None:
-        """A quota of its own: `requests` per fixed window of `window_s` seconds (None: none)."""
-        self._state.set_quota(requests, window_s)
+    def set_quota(self, requests: int | None, window_s: float = 60.0, tokens: int | None = None) -> None:
+        """A quota of its own: `requests` per fixed window of `window_s` seconds, `tokens` per
+        `window_s` as a continuously refilled bucket (None: no such quota)."""
+        self._state.set_quota(requests, window_s, tokens)
 
     def clear(self) -> None:
         """Forget queued faults, logged requests, stats and the quota."""
@@ -927,9 +1004,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
     parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, help="words per reply")
     parser.add_argument("--quota-requests", type=int, default=None, help="requests per window; past it, 429")
+    parser.add_argument("--quota-tokens", type=int, default=None, help="tokens per window (a bucket); past it, 429")
     parser.add_argument("--quota-window-s", type=float, default=60.0, help="the quota's window in seconds")
     args = parser.parse_args(argv)
-    quota = None if args.quota_requests is None else (args.quota_requests, args.quota_window_s)
+    quota = None
+    if args.quota_requests is not None or args.quota_tokens is not None:
+        quota = (args.quota_requests, args.quota_window_s, args.quota_tokens)
     app = create_mock_app(chunk_delay_s=args.chunk_delay, chunks=args.chunks, quota=quota)
     web.run_app(
         app,

@@ -72,6 +72,7 @@ class Outcome:
     stream_error: str | None = None
     client_gone: bool = False
     queued_s: float = 0.0  # how long it waited in the queue for capacity
+    fallback_from: str | None = None  # the model asked for, when its budget fallback (`model`) took the request
     request_body: dict[str, Any] | None = None  # only with log_bodies: true
     response_body: bytes | None = None
 

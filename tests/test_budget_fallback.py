@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.configs import ADMIN_KEY, KEYS, UPSTREAM_KEY, make_config
 from tests.support.errors import clocked, openai_error
+from tests.support.metrics import samples
 
 HI = [{"role": "user", "content": "hi"}]
 # "hi" with max_tokens 10: 8 estimated prompt tokens + 10 = 18 tokens; at $100 / Mtok both ways the
@@ -77,6 +78,10 @@ def alice_models(server) -> dict:
     return usage.json()["teams"]["platform"]["keys"]["alice"]["models"]
 
 
+def fallbacks(server) -> list[tuple[dict[str, str], float]]:
+    return samples(httpx.get(server.url + "/metrics", timeout=10).text)["llm_proxy_budget_fallbacks_total"]
+
+
 def sent_models(mock_upstream) -> list[str]:
     return [request["body"]["model"] for request in mock_upstream.requests]
 
@@ -97,6 +102,7 @@ def test_chat_over_budget_on_the_expensive_model_is_served_by_the_cheap_one(star
     assert set(models) == {"chat-model"}  # booked as the model that served it
     assert models["chat-model"]["requests"] == 2 and models["chat-model"]["spend_micros"] == 2 * 11
     assert [o.model for o in server.recorder.outcomes] == ["chat-model"] * 2
+    assert fallbacks(server) == [({"model": "big-model", "fallback_model": "chat-model"}, 2)]
 
 
 def test_within_budget_the_expensive_model_serves_and_no_header(start, mock_upstream):
@@ -104,6 +110,7 @@ def test_within_budget_the_expensive_model_serves_and_no_header(start, mock_upst
     reply = oai(server).chat.completions.with_raw_response.create(model="big-model", messages=HI, max_tokens=10)
     assert "x-proxy-fallback" not in reply.headers and reply.parse().model == "gpt-4o"
     assert set(alice_models(server)) == {"big-model"}
+    assert fallbacks(server) == []
 
 
 def test_when_neither_fits_the_usual_insufficient_quota(start, mock_upstream):
@@ -119,6 +126,7 @@ def test_when_neither_fits_the_usual_insufficient_quota(start, mock_upstream):
     assert "x-proxy-fallback" not in refused.value.response.headers
     assert refused.value.response.headers["x-should-retry"] == "false"
     assert mock_upstream.requests == []
+    assert fallbacks(server) == []  # the fallback did not take it
 
 
 def test_a_key_that_may_not_use_the_fallback_is_refused(start, mock_upstream):
@@ -153,3 +161,4 @@ def test_messages_fall_back_plain_and_streamed(start, mock_upstream):
     assert sent_models(mock_upstream) == ["claude-haiku-4-5"] * 2
     models = alice_models(server)
     assert set(models) == {"claude-model"} and models["claude-model"]["requests"] == 2
+    assert fallbacks(server) == [({"model": "opus-model", "fallback_model": "claude-model"}, 2)]

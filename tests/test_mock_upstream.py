@@ -356,3 +356,56 @@ def test_a_quota_of_its_own_answers_429_past_it_and_shows_what_is_left(mock, htt
     assert http.post("/_mock/quota", json={"requests": -1}).status_code == 400
     http.delete("/_mock/quota")
     assert all(http.post("/v1/chat/completions", json=chat).status_code == 200 for _ in range(3))
+
+
+def test_a_token_quota_counts_the_usage_it_reports_and_answers_429_past_it(mock, http):
+    """Tokens per window as a provider's bucket: each answer's reported usage (prompt + completion,
+    plain or streamed, chat or embeddings) comes off it, each answer shows what is left, and a
+    request that does not fit is a 429 with the wait until it would."""
+    assert http.post("/_mock/quota", json={"tokens": 60, "window_s": 600}).json() == {"ok": True}
+    chat = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 5}  # 10 + 5 tokens
+    plain = http.post("/v1/chat/completions", json=chat)
+    assert plain.json()["usage"]["total_tokens"] == 15
+    assert (plain.headers["x-ratelimit-limit-tokens"], plain.headers["x-ratelimit-remaining-tokens"]) == ("60", "45")
+    with http.stream(
+        "POST", "/v1/chat/completions", json=chat | {"stream": True, "stream_options": {"include_usage": True}}
+    ) as streamed:
+        assert streamed.status_code == 200 and streamed.headers["x-ratelimit-remaining-tokens"] == "30"
+        sse_lines(streamed)
+    embedded = http.post("/v1/embeddings", json={"model": "text-embedding-3-small", "input": "y" * 80})
+    assert embedded.json()["usage"]["total_tokens"] == 20
+    assert embedded.headers["x-ratelimit-remaining-tokens"] == "10"
+    assert "x-ratelimit-limit-requests" not in embedded.headers  # no request quota set
+    refused = http.post("/v1/chat/completions", json=chat)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+    # 5 tokens missing at 60 per 600 s: 50 s (the bucket refilled a little meanwhile)
+    assert 49_000 < int(refused.headers["retry-after-ms"]) <= 50_000
+    assert refused.headers["retry-after"] == "50"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "10"
+    small = http.post("/v1/chat/completions", json=chat | {"max_tokens": 0})  # 10 tokens still fit
+    assert small.status_code == 200 and small.headers["x-ratelimit-remaining-tokens"] == "0"
+    anthropic = http.post(
+        "/v1/messages",
+        json={"model": "claude", "max_tokens": 5, "messages": MESSAGES},
+        headers={"x-api-key": "x", "anthropic-version": "2023-06-01"},
+    )
+    assert anthropic.status_code == 429 and anthropic.json()["error"]["type"] == "rate_limit_error"
+    assert anthropic.headers["anthropic-ratelimit-tokens-remaining"] == "0"
+    assert anthropic.headers["anthropic-ratelimit-tokens-reset"].endswith("Z")
+    assert int(anthropic.headers["retry-after"]) > 0 and "retry-after-ms" not in anthropic.headers
+    assert mock.stats()["rate_limited"] == 2
+    assert mock.stats()["prompt_tokens"] + mock.stats()["completion_tokens"] == 60  # the refused ones report none
+
+    # a short window refills: 30 tokens a second
+    assert http.post("/_mock/quota", json={"tokens": 30, "requests": 100, "window_s": 1}).json() == {"ok": True}
+    assert http.post("/v1/chat/completions", json=chat).status_code == 200
+    again = http.post("/v1/chat/completions", json=chat)
+    assert again.headers["x-ratelimit-remaining-requests"] == "98"
+    late = http.post("/v1/chat/completions", json=chat)
+    if late.status_code == 429:  # the 15 tokens had not come back yet: they have after retry-after-ms
+        time.sleep(int(late.headers["retry-after-ms"]) / 1000 + 0.05)
+        assert http.post("/v1/chat/completions", json=chat).status_code == 200
+    for bad in ({"tokens": -1}, {"tokens": 1.5}, {"window_s": 5}, {"tokens": True}):
+        assert http.post("/_mock/quota", json=bad).status_code == 400, bad
+    http.delete("/_mock/quota")
+    assert all(http.post("/v1/chat/completions", json=chat).status_code == 200 for _ in range(5))

@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -19,6 +20,7 @@ import openai
 import pytest
 
 from proxy.request.authenticate import sha256_hex
+from proxy.request.runtime_keys import RuntimeKeys
 from tests.support.configs import ADMIN_KEY, KEYS, make_config
 from tests.support.errors import clocked
 
@@ -169,9 +171,11 @@ def test_every_change_is_audited_without_a_secret(server, caplog):
     assert records[3]["changes"] == {"limits": {"tpm": 1000}}  # newest first: the key's update
     logged = [r.getMessage() for r in caplog.records if r.name == "proxy.registry"]
     assert logged[:3] == [
-        "registry create team 'lab' by admin 'admin' (fields: budgets, end_user_defaults, limits, metadata)",
+        "registry create team 'lab' by admin 'admin' "
+        "(fields: budgets, end_user_defaults, limits, max_queue, metadata, share)",
         "registry update team 'lab' by admin 'admin' (fields: budgets)",
-        "registry create key 'k' by admin 'admin' (fields: budgets, expires_at, limits, metadata, models, team)",
+        "registry create key 'k' by admin 'admin' "
+        "(fields: budgets, expires_at, limits, metadata, models, priority, team)",
     ]
     assert len(logged) == 7
     for secret in secrets:
@@ -218,12 +222,22 @@ def cli(server, *argv: str, admin_key: str | None = ADMIN_KEY) -> subprocess.Com
 
 
 def test_the_cli_manages_keys_and_teams(server):
-    made = cli(server, "teams", "create", "lab", "--rpm", "60", "--daily-usd", "2")
+    made = cli(server, "teams", "create", "lab", "--rpm", "60", "--daily-usd", "2", "--share", "2", "--max-queue", "9")
     assert made.returncode == 0, made.stderr
-    assert made.stdout.split("\n")[1].split() == ["lab", "api", "rpm", "60", "2"]
-    created = cli(server, "keys", "create", "bot", "--team", "lab", "--tpm", "5000", "--models", "chat-model", "--json")
+    assert made.stdout.split("\n")[1].split() == ["lab", "api", "rpm", "60", "2", "2.0", "9"]
+    created = cli(
+        server, "keys", "create", "bot", "--team", "lab", "--tpm", "5000", "--max-wait-ms", "3000",
+        "--priority", "low", "--models", "chat-model", "--json",
+    )  # fmt: skip
     assert created.returncode == 0, created.stderr
     secret = json.loads(created.stdout)["key"]
+    assert (
+        json.loads(created.stdout)["limits"]["max_wait_ms"] == 3000 and json.loads(created.stdout)["priority"] == "low"
+    )
+    assert cli(server, "teams", "update", "lab", "--share", "0.5").returncode == 0
+    assert json.loads(cli(server, "teams", "show", "lab", "--json").stdout)["share"] == 0.5
+    refused = cli(server, "teams", "update", "lab", "--max-queue", "-1")
+    assert refused.returncode == 1 and "answered 400" in refused.stderr, refused.stderr
     assert chat(server, secret).status_code == 200
     listing = cli(server, "keys", "list", "--team", "lab")
     assert listing.returncode == 0 and listing.stdout.split("\n")[1].split()[:3] == ["bot", "lab", "api"]
@@ -272,3 +286,136 @@ def test_an_expired_key_is_refused(server):
     assert chat(server, secret).status_code == 200
     time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.05)
     assert error_of(chat(server, secret)) == (401, "invalid_request_error", "invalid_api_key")
+
+
+# -- the queue's settings on runtime keys and teams ------------------------------------------------
+SLOW_STREAM = {"chunk_delay_s": 0.25}  # ten words (max_tokens 10): two seconds and more, holding the slot
+
+
+def in_background(send) -> tuple[threading.Thread, list]:
+    """`send()` in a thread; the list gets its response (or exception)."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append(send())
+        except BaseException as exc:  # handed to the test
+            result.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def until(condition, what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def said(content: str) -> dict:
+    return {**CHAT, "messages": [{"role": "user", "content": content}]}
+
+
+def contents(mock) -> list[str]:
+    return [request["body"]["messages"][0]["content"] for request in mock.requests]
+
+
+def test_runtime_keys_and_teams_take_the_queue_settings(server, mock_upstream):
+    """A runtime team's `limits.max_wait_ms`, `share` and `max_queue` and a runtime key's `priority`
+    and `limits.max_wait_ms` are stored, shown and applied: waiters wait for the team's one parallel
+    slot and are served by class, and the queue is bounded by the team's `max_queue`."""
+    team = {"name": "lab", "limits": {"max_parallel": 1, "max_wait_ms": 6000}, "share": 2, "max_queue": 5}
+    assert admin(server, "POST", "/admin/teams", json=team).status_code == 201
+    secrets = {}
+    for name, extra in (("holder", {}), ("batch", {"priority": "low"}), ("ci", {"priority": "high"})):
+        created = admin(server, "POST", "/admin/keys", json={"name": name, "team": "lab", **extra})
+        assert created.status_code == 201, created.text
+        secrets[name] = created.json()["key"]
+    assert admin(server, "PATCH", "/admin/keys/ci", json={"priority": "normal"}).json()["priority"] == "normal"
+    shown_team = admin(server, "GET", "/admin/teams/lab").json()
+    assert (shown_team["share"], shown_team["max_queue"], shown_team["limits"]["max_wait_ms"]) == (2, 5, 6000)
+    shown_keys = admin(server, "GET", "/admin/keys").json()["keys"]
+    assert [shown_keys[n]["priority"] for n in ("holder", "batch", "ci")] == ["normal", "low", "normal"]
+    assert shown_keys["alice"]["priority"] == "normal"  # config keys show theirs too
+    caller = RuntimeKeys(server.app.state.registry_cache).caller(
+        sha256_hex(secrets["batch"]), server.app.state.snapshots.config
+    )
+    assert (caller.key.priority, caller.team.share, caller.team.max_queue) == ("low", 2, 5)
+
+    # the team's wait: batch (low) comes first, ci (normal) second; ci is served first
+    queue = server.app.state.queue
+    mock_upstream.add_faults([SLOW_STREAM])
+    holder, held = in_background(lambda: chat(server, secrets["holder"], said("holder") | {"stream": True}))
+    until(lambda: len(mock_upstream.requests) == 1, "the holder to reach the upstream")
+    waiters = []
+    for count, name in enumerate(("batch", "ci"), start=1):
+        waiters.append(in_background(lambda n=name: chat(server, secrets[n], said(n))))
+        until(lambda c=count: queue.depth("lab") == c, f"{name} to wait")
+    for thread, result in (*waiters, (holder, held)):
+        thread.join(15)
+        assert result[0].status_code == 200, result[0]
+    assert contents(mock_upstream) == ["holder", "ci", "batch"]
+
+    # the key's own wait, and the team's max_queue: the team no longer waits and holds one waiter
+    patched = admin(server, "PATCH", "/admin/teams/lab", json={"limits": {"max_parallel": 1}, "max_queue": 1})
+    assert (patched.status_code, patched.json()["max_queue"]) == (200, 1)
+    assert admin(server, "PATCH", "/admin/keys/ci", json={"limits": {"max_wait_ms": 6000}}).status_code == 200
+    mock_upstream.clear()
+    mock_upstream.add_faults([SLOW_STREAM])
+    holder, held = in_background(lambda: chat(server, secrets["holder"], said("holder") | {"stream": True}))
+    until(lambda: len(mock_upstream.requests) == 1, "the holder to reach the upstream")
+    started = time.monotonic()
+    assert error_of(chat(server, secrets["batch"])) == (429, "parallel_requests", "rate_limit_exceeded")
+    waiter, waited = in_background(lambda: chat(server, secrets["ci"], said("ci")))
+    until(lambda: queue.depth("lab") == 1, "ci to wait")
+    full = chat(server, secrets["ci"], said("overflow"))
+    assert error_of(full) == (429, "parallel_requests", "rate_limit_exceeded")  # max_queue 1: at once
+    assert time.monotonic() - started < 1.5, "a refusal waited"  # the holder streams for 2.5 s
+    for thread, result in ((waiter, waited), (holder, held)):
+        thread.join(15)
+        assert result[0].status_code == 200, result[0]
+    assert contents(mock_upstream) == ["holder", "ci"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "param"),
+    [
+        ("POST", "/admin/keys", {"name": "k", "team": "platform", "priority": "urgent"}, "priority"),
+        ("POST", "/admin/keys", {"name": "k", "team": "platform", "limits": {"max_wait_ms": -1}}, "limits.max_wait_ms"),
+        (
+            "POST",
+            "/admin/keys",
+            {"name": "k", "team": "platform", "limits": {"max_wait_ms": 10**9}},
+            "limits.max_wait_ms",
+        ),
+        ("PATCH", "/admin/keys/k0", {"priority": None}, "priority"),
+        ("PATCH", "/admin/keys/k0", {"limits": None}, "limits"),
+        ("POST", "/admin/teams", {"name": "t", "share": 0}, "share"),
+        ("POST", "/admin/teams", {"name": "t", "max_queue": -1}, "max_queue"),
+        ("POST", "/admin/teams", {"name": "t", "max_queue": 1.5}, "max_queue"),
+        ("PATCH", "/admin/teams/t0", {"share": None}, "share"),
+        ("PATCH", "/admin/teams/t0", {"share": -2}, "share"),
+    ],
+)
+def test_bad_queue_settings_are_400_naming_the_field(server, method, path, body, param):
+    admin(server, "POST", "/admin/teams", json={"name": "t0"})
+    admin(server, "POST", "/admin/keys", json={"name": "k0", "team": "t0"})
+    refused = admin(server, method, path, json=body)
+    assert error_of(refused)[:2] == (400, "invalid_request_error"), refused.text
+    assert refused.json()["error"]["param"] == param
+    assert admin(server, "GET", "/admin/keys/k0").json()["priority"] == "normal"  # nothing changed
+
+
+def test_queue_settings_are_audited(server):
+    admin(server, "POST", "/admin/teams", json={"name": "lab", "share": 3, "max_queue": 7})
+    admin(server, "PATCH", "/admin/teams/lab", json={"share": 0.5})
+    admin(server, "POST", "/admin/keys", json={"name": "k", "team": "lab", "priority": "high"})
+    admin(server, "PATCH", "/admin/keys/k", json={"priority": "low", "limits": {"max_wait_ms": 2000}})
+    records = list(reversed(admin(server, "GET", "/admin/audit").json()["data"]))
+    assert (records[0]["changes"]["share"], records[0]["changes"]["max_queue"]) == (3, 7)
+    assert records[1]["changes"] == {"share": 0.5}
+    assert records[2]["changes"]["priority"] == "high"
+    assert records[3]["changes"]["priority"] == "low"
+    assert records[3]["changes"]["limits"]["max_wait_ms"] == 2000

@@ -7,6 +7,7 @@ grace ends. On one Redis and on a Redis Cluster."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -159,3 +160,51 @@ def test_an_unscoped_admin_key_from_config_is_named_in_the_audit(http, urls):
     assert reply.status_code == 201, reply.text
     records = admin(http, urls[0], "GET", "/admin/audit").json()["data"]
     assert [(r["admin"], r["action"], r["target"]) for r in records] == [("ops", "create", "lab")]
+
+
+def test_a_runtime_keys_wait_and_its_teams_queue_bound_apply_on_every_replica(http, urls, mock):
+    """Created on one replica: a team of one parallel slot holding one waiter per replica, and a key
+    that may wait. Its request on a third replica, refused while a slow stream of the team holds the
+    slot from a second one, waits and is served when the slot frees; a second waiter there is
+    refused at once (`max_queue` 1)."""
+    assert admin(
+        http, urls[0], "POST", "/admin/teams", json={"name": "q", "limits": {"max_parallel": 1}, "max_queue": 1}
+    ).status_code == 201  # fmt: skip
+    keys = {}
+    for name, limits in (("holder", {}), ("waiter", {"max_wait_ms": 8000})):
+        reply = admin(http, urls[0], "POST", "/admin/keys", json={"name": name, "team": "q", "limits": limits})
+        assert reply.status_code == 201, reply.text
+        keys[name] = reply.json()["key"]
+    for url in urls[1:]:
+        assert seconds_until(http, 200, url, keys["waiter"]) < VISIBLE_WITHIN_S
+    assert admin(http, urls[2], "GET", "/admin/keys/waiter").json()["limits"]["max_wait_ms"] == 8000
+    mock.clear()
+    httpx.post(mock.url + "/_mock/faults", json=[{"chunk_delay_s": 0.25}]).raise_for_status()  # 2.5 s of stream
+    stream = {**CHAT, "stream": True}
+    holder = threading.Thread(
+        target=httpx.post,
+        args=(urls[1] + "/v1/chat/completions",),
+        kwargs={"json": stream, "headers": {"Authorization": f"Bearer {keys['holder']}"}, "timeout": 10},
+    )
+    holder.start()
+    deadline = time.monotonic() + 5
+    while mock.stats()["requests"] < 1:
+        assert time.monotonic() < deadline, "the holder did not reach the upstream"
+        time.sleep(0.02)
+    waited: list[int] = []
+    waiter = threading.Thread(target=lambda: waited.append(chat(httpx.Client(timeout=15), urls[2], keys["waiter"])))
+    waiter.start()
+    deadline = time.monotonic() + 2
+    while 'llm_proxy_queue_depth{team="q"} 1.0' not in http.get(urls[2] + "/metrics").text:
+        assert time.monotonic() < deadline, "the waiter did not wait"
+        time.sleep(0.02)
+    reply = http.post(
+        urls[2] + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {keys['waiter']}"}
+    )
+    assert (reply.status_code, reply.json()["error"]["type"]) == (429, "parallel_requests")  # the queue is full
+    holder.join(15)
+    waiter.join(15)
+    assert waited == [200]
+    assert mock.stats()["requests"] == 2  # the holder's and the waiter's, nothing else
+    metrics = http.get(urls[2] + "/metrics").text
+    assert 'llm_proxy_queue_wait_seconds_count{team="q"} 1.0' in metrics

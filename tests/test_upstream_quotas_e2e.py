@@ -12,6 +12,7 @@ the proxy refuses, in OpenAI's shape, with the retry-after of the quota that fre
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import httpx
@@ -127,3 +128,96 @@ def _sample(exposition: str, metric: str, label: str) -> float:
     return sum(
         float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines() if line.startswith(metric) and label in line
     )
+
+
+# Tokens per minute: the mock's token quota is a bucket like the proxy's (a minute's worth, refilled
+# continuously), counting the usage it reports (prompt 1 + completion 10 here), while the proxy
+# reserves its prompt estimate (8) + max_tokens and gives back the difference at settlement: its
+# bucket never holds more than the mock's, so clients that keep sending past the quota for a few
+# seconds meet the proxy's 429, never the mock's. The request quota is far from binding.
+MOCK_TPM, MOCK_RPM = 600, 1000
+TOKEN_CLIENTS = 24
+TOKEN_RUN_S = 4.0
+# the quota's refusal, or (with fair shares between teams) its refusal of a team past its share
+QUOTA_REFUSAL = re.compile(
+    r"Rate limit reached for the upstream quota of 'mock' \(model 'gpt-4o-mini'\)"
+    r"( on tokens per minute|: other teams are waiting for it and team 'team\d' has had its share for now)\. "
+    r"Please try again in .+\."
+)
+
+
+@pytest.fixture
+def token_mock(tmp_path):
+    process = MockProcess(workdir=tmp_path / "mock")
+    process.workdir.mkdir()
+    process.start().wait_ready()
+    yield process
+    stop_all([process])
+
+
+async def keep_sending(urls: list[str], run_s: float) -> list[httpx.Response]:
+    """TOKEN_CLIENTS clients over the replicas and teams, each sending for `run_s` seconds; a refused
+    one waits its retry-after (at most 0.1 s) before the next request."""
+    answers: list[httpx.Response] = []
+    clients = [httpx.AsyncClient(base_url=url, timeout=10) for url in urls]
+    go = asyncio.Event()
+
+    async def client(i: int) -> None:
+        http = clients[i % REPLICAS]
+        (await http.get("/healthz")).raise_for_status()
+        await go.wait()
+        headers = {"Authorization": f"Bearer {key_of(i % TEAMS)}"}
+        deadline = time.monotonic() + run_s
+        while time.monotonic() < deadline:
+            response = await http.post("/v1/chat/completions", json=CHAT, headers=headers)
+            answers.append(response)
+            if response.status_code != 200:
+                await asyncio.sleep(min(0.1, int(response.headers.get("retry-after-ms", "100")) / 1000))
+
+    tasks = [asyncio.create_task(client(i)) for i in range(TOKEN_CLIENTS)]
+    await asyncio.sleep(0.5)  # every client has warmed its connection
+    go.set()
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for http in clients:
+            await http.aclose()
+    return answers
+
+
+def run_past_the_token_quota(mock: MockProcess, redis_url: str, tmp_path, proxy_tpm: int) -> tuple[list, list[str]]:
+    quota = {"requests": MOCK_RPM, "tokens": MOCK_TPM, "window_s": 60}
+    httpx.post(mock.url + "/_mock/quota", json=quota).raise_for_status()
+    data = exact_store(config_dict(mock.base_url, redis_url=redis_url))
+    data["shutdown_grace_s"] = 1
+    # following the provider off, so that a refusal here is the quota's own; no retries
+    data["upstreams"]["mock"] |= {"limits": {"rpm": MOCK_RPM, "tpm": proxy_tpm}, "max_hold_s": 0, "max_retries": 0}
+    data["teams"] = {f"team{i}": {"limits": {}} for i in range(TEAMS)}
+    data["keys"] = {f"key{i}": {"team": f"team{i}", "key_sha256": sha256_hex(key_of(i))} for i in range(TEAMS)}
+    replicas = start_proxies(write_config(tmp_path / "config.yaml", data), REPLICAS)
+    try:
+        answers = asyncio.run(keep_sending([r.url for r in replicas], TOKEN_RUN_S))
+        metrics = [httpx.get(r.url + "/metrics").text for r in replicas]
+    finally:
+        stop_all(replicas)
+    for process in replicas:
+        assert "Traceback" not in process.output(), process.output()
+    return answers, metrics
+
+
+def test_with_the_mocks_token_quota_the_proxy_refuses_and_the_mock_never_answers_429(token_mock, redis_url, tmp_path):
+    answers, metrics = run_past_the_token_quota(token_mock, redis_url, tmp_path, proxy_tpm=MOCK_TPM)
+    stats = token_mock.stats()
+    served = [a for a in answers if a.status_code == 200]
+    refused = [a for a in answers if a.status_code != 200]
+    used = stats["prompt_tokens"] + stats["completion_tokens"]
+    print(f"\n{len(served)} served ({used} tokens at the mock), {len(refused)} refused by the proxy")
+    assert stats["rate_limited"] == 0
+    assert used >= MOCK_TPM and refused, "the clients did not get past the quota"
+    for answer in refused:
+        assert answer.status_code == 429
+        error = answer.json()["error"]
+        assert (error["type"], error["code"]) == ("tokens", "rate_limit_exceeded"), error
+        assert QUOTA_REFUSAL.fullmatch(error["message"]), error["message"]
+        assert int(answer.headers["retry-after-ms"]) > 0
+    assert sum(_sample(text, "llm_proxy_rejections_total{", 'reason="upstream"') for text in metrics) == len(refused)

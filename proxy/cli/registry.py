@@ -16,7 +16,7 @@ import orjson
 ADMIN_KEY_ENV = "LLM_PROXY_ADMIN_KEY"
 URL_ENV = "LLM_PROXY_URL"
 DEFAULT_URL = "http://127.0.0.1:8080"
-LIMIT_OPTIONS = ("rpm", "tpm", "max_parallel")
+LIMIT_OPTIONS = ("rpm", "tpm", "max_parallel", "max_wait_ms")
 
 
 class CliError(Exception):
@@ -60,6 +60,8 @@ def _fields(args: argparse.Namespace, *, key: bool) -> dict[str, Any]:
         body["budgets"] = {"daily_usd": args.daily_usd}
     if args.meta:
         body["metadata"] = dict(item.partition("=")[::2] for item in args.meta)
+    queue = ("priority",) if key else ("share", "max_queue")
+    body |= {name: getattr(args, name) for name in queue if getattr(args, name) is not None}
     if key:
         if args.models is not None:
             body["models"] = [m for m in args.models.split(",") if m]
@@ -94,8 +96,8 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-KEY_COLUMNS = ["name", "team", "source", "limits", "daily_usd", "models", "expires_at"]
-TEAM_COLUMNS = ["name", "source", "limits", "daily_usd"]
+KEY_COLUMNS = ["name", "team", "source", "limits", "daily_usd", "models", "expires_at", "priority"]
+TEAM_COLUMNS = ["name", "source", "limits", "daily_usd", "share", "max_queue"]
 
 
 def _show(args: argparse.Namespace, reply: Any, columns: list[str]) -> None:
@@ -162,7 +164,11 @@ def add_parsers(commands: Any) -> None:
             parser.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
         parser.add_argument("--daily-usd", help="daily budget in USD")
         parser.add_argument("--meta", action="append", metavar="K=V", help="metadata (repeatable)")
+        if not key:
+            parser.add_argument("--share", type=float, help="its weight when teams wait for the same capacity")
+            parser.add_argument("--max-queue", dest="max_queue", type=int, help="its waiters per replica")
         if key:
+            parser.add_argument("--priority", choices=("high", "normal", "low"), help="its class in the queue")
             parser.add_argument("--models", help="allowed models, comma-separated")
             parser.add_argument("--expires-at", help="ISO 8601 with a timezone, e.g. 2027-01-01T00:00:00Z")
 

@@ -11,9 +11,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from ..config import Limits
+from ..config import DEFAULT_MAX_QUEUE, Integer, Limits, Number, Priority
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_METADATA_ITEMS = 32
@@ -35,22 +35,38 @@ class EndUserDefaults(_Strict):
     budgets: Budgets = Budgets()
 
 
+class _Patch(_Strict):
+    """A patch: a field left out stays as it is; one given must have a value (null is no value)."""
+
+    @field_validator("*")
+    @classmethod
+    def _not_null(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.field_name not in NULLABLE:
+            raise ValueError("may not be null: leave the field out to keep its value")
+        return value
+
+
+NULLABLE = frozenset({"models", "expires_at"})  # null: every model, never expires
+
+
 class KeySpec(_Strict):
     """`POST /admin/keys`."""
 
     name: str = Field(pattern=NAME_PATTERN)
     team: str = Field(pattern=NAME_PATTERN)
     limits: Limits = Limits()
+    priority: Priority = "normal"  # its requests' class in the queue, as a config key's
     budgets: Budgets = Budgets()
     models: list[str] | None = None
     expires_at: AwareDatetime | None = None
     metadata: Metadata = Field(default_factory=dict, max_length=MAX_METADATA_ITEMS)
 
 
-class KeyPatch(_Strict):
+class KeyPatch(_Patch):
     """`PATCH /admin/keys/{name}`: only the fields given change (a key never changes team)."""
 
     limits: Limits | None = None
+    priority: Priority | None = None
     budgets: Budgets | None = None
     models: list[str] | None = None
     expires_at: AwareDatetime | None = None
@@ -64,13 +80,17 @@ class TeamSpec(_Strict):
     limits: Limits = Limits()
     budgets: Budgets = Budgets()
     end_user_defaults: EndUserDefaults = EndUserDefaults()
+    share: Number = Field(1, gt=0)  # its weight when teams wait for the same capacity, as a config team's
+    max_queue: Integer = Field(DEFAULT_MAX_QUEUE, ge=0)  # its waiters per replica
     metadata: Metadata = Field(default_factory=dict, max_length=MAX_METADATA_ITEMS)
 
 
-class TeamPatch(_Strict):
+class TeamPatch(_Patch):
     """`PATCH /admin/teams/{name}`."""
 
     limits: Limits | None = None
+    share: Number | None = Field(None, gt=0)
+    max_queue: Integer | None = Field(None, ge=0)
     budgets: Budgets | None = None
     end_user_defaults: EndUserDefaults | None = None
     metadata: Metadata | None = Field(None, max_length=MAX_METADATA_ITEMS)
@@ -89,6 +109,7 @@ class KeyEntry(_Strict):
     name: str
     team: str
     limits: Limits = Limits()
+    priority: Priority = "normal"
     budgets: Budgets = Budgets()
     models: list[str] | None = None
     expires_at: datetime | None = None
@@ -118,6 +139,8 @@ class TeamEntry(_Strict):
     limits: Limits = Limits()
     budgets: Budgets = Budgets()
     end_user_defaults: EndUserDefaults = EndUserDefaults()
+    share: Number = 1
+    max_queue: Integer = DEFAULT_MAX_QUEUE
     metadata: Metadata = {}
     created_ms: int
     updated_ms: int

@@ -95,7 +95,7 @@ class Gateway:
             else:
                 self.holds.refuse_if_held([pinned] if pinned is not None else model.targets)
                 ticket, call, model = await self._admit(request, caller, call, model, snapshot, pinned)
-            outcome.ticket, outcome.model = ticket, call.model
+            outcome.ticket, outcome.model, outcome.fallback_from = ticket, call.model, call.fallback_from
             self.observer.admitted(outcome)
             reply = await self._forward(request, call, model, ticket, outcome, snapshot, pinned)
             handed_over = True  # the reply leaves the snapshot once it has settled

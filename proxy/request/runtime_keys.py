@@ -24,6 +24,7 @@ def config_key_of(entry: KeyEntry, sha256: str) -> Key:
         limits=entry.limits,
         models=entry.models,
         daily_budget_usd=entry.budgets.daily_usd,
+        priority=entry.priority,
     )
 
 
@@ -33,7 +34,13 @@ def config_team_of(entry: TeamEntry) -> Team:
     if defaults.limits != defaults.limits.__class__() or defaults.budgets.daily_usd is not None:
         limits = defaults.limits.model_copy(update={"max_wait_ms": None})  # end users wait as their key does
         end_users = EndUsers(limits=limits, daily_budget_usd=defaults.budgets.daily_usd)
-    return Team(limits=entry.limits, daily_budget_usd=entry.budgets.daily_usd, end_users=end_users)
+    return Team(
+        limits=entry.limits,
+        daily_budget_usd=entry.budgets.daily_usd,
+        end_users=end_users,
+        share=entry.share,
+        max_queue=entry.max_queue,
+    )
 
 
 class RuntimeKeys:

@@ -66,6 +66,8 @@ def keys_overview(config: Config) -> Report:
             name: {
                 "limits": limits(team.limits),
                 "daily_budget_usd": float(team.daily_budget_usd) if team.daily_budget_usd else None,
+                "share": team.share,
+                "max_queue": team.max_queue,
             }
             for name, team in config.teams.items()
         },
@@ -75,6 +77,7 @@ def keys_overview(config: Config) -> Report:
                 "limits": limits(key.limits),
                 "daily_budget_usd": float(key.daily_budget_usd) if key.daily_budget_usd else None,
                 "models": key.models,
+                "priority": key.priority,
             }
             for name, key in config.keys.items()
         },
