@@ -50,7 +50,7 @@ from .reload import Reloader
 from .request.gateway import Gateway
 from .request.holds import ProviderHolds
 from .request.jwt_callers import JwtCallers
-from .request.queue import WaitQueue
+from .request.queue import WaitQueue, queueing_teams
 from .request.runtime_keys import RuntimeKeys
 from .request.settle import Settler
 from .request.stored import StoredResponses
@@ -134,6 +134,7 @@ def create_app(
     calendar = BudgetCalendar(lambda: snapshots.config.budget_timezone, store.clock_us)
     fallback = MemoryStore(retention_days=config.spend_retention_days)
     metrics = Metrics()
+    metrics.queue_teams(queueing_teams(config))
     limiter = Limiter(
         config,
         store,
@@ -152,7 +153,14 @@ def create_app(
     jwt = JwtCallers(JwtVerifier(config.auth.jwt, jwks), runtime) if config.auth.jwt and jwks else None
     gateway = Gateway(snapshots, settler, observers, owners, ProviderHolds(), jwt, queue)
     stored = StoredResponses(snapshots, settler, observers, owners, jwt)
-    reloader = Reloader(snapshots, limiter, config_path, environ, request_log)
+    reloader = Reloader(
+        snapshots,
+        limiter,
+        config_path,
+        environ,
+        request_log,
+        on_config=lambda applied: metrics.queue_teams(queueing_teams(applied)),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

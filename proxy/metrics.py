@@ -8,6 +8,7 @@ $PROMETHEUS_MULTIPROC_DIR and `/metrics` aggregates them (prometheus-client mult
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -209,6 +210,14 @@ class Metrics:
             self.overhead.observe(max(0.0, outcome.finished_at - outcome.started_at - waited))
 
     # -- the queue ----------------------------------------------------------------------------
+    def queue_teams(self, teams: Iterable[str]) -> None:
+        """Expose these teams' queue series at zero before anyone waits: a series that first
+        appears at its final value shows no increase to rate() or increase(), so the first waits
+        after a start would never reach the dashboard. Idempotent: a value already there stays."""
+        for team in teams:
+            self.queue_wait.labels(team)
+            self.queue_depth_gauge.labels(team)
+
     def queue_depth(self, team: str, depth: int) -> None:
         self.queue_depth_gauge.labels(team).set(depth)
 

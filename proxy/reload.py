@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .config import Config, load_config
 from .errors import ConfigError
@@ -43,12 +43,14 @@ class Reloader:
         path: str | None,
         environ: Mapping[str, str] | None = None,
         request_log: RequestLog | None = None,
+        on_config: Callable[[Config], None] | None = None,
     ) -> None:
         self.snapshots = snapshots
         self.limiter = limiter
         self.path = path
         self.environ = environ
         self.request_log = request_log
+        self.on_config = on_config  # told every config applied, for what follows it (metrics)
         self._lock = asyncio.Lock()  # two quick SIGHUPs apply one after the other
         self._draining: list[Snapshot] = []  # replaced snapshots some requests still run on
         self._closing: set[asyncio.Task[None]] = set()
@@ -111,6 +113,8 @@ class Reloader:
                 "for in-flight responses keeps the value the server started with until a restart",
                 config.shutdown_grace_s,
             )
+        if self.on_config is not None:
+            self.on_config(config)
 
     # -- replaced upstream clients ---------------------------------------------------------------
     def _drained(self, snapshot: Snapshot) -> None:

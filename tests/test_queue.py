@@ -16,7 +16,7 @@ import openai
 import pytest
 import redis
 
-from proxy.request.queue import RANKS, priority_rank
+from proxy.request.queue import RANKS, priority_rank, queueing_teams
 from tests.support.configs import KEYS, make_config
 from tests.support.errors import Matching, openai_error
 from tests.support.metrics import samples
@@ -150,6 +150,28 @@ def test_a_waiter_is_served_when_the_slot_frees_and_its_wait_is_observed(mock_up
     assert found["llm_proxy_queue_depth"] == [({"team": "platform"}, 0)]
     queued_ms = [o.queued_s for o in recorder.outcomes if o.status == 200 and o.queued_s]
     assert len(queued_ms) == 1
+
+
+@pytest.mark.parametrize(
+    ("on", "wait_ms", "teams"),
+    [("key", 4000, {"platform"}), ("team", 4000, {"platform"}), ("key", 0, set()), ("team", 0, set())],
+)
+def test_the_teams_that_may_wait_are_those_with_max_wait_on_the_team_or_a_key(on, wait_ms, teams) -> None:
+    patch = queued(wait_ms=wait_ms, on=on, redis_url="redis://127.0.0.1:1/0")
+    assert queueing_teams(make_config("http://127.0.0.1:1/v1", patch=patch)) == teams
+
+
+def test_a_team_that_may_wait_has_its_queue_series_at_zero_before_anyone_waits(mock_upstream, redis_url, start_proxy):
+    """A series first scraped at its final value shows no increase to rate(): without these zeros
+    the dashboard's queue panels missed the first waits after a start (the compose stack did)."""
+    server, _ = start_proxy(make_config(mock_upstream.url, patch=queued(wait_ms=4000, redis_url=redis_url)))
+    found = samples(httpx.get(server.url + "/metrics", timeout=10).text)
+    assert found["llm_proxy_queue_wait_seconds_count"] == [({"team": "platform"}, 0)]
+    assert found["llm_proxy_queue_wait_seconds_sum"] == [({"team": "platform"}, 0)]
+    buckets = found["llm_proxy_queue_wait_seconds_bucket"]
+    assert {labels["team"] for labels, _ in buckets} == {"platform"}  # research has no max_wait_ms
+    assert len(buckets) > 1 and {value for _, value in buckets} == {0}
+    assert found["llm_proxy_queue_depth"] == [({"team": "platform"}, 0)]
 
 
 def test_without_max_wait_the_429_comes_at_once(mock_upstream, redis_url, start_proxy):

@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.configs import KEYS, config_dict
 from tests.support.errors import INVALID, WRONG_KEY, error_reply, openai_error
+from tests.support.metrics import samples
 from tests.support.processes import proxy_process, write_config
 
 CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
@@ -90,6 +91,20 @@ def test_sighup_applies_new_limits_and_keys(serve, mock_upstream):
         "a key removed by the reload still works"
     )
     assert "config reloaded" in process.output()
+
+
+def queue_counts(url: str) -> list:
+    return samples(httpx.get(url + "/metrics", timeout=10).text).get("llm_proxy_queue_wait_seconds_count", [])
+
+
+def test_sighup_that_lets_a_team_wait_exposes_its_queue_series_at_zero(serve, mock_upstream):
+    process, path = serve(base_config(mock_upstream.url, rpm=600))
+    assert queue_counts(process.url) == []
+    changed = base_config(mock_upstream.url, rpm=600)
+    changed["teams"]["research"]["limits"] = {"max_wait_ms": 2000}
+    write_config(path, changed)
+    process.signal(signal.SIGHUP)
+    wait_for(lambda: queue_counts(process.url) == [({"team": "research"}, 0)], "research's queue series at zero")
 
 
 def test_sighup_with_a_broken_file_keeps_the_running_config(serve, mock_upstream):

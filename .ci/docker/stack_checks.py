@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from ci_docker import ROOT, CheckFailed, fail, inspect, main, ok, run, say, wait
 from openai import OpenAI
 
 sys.path.insert(0, str(ROOT))
-from tests.test_observability_stack import alert_rules, dashboard_exprs, grafana_to_promql
+from tests.test_observability_stack import DASHBOARD, alert_rules, grafana_to_promql
 
 PROJECT = "llmproxyci"
 SKIPPED = {"grafana"}  # no image on CI machines (see the module docstring)
@@ -32,6 +33,7 @@ PROMETHEUS = "http://127.0.0.1:9090"
 PLATFORM_KEY, RESEARCH_KEY, ADMIN_KEY = "sk-platform-dev", "sk-research-dev", "sk-admin-dev"
 CHAT: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
 STOP_LIMIT_S = 5.0
+SCRAPE_INTERVAL_S = 15  # deploy/prometheus/prometheus.yml: a panel's step, so $__rate_interval is 1m
 MOVED_UPSTREAM_LIMIT_S = 5.0
 
 
@@ -93,13 +95,53 @@ def usage() -> dict[str, Any] | None:
     return body
 
 
-def prometheus(promql: str) -> list[dict[str, Any]]:
-    response = httpx.get(PROMETHEUS + "/api/v1/query", params={"query": promql}, timeout=10)
+def prometheus(promql: str, *, over_s: float | None = None) -> list[dict[str, Any]]:
+    """The query's series now, or (`over_s`) each series' points over the last `over_s` seconds,
+    one per scrape interval, as a Grafana time-series panel asks for them (query_range)."""
+    if over_s is None:
+        path, params = "/api/v1/query", {"query": promql}
+    else:
+        now = time.time()
+        path = "/api/v1/query_range"
+        params = {"query": promql, "start": str(now - over_s), "end": str(now), "step": str(SCRAPE_INTERVAL_S)}
+    response = httpx.get(PROMETHEUS + path, params=params, timeout=10)
     body = response.json()
     if response.status_code != 200 or body["status"] != "success":
         fail(f"Prometheus query {promql}: {response.status_code} {body}")
     result: list[dict[str, Any]] = body["data"]["result"]
     return result
+
+
+def numbers(result: list[dict[str, Any]]) -> list[float]:
+    """The values a panel would draw: a NaN (histogram_quantile over no observations, 0/0) draws
+    nothing."""
+    values = [float(v) for series in result for _, v in ([series["value"]] if "value" in series else series["values"])]
+    return [v for v in values if v == v]
+
+
+def dashboard_queries() -> list[tuple[str, str, float | None]]:
+    """(panel title, PromQL, range) for every query of the dashboard as Grafana opens it: `$team`
+    at its default selection (All, i.e. its allValue), not one team; a time series over the
+    dashboard's default time range (range in seconds), a stat at this instant (range None)."""
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    (team,) = [v for v in dashboard["templating"]["list"] if v["name"] == "team"]
+    if team["current"]["value"] != ["$__all"]:
+        fail(f"the dashboard's team variable does not default to All: {team['current']}")
+    hours = re.fullmatch(r"now-(\d+)h", dashboard["time"]["from"])
+    if hours is None or dashboard["time"]["to"] != "now":
+        fail(f"the dashboard's time range is not `now-Nh` to `now`: {dashboard['time']}")
+    range_s = int(hours.group(1)) * 3600
+    found = []
+
+    def walk(panels: list[dict[str, Any]]) -> None:
+        for panel in panels:
+            walk(panel.get("panels", []))
+            for target in panel.get("targets", []):
+                expr = target["expr"].replace("$team", team["allValue"])
+                found.append((panel["title"], grafana_to_promql(expr), None if target.get("instant") else range_s))
+
+    walk(dashboard["panels"])
+    return found
 
 
 # -- the checks, in order --------------------------------------------------------------------------
@@ -180,7 +222,15 @@ def varied_traffic() -> None:
         thread.join(40)
     if 429 not in statuses:
         fail(f"20 parallel requests on max_parallel 16 were not refused: {statuses}")
-    # 6 concurrent slow requests on the research key (max_parallel 4, max_wait_ms 5000): two wait
+    # 6 concurrent slow requests on the research key (max_parallel 4, max_wait_ms 5000): two wait.
+    # First Prometheus must have scraped research's queue series at zero: rate() sees an increase
+    # only from a sample before it (a series first scraped at 2 waits shows none).
+    wait_for(
+        "Prometheus has research's queue series at zero, before anyone waits",
+        lambda: prometheus('llm_proxy_queue_wait_seconds_count{team="research"} == 0') or None,
+        60,
+        interval_s=1,
+    )
     waited: list[int] = []
 
     def research_slow() -> None:
@@ -261,22 +311,12 @@ def prometheus_checks() -> None:
         fail(f"alert rules not loaded: {missing}")
     ok(f"Prometheus loaded all {len(rules)} alert rules (health ok)")
 
-    exprs = dashboard_exprs()
-    # The queue panels are evaluated against a real Prometheus by tests/test_observability_stack.py,
-    # whose traffic makes a request wait. In this stack they had no data although the 6 requests on
-    # the research key (max_parallel 4, max_wait_ms 5000) were all served: not yet understood (a
-    # local `serve --workers 2` with the same config does export the queue series), so they are
-    # reported here and not required. See the session notes of 2026-12-02.
-    not_required = {"Requests waiting for capacity", "Queue wait p50 / p95"}
-    for title, expr in exprs:
-        if title in not_required:
-            say(f"not required here: {title} | {expr} -> {len(prometheus(grafana_to_promql(expr)))} series")
-    exprs = [(title, expr) for title, expr in exprs if title not in not_required]
-    pending: dict[str, str] = {title + " | " + expr: grafana_to_promql(expr) for title, expr in exprs}
+    queries = dashboard_queries()
+    pending = {f"{title} | {promql}": (promql, over_s) for title, promql, over_s in queries}
 
     def all_answered() -> bool | None:  # rate() over [1m] needs two scrapes (15 s apart) after traffic
-        for key, promql in list(pending.items()):
-            if prometheus(promql):
+        for key, (promql, over_s) in list(pending.items()):
+            if numbers(prometheus(promql, over_s=over_s)):
                 del pending[key]
         return True if not pending else None
 
@@ -285,7 +325,10 @@ def prometheus_checks() -> None:
     except Exception:
         say("no data for:\n  " + "\n  ".join(pending))
         raise
-    ok(f"all {len(exprs)} Grafana dashboard queries return data from the stack's Prometheus")
+    ok(
+        f"all {len(queries)} Grafana dashboard queries (team: All) return numbers from the stack's Prometheus "
+        "(time series over the dashboard's time range, stats now)"
+    )
 
 
 def moved_upstream() -> None:

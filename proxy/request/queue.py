@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from ..config import Priority
+from ..config import Config, Priority
 from ..errors import InvalidRequest, ProxyError, RateLimited
 
 PRIORITY_HEADER = "x-proxy-priority"
@@ -53,6 +53,12 @@ def priority_rank(own: Priority, headers: Mapping[str, str]) -> int:
             f"Invalid '{PRIORITY_HEADER}' header: expected one of high, normal or low.", code="invalid_value"
         )
     return max(RANKS[own], rank)
+
+
+def queueing_teams(config: Config) -> set[str]:
+    """The teams whose requests may wait: the team's or one of its keys' `limits.max_wait_ms` is set."""
+    teams = {name for name, team in config.teams.items() if team.limits.max_wait_ms}
+    return teams | {key.team for key in config.keys.values() if key.limits.max_wait_ms}
 
 
 class QueueMetrics(Protocol):
