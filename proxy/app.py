@@ -29,6 +29,7 @@ from .budgets.watch import BudgetWatch
 from .config import Config, load_config
 from .errors import InvalidRequest, MethodNotAllowed, NotFound, ProxyError
 from .http import admin_api, me_api, models_api, ops_api, registry_api
+from .http.call_request import CallRequest
 from .http.responses import error_response, request_id_of
 from .identity import JwksCache, JwtVerifier
 from .limits.days import BudgetCalendar
@@ -271,7 +272,7 @@ def _call_route(gateway: Gateway, endpoint: str) -> Route:
     """A bare ASGI handler for one OpenAI call endpoint."""
 
     async def route(scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
+        request = CallRequest(scope, receive)
         response: Response | Route
         try:
             response = await gateway.handle(request, endpoint)
@@ -288,7 +289,7 @@ def _azure_route(gateway: Gateway) -> Route:
     """Azure-style clients: chat and embeddings, the model named as the path's deployment."""
 
     async def route(scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
+        request = CallRequest(scope, receive)
         found = azure_call(scope["path"])
         assert found is not None  # ProxyApp routes only Azure paths here
         deployment, endpoint = found

@@ -10,9 +10,10 @@ import os
 import re
 from collections.abc import Mapping
 from decimal import Decimal
+from functools import cached_property
 from itertools import pairwise
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -31,6 +32,9 @@ from pydantic_core import ErrorDetails
 from .config_yaml import load_yaml
 from .errors import ConfigError
 from .pricing.catalog import catalog_price_fields
+
+if TYPE_CHECKING:
+    from .pricing.cost import PriceTable
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_PORT = 8080
@@ -194,6 +198,13 @@ class Price(_Strict):
     cache_write: Decimal | None = Field(None, ge=0)
     reasoning: Decimal | None = Field(None, ge=0)
     tiers: list[PriceTier] = []
+
+    @cached_property
+    def table(self) -> PriceTable:
+        """Its rates per tier, worked out once (`proxy.pricing.cost`, where the pricing rules live)."""
+        from .pricing.cost import PriceTable
+
+        return PriceTable.of(self)
 
     @field_validator("tiers")
     @classmethod

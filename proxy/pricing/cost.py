@@ -4,7 +4,8 @@ Prices are USD per million tokens, so `price_per_mtok * tokens` is already the c
 micro-dollars: no scaling, no float. Costs are rounded once per request (ROUND_HALF_UP) and then
 only ever added as ints, so a day's spend is the exact sum of its requests.
 
-Reservation and settlement go through the one function `_exact_cost`: settlement with the
+Reservation and settlement go through the one function `_exact_cost` (integer arithmetic on the
+prices scaled to integers once per config: `Rates.units`, `PriceTable`): settlement with the
 request's real token counts, reservation with the worst case it may produce (every prompt token
 at the dearest prompt price of its tier, every output token at the dearest output price, rounded
 up with ROUND_CEILING), so a reservation never under-reserves for the token counts it assumed.
@@ -25,8 +26,8 @@ A tier (`price.tiers`, "above_input_tokens") applies to the whole request when i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, ROUND_CEILING, ROUND_HALF_UP, Context, Decimal
+from dataclasses import dataclass, field
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, ROUND_HALF_UP, Context, Decimal
 
 from proxy.config import Price
 from proxy.limits.types import Usage
@@ -83,13 +84,62 @@ class PricedUsage:
 
 @dataclass(frozen=True, slots=True)
 class Rates:
-    """The five per-class prices in force for one request (its tier chosen, defaults applied)."""
+    """The five per-class prices in force for one request (its tier chosen, defaults applied).
+
+    `units` are the same five prices as integers over `scale` (a power of ten): a configured
+    price is a finite decimal, so `tokens * units` summed is the exact cost in 1/`scale`
+    micro-dollars, in integer arithmetic."""
 
     input: Decimal
     cached_input: Decimal
     cache_write: Decimal
     output: Decimal
     reasoning: Decimal
+    scale: int = field(init=False, repr=False, compare=False)
+    units: tuple[int, int, int, int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        prices = (self.input, self.cached_input, self.cache_write, self.output, self.reasoning)
+        places = max(0, *(-_exponent(price) for price in prices))
+        units = tuple(int(price.scaleb(places, context=_EXACT)) for price in prices)
+        object.__setattr__(self, "scale", 10**places)
+        object.__setattr__(self, "units", units)
+
+    def worst(self) -> Rates:
+        """Every prompt class at the dearest prompt price, every output class at the dearest output
+        price: what a reservation assumes."""
+        prompt_price = max(self.input, self.cached_input, self.cache_write)
+        output_price = max(self.output, self.reasoning)
+        return Rates(prompt_price, prompt_price, prompt_price, output_price, output_price)
+
+
+def _exponent(price: Decimal) -> int:
+    exponent = price.as_tuple().exponent
+    if not isinstance(exponent, int):  # NaN or infinity: the config refuses them
+        raise ValueError(f"a price must be a finite number, not {price}")
+    return exponent
+
+
+@dataclass(frozen=True, slots=True)
+class PriceTable:
+    """A model's rates for each tier, and the reservation's worst case of each, built once per
+    config (`Price.table`): `(above_input_tokens, rates, worst)`, highest threshold first, the
+    base prices last (threshold -1)."""
+
+    tiers: tuple[tuple[int, Rates, Rates], ...]
+
+    @classmethod
+    def of(cls, price: Price) -> PriceTable:
+        thresholds = [-1, *(tier.above_input_tokens for tier in price.tiers)]
+        rated = [(t, _rates_for_prompt(price, t + 1)) for t in thresholds]  # a prompt just above each
+        return cls(tuple((t, rates, rates.worst()) for t, rates in reversed(rated)))
+
+    def rates(self, prompt_tokens: int) -> tuple[Rates, Rates]:
+        """The rates for a request with `prompt_tokens` prompt tokens, and their worst case."""
+        for threshold, rates, worst in self.tiers:
+            if prompt_tokens > threshold:
+                return rates, worst
+        raise AssertionError("the base prices apply to every request")  # threshold -1
 
 
 def rates_for(price: Price, prompt_tokens: int) -> Rates:
@@ -98,17 +148,26 @@ def rates_for(price: Price, prompt_tokens: int) -> Rates:
     The highest tier whose `above_input_tokens` the prompt exceeds overrides the prices it names;
     then `cached_input` and `cache_write` default to `input`, `reasoning` to `output`.
     """
-    fields = {name: getattr(price, name) for name in ("input", "output", "cached_input", "cache_write", "reasoning")}
-    for tier in price.tiers:  # ascending thresholds (validated)
+    return price.table.rates(prompt_tokens)[0]
+
+
+def _rates_for_prompt(price: Price, prompt_tokens: int) -> Rates:
+    """`rates_for`, worked out from the configured prices (once per config, by `PriceTable.of`)."""
+    input_price, output_price = price.input, price.output
+    cached, written, reasoning = price.cached_input, price.cache_write, price.reasoning
+    for tier in price.tiers:  # ascending thresholds (validated); each names the prices it overrides
         if prompt_tokens > tier.above_input_tokens:
-            fields.update({name: value for name in fields if (value := getattr(tier, name)) is not None})
-    input_price, output_price = fields["input"], fields["output"]
+            input_price = input_price if tier.input is None else tier.input
+            output_price = output_price if tier.output is None else tier.output
+            cached = cached if tier.cached_input is None else tier.cached_input
+            written = written if tier.cache_write is None else tier.cache_write
+            reasoning = reasoning if tier.reasoning is None else tier.reasoning
     return Rates(
         input=input_price,
-        cached_input=input_price if fields["cached_input"] is None else fields["cached_input"],
-        cache_write=input_price if fields["cache_write"] is None else fields["cache_write"],
+        cached_input=input_price if cached is None else cached,
+        cache_write=input_price if written is None else written,
         output=output_price,
-        reasoning=output_price if fields["reasoning"] is None else fields["reasoning"],
+        reasoning=output_price if reasoning is None else reasoning,
     )
 
 
@@ -117,11 +176,25 @@ def cached_input_price(price: Price) -> Decimal:
     return price.input if price.cached_input is None else price.cached_input
 
 
-def _exact_cost(rates: Rates, usage: PricedUsage) -> Decimal:
-    total = Decimal(0)
-    for name in ("input", "cached_input", "cache_write", "output", "reasoning"):
-        total = _EXACT.add(total, _EXACT.multiply(getattr(rates, name), max(getattr(usage, name), 0)))
-    return total
+def _exact_cost(rates: Rates, usage: PricedUsage) -> int:
+    """The exact cost of `usage` at `rates`, in 1/`rates.scale` micro-dollars (negative counts are 0)."""
+    units = rates.units
+    return (
+        units[0] * max(usage.input, 0)
+        + units[1] * max(usage.cached_input, 0)
+        + units[2] * max(usage.cache_write, 0)
+        + units[3] * max(usage.output, 0)
+        + units[4] * max(usage.reasoning, 0)
+    )
+
+
+def _round_half_up(scaled: int, scale: int) -> int:
+    """`scaled / scale` (both >= 0) to the nearest integer, halves up."""
+    return (2 * scaled + scale) // (2 * scale)
+
+
+def _round_up(scaled: int, scale: int) -> int:
+    return -(-scaled // scale)
 
 
 def _to_int(value: Decimal, rounding: str) -> int:
@@ -134,7 +207,8 @@ def cost_micros(price: Price, usage: PricedUsage | Usage) -> int:
     A limiter `Usage` is read as OpenAI counts (`PricedUsage.from_usage`). Negative counts are 0.
     """
     priced = PricedUsage.from_usage(usage) if isinstance(usage, Usage) else usage
-    return _to_int(_exact_cost(rates_for(price, priced.prompt_tokens), priced), ROUND_HALF_UP)
+    rates = rates_for(price, priced.prompt_tokens)
+    return _round_half_up(_exact_cost(rates, priced), rates.scale)
 
 
 def reservation_micros(price: Price, prompt_tokens: int, max_output_tokens: int) -> int:
@@ -146,11 +220,8 @@ def reservation_micros(price: Price, prompt_tokens: int, max_output_tokens: int)
     counts, however it splits into classes.
     """
     prompt, output = max(prompt_tokens, 0), max(max_output_tokens, 0)
-    rates = rates_for(price, prompt)
-    prompt_price = max(rates.input, rates.cached_input, rates.cache_write)
-    output_price = max(rates.output, rates.reasoning)
-    worst = Rates(prompt_price, prompt_price, prompt_price, output_price, output_price)
-    return _to_int(_exact_cost(worst, PricedUsage(input=prompt, output=output)), ROUND_CEILING)
+    worst = price.table.rates(prompt)[1]
+    return _round_up(_exact_cost(worst, PricedUsage(input=prompt, output=output)), worst.scale)
 
 
 def usd_to_micros(usd: Decimal) -> int:
