@@ -13,7 +13,7 @@ from decimal import Decimal
 from functools import cached_property
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -32,9 +32,6 @@ from pydantic_core import ErrorDetails
 from .config_yaml import load_yaml
 from .errors import ConfigError
 from .pricing.catalog import catalog_price_fields
-
-if TYPE_CHECKING:
-    from .pricing.cost import PriceTable
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_PORT = 8080
@@ -200,11 +197,10 @@ class Price(_Strict):
     tiers: list[PriceTier] = []
 
     @cached_property
-    def table(self) -> PriceTable:
-        """Its rates per tier, worked out once (`proxy.pricing.cost`, where the pricing rules live)."""
-        from .pricing.cost import PriceTable
-
-        return PriceTable.of(self)
+    def memo(self) -> dict[str, object]:
+        """What is worked out from these prices once and kept with them, so it lives as long as this
+        config: `proxy.pricing.cost.price_table` keeps the rates of each tier here."""
+        return {}
 
     @field_validator("tiers")
     @classmethod

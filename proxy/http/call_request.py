@@ -21,14 +21,15 @@ T = TypeVar("T")
 class IndexedHeaders(Headers):
     def __init__(self, scope: Scope) -> None:
         super().__init__(scope=scope)
-        # reversed: the first of several headers of one name wins, as in Headers.__getitem__
-        self._index = {key.decode("latin-1"): value.decode("latin-1") for key, value in reversed(self._list)}
+        # reversed: the first of several headers of one name wins, as in Headers.__getitem__; raw
+        # bytes (ASGI names are lower-case), decoded only when looked up
+        self._index = dict(reversed(self._list))
 
     def __getitem__(self, key: str) -> str:
-        return self._index[key.lower()]
+        return self._index[key.lower().encode("latin-1")].decode("latin-1")
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key.lower() in self._index
+        return isinstance(key, str) and key.lower().encode("latin-1") in self._index
 
     @overload
     def get(self, key: str, /) -> str | None: ...
@@ -40,7 +41,8 @@ class IndexedHeaders(Headers):
     def get(self, key: str, default: T, /) -> str | T: ...
 
     def get(self, key: str, default: object = None, /) -> object:
-        return self._index.get(key.lower(), default)
+        value = self._index.get(key.lower().encode("latin-1"))
+        return default if value is None else value.decode("latin-1")
 
 
 class CallRequest(Request):

@@ -326,6 +326,10 @@ Arg = int | str
 ScriptReply = Any  # what a script returns, as the driver decodes it: nested lists of int, bytes, str
 
 
+# the scripts' arguments in their order, picked from a dict of them by name at C speed
+_IN_ADMIT_ARGS_ORDER, _IN_SETTLE_ARGS_ORDER = itemgetter(*ADMIT_ARGS), itemgetter(*SETTLE_ARGS)
+
+
 def _limits(prefix: str, s: ScopeLimits) -> dict[str, Arg]:
     """A scope's limits as script arguments (`LIMIT_ARGS` after `prefix`), UNLIMITED where it has none."""
     rpm, request_capacity = (s.rpm, s.request_capacity) if s.rpm and s.request_capacity else (UNLIMITED, UNLIMITED)
@@ -335,8 +339,8 @@ def _limits(prefix: str, s: ScopeLimits) -> dict[str, Arg]:
         f"{prefix}request_capacity": request_capacity,
         f"{prefix}tpm": tpm,
         f"{prefix}token_capacity": token_capacity,
-        f"{prefix}max_parallel": _or_unlimited(s.max_parallel),
-        f"{prefix}budget": _or_unlimited(s.budget_micros),
+        f"{prefix}max_parallel": UNLIMITED if s.max_parallel is None else s.max_parallel,
+        f"{prefix}budget": UNLIMITED if s.budget_micros is None else s.budget_micros,
         f"{prefix}enforce": 1 if s.enforce else 0,
     }
 
@@ -369,7 +373,7 @@ def admit_args(a: Admission, now_us: int | None, dry_run: bool = False) -> list[
     for candidate, scopes in enumerate(a.quotas, 1):
         for q in scopes:
             quotas += [candidate, _or_unlimited(q.rpm), _or_unlimited(q.tpm), _or_unlimited(q.max_parallel)]
-    return [*(named[name] for name in ADMIT_ARGS), *a.days.labels, *a.days.starts, *windows, *quotas]
+    return [*_IN_ADMIT_ARGS_ORDER(named), *a.days.labels, *a.days.starts, *windows, *quotas]
 
 
 def peek_args(a: Admission, now_us: int | None) -> list[Arg]:
@@ -399,8 +403,8 @@ def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list[Ar
         "reasoning_tokens": s.usage.reasoning_tokens,
         "key_name": s.key.name,
         "model": s.model,
-        "key_alert": _or_unlimited(s.key.alert_micros),
-        "team_alert": _or_unlimited(s.team.alert_micros),
+        "key_alert": UNLIMITED if s.key.alert_micros is None else s.key.alert_micros,
+        "team_alert": UNLIMITED if s.team.alert_micros is None else s.team.alert_micros,
         "ledger_max_fields": LEDGER_MAX_FIELDS,
         "abandon": 1 if s.abandoned else 0,
         "window_count": len(s.windows),
@@ -412,7 +416,7 @@ def settle_args(s: Settlement, now_us: int | None, ledger_ttl_s: int) -> list[Ar
     for candidate, scopes in enumerate(s.quotas, 1):
         for q in scopes:
             quotas += [candidate, _or_unlimited(q.tpm)]
-    return [*(named[name] for name in SETTLE_ARGS), *alerts, *quotas, *(f"{k}={v}" for k, v in s.tags)]
+    return [*_IN_SETTLE_ARGS_ORDER(named), *alerts, *quotas, *(f"{k}={v}" for k, v in s.tags)]
 
 
 def renew_args(r: Renewal, now_us: int | None) -> list[Arg]:

@@ -123,7 +123,7 @@ def _exponent(price: Decimal) -> int:
 @dataclass(frozen=True, slots=True)
 class PriceTable:
     """A model's rates for each tier, and the reservation's worst case of each, built once per
-    config (`Price.table`): `(above_input_tokens, rates, worst)`, highest threshold first, the
+    config (`price_table`): `(above_input_tokens, rates, worst)`, highest threshold first, the
     base prices last (threshold -1)."""
 
     tiers: tuple[tuple[int, Rates, Rates], ...]
@@ -142,13 +142,21 @@ class PriceTable:
         raise AssertionError("the base prices apply to every request")  # threshold -1
 
 
+def price_table(price: Price) -> PriceTable:
+    """`price`'s table, worked out on first use and kept with the price (`Price.memo`)."""
+    table = price.memo.get("table")
+    if not isinstance(table, PriceTable):
+        table = price.memo["table"] = PriceTable.of(price)
+    return table
+
+
 def rates_for(price: Price, prompt_tokens: int) -> Rates:
     """The prices for a request with `prompt_tokens` prompt tokens.
 
     The highest tier whose `above_input_tokens` the prompt exceeds overrides the prices it names;
     then `cached_input` and `cache_write` default to `input`, `reasoning` to `output`.
     """
-    return price.table.rates(prompt_tokens)[0]
+    return price_table(price).rates(prompt_tokens)[0]
 
 
 def _rates_for_prompt(price: Price, prompt_tokens: int) -> Rates:
@@ -220,7 +228,7 @@ def reservation_micros(price: Price, prompt_tokens: int, max_output_tokens: int)
     counts, however it splits into classes.
     """
     prompt, output = max(prompt_tokens, 0), max(max_output_tokens, 0)
-    worst = price.table.rates(prompt)[1]
+    worst = price_table(price).rates(prompt)[1]
     return _round_up(_exact_cost(worst, PricedUsage(input=prompt, output=output)), worst.scale)
 
 

@@ -86,7 +86,13 @@ def passthrough(
 
 def _header_safe(value: str) -> bool:
     """A value we can send on: printable latin-1 (aiohttp hands odd bytes over surrogate-escaped)."""
-    return value.isprintable() and all(ord(c) < 256 for c in value)
+    if not value.isprintable():
+        return False
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def relay_stream(
