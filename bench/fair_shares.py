@@ -85,6 +85,16 @@ def main(argv: list[str] | None = None) -> int:
             f"  (expected {expected * 100:5.1f}%, {off:+.1f}%)"
         )
     result["together"] = {"counts": counts, "shares": shares}
+    waits = {}
+    for team in SHARES:
+        ordered = sorted(run.waited[team])
+        if ordered:
+            waits[team] = {q: ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))] for q in (50, 95, 100)}
+            print(
+                f"  {team:<7} answered in (its queue wait, mostly): p50 {waits[team][50] * 1000:.0f} ms, "
+                f"p95 {waits[team][95] * 1000:.0f} ms, max {waits[team][100] * 1000:.0f} ms"
+            )
+    result["waits_s"] = waits
     print(
         "  per 5 s window: "
         + "  ".join(

@@ -62,6 +62,7 @@ class Run:
 
     admitted: dict[str, list[float]] = field(default_factory=dict)
     others: dict[int, int] = field(default_factory=dict)
+    waited: dict[str, list[float]] = field(default_factory=dict)  # each 200's time to answer (its queue wait)
 
     def count(self, team: str, start_s: float, end_s: float) -> int:
         return sum(1 for t in self.admitted.get(team, []) if start_s <= t < end_s)
@@ -74,16 +75,18 @@ class Run:
 
 async def saturate(urls: list[str], active: Mapping[str, float], clients: int) -> Run:
     """`clients` clients per replica and team, each sending until its team's `active` time ends."""
-    run = Run(admitted={team: [] for team in active})
+    run = Run(admitted={team: [] for team in active}, waited={team: [] for team in active})
     https = [httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=200)) for url in urls]
     started = time.monotonic()
 
     async def client(http: httpx.AsyncClient, team: str, until_s: float) -> None:
         headers = {"Authorization": f"Bearer {key_of(team)}"}
-        while time.monotonic() - started < until_s:
+        while (sent := time.monotonic()) - started < until_s:
             response = await http.post("/v1/chat/completions", json=CHAT, headers=headers)
             if response.status_code == 200:
-                run.admitted[team].append(time.monotonic() - started)
+                answered = time.monotonic()
+                run.admitted[team].append(answered - started)
+                run.waited[team].append(answered - sent)
                 continue
             run.others[response.status_code] = run.others.get(response.status_code, 0) + 1
             if response.status_code != 429:
