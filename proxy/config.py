@@ -70,6 +70,8 @@ def _number(value: object) -> object:
 
 Integer = Annotated[int, BeforeValidator(_integer)]
 Number = Annotated[float, BeforeValidator(_number)]
+# a team's share: bounded so that a fair share's steps (tokens / share) stay exact in a double
+MIN_SHARE, MAX_SHARE = 0.001, 1_000_000
 
 
 def _env_is_set(name: str | None, info: ValidationInfo) -> str | None:
@@ -390,7 +392,7 @@ class Alerts(_Strict):
 class Team(_Budgeted):
     limits: Limits = Limits()
     end_users: EndUsers | None = None
-    share: Number = Field(1, gt=0)  # its weight when teams wait for the same capacity
+    share: Number = Field(1, ge=MIN_SHARE, le=MAX_SHARE)  # its weight when teams wait for the same capacity
     max_queue: Integer = Field(DEFAULT_MAX_QUEUE, ge=0)  # its waiters per replica; beyond: 429 at once
 
 

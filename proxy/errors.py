@@ -287,7 +287,8 @@ class Retry:
     `after_ms` is exact for a request or token bucket and a provider's hold; for a parallel slot
     (`exact=False`) it is only a time to look again, since a slot frees when a request ends.
     `blockers` name what refused it (`("key", name)`, `("team", name)`, `("end_user", team, name)`,
-    `("target", upstream, model)`): a waiter behind it that shares one does not overtake it."""
+    `("target", upstream, model)`, `("team_target", team, upstream, model)`: a team's fair share of
+    a target's quota): a waiter behind it that shares one does not overtake it."""
 
     after_ms: int
     exact: bool

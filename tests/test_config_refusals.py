@@ -147,11 +147,12 @@ REFUSED: dict[str, tuple[dict[str, str], list[str]]] = {
         {},
         [
             "teams.t.limits.max_wait_ms: must be >= 0",
-            "teams.t.share: must be > 0",
+            "teams.t.share: must be >= 0.001",
             "teams.t.max_queue: must be >= 0",
             "teams.u.limits.max_wait_ms: must be <= 600000",
             "teams.u.end_users.limits: max_wait_ms is set on the key or the team: an end user's requests wait "
             "as theirs do",
+            "teams.u.share: must be <= 1000000",
             "keys.alice.limits.max_wait_ms: must be an integer",
             "keys.alice.priority: must be 'high', 'normal' or 'low'",
         ],

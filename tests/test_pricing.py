@@ -351,3 +351,15 @@ def test_tiered_cost_matches_exact_rational_arithmetic(price: Price, usage: Pric
         + rate("reasoning", base_out) * usage.reasoning
     )
     assert cost_micros(price, usage) == _round_half_up(exact)
+
+
+def test_a_copy_of_a_price_is_priced_as_itself_and_leaves_the_original_alone() -> None:
+    """The rates worked out once per price are kept with that price: a copy without its tiers (as the
+    what-if does) shares the original's memo, yet each is priced by its own prices."""
+    tiered = Price(input=Decimal(1), output=Decimal(1), tiers=[PriceTier(above_input_tokens=100, input=Decimal(100))])
+    usage = PricedUsage(input=1000)
+    assert cost_micros(tiered, usage) == 100_000
+    flat = tiered.model_copy(update={"tiers": []})
+    assert cost_micros(flat, usage) == 1_000
+    assert cost_micros(tiered, usage) == 100_000
+    assert rates_for(tiered, -5) == rates_for(tiered, 0)  # a negative count reads as no prompt

@@ -360,3 +360,41 @@ def test_a_full_upstream_quota_is_waited_for_in_the_queue(mock_upstream, redis_u
     assert waiter.result().status_code == 200 and holder.result().status_code == 200
     assert waiter.finished_at >= holder.finished_at - 0.05  # admitted only once the quota's slot freed
     assert contents(mock_upstream) == ["holder", "waiter"]
+
+
+async def test_a_team_refused_for_its_share_of_one_target_does_not_hold_up_its_waiters_for_another() -> None:
+    """A waiter refused for its team's fair share of target u1's quota (the refusal as admission
+    builds it) holds up its team's later waiters for u1, not its waiter for u2, which has room."""
+    import asyncio
+
+    from proxy.config import Target
+    from proxy.limits.types import Decision
+    from proxy.request.admit import upstream_quota_refusal
+    from proxy.request.queue import Entry, WaitQueue, waiter_scopes
+
+    u1, u2 = Target(upstream="u1", model="m"), Target(upstream="u2", model="m")
+    share = Decision(admitted=False, reason="share", scope="upstream", retry_after_ms=100, target=0)
+    queue = WaitQueue()
+
+    def entry(target: Target) -> Entry:
+        return Entry("A", 1, 2.0, 100, 1.0, waiter_scopes("k", "A", None, [target]))
+
+    async def refused_for_its_share() -> str:
+        raise upstream_quota_refusal(share, [u1], {}, "A")
+
+    async def fits() -> str:
+        return "admitted"
+
+    async def release(_: str) -> None:
+        pass
+
+    started = time.monotonic()
+    first = asyncio.ensure_future(queue.admit(entry(u1), refused_for_its_share, release))
+    await asyncio.sleep(0.05)
+    behind = asyncio.ensure_future(queue.admit(entry(u1), fits, release))
+    other = asyncio.ensure_future(queue.admit(entry(u2), fits, release))
+    assert await other == "admitted"
+    assert time.monotonic() - started < 1.0  # not at the first waiter's 2 s deadline
+    assert not behind.done()  # the same target's waiter stays behind the first
+    first.cancel()
+    assert await behind == "admitted"

@@ -1276,3 +1276,70 @@ async def test_a_team_back_from_idle_gets_no_credit_for_its_idle_time(store, clo
     # the newcomer's credit is the busy team's last request (1,000 tokens): 10 of its own first
     assert went[:10] == ["newcomer"] * 10
     assert (went[10:].count("busy"), went[10:].count("newcomer")) == (10, 10)
+
+
+@standalone
+async def test_a_team_waits_only_for_the_quota_scope_that_refused_it(store, clock):
+    """A's target uses an account quota (with room) and a deployment's (its one slot held by A's own
+    long request); B uses the account only. A's refusals are the deployment's: B is never held back
+    on the account for A's share."""
+    account, deployment = quota("u", tpm=600_000), quota("u", "m", max_parallel=1)
+    a, b = (key("a"), team("A"), 1.0), (key("b"), team("B"), 1.0)
+    a_quotas, b_quotas = ((account, deployment),), ((account,),)
+    assert (await store.admit(admission(a[0], a[1], tokens=100, quotas=a_quotas))).admitted
+    reasons = []
+    for _ in range(10):
+        clock.advance(1000)
+        refused = await store.admit(admission(a[0], a[1], tokens=100, quotas=a_quotas))
+        assert (refused.scope, refused.reason) == ("upstream", "parallel")
+        reasons.append((await store.admit(admission(b[0], b[1], tokens=100, quotas=b_quotas))).reason)
+    assert reasons == [None] * 10
+
+
+@standalone
+async def test_a_candidate_a_request_can_never_fit_is_not_waited_for(store, clock):
+    """A's 60k-token request can never fit the first target (tpm 1k) and waits for the second: B,
+    on the first target only, is never held back there for A's share."""
+    small, large = quota("one", tpm=1_000), quota("two", tpm=60_000)
+    a_quotas, b_quotas = ((small,), (large,)), ((small,),)
+    assert (await store.admit(admission(key("a"), team("A"), tokens=60_000, quotas=a_quotas))).target == 1
+    reasons = []
+    for _ in range(10):
+        clock.advance(1000)
+        assert not (await store.admit(admission(key("a"), team("A"), tokens=60_000, quotas=a_quotas))).admitted
+        reasons.append((await store.admit(admission(key("b"), team("B"), tokens=100, quotas=b_quotas))).reason)
+    assert reasons == [None] * 10
+
+
+@standalone
+async def test_large_shares_keep_their_ratio(store, clock):
+    """Shares 1500:3000 split a requests-only quota 1:2 like 1:2 does: a step of 1/3000 of a request
+    is kept in full, not rounded away."""
+    rpm_quota = ((quota("r", rpm=600),),)  # one request back every 100 ms
+    small, large = (key("s"), team("S"), 1500.0), (key("l"), team("L"), 3000.0)
+    for i in range(600):
+        k, t, share = (small, large)[i % 2]
+        assert (await store.admit(admission(k, t, quotas=rpm_quota, share=share))).admitted
+    went = []
+    for _ in range(60):
+        clock.advance(100)
+        for k, t, share in (small, large):
+            while (await store.admit(admission(k, t, quotas=rpm_quota, share=share))).admitted:
+                went.append(t.name)
+    assert abs(went.count("S") - 20) <= 1 and abs(went.count("L") - 40) <= 1, (went.count("S"), went.count("L"))
+
+
+@standalone
+async def test_a_team_that_gives_up_stops_holding_the_quota_within_about_a_second(store, clock):
+    """X asks once for more than the quota has (retry in 49 s) and never again: Y, alone again, is
+    held back for X's share for at most about a second, not for X's whole retry."""
+    q = ((quota("q", tpm=60_000),),)
+    for _ in range(50):
+        assert (await store.admit(admission(key("y"), team("Y"), tokens=1_000, quotas=q))).admitted
+    refused = await store.admit(admission(key("x"), team("X"), tokens=59_000, quotas=q))
+    assert (refused.reason, refused.retry_after_ms) == ("tpm", 49_000)
+    reasons = []
+    for _ in range(5):
+        clock.advance(500)
+        reasons.append((await store.admit(admission(key("y"), team("Y"), tokens=1_000, quotas=q))).reason)
+    assert reasons[2:] == [None, None, None], reasons  # from 1.5 s on (the 1 s cap and 200 ms margin)

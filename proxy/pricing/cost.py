@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, ROUND_HALF_UP, Context, Decimal
+from typing import cast
 
 from proxy.config import Price
 from proxy.limits.types import Usage
@@ -139,14 +140,18 @@ class PriceTable:
         for threshold, rates, worst in self.tiers:
             if prompt_tokens > threshold:
                 return rates, worst
-        raise AssertionError("the base prices apply to every request")  # threshold -1
+        return self.tiers[-1][1], self.tiers[-1][2]  # the base prices (a negative count reads as 0)
 
 
 def price_table(price: Price) -> PriceTable:
     """`price`'s table, worked out on first use and kept with the price (`Price.memo`)."""
-    table = price.memo.get("table")
-    if not isinstance(table, PriceTable):
-        table = price.memo["table"] = PriceTable.of(price)
+    kept = price.memo.get("table")
+    # kept with the price it was built from: a copy of a price (`model_copy`) shares its memo, and
+    # may differ from it (a copy without tiers), so it builds its own
+    if isinstance(kept, tuple) and kept[0] is price:
+        return cast(PriceTable, kept[1])
+    table = PriceTable.of(price)
+    price.memo["table"] = (price, table)
     return table
 
 

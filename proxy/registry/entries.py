@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from ..config import DEFAULT_MAX_QUEUE, Integer, Limits, Number, Priority
+from ..config import DEFAULT_MAX_QUEUE, MAX_SHARE, MIN_SHARE, Integer, Limits, Number, Priority
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_METADATA_ITEMS = 32
@@ -80,7 +80,7 @@ class TeamSpec(_Strict):
     limits: Limits = Limits()
     budgets: Budgets = Budgets()
     end_user_defaults: EndUserDefaults = EndUserDefaults()
-    share: Number = Field(1, gt=0)  # its weight when teams wait for the same capacity, as a config team's
+    share: Number = Field(1, ge=MIN_SHARE, le=MAX_SHARE)  # its weight when teams wait for capacity, as in config
     max_queue: Integer = Field(DEFAULT_MAX_QUEUE, ge=0)  # its waiters per replica
     metadata: Metadata = Field(default_factory=dict, max_length=MAX_METADATA_ITEMS)
 
@@ -89,7 +89,7 @@ class TeamPatch(_Patch):
     """`PATCH /admin/teams/{name}`."""
 
     limits: Limits | None = None
-    share: Number | None = Field(None, gt=0)
+    share: Number | None = Field(None, ge=MIN_SHARE, le=MAX_SHARE)
     max_queue: Integer | None = Field(None, ge=0)
     budgets: Budgets | None = None
     end_user_defaults: EndUserDefaults | None = None

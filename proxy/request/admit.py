@@ -176,14 +176,17 @@ def upstream_quota_refusal(
     headers.update(retry_headers(decision.retry_after_ms))
     if reason == "share":
         # room in the quota, but other teams waiting for it are behind their share: only this team's
-        # own waiters queue behind this one (the others' turn is exactly what it waits for)
+        # own waiters for these targets queue behind this one (the others' turn is exactly what it
+        # waits for, and its waiters for other targets are not held up)
         return UpstreamQuotaReached(
             f"Rate limit reached for the upstream quota of '{target.upstream}' (model '{target.model}'){others}: "
             f"other teams are waiting for it and team '{team}' has had its share for now. Please try again in "
             f"{openai_duration(decision.retry_after_ms)}.",
             limit_type="tokens",
             headers=headers,
-            retry=Retry(decision.retry_after_ms, False, frozenset({("team", team)})),
+            retry=Retry(
+                decision.retry_after_ms, False, frozenset(("team_target", team, t.upstream, t.model) for t in targets)
+            ),
         )
     return UpstreamQuotaReached(
         f"Rate limit reached for the upstream quota of '{target.upstream}' (model '{target.model}'){others} "

@@ -40,7 +40,7 @@ from .call import API_OF, Call
 from .end_user import end_user_of
 from .holds import ProviderHolds
 from .jwt_callers import JwtCallers, identify
-from .queue import Entry, WaitQueue, priority_rank
+from .queue import Entry, WaitQueue, priority_rank, waiter_scopes
 from .read import read_call
 from .relay import StreamUsage, passthrough, stream_response
 from .settle import Settler, then_leave, usage_of
@@ -137,17 +137,13 @@ class Gateway:
         client leaves."""
         targets = [pinned] if pinned is not None else model.targets
         end_user = caller.end_user or end_user_of(call.body, request.headers, snapshot.config.end_user_identity)
-        scopes: set[tuple[str, ...]] = {("key", caller.key_name), ("team", caller.team_name)}
-        scopes |= {("target", target.upstream, target.model) for target in targets}
-        if end_user:
-            scopes.add(("end_user", caller.team_name, end_user))
         entry = Entry(
             team=caller.team_name,
             rank=priority_rank(caller.key.priority, request.headers),
             max_wait_s=caller.max_wait_ms / 1000,
             max_queue=caller.team.max_queue,
             share=caller.team.share,
-            scopes=frozenset(scopes),
+            scopes=waiter_scopes(caller.key_name, caller.team_name, end_user, targets),
         )
 
         async def attempt() -> tuple[Ticket, Call, Model]:

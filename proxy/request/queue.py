@@ -28,11 +28,11 @@ import itertools
 import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from ..config import Config, Priority
+from ..config import Config, Priority, Target
 from ..errors import InvalidRequest, ProxyError, RateLimited
 
 PRIORITY_HEADER = "x-proxy-priority"
@@ -59,6 +59,17 @@ def queueing_teams(config: Config) -> set[str]:
     """The teams whose requests may wait: the team's or one of its keys' `limits.max_wait_ms` is set."""
     teams = {name for name, team in config.teams.items() if team.limits.max_wait_ms}
     return teams | {key.team for key in config.keys.values() if key.limits.max_wait_ms}
+
+
+def waiter_scopes(key: str, team: str, end_user: str | None, targets: Sequence[Target]) -> frozenset[Scope]:
+    """What may refuse a request, as the queue names it (`Retry.blockers` names the same): its key,
+    team and end user, each target, and its team's fair share of each target's quota."""
+    scopes: set[Scope] = {("key", key), ("team", team)}
+    scopes |= {("target", target.upstream, target.model) for target in targets}
+    scopes |= {("team_target", team, target.upstream, target.model) for target in targets}
+    if end_user:
+        scopes.add(("end_user", team, end_user))
+    return frozenset(scopes)
 
 
 class QueueMetrics(Protocol):

@@ -190,11 +190,11 @@ end
 -- Fair shares of an upstream quota (teams.NAME.share), start-time fair queueing over its `fair`
 -- hash: each team's virtual time `v:<team>` (what it took from the quota per unit of share), until
 -- when it wants the quota `w:<team>` (a request of its was refused by the quota and will ask again
--- then: it is waiting), and the quota's virtual clock `V` (the latest start of an admission). A
+-- then: it is waiting, for at most about a second after each refusal), and the quota's virtual clock `V` (the latest start of an admission). A
 -- request starts at max(v, V): time a team spent idle earns no credit. While another team wants
 -- the quota, a team goes only if its start is not past the lowest start of those that want it;
 -- with no other team waiting, whoever asks goes (work-conserving). A quota's teams are few.
-local WANT_MARGIN_MS = 200
+local WANT_MARGIN_MS, WANT_MAX_MS = 200, 1000
 local FAIR_TTL_MS = 600000  -- an idle quota forgets its history
 local team_name, share = args.team_name, tonumber(args.share)
 local function fair_read(qs)
@@ -231,6 +231,7 @@ for q = 1, tonumber(args.quota_count) do
   local qs = quota_scope(q)
   local cw = candidate_waits[qs.candidate]
   local function wait(why, ms)
+    if ms > 0 then qs.refused = true end  -- this scope itself stands in the request's way
     if ms > cw.ms then cw.ms, cw.why = ms, why end
   end
   if qs.rpm ~= UNLIMITED then
@@ -257,7 +258,7 @@ for _, qs in ipairs(quotas) do
       local units, per_minute = fair_units(qs)
       local ms = 1000
       if per_minute ~= nil then ms = math.min(1000, math.max(10, math.ceil(units * 60000 / per_minute))) end
-      cw.ms, cw.why = ms, 'share'
+      cw.ms, cw.why, qs.refused = ms, 'share', true
     end
   end
 end
@@ -381,8 +382,9 @@ if reason == nil then
         qs.in_flight = qs.in_flight + 1
       end
       local units = fair_units(qs)
-      redis.call('HSET', qs.fair, 'v:' .. team_name, string.format('%.3f', qs.fair_start + units / share),
-        'V', string.format('%.3f', math.max(qs.fair_clock, qs.fair_start)))
+      -- '%.17g': a double written in full (tostring's 14 digits would lose a small share's steps)
+      redis.call('HSET', qs.fair, 'v:' .. team_name, string.format('%.17g', qs.fair_start + units / share),
+        'V', string.format('%.17g', math.max(qs.fair_clock, qs.fair_start)))
       redis.call('PEXPIRE', qs.fair, FAIR_TTL_MS)
     end
   end
@@ -397,15 +399,19 @@ if reason == nil then
   redis.call('PEXPIRE', K.reservation, int(lease_ttl + TTL_MARGIN_MS))
 end
 
--- refused by the upstream quotas: this team wants each candidate's quota until it asks again (the
--- refusal's retry) and a little after; the others' fair shares make room for it meanwhile
+-- refused by the upstream quotas: this team waits for each quota scope that itself refused it (not
+-- one that had room while another scope of the candidate was full, nor a candidate it can never
+-- fit), until it asks again (the refusal's retry, at most WANT_MAX_MS: a caller that gave up stops
+-- counting soon, one that waits asks again sooner) and a little after
 if reason ~= nil and scope.kind == 'upstream' and never == 0 then
+  local until_ms = now_ms + math.min(retry, WANT_MAX_MS) + WANT_MARGIN_MS
   for _, qs in ipairs(quotas) do
-    local until_ms = now_ms + retry + WANT_MARGIN_MS
-    local wants = qs.fair_want
-    if qs.fair_start == nil then wants = tonumber(redis.call('HGET', qs.fair, 'w:' .. team_name)) end
-    if (wants or 0) < until_ms then redis.call('HSET', qs.fair, 'w:' .. team_name, int(until_ms)) end
-    redis.call('PEXPIRE', qs.fair, FAIR_TTL_MS)
+    if qs.refused and not candidate_waits[qs.candidate].never then
+      local wants = qs.fair_want
+      if qs.fair_start == nil then wants = tonumber(redis.call('HGET', qs.fair, 'w:' .. team_name)) end
+      if (wants or 0) < until_ms then redis.call('HSET', qs.fair, 'w:' .. team_name, int(until_ms)) end
+      redis.call('PEXPIRE', qs.fair, FAIR_TTL_MS)
+    end
   end
 end
 
