@@ -203,7 +203,8 @@ def varied_traffic() -> None:
             timeout=30,
             headers={"Authorization": f"Bearer {PLATFORM_KEY}", **extra},
         )
-    # 20 concurrent slow requests on a key with max_parallel 16: some are refused (429)
+    # 24 concurrent slow requests (each holding its slot 4 s, so that all overlap even on loaded
+    # cores) on a key with max_parallel 16: some are refused (429)
     statuses: list[int] = []
 
     def slow() -> None:
@@ -211,17 +212,17 @@ def varied_traffic() -> None:
             PROXY + "/v1/chat/completions",
             json=CHAT,
             timeout=30,
-            headers={"Authorization": f"Bearer {PLATFORM_KEY}", **fault(first_byte_delay_s=2)},
+            headers={"Authorization": f"Bearer {PLATFORM_KEY}", **fault(first_byte_delay_s=4)},
         )
         statuses.append(response.status_code)
 
-    threads = [threading.Thread(target=slow) for _ in range(20)]
+    threads = [threading.Thread(target=slow) for _ in range(24)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(40)
     if 429 not in statuses:
-        fail(f"20 parallel requests on max_parallel 16 were not refused: {statuses}")
+        fail(f"24 parallel requests on max_parallel 16 were not refused: {statuses}")
     # 6 concurrent slow requests on the research key (max_parallel 4, max_wait_ms 5000): two wait.
     # First Prometheus must have scraped research's queue series at zero: rate() sees an increase
     # only from a sample before it (a series first scraped at 2 waits shows none).
