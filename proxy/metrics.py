@@ -186,6 +186,7 @@ class Metrics:
         )
         self._spend, self._duration, self._ttft = Children(self.spend), Children(self.duration), Children(self.ttft)
         self._upstream_duration = Children(self.upstream_duration)
+        self._budget_limit, self._budget_spent = Children(self.budget_limit), Children(self.budget_spent)
 
     # -- observer -----------------------------------------------------------------------------
     def admitted(self, outcome: Outcome) -> None:
@@ -268,9 +269,9 @@ class Metrics:
     # -- budgets ------------------------------------------------------------------------------
     def set_budget(self, scope: str, name: str, limit_micros: int | None, spent_micros: int | None = None) -> None:
         if limit_micros is not None:
-            self.budget_limit.labels(scope, name).set(limit_micros / MICROS)
+            self._budget_limit(scope, name).set(limit_micros / MICROS)
         if spent_micros is not None:
-            self.budget_spent.labels(scope, name).set(spent_micros / MICROS)
+            self._budget_spent(scope, name).set(spent_micros / MICROS)
 
     def set_alert(self, scope: str, name: str, active: bool) -> None:
         self.budget_alert.labels(scope, name).set(1 if active else 0)
