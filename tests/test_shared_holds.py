@@ -3,9 +3,9 @@
 With pinned clocks: replicas (a `ProviderHolds` and its `HoldSharing` each) on one store, each with
 a monotonic clock of its own; a hold one makes reaches the others at their next poll, for what is
 left of it by the store's clock. A store that fails costs nothing but the sharing (logged once,
-counted). End to end: three `llm-proxy serve` replicas on one real Redis, one mock upstream with
-a quota of one request a minute: once one replica's request meets the mock's 429, the others
-refuse without sending it anything.
+counted). The in-process store takes the same path. End to end: three `llm-proxy serve` replicas
+on one real Redis, one mock upstream with a quota of one request a minute (or one 429): once one
+replica has learnt the window is empty, every replica refuses without sending the mock anything.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from proxy.errors import StoreError
 from proxy.limits.memory_store import MemoryStore
 from proxy.request.holds import ProviderHolds
 from proxy.request.shared_holds import HoldSharing
-from tests.support.configs import KEYS, config_dict, exact_store
+from tests.support.configs import KEYS, config_dict, exact_store, make_config
 from tests.support.errors import Matching, openai_error
 from tests.support.processes import MockProcess, start_proxies, stop_all, write_config
 
 T0_US = 1_800_000_000 * 1_000_000
+CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+HEADERS = {"Authorization": f"Bearer {KEYS['alice']}"}
 MOCK, BACKUP = Target(upstream="mock", model="gpt-4o-mini"), Target(upstream="backup", model="gpt-4o")
 
 
@@ -160,10 +162,21 @@ async def test_a_store_that_fails_leaves_each_replica_its_own_holds_logged_once_
     assert replica.holds.remaining(MOCK) == 5
 
 
+def test_the_in_process_store_takes_the_same_path(mock_upstream, start_proxy):
+    """One process, no Redis: its holds still go through the store's scripts and back."""
+    store = MemoryStore()
+    server, _ = start_proxy(make_config(mock_upstream.url), store=store)
+    mock_upstream.add_faults([{"status": 429, "retry_after_ms": "30000"}])
+    answer = httpx.post(server.base_url + "/chat/completions", json=CHAT, headers=HEADERS, timeout=10)
+    assert answer.status_code == 429  # refused after the 429 its retries met: the target is held
+    server.stop()  # the store is the server thread's: read it once that has ended
+    shared = asyncio.run(store.holds())
+    assert [(h.upstream, h.model, h.kind) for h in shared.holds] == [("mock", "gpt-4o-mini", "requests")]
+    assert 29_000 < shared.holds[0].end_ms - shared.now_ms <= 30_000
+
+
 # -- end to end: three replicas, one Redis, one mock upstream -------------------------------------
 REPLICAS = 3
-CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-HEADERS = {"Authorization": f"Bearer {KEYS['alice']}"}
 HELD = Matching(
     r"Rate limit reached at the provider: upstream 'mock' has no requests left for 'gpt-4o-mini' until its "
     r"limit resets, so the proxy does not send it this request\. Please try again in [\d.]+m?s\."
