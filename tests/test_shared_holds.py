@@ -162,6 +162,24 @@ async def test_a_store_that_fails_leaves_each_replica_its_own_holds_logged_once_
     assert replica.holds.remaining(MOCK) == 5
 
 
+class _Broken:
+    async def hold(self, *args):
+        raise RuntimeError("a driver surprise")
+
+    async def holds(self):
+        raise RuntimeError("a driver surprise")
+
+
+async def test_an_unexpected_error_is_logged_once_with_its_traceback_and_counted(caplog):
+    replica = Replica(_Broken(), 0.0)
+    replica.sharing.poll_interval_s = 0.01
+    with caplog.at_level(logging.INFO, logger="proxy.holds"):
+        replica.sharing.start()
+        await eventually(lambda: replica.errors.count("holds") >= 5)
+        await replica.sharing.stop()
+    assert [(r.levelname, r.exc_info is not None) for r in caplog.records] == [("ERROR", True)]
+
+
 def test_the_in_process_store_takes_the_same_path(mock_upstream, start_proxy):
     """One process, no Redis: its holds still go through the store's scripts and back."""
     store = MemoryStore()

@@ -98,13 +98,17 @@ class HoldSharing:
             await asyncio.sleep(self.poll_interval_s)
 
     def _failed(self, op: str, exc: Exception) -> None:
+        """Counted each time; logged once until the store answers again (a driver surprise, with
+        its traceback)."""
         if self.on_store_error is not None:
             self.on_store_error(op)
-        if not isinstance(exc, StoreError):
-            log.error("unexpected error sharing provider holds (%s)", op, exc_info=exc)
-        elif not self._failing:
-            log.warning("provider holds not shared (%s); each replica keeps its own meanwhile", exc)
+        if self._failing:
+            return
         self._failing = True
+        if isinstance(exc, StoreError):
+            log.warning("provider holds not shared (%s); each replica keeps its own meanwhile", exc)
+        else:
+            log.error("unexpected error sharing provider holds (%s); each replica keeps its own", op, exc_info=exc)
 
     def _answered(self) -> None:
         if self._failing:
