@@ -54,6 +54,7 @@ from .request.jwt_callers import JwtCallers
 from .request.queue import WaitQueue, queueing_teams
 from .request.runtime_keys import RuntimeKeys
 from .request.settle import Settler
+from .request.shared_holds import HoldSharing
 from .request.stored import StoredResponses
 from .snapshot import SnapshotHolder, build_snapshot
 
@@ -152,7 +153,9 @@ def create_app(
     settler = Settler(limiter, observers, budgets, freed=queue.freed)
     jwks = JwksCache(config.auth.jwt) if config.auth.jwt else None
     jwt = JwtCallers(JwtVerifier(config.auth.jwt, jwks), runtime) if config.auth.jwt and jwks else None
-    gateway = Gateway(snapshots, settler, observers, owners, ProviderHolds(), jwt, queue)
+    holds = ProviderHolds()
+    sharing = HoldSharing(store, holds, _max_hold_s(snapshots), on_store_error=metrics.store_error)
+    gateway = Gateway(snapshots, settler, observers, owners, holds, jwt, queue)
     stored = StoredResponses(snapshots, settler, observers, owners, jwt)
     reloader = Reloader(
         snapshots,
@@ -171,6 +174,7 @@ def create_app(
             await jwks.start()
         await _load_registry(registry_cache)
         registry_cache.start()
+        sharing.start()
         limiter.start()
         budgets.start()
         hangup = _on_sighup(reloader)
@@ -179,6 +183,7 @@ def create_app(
         finally:
             hangup()
             await registry_cache.stop()
+            await sharing.stop()
             await budgets.close()
             await limiter.close(flush_for_s=max(1.0, snapshots.config.shutdown_grace_s))  # a reload may change it
             await reloader.close()  # after the last settlement: a request may still use a replaced client
@@ -238,6 +243,16 @@ def build_registry_backend(config: Config, store: Store) -> RegistryBackend:
             config.store.redis_url, timeout_ms=config.store.timeout_ms, cluster=config.store.is_cluster
         )
     return MemoryRegistryBackend(fences=store.keys if isinstance(store, MemoryStore) else None)
+
+
+def _max_hold_s(snapshots: SnapshotHolder) -> Callable[[str], float]:
+    """An upstream's `max_hold_s` in the running config; 0 for one it does not have."""
+
+    def max_hold_s(upstream: str) -> float:
+        client = snapshots.current.upstreams.get(upstream)
+        return 0.0 if client is None else float(client.config.max_hold_s)
+
+    return max_hold_s
 
 
 async def _load_registry(cache: RegistryCache) -> None:

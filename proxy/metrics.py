@@ -32,7 +32,7 @@ QUEUE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MICROS = 1_000_000
-STORE_OPS = ("admit", "settle", "flush", "renew")
+STORE_OPS = ("admit", "settle", "flush", "renew", "hold", "holds")
 QUOTA_LIMITS = ("requests", "tokens", "parallel")  # the `limit` label of an upstream quota's remaining
 
 

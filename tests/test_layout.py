@@ -125,7 +125,14 @@ def lua_names(script: str, table: str = "ARG_NAMES") -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("script", "names"), [("admit.lua", "ADMIT_ARGS"), ("settle.lua", "SETTLE_ARGS"), ("renew.lua", "RENEW_ARGS")]
+    ("script", "names"),
+    [
+        ("admit.lua", "ADMIT_ARGS"),
+        ("settle.lua", "SETTLE_ARGS"),
+        ("renew.lua", "RENEW_ARGS"),
+        ("hold.lua", "HOLD_ARGS"),
+        ("held.lua", "HELD_ARGS"),
+    ],
 )
 def test_each_script_reads_its_arguments_in_the_order_layout_builds_them(script: str, names: str) -> None:
     from proxy.limits import layout
@@ -159,6 +166,8 @@ KEY_TABLES = {  # a script's KEYS tables and the layout.py names they follow
         "WINDOW_KEY_NAMES": "RENEW_WINDOW_KEYS",
         "QUOTA_KEY_NAMES": "RENEW_QUOTA_KEYS",
     },
+    "hold.lua": {"KEY_NAMES": "HOLD_KEYS"},
+    "held.lua": {"KEY_NAMES": "HELD_KEYS"},
 }
 
 

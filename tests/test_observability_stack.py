@@ -267,6 +267,8 @@ def test_counts_match_the_traffic_the_mock_and_the_ledger(traffic):
         "settle": 0,
         "flush": 0,
         "renew": 0,
+        "hold": 0,
+        "holds": 0,
     }  # present from the start, so increase() sees the first error
 
     during = samples(after)

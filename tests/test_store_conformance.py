@@ -47,6 +47,7 @@ from proxy.limits.types import (
     ScopeLimits,
     Settled,
     Settlement,
+    TargetHold,
     Usage,
     WindowBudget,
 )
@@ -1343,3 +1344,83 @@ async def test_a_team_that_gives_up_stops_holding_the_quota_within_about_a_secon
         clock.advance(500)
         reasons.append((await store.admit(admission(key("y"), team("Y"), tokens=1_000, quotas=q))).reason)
     assert reasons[2:] == [None, None, None], reasons  # from 1.5 s on (the 1 s cap and 200 ms margin)
+
+
+# -- provider holds shared by the replicas (hold.lua, held.lua) ------------------------------------
+
+
+async def test_a_hold_ends_by_the_store_clock_and_the_later_end_is_kept(store, clock):
+    now_ms = clock() // 1000
+    assert await store.hold("mock", "gpt-4o", "requests", 5_000) == now_ms + 5_000
+    clock.advance(1_000)
+    # shorter than what is stored: the stored end stays, with its kind
+    assert await store.hold("mock", "gpt-4o", "tokens", 2_000) == now_ms + 5_000
+    assert await store.hold("backup", "gpt-4o", "tokens", 9_000) == now_ms + 10_000
+    shared = await store.holds()
+    assert shared.now_ms == now_ms + 1_000
+    assert sorted(shared.holds, key=lambda h: h.upstream) == [
+        TargetHold("backup", "gpt-4o", "tokens", now_ms + 10_000),
+        TargetHold("mock", "gpt-4o", "requests", now_ms + 5_000),
+    ]
+    clock.advance(1_000)
+    # longer: it replaces the stored end, and its kind
+    assert await store.hold("mock", "gpt-4o", "tokens", 7_000) == now_ms + 9_000
+    assert TargetHold("mock", "gpt-4o", "tokens", now_ms + 9_000) in (await store.holds()).holds
+
+
+async def test_a_hold_that_ended_is_not_read_and_is_dropped_by_the_next_write(store, clock):
+    now_ms = clock() // 1000
+    await store.hold("mock", "gpt-4o", "requests", 1_000)
+    await store.hold("mock", "o3", "requests", 3_000)
+    clock.advance(1_000)  # the first ends exactly now
+    assert [h.model for h in (await store.holds()).holds] == ["o3"]
+    await store.hold("backup", "o3", "requests", 500)
+    ttls = await _ttls(store)
+    assert list(ttls) == ["llmrl:{holds}"]
+    # the hash outlives its latest end (o3's, 2 s from now) by TTL_MARGIN_MS, and no more
+    assert 2_000 < ttls["llmrl:{holds}"] <= 3_000
+    fields = (
+        store.keys.hash("llmrl:{holds}", clock() // 1000)
+        if isinstance(store, MemoryStore)
+        else await store.client.hgetall("llmrl:{holds}")
+    )
+    assert sorted(f if isinstance(f, str) else f.decode() for f in fields) == ["backup\to3", "mock\to3"]
+    assert (await store.holds()).now_ms == now_ms + 1_000
+
+
+async def test_no_holds_reads_as_the_store_now_and_nothing(store, clock):
+    shared = await store.holds()
+    assert (shared.now_ms, shared.holds) == (clock() // 1000, ())
+
+
+@pytest.mark.parametrize("scheme", ["redis", "cluster"])
+async def test_holds_on_the_stores_own_clock(request, scheme):
+    """Unpinned: the scripts take Redis' TIME, which is this machine's clock here."""
+    url = request.getfixturevalue("redis_url" if scheme == "redis" else "cluster_url")
+    store = RedisStore.from_url(url, timeout_ms=STORE_TIMEOUT_MS)
+    try:
+        before_ms = time.time_ns() // 1_000_000
+        ends = await store.hold("mock", "gpt-4o", "requests", 60_000)
+        shared = await store.holds()
+        after_ms = time.time_ns() // 1_000_000
+        assert before_ms + 60_000 <= ends <= after_ms + 60_000
+        assert before_ms <= shared.now_ms <= after_ms
+        assert shared.holds == (TargetHold("mock", "gpt-4o", "requests", ends),)
+    finally:
+        await store.close()
+
+
+@real_and_memory
+async def test_concurrent_holds_keep_the_latest_end(store, clock):
+    now_ms = clock() // 1000
+    lengths = list(range(1, 2 * CLUSTER_MAX_CONNECTIONS + 51))
+    random.Random(16).shuffle(lengths)
+    await asyncio.gather(*(store.hold("mock", "gpt-4o", "requests", ms * 100) for ms in lengths))
+    assert (await store.holds()).holds == (TargetHold("mock", "gpt-4o", "requests", now_ms + max(lengths) * 100),)
+
+
+@pytest.mark.parametrize("store", ["cluster"], indirect=True)
+async def test_the_holds_hash_lives_in_a_slot_of_its_own(store, clock):
+    await store.hold("mock", "gpt-4o", "requests", 5_000)
+    assert await store.client.cluster_keyslot("llmrl:{holds}") == key_slot(b"{holds}")
+    assert list(await _ttls(store)) == ["llmrl:{holds}"]

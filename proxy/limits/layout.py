@@ -22,11 +22,13 @@ one Redis Cluster slot:
                                                  team's slot too
     llmrl:{quota}:u:<upstream>[:m:<model>]:fair  its fair shares   hash V (virtual clock), v:<team>
                                                  (virtual time), w:<team> (wants it until, ms)
+    llmrl:{holds}                                held targets  hash <upstream> TAB <model> ->
+                                                 "<end ms> <kind>" (hold.lua, held.lua)
 
 MemoryStore keeps the same names in its own keyspace, and returns the same reply array.
 
 Each script's ARGV and KEYS are named once, here. ARGV: `ADMIT_ARGS`, `SETTLE_ARGS`,
-`RENEW_ARGS`, from which the `*_args` functions build it. KEYS: the fixed keys (`ADMIT_KEYS`,
+`RENEW_ARGS`, `HOLD_ARGS`, `HELD_ARGS`, from which the `*_args` functions build it. KEYS: the fixed keys (`ADMIT_KEYS`,
 `SETTLE_KEYS`, `RENEW_KEYS`) first, then the variable sections, each a group of named keys
 repeated per candidate day (`ADMIT_DAY_KEYS`), per window budget (`*_WINDOW_KEYS`) or per
 upstream quota scope (`*_QUOTA_KEYS`, with its arguments `*_QUOTA_ARGS`), from which the `*_keys`
@@ -49,6 +51,7 @@ from .types import (
     BudgetState,
     Candidates,
     Decision,
+    HoldKind,
     Peek,
     QuotaLeft,
     QuotaLimits,
@@ -59,6 +62,8 @@ from .types import (
     ScopeState,
     Settled,
     Settlement,
+    SharedHolds,
+    TargetHold,
     WindowBudget,
 )
 
@@ -145,6 +150,11 @@ class Layout:
                 }
                 keys += [named[name] for name in names]
         return keys
+
+    def holds(self) -> str:
+        """The targets their providers said are out of capacity, shared by every replica: one hash
+        in one slot of its own (`hold.lua` writes it, `held.lua` reads it)."""
+        return f"{self.prefix}:{{holds}}"
 
     def ledger(self, team: str, day: str) -> str:
         return f"{self.team(team)}:ledger:{day}"
@@ -321,6 +331,10 @@ SETTLE_ARGS = (
 )
 SETTLE_QUOTA_ARGS = ("candidate", "tpm")
 RENEW_ARGS = ("now_us", "request_id", "lease_ttl_ms", "quota_count")  # renew.lua's ARGV
+# hold.lua's and held.lua's KEYS and ARGV: `target` is `hold_field`'s "<upstream>\t<model>"
+HOLD_KEYS = HELD_KEYS = ("holds",)
+HOLD_ARGS = ("now_us", "target", "hold_ms", "kind")
+HELD_ARGS = ("now_us",)
 
 Arg = int | str
 ScriptReply = Any  # what a script returns, as the driver decodes it: nested lists of int, bytes, str
@@ -427,6 +441,36 @@ def renew_args(r: Renewal, now_us: int | None) -> list[Arg]:
         "quota_count": sum(1 for scopes in r.quotas for q in scopes if q.max_parallel is not None),
     }
     return [named[name] for name in RENEW_ARGS]
+
+
+def hold_field(upstream: str, model: str) -> str:
+    """A target's field in the holds hash."""
+    return f"{upstream}\t{model}"
+
+
+def hold_args(upstream: str, model: str, kind: HoldKind, hold_ms: int, now_us: int | None) -> list[Arg]:
+    named: dict[str, Arg] = {
+        "now_us": "" if now_us is None else now_us,
+        "target": hold_field(upstream, model),
+        "hold_ms": hold_ms,
+        "kind": kind,
+    }
+    return [named[name] for name in HOLD_ARGS]
+
+
+def held_args(now_us: int | None) -> list[Arg]:
+    return ["" if now_us is None else now_us]
+
+
+def decode_held(reply: ScriptReply) -> SharedHolds:
+    """held.lua's reply: [now ms, then target, end ms, kind for each hold that has not ended]."""
+    now_ms, *rest = reply
+    holds = []
+    for i in range(0, len(rest) - 2, 3):
+        upstream, _, model = _text(rest[i]).partition("\t")
+        kind: HoldKind = "tokens" if _text(rest[i + 2]) == "tokens" else "requests"
+        holds.append(TargetHold(upstream, model, kind, int(rest[i + 1])))
+    return SharedHolds(int(now_ms), tuple(holds))
 
 
 def _or_unlimited(value: int | None) -> int:

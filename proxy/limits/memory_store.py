@@ -24,8 +24,11 @@ from .layout import (
     Layout,
     admit_args,
     decode_decision,
+    decode_held,
     decode_peek,
     decode_settled,
+    held_args,
+    hold_args,
     peek_args,
     renew_args,
     settle_args,
@@ -35,12 +38,14 @@ from .types import (
     WINDOW_DAYS,
     Admission,
     Decision,
+    HoldKind,
     Peek,
     Renewal,
     ScopeKind,
     ScopeLimits,
     Settled,
     Settlement,
+    SharedHolds,
     WindowBudget,
 )
 
@@ -163,6 +168,17 @@ class MemoryStore:
         now_us = self._now_us()
         reply = self._run(scripts.RENEW, self.layout.renew_keys(renewal), renew_args(renewal, now_us), now_us)
         return bool(reply)
+
+    async def hold(self, upstream: str, model: str, kind: HoldKind, hold_ms: int) -> int:
+        now_us = self._now_us()
+        args = hold_args(upstream, model, kind, hold_ms, now_us)
+        ends = self._run(scripts.HOLD, [self.layout.holds()], args, now_us)
+        assert isinstance(ends, int)  # the script returns a number, as an integer reply
+        return ends
+
+    async def holds(self) -> SharedHolds:
+        now_us = self._now_us()
+        return decode_held(self._run(scripts.HELD, [self.layout.holds()], held_args(now_us), now_us))
 
     def seed_spent(self, team: str, scope: ScopeLimits, day: str, spent_micros: int) -> None:
         """Start a scope's budget day from at least `spent_micros` (what Redis last said was

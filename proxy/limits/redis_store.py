@@ -31,15 +31,29 @@ from .layout import (
     Layout,
     admit_args,
     decode_decision,
+    decode_held,
     decode_peek,
     decode_settled,
+    held_args,
+    hold_args,
     peek_args,
     renew_args,
     settle_args,
 )
 from .ledger import usage_report
 from .resp import RespClient
-from .types import Admission, Decision, Peek, Renewal, ScopeKind, ScopeLimits, Settled, Settlement
+from .types import (
+    Admission,
+    Decision,
+    HoldKind,
+    Peek,
+    Renewal,
+    ScopeKind,
+    ScopeLimits,
+    Settled,
+    Settlement,
+    SharedHolds,
+)
 
 DEFAULT_TIMEOUT_MS = 250
 DEFAULT_RETENTION_DAYS = 35
@@ -110,6 +124,8 @@ class RedisStore:
         self._admit = _Script(scripts.ADMIT)
         self._settle = _Script(scripts.SETTLE)
         self._renew = _Script(scripts.RENEW)
+        self._hold = _Script(scripts.HOLD)
+        self._held = _Script(scripts.HELD)
         self._in_flight: asyncio.Semaphore | None = None  # cluster calls holding a connection
         if isinstance(client, aioredis.RedisCluster):
             # RedisCluster raises MaxConnectionsError past its per-node cap instead of waiting
@@ -211,6 +227,24 @@ class RedisStore:
         except DRIVER_ERRORS as exc:
             raise StoreError(f"renew failed: {exc!r}") from exc
         return bool(int(reply))
+
+    async def hold(self, upstream: str, model: str, kind: HoldKind, hold_ms: int) -> int:
+        keys = [self.layout.holds()]
+        args = hold_args(upstream, model, kind, hold_ms, self._now_us())
+        try:
+            reply = await self._run(lambda: self._hold(self.client, keys, args, self.scripts_connection))
+        except DRIVER_ERRORS as exc:
+            raise StoreError(f"hold failed: {exc!r}") from exc
+        return int(reply)
+
+    async def holds(self) -> SharedHolds:
+        keys = [self.layout.holds()]
+        args = held_args(self._now_us())
+        try:
+            reply = await self._run(lambda: self._held(self.client, keys, args, self.scripts_connection))
+        except DRIVER_ERRORS as exc:
+            raise StoreError(f"holds failed: {exc!r}") from exc
+        return decode_held(reply)
 
     async def usage(self, day: str, teams: list[str]) -> dict[str, Any]:
         """The day's ledger of `teams` (see `proxy.limits.ledger` for the shape)."""

@@ -14,6 +14,8 @@ from importlib import resources
 ADMIT = "admit.lua"
 SETTLE = "settle.lua"
 RENEW = "renew.lua"
+HOLD = "hold.lua"  # a target's hold shared with every replica (`proxy.request.shared_holds`)
+HELD = "held.lua"  # ... and every replica's poll of them
 PRELUDE = "prelude.lua"
 
 

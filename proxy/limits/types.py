@@ -281,6 +281,28 @@ class Settled:
         return self.applied
 
 
+HoldKind = Literal["requests", "tokens"]  # which of a provider's limits ran out (a bare 429 counts as requests)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetHold:
+    """A target (an upstream and the model asked of it) whose provider said it is out of capacity,
+    held by every replica until `end_ms` by the store's clock (`proxy.request.shared_holds`)."""
+
+    upstream: str
+    model: str
+    kind: HoldKind
+    end_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SharedHolds:
+    """The holds that have not ended, as the store read them at `now_ms` (its clock)."""
+
+    now_ms: int
+    holds: tuple[TargetHold, ...] = ()
+
+
 class Store(Protocol):
     """The seam between the limiter and where the counters live (Redis, or this process).
 
@@ -309,6 +331,13 @@ class Store(Protocol):
         self, day: str, teams_and_keys: Mapping[str, Iterable[str]]
     ) -> dict[tuple[ScopeKind, str], int]:
         """Settled spend in micros on `day`, {(kind, name): micros}, for {team: [keys]}."""
+
+    async def hold(self, upstream: str, model: str, kind: HoldKind, hold_ms: int) -> int:
+        """Hold a target for every replica until the store's now + `hold_ms`, or longer if it
+        already is; returns the end kept (ms, the store's clock)."""
+
+    async def holds(self) -> SharedHolds:
+        """The store's now and every hold that has not ended by it."""
 
     async def ping(self) -> None: ...
 

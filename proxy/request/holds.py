@@ -7,8 +7,9 @@ when every target left is held, a request waits if the earliest hold ends within
 (and its deadline), and is otherwise refused at once with a 429 in its API's shape and the
 hold's `retry-after`, without being sent.
 
-The holds are this replica's own (monotonic clock): another replica learns a window is empty
-from its own first 429 (README, "Following the provider", says what sharing them would take).
+Each replica keeps its holds on its own monotonic clock; `proxy.request.shared_holds` shares them
+through the store: a new or longer hold is handed to `on_hold`, and the holds of the other replicas
+come back through `adopt`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..upstream.provider_limits import HoldKind, provider_hold
 
 HOLD_WAIT_S = 1.0  # a hold ending sooner is waited out (the backoff a retry would wait anyway)
 TargetKey = tuple[str, str]  # (upstream, the model asked of it)
+OnHold = Callable[[TargetKey, float, HoldKind], None]  # a new or longer hold: its target, seconds, kind
 
 
 class ProviderHolds:
@@ -33,6 +35,7 @@ class ProviderHolds:
         self.clock = clock
         self.wall = wall
         self._until: dict[TargetKey, tuple[float, HoldKind]] = {}
+        self.on_hold: OnHold | None = None  # told of each hold this replica's answers make or lengthen
 
     def follow(self, target: Target, api: str, max_hold_s: float, status: int, headers: Mapping[str, str]) -> None:
         """Hold `target` if its answer (`status`, `headers`) says its window is empty."""
@@ -41,11 +44,24 @@ class ProviderHolds:
         hold = provider_hold(api, status, headers, self.wall())
         if hold is None:
             return
-        until = self.clock() + min(hold.seconds, max_hold_s)
+        seconds = min(hold.seconds, max_hold_s)
         key = (target.upstream, target.model)
+        if self._hold(key, seconds, hold.kind) and self.on_hold is not None:
+            self.on_hold(key, seconds, hold.kind)
+
+    def adopt(self, key: TargetKey, seconds: float, kind: HoldKind) -> None:
+        """Hold `key` for `seconds` from now unless it already is for longer: another replica's hold."""
+        if seconds > 0:
+            self._hold(key, seconds, kind)
+
+    def _hold(self, key: TargetKey, seconds: float, kind: HoldKind) -> bool:
+        """Hold `key` until `seconds` from now, unless it is held longer already; True if it was not."""
+        until = self.clock() + seconds
         held = self._until.get(key)
-        if held is None or held[0] < until:
-            self._until[key] = (until, hold.kind)
+        if held is not None and held[0] >= until:
+            return False
+        self._until[key] = (until, kind)
+        return True
 
     def remaining(self, target: Target) -> float:
         """Seconds until `target` may be sent requests again (0: now)."""

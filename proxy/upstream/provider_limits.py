@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Literal
 
-HoldKind = Literal["requests", "tokens"]
+from ..limits.types import HoldKind as HoldKind  # defined with the store's holds, re-exported
+
 DEFAULT_429_HOLD_S = 1.0  # a 429 that says nothing about when: hold about as long as a backoff
 RATE_LIMITED = 429
 _NUMBER = r"\d+(?:\.\d+)?"
