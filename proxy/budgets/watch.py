@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from ..background import stop_tasks
 from ..config import Config
 from ..errors import StoreError
 from ..limits.admission import Ticket
@@ -215,7 +216,5 @@ class BudgetWatch:
         self._tasks.append(loop.create_task(self._send_webhooks()))
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks, "budget watch")
         self._tasks.clear()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ..background import stop_tasks
 from ..config import Config
 from .admission import Admitter, QuotaWatcher, Refusal, Ticket
 from .days import BudgetCalendar
@@ -113,12 +114,7 @@ class Limiter:
         deadline = time.monotonic() + flush_for_s
         if not await self.settler.all_settled(flush_for_s):
             log.error("%d admitted requests were still unsettled at shutdown", self.settler.unsettled)
-        for task in self._tasks:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await stop_tasks(self._tasks, "limiter background")
         self._tasks = []
         while True:
             await self.journal.flush()

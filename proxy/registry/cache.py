@@ -11,7 +11,6 @@ When the store does not answer, the last copy keeps serving.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
+from ..background import stop_tasks
 from .entries import Credential, KeyEntry, TeamEntry
 from .errors import StoreFailed
 from .layout import Kind
@@ -69,6 +69,7 @@ class RegistryCache:
         self._teams: dict[str, TeamEntry] = {}
         self._by_hash: dict[str, CachedKey] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._lock = asyncio.Lock()
         self._failing = False
 
@@ -136,17 +137,17 @@ class RegistryCache:
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._poll(), name="registry-cache")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks([self._task], "registry poll")
             self._task = None
 
     async def _poll(self) -> None:
-        while True:
+        while not self._stopping:  # also ends a poll whose cancellation a driver swallowed
             try:
                 await self.refresh()
                 if self._failing:

@@ -16,11 +16,11 @@ is counted in `llm_proxy_store_errors_total` (op `hold` for a write, `holds` for
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Callable
 
+from ..background import stop_tasks
 from ..errors import StoreError
 from ..limits.types import HoldKind, Store
 from .holds import ProviderHolds, TargetKey
@@ -47,6 +47,7 @@ class HoldSharing:
         self.poll_interval_s = poll_interval_s
         self._writes: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         self._poll: asyncio.Task[None] | None = None
+        self._stopping = False
         self._failing = False
         holds.on_hold = self.publish
 
@@ -76,19 +77,16 @@ class HoldSharing:
 
     def start(self) -> None:
         if self._poll is None:
+            self._stopping = False
             self._poll = asyncio.get_running_loop().create_task(self._polling(), name="provider-holds")
 
     async def stop(self) -> None:
-        tasks = [*self._writes, *([self._poll] if self._poll is not None else [])]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._stopping = True
+        await stop_tasks([*self._writes, *([self._poll] if self._poll is not None else [])], "provider holds")
         self._poll = None
 
     async def _polling(self) -> None:
-        while True:
+        while not self._stopping:  # also ends a poll whose cancellation a driver swallowed
             try:
                 await self.refresh()
             except Exception as exc:  # the poll goes on whatever one read did
