@@ -5,36 +5,6 @@ import pytest
 from tests.support.redis_cluster import RedisCluster, cluster_available, cluster_required
 from tests.support.redis_server import RedisServer
 
-# The tests that take 15 s and more (tests/TIMES.md), longest first, handed to the workers first: with `--dist
-# load` the workers take tests in collection order, so none of these starts last and leaves one
-# worker running alone at the end (with the collection's order, a 50 s fuzz test did).
-SLOW_FIRST = (
-    "tests/test_hostile_input.py::test_openapi_operations_never_answer_5xx_and_answer_as_documented",
-    "tests/test_hostile_input.py::test_context_policy_over_random_conversations",
-    "tests/test_redis_hiccups.py::",
-    "tests/test_long_requests.py::",
-    "tests/test_exactness.py::",
-    "tests/test_budget_exactness.py::",
-    "tests/test_agent_exactness.py::",
-    "tests/test_window_exactness.py::",
-    "tests/test_runtime_keys.py::test_the_cli_manages_keys_and_teams",
-    "tests/test_budgets_e2e.py::test_usage_cli_table_and_json",
-    "tests/test_budgets_e2e.py::test_admin_usage_by_answers_with_the_clis_rows",
-    "tests/test_multiworker.py::test_two_workers_aggregate_metrics_and_share_limits",
-    "tests/test_outage_fallback.py::test_fallback_leases_are_renewed_past_the_lease_ttl",
-    "tests/test_invoice.py::test_the_ledger_books_exactly_what_the_invoice_charges",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow tests first, in SLOW_FIRST's order (the longest first), then the rest as collected:
-    the same order in every worker, as pytest-xdist requires."""
-
-    def rank(item: pytest.Item) -> int:
-        return next((i for i, prefix in enumerate(SLOW_FIRST) if item.nodeid.startswith(prefix)), len(SLOW_FIRST))
-
-    items.sort(key=rank)
-
 
 @pytest.fixture(scope="session")
 def redis_server():
