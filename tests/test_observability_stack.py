@@ -179,8 +179,10 @@ def traffic(own_redis, mock_upstream, start_proxy):
 
 
 def queued_pair(server, mock_upstream) -> list[int]:
-    """A slow request of alice's holds her one parallel slot; the next waits for it, then is served."""
-    mock_upstream.add_faults([{"first_byte_delay_s": 0.5}])
+    """A slow request of alice's holds her one parallel slot; the next waits for it, then is served.
+    The holder's 2 s leave the waiter time to arrive on loaded cores and still wait over 0.2 s (with
+    0.5 s, it once waited 0.14 s)."""
+    mock_upstream.add_faults([{"first_byte_delay_s": 2.0}])
     seen = len(mock_upstream.requests)
     with ThreadPoolExecutor(1) as pool:
         holder = pool.submit(post, server)

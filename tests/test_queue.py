@@ -21,7 +21,9 @@ from tests.support.configs import KEYS, make_config
 from tests.support.errors import Matching, openai_error
 from tests.support.metrics import samples
 
-SLOW_STREAM = {"chunk_delay_s": 0.25}  # five words (max_tokens 5), a second and more: holds the slot
+# five words (max_tokens 5), 2.5 s and more: holds the slot while the test queues up to 4 waiters
+# behind it (in 1.25 s, the holder had ended before the 4th waiter came, on loaded cores)
+SLOW_STREAM = {"chunk_delay_s": 0.5}
 PARALLEL = Matching(r"Rate limit reached for (key 'alice'|team 'platform') on parallel requests\. .*")
 
 
@@ -131,7 +133,7 @@ def test_a_request_may_lower_its_class_never_raise_it(own, header, rank) -> None
 
 # -- through the proxy ----------------------------------------------------------------------------
 def test_a_waiter_is_served_when_the_slot_frees_and_its_wait_is_observed(mock_upstream, redis_url, start_proxy):
-    server, recorder = start_proxy(make_config(mock_upstream.url, patch=queued(wait_ms=4000, redis_url=redis_url)))
+    server, recorder = start_proxy(make_config(mock_upstream.url, patch=queued(wait_ms=8000, redis_url=redis_url)))
     holder = hold_the_slot(server, mock_upstream)
     sent = time.monotonic()
     waiter = Background(lambda: chat(server, content="waiter"))
@@ -179,7 +181,7 @@ def test_without_max_wait_the_429_comes_at_once(mock_upstream, redis_url, start_
     holder = hold_the_slot(server, mock_upstream)
     sent = time.monotonic()
     refused = chat(server)
-    assert time.monotonic() - sent < 0.5  # the holder still streams for about a second
+    assert time.monotonic() - sent < 0.5  # the holder still streams for 2 s and more
     assert refused.status_code == 429
     assert refused.json() == openai_error(PARALLEL, "parallel_requests", "rate_limit_exceeded")
     assert holder.result().status_code == 200
@@ -347,8 +349,8 @@ def test_a_full_upstream_quota_is_waited_for_in_the_queue(mock_upstream, redis_u
     queues on the model's target and is served when the stream ends; one that may not is refused."""
 
     def patch(data: dict) -> None:
-        queued(wait_ms=4000, redis_url=redis_url)(data)
-        data["keys"]["alice"]["limits"] = {"max_wait_ms": 4000}  # no key limit: only the quota refuses
+        queued(wait_ms=8000, redis_url=redis_url)(data)
+        data["keys"]["alice"]["limits"] = {"max_wait_ms": 8000}  # no key limit: only the quota refuses
         data["upstreams"]["mock"]["limits"] = {"max_parallel": 1}
 
     server, _ = start_proxy(make_config(mock_upstream.url, patch=patch))

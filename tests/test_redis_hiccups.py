@@ -196,6 +196,21 @@ def in_flight(proxy: Process) -> float:
     return sum(value for _, value in found["llm_proxy_inflight_requests"])
 
 
+def admit_errors(proxy: Process) -> float:
+    found = samples(httpx.get(proxy.url + "/metrics", timeout=5).text)
+    return sum(value for labels, value in found["llm_proxy_store_errors_total"] if labels["op"] == "admit")
+
+
+async def admit_failed(proxy: Process, within_s: float = 20.0) -> None:
+    """Until the proxy has counted an admit that Redis did not answer in time: on loaded cores the
+    load's requests can reach the proxy so late that none of them met the pause (it happened, and
+    a deny-mode test then saw no 503), and a pause nothing met proves nothing."""
+    deadline = time.monotonic() + within_s
+    while not await asyncio.to_thread(admit_errors, proxy):
+        assert time.monotonic() < deadline, f"no admit failed in {within_s} s of Redis paused"
+        await asyncio.sleep(0.05)
+
+
 async def load(url: str, stop: asyncio.Event) -> Counter[int]:
     """LOAD_CLIENTS clients posting one request after the other until `stop`."""
     statuses: Counter[int] = Counter()
@@ -215,8 +230,9 @@ def test_a_hiccup_leaves_no_lease_reservation_or_hold(
     mode, fault, tmp_path, mock, redis_server: RedisServer, redis_url
 ):
     """timeout_ms 300 under load, and for 2.5 s either Redis is paused (SIGSTOP: the admits that
-    timed out run when it wakes) or the connection open at that moment stalls (what it carries
-    reaches Redis 2.5 s late, after the settlements and abandons sent on the next connection).
+    timed out run when it wakes; paused on until an admit has timed out) or the connection open at
+    that moment stalls (what it carries reaches Redis 2.5 s late, after the settlements and
+    abandons sent on the next connection).
     Once Redis answers and nothing is in flight, within 2 s the store holds no lease, reservation
     or budget hold, and max_parallel: 2 admits again (they used to stay for lease_ttl_s, 15 min)."""
     if not redis_server.real:
@@ -244,6 +260,7 @@ def test_a_hiccup_leaves_no_lease_reservation_or_hold(
             redis_server.pause()
             try:
                 await asyncio.sleep(HICCUP_S)
+                await admit_failed(proxy)
             finally:
                 redis_server.resume()
         answering = time.monotonic()  # every command sent so far has reached Redis by now
