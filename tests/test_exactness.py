@@ -31,6 +31,10 @@ from proxy.request.call import parse_call
 from tests.support.configs import KEYS, config_dict, exact_store
 from tests.support.processes import MockProcess, start_proxies, stop_all, write_config
 
+# a client forgets an idle connection before the server closes it (uvicorn: 5 s idle): a request on a
+# connection the server closes at that moment fails with a ReadError that says nothing of the proxy
+KEEPALIVE_S = 2
+
 REPLICAS = 3
 CLIENTS = 100
 HAMMER_S = 3.0
@@ -106,7 +110,7 @@ def allowance(capacity: int, per_minute: int, elapsed_s: float) -> int:
 
 
 def pools(urls: list[str]) -> list[httpx.AsyncClient]:
-    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS, keepalive_expiry=KEEPALIVE_S)
     return [httpx.AsyncClient(base_url=url, limits=limits, timeout=10) for url in urls]
 
 

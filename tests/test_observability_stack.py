@@ -264,14 +264,13 @@ def test_counts_match_the_traffic_the_mock_and_the_ledger(traffic):
     assert total(found, "llm_proxy_overhead_seconds_count") == admitted
     assert total(found, "llm_proxy_upstream_retries_total", upstream="mock") == 1
     assert total(found, "llm_proxy_upstream_errors_total", upstream="mock") == 1
-    assert {labels["op"]: value for labels, value in found["llm_proxy_store_errors_total"]} == {
-        "admit": 0,
-        "settle": 0,
-        "flush": 0,
-        "renew": 0,
-        "hold": 0,
-        "holds": 0,
-    }  # present from the start, so increase() sees the first error
+    store_errors = {labels["op"]: value for labels, value in found["llm_proxy_store_errors_total"]}
+    assert set(store_errors) == {"admit", "settle", "flush", "renew", "hold", "holds"}  # present from the start,
+    # so increase() sees the first error; none on the request path. The holds poll runs 4 times a
+    # second in the background: on loaded cores one may miss the store's timeout, and is counted
+    assert {op: store_errors[op] for op in ("admit", "settle", "flush", "renew", "hold")} == dict.fromkeys(
+        ("admit", "settle", "flush", "renew", "hold"), 0
+    )
 
     during = samples(after)
     assert total(during, "llm_proxy_store_errors_total", op="admit") >= 1

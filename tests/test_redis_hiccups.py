@@ -26,6 +26,10 @@ from tests.support.redis_server import RedisServer
 from tests.support.relay import Relay
 from tests.support.stalls import Stalls
 
+# a client forgets an idle connection before the server closes it (uvicorn: 5 s idle): a request on a
+# connection the server closes at that moment fails with a ReadError that says nothing of the proxy
+KEEPALIVE_S = 2
+
 CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 HEADERS = {"Authorization": f"Bearer {KEYS['alice']}"}
 TEAM_PREFIX = "llmrl:{platform}:"
@@ -115,7 +119,9 @@ def test_unreachable_redis_answers_every_request_within_the_timeout(
     expected = 200 if mode == "allow" else 503
 
     async def run() -> tuple[list[tuple[int, float, float]], list[tuple[int, float, float]]]:
-        limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+        limits = httpx.Limits(
+            max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY, keepalive_expiry=KEEPALIVE_S
+        )
         async with httpx.AsyncClient(timeout=30, limits=limits) as http:
             healthy = await waves_for(http, proxy.url, HEALTHY_S)
             before = bucket_time(r)
