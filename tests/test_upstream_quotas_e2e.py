@@ -12,6 +12,7 @@ the proxy refuses, in OpenAI's shape, with the retry-after of the quota that fre
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 
@@ -56,8 +57,10 @@ def quota_config(first: MockProcess, second: MockProcess, redis_url: str) -> dic
     return data
 
 
-async def hammer(urls: list[str]) -> tuple[list[httpx.Response], float]:
-    """CLIENTS clients over the replicas and teams, each sending until the proxy first refuses it."""
+async def hammer(urls: list[str], run_s: float | None = None) -> tuple[list[httpx.Response], float]:
+    """CLIENTS clients over the replicas and teams. Without `run_s`, each sends until the proxy first
+    refuses it; with it, each sends for `run_s` seconds, a refused one waiting its retry-after (at
+    most 0.1 s) before the next request. Returns the answers and the seconds the run took."""
     answers: list[httpx.Response] = []
     clients = [httpx.AsyncClient(base_url=url, timeout=10) for url in urls]
     go = asyncio.Event()
@@ -67,11 +70,14 @@ async def hammer(urls: list[str]) -> tuple[list[httpx.Response], float]:
         (await http.get("/healthz")).raise_for_status()
         await go.wait()
         headers = {"Authorization": f"Bearer {key_of(i % TEAMS)}"}
-        while True:
+        deadline = time.monotonic() + (run_s if run_s is not None else math.inf)
+        while time.monotonic() < deadline:
             response = await http.post("/v1/chat/completions", json=CHAT, headers=headers)
             answers.append(response)
             if response.status_code != 200:
-                return
+                if run_s is None:
+                    return
+                await asyncio.sleep(min(0.1, int(response.headers.get("retry-after-ms", "100")) / 1000))
 
     tasks = [asyncio.create_task(client(i)) for i in range(CLIENTS)]
     await asyncio.sleep(0.5)  # every client has warmed its connection
@@ -136,7 +142,6 @@ def _sample(exposition: str, metric: str, label: str) -> float:
 # bucket never holds more than the mock's, so clients that keep sending past the quota for a few
 # seconds meet the proxy's 429, never the mock's. The request quota is far from binding.
 MOCK_TPM, MOCK_RPM = 600, 1000
-TOKEN_CLIENTS = 24
 TOKEN_RUN_S = 4.0
 # the quota's refusal, or (with fair shares between teams) its refusal of a team past its share
 QUOTA_REFUSAL = re.compile(
@@ -155,36 +160,6 @@ def token_mock(tmp_path):
     stop_all([process])
 
 
-async def keep_sending(urls: list[str], run_s: float) -> list[httpx.Response]:
-    """TOKEN_CLIENTS clients over the replicas and teams, each sending for `run_s` seconds; a refused
-    one waits its retry-after (at most 0.1 s) before the next request."""
-    answers: list[httpx.Response] = []
-    clients = [httpx.AsyncClient(base_url=url, timeout=10) for url in urls]
-    go = asyncio.Event()
-
-    async def client(i: int) -> None:
-        http = clients[i % REPLICAS]
-        (await http.get("/healthz")).raise_for_status()
-        await go.wait()
-        headers = {"Authorization": f"Bearer {key_of(i % TEAMS)}"}
-        deadline = time.monotonic() + run_s
-        while time.monotonic() < deadline:
-            response = await http.post("/v1/chat/completions", json=CHAT, headers=headers)
-            answers.append(response)
-            if response.status_code != 200:
-                await asyncio.sleep(min(0.1, int(response.headers.get("retry-after-ms", "100")) / 1000))
-
-    tasks = [asyncio.create_task(client(i)) for i in range(TOKEN_CLIENTS)]
-    await asyncio.sleep(0.5)  # every client has warmed its connection
-    go.set()
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for http in clients:
-            await http.aclose()
-    return answers
-
-
 def run_past_the_token_quota(mock: MockProcess, redis_url: str, tmp_path, proxy_tpm: int) -> tuple[list, list[str]]:
     quota = {"requests": MOCK_RPM, "tokens": MOCK_TPM, "window_s": 60}
     httpx.post(mock.url + "/_mock/quota", json=quota).raise_for_status()
@@ -196,7 +171,7 @@ def run_past_the_token_quota(mock: MockProcess, redis_url: str, tmp_path, proxy_
     data["keys"] = {f"key{i}": {"team": f"team{i}", "key_sha256": sha256_hex(key_of(i))} for i in range(TEAMS)}
     replicas = start_proxies(write_config(tmp_path / "config.yaml", data), REPLICAS)
     try:
-        answers = asyncio.run(keep_sending([r.url for r in replicas], TOKEN_RUN_S))
+        answers, _ = asyncio.run(hammer([r.url for r in replicas], TOKEN_RUN_S))
         metrics = [httpx.get(r.url + "/metrics").text for r in replicas]
     finally:
         stop_all(replicas)
