@@ -21,7 +21,7 @@ from tests.support.configs import ADMIN_KEY, KEYS, config_dict, exact_store
 from tests.support.processes import MockProcess, start_proxies, stop_all, write_config
 
 CLIENTS = 30
-RUN_S = 2.5
+RUN_S = 1.5
 MAX_RUN_S = 60.0  # the budget test's safety net: each client stops at its refusal, however slow the machine
 BUDGET_MICROS = 1000
 RESERVED_MICROS = 15  # at most: a few estimated prompt tokens × $0.27 + 10 × $1.10 per Mtok

@@ -37,10 +37,10 @@ KEEPALIVE_S = 2
 
 REPLICAS = 3
 CLIENTS = 100
-HAMMER_S = 3.0
+HAMMER_S = 1.5  # each of 100 clients sends back to back: ~2,000 requests, nearly all refused
 CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
 STREAM_CLIENTS = 30
-STREAM_S = 2.5
+STREAM_S = 1.5
 STREAM_CHUNKS, CHUNK_DELAY_S = 10, 0.05
 REFUSED_PAUSE_S = 0.01  # a refused stream client's pause, so 30 of them don't starve the event loop
 
