@@ -41,21 +41,25 @@ def request_lines(text: str) -> list[dict]:
 
 
 def drive(server) -> None:
+    """A plain call, a streamed one, one with a bad key, one for a missing model: request ids log-1..4."""
     auth = {"Authorization": f"Bearer {KEYS['alice']}"}
     chat = {"model": "chat-model", "messages": [{"role": "user", "content": SECRET_WORDS}], "max_tokens": 5}
-    httpx.post(server.base_url + "/chat/completions", json=chat, headers={**auth, "x-request-id": "log-1"})
-    with httpx.stream("POST", server.base_url + "/chat/completions", json={**chat, "stream": True}, headers=auth) as r:
+    url = server.base_url + "/chat/completions"
+    httpx.post(url, json=chat, headers={**auth, "x-request-id": "log-1"})
+    with httpx.stream("POST", url, json={**chat, "stream": True}, headers={**auth, "x-request-id": "log-2"}) as r:
         r.read()
-    httpx.post(server.base_url + "/chat/completions", json=chat, headers={"Authorization": "Bearer sk-nope"})
-    httpx.post(server.base_url + "/chat/completions", json={**chat, "model": "missing"}, headers=auth)
+    httpx.post(url, json=chat, headers={"Authorization": "Bearer sk-nope", "x-request-id": "log-3"})
+    httpx.post(url, json={**chat, "model": "missing"}, headers={**auth, "x-request-id": "log-4"})
 
 
 def wait_lines(capsys, count):
+    """The request lines, in the order of drive()'s calls: a stream's line is written once it has
+    settled, after its last byte, so the next call's line may come first."""
     deadline, text = time.monotonic() + 5, ""
     while True:
         text += capsys.readouterr().out
         if len(request_lines(text)) >= count or time.monotonic() > deadline:
-            return request_lines(text)
+            return sorted(request_lines(text), key=lambda line: str(line["request_id"]))
         time.sleep(0.02)
 
 
