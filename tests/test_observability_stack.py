@@ -141,11 +141,18 @@ def traffic(own_redis, mock_upstream, start_proxy):
         data["keys"]["alice"]["limits"] = {"max_parallel": 1, "max_wait_ms": 5000}  # one request waits
 
     server, _ = start_proxy(make_config(mock_upstream.url, patch=patch))
-    statuses = {"plain": post(server).status_code, "stream": stream(server).status_code}
+
+    def settled(status: int) -> int:
+        """Alice's one slot is released when her request settles, just after its last byte: her
+        next request would otherwise wait for it, and count as a queue wait (it did, on loaded cores)."""
+        server.wait_settled()
+        return status
+
+    statuses = {"plain": settled(post(server).status_code), "stream": settled(stream(server).status_code)}
     mock_upstream.add_faults([{"cached_tokens": 1}])
-    statuses["cached"] = post(server).status_code
+    statuses["cached"] = settled(post(server).status_code)
     mock_upstream.add_faults([{"status": 503, "retry_after_ms": "5"}])
-    statuses["retried"] = post(server).status_code
+    statuses["retried"] = settled(post(server).status_code)
     statuses["bob"] = [post(server, key="bob").status_code for _ in range(3)]
     statuses["carol"] = [post(server, key="carol").status_code for _ in range(2)]
     statuses["queued"] = queued_pair(server, mock_upstream)
