@@ -3,7 +3,6 @@ from __future__ import annotations
 import functools
 import os
 import ssl
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +22,34 @@ def _share_compiled_modules() -> None:
     PYTHONDONTWRITEBYTECODE set (as on our CI machine) each compiled the proxy's ~100 modules
     again: ~70 ms of CPU per start. They share compiled files in a cache outside the source tree
     instead, checked against each source's mtime as usual."""
-    if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
-        os.environ.setdefault(
-            "PYTHONPYCACHEPREFIX", str(Path(tempfile.gettempdir()) / f"llm-proxy-pycache-{os.getuid()}")
-        )
+    if "PYTHONDONTWRITEBYTECODE" not in os.environ or "PYTHONPYCACHEPREFIX" in os.environ:
+        return
+    # the user's own cache, not a guessable path in /tmp that another user could fill first
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-ratelimit-proxy" / "pycache"
+    try:
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        return  # no writable home: children compile as before
+    del os.environ["PYTHONDONTWRITEBYTECODE"]
+    os.environ["PYTHONPYCACHEPREFIX"] = str(cache)
 
 
 def _share_ca_bundle_contexts() -> None:
     """Every httpx client, the SDKs' too, loads certifi's CA bundle into a new SSL context when it
     is made (~20 ms of CPU), for connections that are all plain HTTP on 127.0.0.1 here: the suite
-    made ~2,000 of them, ~40 s of its CPU. In test processes, contexts made from a CA file are made
-    once per file and shared (nothing here changes a client's context: no test speaks TLS)."""
+    made ~2,000 of them, ~40 s of its CPU. In test processes the contexts made from the bundle
+    httpx trusts by default (SSL_CERT_FILE when set, as here, else certifi's; no test changes
+    one) are made once per file and shared; any other context, such as the proxy's own for
+    rediss:// with client certificates, is made as before."""
+    import certifi
+
     make = ssl.create_default_context
-    made: dict[tuple[Any, str], ssl.SSLContext] = {}
+    bundles = {certifi.where(), os.environ.get("SSL_CERT_FILE")} - {None}
+    made: dict[Any, ssl.SSLContext] = {}
 
     @functools.wraps(make)
     def shared(purpose: Any = ssl.Purpose.SERVER_AUTH, *, cafile: Any = None, capath: Any = None, cadata: Any = None):
-        if cafile is None or capath is not None or cadata is not None:
+        if cafile not in bundles or capath is not None or cadata is not None:
             return make(purpose, cafile=cafile, capath=capath, cadata=cadata)
         if (purpose, cafile) not in made:
             made[purpose, cafile] = make(purpose, cafile=cafile)

@@ -202,7 +202,8 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
         raise AssertionError("serve was given a config it should have refused")
 
     monkeypatch.setattr(proxy.server, "serve", never_serve)
-    monkeypatch.delenv(CONFIG_ENV, raising=False)  # serve sets it once a config loads
+    monkeypatch.setenv(CONFIG_ENV, "")  # serve sets it once a config loads: undone after the test
+    monkeypatch.delenv(CONFIG_ENV)
 
     def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
         for name in [name for name in os.environ if name.startswith("LLMP_TEST_")]:
@@ -213,7 +214,7 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
         try:
             status = main(list(args))
         except SystemExit as exit:
-            status = exit.code if isinstance(exit.code, int) else 1
+            status = 0 if exit.code is None else exit.code if isinstance(exit.code, int) else 1
             if isinstance(exit.code, str):
                 print(exit.code, file=sys.stderr)  # what the interpreter does with SystemExit("...")
         out, err = capsys.readouterr()

@@ -10,7 +10,6 @@ import os
 import sys
 from typing import Any
 
-import httpx
 import orjson
 
 ADMIN_KEY_ENV = "LLM_PROXY_ADMIN_KEY"
@@ -28,6 +27,8 @@ def _request(args: argparse.Namespace, method: str, path: str, body: dict[str, A
     if not admin_key:
         raise CliError(f"set {ADMIN_KEY_ENV} to an admin key")
     url = args.url.rstrip("/")
+    import httpx  # here, not at the top: every `llm-proxy` command, `serve` too, builds this parser (~60 ms)
+
     try:
         response = httpx.request(
             method, url + path, json=body, headers={"Authorization": f"Bearer {admin_key}"}, timeout=10
