@@ -104,6 +104,17 @@ def _mock_process(tmp_path_factory):
 
 
 @pytest.fixture
+def own_mock_process(tmp_path):
+    """A mock upstream process of this test's own (default settings), for a test that gives it a
+    quota: the session's mock keeps its quota window between tests."""
+    from tests.support.processes import MockProcess, start_all, stop_all
+
+    process = start_all([MockProcess(workdir=tmp_path / "mock")])[0]
+    yield process
+    stop_all([process])
+
+
+@pytest.fixture
 def mock_process(_mock_process):
     """The session's mock upstream in its own process (default settings), stats, requests and
     faults cleared: one start-up for every test that needs it, not one each."""

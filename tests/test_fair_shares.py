@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from tests.support.fair_run import empty_quota, fair_config, saturate
-from tests.support.processes import MockProcess, start_proxies, stop_all, write_config
+from tests.support.processes import start_proxies, stop_all, write_config
 
 REPLICAS = 3
 SHARES = {"small": 1.0, "middle": 2.0, "large": 3.0}
@@ -22,22 +20,15 @@ CLIENTS = 3  # per replica and team
 ALL_S, ALONE_S = 10.0, 18.0  # every team sends until ALL_S; small and middle until ALONE_S
 
 
-@pytest.fixture
-def mock(tmp_path):
-    process = MockProcess(workdir=tmp_path / "mock")
-    process.workdir.mkdir()
-    process.start().wait_ready()
-    yield process
-    stop_all([process])
-
-
 def within(measured: dict[str, float], weights: dict[str, float], tolerance: float = 0.10) -> bool:
     total = sum(weights.values())
     return all(abs(measured[team] - w / total) <= tolerance * w / total for team, w in weights.items())
 
 
-def test_teams_get_their_weighted_share_and_split_an_idle_teams_share(mock, redis_url, tmp_path):
-    config = write_config(tmp_path / "config.yaml", fair_config(mock.base_url, redis_url, SHARES, TPM, 2000))
+def test_teams_get_their_weighted_share_and_split_an_idle_teams_share(own_mock_process, redis_url, tmp_path):
+    config = write_config(
+        tmp_path / "config.yaml", fair_config(own_mock_process.base_url, redis_url, SHARES, TPM, 2000)
+    )
     replicas = start_proxies(config, REPLICAS)
     try:
         empty_quota(redis_url)
@@ -48,7 +39,7 @@ def test_teams_get_their_weighted_share_and_split_an_idle_teams_share(mock, redi
         stop_all(replicas)
     for process in replicas:
         assert "Traceback" not in process.output(), process.output()
-    assert mock.stats()["rate_limited"] == 0
+    assert own_mock_process.stats()["rate_limited"] == 0
 
     together = run.shares(list(SHARES), 2.0, ALL_S)
     counts = {team: run.count(team, 2.0, ALL_S) for team in SHARES}

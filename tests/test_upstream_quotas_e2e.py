@@ -21,7 +21,7 @@ import pytest
 
 from proxy.request.authenticate import sha256_hex
 from tests.support.configs import config_dict, exact_store
-from tests.support.processes import MockProcess, start_proxies, stop_all, write_config
+from tests.support.processes import MockProcess, start_all, start_proxies, stop_all, write_config
 
 REPLICAS = 3
 TEAMS = 4
@@ -37,9 +37,7 @@ def key_of(i: int) -> str:
 @pytest.fixture
 def mocks(tmp_path):
     started = [MockProcess(workdir=tmp_path / name) for name in ("first", "second")]
-    for process in started:
-        process.workdir.mkdir()
-        process.start().wait_ready()
+    start_all(started)
     yield started
     stop_all(started)
 
@@ -151,15 +149,6 @@ QUOTA_REFUSAL = re.compile(
 )
 
 
-@pytest.fixture
-def token_mock(tmp_path):
-    process = MockProcess(workdir=tmp_path / "mock")
-    process.workdir.mkdir()
-    process.start().wait_ready()
-    yield process
-    stop_all([process])
-
-
 def run_past_the_token_quota(mock: MockProcess, redis_url: str, tmp_path, proxy_tpm: int) -> tuple[list, list[str]]:
     quota = {"requests": MOCK_RPM, "tokens": MOCK_TPM, "window_s": 60}
     httpx.post(mock.url + "/_mock/quota", json=quota).raise_for_status()
@@ -180,9 +169,11 @@ def run_past_the_token_quota(mock: MockProcess, redis_url: str, tmp_path, proxy_
     return answers, metrics
 
 
-def test_with_the_mocks_token_quota_the_proxy_refuses_and_the_mock_never_answers_429(token_mock, redis_url, tmp_path):
-    answers, metrics = run_past_the_token_quota(token_mock, redis_url, tmp_path, proxy_tpm=MOCK_TPM)
-    stats = token_mock.stats()
+def test_with_the_mocks_token_quota_the_proxy_refuses_and_the_mock_never_answers_429(
+    own_mock_process, redis_url, tmp_path
+):
+    answers, metrics = run_past_the_token_quota(own_mock_process, redis_url, tmp_path, proxy_tpm=MOCK_TPM)
+    stats = own_mock_process.stats()
     served = [a for a in answers if a.status_code == 200]
     refused = [a for a in answers if a.status_code != 200]
     used = stats["prompt_tokens"] + stats["completion_tokens"]

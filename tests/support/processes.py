@@ -44,6 +44,7 @@ class Process:
         self.health_path = health_path
         self.name = name
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="llm-proxy-proc-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / f"{name}.log"
         self.env = {**os.environ, **(env or {})}
         self.popen: subprocess.Popen | None = None
